@@ -1,0 +1,5 @@
+"""``python -m kelpie``: the same as the ``kelpie`` command."""
+
+from kelpie.cli import main
+
+raise SystemExit(main())

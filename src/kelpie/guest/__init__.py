@@ -1,0 +1,1 @@
+"""Code that runs inside the guest VM (the agent); standard library only."""

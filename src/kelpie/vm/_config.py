@@ -1,0 +1,326 @@
+"""VmConfig: the immutable, validated description of a VM, and its builder."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, Self
+
+from kelpie.vm._errors import ConfigError
+
+MIN_VCPUS = 1
+MAX_VCPUS = 32
+DEFAULT_VCPUS = 2
+MIN_MEMORY_MIB = 128
+MAX_MEMORY_MIB = 16384
+DEFAULT_MEMORY_MIB = 512
+MAX_PATH_LENGTH = 4096
+MAX_MOUNTS = 16
+MAX_MOUNT_TAG_LENGTH = 36
+MAX_ENV_VARS = 1024
+MAX_HOSTNAME_LENGTH = 63
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MOUNT_TAG = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?\Z")
+
+
+class NetworkMode(enum.StrEnum):
+    """Guest networking: ``none`` (no NIC) or ``nat`` (outbound through the host)."""
+
+    NONE = "none"
+    NAT = "nat"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """A host directory shared into the guest.
+
+    ``tag`` names the share on the transport (9p/virtiofs); when omitted it is derived from
+    the mount's position (``share0``, ``share1``...).
+    """
+
+    host_path: Path
+    guest_path: str
+    read_only: bool = False
+    tag: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host_path": str(self.host_path),
+            "guest_path": self.guest_path,
+            "read_only": self.read_only,
+            "tag": self.tag,
+        }
+
+
+def _path_problems(field: str, value: Path | None) -> list[str]:
+    if value is None:
+        return []
+    text = str(value)
+    problems = []
+    if not text:
+        problems.append(f"{field} is empty; give a path or leave it unset")
+    if len(text) > MAX_PATH_LENGTH:
+        problems.append(f"{field} is {len(text)} characters; at most {MAX_PATH_LENGTH} allowed")
+    if "\0" in text:
+        problems.append(f"{field} contains a NUL byte")
+    return problems
+
+
+def _guest_path_problems(field: str, value: str) -> list[str]:
+    problems = []
+    if not value.startswith("/"):
+        problems.append(f"{field} {value!r} must be an absolute guest path (start with '/')")
+    if ".." in PurePosixPath(value).parts:
+        problems.append(f"{field} {value!r} must not contain '..'")
+    if "\0" in value:
+        problems.append(f"{field} contains a NUL byte")
+    if len(value) > MAX_PATH_LENGTH:
+        problems.append(f"{field} is {len(value)} characters; at most {MAX_PATH_LENGTH} allowed")
+    return problems
+
+
+def _int_problems(field: str, value: object, low: int, high: int) -> list[str]:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return [f"{field} must be an integer, got {type(value).__name__}"]
+    if not low <= value <= high:
+        return [f"{field} is {value}; allowed range is {low}..{high}"]
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class VmConfig:
+    """Everything a backend needs to create a VM. Immutable and validated on construction.
+
+    Build it with keywords (``VmConfig(vcpus=2, memory_mib=1024)``) or with
+    :meth:`builder`. An invalid config raises one :class:`ConfigError` that lists every
+    problem found. ``evolve(**changes)`` returns a validated copy with changes.
+    """
+
+    vcpus: int = DEFAULT_VCPUS
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_args: tuple[str, ...] = ()
+    root_disk: Path | None = None
+    image: str | None = None
+    mounts: tuple[Mount, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    network: NetworkMode = NetworkMode.NONE
+    hostname: str | None = None
+
+    def __post_init__(self) -> None:
+        # Normalise containers so the config is really immutable and hashable-free of lists.
+        object.__setattr__(self, "mounts", tuple(self.mounts))
+        object.__setattr__(self, "kernel_args", tuple(self.kernel_args))
+        object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+        for name in ("kernel", "initrd", "root_disk"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+        problems = self._problems()
+        if problems:
+            raise ConfigError(problems)
+        object.__setattr__(self, "network", NetworkMode(self.network))
+
+    def _problems(self) -> list[str]:
+        problems = _int_problems("vcpus", self.vcpus, MIN_VCPUS, MAX_VCPUS)
+        problems += _int_problems("memory_mib", self.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
+        for field in ("kernel", "initrd", "root_disk"):
+            problems += _path_problems(field, getattr(self, field))
+        if self.initrd is not None and self.kernel is None:
+            problems.append("initrd is set but kernel is not; an initrd needs a kernel")
+        if self.image is not None and not self.image.strip():
+            problems.append("image is empty; give an image reference or leave it unset")
+        for i, arg in enumerate(self.kernel_args):
+            if not isinstance(arg, str) or not arg or "\0" in arg or "\n" in arg:
+                problems.append(f"kernel_args[{i}] must be a non-empty single-line string")
+        problems += self._mount_problems()
+        problems += self._env_problems()
+        if self.network not in NetworkMode._value2member_map_:
+            allowed = ", ".join(m.value for m in NetworkMode)
+            problems.append(f"network is {self.network!r}; allowed: {allowed}")
+        if self.hostname is not None and (
+            len(self.hostname) > MAX_HOSTNAME_LENGTH or not _HOSTNAME.match(self.hostname)
+        ):
+            problems.append(
+                f"hostname {self.hostname!r} is not a valid host name "
+                f"(letters, digits and '-', at most {MAX_HOSTNAME_LENGTH} characters)"
+            )
+        return problems
+
+    def _mount_problems(self) -> list[str]:
+        problems = []
+        if len(self.mounts) > MAX_MOUNTS:
+            problems.append(f"{len(self.mounts)} mounts given; at most {MAX_MOUNTS} allowed")
+        seen_tags: set[str] = set()
+        seen_targets: set[str] = set()
+        for i, mount in enumerate(self.mounts):
+            where = f"mounts[{i}]"
+            if not isinstance(mount, Mount):
+                problems.append(  # type: ignore[unreachable]  # untyped callers
+                    f"{where} must be a Mount, got {type(mount).__name__}"
+                )
+                continue
+            problems += _path_problems(f"{where}.host_path", mount.host_path)
+            if not Path(mount.host_path).is_absolute():
+                problems.append(f"{where}.host_path {str(mount.host_path)!r} must be absolute")
+            problems += _guest_path_problems(f"{where}.guest_path", mount.guest_path)
+            if mount.guest_path.rstrip("/") == "":
+                problems.append(f"{where}.guest_path must not be '/' (the guest's root)")
+            tag = self.mount_tag(i)
+            if len(tag) > MAX_MOUNT_TAG_LENGTH:
+                problems.append(
+                    f"{where}.tag is {len(tag)} characters; at most {MAX_MOUNT_TAG_LENGTH} allowed"
+                )
+            if not _MOUNT_TAG.match(tag):
+                problems.append(f"{where}.tag {tag!r} may only use letters, digits, '_', '.', '-'")
+            if tag in seen_tags:
+                problems.append(f"{where}.tag {tag!r} is used by an earlier mount")
+            if mount.guest_path in seen_targets:
+                problems.append(f"{where}.guest_path {mount.guest_path!r} is mounted twice")
+            seen_tags.add(tag)
+            seen_targets.add(mount.guest_path)
+        return problems
+
+    def _env_problems(self) -> list[str]:
+        problems = []
+        if len(self.env) > MAX_ENV_VARS:
+            problems.append(f"{len(self.env)} env vars given; at most {MAX_ENV_VARS} allowed")
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not _ENV_NAME.match(name):
+                problems.append(
+                    f"env name {name!r} is invalid: use letters, digits and '_', "
+                    "not starting with a digit"
+                )
+            if not isinstance(value, str) or "\0" in value:
+                problems.append(f"env {name!s} must be a string without NUL bytes")
+        return problems
+
+    def mount_tag(self, index: int) -> str:
+        """The transport tag of mount ``index`` (its own, or ``share<index>``)."""
+        return self.mounts[index].tag or f"share{index}"
+
+    def evolve(self, **changes: Any) -> VmConfig:
+        """A copy with ``changes`` applied, validated like a new config."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def builder(cls) -> VmConfigBuilder:
+        """Start a :class:`VmConfigBuilder` with default values."""
+        return VmConfigBuilder()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` reads it back."""
+        return {
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "kernel": None if self.kernel is None else str(self.kernel),
+            "initrd": None if self.initrd is None else str(self.initrd),
+            "kernel_args": list(self.kernel_args),
+            "root_disk": None if self.root_disk is None else str(self.root_disk),
+            "image": self.image,
+            "mounts": [m.to_dict() for m in self.mounts],
+            "env": dict(self.env),
+            "network": self.network.value,
+            "hostname": self.hostname,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VmConfig:
+        """Read a dict produced by :meth:`to_dict`; unknown keys are reported as problems."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([f"unknown field {k!r}; known: {', '.join(sorted(known))}"
+                               for k in unknown])
+        values = dict(data)
+        try:
+            if "mounts" in values:
+                values["mounts"] = tuple(
+                    Mount(
+                        host_path=Path(m["host_path"]),
+                        guest_path=m["guest_path"],
+                        read_only=bool(m.get("read_only", False)),
+                        tag=m.get("tag"),
+                    )
+                    for m in values["mounts"]
+                )
+            if "kernel_args" in values:
+                values["kernel_args"] = tuple(values["kernel_args"])
+        except (KeyError, TypeError) as exc:
+            raise ConfigError([f"mounts: malformed entry ({exc})"]) from exc
+        return cls(**values)
+
+
+class VmConfigBuilder:
+    """Fluent construction of a :class:`VmConfig`; validation happens in :meth:`build`."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        self._mounts: list[Mount] = []
+        self._env: dict[str, str] = {}
+        self._kernel_args: list[str] = []
+
+    def vcpus(self, count: int) -> Self:
+        self._values["vcpus"] = count
+        return self
+
+    def memory_mib(self, mib: int) -> Self:
+        self._values["memory_mib"] = mib
+        return self
+
+    def kernel(self, path: Path | str, *, initrd: Path | str | None = None) -> Self:
+        self._values["kernel"] = Path(path)
+        if initrd is not None:
+            self._values["initrd"] = Path(initrd)
+        return self
+
+    def kernel_arg(self, arg: str) -> Self:
+        self._kernel_args.append(arg)
+        return self
+
+    def root_disk(self, path: Path | str) -> Self:
+        self._values["root_disk"] = Path(path)
+        return self
+
+    def image(self, reference: str) -> Self:
+        self._values["image"] = reference
+        return self
+
+    def mount(
+        self, host_path: Path | str, guest_path: str, *, read_only: bool = False,
+        tag: str | None = None,
+    ) -> Self:
+        self._mounts.append(Mount(Path(host_path), guest_path, read_only, tag))
+        return self
+
+    def env(self, name: str, value: str) -> Self:
+        self._env[name] = value
+        return self
+
+    def envs(self, values: Mapping[str, str] | Iterable[tuple[str, str]]) -> Self:
+        self._env.update(values)
+        return self
+
+    def network(self, mode: NetworkMode | str) -> Self:
+        self._values["network"] = mode
+        return self
+
+    def hostname(self, name: str) -> Self:
+        self._values["hostname"] = name
+        return self
+
+    def build(self) -> VmConfig:
+        """Validate and return the config; raises :class:`ConfigError` listing all problems."""
+        return VmConfig(
+            **self._values,
+            mounts=tuple(self._mounts),
+            env=dict(self._env),
+            kernel_args=tuple(self._kernel_args),
+        )

@@ -1,0 +1,140 @@
+"""Backend registry and VmFactory: which backend runs a VM on this host.
+
+Selection order: an explicit backend name, else ``KELPIE_BACKEND``, else the
+highest-priority *real* backend whose probe proves it runs here. The mock backend is used
+only when asked for by name. When nothing fits, :class:`BackendUnavailable` lists every
+backend probed and why it was rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kelpie.vm._config import VmConfig
+from kelpie.vm._errors import BackendUnavailable
+from kelpie.vm._instance import Capabilities, VmInstance
+
+BACKEND_ENV = "KELPIE_BACKEND"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """Whether a backend can run VMs on this host, and why (not)."""
+
+    available: bool
+    reason: str
+    details: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """A backend as the registry knows it.
+
+    ``probe`` must be cheap after its first call (cache expensive checks such as a KVM boot
+    test). ``create(config, **options)`` builds an unstarted :class:`VmInstance`.
+    """
+
+    name: str
+    description: str
+    capabilities: Capabilities
+    probe: Callable[[], ProbeResult]
+    create: Callable[..., VmInstance]
+    priority: int = 0
+    real: bool = True
+
+
+class BackendRegistry:
+    """The backends Kelpie knows, by name. Probe results are cached per registry."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, BackendSpec] = {}
+        self._probes: dict[str, ProbeResult] = {}
+
+    def register(self, spec: BackendSpec) -> None:
+        """Add (or replace) a backend."""
+        self._specs[spec.name] = spec
+        self._probes.pop(spec.name, None)
+
+    def names(self) -> list[str]:
+        """Backend names, best first."""
+        return [s.name for s in sorted(self._specs.values(), key=lambda s: (-s.priority, s.name))]
+
+    def get(self, name: str) -> BackendSpec:
+        """The backend called ``name``; :class:`BackendUnavailable` lists the known ones."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            known = ", ".join(self.names()) or "none"
+            raise BackendUnavailable(f"unknown backend {name!r}; known backends: {known}") from None
+
+    def probe(self, name: str, *, refresh: bool = False) -> ProbeResult:
+        """Probe one backend (cached unless ``refresh``); a crashing probe counts as a no."""
+        if refresh or name not in self._probes:
+            spec = self.get(name)
+            try:
+                result = spec.probe()
+            except Exception as exc:  # a probe must never take the caller down
+                result = ProbeResult(False, f"probe failed: {exc}")
+            self._probes[name] = result
+        return self._probes[name]
+
+    def with_capability(self, capability: str) -> list[str]:
+        """Names of backends that declare ``capability`` (e.g. ``pause``, ``snapshot:full``)."""
+        return [n for n in self.names() if capability in self._specs[n].capabilities.names()]
+
+
+DEFAULT_REGISTRY = BackendRegistry()
+"""The process-wide registry; ``kelpie.backends`` registers the built-in backends in it."""
+
+
+def backends_with(capability: str) -> list[str]:
+    """Names of the registered backends that declare ``capability``."""
+    return DEFAULT_REGISTRY.with_capability(capability)
+
+
+class VmFactory:
+    """Creates VMs on the right backend for this host.
+
+    ``VmFactory().create(config)`` auto-selects; ``create(config, backend="qemu")`` insists.
+    """
+
+    def __init__(
+        self,
+        registry: BackendRegistry | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.registry = registry or DEFAULT_REGISTRY
+        self._environ = os.environ if environ is None else environ
+
+    def select(self, backend: str | None = None) -> BackendSpec:
+        """The backend to use: explicit name, else ``KELPIE_BACKEND``, else the best real one."""
+        name = backend or self._environ.get(BACKEND_ENV) or None
+        if name:
+            spec = self.registry.get(name)
+            result = self.registry.probe(name)
+            if not result.available:
+                source = "requested" if backend else f"set by {BACKEND_ENV}"
+                raise BackendUnavailable(
+                    f"backend {name!r} ({source}) cannot run on this host",
+                    [(name, result.reason)],
+                )
+            return spec
+        rejections = []
+        for candidate in self.registry.names():
+            spec = self.registry.get(candidate)
+            if not spec.real:
+                rejections.append((candidate, "simulated; used only when asked for by name"))
+                continue
+            result = self.registry.probe(candidate)
+            if result.available:
+                return spec
+            rejections.append((candidate, result.reason))
+        raise BackendUnavailable("no VM backend can run on this host", rejections)
+
+    def create(self, config: VmConfig, *, backend: str | None = None, **options: Any) -> VmInstance:
+        """An unstarted VM for ``config`` on the selected backend."""
+        return self.select(backend).create(config, **options)

@@ -1,0 +1,561 @@
+"""VmInstance: the async interface every backend implements, and the lifecycle it guards.
+
+Backends subclass :class:`VmInstance` and implement the ``_do_*`` hooks. The public
+methods here check the state table before calling a hook, move the VM through its states,
+and roll back cleanly when a hook fails, so every backend gets the same lifecycle rules.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import uuid
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kelpie.vm._config import VmConfig
+from kelpie.vm._errors import (
+    BootError,
+    ConfigError,
+    ExecTimeout,
+    InvalidStateError,
+    KelpieError,
+    UnsupportedOperation,
+    VmCrashed,
+)
+from kelpie.vm._snapshot import HostInfo, SnapshotKind, VmSnapshot
+from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
+
+MAX_ARGV = 4096
+MAX_ARG_LENGTH = 128 * 1024
+TIMEOUT_GRACE_SECONDS = 5.0
+"""How long past an exec's timeout the host waits for the guest to report the kill."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, so callers can ask before they try."""
+
+    pause: bool = False
+    snapshot_kinds: frozenset[SnapshotKind] = frozenset()
+    shared_dirs: bool = False
+    vsock: bool = False
+    networking: bool = False
+    pty: bool = False
+
+    def names(self) -> list[str]:
+        """The capability names this backend has, e.g. ``["pause", "snapshot:full"]``."""
+        names = [
+            name
+            for name in ("pause", "shared_dirs", "vsock", "networking", "pty")
+            if getattr(self, name)
+        ]
+        names += [f"snapshot:{k.value}" for k in SnapshotKind if k in self.snapshot_kinds]
+        return names
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a finished command.
+
+    ``exit_code`` is the process's exit status, or ``128 + N`` when signal N killed it
+    (``signal`` is then N). ``duration`` is in seconds.
+    """
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with status 0."""
+        return self.exit_code == 0
+
+
+class StreamName(enum.StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecOutput:
+    """A chunk of output from a running command."""
+
+    stream: StreamName
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecExit:
+    """The last event of a command: how it ended."""
+
+    exit_code: int
+    duration: float
+    signal: int | None = None
+    timed_out: bool = False
+
+
+ExecEvent = ExecOutput | ExecExit
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecRequest:
+    """A validated command to run in the guest."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    timeout: float | None = None
+    pty: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.argv:
+            problems.append("argv is empty; give at least the program to run")
+        if len(self.argv) > MAX_ARGV:
+            problems.append(f"argv has {len(self.argv)} items; at most {MAX_ARGV} allowed")
+        for i, arg in enumerate(self.argv):
+            if not isinstance(arg, str):  # untyped callers
+                problems.append(  # type: ignore[unreachable]
+                    f"argv[{i}] must be a string, got {type(arg).__name__}"
+                )
+            elif "\0" in arg or len(arg) > MAX_ARG_LENGTH:
+                problems.append(f"argv[{i}] contains NUL or is over {MAX_ARG_LENGTH} characters")
+        for name, value in self.env.items():
+            if not name or "=" in name or "\0" in name or "\0" in value:
+                problems.append(f"env {name!r} must be a non-empty name without '=' or NUL")
+        if self.cwd is not None and not self.cwd.startswith("/"):
+            problems.append(f"cwd {self.cwd!r} must be an absolute guest path")
+        if self.timeout is not None and not self.timeout > 0:
+            problems.append(f"timeout is {self.timeout}; it must be a positive number of seconds")
+        if problems:
+            raise ConfigError(problems, what="exec request")
+
+
+class ExecProcess(abc.ABC):
+    """A command running in the guest: feed it stdin, signal it, read its events.
+
+    Iterating yields :class:`ExecOutput` chunks and ends with one :class:`ExecExit`.
+    """
+
+    def __init__(self, request: ExecRequest) -> None:
+        self.request = request
+        self.exit: ExecExit | None = None
+
+    @abc.abstractmethod
+    async def write_stdin(self, data: bytes) -> None:
+        """Send bytes to the command's stdin."""
+
+    @abc.abstractmethod
+    async def close_stdin(self) -> None:
+        """Signal end of input."""
+
+    @abc.abstractmethod
+    async def send_signal(self, signum: int) -> None:
+        """Deliver a signal to the command's process group."""
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Resize the command's terminal (only for ``pty=True``)."""
+        raise UnsupportedOperation(type(self).__name__, "terminal resize")
+
+    @abc.abstractmethod
+    def _events(self) -> AsyncIterator[ExecEvent]:
+        """The backend's event stream; must end with exactly one ExecExit."""
+
+    async def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        async for event in self._events():
+            if isinstance(event, ExecExit):
+                self.exit = event
+            yield event
+
+    async def wait(self) -> ExecResult:
+        """Drain the remaining events and return the result.
+
+        The result's output is what had not been read yet: everything if the events were
+        never iterated, nothing if they were iterated to the end.
+        """
+        out: list[bytes] = []
+        err: list[bytes] = []
+        if self.exit is None:
+            async for event in self:
+                if isinstance(event, ExecOutput):
+                    (out if event.stream is StreamName.STDOUT else err).append(event.data)
+        stdout, stderr = b"".join(out), b"".join(err)
+        exit_ = self.exit
+        if exit_ is None:  # pragma: no cover - a backend bug
+            raise KelpieError(f"exec of {self.request.argv[0]!r} ended without an exit status")
+        if exit_.timed_out:
+            raise ExecTimeout(self.request.argv, self.request.timeout or 0.0, stdout, stderr)
+        return ExecResult(exit_.exit_code, stdout, stderr, exit_.duration, exit_.signal)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """An entry in the guest's file system."""
+
+    name: str
+    type: str  # "file", "dir", "symlink", "other"
+    size: int
+    mode: int
+
+
+FileData = bytes | AsyncIterable[bytes]
+TransitionObserver = Callable[["VmInstance", VmState, VmState], None]
+
+
+class VmInstance(abc.ABC):
+    """One VM, whatever the backend. Every method is guarded by the state table.
+
+    Create instances through :class:`~kelpie.VmFactory` (or a backend's constructor), then
+    ``await vm.start()``. Illegal calls raise :class:`InvalidStateError` naming the current
+    state and the states that would allow the call.
+    """
+
+    backend_name: ClassVar[str] = "abstract"
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: VmConfig, *, vm_id: str | None = None) -> None:
+        self._config = config
+        self._id = vm_id or uuid.uuid4().hex[:12]
+        self._state = VmState.CREATED
+        self._lifecycle = asyncio.Lock()
+        self.crash_reason: str | None = None
+        self.transitions: list[tuple[VmState, VmState]] = []
+        self._observers: list[TransitionObserver] = []
+
+    # ---- identity and state -------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """This VM's id (unique among the VMs of one host)."""
+        return self._id
+
+    @property
+    def config(self) -> VmConfig:
+        """The configuration this VM was created with."""
+        return self._config
+
+    @property
+    def state(self) -> VmState:
+        """The current lifecycle state."""
+        return self._state
+
+    def observe(self, observer: TransitionObserver) -> None:
+        """Call ``observer(vm, old, new)`` after every state change."""
+        self._observers.append(observer)
+
+    def _set_state(self, new: VmState) -> None:
+        old = self._state
+        if old is new:
+            return
+        if not is_legal(old, new):  # a bug in a backend or in this class, never user input
+            raise AssertionError(f"illegal VM transition {old} -> {new} for {self._id}")
+        self._state = new
+        self.transitions.append((old, new))
+        for observer in self._observers:
+            observer(self, old, new)
+
+    def _require(self, operation: Operation) -> None:
+        allowed = allowed_states(operation)
+        if self._state not in allowed:
+            raise InvalidStateError(self._id, operation.value, self._state, allowed)
+
+    def _require_capability(self, present: bool, operation: str, capability: str) -> None:
+        if not present:
+            from kelpie.vm._factory import backends_with  # factory imports this module
+
+            raise UnsupportedOperation(self.backend_name, operation, backends_with(capability))
+
+    def mark_crashed(self, reason: str) -> None:
+        """Record that the VM died underneath us (called by backends' watchers)."""
+        if self._state in (VmState.STARTING, VmState.RUNNING, VmState.PAUSED):
+            self.crash_reason = reason
+            self._set_state(VmState.CRASHED)
+
+    @contextlib.contextmanager
+    def _crash_guard(self) -> Iterator[None]:
+        """Turn a VmCrashed from a hook into the CRASHED state before it propagates."""
+        try:
+            yield
+        except VmCrashed as exc:
+            self.mark_crashed(str(exc))
+            raise
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Boot the VM and wait until its guest agent answers."""
+        async with self._lifecycle:
+            self._require(Operation.START)
+            self._set_state(VmState.STARTING)
+            self.crash_reason = None
+            await self._run_startup(self._do_start(), "start")
+            self._set_state(VmState.RUNNING)
+
+    async def _run_startup(self, hook: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await hook
+        except BaseException as exc:
+            # Roll back: release whatever the backend acquired, then settle in a state that
+            # says what happened. Cancellation propagates unchanged.
+            with contextlib.suppress(Exception):
+                await self._do_stop(force=True)
+            if isinstance(exc, VmCrashed):
+                self.mark_crashed(str(exc))
+            elif self._state is VmState.STARTING:
+                self._set_state(VmState.STOPPED)
+            if isinstance(exc, KelpieError | asyncio.CancelledError) or not isinstance(
+                exc, Exception
+            ):
+                raise
+            raise BootError(f"{what} of VM {self._id} failed: {exc}") from exc
+
+    async def stop(self, *, force: bool = False) -> None:
+        """Shut the VM down and release its resources. A no-op on a stopped VM.
+
+        ``force`` skips the graceful guest shutdown.
+        """
+        async with self._lifecycle:
+            self._require(Operation.STOP)
+            if self._state is VmState.STOPPED:
+                return
+            try:
+                await self._do_stop(force=force)
+            finally:
+                self._set_state(VmState.STOPPED)
+
+    async def pause(self) -> None:
+        """Freeze the guest's vCPUs; its memory and devices stay as they are."""
+        async with self._lifecycle:
+            self._require(Operation.PAUSE)
+            self._require_capability(self.capabilities.pause, "pause", "pause")
+            with self._crash_guard():
+                await self._do_pause()
+            self._set_state(VmState.PAUSED)
+
+    async def resume(self) -> None:
+        """Let a paused guest run again."""
+        async with self._lifecycle:
+            self._require(Operation.RESUME)
+            with self._crash_guard():
+                await self._do_resume()
+            self._set_state(VmState.RUNNING)
+
+    # ---- commands -----------------------------------------------------------------------
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+    ) -> ExecResult:
+        """Run a command to completion and return its exit code and output.
+
+        A command that outlives ``timeout`` seconds is killed with its whole process group
+        and :class:`ExecTimeout` is raised, carrying the output produced so far.
+        """
+        async with self.exec_stream(
+            argv, env=env, cwd=cwd, timeout=timeout, user=user
+        ) as process:
+            if stdin:
+                await process.write_stdin(stdin)
+            await process.close_stdin()
+            return await process.wait()
+
+    @contextlib.asynccontextmanager
+    async def exec_stream(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+        pty: bool = False,
+    ) -> AsyncIterator[ExecProcess]:
+        """Start a command and stream it: write stdin, send signals, iterate its events.
+
+        Leaving the ``async with`` block before the command ended kills it.
+        """
+        self._require(Operation.EXEC)
+        if pty:
+            self._require_capability(self.capabilities.pty, "exec with a terminal", "pty")
+        request = ExecRequest(tuple(argv), dict(env or {}), cwd, user, timeout, pty)
+        with self._crash_guard():
+            process = await self._do_exec(request)
+        try:
+            yield process
+        finally:
+            if process.exit is None and self._state is VmState.RUNNING:
+                with contextlib.suppress(KelpieError):
+                    await process.send_signal(9)
+
+    # ---- files --------------------------------------------------------------------------
+    async def read_file(self, path: str) -> bytes:
+        """Read a whole file from the guest."""
+        return b"".join([chunk async for chunk in self.read_file_stream(path)])
+
+    async def read_file_stream(self, path: str) -> AsyncIterator[bytes]:
+        """Read a file from the guest in chunks."""
+        self._require(Operation.FILES)
+        _check_guest_path(path)
+        with self._crash_guard():
+            async for chunk in self._do_read_file(path):
+                yield chunk
+
+    async def write_file(self, path: str, data: FileData, *, mode: int = 0o644) -> None:
+        """Write a file in the guest atomically (streamed from an async iterable if given)."""
+        self._require(Operation.FILES)
+        _check_guest_path(path)
+        if not 0 <= mode <= 0o7777:
+            raise ConfigError([f"mode {mode:o} is not a permission mode (0..7777 octal)"])
+        chunks = _single(data) if isinstance(data, bytes | bytearray | memoryview) else data
+        with self._crash_guard():
+            await self._do_write_file(path, chunks, mode)
+
+    async def list_dir(self, path: str) -> list[FileInfo]:
+        """List a directory in the guest."""
+        self._require(Operation.FILES)
+        _check_guest_path(path)
+        with self._crash_guard():
+            return await self._do_list_dir(path)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file (or, with ``recursive``, a directory tree) in the guest."""
+        self._require(Operation.FILES)
+        _check_guest_path(path)
+        with self._crash_guard():
+            await self._do_remove(path, recursive)
+
+    # ---- snapshots ----------------------------------------------------------------------
+    async def snapshot(
+        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
+    ) -> VmSnapshot:
+        """Write a snapshot of this VM to the new directory ``dest``.
+
+        A full snapshot pauses a running VM while it is taken and resumes it afterwards
+        (unless ``leave_paused``), also when the snapshot fails.
+        """
+        async with self._lifecycle:
+            self._require(Operation.SNAPSHOT)
+            self._require_capability(
+                kind in self.capabilities.snapshot_kinds, f"{kind.value} snapshots",
+                f"snapshot:{kind.value}",
+            )
+            if kind is SnapshotKind.DISK and self._state is not VmState.STOPPED:
+                raise InvalidStateError(self._id, "take a disk snapshot", self._state,
+                                        [VmState.STOPPED])
+            if kind is SnapshotKind.FULL and self._state is VmState.STOPPED:
+                raise InvalidStateError(self._id, "take a full snapshot", self._state,
+                                        [VmState.RUNNING, VmState.PAUSED])
+            was_running = self._state is VmState.RUNNING
+            if kind is SnapshotKind.FULL and was_running:
+                with self._crash_guard():
+                    await self._do_pause()
+                self._set_state(VmState.PAUSED)
+            try:
+                with self._crash_guard():
+                    return await self._do_snapshot(dest, kind)
+            finally:
+                if was_running and not leave_paused and self._state is VmState.PAUSED:
+                    with self._crash_guard():
+                        await self._do_resume()
+                    self._set_state(VmState.RUNNING)
+
+    async def restore(self, snapshot: VmSnapshot, *, paused: bool = False) -> None:
+        """Bring this (created or stopped) VM to the state captured in ``snapshot``.
+
+        Every blob is verified and the snapshot's compatibility checked before anything
+        starts; a corrupted or incompatible snapshot raises before the VM changes.
+        """
+        async with self._lifecycle:
+            self._require(Operation.RESTORE)
+            kind = snapshot.manifest.kind
+            self._require_capability(
+                kind in self.capabilities.snapshot_kinds, f"restore of {kind.value} snapshots",
+                f"snapshot:{kind.value}",
+            )
+            snapshot.manifest.check_restorable(self.host_info())
+            snapshot.verify()
+            self._set_state(VmState.STARTING)
+            await self._run_startup(self._do_restore(snapshot, paused=paused), "restore")
+            if paused:
+                self._set_state(VmState.PAUSED)
+            else:
+                self._set_state(VmState.RUNNING)
+
+    def host_info(self) -> HostInfo:
+        """What this backend on this host offers, for snapshot compatibility checks."""
+        return HostInfo(arch=HostInfo.current_arch(), backend=self.backend_name,
+                        backend_version="0")
+
+    # ---- backend hooks ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def _do_start(self) -> None:
+        """Boot; return when the guest agent answers. Raise BootError/VmCrashed on failure."""
+
+    @abc.abstractmethod
+    async def _do_stop(self, *, force: bool) -> None:
+        """Shut down and release every resource; must be safe to call in any state."""
+
+    async def _do_pause(self) -> None:
+        raise UnsupportedOperation(self.backend_name, "pause")
+
+    async def _do_resume(self) -> None:
+        raise UnsupportedOperation(self.backend_name, "resume")
+
+    @abc.abstractmethod
+    async def _do_exec(self, request: ExecRequest) -> ExecProcess:
+        """Start a command and return its process handle."""
+
+    @abc.abstractmethod
+    def _do_read_file(self, path: str) -> AsyncIterator[bytes]:
+        """Stream a guest file's content."""
+
+    @abc.abstractmethod
+    async def _do_write_file(self, path: str, chunks: AsyncIterable[bytes], mode: int) -> None:
+        """Write a guest file atomically from chunks."""
+
+    @abc.abstractmethod
+    async def _do_list_dir(self, path: str) -> list[FileInfo]:
+        """List a guest directory."""
+
+    @abc.abstractmethod
+    async def _do_remove(self, path: str, recursive: bool) -> None:
+        """Remove a guest path."""
+
+    async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
+        raise UnsupportedOperation(self.backend_name, "snapshot")
+
+    async def _do_restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
+        """Bring the VM to the snapshot's state; leave the guest paused if ``paused``."""
+        raise UnsupportedOperation(self.backend_name, "restore")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._id} {self._state}>"
+
+
+async def _single(data: bytes | bytearray | memoryview) -> AsyncIterator[bytes]:
+    yield bytes(data)
+
+
+def _check_guest_path(path: str) -> None:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ConfigError([f"guest path {path!r} must be an absolute path without NUL bytes"],
+                          what="guest path")

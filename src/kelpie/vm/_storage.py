@@ -1,0 +1,143 @@
+"""Storage: the injectable file store that snapshots are written through.
+
+Production code uses :class:`LocalStorage` (the host file system, atomic writes with fsync).
+The deterministic simulator hands in an in-memory store with injected faults instead, so
+the same snapshot code runs under both.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from kelpie.vm._errors import StorageError
+
+CHUNK_SIZE = 1024 * 1024
+
+
+class Storage(abc.ABC):
+    """A small file store: whole-file atomic writes, streamed reads, directories, renames."""
+
+    @abc.abstractmethod
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically: after a crash it is old or new, never torn."""
+
+    @abc.abstractmethod
+    def read_bytes(self, path: Path) -> bytes:
+        """Read a whole file; :class:`StorageError` if it is missing or unreadable."""
+
+    @abc.abstractmethod
+    def open_read(self, path: Path) -> BinaryIO:
+        """Open a file for streamed reading (for hashing large blobs)."""
+
+    @abc.abstractmethod
+    def size(self, path: Path) -> int:
+        """Size of a file in bytes."""
+
+    @abc.abstractmethod
+    def exists(self, path: Path) -> bool:
+        """Whether a file or directory exists at ``path``."""
+
+    @abc.abstractmethod
+    def mkdir(self, path: Path) -> None:
+        """Create a directory and its parents (no error if it exists)."""
+
+    @abc.abstractmethod
+    def list_dir(self, path: Path) -> list[str]:
+        """Sorted names in a directory (empty if it does not exist)."""
+
+    @abc.abstractmethod
+    def rename(self, src: Path, dst: Path) -> None:
+        """Atomically rename a file or directory; ``dst`` must not exist."""
+
+    @abc.abstractmethod
+    def remove_tree(self, path: Path) -> None:
+        """Remove a file or directory tree; no error if it does not exist."""
+
+
+class LocalStorage(Storage):
+    """The host file system. Writes go to a temporary file, are fsynced, then renamed."""
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def read_bytes(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def open_read(self, path: Path) -> BinaryIO:
+        try:
+            return path.open("rb")
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def size(self, path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError as exc:
+            raise StorageError(f"cannot stat {path}: {exc.strerror or exc}") from exc
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def mkdir(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from exc
+
+    def list_dir(self, path: Path) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list {path}: {exc.strerror or exc}") from exc
+
+    def rename(self, src: Path, dst: Path) -> None:
+        if dst.exists():
+            raise StorageError(f"cannot rename {src} to {dst}: destination exists")
+        try:
+            os.rename(src, dst)
+            _fsync_dir(dst.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot rename {src} to {dst}: {exc.strerror or exc}") from exc
+
+    def remove_tree(self, path: Path) -> None:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,74 @@
+"""The kelpie command: help, exit codes, errors as one line, dst summaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kelpie.cli import main
+
+
+def kelpie(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kelpie", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_help() -> None:
+    proc = kelpie("--help")
+    assert proc.returncode == 0
+    for command in ("run", "dst", "backend"):
+        assert command in proc.stdout
+
+
+def test_run_mock_prints_output_and_exit_code(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--backend", "mock", "--", "echo", "hello"]) == 0
+    assert capfd.readouterr().out == "hello\n"
+    assert main(["run", "--backend", "mock", "--", "sh", "-c", "echo e >&2; exit 7"]) == 7
+    assert capfd.readouterr().err == "e\n"
+    assert main(["run", "--backend", "mock", "--", "nosuch"]) == 127
+
+
+def test_run_env_and_workdir(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--backend", "mock", "-e", "A=1", "-w", "/tmp", "--", "sh", "-c",
+                 "env; pwd"]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert "A=1" in out and out[-1] == "/tmp"
+
+
+def test_bad_input_is_one_clear_error(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--backend", "mock", "--cpus", "0", "--", "true"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("kelpie: error: invalid VM configuration")
+    assert "vcpus is 0; allowed range is 1..32" in err and "Traceback" not in err
+    assert main(["run", "--backend", "nope", "--", "true"]) == 125
+    assert "unknown backend 'nope'" in capfd.readouterr().err
+    assert main(["run", "--backend", "mock", "-e", "oops", "--", "true"]) == 2
+    assert "expected NAME=VALUE" in capfd.readouterr().err
+
+
+def test_timeout_exit_code(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--backend", "mock", "--timeout", "0.05", "--", "sleep", "5"]) == 124
+    assert "timed out" in capfd.readouterr().err
+
+
+def test_debug_shows_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    main(["--debug", "run", "--backend", "nope", "--", "true"])
+    assert "Traceback" in capfd.readouterr().err
+
+
+def test_backend_ls_json() -> None:
+    proc = kelpie("backend", "ls", "--json")
+    rows = {row["name"]: row for row in json.loads(proc.stdout)}
+    assert rows["mock"]["available"] is True and rows["mock"]["real"] is False
+
+
+def test_dst_prints_summary() -> None:
+    proc = kelpie("dst", "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("seed 7: 100 steps")
+    assert "invariants: all held" in proc.stdout
+    bad = kelpie("dst", "--faults", "nonsense")
+    assert bad.returncode == 2 and "unknown fault 'nonsense'" in bad.stderr
