@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kelpie.backends.mock import MockVm
+from kelpie.backends.qemu import SPEC as QEMU
 from kelpie.vm import DEFAULT_REGISTRY, BackendSpec, ProbeResult, VmConfig, VmInstance
 
 
@@ -31,5 +32,6 @@ MOCK = BackendSpec(
 )
 
 DEFAULT_REGISTRY.register(MOCK)
+DEFAULT_REGISTRY.register(QEMU)
 
-__all__ = ["MOCK"]
+__all__ = ["MOCK", "QEMU"]

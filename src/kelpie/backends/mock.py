@@ -70,7 +70,7 @@ class MockProcess(ExecProcess):
 
     async def _run(self) -> tuple[int, bool]:
         """Run the command; returns (exit code, timed out). A signal cancels this task."""
-        env = {"PATH": DEFAULT_PATH, "HOME": "/root", **self._vm.config.env, **self.request.env}
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root", **self.request.env}
         shell = Shell(
             self._vm.fs,
             env=env,

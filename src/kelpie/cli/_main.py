@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 import click
 
 from kelpie._version import __version__
-from kelpie.cli import _backend, _dst, _run
+from kelpie.cli import _backend, _dst, _guestkit, _run
 from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
 
 EXIT_USAGE = 2
@@ -35,11 +36,17 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 def cli(ctx: click.Context, debug: bool) -> None:
     """Kelpie: run untrusted code in hardware-isolated micro-VMs."""
     ctx.obj = {"debug": debug}
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("kelpie: %(message)s"))
+    logger = logging.getLogger("kelpie")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 cli.add_command(_run.run)
 cli.add_command(_backend.backend)
 cli.add_command(_dst.dst)
+cli.add_command(_guestkit.guestkit)
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -396,7 +396,8 @@ class VmInstance(abc.ABC):
         self._require(Operation.EXEC)
         if pty:
             self._require_capability(self.capabilities.pty, "exec with a terminal", "pty")
-        request = ExecRequest(tuple(argv), dict(env or {}), cwd, user, timeout, pty)
+        merged_env = {**self._config.env, **(env or {})}  # the call's env wins over the VM's
+        request = ExecRequest(tuple(argv), merged_env, cwd, user, timeout, pty)
         with self._crash_guard():
             process = await self._do_exec(request)
         try:

@@ -1,0 +1,165 @@
+"""QEMU backend benchmarks, each figure a median of several runs with a same-run baseline.
+
+- boot: QemuVm start to the first exec result, vs a raw ``qemu-system-x86_64`` boot of the
+  same kernel and initramfs to a busybox shell prompt (``rdinit=/bin/sh``). Goal <= 1.3x.
+- exec: round trip of ``true`` through Kelpie, vs its floor: a raw ping over the same
+  virtio-serial channel plus the guest's own time to spawn and reap ``true`` (measured
+  inside the guest). Goal <= 1.5x.
+- files: 64 MiB written then read back through the agent (MB/s each way).
+- rss: host RSS of one idle VM's QEMU process (MiB).
+
+    python benchmarks/qemu_vm.py [--runs 5] [--json benchmarks/results/latest.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kelpie import VmConfig
+from kelpie.backends.qemu._vm import QemuVm
+from kelpie.guestkit import GuestKit, build_guestkit, kernel_cmdline
+from kelpie.guestkit._bootcheck import boot, qemu_command
+
+SPAWN_PROBE = """
+import os, time
+times = []
+for _ in range(50):
+    t = time.perf_counter_ns()
+    pid = os.posix_spawn("/bin/true", ["true"], {})
+    os.waitpid(pid, 0)
+    times.append(time.perf_counter_ns() - t)
+times.sort()
+print(times[len(times) // 2])
+"""
+
+
+def raw_shell_boot(kit: GuestKit) -> float:
+    """Seconds from QEMU start to the busybox prompt, no Kelpie involved."""
+    with tempfile.TemporaryDirectory(prefix="kelpie-bench-") as tmp:
+        cmdline = kernel_cmdline(extra=["rdinit=/bin/sh"])  # same kernel arguments as ours
+        command = qemu_command(kit, Path(tmp), cmdline=cmdline)
+        with boot(command, Path(tmp)) as run:
+            return run.wait_console(" # ", 120)
+
+
+async def kelpie_boot(kit: GuestKit, workdir: Path) -> tuple[float, QemuVm]:
+    vm = QemuVm(VmConfig(), kit=kit, workdir=workdir)
+    started = time.perf_counter()
+    await vm.start()
+    await vm.exec(["true"])
+    return time.perf_counter() - started, vm
+
+
+async def exec_figures(vm: QemuVm, runs: int) -> dict[str, float]:
+    assert vm._agent is not None
+    for _ in range(5):  # warm up caches and the page cache of /bin/true
+        await vm.exec(["true"])
+    exec_times, ping_times = [], []
+    for _ in range(runs * 10):
+        started = time.perf_counter()
+        await vm.exec(["true"])
+        exec_times.append(time.perf_counter() - started)
+        ping_times.append(await vm._agent.ping())
+    spawn = await vm.exec(["python3", "-S", "-c", SPAWN_PROBE])
+    spawn_s = int(spawn.stdout.strip()) / 1e9
+    exec_s = statistics.median(exec_times)
+    floor = statistics.median(ping_times) + spawn_s
+    return {"exec_true_ms": exec_s * 1e3, "ping_ms": statistics.median(ping_times) * 1e3,
+            "guest_spawn_ms": spawn_s * 1e3, "floor_ms": floor * 1e3, "ratio": exec_s / floor}
+
+
+async def file_figures(vm: QemuVm) -> dict[str, float]:
+    data = os.urandom(64 * 1024 * 1024)
+    started = time.perf_counter()
+    await vm.write_file("/tmp/bench", data)
+    write_s = time.perf_counter() - started
+    started = time.perf_counter()
+    back = await vm.read_file("/tmp/bench")
+    read_s = time.perf_counter() - started
+    assert back == data
+    await vm.remove("/tmp/bench")
+    mb = len(data) / 1e6
+    return {"write_mb_s": mb / write_s, "read_mb_s": mb / read_s}
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def main_async(runs: int) -> dict[str, Any]:
+    kit = build_guestkit(progress=lambda m: print(m, file=sys.stderr))
+    raw_times, ours = [], []
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as tmp:
+        for i in range(runs):
+            raw_times.append(raw_shell_boot(kit))
+            seconds, vm = await kelpie_boot(kit, Path(tmp) / f"vm{i}")
+            ours.append(seconds)
+            if i < runs - 1:
+                await vm.stop()
+        accel = vm.accel.accel if vm.accel else "?"
+        await asyncio.sleep(2)  # let the guest settle before measuring idle memory
+        assert vm.pid is not None
+        rss = rss_mib(vm.pid)
+        exec_result = await exec_figures(vm, runs)
+        files = await file_figures(vm)
+        await vm.stop()
+    boot = {
+        "kelpie_s": statistics.median(ours),
+        "raw_qemu_shell_s": statistics.median(raw_times),
+        "ratio": statistics.median(ours) / statistics.median(raw_times),
+        "runs_kelpie": ours,
+        "runs_raw": raw_times,
+    }
+    return {
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "accel": accel},
+        "runs": runs,
+        "boot": boot,
+        "exec": exec_result,
+        "files": files,
+        "idle_rss_mib": rss,
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    b, e, f = results["boot"], results["exec"], results["files"]
+    rows = [
+        ("boot to first exec", f"{b['kelpie_s']:.2f} s",
+         f"raw QEMU to shell {b['raw_qemu_shell_s']:.2f} s", f"{b['ratio']:.2f}x (goal <= 1.3x)"),
+        ("exec `true` round trip", f"{e['exec_true_ms']:.2f} ms",
+         f"ping {e['ping_ms']:.2f} + spawn {e['guest_spawn_ms']:.2f} ms",
+         f"{e['ratio']:.2f}x (goal <= 1.5x)"),
+        ("64 MiB write / read", f"{f['write_mb_s']:.0f} / {f['read_mb_s']:.0f} MB/s", "", ""),
+        ("idle VM host RSS", f"{results['idle_rss_mib']:.0f} MiB", "", ""),
+    ]
+    lines = ["| figure | Kelpie | baseline (same run) | ratio |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args.runs))
+    print(table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.json} (accel {results['host']['accel']}, {args.runs} runs, medians)")
+
+
+if __name__ == "__main__":
+    main()

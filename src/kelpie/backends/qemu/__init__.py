@@ -1,0 +1,47 @@
+"""The QEMU backend: real micro-VMs (KVM when a probe proves it boots a guest, else TCG)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from kelpie.vm import BackendSpec, Capabilities, ProbeResult, VmConfig, VmInstance
+
+# Declared here, not imported from _vm, so probing the host does not import qemu.qmp.
+CAPABILITIES = Capabilities(pause=True, shared_dirs=True, networking=True, pty=True)
+
+
+def probe() -> ProbeResult:
+    """Available when qemu-system-x86_64 is installed; reports the cached accelerator."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ProbeResult(False, f"this backend runs x86_64 guests; host is {platform.machine()}")
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return ProbeResult(False, "qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+    if shutil.which("qemu-img") is None:
+        return ProbeResult(False, "qemu-img not found (apt-get install qemu-utils)")
+    from kelpie.backends.qemu._accel import cached_accel_summary
+
+    accel = cached_accel_summary(qemu)
+    return ProbeResult(True, f"{qemu}; accel: {accel}", {"qemu": qemu, "accel": accel})
+
+
+def create(config: VmConfig, **options: Any) -> VmInstance:
+    """Create an unstarted QemuVm."""
+    from kelpie.backends.qemu._vm import QemuVm
+
+    return QemuVm(config, **options)
+
+
+SPEC = BackendSpec(
+    name="qemu",
+    description="QEMU microvm: KVM when proven to boot a guest, TCG otherwise",
+    capabilities=CAPABILITIES,
+    probe=probe,
+    create=create,
+    priority=10,
+)
+
+__all__ = ["CAPABILITIES", "SPEC", "create", "probe"]

@@ -1,0 +1,87 @@
+"""The QEMU command line for a VmConfig: one function, no I/O, easy to test."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from kelpie.guestkit import AGENT_PORT_NAME, GuestNetwork, GuestShare, kernel_cmdline
+from kelpie.vm import ConfigError, NetworkMode, VmConfig
+
+USER_NET = GuestNetwork("10.0.2.15/24", "10.0.2.2", "10.0.2.3")  # QEMU user networking
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuLaunch:
+    """Everything the command line depends on."""
+
+    qemu: str
+    config: VmConfig
+    kernel: Path
+    initrd: Path
+    workdir: Path
+    accel: str
+    hostname: str
+    overlay: Path | None = None
+
+
+def _opt(value: str | Path) -> str:
+    """Escape a value for QEMU's comma-separated option syntax."""
+    return str(value).replace(",", ",,")
+
+
+def kernel_args(launch: QemuLaunch) -> str:
+    """The guest kit's kernel command line for this VM (init.sh reads the settings)."""
+    config = launch.config
+    shares = [
+        GuestShare(config.mount_tag(i), m.guest_path, m.read_only)
+        for i, m in enumerate(config.mounts)
+    ]
+    try:
+        return kernel_cmdline(
+            hostname=launch.hostname,
+            root_device="/dev/vda" if launch.overlay is not None else None,
+            shares=shares,
+            network=USER_NET if config.network is NetworkMode.NAT else None,
+            extra=config.kernel_args,
+        )
+    except ValueError as exc:
+        raise ConfigError([f"cannot pass this configuration to the guest: {exc}"]) from exc
+
+
+def build_command(launch: QemuLaunch) -> list[str]:
+    """The full argv that starts this VM."""
+    config, workdir = launch.config, launch.workdir
+    command = [
+        launch.qemu,
+        "-M", f"microvm,accel={launch.accel}",
+        *(["-cpu", "host"] if launch.accel == "kvm" else []),
+        "-m", str(config.memory_mib),
+        "-smp", str(config.vcpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(launch.kernel),
+        "-initrd", str(launch.initrd),
+        "-append", kernel_args(launch),
+        "-serial", f"file:{_opt(workdir / 'console.log')}",
+        "-qmp", f"unix:{_opt(workdir / 'qmp.sock')},server=on,wait=off",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={_opt(workdir / 'agent.sock')},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-object", "rng-random,filename=/dev/urandom,id=rng0",
+        "-device", "virtio-rng-device,rng=rng0",
+    ]  # fmt: skip
+    if launch.overlay is not None:
+        command += [
+            "-drive", f"file={_opt(launch.overlay)},if=none,id=root,format=qcow2",
+            "-device", "virtio-blk-device,drive=root",
+        ]  # fmt: skip
+    for i, mount in enumerate(config.mounts):
+        readonly = ",readonly=on" if mount.read_only else ""
+        command += [
+            "-fsdev",
+            f"local,id=fs{i},path={_opt(mount.host_path)},security_model=none{readonly}",
+            "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={config.mount_tag(i)}",
+        ]  # fmt: skip
+    if config.network is NetworkMode.NAT:
+        command += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+    return command
