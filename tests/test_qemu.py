@@ -198,3 +198,65 @@ async def test_boot_failure_reports_console_tail(guestkit: GuestKit, state_dir: 
     assert machine.state is VmState.STOPPED
     with contextlib.suppress(Exception):
         await machine.stop()
+
+
+async def test_pty_exec_with_resize(vm: QemuVm) -> None:
+    async with vm.exec_stream(["sh", "-c", "tty; read go; stty size"], pty=True) as proc:
+        await proc.resize(30, 100)
+        await proc.write_stdin(b"go\n")
+        result = await proc.wait()
+    output = result.stdout.replace(b"\r\n", b"\n")
+    assert result.exit_code == 0
+    assert b"/dev/pts/" in output and b"30 100\n" in output
+
+
+@pytest.fixture(scope="module")
+def root_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ext4 root filesystem (static busybox) built with mke2fs -d, like an image."""
+    import shutil
+
+    tree = tmp_path_factory.mktemp("rootfs")
+    for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
+        (tree / d).mkdir()
+    busybox = shutil.which("busybox")
+    assert busybox is not None, "busybox-static is required (scripts/setup installs it)"
+    shutil.copy(busybox, tree / "bin" / "busybox")
+    for applet in ("sh", "cat", "echo", "ls", "ip", "mount"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc" / "image-marker").write_text("from the root disk\n")
+    image = tmp_path_factory.mktemp("disk") / "root.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(image), "32M"],
+                   check=True)
+    return image
+
+
+async def test_root_disk_share_and_nat(guestkit: GuestKit, state_dir: Path, root_disk: Path,
+                                       tmp_path: Path) -> None:
+    from kelpie import Mount, NetworkMode
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from-host").write_text("host data\n")
+    machine = new_vm(
+        guestkit, state_dir, root_disk=root_disk, network=NetworkMode.NAT,
+        mounts=(Mount(shared, "/data"), Mount(shared, "/ro", read_only=True)),
+    )
+    base_digest = hashlib.sha256(root_disk.read_bytes()).hexdigest()
+    await machine.start()
+    try:
+        wrote = await machine.exec(["sh", "-c", "echo changed > /root/new-file"])
+        assert wrote.exit_code == 0
+        marker = await machine.exec(["cat", "/etc/image-marker"])  # runs inside the disk's root
+        assert marker.stdout == b"from the root disk\n"
+        both = await machine.exec(["sh", "-c", "cat /data/from-host; echo guest > /data/back"])
+        assert both.stdout == b"host data\n"
+        assert (shared / "back").read_text() == "guest\n"
+        denied = await machine.exec(["sh", "-c", "echo x > /ro/nope"])
+        assert denied.exit_code != 0 and not (shared / "nope").exists()
+        addr = await machine.exec(["ip", "-4", "addr", "show", "eth0"])
+        assert b"10.0.2.15/24" in addr.stdout
+    finally:
+        await machine.stop()
+    # the base image is untouched: the guest's writes went to the VM's own overlay
+    assert hashlib.sha256(root_disk.read_bytes()).hexdigest() == base_digest
+    assert (machine.workdir / "overlay.qcow2").exists()
