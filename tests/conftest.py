@@ -23,11 +23,20 @@ def dst_seed() -> int:
 REQUIRE_VM_ENV = "KELPIE_REQUIRE_VM"
 
 
+def real_part_missing(reason: str) -> None:
+    """Skip a test that needs a real part (QEMU, umoci...), or fail it in CI.
+
+    CI sets KELPIE_REQUIRE_VM=1: there every real part must be present, so a missing one
+    is a failure, never a silent skip.
+    """
+    if os.environ.get(REQUIRE_VM_ENV) == "1":
+        pytest.fail(f"test needs a real part ({REQUIRE_VM_ENV}=1): {reason}")
+    pytest.skip(reason)
+
+
 def vm_unavailable(reason: str) -> None:
     """Skip a real-VM test, or fail it when KELPIE_REQUIRE_VM=1 (as in CI)."""
-    if os.environ.get(REQUIRE_VM_ENV) == "1":
-        pytest.fail(f"real-VM test cannot run ({REQUIRE_VM_ENV}=1): {reason}")
-    pytest.skip(f"cannot boot a real VM here: {reason}")
+    real_part_missing(f"cannot boot a real VM here: {reason}")
 
 
 @pytest.fixture(scope="session")
