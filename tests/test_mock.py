@@ -255,4 +255,4 @@ async def test_failed_snapshot_resumes_source(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="snapshot failed"):
         await vm.snapshot(tmp_path / "s")
     assert vm.state is VmState.RUNNING
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # no partial snapshot left behind
