@@ -14,6 +14,7 @@ import sys
 import time
 import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,42 @@ async def test_spawn_failures(
     assert info.value.code == code
     assert fragment in info.value.message
     assert (await run(client, ["true"])).result.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "path", "cwd"),
+    [
+        (["true"], "/nonexistent:/usr/bin:/bin", "/"),
+        (["not-executable"], "/nonexistent:{tmp}:/bin", "/"),
+        (["no-such-command-kelpie"], "/bin:/usr/bin", "/"),
+        (["{tmp}/not-executable"], "/bin", "/"),
+        (["./not-executable"], "/bin", "{tmp}"),
+        (["true"], "/bin:/usr/bin", "/nonexistent-dir"),
+    ],
+)
+def test_posix_spawn_matches_fork(tmp_path: Path, argv: list[str], path: str, cwd: str) -> None:
+    """The posix_spawn fast path starts, and fails, exactly like fork + exec."""
+    from kelpie.guest import agent as guest
+
+    (tmp_path / "not-executable").write_text("x")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    plan = guest.SpawnPlan(
+        argv=argv, env={"PATH": path.format(tmp=tmp_path)}, cwd=cwd.format(tmp=tmp_path),
+        root="/", user=None, pty=False,
+    )
+    outcomes = []
+    before = os.getcwd()
+    for start in (guest._posix_spawn, partial(guest._fork_spawn, rows=24, cols=80)):
+        try:
+            ex = start(plan, exec_id=1, want_stdin=False)
+        except guest.OpError as exc:
+            outcomes.append((exc.code, exc.message))
+        else:
+            _, status = os.waitpid(ex.pid, 0)
+            ex.close_fds()
+            outcomes.append((os.waitstatus_to_exitcode(status), ""))
+    assert outcomes[0] == outcomes[1]
+    assert os.getcwd() == before  # the agent's own directory is restored
 
 
 async def test_unknown_user(client: AgentClient) -> None:

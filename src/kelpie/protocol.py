@@ -319,8 +319,8 @@ class FrameDecoder:
         """Number of bytes received but not yet decoded."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (copied: the caller may reuse its buffer)."""
         self._buf += data
 
     def reset(self) -> None:
@@ -377,7 +377,11 @@ class FrameDecoder:
         if len(buf) < end:
             return None
         self._pos = end
-        return Frame(ftype, request_id, bytes(buf[pos + HEADER_SIZE : end]))
+        # One copy through a view (a bytearray slice would copy twice); the view
+        # is released at once so that _compact may resize the buffer.
+        with memoryview(buf) as view:
+            payload = bytes(view[pos + HEADER_SIZE : end])
+        return Frame(ftype, request_id, payload)
 
 
 # ---------------------------------------------------------------------------

@@ -88,6 +88,8 @@ DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 #: _IOW('R', 0x03, int[2]): add entropy to the kernel pool and credit it.
 RNDADDENTROPY: Final = 0x40085203
 READ_CHUNK: Final = protocol.DATA_CHUNK
+#: Bytes read from the host channel per loop turn at most (one largest frame).
+READ_BUDGET: Final = protocol.MAX_FRAME_PAYLOAD + protocol.HEADER_SIZE
 FILE_CHUNK: Final = protocol.MAX_FRAME_PAYLOAD
 
 
@@ -180,13 +182,34 @@ class User:
         self.home = home
 
 
+#: Parsed user databases by agent path, with the stat identity they were read at.
+_DB_CACHE: dict[str, tuple[tuple[int, int, int, int], list[list[str]]]] = {}
+
+
 def _read_db(rootfs: RootFS, path: str) -> list[list[str]]:
-    """Read a colon-separated database (/etc/passwd, /etc/group) of the image."""
+    """Read a colon-separated database (/etc/passwd, /etc/group) of the image.
+
+    Every exec looks its user up: the parsed rows are reused while the file's
+    identity (inode, size, mtime, ctime) is unchanged, which costs one stat
+    instead of an open, a read and a parse.
+    """
+    # Below "/" the kernel's own lookup resolves exactly as RootFS.resolve would.
+    host = path if rootfs.root == "/" else rootfs.resolve(path)
     try:
-        with open(rootfs.resolve(path), encoding="utf-8", errors="replace") as db:
-            return [line.rstrip("\n").split(":") for line in db if not line.startswith("#")]
+        st = os.stat(host)
     except OSError:
         return []
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = _DB_CACHE.get(host)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        with open(host, encoding="utf-8", errors="replace") as db:
+            rows = [line.rstrip("\n").split(":") for line in db if not line.startswith("#")]
+    except OSError:
+        return []
+    _DB_CACHE[host] = (key, rows)
+    return rows
 
 
 def lookup_user(rootfs: RootFS, user: str | int | None) -> User:
@@ -399,7 +422,136 @@ def _spawn_error(plan: SpawnPlan, report: bytes) -> OpError:
     return OpError(code, f"{what}: {detail}")
 
 
+#: Signals the agent ignores or handles that a command must start with at default.
+CHILD_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGCHLD)
+
+
 def spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols: int) -> Exec:
+    """Start a command in its own session; raise OpError if it cannot start.
+
+    posix_spawn (a vfork-style clone: no copy of the agent's page tables,
+    no copy-on-write faults afterwards) is ~3x faster than fork under TCG;
+    it is used whenever it can do all the child's setup. A chroot, another
+    user or a terminal need code between fork and exec: fork then.
+    """
+    if plan.root == "/" and plan.user is None and not plan.pty:
+        return _posix_spawn(plan, exec_id, want_stdin)
+    return _fork_spawn(plan, exec_id, want_stdin, rows, cols)
+
+
+class _AgentCwd:
+    """The agent's own working directory, restored after a spawn in another one."""
+
+    path: str | None = None
+    fd: int | None = None
+
+    @classmethod
+    def enter(cls, cwd: str) -> bool:
+        """chdir to ``cwd`` unless already there; True if ``leave`` must follow."""
+        if cls.fd is None:
+            cls.fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                cls.path = os.getcwd()
+            except OSError:
+                cls.path = None
+        if cwd == cls.path == "/":  # other directories may be replaced under the same name
+            return False
+        os.chdir(cwd)
+        return True
+
+    @classmethod
+    def leave(cls) -> None:
+        """Return to the agent's own directory."""
+        assert cls.fd is not None
+        os.fchdir(cls.fd)
+
+
+def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
+    """Start a command with posix_spawn in ``plan.cwd`` (the agent is single-threaded:
+    it changes its own directory for the spawn and changes back)."""
+    child_fds, parent_fds = _open_stdio(plan, want_stdin)
+    if min(child_fds) <= 2:  # the agent's own stdio was closed: dup2 order would matter
+        for fd in {*child_fds, *parent_fds}:
+            if fd is not None:
+                os.close(fd)
+        return _fork_spawn(plan, exec_id, want_stdin, 24, 80)
+    try:
+        try:
+            moved = _AgentCwd.enter(plan.cwd)
+        except OSError as exc:
+            raise _spawn_error_os(plan, "chdir", exc) from None
+        try:
+            pid = _posix_spawn_search(plan, child_fds)
+        finally:
+            if moved:
+                _AgentCwd.leave()
+    except BaseException:
+        for fd in {*child_fds, *parent_fds}:
+            if fd is not None:
+                os.close(fd)
+        raise
+    for fd in set(child_fds):
+        os.close(fd)
+    ex = Exec(exec_id, pid, plan.argv, plan.pty)
+    ex.stdin_fd, ex.out_fd, ex.err_fd = parent_fds
+    for fd in parent_fds:
+        if fd is not None:
+            os.set_blocking(fd, False)
+    return ex
+
+
+def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
+    """posix_spawn ``plan.argv`` searched in the PATH of ``plan.env`` (as exec_search
+    does; glibc's posix_spawnp would search the agent's own PATH)."""
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
+    argv, env = plan.argv, plan.env
+    if "/" in argv[0]:
+        candidates = [argv[0]]
+    else:
+        path = env.get("PATH", DEFAULT_PATH).split(":")
+        candidates = [f"{(directory or '.').rstrip('/')}/{argv[0]}" for directory in path]
+    failed: dict[str, OSError] = {}
+    for candidate in candidates:
+        # access() is a cheap way past missing files (no failed spawn, no exception);
+        # a candidate it skips is examined again below if nothing can be started.
+        if len(candidates) > 1 and not os.access(candidate, os.F_OK):
+            continue
+        try:
+            return os.posix_spawn(
+                candidate,
+                argv,
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigmask=(),
+                setsigdef=CHILD_DEFAULT_SIGNALS,
+            )
+        except OSError as exc:
+            failed[candidate] = exc
+    errors = [failed.get(candidate) or _missing_reason(candidate) for candidate in candidates]
+    # As a shell: the first error that is not "missing" (e.g. EACCES), else the last.
+    missing = (FileNotFoundError, NotADirectoryError)
+    error = next((e for e in errors if not isinstance(e, missing)), errors[-1])
+    raise _spawn_error_os(plan, "exec", error)
+
+
+def _missing_reason(path: str) -> OSError:
+    """Why access() found no file at ``path`` (ENOENT, ENOTDIR, EACCES...)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))  # appeared meanwhile
+
+
+def _spawn_error_os(plan: SpawnPlan, stage: str, exc: OSError) -> OpError:
+    """An OSError of a spawn stage as the OpError the fork path would report."""
+    detail = exc.strerror or str(exc)
+    report = f"{stage}\0{exc.errno or 0}\0{detail}".encode(errors="replace")
+    return _spawn_error(plan, report)
+
+
+def _fork_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols: int) -> Exec:
     """Fork and exec a command in its own session; raise OpError if it cannot start."""
     child_fds, parent_fds = _open_stdio(plan, want_stdin)
     if plan.pty:
@@ -703,6 +855,8 @@ class Agent:
         self.rootfs = RootFS(root)
         self.power_off_allowed = power_off
         self.decoder = protocol.FrameDecoder()
+        # Reused for every read of the host channel (see read_conn).
+        self.read_buf = memoryview(bytearray(READ_BUDGET))
         self.out: deque[bytes] = deque()
         self.out_sent = 0  # bytes of out[0] already written
         self.out_bytes = 0
@@ -906,25 +1060,41 @@ class Agent:
         self.on_disconnect(reason)
 
     def read_conn(self, events: int) -> None:
-        """Read and dispatch what the host sent."""
+        """Read and dispatch what the host sent.
+
+        A virtio-serial port returns at most one 4 KiB guest buffer per
+        read(): read until the channel is empty or READ_BUDGET bytes arrived,
+        so one loop turn handles a whole upload frame, not one page of it.
+        The buffer is preallocated (os.read would allocate READ_BUDGET bytes
+        per call to return a few).
+        """
         fd = self.channel.conn_fd
         assert fd is not None
-        try:
-            data = os.read(fd, FILE_CHUNK + protocol.HEADER_SIZE)
-        except (BlockingIOError, InterruptedError):
-            data = None
-        except OSError as exc:
-            self.drop_connection(f"read failed: {exc.strerror}")
-            return
-        if data == b"" or (data is None and events & select.POLLHUP):
-            self.drop_connection("end of stream" if data == b"" else "hang-up")
-            return
-        if data:
-            self.decoder.feed(data)
+        buf = self.read_buf
+        filled = 0
+        ended: str | None = None
+        while filled < READ_BUDGET:
+            try:
+                count = os.readv(fd, [buf[filled:]])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                ended = f"read failed: {exc.strerror}"
+                break
+            if count == 0:
+                ended = "end of stream"
+                break
+            filled += count
+        if filled:
+            self.decoder.feed(buf[:filled])
             for item in self.decoder.frames():
                 self.on_frame(item)
                 if self.channel.conn_fd != fd:  # a frame made us drop the connection
                     return
+        elif ended is None and events & select.POLLHUP:
+            ended = "hang-up"
+        if ended is not None:
+            self.drop_connection(ended)
 
     def send(self, frame: bytes) -> None:
         """Queue a frame for the host (dropped when no host is connected)."""
