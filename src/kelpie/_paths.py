@@ -23,3 +23,8 @@ def state_dir() -> Path:
 def vms_dir() -> Path:
     """The directory holding one sub-directory per VM."""
     return state_dir() / "vms"
+
+
+def images_dir() -> Path:
+    """The image store: blobs, the tag index and cached root filesystems."""
+    return state_dir() / "images"

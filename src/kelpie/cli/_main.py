@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import click
 
 from kelpie._version import __version__
-from kelpie.cli import _backend, _dst, _guestkit, _run
+from kelpie.cli import _backend, _dst, _guestkit, _image, _run
 from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
 
 EXIT_USAGE = 2
@@ -47,6 +47,7 @@ cli.add_command(_run.run)
 cli.add_command(_backend.backend)
 cli.add_command(_dst.dst)
 cli.add_command(_guestkit.guestkit)
+cli.add_command(_image.image)
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -1,22 +1,35 @@
-"""OCI images: references, a verified blob store, and safe layer application.
+"""OCI images: references, registries, import, a verified store, and safe root filesystems.
 
 Unpacking an image is a security boundary: every blob is verified against its digest
 before use, and layers are applied so that no entry can escape the rootfs directory.
+
+Flow: :class:`RegistryClient` ``.pull`` (or :func:`import_oci_layout` /
+:func:`import_docker_archive`) puts verified blobs and the manifest into an
+:class:`ImageStore`; :func:`rootfs_dir` / :func:`rootfs_ext4` turn a stored image into a
+root filesystem (cached by image digest); :meth:`ImageConfig.command` gives its default
+command the way ``docker run`` would.
 """
 
+from kelpie.images._auth import Credentials, RegistryAuth, load_docker_credentials
 from kelpie.images._blobs import BlobStore, VerifiedReader
 from kelpie.images._digest import sha256_digest, validate_digest
 from kelpie.images._errors import (
+    AmbiguousImage,
     BlobNotFound,
     DigestMismatch,
     ImageError,
+    ImageInUse,
     ImageNotFound,
     InvalidDigest,
+    InvalidManifest,
+    InvalidPlatform,
     InvalidReference,
     LayerError,
+    NoDefaultCommand,
     RegistryError,
     UnsafeLayer,
 )
+from kelpie.images._import import import_docker_archive, import_oci_layout
 from kelpie.images._layer import (
     LAYER_MEDIA_TYPES,
     OPAQUE_WHITEOUT,
@@ -26,7 +39,20 @@ from kelpie.images._layer import (
     LayerResult,
     apply_layer,
 )
+from kelpie.images._manifest import (
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    Platform,
+    parse_image_config,
+    parse_manifest_document,
+    select_platform,
+)
 from kelpie.images._reference import DEFAULT_REGISTRY, DEFAULT_TAG, ImageReference
+from kelpie.images._registry import RegistryClient, RetryPolicy
+from kelpie.images._rootfs_build import rootfs_dir, rootfs_ext4
+from kelpie.images._store import ImageStore, StoredImage
 
 __all__ = [
     "DEFAULT_REGISTRY",
@@ -34,22 +60,46 @@ __all__ = [
     "LAYER_MEDIA_TYPES",
     "OPAQUE_WHITEOUT",
     "WHITEOUT_PREFIX",
+    "AmbiguousImage",
     "BlobNotFound",
     "BlobStore",
     "Compression",
+    "Credentials",
+    "Descriptor",
     "DigestMismatch",
+    "ImageConfig",
     "ImageError",
+    "ImageInUse",
     "ImageNotFound",
     "ImageReference",
+    "ImageStore",
+    "Index",
     "InvalidDigest",
+    "InvalidManifest",
+    "InvalidPlatform",
     "InvalidReference",
     "LayerError",
     "LayerLimits",
     "LayerResult",
+    "Manifest",
+    "NoDefaultCommand",
+    "Platform",
+    "RegistryAuth",
+    "RegistryClient",
     "RegistryError",
+    "RetryPolicy",
+    "StoredImage",
     "UnsafeLayer",
     "VerifiedReader",
     "apply_layer",
+    "import_docker_archive",
+    "import_oci_layout",
+    "load_docker_credentials",
+    "parse_image_config",
+    "parse_manifest_document",
+    "rootfs_dir",
+    "rootfs_ext4",
+    "select_platform",
     "sha256_digest",
     "validate_digest",
 ]

@@ -9,7 +9,12 @@ registry) are translated into these at the boundary with ``raise ... from exc``.
     └── ImageError                   anything about OCI images, blobs and layers
         ├── InvalidReference         an image reference does not parse (also a ConfigError)
         ├── InvalidDigest            a digest string is malformed (also a ValueError)
+        ├── InvalidManifest          a manifest, index or config is malformed/unsupported
+        ├── InvalidPlatform          not os/arch[/variant] (also a ConfigError)
+        ├── NoDefaultCommand         no Entrypoint/Cmd and no command given (ConfigError)
         ├── ImageNotFound            no such image, tag or manifest
+        ├── AmbiguousImage           an id prefix matches several images
+        ├── ImageInUse               held or multiply tagged; force overrides
         ├── BlobNotFound             no such blob in the store or layout
         ├── DigestMismatch           content does not match its digest or declared size
         ├── LayerError               a layer cannot be applied (bad compression, bad tar)
@@ -22,6 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kelpie.vm import ConfigError, KelpieError
+
+SHORT_ID_LENGTH = 12
+"""Hex digits of a manifest digest shown as an image's short id."""
 
 
 class ImageError(KelpieError):
@@ -113,3 +121,53 @@ class RegistryError(ImageError):
     def __init__(self, message: str, *, retriable: bool = False) -> None:
         self.retriable = retriable
         super().__init__(message)
+
+
+class InvalidManifest(ImageError, ValueError):
+    """A manifest, index or image config document is malformed or of an unsupported kind.
+
+    ``what`` names the document, ``problem`` says what is wrong and what is allowed.
+    """
+
+    def __init__(self, what: str, problem: str) -> None:
+        self.what = what
+        self.problem = problem
+        super().__init__(f"invalid {what}: {problem}")
+
+
+class InvalidPlatform(ImageError, ConfigError):
+    """A platform string is not ``os/architecture[/variant]`` (e.g. ``linux/arm64/v8``)."""
+
+    def __init__(self, text: str, problem: str) -> None:
+        self.text = text
+        super().__init__([problem], what=f"platform {text!r}")
+
+
+class NoDefaultCommand(ImageError, ConfigError):
+    """The image config has neither ``Entrypoint`` nor ``Cmd``, and no command was given."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            [
+                "the image has no default command (its config sets neither Entrypoint nor "
+                "Cmd); give the command to run explicitly"
+            ],
+            what="command",
+        )
+
+
+class AmbiguousImage(ImageError):
+    """An id prefix matches more than one stored image; ``matches`` lists their digests."""
+
+    def __init__(self, text: str, matches: list[str]) -> None:
+        self.text = text
+        self.matches = tuple(matches)
+        ids = ", ".join(d.removeprefix("sha256:")[:SHORT_ID_LENGTH] for d in matches)
+        super().__init__(
+            f"image id prefix {text!r} matches {len(matches)} images ({ids}); "
+            "give more hex digits, a tag or the full digest"
+        )
+
+
+class ImageInUse(ImageError):
+    """The image cannot be removed: it is held or has several tags (``force`` overrides)."""

@@ -1,0 +1,158 @@
+"""``kelpie image``: pull, import, list, inspect, remove and prune stored images."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from kelpie.images._auth import Credentials, RegistryAuth
+from kelpie.images._import import import_docker_archive, import_oci_layout
+from kelpie.images._manifest import Platform
+from kelpie.images._reference import ImageReference
+from kelpie.images._registry import RegistryClient
+from kelpie.images._store import ImageStore, StoredImage
+
+
+def describe(image: StoredImage) -> dict[str, Any]:
+    """A JSON-ready description of a stored image."""
+    config = image.config
+    return {
+        "id": image.id,
+        "digest": image.digest,
+        "tags": list(image.tags),
+        "size": image.size,
+        "media_type": image.media_type,
+        "platform": f"{config.os}/{config.architecture}",
+        "entrypoint": list(config.entrypoint or ()),
+        "cmd": list(config.cmd or ()),
+        "env": list(config.env),
+        "working_dir": config.working_dir,
+        "user": config.user,
+        "layers": [{"digest": d.digest, "size": d.size, "media_type": d.media_type}
+                   for d in image.manifest.layers],
+        "held_by": list(image.holders),
+    }
+
+
+@click.group()
+def image() -> None:
+    """Manage images: pull from registries, import from disk, list, remove."""
+
+
+@image.command("pull")
+@click.argument("reference")
+@click.option("--platform", help="OS/ARCH[/VARIANT] to pull from a multi-platform image.")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Use plain HTTP for this registry (localhost always may).")
+@click.option("--username", help="Registry user (else ~/.docker/config.json).")
+@click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
+def pull(reference: str, platform: str | None, insecure: tuple[str, ...], username: str | None,
+         password_stdin: bool) -> int:
+    """Pull an image from an OCI registry into the local store."""
+    ref = ImageReference.parse(reference)
+    credentials = None
+    if username:
+        if not password_stdin:
+            raise click.UsageError("--username needs --password-stdin")
+        password = sys.stdin.readline().rstrip("\n")
+        credentials = {ref.registry: Credentials(username, password)}
+    wanted = Platform.parse(platform) if platform else None
+    stored = asyncio.run(_pull(ref, wanted, insecure, RegistryAuth(credentials)))
+    click.echo(f"{stored.id} {stored.digest}")
+    return 0
+
+
+async def _pull(ref: ImageReference, platform: Platform | None, insecure: tuple[str, ...],
+                auth: RegistryAuth) -> StoredImage:
+    store = ImageStore()
+    show = sys.stderr.isatty()
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=Console(stderr=True), disable=not show) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(digest: str, done: int, total: int) -> None:
+            if digest not in tasks:
+                tasks[digest] = bars.add_task(digest.removeprefix("sha256:")[:12], total=total)
+            bars.update(tasks[digest], completed=done, total=total)
+
+        async with RegistryClient(auth=auth, insecure=insecure) as client:
+            return await client.pull(ref, store, platform=platform, progress=progress)
+
+
+@image.command("import")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--reference", help="Tag for the image (or which layout entry to import).")
+@click.option("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform layout.")
+def import_(path: Path, reference: str | None, platform: str | None) -> int:
+    """Import an OCI image layout (directory or tar) or a `docker save` tarball."""
+    store = ImageStore()
+    if _is_docker_archive(path):
+        images = import_docker_archive(path, store)
+    else:
+        wanted = Platform.parse(platform) if platform else None
+        images = import_oci_layout(path, store, reference=reference, platform=wanted)
+    for stored in images:
+        click.echo(f"{stored.id} {' '.join(stored.tags) or '<untagged>'}")
+    return 0
+
+
+def _is_docker_archive(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "manifest.json").exists() and not (path / "oci-layout").exists()
+    with tarfile.open(path) as archive:
+        names = set(archive.getnames())
+    return "manifest.json" in names and "oci-layout" not in names
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_images(as_json: bool) -> int:
+    """List stored images."""
+    images = ImageStore().list()
+    if as_json:
+        click.echo(json.dumps([describe(i) for i in images], indent=2))
+        return 0
+    table = Table("id", "tags", "platform", "size")
+    for stored in images:
+        table.add_row(stored.id, "\n".join(stored.tags) or "<untagged>",
+                      f"{stored.config.os}/{stored.config.architecture}",
+                      f"{stored.size / 1e6:.1f} MB")
+    Console().print(table)
+    return 0
+
+
+@image.command("inspect")
+@click.argument("reference")
+def inspect(reference: str) -> int:
+    """Show an image's manifest digest, config and layers as JSON."""
+    click.echo(json.dumps(describe(ImageStore().resolve(reference)), indent=2))
+    return 0
+
+
+@image.command("rm")
+@click.argument("references", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove even if other tags point at it.")
+def remove(references: tuple[str, ...], force: bool) -> int:
+    """Remove images (a tag, a digest or an id prefix)."""
+    store = ImageStore()
+    for reference in references:
+        for removed in store.remove(reference, force=force):
+            click.echo(f"removed {removed}")
+    return 0
+
+
+@image.command("prune")
+def prune() -> int:
+    """Delete untagged images and blobs nothing uses (held images are kept)."""
+    for removed in ImageStore().prune():
+        click.echo(f"removed {removed}")
+    return 0
