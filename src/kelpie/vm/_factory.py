@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kelpie.vm._config import VmConfig
@@ -35,6 +35,9 @@ class BackendSpec:
 
     ``probe`` must be cheap after its first call (cache expensive checks such as a KVM boot
     test). ``create(config, **options)`` builds an unstarted :class:`VmInstance`.
+    ``attach(vm_id)``, for backends whose VMs outlive the process that started them, finds
+    a VM started earlier (by id, in the backend's own VM directory) and reconnects to it;
+    ``None`` means VMs of this backend die with their process.
     """
 
     name: str
@@ -44,6 +47,7 @@ class BackendSpec:
     create: Callable[..., VmInstance]
     priority: int = 0
     real: bool = True
+    attach: Callable[[str], Awaitable[VmInstance]] | None = None
 
 
 class BackendRegistry:

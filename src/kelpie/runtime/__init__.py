@@ -1,0 +1,40 @@
+"""The runtime: the one owner of sandboxes (create, find, exec, files, lifecycle, logs).
+
+:class:`Runtime` composes ``kelpie.vm`` (VM lifecycle), ``kelpie.backends`` (which
+hypervisor) and ``kelpie.images`` (root filesystems), and keeps every sandbox's record in
+a SQLite database under the data directory. The SDK uses it in-process; the daemon serves
+it over HTTP. Neither is imported here.
+"""
+
+from kelpie.runtime._db import SCHEMA_VERSION
+from kelpie.runtime._errors import (
+    AmbiguousSandbox,
+    RuntimeLocked,
+    RuntimeNotOpen,
+    SandboxError,
+    SandboxNameInUse,
+    SandboxNotFound,
+    SandboxStateError,
+    StateDatabaseError,
+)
+from kelpie.runtime._info import SandboxEvent, SandboxInfo
+from kelpie.runtime._names import NAME_PATTERN, check_name, generated_name
+from kelpie.runtime._runtime import Runtime
+
+__all__ = [
+    "NAME_PATTERN",
+    "SCHEMA_VERSION",
+    "AmbiguousSandbox",
+    "Runtime",
+    "RuntimeLocked",
+    "RuntimeNotOpen",
+    "SandboxError",
+    "SandboxEvent",
+    "SandboxInfo",
+    "SandboxNameInUse",
+    "SandboxNotFound",
+    "SandboxStateError",
+    "StateDatabaseError",
+    "check_name",
+    "generated_name",
+]

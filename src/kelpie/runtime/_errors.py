@@ -1,0 +1,111 @@
+"""Errors of the runtime layer, part of Kelpie's one error tree.
+
+::
+
+    KelpieError
+    ├── InvalidStateError
+    │   └── SandboxStateError        the sandbox's state does not allow this (names what does)
+    ├── StorageError
+    │   └── StateDatabaseError       the runtime's SQLite state cannot be used (too new...)
+    └── SandboxError                 anything about finding or naming sandboxes
+        ├── SandboxNotFound          no sandbox by that name, id or id prefix
+        ├── AmbiguousSandbox         an id prefix matches several sandboxes
+        ├── SandboxNameInUse         another sandbox already has the name
+        ├── RuntimeNotOpen           the Runtime was used before open() or after close()
+        └── RuntimeLocked            another runtime process owns this data directory
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from kelpie.vm import InvalidStateError, KelpieError, StorageError
+
+
+class SandboxError(KelpieError):
+    """Root of the errors about finding, naming and owning sandboxes."""
+
+
+class SandboxNotFound(SandboxError, LookupError):
+    """No sandbox matches the reference (name, id or id prefix)."""
+
+    def __init__(self, ref: str, hint: str = "") -> None:
+        self.ref = ref
+        super().__init__(
+            f"no sandbox {ref!r}: give a sandbox name, its id, or a unique id prefix of at "
+            f"least 3 characters (see Runtime.list(all=True)){hint}"
+        )
+
+
+class AmbiguousSandbox(SandboxError, LookupError):
+    """An id prefix matches more than one sandbox; ``matches`` lists ``(id, name)``."""
+
+    def __init__(self, ref: str, matches: Sequence[tuple[str, str]]) -> None:
+        self.ref = ref
+        self.matches = tuple(matches)
+        listed = ", ".join(f"{sid} ({name})" for sid, name in self.matches)
+        super().__init__(
+            f"sandbox id prefix {ref!r} matches {len(self.matches)} sandboxes: {listed}; "
+            "give more characters of the id, or the sandbox's name"
+        )
+
+
+class SandboxNameInUse(SandboxError):
+    """Another sandbox already has this name."""
+
+    def __init__(self, name: str, owner_id: str | None = None) -> None:
+        self.name = name
+        self.owner_id = owner_id
+        owner = f" (sandbox {owner_id})" if owner_id else ""
+        super().__init__(
+            f"sandbox name {name!r} is already in use{owner}; choose another name, "
+            "remove that sandbox first, or leave the name out to get a generated one"
+        )
+
+
+class RuntimeNotOpen(SandboxError):
+    """The runtime was used before :meth:`Runtime.open` or after :meth:`Runtime.close`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the runtime is not open; use 'async with Runtime(...)' or await runtime.open() first"
+        )
+
+
+class RuntimeLocked(SandboxError):
+    """Another runtime (a daemon, or another program) owns this data directory."""
+
+    def __init__(self, data_dir: Path, owner: str) -> None:
+        self.data_dir = data_dir
+        self.owner = owner
+        who = f" ({owner})" if owner else ""
+        super().__init__(
+            f"the Kelpie data directory {data_dir} is in use by another runtime{who}; "
+            "talk to that runtime (e.g. the daemon) or use another KELPIE_STATE_DIR"
+        )
+
+
+class SandboxStateError(InvalidStateError):
+    """A sandbox operation is not allowed in the sandbox's current state."""
+
+    def __init__(
+        self, sandbox: str, operation: str, current: object, allowed: Iterable[object],
+        hint: str = "",
+    ) -> None:
+        super().__init__(sandbox, operation, current, allowed)
+        names = ", ".join(str(s) for s in self.allowed) or "never"
+        message = (
+            f"cannot {operation} sandbox {sandbox}: it is {current}; "
+            f"{operation} is allowed when it is {names}{hint}"
+        )
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StateDatabaseError(StorageError):
+    """The runtime's state database cannot be opened or migrated."""
+
+    retriable = False

@@ -1,0 +1,62 @@
+"""What the runtime tells callers about a sandbox: :class:`SandboxInfo`, :class:`SandboxEvent`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from kelpie.vm import VmConfig, VmState
+
+SHORT_ID_LENGTH = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxInfo:
+    """One sandbox as recorded in the runtime's state database.
+
+    ``state`` is the last state the runtime observed. ``crash_reason`` says why a crashed
+    sandbox died; ``last_error`` is the last failed lifecycle operation (e.g. a failed
+    start), kept until the next successful start. ``workdir`` and ``user`` are the exec
+    defaults taken from the image. Times are Unix seconds from the runtime's clock.
+    """
+
+    id: str
+    name: str
+    backend: str
+    state: VmState
+    config: VmConfig
+    image: str | None = None
+    image_digest: str | None = None
+    workdir: str | None = None
+    user: str | None = None
+    vm_dir: Path | None = None
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    crash_reason: str | None = None
+    last_error: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def short_id(self) -> str:
+        """The first 12 characters of the id, as listings show it."""
+        return self.id[:SHORT_ID_LENGTH]
+
+    @property
+    def active(self) -> bool:
+        """Whether a VM is (or should be) running for this sandbox."""
+        return self.state in ACTIVE_STATES
+
+
+ACTIVE_STATES = frozenset({VmState.CREATED, VmState.STARTING, VmState.RUNNING, VmState.PAUSED})
+"""States in which a sandbox has (or is getting) a VM; the others are at rest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxEvent:
+    """One recorded state change of a sandbox."""
+
+    sandbox_id: str
+    at: float
+    state: VmState
+    reason: str | None = None

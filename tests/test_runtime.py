@@ -1,0 +1,498 @@
+"""The runtime on the mock backend: records, lookups, lifecycle, failures, restarts, schema.
+
+Backends are injected through a registry (the real mock spec, plus test specs whose VMs
+"survive" in a dict, or whose start fails), never by monkeypatching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.images.tarbuild import file
+from kelpie.backends import MOCK
+from kelpie.backends.mock import MockVm
+from kelpie.dst._faults import Fault, FaultInjector, FaultSpec
+from kelpie.dst._rng import SimRng
+from kelpie.images import ImageStore
+from kelpie.runtime import (
+    SCHEMA_VERSION,
+    AmbiguousSandbox,
+    Runtime,
+    RuntimeLocked,
+    RuntimeNotOpen,
+    SandboxInfo,
+    SandboxNameInUse,
+    SandboxNotFound,
+    SandboxStateError,
+    StateDatabaseError,
+    generated_name,
+)
+from kelpie.runtime._db import DB_FILENAME, StateDb, migrate, schema_version
+from kelpie.vm import (
+    BackendRegistry,
+    BackendSpec,
+    BootError,
+    ConfigError,
+    KelpieError,
+    VmConfig,
+    VmFactory,
+    VmInstance,
+    VmState,
+)
+from test_images_store import put_image
+
+MOCK_GONE = "backend 'mock' VMs do not survive a restart"
+
+
+class Ids:
+    """A deterministic id source: fixed prefixes, then a counter."""
+
+    def __init__(self, *ids: str) -> None:
+        self._given = list(ids)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        if self._given:
+            return self._given.pop(0)
+        return f"{next(self._counter):012x}"
+
+
+class DurableBackend:
+    """A backend whose VMs outlive the runtime (kept in a dict, like detached processes)."""
+
+    def __init__(self) -> None:
+        self.vms: dict[str, VmInstance] = {}
+
+    def create(self, config: VmConfig, **options: Any) -> VmInstance:
+        vm = MockVm(config, **options)
+        self.vms[vm.id] = vm
+        return vm
+
+    async def attach(self, vm_id: str) -> VmInstance:
+        try:
+            return self.vms[vm_id]
+        except KeyError:
+            raise BootError(f"VM {vm_id} is gone (no process)") from None
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(
+            name="durable", description="mock VMs that survive restarts",
+            capabilities=MockVm.capabilities, probe=MOCK.probe, create=self.create,
+            real=False, attach=self.attach,
+        )
+
+
+@pytest.fixture
+def durable() -> DurableBackend:
+    return DurableBackend()
+
+
+@pytest.fixture
+def registry(durable: DurableBackend) -> BackendRegistry:
+    registry = BackendRegistry()
+    registry.register(MOCK)
+    registry.register(durable.spec())
+    return registry
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path, registry: BackendRegistry) -> Callable[..., Runtime]:
+    def make(**kw: Any) -> Runtime:
+        kw.setdefault("data_dir", tmp_path / "data")
+        kw.setdefault("factory", VmFactory(registry, environ={}))
+        kw.setdefault("images", ImageStore(tmp_path / "images"))
+        kw.setdefault("clock", itertools.count(1_000).__next__)
+        return Runtime(**kw)
+
+    return make
+
+
+@pytest.fixture
+async def runtime(make_runtime: Callable[..., Runtime]) -> AsyncIterator[Runtime]:
+    async with make_runtime(new_id=Ids("abc111000000", "abc222000000")) as rt:
+        yield rt
+
+
+# -- create, list, get ------------------------------------------------------------------
+
+
+async def test_create_records_and_starts(runtime: Runtime) -> None:
+    info = await runtime.create(name="web", backend="mock", cpus=1, memory_mib=256,
+                                env={"A": "1"}, labels={"team": "x"})
+    assert info.state is VmState.RUNNING
+    assert (info.name, info.backend, info.id) == ("web", "mock", "abc111000000")
+    assert (info.config.vcpus, info.config.memory_mib, dict(info.config.env)) == (1, 256,
+                                                                                  {"A": "1"})
+    assert info.labels == {"team": "x"} and info.last_error is None
+    assert [e.state for e in runtime.history("web")] == [
+        VmState.CREATED, VmState.STARTING, VmState.RUNNING]
+
+
+async def test_get_by_name_id_and_prefix(runtime: Runtime) -> None:
+    one = await runtime.create(name="one", backend="mock")
+    two = await runtime.create(backend="mock")
+    assert two.name == generated_name(two.id)
+    assert runtime.get("one") == one
+    assert runtime.get(two.id).id == two.id
+    assert runtime.get("abc2").id == two.id
+    assert runtime.get(two.name).id == two.id
+    with pytest.raises(AmbiguousSandbox) as ambiguous:
+        runtime.get("abc")
+    assert "one" in str(ambiguous.value) and two.name in str(ambiguous.value)
+    with pytest.raises(SandboxNotFound, match="too short"):
+        runtime.get("ab")
+    with pytest.raises(SandboxNotFound, match="unique id prefix"):
+        runtime.get("fff")
+    assert isinstance(ambiguous.value, KelpieError)
+
+
+async def test_list_hides_sandboxes_at_rest_unless_all(runtime: Runtime) -> None:
+    await runtime.create(name="a", backend="mock")
+    await runtime.create(name="b", backend="mock")
+    await runtime.stop("b")
+    assert [i.name for i in runtime.list()] == ["a"]
+    assert [i.name for i in runtime.list(all=True)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a b", "x" * 64, "ünï", "a/b"])
+async def test_bad_names_are_refused_before_anything_exists(runtime: Runtime, bad: str) -> None:
+    with pytest.raises(ConfigError, match="sandbox name"):
+        await runtime.create(name=bad, backend="mock")
+    assert runtime.list(all=True) == []
+
+
+async def test_bad_config_is_refused_before_anything_exists(runtime: Runtime) -> None:
+    with pytest.raises(ConfigError, match="vcpus"):
+        await runtime.create(name="x", backend="mock", cpus=0)
+    with pytest.raises(ConfigError, match="allowed: none, nat"):
+        await runtime.create(name="x", backend="mock", network="bridge")
+    with pytest.raises(ConfigError, match="HOST:GUEST"):
+        await runtime.create(name="x", backend="mock", volumes=["nocolon"])
+    with pytest.raises(KelpieError, match="unknown backend 'nope'"):
+        await runtime.create(name="x", backend="nope")
+    assert runtime.list(all=True) == []
+
+
+async def test_name_clash_refused_and_nothing_half_created(runtime: Runtime) -> None:
+    first = await runtime.create(name="dup", backend="mock")
+    with pytest.raises(SandboxNameInUse, match=f"'dup' is already in use \\(sandbox {first.id}"):
+        await runtime.create(name="dup", backend="mock")
+    assert [i.id for i in runtime.list(all=True)] == [first.id]
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+async def test_concurrent_creates_with_one_name_only_one_wins(
+    runtime: Runtime, with_image: bool,
+) -> None:
+    """With an image, every create passes the name pre-check while the rootfs is built in a
+    thread, so the database's UNIQUE constraint is what decides."""
+    image = None
+    if with_image:
+        put_image(runtime.images, [[file("a", "x")]], tag="example.com/race:1")
+        image = "example.com/race:1"
+    results = await asyncio.gather(
+        *(runtime.create(name="race", backend="mock", image=image) for _ in range(5)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, SandboxInfo)]
+    losers = [r for r in results if isinstance(r, SandboxNameInUse)]
+    assert len(winners) == 1 and len(losers) == 4, results
+    assert [i.name for i in runtime.list(all=True)] == ["race"]
+    if with_image:
+        assert runtime.images.holders(winners[0].image_digest or "") == (
+            f"sandbox:{winners[0].id}",)
+
+
+async def test_name_clash_between_two_databases_handles_is_caught_by_the_db(
+    tmp_path: Path,
+) -> None:
+    """The UNIQUE constraint, not the pre-check, is what decides a race."""
+    db = StateDb(tmp_path / DB_FILENAME)
+    info = SandboxInfo(id="aaa000", name="n", backend="mock", state=VmState.CREATED,
+                       config=VmConfig())
+    db.insert(info)
+    with pytest.raises(SandboxNameInUse):
+        db.insert(SandboxInfo(id="bbb000", name="n", backend="mock", state=VmState.CREATED,
+                              config=VmConfig()))
+    assert [i.id for i in db.all()] == ["aaa000"]
+    db.close()
+
+
+# -- exec and files ---------------------------------------------------------------------
+
+
+async def test_exec_and_files(runtime: Runtime) -> None:
+    await runtime.create(name="box", backend="mock", env={"GREETING": "hi"})
+    result = await runtime.exec("box", ["env"], env={"X": "there"})
+    assert result.exit_code == 0
+    assert b"GREETING=hi\n" in result.stdout and b"X=there\n" in result.stdout
+    await runtime.write_file("box", "/tmp/f.txt", b"data")
+    assert await runtime.read_file("box", "/tmp/f.txt") == b"data"
+    assert "f.txt" in [e.name for e in await runtime.list_dir("box", "/tmp")]
+    await runtime.remove_path("box", "/tmp/f.txt")
+    assert "f.txt" not in [e.name for e in await runtime.list_dir("box", "/tmp")]
+    async with runtime.exec_stream("box", ["cat"]) as process:
+        await process.write_stdin(b"streamed")
+        await process.close_stdin()
+        assert (await process.wait()).stdout == b"streamed"
+
+
+async def test_exec_in_a_stopped_sandbox_says_what_to_do(runtime: Runtime) -> None:
+    await runtime.create(name="box", backend="mock")
+    await runtime.stop("box")
+    with pytest.raises(KelpieError, match="exec is allowed when running"):
+        await runtime.exec("box", ["true"])
+
+
+# -- lifecycle --------------------------------------------------------------------------
+
+
+async def test_pause_resume_stop_start_remove(runtime: Runtime) -> None:
+    await runtime.create(name="box", backend="mock")
+    assert (await runtime.pause("box")).state is VmState.PAUSED
+    assert (await runtime.resume("box")).state is VmState.RUNNING
+    assert (await runtime.stop("box")).state is VmState.STOPPED
+    assert (await runtime.stop("box")).state is VmState.STOPPED  # no-op at rest
+    assert (await runtime.start("box")).state is VmState.RUNNING
+    assert (await runtime.exec("box", ["echo", "again"])).stdout == b"again\n"
+    with pytest.raises(SandboxStateError, match="running; remove is allowed when it is stopped"):
+        await runtime.remove("box")
+    assert runtime.get("box").state is VmState.RUNNING
+    await runtime.remove("box", force=True)
+    assert runtime.list(all=True) == []
+    with pytest.raises(SandboxNotFound):
+        runtime.get("box")
+
+
+async def test_start_of_a_running_sandbox_is_refused(runtime: Runtime) -> None:
+    await runtime.create(name="box", backend="mock")
+    with pytest.raises(SandboxStateError, match="start is allowed when it is created, stopped"):
+        await runtime.start("box")
+
+
+async def test_failing_start_keeps_the_record(make_runtime: Callable[..., Runtime]) -> None:
+    faults = FaultInjector(SimRng(1), [FaultSpec(Fault.BOOT_FAIL, 1.0, max_times=1)])
+    async with make_runtime(backend_options={"mock": {"faults": faults}}) as rt:
+        with pytest.raises(BootError, match="injected boot_fail"):
+            await rt.create(name="flaky", backend="mock")
+        info = rt.get("flaky")
+        assert info.state is VmState.STOPPED
+        assert info.last_error is not None and "injected boot_fail" in info.last_error
+        started = await rt.start("flaky")  # the fault fired once; now it boots
+        assert started.state is VmState.RUNNING and started.last_error is None
+
+
+async def test_failing_create_keeps_the_record(
+    make_runtime: Callable[..., Runtime], registry: BackendRegistry,
+) -> None:
+    def broken(config: VmConfig, **options: Any) -> VmInstance:
+        raise OSError("no space left on device")
+
+    registry.register(BackendSpec(name="broken", description="", capabilities=MOCK.capabilities,
+                                  probe=MOCK.probe, create=broken, real=False))
+    async with make_runtime() as rt:
+        with pytest.raises(OSError, match="no space"):
+            await rt.create(name="b", backend="broken")
+        info = rt.get("b")
+        assert info.state is VmState.STOPPED
+        assert info.last_error == "create failed: no space left on device"
+        await rt.remove("b")
+
+
+# -- restarts ---------------------------------------------------------------------------
+
+
+async def test_restart_keeps_every_record_and_marks_mock_crashed(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    async with make_runtime() as rt:
+        running = await rt.create(name="running", backend="mock")
+        paused = await rt.create(name="paused", backend="mock")
+        await rt.pause("paused")
+        await rt.create(name="stopped", backend="mock")
+        stopped = await rt.stop("stopped")
+    async with make_runtime() as rt:
+        by_name = {i.name: i for i in rt.list(all=True)}
+        assert set(by_name) == {"running", "paused", "stopped"}
+        for info in (running, paused):
+            again = by_name[info.name]
+            assert again.state is VmState.CRASHED and again.crash_reason == MOCK_GONE
+            assert again.config == info.config and again.created_at == info.created_at
+        assert by_name["stopped"].state is VmState.STOPPED == stopped.state
+        with pytest.raises(SandboxStateError, match="start it first"):
+            await rt.exec("running", ["true"])
+        assert (await rt.start("running")).state is VmState.RUNNING  # a fresh VM
+        await rt.remove("paused")
+
+
+async def test_restart_reattaches_surviving_vms(
+    make_runtime: Callable[..., Runtime], durable: DurableBackend,
+) -> None:
+    async with make_runtime() as rt:
+        await rt.create(name="alive", backend="durable")
+        await rt.write_file("alive", "/state", b"kept")
+        gone = await rt.create(name="gone", backend="durable")
+    del durable.vms[gone.id]  # its process died while no runtime was watching
+    async with make_runtime() as rt:
+        assert rt.get("alive").state is VmState.RUNNING
+        assert await rt.read_file("alive", "/state") == b"kept"
+        lost = rt.get("gone")
+        assert lost.state is VmState.CRASHED
+        assert lost.crash_reason is not None and "is gone (no process)" in lost.crash_reason
+        # state changes of a re-attached VM are still recorded
+        durable.vms[rt.get("alive").id].mark_crashed("guest kernel panic")
+        assert rt.get("alive").crash_reason == "guest kernel panic"
+
+
+async def test_closing_leaves_vms_running(
+    make_runtime: Callable[..., Runtime], durable: DurableBackend,
+) -> None:
+    async with make_runtime() as rt:
+        info = await rt.create(name="keep", backend="durable")
+    assert durable.vms[info.id].state is VmState.RUNNING
+    with pytest.raises(RuntimeNotOpen, match="async with Runtime"):
+        rt.list()
+
+
+async def test_one_runtime_per_data_dir(make_runtime: Callable[..., Runtime]) -> None:
+    async with make_runtime():
+        with pytest.raises(RuntimeLocked, match=r"in use by another runtime \(pid \d+\)"):
+            await make_runtime().open()
+    async with make_runtime() as rt:  # released on close
+        assert rt.list() == []
+
+
+async def test_crash_observed_while_running_is_recorded(runtime: Runtime) -> None:
+    info = await runtime.create(name="box", backend="mock")
+    runtime._vms[info.id].mark_crashed("killed by the OOM killer")
+    crashed = runtime.get("box")
+    assert crashed.state is VmState.CRASHED and crashed.crash_reason == "killed by the OOM killer"
+    assert (await runtime.start("box")).state is VmState.RUNNING
+    assert runtime.get("box").crash_reason is None
+
+
+# -- images -----------------------------------------------------------------------------
+
+
+async def test_image_is_held_while_the_sandbox_exists(runtime: Runtime) -> None:
+    image = put_image(runtime.images, [[file("etc/motd", "hello")]], tag="example.com/app:1",
+                      runtime={"Env": ["FROM_IMAGE=yes"], "WorkingDir": "/srv", "User": "app:grp"})
+    info = await runtime.create(image="example.com/app:1", name="img", backend="mock")
+    assert info.image_digest == image.digest
+    assert info.image == f"example.com/app@{image.digest}"
+    assert info.config.root_disk is not None and info.config.root_disk.is_file()
+    assert dict(info.config.env) == {"FROM_IMAGE": "yes"}
+    assert (info.workdir, info.user) == ("/srv", "app")
+    assert runtime.images.holders(image.digest) == (f"sandbox:{info.id}",)
+    await runtime.remove("img", force=True)
+    assert runtime.images.holders(image.digest) == ()
+
+
+# -- logs -------------------------------------------------------------------------------
+
+
+async def test_logs_tail_and_follow(make_runtime: Callable[..., Runtime], tmp_path: Path,
+                                    registry: BackendRegistry) -> None:
+    vm_dirs = tmp_path / "vms"
+
+    def with_dir(config: VmConfig, **options: Any) -> VmInstance:
+        vm = MockVm(config, **options)
+        vm.workdir = vm_dirs / vm.id  # type: ignore[attr-defined]
+        vm.workdir.mkdir(parents=True)  # type: ignore[attr-defined]
+        return vm
+
+    registry.register(BackendSpec(name="logged", description="", capabilities=MOCK.capabilities,
+                                  probe=MOCK.probe, create=with_dir, real=False))
+    async with make_runtime() as rt:
+        info = await rt.create(name="box", backend="logged")
+        assert info.vm_dir == vm_dirs / info.id
+        assert rt.logs("box") == b""
+        console = vm_dirs / info.id / "console.log"
+        console.write_bytes(b"one\ntwo\nthree\n")
+        assert rt.logs("box", tail=2) == b"two\nthree\n"
+        assert rt.logs("box", tail=0) == b""
+
+        async def collect() -> bytes:
+            return b"".join([c async for c in rt.follow_logs("box", poll_seconds=0.01)])
+
+        follower = asyncio.create_task(collect())
+        await asyncio.sleep(0.05)
+        with console.open("ab") as f:
+            f.write(b"four\n")
+        await asyncio.sleep(0.05)
+        await rt.stop("box")
+        assert await asyncio.wait_for(follower, 5) == b"four\n"
+        await rt.remove("box")
+        assert not (vm_dirs / info.id).exists()
+
+
+# -- the state database -----------------------------------------------------------------
+
+
+def test_schema_created_from_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    path.write_bytes(b"")
+    db = StateDb(path)
+    assert db.version == SCHEMA_VERSION
+    db.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"sandboxes", "sandbox_events"} <= tables
+    conn.close()
+
+
+def test_migration_keeps_rows_of_an_older_schema(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn, target=1) == 1
+    conn.execute(
+        "INSERT INTO sandboxes (id, name, backend, config, state, created_at, updated_at)"
+        " VALUES ('abc123', 'old', 'mock', ?, 'stopped', 1, 1)",
+        ('{"vm": {"vcpus": 1}}',),
+    )
+    conn.close()
+    db = StateDb(path)
+    assert db.version == SCHEMA_VERSION
+    (old,) = db.all()
+    assert (old.name, old.state, old.config.vcpus) == ("old", VmState.STOPPED, 1)
+    db.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StateDatabaseError, match="newer than this Kelpie knows"):
+        StateDb(path)
+    conn = sqlite3.connect(path)
+    assert schema_version(conn) == SCHEMA_VERSION + 1  # untouched
+    conn.close()
+
+
+def test_foreign_keys_remove_history_with_the_sandbox(tmp_path: Path) -> None:
+    db = StateDb(tmp_path / DB_FILENAME)
+    db.insert(SandboxInfo(id="abc000", name="x", backend="mock", state=VmState.CREATED,
+                          config=VmConfig()))
+    db.set_state("abc000", VmState.STOPPED, 2.0)
+    assert len(db.events("abc000")) == 2
+    db.delete("abc000")
+    assert db.events("abc000") == []
+    db.close()
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    """(Its order, isort-style, is checked by ruff's RUF022.)"""
+    import kelpie.runtime as runtime_module
+
+    assert len(set(runtime_module.__all__)) == len(runtime_module.__all__)
+    public = {n for n in vars(runtime_module) if not n.startswith("_")} - {"annotations"}
+    assert set(runtime_module.__all__) == public
