@@ -35,6 +35,13 @@ def create(config: VmConfig, **options: Any) -> VmInstance:
     return QemuVm(config, **options)
 
 
+async def attach(vm_id: str) -> VmInstance:
+    """Reconnect to a QemuVm started earlier, found by id in ``vms_dir()``."""
+    from kelpie.backends.qemu._vm import QemuVm
+
+    return await QemuVm.attach(vm_id)
+
+
 SPEC = BackendSpec(
     name="qemu",
     description="QEMU microvm: KVM when proven to boot a guest, TCG otherwise",
@@ -42,6 +49,7 @@ SPEC = BackendSpec(
     probe=probe,
     create=create,
     priority=10,
+    attach=attach,
 )
 
-__all__ = ["CAPABILITIES", "SPEC", "create", "probe"]
+__all__ = ["CAPABILITIES", "SPEC", "attach", "create", "probe"]

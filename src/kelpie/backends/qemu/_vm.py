@@ -3,16 +3,24 @@
 Each VM owns one directory (see DESIGN.md): ``qmp.sock``, ``agent.sock`` (QEMU's end of the
 virtio-serial agent port), ``console.log``, ``qemu.log`` (QEMU's own stderr), ``qemu.pid``,
 ``config.json`` and, with a root disk, ``overlay.qcow2`` on top of the read-only base.
-QEMU runs in its own session, so it does not die with the process that started it.
+QEMU runs in its own session, so it does not die with the process that started it, and
+:meth:`QemuVm.attach` finds it again from that directory (after a daemon restart, say).
+
+QEMU's exit is learnt through a pidfd (:class:`ProcessWatch`), the same way whether this
+process started it or only attached to it: an attached QEMU is not our child, so waiting
+for a child cannot see it die.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
+import re
+import select
 import shutil
 import signal
 import time
@@ -57,6 +65,12 @@ SHUTDOWN_TIMEOUT = 5.0
 QUIT_TIMEOUT = 3.0
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes including the NUL; keep a margin
 CONSOLE_TAIL = 2000
+ATTACH_TIMEOUT = 30.0
+"""Seconds for re-attaching: QMP greeting, query-status and the agent's hello."""
+VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+QMP_RUNNING = "running"
+QMP_DEAD = frozenset({"guest-panicked", "internal-error", "shutdown"})
+"""QMP run states of a guest that will not run again; any other non-running one is paused."""
 
 
 def console_tail(workdir: Path, limit: int = CONSOLE_TAIL) -> str:
@@ -68,6 +82,154 @@ def console_tail(workdir: Path, limit: int = CONSOLE_TAIL) -> str:
             if text:
                 parts.append(f"--- {name} ---\n{text[-limit:]}")
     return "\n".join(parts) or "(no console output)"
+
+
+class ProcessWatch:
+    """Learns when one process exits, through a pidfd, whether or not it is our child.
+
+    ``exited`` resolves to the exit status (``-N`` when signal N killed it) when the process
+    is our child; to None when another process started it, since only the parent can
+    collect the status. The pidfd also makes signals race-free: it names this process
+    only, even after its pid is reused.
+    """
+
+    def __init__(self, pid: int, *, child: bool) -> None:
+        self.pid = pid
+        self.child = child
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int | None] = self._loop.create_future()
+        self._fd: int | None = os.pidfd_open(pid)  # ProcessLookupError once it is reaped
+        try:
+            self._loop.add_reader(self._fd, self._on_exit)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @property
+    def running(self) -> bool:
+        """Whether the process has not exited yet (as far as the event loop has seen)."""
+        return not self.exited.done()
+
+    def has_exited(self) -> bool:
+        """Ask the pidfd now, without waiting for the event loop to deliver its event."""
+        if self._fd is None:
+            return True
+        readable, _, _ = select.select([self._fd], [], [], 0)
+        return bool(readable)
+
+    async def wait(self) -> int | None:
+        """Wait for the exit; cancelling the caller does not stop the watch."""
+        return await asyncio.shield(self.exited)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process's group (QEMU leads its own session) and the process itself."""
+        if self._fd is None or self.has_exited():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._fd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop watching; ``exited`` is cancelled if the process still ran."""
+        self._release()
+        self.exited.cancel()
+
+    def _on_exit(self) -> None:
+        self._release()
+        if not self.exited.done():
+            self.exited.set_result(self._reap())
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def _reap(self) -> int | None:
+        if not self.child:
+            return None
+        try:
+            _, status = os.waitpid(self.pid, 0)  # returns at once: the pidfd says it exited
+        except ChildProcessError:
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+
+def spawn_in_new_session(command: list[str], log: Path) -> int:
+    """Start ``command`` in its own session, output appended to ``log``; return its pid.
+
+    ``posix_spawn`` rather than an asyncio subprocess: asyncio kills a child whose transport
+    is garbage-collected, and a VM must outlive the objects (and the process) that started it.
+    """
+    with log.open("ab") as out:
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+            (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
+        ]
+        return os.posix_spawnp(
+            command[0], command, dict(os.environ), file_actions=actions, setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them; QEMU must not
+        )
+
+
+def qmp_socket_of(pid: int) -> Path | None:
+    """The QMP socket named on process ``pid``'s command line (``-qmp unix:PATH,...``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+    for option, value in itertools.pairwise(argv):
+        found = re.match(rb"unix:((?:[^,]|,,)+)", value) if option == b"-qmp" else None
+        if found:
+            return cwd / os.fsdecode(found.group(1).replace(b",,", b","))
+    return None
+
+
+def is_qemu_of(pid: int, qmp_socket: Path) -> bool:
+    """Whether ``pid`` is the QEMU serving ``qmp_socket`` (a pid file can outlive its pid)."""
+    named = qmp_socket_of(pid)
+    return named is not None and os.path.realpath(named) == os.path.realpath(qmp_socket)
+
+
+def read_vm_record(directory: Path, vm_id: str) -> VmConfig:
+    """The configuration saved in a VM directory's ``config.json`` by :meth:`QemuVm.start`."""
+    record_file = directory / "config.json"
+    try:
+        record = json.loads(record_file.read_text())
+    except FileNotFoundError:
+        raise VmError(
+            f"no Kelpie VM {vm_id!r} in {directory}: there is no config.json (it is written "
+            f"when a VM starts); check the id and KELPIE_STATE_DIR"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise VmError(f"{record_file} is not a Kelpie VM record: {exc}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise VmError(f"{record_file} is not a Kelpie VM record: no \"config\" object")
+    if record.get("id") != vm_id or record.get("backend") != QemuVm.backend_name:
+        raise VmError(
+            f"{record_file} describes {record.get('backend')!r} VM {record.get('id')!r}, "
+            f"expected {QemuVm.backend_name!r} VM {vm_id!r}"
+        )
+    try:
+        return VmConfig.from_dict(record["config"])
+    except (ConfigError, TypeError) as exc:
+        raise VmError(f"{record_file} holds an invalid VM configuration: {exc}") from exc
+
+
+def state_for_qmp_status(status: str) -> VmState:
+    """The VmState of a guest whose QMP ``query-status`` is ``status``."""
+    if status == QMP_RUNNING:
+        return VmState.RUNNING
+    if status in QMP_DEAD:
+        return VmState.CRASHED
+    return VmState.PAUSED  # paused, prelaunch, inmigrate, suspended...: vCPUs are stopped
+
+
+class _QemuGone(Exception):
+    """Internal: the VM directory names no live QEMU of this VM (the message says why)."""
 
 
 class QemuProcess(ExecProcess):
@@ -160,9 +322,8 @@ class QemuVm(VmInstance):
         self._qemu = qemu
         self._progress = progress or logging.getLogger("kelpie.guestkit").info
         self.accel: AccelChoice | None = None
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: ProcessWatch | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._exited: asyncio.Future[int] | None = None
         self._qmp: QMPClient | None = None
         self._agent: agent.AgentClient | None = None
         self.agent_info: agent.AgentInfo | None = None
@@ -181,9 +342,11 @@ class QemuVm(VmInstance):
     @property
     def pid(self) -> int | None:
         """QEMU's process id while it runs."""
-        if self._process is not None and self._process.returncode is None:
-            return self._process.pid
-        return None
+        process = self._process
+        return process.pid if process is not None and process.running else None
+
+    def _qemu_running(self) -> bool:
+        return self._process is not None and self._process.running
 
     def host_info(self) -> HostInfo:
         return HostInfo(
@@ -262,36 +425,49 @@ class QemuVm(VmInstance):
         return overlay
 
     async def _spawn(self, command: list[str]) -> None:
-        with (self.workdir / "qemu.log").open("ab") as log:
-            self._process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # outlives whoever started it; killed as a group
-            )
-        (self.workdir / "qemu.pid").write_text(f"{self._process.pid}\n")
-        self._exited = asyncio.get_running_loop().create_future()
-        self._watcher = asyncio.create_task(self._watch(self._process, self._exited))
+        try:
+            pid = spawn_in_new_session(command, self.workdir / "qemu.log")
+        except OSError as exc:
+            raise BootError(f"VM {self.id}: cannot run {command[0]}: {exc}") from exc
+        (self.workdir / "qemu.pid").write_text(f"{pid}\n")
+        self._track(ProcessWatch(pid, child=True))
 
-    async def _watch(
-        self, process: asyncio.subprocess.Process, exited: asyncio.Future[int]
-    ) -> None:
-        status = await process.wait()
+    def _track(self, process: ProcessWatch) -> None:
+        """Watch QEMU from now on: its exit while RUNNING or PAUSED marks the VM CRASHED."""
+        self._process = process
+        self._watcher = asyncio.create_task(self._watch(process))
+
+    async def _watch(self, process: ProcessWatch) -> None:
+        await self._on_qemu_exit(await process.wait())
+
+    async def _on_qemu_exit(self, status: int | None) -> None:
         self.exit_status = status
-        exited.set_result(status)
         if self._state in (VmState.RUNNING, VmState.PAUSED) and not self._stopping:
-            self.mark_crashed(
-                f"QEMU exited unexpectedly with status {status}\n{console_tail(self.workdir)}"
-            )
+            self.mark_crashed(f"{self._exit_description()}\n{console_tail(self.workdir)}")
             await self._disconnect()
 
-    async def _before_exit(self, step: Awaitable[T], what: str, deadline: float) -> T:
-        """Run a boot step unless QEMU exits or the boot deadline passes first."""
-        assert self._exited is not None
+    def _exit_description(self) -> str:
+        if self.exit_status is not None:
+            return f"QEMU exited unexpectedly with status {self.exit_status}"
+        pid = self._process.pid if self._process else "?"
+        return (
+            f"QEMU (pid {pid}) exited unexpectedly; its exit status is unknown because "
+            f"another process started it"
+        )
+
+    async def _before_exit(
+        self, step: Awaitable[T], what: str, deadline: float, budget: float | None = None
+    ) -> T:
+        """Run a boot (or attach) step unless QEMU exits or the deadline passes first.
+
+        ``budget`` is the whole operation's time limit, for the error message
+        (default: :attr:`boot_timeout`).
+        """
+        assert self._process is not None
+        exited = self._process.exited
         task = asyncio.ensure_future(step)
         remaining = max(deadline - time.monotonic(), 0.1)
-        waiters: set[asyncio.Future[Any]] = {task, self._exited}
+        waiters: set[asyncio.Future[Any]] = {task, exited}
         try:
             done, _ = await asyncio.wait(
                 waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -309,14 +485,16 @@ class QemuVm(VmInstance):
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        if self._exited.done():
+        if exited.done():
+            status = exited.result()
+            how = "exited" if status is None else f"exited with status {status}"
             raise BootError(
-                f"VM {self.id}: QEMU exited with status {self._exited.result()} while waiting "
-                f"for {what}\n{console_tail(self.workdir)}"
+                f"VM {self.id}: QEMU {how} while waiting for {what}\n"
+                f"{console_tail(self.workdir)}"
             )
         raise BootError(
-            f"VM {self.id}: timed out after {self.boot_timeout:g}s waiting for {what}\n"
-            f"{console_tail(self.workdir)}"
+            f"VM {self.id}: timed out after {budget or self.boot_timeout:g}s waiting for "
+            f"{what}\n{console_tail(self.workdir)}"
         )
 
     async def _connect_qmp(self) -> QMPClient:
@@ -328,6 +506,148 @@ class QemuVm(VmInstance):
             except QMPError:
                 await asyncio.sleep(0.01)  # QEMU has not created the socket yet
 
+    # ---- attach -------------------------------------------------------------------------
+    @classmethod
+    async def attach(
+        cls,
+        vm_id: str,
+        *,
+        workdir: Path | None = None,
+        kit: GuestKit | None = None,
+        timeout: float = ATTACH_TIMEOUT,
+    ) -> QemuVm:
+        """Reconnect to a VM that an earlier process started, from its VM directory.
+
+        The directory is ``workdir``, else ``vms_dir() / vm_id``. The VM comes back RUNNING
+        or PAUSED, as QEMU reports it, with :attr:`agent_info` listing the execs still held
+        by the guest agent (for a PAUSED VM the agent answers after :meth:`resume`). When
+        its QEMU is gone (or the pid file names another process) the VM comes back
+        CRASHED with ``crash_reason`` saying why; ``stop()`` then cleans up its sockets.
+
+        Raises :class:`VmError` when the directory holds no Kelpie VM, and when QEMU runs
+        but does not answer within ``timeout`` seconds (QEMU is then left running).
+        """
+        if not VM_ID_PATTERN.fullmatch(vm_id):
+            raise ConfigError([f"VM id {vm_id!r} is not a Kelpie VM id (letters, digits, _.-)"])
+        directory = workdir or vms_dir() / vm_id
+        vm = cls(read_vm_record(directory, vm_id), vm_id=vm_id, workdir=directory, kit=kit)
+        await vm._reattach(timeout)
+        return vm
+
+    async def _reattach(self, timeout: float) -> None:
+        self._set_state(VmState.STARTING)  # attaching, like booting, ends RUNNING/PAUSED/CRASHED
+        try:
+            self._track(self._find_own_qemu())
+        except _QemuGone as gone:
+            self._settle_attached(VmState.CRASHED, f"VM {self.id}: {gone}")
+            return
+        try:
+            status = await self._reconnect(timeout)
+        except Exception as exc:
+            if self._process is not None and not self._process.running:
+                self._settle_attached(VmState.CRASHED, str(exc))  # QEMU died as we attached
+                await self._disconnect()
+                return
+            await self._abandon_attach()
+            raise
+        except BaseException:  # cancelled: leave the VM as it was
+            await self._abandon_attach()
+            raise
+        self._settle_attached(
+            state_for_qmp_status(status),
+            f"VM {self.id}: the guest will not run again: QMP reports status {status!r}",
+        )
+        if self._process is not None and not self._process.running:
+            await self._on_qemu_exit(None)  # exited before RUNNING: the watcher had skipped it
+
+    def _find_own_qemu(self) -> ProcessWatch:
+        """A watch on this VM's live QEMU, as named by ``qemu.pid``; else :class:`_QemuGone`."""
+        pid_file = self.workdir / "qemu.pid"
+        try:
+            text = pid_file.read_text().strip()
+        except FileNotFoundError:
+            raise _QemuGone(f"QEMU is not running: {pid_file} is missing") from None
+        if not text.isdigit() or int(text) <= 0:
+            raise _QemuGone(f"QEMU is not running: {pid_file} holds {text!r}, not a pid")
+        pid = int(text)
+        try:
+            process = ProcessWatch(pid, child=False)
+        except ProcessLookupError:
+            raise _QemuGone(f"QEMU (pid {pid}) is no longer running") from None
+        try:
+            self._check_is_own_qemu(process)
+        except _QemuGone:
+            process.close()
+            raise
+        return process
+
+    def _check_is_own_qemu(self, process: ProcessWatch) -> None:
+        """Raise :class:`_QemuGone` unless ``process`` is alive and serves our QMP socket."""
+        gone = _QemuGone(f"QEMU (pid {process.pid}) is no longer running")
+        if process.has_exited():
+            raise gone
+        ours = is_qemu_of(process.pid, self.qmp_socket)
+        # The pidfd names one process: alive after the command line was read, it proves the
+        # command line was that process's and not a later holder of the same pid.
+        if process.has_exited():
+            raise gone
+        if not ours:
+            raise _QemuGone(
+                f"QEMU is not running: qemu.pid names pid {process.pid}, which is not this "
+                f"VM's QEMU (the pid was reused after QEMU exited)"
+            )
+
+    async def _reconnect(self, timeout: float) -> str:
+        """Connect QMP, read the run status, connect the agent; hello if the guest runs."""
+        deadline = time.monotonic() + timeout
+        self._qmp = await self._before_exit(
+            self._connect_qmp(), "the QMP greeting (is another process attached?)", deadline,
+            timeout,
+        )
+        reply = await self._before_exit(
+            self._qmp.execute("query-status"), "QMP query-status", deadline, timeout
+        )
+        status = str(reply["status"]) if isinstance(reply, dict) else "unknown"
+        self._agent = await self._before_exit(
+            agent.AgentClient.connect_unix(str(self.agent_socket), timeout=timeout),
+            "the agent socket", deadline, timeout,
+        )
+        if status == QMP_RUNNING:
+            self.agent_info = await self._before_exit(
+                self._agent.hello(), "the agent's hello (is another process attached?)",
+                deadline, timeout,
+            )
+        return status
+
+    def _settle_attached(self, state: VmState, reason: str) -> None:
+        """Give a re-attached VM the state its QEMU is in (from STARTING, legally).
+
+        ``reason`` becomes ``crash_reason`` when the state is CRASHED, console tail added.
+        """
+        if state is VmState.CRASHED:
+            self.mark_crashed(f"{reason}\n{console_tail(self.workdir)}")
+        else:
+            self._set_state(state)
+
+    async def _abandon_attach(self) -> None:
+        """Undo a failed attach without touching the VM: QEMU keeps running."""
+        await self._disconnect()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._process is not None:
+            self._process.close()
+        self._process = self._watcher = None
+        self._set_state(VmState.STOPPED)
+
+    async def _finish_handshake(self) -> None:
+        """Say hello to an agent connected while the guest was paused (attach)."""
+        if self._agent is None or self._agent_ready():
+            return
+        with self._agent_errors():
+            self.agent_info = await self._agent.hello(timeout=ATTACH_TIMEOUT)
+
     # ---- stop ---------------------------------------------------------------------------
     async def _do_stop(self, *, force: bool) -> None:
         self._stopping = True
@@ -337,21 +657,15 @@ class QemuVm(VmInstance):
             self._stopping = False
 
     async def _shut_down(self, force: bool) -> None:
+        """Agent poweroff, else QMP quit, else SIGKILL of QEMU's group; then clean up."""
         process = self._process
-        if process is not None and process.returncode is None:
-            if not force and self._agent is not None and self._state is VmState.RUNNING:
-                with contextlib.suppress(agent.AgentError, OSError, TimeoutError):
-                    async with asyncio.timeout(SHUTDOWN_TIMEOUT):
-                        await self._agent.shutdown(poweroff=True)
-                        await process.wait()
-            if process.returncode is None and self._qmp is not None:
-                with contextlib.suppress(QMPError, OSError, TimeoutError):
-                    async with asyncio.timeout(QUIT_TIMEOUT):
-                        await self._qmp.execute("quit")
-                        await process.wait()
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+        if process is not None and process.running:
+            if not force and self._agent_ready() and self._state is VmState.RUNNING:
+                await self._ask_then_wait(self._agent_poweroff(), process, SHUTDOWN_TIMEOUT)
+            if process.running and self._qmp is not None:
+                await self._ask_then_wait(self._qmp.execute("quit"), process, QUIT_TIMEOUT)
+            if process.running:
+                process.kill_group()
                 await process.wait()
         if self._watcher is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -361,6 +675,23 @@ class QemuVm(VmInstance):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
         self._process = None
+
+    async def _agent_poweroff(self) -> None:
+        assert self._agent is not None
+        await self._agent.shutdown(poweroff=True)
+
+    @staticmethod
+    async def _ask_then_wait(
+        request: Awaitable[object], process: ProcessWatch, timeout: float
+    ) -> None:
+        """Send one shutdown request and wait for QEMU to exit; give up quietly on timeout."""
+        with contextlib.suppress(agent.AgentError, QMPError, OSError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                await request
+                await process.wait()
+
+    def _agent_ready(self) -> bool:
+        return self._agent is not None and self._agent.state is agent.ClientState.READY
 
     async def _disconnect(self) -> None:
         agent_client, self._agent = self._agent, None
@@ -379,7 +710,7 @@ class QemuVm(VmInstance):
         try:
             return await self._qmp.execute(command, arguments or None)
         except QMPError as exc:
-            if self._process is None or self._process.returncode is not None:
+            if not self._qemu_running():
                 raise self._gone(f"QMP {command}") from exc
             raise VmError(f"VM {self.id}: QMP {command} failed: {exc}") from exc
 
@@ -388,6 +719,7 @@ class QemuVm(VmInstance):
 
     async def _do_resume(self) -> None:
         await self._qmp_execute("cont")
+        await self._finish_handshake()
 
     # ---- agent calls --------------------------------------------------------------------
     def _gone(self, doing: str) -> VmCrashed:
@@ -402,7 +734,7 @@ class QemuVm(VmInstance):
                 return GuestFileError(path, exc.code, exc.message)
             return AgentError(f"VM {self.id}: the agent refused {exc.op}: {exc}")
         if isinstance(exc, agent.AgentDisconnected):
-            if self._process is None or self._process.returncode is not None:
+            if not self._qemu_running():
                 return self._gone("an agent call")
             return AgentError(f"VM {self.id}: lost the guest agent: {exc}")
         return AgentError(f"VM {self.id}: agent error: {exc}")
