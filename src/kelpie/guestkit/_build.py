@@ -29,6 +29,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
+from kelpie._fsutil import write_atomic
 from kelpie.guestkit import _apt, _cpio, _python
 from kelpie.guestkit._kernel import KernelImageError, extract_vmlinux
 from kelpie.guestkit._modules import MODULE_GROUPS, ModuleError, ModuleTree, plan_groups
@@ -187,7 +188,7 @@ def _resolve_packages(cache_dir: Path) -> tuple[_apt.Package, tuple[_apt.Package
     userland = tuple(found[name] for name in USERLAND_PACKAGES)
     packages = [[p.name, p.version, p.sha256] for p in (kernel, *userland)]
     record = {"fingerprint": fingerprint, "wanted": list(USERLAND_PACKAGES), "packages": packages}
-    _write_atomically(memo, json.dumps(record, indent=1).encode())
+    write_atomic(memo, json.dumps(record, indent=1).encode())
     return kernel, userland
 
 
@@ -202,18 +203,6 @@ def _inputs(cache_dir: Path, agent_files: Mapping[str, Path] | None) -> _Inputs:
 
 # --- cache --------------------------------------------------------------------------------
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_kit(directory: Path) -> GuestKit | None:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from kelpie._fsutil import fsync_dir
 from kelpie.images._digest import validate_digest
 from kelpie.images._errors import BlobNotFound, DigestMismatch
 from kelpie.vm import StorageError
@@ -127,7 +128,7 @@ class BlobStore:
             if isinstance(exc, OSError):
                 raise StorageError(f"cannot store blob {expected_digest}: {exc}") from exc
             raise
-        _fsync_dir(self._blobs)
+        fsync_dir(self._blobs)
         return target
 
     def open(self, digest: str) -> VerifiedReader:
@@ -185,11 +186,3 @@ def _copy_hashing(stream: BinaryIO, out: BinaryIO, size: int | None) -> tuple[st
 def _check_content(expected: str, actual: str | None, size: int | None, written: int) -> None:
     if actual is None or actual != expected or (size is not None and written != size):
         raise DigestMismatch(expected, actual, expected_size=size, actual_size=written)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

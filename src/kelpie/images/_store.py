@@ -31,13 +31,13 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kelpie._fsutil import write_atomic
 from kelpie._paths import images_dir
 from kelpie.images._blobs import BlobStore
 from kelpie.images._digest import sha256_digest, validate_digest
@@ -586,21 +586,6 @@ def _retry_writable(function: Callable[[str], object], failed: str, exc: BaseExc
 
 def _write_atomically(path: Path, data: bytes) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc}") from exc

@@ -8,13 +8,12 @@ the same snapshot code runs under both.
 from __future__ import annotations
 
 import abc
-import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from kelpie._fsutil import fsync_dir, write_atomic
 from kelpie.vm._errors import StorageError
 
 CHUNK_SIZE = 1024 * 1024
@@ -65,19 +64,7 @@ class LocalStorage(Storage):
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(path.parent)
+            write_atomic(path, data)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -121,7 +108,7 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot rename {src} to {dst}: destination exists")
         try:
             os.rename(src, dst)
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
         except OSError as exc:
             raise StorageError(f"cannot rename {src} to {dst}: {exc.strerror or exc}") from exc
 
@@ -133,11 +120,3 @@ class LocalStorage(Storage):
                 path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot remove {path}: {exc.strerror or exc}") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
