@@ -129,8 +129,7 @@ def _plan_for_image(image: StoredImage, given: _Plan) -> _Plan:
         argv=config.command(given.argv or None),
         env={**config.environment(), **given.env},
         workdir=given.workdir or config.working_dir or None,
-        # the agent switches user by name or uid; a ":group" part is not supported yet
-        user=config.user.partition(":")[0] or None,
+        user=config.exec_user(),
     )
 
 

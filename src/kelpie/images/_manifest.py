@@ -245,6 +245,14 @@ class ImageConfig:
             result[key] = value
         return result
 
+    def exec_user(self) -> str | None:
+        """The user commands run as, or None for the default.
+
+        The agent switches user by name or uid; a ``:group`` part is not supported yet, so
+        only the user part of ``User`` is used.
+        """
+        return self.user.partition(":")[0] or None
+
 
 def parse_image_config(data: bytes) -> ImageConfig:
     """Parse an image config blob (OCI or Docker); raise :class:`InvalidManifest` if bad."""

@@ -260,7 +260,7 @@ class Runtime:
                 image=config.image,
                 image_digest=None if stored is None else stored.digest,
                 workdir=(image_config.working_dir or None) if image_config else None,
-                user=(image_config.user.partition(":")[0] or None) if image_config else None,
+                user=image_config.exec_user() if image_config else None,
                 labels=dict(labels),
                 created_at=now,
                 updated_at=now,
