@@ -12,9 +12,11 @@ from kelpie.vm import (
     MAX_MOUNT_TAG_LENGTH,
     MAX_MOUNTS,
     MAX_PATH_LENGTH,
+    MAX_PORTS,
     MAX_VCPUS,
     MIN_MEMORY_MIB,
     MIN_VCPUS,
+    PortMapping,
 )
 
 
@@ -28,7 +30,7 @@ def test_defaults() -> None:
     config = VmConfig()
     assert (config.vcpus, config.memory_mib) == (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB) == (2, 512)
     assert config.network is NetworkMode.NONE
-    assert config.mounts == () and dict(config.env) == {}
+    assert config.mounts == () and dict(config.env) == {} and config.ports == ()
 
 
 @pytest.mark.parametrize("vcpus", [MIN_VCPUS, MAX_VCPUS])
@@ -120,6 +122,107 @@ def test_mount_guest_path_rules() -> None:
 
 def test_mount_host_path_must_be_absolute() -> None:
     assert "must be absolute" in problems(mounts=(Mount(Path("rel"), "/x"),))[0]
+    assert "must be absolute" in problems(mounts=(Mount("rel/dir", "/x"),))[0]  # type: ignore[arg-type]
+
+
+def test_mount_host_problems(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    # construction does not look at the host: a saved config loads after a share is gone
+    config = VmConfig(mounts=(Mount(tmp_path, "/ok"), Mount(tmp_path / "gone", "/gone"),
+                              Mount(a_file, "/file")))
+    missing, not_dir = config.host_problems()
+    assert missing.startswith("mounts[1].host_path") and "does not exist" in missing
+    assert str(tmp_path / "gone") in missing
+    assert not_dir.startswith("mounts[2].host_path") and "is not a directory" in not_dir
+    assert VmConfig(mounts=(Mount(tmp_path, "/ok"),)).host_problems() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8080:80", PortMapping(8080, 80)),
+        ("8080:80/tcp", PortMapping(8080, 80)),
+        ("5353:53/udp", PortMapping(5353, 53, protocol="udp")),
+        ("0.0.0.0:1:65535", PortMapping(1, 65535, host_ip="0.0.0.0")),
+        ("10.1.2.3:443:8443/UDP", PortMapping(443, 8443, host_ip="10.1.2.3", protocol="udp")),
+    ],
+)
+def test_port_parse(text: str, expected: PortMapping) -> None:
+    parsed = PortMapping.parse(text)
+    assert parsed == expected
+    assert PortMapping.parse(str(parsed)) == parsed
+    assert parsed.host_ip == expected.host_ip  # 127.0.0.1 unless given
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("80", "is not a port mapping; use HOST:GUEST or IP:HOST:GUEST"),
+        ("1:2:3:4", "is not a port mapping"),
+        ("", "is not a port mapping"),
+        ("http:80", "host port 'http' is not a number; give a number in 1..65535"),
+        ("8080:", "guest port is missing"),
+        ("0:80", "host port is 0; allowed range is 1..65535"),
+        ("8080:65536", "guest port is 65536; allowed range is 1..65535"),
+        ("8080:80/sctp", "protocol is 'sctp'; allowed: tcp, udp"),
+        ("localhost:8080:80", "host IP 'localhost' is not an IPv4 address"),
+        ("::1:8080:80", "is not a port mapping"),
+        ("[::1]:8080:80", "IPv6 host addresses are not supported"),
+        (":8080:80", "the IP before the host port is empty"),
+        ("256.0.0.1:8080:80", "is not an IPv4 address"),
+    ],
+)
+def test_port_parse_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="invalid published port") as info:
+        PortMapping.parse(text)
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_port_parse_lists_every_problem() -> None:
+    with pytest.raises(ConfigError) as info:
+        PortMapping.parse("a:b")
+    assert len(info.value.problems) == 2
+
+
+def test_ports_validated_in_config() -> None:
+    found = problems(ports=(PortMapping(0, 80), PortMapping(80, 80, host_ip="::1"),
+                            PortMapping(81, 80, protocol="icmp"), "8080:80"))
+    assert found[0] == "ports[0]: host port is 0; allowed range is 1..65535"
+    assert found[1].startswith("ports[1]: host IP '::1' is not an IPv4 address")
+    assert found[2] == "ports[2]: protocol is 'icmp'; allowed: tcp, udp"
+    assert found[3] == "ports[3] must be a PortMapping, got str; use PortMapping.parse('8080:80')"
+    assert len(found) == 4
+    (lone,) = problems(ports="8080:80")
+    assert lone == "ports[0] must be a PortMapping, got str; use PortMapping.parse('8080:80')"
+
+
+def test_port_limit() -> None:
+    ports = [PortMapping(10000 + i, 80) for i in range(MAX_PORTS + 1)]
+    assert "65 ports published; at most 64 allowed" in problems(ports=ports)
+    assert len(VmConfig(ports=ports[:MAX_PORTS]).ports) == MAX_PORTS
+
+
+def test_port_duplicates_and_overlaps() -> None:
+    found = problems(ports=(
+        PortMapping(8080, 80),
+        PortMapping(8080, 81),                      # same host side as ports[0]
+        PortMapping(8080, 80, protocol="udp"),      # fine: another protocol
+        PortMapping(8080, 80, host_ip="10.0.0.1"),  # fine: another address
+        PortMapping(8080, 82, host_ip="0.0.0.0"),   # every address, so also ports[0]'s
+    ))
+    assert found == (
+        "ports[1]: host port 127.0.0.1:8080/tcp is already published by ports[0]",
+        "ports[4]: host port 0.0.0.0:8080/tcp overlaps ports[0] (127.0.0.1:8080/tcp); "
+        "0.0.0.0 covers every address",
+    )
+    # the same guest port on two host ports is fine
+    assert len(VmConfig(ports=(PortMapping(1, 80), PortMapping(2, 80))).ports) == 2
+
+
+def test_port_and_other_problems_listed_together() -> None:
+    found = problems(vcpus=0, ports=(PortMapping(1, 0),))
+    assert len(found) == 2
 
 
 @pytest.mark.parametrize("name", ["1X", "A-B", "", "A B", "Ä"])
@@ -173,14 +276,29 @@ def test_builder_matches_keywords() -> None:
         .network("nat")
         .hostname("h")
         .image("alpine")
+        .port(8080, 80)
+        .port(5353, 53, host_ip="0.0.0.0", protocol="udp")
+        .publish("127.0.0.1:8443:443")
+        .publish(PortMapping(2222, 22))
         .build()
     )
     keywords = VmConfig(
         vcpus=4, memory_mib=1024, kernel=Path("/k"), initrd=Path("/i"), kernel_args=("quiet",),
         mounts=(Mount(Path("/host"), "/data", read_only=True),), env={"A": "1", "B": "2"},
         network=NetworkMode.NAT, hostname="h", image="alpine",
+        ports=(PortMapping(8080, 80), PortMapping(5353, 53, "0.0.0.0", "udp"),
+               PortMapping(8443, 443), PortMapping(2222, 22)),
     )
     assert built == keywords
+
+
+def test_builder_port_problems_reported_on_build() -> None:
+    builder = VmConfig.builder().vcpus(0).port(0, 80).port(1, 2).port(1, 3)
+    with pytest.raises(ConfigError) as info:
+        builder.build()
+    assert len(info.value.problems) == 3
+    with pytest.raises(ConfigError, match="is not a port mapping"):
+        VmConfig.builder().publish("8080")  # text is parsed at once
 
 
 def test_builder_validates_on_build() -> None:
@@ -191,8 +309,40 @@ def test_builder_validates_on_build() -> None:
 
 
 def test_dict_round_trip() -> None:
-    config = VmConfig(vcpus=3, env={"A": "b"}, mounts=(Mount(Path("/h"), "/g", True, "t"),))
+    config = VmConfig(vcpus=3, env={"A": "b"}, mounts=(Mount(Path("/h"), "/g", True, "t"),),
+                      ports=(PortMapping(8080, 80), PortMapping(53, 53, "0.0.0.0", "udp")))
     assert VmConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["ports"] == [
+        {"host_ip": "127.0.0.1", "host_port": 8080, "guest_port": 80, "protocol": "tcp"},
+        {"host_ip": "0.0.0.0", "host_port": 53, "guest_port": 53, "protocol": "udp"},
+    ]
+
+
+def test_dict_round_trip_is_json_ready() -> None:
+    import json
+
+    config = VmConfig(ports=(PortMapping(8080, 80),), mounts=(Mount(Path("/h"), "/g"),))
+    assert VmConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_from_dict_without_ports_loads() -> None:
+    old = VmConfig(vcpus=3).to_dict()
+    del old["ports"]  # a config saved before ports existed
+    assert VmConfig.from_dict(old) == VmConfig(vcpus=3)
+
+
+def test_from_dict_port_defaults_and_errors() -> None:
+    loaded = VmConfig.from_dict({"ports": [{"host_port": 8080, "guest_port": 80}]})
+    assert loaded.ports == (PortMapping(8080, 80, "127.0.0.1", "tcp"),)
+    with pytest.raises(ConfigError) as info:
+        VmConfig.from_dict({"ports": [{"host_port": 1}, "8080:80", {"host_port": 1,
+                                                                    "guest_port": 2, "x": 3}]})
+    assert [p.split(":")[0] for p in info.value.problems] == ["ports[0]", "ports[1]", "ports[2]"]
+    assert "malformed entry" in info.value.problems[0]
+    with pytest.raises(ConfigError, match="ports: expected a list"):
+        VmConfig.from_dict({"ports": 5})
+    with pytest.raises(ConfigError, match=r"ports\[0\]: host port is 0"):
+        VmConfig.from_dict({"ports": [{"host_port": 0, "guest_port": 80}]})
 
 
 def test_from_dict_unknown_key() -> None:

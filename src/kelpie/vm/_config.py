@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
@@ -23,10 +24,18 @@ MAX_MOUNTS = 16
 MAX_MOUNT_TAG_LENGTH = 36
 MAX_ENV_VARS = 1024
 MAX_HOSTNAME_LENGTH = 63
+MAX_PORTS = 64
+MIN_PORT = 1
+MAX_PORT = 65535
+DEFAULT_PORT_HOST_IP = "127.0.0.1"
+PORT_PROTOCOLS = ("tcp", "udp")
+ANY_IPV4 = "0.0.0.0"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MOUNT_TAG = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?\Z")
+_PORT_NUMBER = re.compile(r"[0-9]{1,5}\Z")
+_PORT_SPEC_FORMS = "HOST:GUEST or IP:HOST:GUEST, optionally with /tcp or /udp (e.g. 8080:80)"
 
 
 class NetworkMode(enum.StrEnum):
@@ -56,6 +65,117 @@ class Mount:
             "read_only": self.read_only,
             "tag": self.tag,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class PortMapping:
+    """A published port: connections to ``host_ip:host_port`` on the host reach
+    ``guest_port`` in the guest (docker's ``-p [IP:]HOST:GUEST[/PROTOCOL]``).
+
+    ``host_ip`` is the IPv4 address the host listens on: loopback only by default,
+    ``0.0.0.0`` for every interface. Like :class:`Mount`, the fields are checked when the
+    mapping is put in a :class:`VmConfig`; :meth:`parse` checks them at once.
+    """
+
+    host_port: int
+    guest_port: int
+    host_ip: str = DEFAULT_PORT_HOST_IP
+    protocol: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}:{self.guest_port}/{self.protocol}"
+
+    @classmethod
+    def parse(cls, text: str) -> PortMapping:
+        """A mapping from ``HOST:GUEST`` or ``IP:HOST:GUEST``, optionally ``/tcp`` or ``/udp``.
+
+        Raises :class:`ConfigError` saying what is wrong and which forms are allowed.
+        """
+        what = "published port"
+        if not isinstance(text, str):
+            raise ConfigError(  # untyped callers
+                [f"a published port must be a string, got {type(text).__name__}"], what=what
+            )
+        spec, slash, protocol = text.strip().partition("/")
+        protocol = protocol.lower() if slash else "tcp"
+        parts = spec.split(":")
+        if spec.startswith("["):
+            raise ConfigError(
+                [f"{text!r}: IPv6 host addresses are not supported; use an IPv4 address "
+                 f"({_PORT_SPEC_FORMS})"], what=what,
+            )
+        if len(parts) not in (2, 3):
+            raise ConfigError([f"{text!r} is not a port mapping; use {_PORT_SPEC_FORMS}"],
+                              what=what)
+        problems = []
+        host_ip = parts[0] if len(parts) == 3 else DEFAULT_PORT_HOST_IP
+        ports: list[int] = []
+        for name, value in (("host port", parts[-2]), ("guest port", parts[-1])):
+            if _PORT_NUMBER.match(value):
+                ports.append(int(value))
+            else:
+                shown = f"{value!r} is not a number" if value else "is missing"
+                problems.append(
+                    f"{text!r}: {name} {shown}; give a number in {MIN_PORT}..{MAX_PORT}"
+                )
+        if len(parts) == 3 and not host_ip:
+            problems.append(
+                f"{text!r}: the IP before the host port is empty; give an IPv4 address such "
+                f"as 127.0.0.1 or 0.0.0.0, or use HOST:GUEST"
+            )
+        if problems:
+            raise ConfigError(problems, what=what)
+        mapping = cls(ports[0], ports[1], host_ip, protocol)
+        problems = [f"{text!r}: {p}" for p in mapping.problems()]
+        if problems:
+            raise ConfigError(problems, what=what)
+        return mapping
+
+    def problems(self) -> list[str]:
+        """Everything wrong with this mapping (empty when it is valid)."""
+        problems = _int_problems("host port", self.host_port, MIN_PORT, MAX_PORT)
+        problems += _int_problems("guest port", self.guest_port, MIN_PORT, MAX_PORT)
+        if not isinstance(self.host_ip, str):
+            problems.append(  # type: ignore[unreachable]  # untyped callers
+                f"host IP must be a string, got {type(self.host_ip).__name__}"
+            )
+        else:
+            try:
+                ipaddress.IPv4Address(self.host_ip)
+            except ValueError:
+                problems.append(
+                    f"host IP {self.host_ip!r} is not an IPv4 address (e.g. 127.0.0.1, or "
+                    f"0.0.0.0 for every interface; IPv6 is not supported)"
+                )
+        if self.protocol not in PORT_PROTOCOLS:
+            problems.append(
+                f"protocol is {self.protocol!r}; allowed: {', '.join(PORT_PROTOCOLS)}"
+            )
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host_ip": self.host_ip,
+            "host_port": self.host_port,
+            "guest_port": self.guest_port,
+            "protocol": self.protocol,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PortMapping:
+        """Read a dict produced by :meth:`to_dict` (not validated: :class:`VmConfig` does)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KeyError(f"unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(
+            host_port=data["host_port"],
+            guest_port=data["guest_port"],
+            host_ip=data.get("host_ip", DEFAULT_PORT_HOST_IP),
+            protocol=data.get("protocol", "tcp"),
+        )
 
 
 def _path_problems(field: str, value: Path | None) -> list[str]:
@@ -113,10 +233,14 @@ class VmConfig:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     network: NetworkMode = NetworkMode.NONE
     hostname: str | None = None
+    ports: tuple[PortMapping, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise containers so the config is really immutable and hashable-free of lists.
         object.__setattr__(self, "mounts", tuple(self.mounts))
+        ports: object = self.ports
+        # one string is one (misplaced) mapping, reported as such, not one per character
+        object.__setattr__(self, "ports", (ports,) if isinstance(ports, str) else tuple(self.ports))
         object.__setattr__(self, "kernel_args", tuple(self.kernel_args))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         for name in ("kernel", "initrd", "root_disk"):
@@ -142,6 +266,7 @@ class VmConfig:
                 problems.append(f"kernel_args[{i}] must be a non-empty single-line string")
         problems += self._mount_problems()
         problems += self._env_problems()
+        problems += self._port_problems()
         if self.network not in NetworkMode._value2member_map_:
             allowed = ", ".join(m.value for m in NetworkMode)
             problems.append(f"network is {self.network!r}; allowed: {allowed}")
@@ -188,6 +313,70 @@ class VmConfig:
             seen_targets.add(mount.guest_path)
         return problems
 
+    def _port_problems(self) -> list[str]:
+        problems = []
+        if len(self.ports) > MAX_PORTS:
+            problems.append(f"{len(self.ports)} ports published; at most {MAX_PORTS} allowed")
+        seen: dict[tuple[str, int, str], int] = {}
+        for i, port in enumerate(self.ports):
+            where = f"ports[{i}]"
+            if not isinstance(port, PortMapping):
+                hint = (  # type: ignore[unreachable]  # untyped callers
+                    f"; use PortMapping.parse({port!r})" if isinstance(port, str) else ""
+                )
+                problems.append(f"{where} must be a PortMapping, got {type(port).__name__}{hint}")
+                continue
+            own = port.problems()
+            problems += [f"{where}: {p}" for p in own]
+            if own:
+                continue
+            for (ip, number, protocol), j in seen.items():
+                if number != port.host_port or protocol != port.protocol:
+                    continue
+                if ip == port.host_ip:
+                    problems.append(
+                        f"{where}: host port {port.host_ip}:{port.host_port}/{port.protocol} "
+                        f"is already published by ports[{j}]"
+                    )
+                    break
+                if ANY_IPV4 in (ip, port.host_ip):
+                    problems.append(
+                        f"{where}: host port {port.host_ip}:{port.host_port}/{port.protocol} "
+                        f"overlaps ports[{j}] ({ip}:{number}/{protocol}); {ANY_IPV4} "
+                        f"covers every address"
+                    )
+                    break
+            seen.setdefault((port.host_ip, port.host_port, port.protocol), i)
+        return problems
+
+    def host_problems(self) -> list[str]:
+        """Problems of this config on this host: each mount's host directory must exist.
+
+        Not part of construction, so that a config saved earlier still loads when a shared
+        directory has gone since; backends check it before they start a VM.
+        """
+        problems = []
+        for i, mount in enumerate(self.mounts):
+            where = f"mounts[{i}].host_path"
+            path = Path(mount.host_path)
+            try:
+                is_dir = path.is_dir()
+                exists = is_dir or path.exists()
+            except OSError as exc:
+                problems.append(f"{where} {str(path)!r} cannot be checked: {exc}")
+                continue
+            if not exists:
+                problems.append(
+                    f"{where} {str(path)!r} does not exist; a shared directory must exist "
+                    f"on the host before the VM starts"
+                )
+            elif not is_dir:
+                problems.append(
+                    f"{where} {str(path)!r} is not a directory; only directories can be "
+                    f"shared (share the directory that holds the file)"
+                )
+        return problems
+
     def _env_problems(self) -> list[str]:
         problems = []
         if len(self.env) > MAX_ENV_VARS:
@@ -229,6 +418,7 @@ class VmConfig:
             "env": dict(self.env),
             "network": self.network.value,
             "hostname": self.hostname,
+            "ports": [p.to_dict() for p in self.ports],
         }
 
     @classmethod
@@ -240,6 +430,7 @@ class VmConfig:
             raise ConfigError([f"unknown field {k!r}; known: {', '.join(sorted(known))}"
                                for k in unknown])
         values = dict(data)
+        problems = []
         try:
             if "mounts" in values:
                 values["mounts"] = tuple(
@@ -251,10 +442,26 @@ class VmConfig:
                     )
                     for m in values["mounts"]
                 )
+        except (KeyError, TypeError) as exc:
+            problems.append(f"mounts: malformed entry ({exc})")
+        if "ports" in values:  # absent from configs saved before ports existed
+            ports = []
+            try:
+                for i, entry in enumerate(values["ports"]):
+                    try:
+                        ports.append(PortMapping.from_dict(entry))
+                    except (KeyError, TypeError) as exc:
+                        problems.append(f"ports[{i}]: malformed entry ({exc})")
+            except TypeError as exc:
+                problems.append(f"ports: expected a list ({exc})")
+            values["ports"] = tuple(ports)
+        try:
             if "kernel_args" in values:
                 values["kernel_args"] = tuple(values["kernel_args"])
-        except (KeyError, TypeError) as exc:
-            raise ConfigError([f"mounts: malformed entry ({exc})"]) from exc
+        except TypeError as exc:
+            problems.append(f"kernel_args: expected a list ({exc})")
+        if problems:
+            raise ConfigError(problems)
         return cls(**values)
 
 
@@ -266,6 +473,7 @@ class VmConfigBuilder:
         self._mounts: list[Mount] = []
         self._env: dict[str, str] = {}
         self._kernel_args: list[str] = []
+        self._ports: list[PortMapping] = []
 
     def vcpus(self, count: int) -> Self:
         self._values["vcpus"] = count
@@ -316,6 +524,22 @@ class VmConfigBuilder:
         self._values["hostname"] = name
         return self
 
+    def port(
+        self, host_port: int, guest_port: int, *, host_ip: str = DEFAULT_PORT_HOST_IP,
+        protocol: str = "tcp",
+    ) -> Self:
+        """Publish ``guest_port`` on the host's ``host_ip:host_port``."""
+        self._ports.append(PortMapping(host_port, guest_port, host_ip, protocol))
+        return self
+
+    def publish(self, spec: PortMapping | str) -> Self:
+        """Publish a port given as a :class:`PortMapping` or as docker's ``[IP:]HOST:GUEST``.
+
+        Text is parsed at once (:meth:`PortMapping.parse` raises :class:`ConfigError`).
+        """
+        self._ports.append(spec if isinstance(spec, PortMapping) else PortMapping.parse(spec))
+        return self
+
     def build(self) -> VmConfig:
         """Validate and return the config; raises :class:`ConfigError` listing all problems."""
         return VmConfig(
@@ -323,4 +547,5 @@ class VmConfigBuilder:
             mounts=tuple(self._mounts),
             env=dict(self._env),
             kernel_args=tuple(self._kernel_args),
+            ports=tuple(self._ports),
         )

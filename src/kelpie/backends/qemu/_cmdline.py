@@ -9,6 +9,10 @@ from kelpie.guestkit import AGENT_PORT_NAME, GuestNetwork, GuestShare, kernel_cm
 from kelpie.vm import ConfigError, NetworkMode, VmConfig
 
 USER_NET = GuestNetwork("10.0.2.15/24", "10.0.2.2", "10.0.2.3")  # QEMU user networking
+ISOLATED_NET = GuestNetwork(USER_NET.address)
+"""The guest's set-up with network ``none`` and published ports: an address, no route out."""
+GUEST_ADDRESS = USER_NET.address.split("/")[0]
+"""Where QEMU's ``hostfwd`` rules deliver published ports."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,32 @@ def _opt(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
+def guest_network(config: VmConfig) -> GuestNetwork | None:
+    """How init sets up the guest's eth0, or None when the VM has no NIC."""
+    if config.network is NetworkMode.NAT:
+        return USER_NET
+    return ISOLATED_NET if config.ports else None
+
+
+def netdev_arg(config: VmConfig) -> str | None:
+    """The ``-netdev`` value of the VM's user-mode NIC, or None when it has none.
+
+    Network ``none`` with published ports gets ``restrict=on``: the guest can reach
+    neither the host nor the outside, but the ``hostfwd`` rules still forward inbound
+    connections to it.
+    """
+    if config.network is not NetworkMode.NAT and not config.ports:
+        return None
+    parts = ["user", "id=net0"]
+    if config.network is NetworkMode.NONE:
+        parts.append("restrict=on")
+    parts += [
+        f"hostfwd={p.protocol}:{p.host_ip}:{p.host_port}-{GUEST_ADDRESS}:{p.guest_port}"
+        for p in config.ports
+    ]
+    return ",".join(parts)
+
+
 def kernel_args(launch: QemuLaunch) -> str:
     """The guest kit's kernel command line for this VM (init.sh reads the settings)."""
     config = launch.config
@@ -42,7 +72,7 @@ def kernel_args(launch: QemuLaunch) -> str:
             hostname=launch.hostname,
             root_device="/dev/vda" if launch.overlay is not None else None,
             shares=shares,
-            network=USER_NET if config.network is NetworkMode.NAT else None,
+            network=guest_network(config),
             extra=config.kernel_args,
         )
     except ValueError as exc:
@@ -82,6 +112,7 @@ def build_command(launch: QemuLaunch) -> list[str]:
             f"local,id=fs{i},path={_opt(mount.host_path)},security_model=none{readonly}",
             "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={config.mount_tag(i)}",
         ]  # fmt: skip
-    if config.network is NetworkMode.NAT:
-        command += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+    netdev = netdev_arg(config)
+    if netdev is not None:
+        command += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     return command

@@ -71,6 +71,9 @@ VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 QMP_RUNNING = "running"
 QMP_DEAD = frozenset({"guest-panicked", "internal-error", "shutdown"})
 """QMP run states of a guest that will not run again; any other non-running one is paused."""
+_HOSTFWD_FAILED = re.compile(
+    r"could not set up host forwarding rule '(tcp|udp)?:([^:']*):([0-9]+)-[^']*'", re.IGNORECASE
+)
 
 
 def console_tail(workdir: Path, limit: int = CONSOLE_TAIL) -> str:
@@ -82,6 +85,28 @@ def console_tail(workdir: Path, limit: int = CONSOLE_TAIL) -> str:
             if text:
                 parts.append(f"--- {name} ---\n{text[-limit:]}")
     return "\n".join(parts) or "(no console output)"
+
+
+def start_failure_reason(workdir: Path) -> str | None:
+    """Why QEMU refused to start, in plain words, when its log says so clearly; else None.
+
+    A published port whose host port cannot be bound makes QEMU print
+    ``Could not set up host forwarding rule 'tcp:127.0.0.1:8080-10.0.2.15:80'`` and exit.
+    """
+    try:
+        log = (workdir / "qemu.log").read_text(errors="replace")
+    except OSError:
+        return None
+    ports = [
+        f"{address or '0.0.0.0'}:{number}/{protocol or 'tcp'}"
+        for protocol, address, number in _HOSTFWD_FAILED.findall(log)
+    ]
+    if not ports:
+        return None
+    return (
+        f"cannot publish host port {', '.join(ports)}: QEMU could not bind it (already in "
+        f"use? not an address of this host? below 1024 without the privilege to bind it?)"
+    )
 
 
 class ProcessWatch:
@@ -369,6 +394,9 @@ class QemuVm(VmInstance):
 
     # ---- start --------------------------------------------------------------------------
     async def _do_start(self) -> None:
+        problems = self.config.host_problems()
+        if problems:
+            raise ConfigError(problems)
         qemu = self._qemu_binary()
         if self._kit is None:
             try:
@@ -488,9 +516,10 @@ class QemuVm(VmInstance):
         if exited.done():
             status = exited.result()
             how = "exited" if status is None else f"exited with status {status}"
+            reason = start_failure_reason(self.workdir)
             raise BootError(
-                f"VM {self.id}: QEMU {how} while waiting for {what}\n"
-                f"{console_tail(self.workdir)}"
+                f"VM {self.id}: {reason + '; ' if reason else ''}QEMU {how} while waiting "
+                f"for {what}\n{console_tail(self.workdir)}"
             )
         raise BootError(
             f"VM {self.id}: timed out after {budget or self.boot_timeout:g}s waiting for "
