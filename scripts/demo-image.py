@@ -17,7 +17,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-APPLETS = ("sh", "echo", "cat", "ls", "uname", "hostname", "id", "env", "pwd", "head", "wc")
+APPLETS = ("sh", "echo", "cat", "ls", "uname", "hostname", "id", "env", "pwd", "head", "wc",
+           "true", "false", "sleep", "mkdir", "rm", "touch", "stty", "printf", "grep", "sed",
+           "tr", "cp", "mv", "test", "seq", "dd", "kill", "tty", "nc", "wget", "stat")
 
 
 def layer() -> bytes:

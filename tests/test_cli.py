@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
+from daemon_env import KelpieHome
 from kelpie.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def home() -> Iterator[KelpieHome]:
+    """One isolated installation (and its daemon, started by the first command)."""
+    home = KelpieHome()
+    saved = dict(os.environ)
+    os.environ.update({k: home.env[k] for k in ("KELPIE_STATE_DIR", "KELPIE_RUNTIME_DIR")})
+    try:
+        yield home
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        home.close()
 
 
 def kelpie(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,6 +74,25 @@ def test_timeout_exit_code(capfd: pytest.CaptureFixture[str]) -> None:
 def test_debug_shows_traceback(capfd: pytest.CaptureFixture[str]) -> None:
     main(["--debug", "run", "--backend", "nope", "--", "true"])
     assert "Traceback" in capfd.readouterr().err
+
+
+def test_run_rm_and_ps(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--rm", "--name", "gone", "--backend", "mock", "--", "true"]) == 0
+    assert main(["run", "--name", "kept", "--backend", "mock", "--", "true"]) == 0
+    capfd.readouterr()
+    assert main(["ps", "-a", "--json"]) == 0
+    listed = {s["name"]: s for s in json.loads(capfd.readouterr().out)}
+    assert "gone" not in listed and listed["kept"]["state"] == "stopped"
+    assert main(["rm", "kept"]) == 0
+    assert main(["inspect", "kept"]) == 125
+    assert "no sandbox 'kept'" in capfd.readouterr().err
+
+
+def test_no_autostart_without_daemon(capfd: pytest.CaptureFixture[str], tmp_path: object,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KELPIE_RUNTIME_DIR", f"/tmp/kelpie-none-{os.getpid()}")
+    assert main(["--no-autostart", "ps"]) == 125
+    assert "kelpie daemon start" in capfd.readouterr().err
 
 
 def test_backend_ls_json() -> None:

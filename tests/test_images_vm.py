@@ -55,6 +55,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     path.mkdir(exist_ok=True)
     monkeypatch.setenv("KELPIE_STATE_DIR", str(path))
     yield path
+    main(["--no-autostart", "daemon", "stop", "--stop-sandboxes"])  # if a command started it
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
@@ -76,18 +77,23 @@ def test_run_image_with_mock_backend(state: Path, capfd: pytest.CaptureFixture[s
     """The CLI resolves the image, builds its disk and runs its command (mock: no VM)."""
     put_image(ImageStore(), [[file("a")]], tag="example.com/x:1",
               runtime={"Cmd": ["echo", "from-image"], "Env": ["A=1"]})
-    assert main(["run", "--backend", "mock", "example.com/x:1"]) == 0
+    assert main(["run", "--rm", "--backend", "mock", "example.com/x:1"]) == 0
     assert capfd.readouterr().out == "from-image\n"
-    assert main(["run", "--backend", "mock", "echo"]) == 0  # not an image: a command
+    assert main(["run", "--rm", "--backend", "mock", "echo"]) == 0  # not an image: a command
     assert capfd.readouterr().out == "\n"
-    assert main(["run", "--backend", "mock", "example.com/x:1", "env"]) == 0
+    assert main(["run", "--rm", "--backend", "mock", "example.com/x:1", "env"]) == 0
     assert "A=1" in capfd.readouterr().out.splitlines()
-    assert main(["run", "--backend", "mock", "-e", "A=2", "example.com/x:1", "--", "env"]) == 0
+    assert main(["run", "--rm", "--backend", "mock", "-e", "A=2", "example.com/x:1", "--",
+                 "env"]) == 0
     assert "A=2" in capfd.readouterr().out.splitlines()
     store = ImageStore()
     image = store.resolve("example.com/x:1")
     assert store.ext4_cache(image.digest).is_file()
-    assert store.holders(image.digest) == ()  # released when the VM stopped
+    assert store.holders(image.digest) == ()  # released when the sandboxes were removed
+    assert main(["run", "--name", "kept", "--backend", "mock", "example.com/x:1"]) == 0
+    assert len(store.holders(image.digest)) == 1  # a stopped sandbox still holds its image
+    assert main(["rm", "kept"]) == 0
+    assert store.holders(image.digest) == ()
 
 
 def test_run_image_without_command_is_a_clear_error(
@@ -96,7 +102,8 @@ def test_run_image_without_command_is_a_clear_error(
     put_image(ImageStore(), [[file("a")]], tag="example.com/x:1")
     assert main(["run", "--backend", "mock", "example.com/x:1", "--"]) == 2
     assert "no default command" in capfd.readouterr().err
-    assert main(["run", "--backend", "mock", "example.com/nosuch:1", "true"]) == 125
+    assert main(["run", "--pull", "never", "--backend", "mock", "example.com/nosuch:1",
+                 "true"]) == 125
     assert "no image 'example.com/nosuch:1'" in capfd.readouterr().err
 
 

@@ -420,7 +420,7 @@ async def test_logs_tail_and_follow(make_runtime: Callable[..., Runtime], tmp_pa
         assert rt.logs("box", tail=0) == b""
 
         async def collect() -> bytes:
-            return b"".join([c async for c in rt.follow_logs("box", poll_seconds=0.01)])
+            return b"".join([c async for c in rt.follow_logs("box", tail=0, poll_seconds=0.01)])
 
         follower = asyncio.create_task(collect())
         await asyncio.sleep(0.05)
@@ -429,6 +429,8 @@ async def test_logs_tail_and_follow(make_runtime: Callable[..., Runtime], tmp_pa
         await asyncio.sleep(0.05)
         await rt.stop("box")
         assert await asyncio.wait_for(follower, 5) == b"four\n"
+        everything = b"".join([c async for c in rt.follow_logs("box")])  # at rest: ends
+        assert everything == b"one\ntwo\nthree\nfour\n"
         await rt.remove("box")
         assert not (vm_dirs / info.id).exists()
 
@@ -496,3 +498,29 @@ def test_all_lists_exactly_the_public_names() -> None:
     assert len(set(runtime_module.__all__)) == len(runtime_module.__all__)
     public = {n for n in vars(runtime_module) if not n.startswith("_")} - {"annotations"}
     assert set(runtime_module.__all__) == public
+
+
+async def test_main_command_output_is_the_log(make_runtime: Callable[..., Runtime]) -> None:
+    async with make_runtime() as rt:
+        info = await rt.create(name="svc", backend="mock",
+                               command=["sh", "-c", "echo up; echo oops >&2; exit 3"])
+        assert info.command == ("sh", "-c", "echo up; echo oops >&2; exit 3")
+        assert await rt.wait_main("svc") == 3
+        assert rt.get("svc").main_exit_code == 3
+        assert rt.logs("svc") == b"up\noops\n"
+        assert rt.get("svc").state is VmState.RUNNING  # the sandbox outlives its command
+        await rt.stop("svc")
+        await rt.start("svc")  # a start runs the main command again, appending to the log
+        assert await rt.wait_main("svc") == 3
+        assert rt.logs("svc") == b"up\noops\nup\noops\n"
+        await rt.remove("svc", force=True)
+        assert not rt.output_log(info.id).parent.exists()
+
+
+async def test_main_command_that_cannot_start(make_runtime: Callable[..., Runtime]) -> None:
+    async with make_runtime() as rt:
+        await rt.create(name="bad", backend="mock", command=["nosuch"])
+        assert await rt.wait_main("bad") == 127
+        assert b"nosuch" in rt.logs("bad")
+        with pytest.raises(ConfigError, match="needs an image"):
+            await rt.create(name="empty", backend="mock", command=[])

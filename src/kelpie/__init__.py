@@ -1,8 +1,16 @@
-"""Kelpie: run untrusted code in hardware-isolated micro-VMs behind one Python API."""
+"""Kelpie: run untrusted code in hardware-isolated micro-VMs behind one Python API.
+
+Start with :class:`Sandbox` (blocking) or :class:`AsyncSandbox`; :class:`Runtime` owns
+sandboxes in-process, :class:`DaemonClient` talks to the daemon, :class:`VmInstance` and
+:class:`VmFactory` are the VM layer underneath.
+"""
 
 from kelpie import backends as _backends  # noqa: F401  (registers the built-in backends)
 from kelpie._version import __version__
 from kelpie.backends.mock import MockVm
+from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
+from kelpie.runtime import Runtime, SandboxInfo, SandboxNameInUse, SandboxNotFound
+from kelpie.sdk import AsyncSandbox, Sandbox
 from kelpie.vm import (
     AgentError,
     BackendRegistry,
@@ -25,6 +33,7 @@ from kelpie.vm import (
     Mount,
     NetworkError,
     NetworkMode,
+    PortMapping,
     ProbeResult,
     SnapshotCorrupted,
     SnapshotError,
@@ -46,12 +55,15 @@ from kelpie.vm import (
 
 __all__ = [
     "AgentError",
+    "AsyncSandbox",
     "BackendRegistry",
     "BackendSpec",
     "BackendUnavailable",
     "BootError",
     "Capabilities",
     "ConfigError",
+    "DaemonClient",
+    "DaemonUnreachable",
     "ExecError",
     "ExecExit",
     "ExecOutput",
@@ -67,7 +79,14 @@ __all__ = [
     "Mount",
     "NetworkError",
     "NetworkMode",
+    "PortMapping",
     "ProbeResult",
+    "RemoteError",
+    "Runtime",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxNameInUse",
+    "SandboxNotFound",
     "SnapshotCorrupted",
     "SnapshotError",
     "SnapshotIncompatible",

@@ -28,3 +28,28 @@ def vms_dir() -> Path:
 def images_dir() -> Path:
     """The image store: blobs, the tag index and cached root filesystems."""
     return state_dir() / "images"
+
+
+RUNTIME_DIR_ENV = "KELPIE_RUNTIME_DIR"
+SOCKET_NAME = "kelpie.sock"
+
+
+def runtime_dir() -> Path:
+    """Per-user runtime files: the daemon's socket, pid file and log.
+
+    ``$KELPIE_RUNTIME_DIR`` overrides it; else ``$KELPIE_STATE_DIR/run`` when the state dir
+    is overridden (so one override isolates a whole installation), else
+    ``$XDG_RUNTIME_DIR/kelpie``, else ``<state dir>/run``.
+    """
+    explicit = os.environ.get(RUNTIME_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and not os.environ.get(STATE_DIR_ENV):
+        return Path(xdg) / "kelpie"
+    return state_dir() / "run"
+
+
+def daemon_socket() -> Path:
+    """The unix socket the local daemon listens on."""
+    return runtime_dir() / SOCKET_NAME

@@ -66,9 +66,16 @@ def pull(reference: str, platform: str | None, insecure: tuple[str, ...], userna
         password = sys.stdin.readline().rstrip("\n")
         credentials = {ref.registry: Credentials(username, password)}
     wanted = Platform.parse(platform) if platform else None
-    stored = asyncio.run(_pull(ref, wanted, insecure, RegistryAuth(credentials)))
+    stored = pull_reference(ref, wanted, insecure, RegistryAuth(credentials))
     click.echo(f"{stored.id} {stored.digest}")
     return 0
+
+
+def pull_reference(ref: ImageReference, platform: Platform | None = None,
+                   insecure: tuple[str, ...] = (), auth: RegistryAuth | None = None,
+                   ) -> StoredImage:
+    """Pull into the local store, with progress bars when stderr is a terminal."""
+    return asyncio.run(_pull(ref, platform, insecure, auth or RegistryAuth()))
 
 
 async def _pull(ref: ImageReference, platform: Platform | None, insecure: tuple[str, ...],

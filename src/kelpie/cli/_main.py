@@ -6,11 +6,15 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from kelpie._version import __version__
-from kelpie.cli import _backend, _dst, _guestkit, _image, _run
+from kelpie.cli import _backend, _daemon, _dst, _guestkit, _image, _sandbox
+from kelpie.cli._connect import target_from
+from kelpie.client import RemoteError
 from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
 
 EXIT_USAGE = 2
@@ -32,10 +36,22 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kelpie")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--host", envvar="KELPIE_HOST", metavar="URL",
+              help="Daemon to talk to: unix:///PATH or http(s)://HOST:PORT "
+                   "(default: the local daemon's socket).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File with the bearer token for a TCP daemon (else KELPIE_TOKEN).")
+@click.option("--no-autostart", is_flag=True,
+              help="Do not start the local daemon when none runs.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """Kelpie: run untrusted code in hardware-isolated micro-VMs."""
-    ctx.obj = {"debug": debug}
+def cli(ctx: click.Context, debug: bool, host: str | None, token_file: Path | None,
+        no_autostart: bool) -> None:
+    """Kelpie: run untrusted code in hardware-isolated micro-VMs.
+
+    Sandbox commands talk to the Kelpie daemon, starting a local one in the background
+    when none runs (see `kelpie daemon`).
+    """
+    ctx.obj = {"debug": debug, "target": target_from(host, token_file, not no_autostart)}
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("kelpie: %(message)s"))
     logger = logging.getLogger("kelpie")
@@ -43,7 +59,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-cli.add_command(_run.run)
+for _command in _sandbox.COMMANDS:
+    cli.add_command(_command)
+cli.add_command(_daemon.daemon)
 cli.add_command(_backend.backend)
 cli.add_command(_dst.dst)
 cli.add_command(_guestkit.guestkit)
@@ -51,9 +69,9 @@ cli.add_command(_image.image)
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit code for an exception that reached the top."""
+    """The exit code for an exception that reached the top (the daemon's too, by class)."""
     for cls, code in EXIT_CODES:
-        if isinstance(exc, cls):
+        if isinstance(exc, cls) or (isinstance(exc, RemoteError) and exc.is_a(cls.__name__)):
             return code
     return 1
 
@@ -74,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except ValidationError as exc:  # a request model refused the input before sending it
+        if debug:
+            traceback.print_exc()
+        click.echo("kelpie: error: invalid input:", err=True)
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            click.echo(f"  - {where}: {error['msg']}", err=True)
+        return EXIT_USAGE
     except Exception as exc:
         if debug:
             traceback.print_exc()

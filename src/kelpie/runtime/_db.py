@@ -62,6 +62,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX sandbox_events_by_sandbox ON sandbox_events (sandbox_id, seq)",
     ),
+    # 3: how the sandbox's main command (if any) ended
+    (
+        "ALTER TABLE sandboxes ADD COLUMN main_exit_code INTEGER",
+    ),
 )
 """Schema migrations, in order; append new ones, never edit a released one."""
 
@@ -69,7 +73,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, name, backend, image, image_digest, config, state, crash_reason, last_error, "
-    "vm_dir, labels, created_at, updated_at"
+    "vm_dir, labels, created_at, updated_at, main_exit_code"
 )
 
 
@@ -154,7 +158,7 @@ class StateDb:
             with _transaction(self._conn):
                 self._conn.execute(
                     f"INSERT INTO sandboxes ({_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _row_values(info),
                 )
                 self._event(info.id, info.created_at, info.state, None)
@@ -194,6 +198,14 @@ class StateDb:
         with _transaction(self._conn):
             self._conn.execute(
                 "UPDATE sandboxes SET vm_dir = ? WHERE id = ?", (str(vm_dir), sandbox_id)
+            )
+
+    def set_main_exit(self, sandbox_id: str, exit_code: int | None, at: float) -> None:
+        """Record how the sandbox's main command ended (None: it is running again)."""
+        with _transaction(self._conn):
+            self._conn.execute(
+                "UPDATE sandboxes SET main_exit_code = ?, updated_at = ? WHERE id = ?",
+                (exit_code, at, sandbox_id),
             )
 
     def delete(self, sandbox_id: str) -> None:
@@ -245,22 +257,31 @@ class StateDb:
 
 
 def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
-    config = {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user}
+    config = {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user,
+              "command": None if info.command is None else list(info.command),
+              "image_command": None if info.image_command is None else list(info.image_command),
+              "image_entrypoint": list(info.image_entrypoint)}
     return (
         info.id, info.name, info.backend, info.image, info.image_digest,
         json.dumps(config, sort_keys=True), info.state.value, info.crash_reason,
         info.last_error, None if info.vm_dir is None else str(info.vm_dir),
         json.dumps(dict(info.labels), sort_keys=True), info.created_at, info.updated_at,
+        info.main_exit_code,
     )
 
 
 def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
     (sid, name, backend, image, digest, config_json, state, crash_reason, last_error,
-     vm_dir, labels_json, created_at, updated_at) = row
+     vm_dir, labels_json, created_at, updated_at, main_exit_code) = row
     try:
         config = json.loads(config_json)
         vm_config = VmConfig.from_dict(config["vm"])
         labels = json.loads(labels_json)
+        command = config.get("command")
+        command = None if command is None else tuple(str(a) for a in command)
+        image_command = config.get("image_command")
+        image_command = None if image_command is None else tuple(str(a) for a in image_command)
+        image_entrypoint = tuple(str(a) for a in config.get("image_entrypoint") or ())
     except (ValueError, KeyError, TypeError, ConfigError) as exc:
         raise StateDatabaseError(
             f"sandbox {sid} ({name}) has an unreadable record in {path}: {exc}"
@@ -270,5 +291,7 @@ def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
         image=image, image_digest=digest, workdir=config.get("workdir"),
         user=config.get("user"), vm_dir=None if vm_dir is None else Path(vm_dir),
         labels=labels, crash_reason=crash_reason, last_error=last_error,
-        created_at=created_at, updated_at=updated_at,
+        created_at=created_at, updated_at=updated_at, command=command,
+        main_exit_code=main_exit_code, image_command=image_command,
+        image_entrypoint=image_entrypoint,
     )

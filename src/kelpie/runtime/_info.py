@@ -18,7 +18,12 @@ class SandboxInfo:
     ``state`` is the last state the runtime observed. ``crash_reason`` says why a crashed
     sandbox died; ``last_error`` is the last failed lifecycle operation (e.g. a failed
     start), kept until the next successful start. ``workdir`` and ``user`` are the exec
-    defaults taken from the image. Times are Unix seconds from the runtime's clock.
+    defaults taken from the image. ``command`` is the sandbox's main command, started when
+    the sandbox starts (None: the sandbox has none, it is driven by execs alone);
+    ``main_exit_code`` is how it last ended (None while it runs or if it never ran). Times
+    are Unix seconds from the runtime's clock. ``image_command`` is the image's default
+    command (entrypoint + cmd), if it has one; ``image_entrypoint`` its entrypoint, which a
+    ``run`` command override keeps (Docker's rule).
     """
 
     id: str
@@ -36,6 +41,10 @@ class SandboxInfo:
     last_error: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    command: tuple[str, ...] | None = None
+    main_exit_code: int | None = None
+    image_command: tuple[str, ...] | None = None
+    image_entrypoint: tuple[str, ...] = ()
 
     @property
     def short_id(self) -> str:

@@ -25,12 +25,13 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from kelpie.images import ImageStore, StoredImage, rootfs_ext4
+from kelpie.images import ImageStore, NoDefaultCommand, StoredImage, rootfs_ext4
+from kelpie.images._rootfs_build import BuildProgress
 from kelpie.runtime._db import DB_FILENAME, IdInUse, StateDb
 from kelpie.runtime._errors import (
     AmbiguousSandbox,
@@ -47,12 +48,15 @@ from kelpie.vm import (
     DEFAULT_VCPUS,
     BackendSpec,
     ConfigError,
+    ExecExit,
+    ExecOutput,
     ExecProcess,
     ExecResult,
     FileInfo,
     KelpieError,
     Mount,
     NetworkMode,
+    PortMapping,
     VmConfig,
     VmFactory,
     VmInstance,
@@ -63,9 +67,15 @@ MIN_PREFIX_LENGTH = 3
 ID_ATTEMPTS = 8
 LOCK_FILENAME = "runtime.lock"
 CONSOLE_LOG = "console.log"
+OUTPUT_LOG = "output.log"
+SANDBOXES_DIR = "sandboxes"
 FOLLOW_POLL_SECONDS = 0.2
 AT_REST = (VmState.STOPPED, VmState.CRASHED)
 STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
+EXIT_CANNOT_RUN = 127
+
+Progress = Callable[[str], None]
+"""Receives one line of progress text per step of a long operation (on the event loop)."""
 
 
 def _new_id() -> str:
@@ -110,6 +120,7 @@ class Runtime:
         self._lock_file: IO[str] | None = None
         self._vms: dict[str, VmInstance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._mains: dict[str, asyncio.Task[None]] = {}
 
     # ---- lifecycle of the runtime itself ------------------------------------------------
     async def open(self) -> None:
@@ -134,6 +145,9 @@ class Runtime:
         self._release()
 
     def _release(self) -> None:
+        for task in self._mains.values():
+            task.cancel()  # the command keeps running in the guest (see _run_main)
+        self._mains.clear()
         self._vms.clear()
         self._locks.clear()
         if self._db is not None:
@@ -207,14 +221,24 @@ class Runtime:
         backend: str | None = None,
         hostname: str | None = None,
         labels: Mapping[str, str] | None = None,
+        ports: Sequence[PortMapping | str] = (),
+        command: Sequence[str] | None = None,
+        progress: Progress | None = None,
     ) -> SandboxInfo:
         """Create a sandbox and start it; return its record once it runs.
 
         ``image`` is a stored image (tag, digest or id prefix); without one the sandbox
         runs the guest kit's own userland. ``volumes`` are :class:`Mount` objects or
-        ``HOST:GUEST[:ro]`` strings. The record is written (state ``created``) before the
-        VM starts; if the start fails, the record stays (state ``stopped`` or ``crashed``,
-        with ``last_error``) and the error is raised.
+        ``HOST:GUEST[:ro]`` strings; ``ports`` are :class:`PortMapping` objects or
+        ``[IP:]HOST:GUEST`` strings (published on 127.0.0.1 unless an IP is given).
+        ``command`` is the sandbox's main command, run whenever the sandbox starts, its
+        output kept as the sandbox's logs; the sandbox keeps running after it ends. An
+        empty ``command`` means the image's default command. ``progress`` receives one
+        line per step (image unpacking, disk building, boot).
+
+        The record is written (state ``created``) before the VM starts; if the start
+        fails, the record stays (state ``stopped`` or ``crashed``, with ``last_error``)
+        and the error is raised.
         """
         db = self.db
         spec = self.factory.select(backend)
@@ -224,20 +248,28 @@ class Runtime:
             if owner is not None:
                 raise SandboxNameInUse(name, owner.id)
         stored = self.images.resolve(image) if image is not None else None
+        main = _main_command(command, stored)
+        config_mounts = tuple(_mount(v) for v in volumes)
+        config_ports = tuple(_port(p) for p in ports)
         root_disk = None
         if stored is not None:
-            root_disk = await asyncio.to_thread(rootfs_ext4, self.images, stored)
+            root_disk = await asyncio.to_thread(
+                rootfs_ext4, self.images, stored, progress=_build_reporter(progress),
+            )
         config = VmConfig(
             vcpus=DEFAULT_VCPUS if cpus is None else cpus,
             memory_mib=DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib,
             root_disk=root_disk,
             image=None if stored is None else _image_label(stored),
-            mounts=tuple(_mount(v) for v in volumes),
+            mounts=config_mounts,
+            ports=config_ports,
             env={**(stored.config.environment() if stored else {}), **(env or {})},
             network=_network(network),
             hostname=hostname,
         )
-        info = self._insert(spec, name, config, stored, labels or {})
+        info = self._insert(spec, name, config, stored, labels or {}, main)
+        if progress is not None:
+            progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")
         async with self._lock_for(info.id):
             await self._provision(spec, info, stored)
         return self._info(info.id)
@@ -245,6 +277,7 @@ class Runtime:
     def _insert(
         self, spec: BackendSpec, name: str | None, config: VmConfig,
         stored: StoredImage | None, labels: Mapping[str, str],
+        command: tuple[str, ...] | None,
     ) -> SandboxInfo:
         """Write the new record (state ``created``), retrying an id that is taken."""
         now = self._clock()
@@ -264,6 +297,9 @@ class Runtime:
                 labels=dict(labels),
                 created_at=now,
                 updated_at=now,
+                command=command,
+                image_command=_image_command(stored),
+                image_entrypoint=tuple(image_config.entrypoint or ()) if image_config else (),
             )
             try:
                 self.db.insert(info)
@@ -312,6 +348,62 @@ class Runtime:
         except Exception as exc:  # the VM's observer has recorded stopped/crashed already
             self.db.set_error(sandbox_id, f"start failed: {exc}", self._clock())
             raise
+        info = self._info(sandbox_id)
+        if info.command is not None:
+            self._start_main(info, vm)
+
+    # ---- the main command ---------------------------------------------------------------
+    def _start_main(self, info: SandboxInfo, vm: VmInstance) -> None:
+        """Run the sandbox's main command in the background, its output into the log."""
+        self.db.set_main_exit(info.id, None, self._clock())
+        task = asyncio.create_task(self._run_main(info, vm), name=f"kelpie-main-{info.id}")
+        self._mains[info.id] = task
+        task.add_done_callback(lambda t: self._mains.pop(info.id, None)
+                               if self._mains.get(info.id) is t else None)
+
+    async def _run_main(self, info: SandboxInfo, vm: VmInstance) -> None:
+        """Pump the main command's output into the sandbox's output log; record its exit.
+
+        Cancelled when the sandbox stops or the runtime closes: the command itself is left
+        running in the guest (``keep_running``), so a daemon restart does not kill it, but
+        its later output is not captured.
+        """
+        assert info.command is not None
+        path = self.output_log(info.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exit_code: int = EXIT_CANNOT_RUN
+        with path.open("ab", buffering=0) as log:
+            try:
+                async with vm.exec_stream(info.command, cwd=info.workdir, user=info.user,
+                                          keep_running=True) as process:
+                    await process.close_stdin()
+                    async for event in process:
+                        if isinstance(event, ExecOutput):
+                            log.write(event.data)
+                        elif isinstance(event, ExecExit):
+                            exit_code = event.exit_code
+            except KelpieError as exc:
+                log.write(f"kelpie: the main command failed: {exc}\n".encode())
+        if self._db is not None and self._vms.get(info.id) is vm:
+            self.db.set_main_exit(info.id, exit_code, self._clock())
+
+    async def wait_main(self, ref: str) -> int | None:
+        """Wait for the sandbox's main command to end; its exit code (None if it has none,
+        or it was not started by this runtime and has not been seen to end)."""
+        info = self.get(ref)
+        task = self._mains.get(info.id)
+        if task is not None:
+            await asyncio.shield(task)
+        return self._info(info.id).main_exit_code
+
+    def _stop_main(self, sandbox_id: str) -> None:
+        task = self._mains.pop(sandbox_id, None)
+        if task is not None:
+            task.cancel()
+
+    def output_log(self, sandbox_id: str) -> Path:
+        """Where the main command's output of a sandbox is kept."""
+        return self.data_dir / SANDBOXES_DIR / sandbox_id / OUTPUT_LOG
 
     def _fail(self, sandbox_id: str, state: VmState, error: str) -> None:
         now = self._clock()
@@ -420,8 +512,16 @@ class Runtime:
         """Read a whole file from a running sandbox."""
         return await self._vm(self.get(ref), "read files in").read_file(path)
 
-    async def write_file(self, ref: str, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        """Write a file in a running sandbox atomically."""
+    async def read_file_stream(self, ref: str, path: str) -> AsyncIterator[bytes]:
+        """Read a file from a running sandbox in chunks."""
+        vm = self._vm(self.get(ref), "read files in")
+        async for chunk in vm.read_file_stream(path):
+            yield chunk
+
+    async def write_file(
+        self, ref: str, path: str, data: bytes | AsyncIterable[bytes], *, mode: int = 0o644,
+    ) -> None:
+        """Write a file in a running sandbox atomically (from bytes or a stream of chunks)."""
         await self._vm(self.get(ref), "write files in").write_file(path, data, mode=mode)
 
     async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]:
@@ -455,6 +555,7 @@ class Runtime:
         """
         info = self.get(ref)
         async with self._lock_for(info.id):
+            self._stop_main(info.id)
             vm = self._vms.get(info.id)
             if vm is not None:
                 await vm.stop(force=timeout is not None and timeout <= 0)
@@ -489,12 +590,14 @@ class Runtime:
         async with self._lock_for(info.id):
             info = self._info(info.id)
             vm = self._vms.get(info.id)
-            live = vm is not None and vm.state not in (VmState.STOPPED, VmState.CREATED)
+            # A VM that crashed is at rest like a stopped one: no force needed.
+            live = vm is not None and vm.state not in (*AT_REST, VmState.CREATED)
             if live and not force:
                 raise SandboxStateError(
                     _label(info), "remove", info.state, AT_REST,
                     "; stop it first, or remove it with force",
                 )
+            self._stop_main(info.id)
             if vm is not None and vm.state is not VmState.STOPPED:
                 await vm.stop(force=True)
             self._vms.pop(info.id, None)
@@ -508,29 +611,49 @@ class Runtime:
             self.images.release(info.image_digest, _holder(info.id))
         if info.vm_dir is not None and info.vm_dir.exists():
             shutil.rmtree(info.vm_dir)
+        own_dir = self.output_log(info.id).parent
+        if own_dir.exists():
+            shutil.rmtree(own_dir)
 
     # ---- console logs -------------------------------------------------------------------
-    def logs(self, ref: str, *, tail: int | None = None) -> bytes:
-        """The sandbox's console log (the last ``tail`` lines if given); empty if none."""
+    def log_path(self, info: SandboxInfo, *, console: bool = False) -> Path | None:
+        """The file :meth:`logs` reads: the main command's output, else the VM console."""
+        if info.command is not None and not console:
+            return self.output_log(info.id)
+        return _console(info)
+
+    def logs(self, ref: str, *, tail: int | None = None, console: bool = False) -> bytes:
+        """The sandbox's logs (the last ``tail`` lines if given); empty if none yet.
+
+        The logs are the main command's output when the sandbox has one, else (or with
+        ``console``) the VM's console (kernel and init messages).
+        """
+        data, _ = self._read_logs(self.get(ref), tail, console)
+        return data
+
+    def _read_logs(
+        self, info: SandboxInfo, tail: int | None, console: bool,
+    ) -> tuple[bytes, int]:
+        """The logs (or their last ``tail`` lines) and the offset they were read up to."""
         if tail is not None and tail < 0:
             raise ConfigError([f"tail is {tail}; give a number of lines >= 0"], what="logs")
-        path = _console(self.get(ref))
-        try:
-            data = path.read_bytes() if path is not None else b""
-        except FileNotFoundError:
-            data = b""
-        if tail is None:
-            return data
-        lines = data.splitlines(keepends=True)
-        return b"".join(lines[-tail:]) if tail else b""
+        data, offset = _read_from(self.log_path(info, console=console), 0, limit=None)
+        if tail is not None:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-tail:]) if tail else b""
+        return data, offset
 
     async def follow_logs(
-        self, ref: str, *, poll_seconds: float = FOLLOW_POLL_SECONDS,
+        self, ref: str, *, tail: int | None = None, console: bool = False,
+        poll_seconds: float = FOLLOW_POLL_SECONDS,
     ) -> AsyncIterator[bytes]:
-        """Yield console output written from now on, until the sandbox is at rest or gone."""
+        """Yield the logs (or their last ``tail`` lines), then what is written from then on,
+        until the sandbox is at rest or gone."""
         info = self.get(ref)
-        path = _console(info)
-        offset = _size(path)
+        path = self.log_path(info, console=console)
+        data, offset = self._read_logs(info, tail, console)
+        if data:
+            yield data
         while True:
             chunk, offset = _read_from(path, offset)
             if chunk:
@@ -571,6 +694,54 @@ def _mount(volume: Mount | str) -> Mount:
     return Mount(Path(host).resolve(), guest, read_only=mode == "ro")
 
 
+def _port(port: PortMapping | str) -> PortMapping:
+    """A :class:`PortMapping` from itself or from ``[IP:]HOST:GUEST[/tcp|udp]``."""
+    return port if isinstance(port, PortMapping) else PortMapping.parse(port)
+
+
+def _main_command(
+    command: Sequence[str] | None, stored: StoredImage | None,
+) -> tuple[str, ...] | None:
+    """The main command to record: None for none; with an image, Docker's rule
+    (entrypoint + the command, or + the image's cmd when the command is empty)."""
+    if command is None:
+        return None
+    if stored is not None:
+        return tuple(stored.config.command(command or None))
+    if not command:
+        raise ConfigError(["an empty main command needs an image with a default command; "
+                           "give a command"], what="sandbox command")
+    return tuple(command)
+
+
+def _image_command(stored: StoredImage | None) -> tuple[str, ...] | None:
+    """The image's default command, or None when it has none."""
+    if stored is None:
+        return None
+    try:
+        return tuple(stored.config.command(None))
+    except NoDefaultCommand:
+        return None
+
+
+def _build_reporter(progress: Progress | None) -> Callable[[BuildProgress], None] | None:
+    """Turn root-disk build steps (reported on a worker thread) into progress lines."""
+    if progress is None:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def report(step: BuildProgress) -> None:
+        if step.stage == "layer" and step.current < step.total:
+            line = f"unpacking layer {step.current + 1}/{step.total}"
+        elif step.stage == "ext4" and step.current == 0:
+            line = "building the ext4 root disk"
+        else:
+            return
+        loop.call_soon_threadsafe(progress, line)
+
+    return report
+
+
 def _network(mode: NetworkMode | str) -> NetworkMode:
     try:
         return NetworkMode(mode)
@@ -599,14 +770,8 @@ def _console(info: SandboxInfo) -> Path | None:
     return None if info.vm_dir is None else info.vm_dir / CONSOLE_LOG
 
 
-def _size(path: Path | None) -> int:
-    try:
-        return path.stat().st_size if path is not None else 0
-    except FileNotFoundError:
-        return 0
-
-
-def _read_from(path: Path | None, offset: int) -> tuple[bytes, int]:
+def _read_from(path: Path | None, offset: int, *, limit: int | None = 1 << 20,
+               ) -> tuple[bytes, int]:
     """Bytes of ``path`` after ``offset`` (from 0 again if the file was truncated)."""
     if path is None:
         return b"", offset
@@ -615,7 +780,7 @@ def _read_from(path: Path | None, offset: int) -> tuple[bytes, int]:
             if f.seek(0, os.SEEK_END) < offset:
                 offset = 0
             f.seek(offset)
-            chunk = f.read(1 << 20)
+            chunk = f.read(-1 if limit is None else limit)
     except FileNotFoundError:
         return b"", offset
     return chunk, offset + len(chunk)

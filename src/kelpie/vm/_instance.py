@@ -388,10 +388,12 @@ class VmInstance(abc.ABC):
         timeout: float | None = None,
         user: str | None = None,
         pty: bool = False,
+        keep_running: bool = False,
     ) -> AsyncIterator[ExecProcess]:
         """Start a command and stream it: write stdin, send signals, iterate its events.
 
-        Leaving the ``async with`` block before the command ended kills it.
+        Leaving the ``async with`` block before the command ended kills it, unless
+        ``keep_running``: then it goes on in the guest, unobserved.
         """
         self._require(Operation.EXEC)
         if pty:
@@ -403,7 +405,7 @@ class VmInstance(abc.ABC):
         try:
             yield process
         finally:
-            if process.exit is None and self._state is VmState.RUNNING:
+            if process.exit is None and self._state is VmState.RUNNING and not keep_running:
                 with contextlib.suppress(KelpieError):
                     await process.send_signal(9)
 

@@ -1,0 +1,353 @@
+"""The REST API's wire format: request and response models shared by daemon and client.
+
+Every path is under ``/v1``. Errors are JSON bodies ``{"error": ErrorBody}`` with an HTTP
+status from :data:`ERROR_STATUS`. Bytes (command output, stdin) travel base64-encoded in
+JSON, raw in file bodies and in the exec WebSocket.
+
+The exec WebSocket (``/v1/sandboxes/{ref}/exec/ws``) speaks this protocol:
+
+- the client's first message is a text frame holding an :class:`ExecStart`;
+- then the client sends binary frames of stdin, and text frames holding a
+  :class:`StreamControl` (``stdin_eof``, ``resize``, ``signal``);
+- the server sends a text ``{"type": "started"}``, then binary frames whose first byte is
+  :data:`CHANNEL_STDOUT` or :data:`CHANNEL_STDERR` followed by the data, and ends with a
+  text :class:`ExecExitMessage` (``type: "exit"``) or an error
+  ``{"type": "error", "error": ErrorBody}``; then it closes the socket.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from kelpie.runtime import SandboxEvent, SandboxInfo
+    from kelpie.vm import ExecResult, FileInfo
+
+API_VERSION = "v1"
+NDJSON = "application/x-ndjson"
+CHANNEL_STDOUT = 1
+CHANNEL_STDERR = 2
+WS_POLICY_VIOLATION = 1008
+
+MAX_ARGV = 4096
+MAX_NAME = 253
+SANDBOX_NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
+"""A sandbox name, as the runtime checks it (kelpie.runtime.NAME_PATTERN); documented here
+for the OpenAPI document, enforced by the runtime (which says what is wrong)."""
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- errors -----------------------------------------------------------------------------
+class ErrorBody(_Model):
+    """What went wrong: the error's class, its ancestors up to KelpieError, the message."""
+
+    type: str = Field(description="The error's class name, e.g. SandboxNotFound.")
+    types: list[str] = Field(description="The class and its Kelpie ancestors, most specific first.")
+    message: str
+    retriable: bool = False
+    requires_recreate: bool = False
+    problems: list[str] = Field(default_factory=list,
+                                description="Every problem found, for invalid input.")
+
+
+class ErrorResponse(_Model):
+    """The body of every error response."""
+
+    error: ErrorBody
+
+
+ERROR_STATUS: tuple[tuple[str, int], ...] = (
+    # most specific first: the first class name in an error's ``types`` that is listed wins
+    ("SandboxNotFound", 404),
+    ("ImageNotFound", 404),
+    ("GuestFileError", 400),
+    ("AmbiguousSandbox", 409),
+    ("AmbiguousImage", 409),
+    ("SandboxNameInUse", 409),
+    ("ImageInUse", 409),
+    ("InvalidStateError", 409),
+    ("ConfigError", 400),
+    ("UnsupportedOperation", 501),
+    ("BackendUnavailable", 503),
+    ("ExecTimeout", 504),
+    ("KelpieError", 500),
+)
+
+
+def error_status(types: list[str]) -> int:
+    """The HTTP status for an error whose class and ancestors are ``types``."""
+    for name, status in ERROR_STATUS:
+        if name in types:
+            return status
+    return 500
+
+
+# ---- sandboxes --------------------------------------------------------------------------
+class SandboxCreate(_Model):
+    """Create and start a sandbox."""
+
+    image: str | None = Field(None, max_length=MAX_NAME * 2,
+                              description="A stored image: tag, digest or id prefix. "
+                                          "None: the guest kit's own userland.")
+    name: Annotated[str, Field(max_length=MAX_NAME,
+                               json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] | None = None
+    cpus: int | None = Field(None, description="Virtual CPUs (the VM config's limits apply).")
+    memory_mib: int | None = Field(None, description="Memory in MiB (limits as for cpus).")
+    env: dict[str, str] = Field(default_factory=dict,
+                                json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
+    volumes: list[str] = Field(default_factory=list, max_length=16,
+                               description="HOST:GUEST[:ro|rw]; HOST must exist on the "
+                                           "daemon's host.")
+    ports: list[str] = Field(default_factory=list, max_length=64,
+                             description="[IP:]HOST:GUEST[/tcp|udp]; IP 127.0.0.1 by default.")
+    network: Literal["none", "nat"] = "none"
+    backend: str | None = Field(None, max_length=64)
+    hostname: str | None = Field(None, max_length=64)
+    labels: dict[str, str] = Field(default_factory=dict)
+    command: list[str] | None = Field(
+        None, max_length=MAX_ARGV,
+        description="The main command, run at every start, its output the sandbox's logs. "
+                    "[] means the image's default command; None: no main command.")
+
+
+class Volume(_Model):
+    host_path: str
+    guest_path: str
+    read_only: bool
+
+
+class Port(_Model):
+    host_ip: str
+    host_port: int
+    guest_port: int
+    protocol: str
+
+
+class Sandbox(_Model):
+    """A sandbox as the runtime records it."""
+
+    id: str
+    short_id: str
+    name: str
+    backend: str
+    state: str
+    image: str | None
+    image_digest: str | None
+    cpus: int
+    memory_mib: int
+    network: str
+    env: dict[str, str]
+    volumes: list[Volume]
+    ports: list[Port]
+    workdir: str | None
+    user: str | None
+    command: list[str] | None
+    image_command: list[str] | None
+    image_entrypoint: list[str]
+    main_exit_code: int | None
+    crash_reason: str | None
+    last_error: str | None
+    labels: dict[str, str]
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_info(cls, info: SandboxInfo) -> Sandbox:
+        config = info.config
+        return cls(
+            id=info.id, short_id=info.short_id, name=info.name, backend=info.backend,
+            state=info.state.value, image=info.image, image_digest=info.image_digest,
+            cpus=config.vcpus, memory_mib=config.memory_mib, network=config.network.value,
+            env=dict(config.env),
+            volumes=[Volume(host_path=str(m.host_path), guest_path=m.guest_path,
+                            read_only=m.read_only) for m in config.mounts],
+            ports=[Port(host_ip=p.host_ip, host_port=p.host_port, guest_port=p.guest_port,
+                        protocol=p.protocol) for p in config.ports],
+            workdir=info.workdir, user=info.user,
+            command=None if info.command is None else list(info.command),
+            image_command=None if info.image_command is None else list(info.image_command),
+            image_entrypoint=list(info.image_entrypoint),
+            main_exit_code=info.main_exit_code, crash_reason=info.crash_reason,
+            last_error=info.last_error, labels=dict(info.labels),
+            created_at=info.created_at, updated_at=info.updated_at,
+        )
+
+
+class Event(_Model):
+    """One recorded state change of a sandbox."""
+
+    at: float
+    state: str
+    reason: str | None
+
+    @classmethod
+    def from_event(cls, event: SandboxEvent) -> Event:
+        return cls(at=event.at, state=event.state.value, reason=event.reason)
+
+
+class Progress(_Model):
+    """One line of an NDJSON progress stream."""
+
+    type: Literal["progress"] = "progress"
+    message: str
+
+
+class CreateDone(_Model):
+    """The last line of a create's NDJSON stream when it succeeded."""
+
+    type: Literal["result"] = "result"
+    sandbox: Sandbox
+
+
+class StreamError(_Model):
+    """The last line of a stream (NDJSON or WebSocket) when the operation failed."""
+
+    type: Literal["error"] = "error"
+    error: ErrorBody
+
+
+# ---- exec -------------------------------------------------------------------------------
+Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_ARGV)]
+
+
+class ExecBody(_Model):
+    """Run a command to completion."""
+
+    argv: Argv
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, max_length=4096)
+    user: str | None = Field(None, max_length=256)
+    stdin: Annotated[str, Field(json_schema_extra={"format": "byte"})] | None = Field(
+        None, description="Standard input, base64.")
+    timeout: float | None = Field(None, gt=0, le=86400)
+
+
+class ExecOutcome(_Model):
+    """How a command ended and what it wrote (base64)."""
+
+    exit_code: int
+    signal: int | None
+    stdout: str
+    stderr: str
+    duration: float
+
+    @classmethod
+    def from_result(cls, result: ExecResult) -> ExecOutcome:
+        return cls(exit_code=result.exit_code, signal=result.signal,
+                   stdout=b64(result.stdout), stderr=b64(result.stderr),
+                   duration=result.duration)
+
+
+class ExecStart(_Model):
+    """The first message on the exec WebSocket."""
+
+    argv: Argv
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, max_length=4096)
+    user: str | None = Field(None, max_length=256)
+    timeout: float | None = Field(None, gt=0, le=86400)
+    tty: bool = False
+    rows: int = Field(24, ge=1, le=4096)
+    cols: int = Field(80, ge=1, le=4096)
+
+
+class StreamControl(_Model):
+    """A control message from the client on the exec WebSocket."""
+
+    type: Literal["stdin_eof", "resize", "signal"]
+    rows: int | None = Field(None, ge=1, le=4096)
+    cols: int | None = Field(None, ge=1, le=4096)
+    signal: int | None = Field(None, ge=1, le=64)
+
+
+class ExecExitMessage(_Model):
+    """The last message of the exec WebSocket when the command ended."""
+
+    type: Literal["exit"] = "exit"
+    exit_code: int
+    signal: int | None = None
+    timed_out: bool = False
+    duration: float = 0.0
+
+
+# ---- files ------------------------------------------------------------------------------
+class FileEntry(_Model):
+    name: str
+    type: str
+    size: int
+    mode: int
+
+    @classmethod
+    def from_info(cls, info: FileInfo) -> FileEntry:
+        return cls(name=info.name, type=info.type, size=info.size, mode=info.mode)
+
+
+# ---- the daemon -------------------------------------------------------------------------
+class VersionInfo(_Model):
+    version: str
+    api_version: str
+    pid: int
+    data_dir: str
+
+
+class Image(_Model):
+    id: str
+    digest: str
+    tags: list[str]
+    size: int
+
+
+def run_argv(sandbox: Sandbox, override: list[str]) -> list[str]:
+    """What ``run`` executes, by Docker's rules: the image's entrypoint + ``override``, or
+    the image's default command when there is no override."""
+    if override:
+        return [*sandbox.image_entrypoint, *override]
+    if sandbox.image_command:
+        return list(sandbox.image_command)
+    from kelpie.images import NoDefaultCommand
+
+    raise NoDefaultCommand()
+
+
+def b64(data: bytes) -> str:
+    """Bytes as base64 text."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str | None, field: str) -> bytes:
+    """Base64 text as bytes; a ConfigError naming ``field`` when it is not base64."""
+    if not text:
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        from kelpie.vm import ConfigError
+
+        raise ConfigError([f"{field} is not valid base64"], what="request") from None
+
+
+def error_body(exc: BaseException) -> ErrorBody:
+    """The wire form of an exception (Kelpie's, or any other as a plain KelpieError)."""
+    from kelpie.vm import ConfigError, KelpieError
+
+    types = [c.__name__ for c in type(exc).__mro__
+             if isinstance(exc, KelpieError) and issubclass(c, KelpieError)]
+    if not types:
+        types = ["KelpieError"]
+    retriable = bool(getattr(exc, "retriable", False))
+    recreate = bool(getattr(exc, "requires_recreate", False))
+    problems = list(exc.problems) if isinstance(exc, ConfigError) else []
+    return ErrorBody(type=types[0], types=types, message=str(exc) or type(exc).__name__,
+                     retriable=retriable, requires_recreate=recreate, problems=problems)
+
+
+def model_json(model: BaseModel) -> dict[str, Any]:
+    """A model as a JSON-ready dict."""
+    return model.model_dump(mode="json")

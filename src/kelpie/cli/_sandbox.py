@@ -1,0 +1,462 @@
+"""Docker-like sandbox commands, all through the daemon: run, ps, exec, logs, cp, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kelpie.api import Sandbox, SandboxCreate, run_argv
+from kelpie.cli._attach import attach, terminal_size
+from kelpie.cli._connect import connect, current_target
+from kelpie.client import DaemonClient, RemoteError
+from kelpie.images import ImageError, ImageReference, ImageStore
+from kelpie.vm import ConfigError
+
+COPY_CHUNK = 1 << 20
+
+
+def parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    """``K=V`` strings to a dict; a clear error names each malformed one."""
+    env: dict[str, str] = {}
+    bad = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            bad.append(f"-e {pair!r}: expected NAME=VALUE")
+        else:
+            env[name] = value
+    if bad:
+        raise ConfigError(bad, what="environment")
+    return env
+
+
+def _client_call(call: Callable[[DaemonClient], Awaitable[int]]) -> int:
+    """Run ``call`` with a connected client on a fresh event loop."""
+    async def main() -> int:
+        client = await connect()
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def _progress_printer() -> Callable[[str], None] | None:
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: click.echo(f"kelpie: {line}", err=True)
+
+
+# ---- run --------------------------------------------------------------------------------
+class _RunCommand(click.Command):
+    """Remembers whether ``--`` came before any positional argument (then there is no image)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {
+            opt for p in self.params if isinstance(p, click.Option) and not p.is_flag
+            for opt in p.opts
+        }
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] != "--":
+            i += 2 if args[i] in takes_value else 1
+        ctx.meta["kelpie.no_image"] = i < len(args) and args[i] == "--"
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
+@click.option("--name", help="Name of the sandbox (default: generated).")
+@click.option("-d", "--detach", is_flag=True,
+              help="Leave the sandbox running; the command (or the image's default) runs as "
+                   "its main command, its output in `kelpie logs`.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal.")
+@click.option("--rm", "remove", is_flag=True, help="Remove the sandbox when the command ends.")
+@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
+              help="Environment variable for the sandbox (repeatable).")
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:GUEST[:ro]",
+              help="Share a host directory (repeatable); ':ro' makes it read-only.")
+@click.option("-p", "--publish", "ports", multiple=True, metavar="[IP:]HOST:GUEST",
+              help="Publish a guest port on the host (127.0.0.1 unless IP given).")
+@click.option("--network", type=click.Choice(["none", "nat"]), default="none",
+              show_default=True, help="Guest networking.")
+@click.option("--cpus", type=int, default=None, help="Virtual CPUs.")
+@click.option("--memory", type=int, default=None, help="Memory in MiB.")
+@click.option("--backend", help="Backend (default: KELPIE_BACKEND or the best for this host).")
+@click.option("-w", "--workdir", default=None, help="Working directory for the command.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
+@click.option("--pull", type=click.Choice(["missing", "never"]), default="missing",
+              show_default=True, help="Pull an image the local store lacks, or never.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, tty: bool,
+        remove: bool, env: tuple[str, ...], volumes: tuple[str, ...], ports: tuple[str, ...],
+        network: str, cpus: int | None, memory: int | None, backend: str | None,
+        workdir: str | None, timeout: float | None, pull: str, args: tuple[str, ...]) -> int:
+    """Create a sandbox and run a command in it: ``kelpie run [IMAGE] [--] [CMD...]``.
+
+    Without an image (``kelpie run -- echo hi``) the command runs in the guest kit's own
+    userland. With an image (a stored tag, digest or id; a registry reference is pulled
+    first) it runs in the image's root filesystem with its environment, working directory
+    and user; without a command the image's default runs. The exit code is the command's.
+    The sandbox is stopped when the command ends (removed with --rm), or left running
+    with -d.
+    """
+    if detach and (remove or interactive or tty):
+        raise click.UsageError("-d cannot be combined with --rm, -i or -t")
+    image, command = _split_image(list(args), bool(ctx.meta.get("kelpie.no_image")))
+    if image is None and not command and not detach:
+        raise click.UsageError("no command given: kelpie run [IMAGE] [--] CMD...")
+    if image is not None and current_target().local and pull == "missing":
+        _pull_if_missing(image)
+    body = SandboxCreate(
+        image=image, name=name, cpus=cpus, memory_mib=memory, env=parse_env(env),
+        volumes=[_volume(v) for v in volumes], ports=list(ports), network=network,
+        backend=backend,
+        command=(command if command or image is not None else None) if detach else None,
+    )
+
+    async def call(client: DaemonClient) -> int:
+        sandbox = await client.create(body, progress=_progress_printer())
+        if detach:
+            click.echo(sandbox.id)
+            return 0
+        try:
+            return await _exec_attached(
+                client, sandbox.id, run_argv(sandbox, command) if image else command,
+                cwd=workdir, timeout=timeout, interactive=interactive, tty=tty)
+        finally:
+            with contextlib.suppress(RemoteError):
+                if remove:
+                    await client.remove(sandbox.id, force=True)
+                else:
+                    await client.stop(sandbox.id)
+
+    return _client_call(call)
+
+
+def _split_image(args: list[str], no_image: bool) -> tuple[str | None, list[str]]:
+    """Separate ``[IMAGE] [--] CMD...``: the first of several arguments is the image.
+
+    A lone argument is an image if the local store has one by that name or it names a
+    registry (has a '/' or ':'), otherwise a command.
+    """
+    if no_image or not args:
+        return None, args
+    if len(args) > 1:
+        rest = args[2:] if args[1] == "--" else args[1:]
+        return args[0], rest
+    if not current_target().local or any(c in args[0] for c in "/:@"):
+        return args[0], []
+    with contextlib.suppress(ImageError):
+        ImageStore().resolve(args[0])
+        return args[0], []
+    return None, args
+
+
+def _pull_if_missing(image: str) -> None:
+    """Pull a registry reference the local store lacks (Docker's ``run`` does the same)."""
+    store = ImageStore()
+    try:
+        store.resolve(image)
+        return
+    except ImageError:
+        pass
+    try:
+        reference = ImageReference.parse(image)
+    except ImageError:
+        return  # not a registry reference: the daemon reports the missing image
+    from kelpie.cli._image import pull_reference
+
+    click.echo(f"kelpie: pulling {reference}", err=True)
+    pull_reference(reference)
+
+
+def _volume(text: str) -> str:
+    """``HOST:GUEST[:ro]`` with HOST checked and made absolute here, where it is typed."""
+    host, sep, rest = text.partition(":")
+    if not sep or not host or not rest:
+        raise ConfigError([f"-v {text!r}: expected HOST:GUEST or HOST:GUEST:ro"],
+                          what="volume")
+    if current_target().local:
+        path = Path(host).expanduser()
+        if not path.is_dir():
+            raise ConfigError([f"-v {text!r}: host directory {path} does not exist "
+                               "or is not a directory"], what="volume")
+        host = str(path.resolve())
+    return f"{host}:{rest}"
+
+
+async def _exec_attached(client: DaemonClient, ref: str, argv: Sequence[str], *,
+                         env: dict[str, str] | None = None, cwd: str | None = None,
+                         user: str | None = None, timeout: float | None,
+                         interactive: bool, tty: bool) -> int:
+    rows, cols = terminal_size()
+    async with client.exec_stream(ref, argv, env=env, cwd=cwd, user=user, timeout=timeout,
+                                  tty=tty, rows=rows, cols=cols) as process:
+        return await attach(process, stdin=interactive, tty=tty)
+
+
+# ---- exec -------------------------------------------------------------------------------
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal.")
+@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
+              help="Environment variable (repeatable).")
+@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
+@click.option("-u", "--user", default=None, help="User (name or uid) to run as.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
+@click.argument("sandbox")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | None,
+          user: str | None, timeout: float | None, sandbox: str,
+          command: tuple[str, ...]) -> int:
+    """Run a command in a running sandbox: ``kelpie exec SANDBOX [--] CMD...``."""
+    argv = list(command[1:] if command[0] == "--" else command)
+    if not argv:
+        raise click.UsageError("no command given: kelpie exec SANDBOX [--] CMD...")
+    variables = parse_env(env)
+    return _client_call(lambda client: _exec_attached(
+        client, sandbox, argv, env=variables, cwd=workdir, user=user, timeout=timeout,
+        interactive=interactive, tty=tty))
+
+
+# ---- listing and inspecting -------------------------------------------------------------
+@click.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also stopped and crashed ones.")
+@click.option("-q", "--quiet", is_flag=True, help="Print ids only.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ps(show_all: bool, quiet: bool, as_json: bool) -> int:
+    """List sandboxes (running and paused; -a: all)."""
+    async def call(client: DaemonClient) -> int:
+        sandboxes = await client.list(all=show_all)
+        if as_json:
+            click.echo(json.dumps([s.model_dump(mode="json") for s in sandboxes], indent=2))
+        elif quiet:
+            for s in sandboxes:
+                click.echo(s.id)
+        else:
+            _table(sandboxes)
+        return 0
+
+    return _client_call(call)
+
+
+def _table(sandboxes: list[Sandbox]) -> None:
+    rows = [("ID", "NAME", "IMAGE", "STATE", "BACKEND", "CREATED", "PORTS")]
+    now = time.time()
+    for s in sandboxes:
+        state = s.state
+        if s.state == "crashed" and s.crash_reason:
+            state = f"crashed ({s.crash_reason.splitlines()[0][:40]})"
+        ports = ",".join(f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}"
+                         for p in s.ports)
+        image = (s.image or "-").split("@")[0]
+        rows.append((s.short_id, s.name, image, state, s.backend, _ago(now - s.created_at),
+                     ports))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+                   + "  " + row[-1])
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(max(seconds, 0))}s ago"
+
+
+@click.command("inspect")
+@click.option("--json", "as_json", is_flag=True, default=True, hidden=True,
+              help="Print JSON (always).")
+@click.argument("sandboxes", nargs=-1, required=True)
+def inspect(as_json: bool, sandboxes: tuple[str, ...]) -> int:
+    """Show sandboxes' records as JSON, with their state history."""
+    async def call(client: DaemonClient) -> int:
+        out: list[dict[str, Any]] = []
+        for ref in sandboxes:
+            record = (await client.get(ref)).model_dump(mode="json")
+            record["events"] = await client.events(ref)
+            out.append(record)
+        click.echo(json.dumps(out, indent=2))
+        return 0
+
+    return _client_call(call)
+
+
+# ---- logs -------------------------------------------------------------------------------
+@click.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the sandbox stops.")
+@click.option("--tail", type=click.IntRange(min=0), default=None, help="Last N lines only.")
+@click.option("--console", is_flag=True, help="The VM console instead of the main command.")
+@click.argument("sandbox")
+def logs(follow: bool, tail: int | None, console: bool, sandbox: str) -> int:
+    """Print a sandbox's logs: its main command's output, else its console."""
+    async def call(client: DaemonClient) -> int:
+        async for chunk in client.logs(sandbox, tail=tail, follow=follow, console=console):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        return 0
+
+    return _client_call(call)
+
+
+# ---- lifecycle --------------------------------------------------------------------------
+def _each(sandboxes: Sequence[str],
+          action: Callable[[DaemonClient, str], Awaitable[object]]) -> int:
+    """Apply ``action`` to every sandbox; report failures and go on (exit 1 if any)."""
+    async def call(client: DaemonClient) -> int:
+        failed = 0
+        for ref in sandboxes:
+            try:
+                await action(client, ref)
+                click.echo(ref)
+            except RemoteError as exc:
+                click.echo(f"kelpie: error: {ref}: {exc}", err=True)
+                failed += 1
+        return 1 if failed else 0
+
+    return _client_call(call)
+
+
+@click.command("start")
+@click.argument("sandboxes", nargs=-1, required=True)
+def start(sandboxes: tuple[str, ...]) -> int:
+    """Start stopped or crashed sandboxes."""
+    return _each(sandboxes, lambda c, ref: c.start(ref))
+
+
+@click.command("stop")
+@click.option("-t", "--time", "timeout", type=click.FloatRange(min=0), default=None,
+              help="0: kill at once. Otherwise a graceful shutdown, bounded by the backend "
+                   "(QEMU: 5 s for the guest, then quit, then kill).")
+@click.argument("sandboxes", nargs=-1, required=True)
+def stop(timeout: float | None, sandboxes: tuple[str, ...]) -> int:
+    """Stop running sandboxes."""
+    return _each(sandboxes, lambda c, ref: c.stop(ref, timeout=timeout))
+
+
+@click.command("kill")
+@click.argument("sandboxes", nargs=-1, required=True)
+def kill(sandboxes: tuple[str, ...]) -> int:
+    """Stop sandboxes at once (their VMs are killed)."""
+    return _each(sandboxes, lambda c, ref: c.kill(ref))
+
+
+@click.command("pause")
+@click.argument("sandboxes", nargs=-1, required=True)
+def pause(sandboxes: tuple[str, ...]) -> int:
+    """Freeze running sandboxes."""
+    return _each(sandboxes, lambda c, ref: c.pause(ref))
+
+
+@click.command("resume")
+@click.argument("sandboxes", nargs=-1, required=True)
+def resume(sandboxes: tuple[str, ...]) -> int:
+    """Resume paused sandboxes."""
+    return _each(sandboxes, lambda c, ref: c.resume(ref))
+
+
+@click.command("rm")
+@click.option("-f", "--force", is_flag=True, help="Remove running sandboxes too (killed).")
+@click.argument("sandboxes", nargs=-1, required=True)
+def rm(force: bool, sandboxes: tuple[str, ...]) -> int:
+    """Remove sandboxes (stopped ones; -f: any)."""
+    return _each(sandboxes, lambda c, ref: c.remove(ref, force=force))
+
+
+# ---- cp ---------------------------------------------------------------------------------
+@click.command("cp")
+@click.argument("source")
+@click.argument("destination")
+def cp(source: str, destination: str) -> int:
+    """Copy a file between the host and a sandbox: one side is ``SANDBOX:PATH``.
+
+    A destination that is an existing directory receives the file under its own name.
+    """
+    src, dst = _remote(source), _remote(destination)
+    if (src is None) == (dst is None):
+        raise click.UsageError("exactly one of SOURCE and DESTINATION must be SANDBOX:PATH")
+
+    if src is not None:
+        ref, guest = src
+        host = Path(destination)
+        if host.is_dir():
+            host = host / Path(guest).name
+        if not host.parent.is_dir():
+            raise ConfigError([f"{host.parent} does not exist; create it first"], what="copy")
+        return _client_call(lambda client: _download(client, ref, guest, host))
+    assert dst is not None
+    ref, guest = dst
+    host = Path(source)
+    if host.is_dir():
+        raise ConfigError([f"{host} is a directory; cp copies one file (pack directories with "
+                           "tar and copy the archive)"], what="copy")
+    if not host.is_file():
+        raise ConfigError([f"{host} does not exist or is not a regular file"], what="copy")
+    return _client_call(lambda client: _upload(client, host, host.stat().st_mode & 0o7777,
+                                                ref, guest))
+
+
+def _remote(text: str) -> tuple[str, str] | None:
+    """``SANDBOX:PATH`` -> (sandbox, path); None for a host path."""
+    name, sep, path = text.partition(":")
+    if not sep or not name or "/" in name or not path.startswith("/"):
+        return None
+    return name, path
+
+
+async def _upload(client: DaemonClient, host: Path, mode: int, ref: str, guest: str) -> int:
+    if guest.endswith("/"):
+        guest += host.name
+    else:
+        with contextlib.suppress(RemoteError):
+            await client.list_dir(ref, guest)  # succeeds only for an existing directory
+            guest = f"{guest.rstrip('/')}/{host.name}"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        with host.open("rb") as f:
+            while chunk := f.read(COPY_CHUNK):
+                yield chunk
+
+    await client.write_file(ref, guest, chunks(), mode=mode)
+    return 0
+
+
+async def _download(client: DaemonClient, ref: str, guest: str, host: Path) -> int:
+    """Stream into a temporary file next to ``host``, renamed over it when complete."""
+    fd, temp = tempfile.mkstemp(dir=host.parent, prefix=f".{host.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in client.read_file_stream(ref, guest):
+                out.write(chunk)
+        os.chmod(temp, _new_file_mode(host))  # not mkstemp's 0600
+        os.replace(temp, host)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return 0
+
+
+def _new_file_mode(host: Path) -> int:
+    """The mode a copied-out file gets: the replaced file's, else 0666 less the umask."""
+    with contextlib.suppress(FileNotFoundError):
+        return host.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+COMMANDS = (run, exec_, ps, inspect, logs, start, stop, kill, pause, resume, rm, cp)

@@ -1,0 +1,407 @@
+"""A client for the Kelpie daemon's REST API (httpx; the exec stream over a WebSocket).
+
+:class:`DaemonClient` talks to a local daemon over its unix socket (the default) or to a
+remote one over HTTP(S) with a bearer token. Errors the daemon reports come back as
+:class:`RemoteError`, a :class:`~kelpie.vm.KelpieError` that keeps the daemon-side error's
+class name and ancestors (``error.types``), so callers can branch on them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from kelpie._paths import daemon_socket
+from kelpie.api import (
+    CHANNEL_STDOUT,
+    NDJSON,
+    ErrorBody,
+    ExecExitMessage,
+    ExecStart,
+    FileEntry,
+    Sandbox,
+    SandboxCreate,
+    VersionInfo,
+    b64,
+    error_status,
+    unb64,
+)
+from kelpie.vm import (
+    ExecEvent,
+    ExecExit,
+    ExecOutput,
+    ExecProcess,
+    ExecRequest,
+    ExecResult,
+    FileInfo,
+    KelpieError,
+    StreamName,
+)
+
+HOST_ENV = "KELPIE_HOST"
+TOKEN_ENV = "KELPIE_TOKEN"
+REQUEST_TIMEOUT = httpx.Timeout(30.0, read=None)
+WS_MAX_MESSAGE = 4 << 20
+
+
+class RemoteError(KelpieError):
+    """An error the daemon reported: ``type`` and ``types`` name the daemon-side class."""
+
+    def __init__(self, status: int, body: ErrorBody) -> None:
+        self.status = status
+        self.type = body.type
+        self.types = tuple(body.types)
+        self.problems = tuple(body.problems)
+        self.retriable = body.retriable
+        self.requires_recreate = body.requires_recreate
+        super().__init__(body.message)
+
+    def is_a(self, name: str) -> bool:
+        """Whether the daemon-side error was a ``name`` (the class or an ancestor)."""
+        return name in self.types
+
+
+class DaemonUnreachable(KelpieError):
+    """No daemon answers at the address."""
+
+    retriable = True
+
+
+def _error_from(status: int | None, payload: Any) -> RemoteError:
+    """The error in a response body (``status`` None: an error line inside a stream)."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        with contextlib.suppress(ValueError):
+            body = ErrorBody.model_validate(payload["error"])
+            return RemoteError(status or error_status(body.types), body)
+    status = status or 500
+    if isinstance(payload, dict) and "detail" in payload:  # FastAPI's request validation
+        detail = payload["detail"]
+        problems = [f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg')}"
+                    for d in detail] if isinstance(detail, list) else [str(detail)]
+        return RemoteError(status, ErrorBody(
+            type="ConfigError", types=["ConfigError", "KelpieError"],
+            message="invalid request:\n" + "\n".join(f"  - {p}" for p in problems),
+            problems=problems))
+    return RemoteError(status, ErrorBody(type="KelpieError", types=["KelpieError"],
+                                         message=f"daemon answered HTTP {status}: {payload}"))
+
+
+def read_token_file(path: Path) -> str:
+    """A bearer token from a file: its first line, at least 16 characters."""
+    from kelpie.vm import ConfigError
+
+    try:
+        token = path.read_text().strip().splitlines()[0].strip() if path.stat().st_size else ""
+    except (OSError, IndexError) as exc:
+        raise ConfigError([f"cannot read the token file {path}: {exc}"], what="token") from None
+    if len(token) < 16:
+        raise ConfigError([f"the token in {path} is {len(token)} characters; give at least 16 "
+                           "(e.g. `openssl rand -hex 32 > FILE`)"], what="token")
+    return token
+
+
+class DaemonClient:
+    """Async client of one daemon.
+
+    ``url``: ``unix:///path/to/kelpie.sock`` or ``http(s)://host:port``; default
+    ``$KELPIE_HOST``, else the local daemon's socket. ``token``: the bearer token for a TCP
+    daemon; default ``$KELPIE_TOKEN``.
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None) -> None:
+        url = url or os.environ.get(HOST_ENV) or f"unix://{daemon_socket()}"
+        self.url = url
+        self.token = token or os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if url.startswith("unix://"):
+            self.socket_path: Path | None = Path(url[len("unix://"):])
+            transport = httpx.AsyncHTTPTransport(uds=str(self.socket_path))
+            base = "http://kelpie"
+        elif url.startswith(("http://", "https://")):
+            self.socket_path = None
+            transport = httpx.AsyncHTTPTransport()
+            base = url.rstrip("/")
+        else:
+            from kelpie.vm import ConfigError
+
+            raise ConfigError([f"daemon address {url!r}: expected unix:///PATH or "
+                               "http(s)://HOST:PORT"], what="daemon address")
+        self._base = base
+        self._headers = headers
+        self._http = httpx.AsyncClient(transport=transport, base_url=f"{base}/v1",
+                                       headers=headers, timeout=REQUEST_TIMEOUT)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ---- plumbing -----------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            raise _error_from(response.status_code, _json_or_text(response))
+        return response
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, path: str, **kwargs: Any,
+                      ) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _error_from(response.status_code, _json_or_text(response))
+                yield response
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+
+    # ---- the daemon ---------------------------------------------------------------------
+    async def version(self) -> VersionInfo:
+        """The daemon's version and pid; raises :class:`DaemonUnreachable` if none answers."""
+        return VersionInfo.model_validate((await self._request("GET", "/version")).json())
+
+    async def shutdown(self, *, stop_sandboxes: bool = False) -> None:
+        """Ask the daemon to exit (sandboxes keep running unless ``stop_sandboxes``)."""
+        await self._request("POST", "/shutdown", params={"stop_sandboxes": stop_sandboxes})
+
+    # ---- sandboxes ----------------------------------------------------------------------
+    async def create(self, body: SandboxCreate, *,
+                     progress: Callable[[str], None] | None = None) -> Sandbox:
+        """Create and start a sandbox; ``progress`` hears each step."""
+        payload = body.model_dump(mode="json")
+        if progress is None:
+            reply = await self._request("POST", "/sandboxes", json=payload)
+            return Sandbox.model_validate(reply.json())
+        async with self._stream("POST", "/sandboxes", json=payload,
+                                headers={"Accept": NDJSON}) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                if message.get("type") == "progress":
+                    progress(str(message.get("message", "")))
+                elif message.get("type") == "result":
+                    return Sandbox.model_validate(message["sandbox"])
+                elif message.get("type") == "error":
+                    raise _error_from(None, message)
+        raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
+                                         message="the daemon ended the create stream early"))
+
+    async def list(self, *, all: bool = False) -> builtins.list[Sandbox]:
+        """Running and paused sandboxes (``all``: every one)."""
+        reply = await self._request("GET", "/sandboxes", params={"all": all})
+        return [Sandbox.model_validate(s) for s in reply.json()]
+
+    async def get(self, ref: str) -> Sandbox:
+        """One sandbox by name, id or unique id prefix."""
+        return Sandbox.model_validate((await self._request("GET", _sb(ref))).json())
+
+    async def events(self, ref: str) -> builtins.list[dict[str, Any]]:
+        """The sandbox's recorded state changes."""
+        reply = await self._request("GET", f"{_sb(ref)}/events")
+        events: list[dict[str, Any]] = reply.json()
+        return events
+
+    async def _lifecycle(self, ref: str, action: str, **params: Any) -> Sandbox:
+        reply = await self._request("POST", f"{_sb(ref)}/{action}",
+                                    params={k: v for k, v in params.items() if v is not None})
+        return Sandbox.model_validate(reply.json())
+
+    async def start(self, ref: str) -> Sandbox:
+        """Start a stopped or crashed sandbox."""
+        return await self._lifecycle(ref, "start")
+
+    async def stop(self, ref: str, *, timeout: float | None = None) -> Sandbox:
+        """Stop a sandbox (``timeout=0``: kill it at once)."""
+        return await self._lifecycle(ref, "stop", timeout=timeout)
+
+    async def kill(self, ref: str) -> Sandbox:
+        """Stop a sandbox at once."""
+        return await self._lifecycle(ref, "kill")
+
+    async def pause(self, ref: str) -> Sandbox:
+        """Freeze a running sandbox."""
+        return await self._lifecycle(ref, "pause")
+
+    async def resume(self, ref: str) -> Sandbox:
+        """Resume a paused sandbox."""
+        return await self._lifecycle(ref, "resume")
+
+    async def remove(self, ref: str, *, force: bool = False) -> None:
+        """Remove a sandbox (``force``: even a running one)."""
+        await self._request("DELETE", _sb(ref), params={"force": force})
+
+    async def logs(self, ref: str, *, tail: int | None = None, follow: bool = False,
+                   console: bool = False) -> AsyncIterator[bytes]:
+        """The sandbox's logs in chunks; with ``follow`` until the sandbox stops."""
+        params: dict[str, Any] = {"follow": follow, "console": console}
+        if tail is not None:
+            params["tail"] = tail
+        async with self._stream("GET", f"{_sb(ref)}/logs", params=params) as response:
+            async for chunk in response.aiter_raw():
+                yield chunk
+
+    # ---- commands -----------------------------------------------------------------------
+    async def exec(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None, stdin: bytes | None = None,
+                   timeout: float | None = None) -> ExecResult:
+        """Run a command to completion; :class:`RemoteError` (ExecTimeout) past ``timeout``."""
+        body = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "user": user,
+                "stdin": b64(stdin) if stdin else None, "timeout": timeout}
+        reply = (await self._request("POST", f"{_sb(ref)}/exec", json=body)).json()
+        return ExecResult(reply["exit_code"], unb64(reply["stdout"], "stdout"),
+                          unb64(reply["stderr"], "stderr"), reply["duration"], reply["signal"])
+
+    @contextlib.asynccontextmanager
+    async def exec_stream(
+        self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+        cwd: str | None = None, user: str | None = None, timeout: float | None = None,
+        tty: bool = False, rows: int = 24, cols: int = 80,
+    ) -> AsyncIterator[RemoteProcess]:
+        """Start a command over the exec WebSocket; leaving the block early kills it."""
+        start = ExecStart(argv=list(argv), env=dict(env or {}), cwd=cwd, user=user,
+                          timeout=timeout, tty=tty, rows=rows, cols=cols)
+        request = ExecRequest(tuple(argv), dict(env or {}), cwd, user, timeout, tty)
+        async with self._websocket(f"{_sb(ref)}/exec/ws") as ws:
+            await ws.send(start.model_dump_json())
+            first = await _receive(ws)
+            if isinstance(first, dict) and first.get("type") == "error":
+                raise _error_from(None, first)
+            yield RemoteProcess(request, ws)
+
+    @contextlib.asynccontextmanager
+    async def _websocket(self, path: str) -> AsyncIterator[ClientConnection]:
+        headers = self._headers or None
+        try:
+            if self.socket_path is not None:
+                ws_cm = unix_connect(str(self.socket_path), f"ws://kelpie/v1{path}",
+                                     additional_headers=headers, max_size=WS_MAX_MESSAGE,
+                                     compression=None, proxy=None)
+            else:
+                scheme = "wss" if self._base.startswith("https") else "ws"
+                uri = f"{scheme}{self._base[self._base.index(':'):]}/v1{path}"
+                ws_cm = connect(uri, additional_headers=headers, max_size=WS_MAX_MESSAGE,
+                                compression=None, proxy=None)
+            async with ws_cm as ws:
+                yield ws
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise RemoteError(status, ErrorBody(
+                type="KelpieError", types=["KelpieError"],
+                message=f"the daemon refused the exec stream (HTTP {status}); "
+                        "check the token")) from None
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+
+    # ---- files --------------------------------------------------------------------------
+    async def read_file_stream(self, ref: str, path: str) -> AsyncIterator[bytes]:
+        """A file's bytes in chunks."""
+        async with self._stream("GET", f"{_sb(ref)}/files", params={"path": path}) as response:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+
+    async def read_file(self, ref: str, path: str) -> bytes:
+        """A whole file."""
+        return (await self._request("GET", f"{_sb(ref)}/files", params={"path": path})).content
+
+    async def write_file(self, ref: str, path: str, data: bytes | AsyncIterable[bytes], *,
+                         mode: int = 0o644) -> None:
+        """Write a file atomically (bytes, or streamed from an async iterable)."""
+        await self._request("PUT", f"{_sb(ref)}/files", params={"path": path, "mode": mode},
+                            content=data,
+                            headers={"Content-Type": "application/octet-stream"})
+
+    async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]:
+        """A directory's entries."""
+        reply = await self._request("GET", f"{_sb(ref)}/dir", params={"path": path})
+        return [FileInfo(e.name, e.type, e.size, e.mode)
+                for e in (FileEntry.model_validate(x) for x in reply.json())]
+
+    async def remove_path(self, ref: str, path: str, *, recursive: bool = False) -> None:
+        """Remove a file (``recursive``: a directory tree)."""
+        await self._request("DELETE", f"{_sb(ref)}/files",
+                            params={"path": path, "recursive": recursive})
+
+
+class RemoteProcess(ExecProcess):
+    """A command running in a sandbox, driven over the daemon's exec WebSocket."""
+
+    def __init__(self, request: ExecRequest, ws: ClientConnection) -> None:
+        super().__init__(request)
+        self._ws = ws
+
+    async def write_stdin(self, data: bytes) -> None:
+        if data:
+            await self._send(data)
+
+    async def close_stdin(self) -> None:
+        await self._send(json.dumps({"type": "stdin_eof"}))
+
+    async def send_signal(self, signum: int) -> None:
+        await self._send(json.dumps({"type": "signal", "signal": signum}))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._send(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+
+    async def _send(self, message: bytes | str) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the command ended meanwhile
+            await self._ws.send(message)
+
+    async def _events(self) -> AsyncIterator[ExecEvent]:
+        while True:
+            message = await _receive(self._ws)
+            if message is None:
+                raise KelpieError("the daemon closed the exec stream before the command ended")
+            if isinstance(message, bytes):
+                stream = StreamName.STDOUT if message[:1] == bytes([CHANNEL_STDOUT]) \
+                    else StreamName.STDERR
+                yield ExecOutput(stream, message[1:])
+            elif message.get("type") == "exit":
+                end = ExecExitMessage.model_validate(message)
+                yield ExecExit(end.exit_code, end.duration, end.signal, end.timed_out)
+                return
+            elif message.get("type") == "error":
+                raise _error_from(None, message)
+
+
+async def _receive(ws: ClientConnection) -> bytes | dict[str, Any] | None:
+    """The next message: bytes, a decoded JSON object, or None when the socket closed."""
+    try:
+        message = await ws.recv()
+    except ConnectionClosed:
+        return None
+    if isinstance(message, bytes):
+        return message
+    decoded: dict[str, Any] = json.loads(message)
+    return decoded
+
+
+def _sb(ref: str) -> str:
+    return f"/sandboxes/{quote(ref, safe='')}"
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text.strip()[:500]

@@ -1,0 +1,184 @@
+"""``/v1/sandboxes``: create, list, inspect, lifecycle, remove, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+
+from kelpie.api import (
+    NDJSON,
+    CreateDone,
+    ErrorResponse,
+    Event,
+    Progress,
+    Sandbox,
+    SandboxCreate,
+    StreamError,
+    error_body,
+    model_json,
+)
+from kelpie.daemon._routes_system import runtime_of
+from kelpie.runtime import Runtime, SandboxInfo
+from kelpie.vm import KelpieError
+
+router = APIRouter(tags=["sandboxes"])
+
+Ref = Annotated[str, PathParam(
+    description="A sandbox name, id, or unique id prefix (at least 3 characters).")]
+
+
+@router.get("/sandboxes")
+async def list_sandboxes(request: Request, all: bool = False) -> list[Sandbox]:
+    """Running and paused sandboxes; with ``all`` also stopped and crashed ones."""
+    return [Sandbox.from_info(i) for i in runtime_of(request).list(all=all)]
+
+
+@router.post(
+    "/sandboxes", status_code=201, response_model=Sandbox,
+    responses={201: {"content": {NDJSON: {}}, "description":
+                     "The sandbox; or, when the request accepts application/x-ndjson, "
+                     "progress lines then a result or error line."}},
+)
+async def create_sandbox(request: Request, body: SandboxCreate) -> Response:
+    """Create a sandbox from an image and start it (with its main command, if any)."""
+    runtime = runtime_of(request)
+    if body.backend and body.backend not in runtime.factory.registry.names():
+        from kelpie.daemon._app import error_response
+
+        try:
+            runtime.factory.registry.get(body.backend)
+        except KelpieError as exc:  # a name the daemon does not know is the request's fault
+            return error_response(exc, status=400)  # (503 means a backend cannot run here)
+    if NDJSON in request.headers.get("accept", ""):
+        return StreamingResponse(_create_streamed(request, runtime, body), media_type=NDJSON,
+                                 status_code=201)
+    info = await _create(runtime, body, None)
+    return _json(Sandbox.from_info(info), 201)
+
+
+async def _create(
+    runtime: Runtime, body: SandboxCreate, progress: asyncio.Queue[str] | None,
+) -> SandboxInfo:
+    return await runtime.create(
+        image=body.image, name=body.name, cpus=body.cpus, memory_mib=body.memory_mib,
+        env=body.env, volumes=body.volumes, ports=body.ports, network=body.network,
+        backend=body.backend, hostname=body.hostname, labels=body.labels,
+        command=body.command, progress=None if progress is None else progress.put_nowait,
+    )
+
+
+async def _create_streamed(
+    request: Request, runtime: Runtime, body: SandboxCreate,
+) -> AsyncIterator[bytes]:
+    """Progress lines while the sandbox is created, then the result (or the error).
+
+    The creation runs as its own task: a client that goes away does not cancel it half
+    way, and the sandbox it makes is listed like any other.
+    """
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.create_task(_create(runtime, body, queue))
+    background: set[asyncio.Task[SandboxInfo]] = request.app.state.background
+    background.add(task)
+    task.add_done_callback(background.discard)
+    while not task.done():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield _line(Progress(message=getter.result()))
+        else:
+            getter.cancel()
+    while not queue.empty():
+        yield _line(Progress(message=queue.get_nowait()))
+    exc = task.exception()
+    if exc is not None:
+        yield _line(StreamError(error=error_body(exc)))
+    else:
+        yield _line(CreateDone(sandbox=Sandbox.from_info(task.result())))
+
+
+@router.get("/sandboxes/{ref}")
+async def inspect_sandbox(request: Request, ref: Ref) -> Sandbox:
+    """One sandbox by name, id or unique id prefix."""
+    return Sandbox.from_info(runtime_of(request).get(ref))
+
+
+@router.get("/sandboxes/{ref}/events")
+async def sandbox_events(request: Request, ref: Ref) -> list[Event]:
+    """The sandbox's recorded state changes, oldest first."""
+    return [Event.from_event(e) for e in runtime_of(request).history(ref)]
+
+
+@router.post("/sandboxes/{ref}/start")
+async def start_sandbox(request: Request, ref: Ref) -> Sandbox:
+    """Start a stopped or crashed sandbox (its main command too)."""
+    return Sandbox.from_info(await runtime_of(request).start(ref))
+
+
+@router.post("/sandboxes/{ref}/stop")
+async def stop_sandbox(
+    request: Request, ref: Ref,
+    timeout: Annotated[float | None, Query(ge=0, le=3600)] = None,
+) -> Sandbox:
+    """Shut a sandbox down: gracefully, or at once with ``timeout=0``."""
+    return Sandbox.from_info(await runtime_of(request).stop(ref, timeout=timeout))
+
+
+@router.post("/sandboxes/{ref}/kill")
+async def kill_sandbox(request: Request, ref: Ref) -> Sandbox:
+    """Stop a sandbox at once (its VM is killed)."""
+    return Sandbox.from_info(await runtime_of(request).stop(ref, timeout=0))
+
+
+@router.post("/sandboxes/{ref}/pause")
+async def pause_sandbox(request: Request, ref: Ref) -> Sandbox:
+    """Freeze a running sandbox."""
+    return Sandbox.from_info(await runtime_of(request).pause(ref))
+
+
+@router.post("/sandboxes/{ref}/resume")
+async def resume_sandbox(request: Request, ref: Ref) -> Sandbox:
+    """Let a paused sandbox run again."""
+    return Sandbox.from_info(await runtime_of(request).resume(ref))
+
+
+@router.delete("/sandboxes/{ref}", status_code=204)
+async def remove_sandbox(request: Request, ref: Ref, force: bool = False) -> Response:
+    """Remove a sandbox at rest (or, with ``force``, a running one)."""
+    await runtime_of(request).remove(ref, force=force)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/sandboxes/{ref}/logs",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}},
+               404: {"model": ErrorResponse}},
+)
+async def sandbox_logs(
+    request: Request, ref: Ref,
+    tail: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
+    follow: bool = False, console: bool = False,
+) -> StreamingResponse:
+    """The sandbox's logs (main command output, else console); ``follow`` streams on."""
+    runtime = runtime_of(request)
+    info = runtime.get(ref)  # an unknown sandbox is a 404, before the stream starts
+    if not follow:
+        return StreamingResponse(iter([runtime.logs(info.id, tail=tail, console=console)]),
+                                 media_type="application/octet-stream")
+    return StreamingResponse(runtime.follow_logs(info.id, tail=tail, console=console),
+                             media_type="application/octet-stream")
+
+
+def _line(model: Progress | CreateDone | StreamError) -> bytes:
+    return json.dumps(model_json(model)).encode() + b"\n"
+
+
+def _json(model: Sandbox, status: int) -> Response:
+    return Response(json.dumps(model_json(model)), status_code=status,
+                    media_type="application/json")

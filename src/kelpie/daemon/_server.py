@@ -1,0 +1,171 @@
+"""Running the daemon: listeners, the runtime, readiness, shutdown.
+
+The unix socket is created by us, not by uvicorn, so that it never exists with a wider
+mode than 0600 (it is bound under umask 0177, inside a 0700 directory). A TCP listener is
+opened only with a token; every TCP request must then carry it (:class:`TokenAuth`).
+
+The runtime (and with it the data directory's lock) is opened before the listeners, so a
+second daemon on the same data directory fails at once with the first one's pid. VMs run
+detached: shutting down (SIGTERM, SIGINT, ``POST /v1/shutdown``) closes the runtime and
+leaves every sandbox running, unless asked to stop them; a later daemon re-attaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from kelpie._paths import SOCKET_NAME, runtime_dir
+from kelpie.daemon._app import TokenAuth, create_app
+from kelpie.runtime import Runtime
+from kelpie.vm import ConfigError, KelpieError
+
+log = logging.getLogger("kelpie.daemon")
+
+PID_FILE = "daemon.pid"
+LOG_FILE = "daemon.log"
+MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its terminating NUL
+READY = b"ready\n"
+
+
+class DaemonError(KelpieError):
+    """The daemon could not start, or cannot be reached."""
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """Where the daemon listens and keeps its state.
+
+    ``tcp`` is ``(host, port)`` for an additional TCP listener; it needs ``token``.
+    ``ready_fd`` is a pipe the daemon writes ``ready`` to once it accepts connections.
+    """
+
+    run_dir: Path
+    data_dir: Path | None = None
+    tcp: tuple[str, int] | None = None
+    token: str | None = None
+    ready_fd: int | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / SOCKET_NAME
+
+
+def default_options() -> DaemonOptions:
+    """The daemon's default places (``KELPIE_RUNTIME_DIR``/``KELPIE_STATE_DIR`` apply)."""
+    return DaemonOptions(run_dir=runtime_dir())
+
+
+def unix_listener(path: Path) -> socket.socket:
+    """A listening unix socket at ``path``, mode 0600, in a 0700 directory.
+
+    A socket left behind by a dead daemon is replaced; a live one is an error.
+    """
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ConfigError([f"socket path {path} is over {MAX_UNIX_PATH} bytes; set "
+                           "KELPIE_RUNTIME_DIR to a shorter directory"], what="daemon socket")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise DaemonError(f"{path} exists and is not a socket; remove it")
+        if _answers(path):
+            raise DaemonError(f"a daemon is already listening on {path}")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def tcp_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (IPv4 or IPv6 host)."""
+    try:
+        return socket.create_server((host, port), family=_family(host), backlog=128)
+    except OSError as exc:
+        raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
+    """Serve until shut down; the runtime is opened first and closed last."""
+    if options.tcp is not None and not options.token:
+        raise ConfigError(["a TCP listener needs a token (--token-file); without one the "
+                           "daemon listens on its unix socket only"], what="daemon listener")
+    runtime = runtime or Runtime(data_dir=options.data_dir)
+    await runtime.open()
+    sockets: list[socket.socket] = []
+    pid_file = options.run_dir / PID_FILE
+    try:
+        sockets.append(unix_listener(options.socket_path))
+        if options.tcp is not None:
+            sockets.append(tcp_listener(*options.tcp))
+        server = _server(options, runtime)
+        pid_file.write_text(f"{os.getpid()}\n")
+        _signal_ready(options.ready_fd)
+        log.info("listening on %s%s", options.socket_path,
+                 f" and tcp {options.tcp[0]}:{options.tcp[1]}" if options.tcp else "")
+        await server.serve(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if sockets:
+                options.socket_path.unlink()
+        await runtime.close()
+
+
+def _server(options: DaemonOptions, runtime: Runtime) -> uvicorn.Server:
+    holder: list[uvicorn.Server] = []
+
+    def shutdown(stop_sandboxes: bool) -> None:
+        holder[0].should_exit = True
+
+    app = TokenAuth(create_app(runtime, on_shutdown=shutdown), token=options.token,
+                    unix_path=str(options.socket_path))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            ws="websockets-sansio", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    holder.append(server)
+    return server
+
+
+def _signal_ready(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, READY)
+    finally:
+        os.close(fd)

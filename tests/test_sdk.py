@@ -1,0 +1,119 @@
+"""The SDK: AsyncSandbox and Sandbox, in-process (mock and a real VM) and through a daemon."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import vm_unavailable
+from daemon_env import KelpieHome
+from kelpie import AsyncSandbox, ExecOutput, ExecTimeout, RemoteError, Sandbox, SandboxNotFound
+from kelpie.vm import ExecExit
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KELPIE_STATE_DIR", str(tmp_path / "state"))
+
+
+async def test_async_sandbox_in_process() -> None:
+    async with await AsyncSandbox.create(backend="mock", env={"A": "1"}, name="sdk") as box:
+        assert box.name == "sdk" and (await box.info()).state == "running"
+        result = await box.exec(["sh", "-c", "env; echo err >&2; exit 4"])
+        assert (result.exit_code, result.stderr) == (4, b"err\n")
+        assert b"A=1\n" in result.stdout
+        await box.files.write("/tmp/f", "text", mode=0o600)
+        assert await box.files.read("/tmp/f") == b"text"
+        assert [e.name for e in await box.files.list("/tmp")] == ["f"]
+        await box.files.remove("/tmp/f")
+        assert await box.files.list("/tmp") == []
+        async with box.exec_stream(["cat"]) as process:
+            await process.write_stdin(b"streamed")
+            await process.close_stdin()
+            events = [event async for event in process]
+        assert ExecOutput(events[0].stream, b"streamed") == events[0]  # type: ignore[union-attr]
+        assert isinstance(events[-1], ExecExit) and events[-1].exit_code == 0
+        await box.pause()
+        assert (await box.info()).state == "paused"
+        await box.resume()
+        with pytest.raises(ExecTimeout):
+            await box.exec(["sleep", "5"], timeout=0.05)
+        sandbox_id = box.id
+    # leaving the block removed it
+    other = await AsyncSandbox.create(backend="mock")
+    with pytest.raises(SandboxNotFound):
+        await other._driver.record(sandbox_id)
+    await other.remove()
+
+
+def test_blocking_sandbox_in_process() -> None:
+    with Sandbox.create(backend="mock", command=["echo", "main says hi"]) as box:
+        assert box.exec(["echo", "hi"]).stdout == b"hi\n"
+        box.files.write("/tmp/x", b"\x00\xff")
+        assert box.files.read("/tmp/x") == b"\x00\xff"
+        with box.exec_stream(["cat"]) as process:
+            process.write_stdin(b"abc")
+            process.close_stdin()
+            result = process.wait()
+        assert result.stdout == b"abc"
+        info = box.info()
+        assert info.command == ["echo", "main says hi"]
+        box.kill()
+        assert box.info().state == "stopped"
+        assert box.logs() == b"main says hi\n"
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    from kelpie import ConfigError
+
+    with pytest.raises(ConfigError, match="vcpus is 0"):
+        Sandbox.create(backend="mock", cpus=0)
+
+
+@pytest.fixture
+def home() -> Iterator[KelpieHome]:
+    home = KelpieHome()
+    try:
+        yield home
+    finally:
+        home.close()
+
+
+def test_sandbox_through_a_daemon(home: KelpieHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert home.kelpie("daemon", "start").returncode == 0
+    url = f"unix://{home.socket}"
+    box = Sandbox.create(backend="mock", daemon=url, name="remote")
+    try:
+        assert box.exec(["echo", "over http"]).stdout == b"over http\n"
+        box.files.write("/tmp/f", b"data")
+        assert box.files.read("/tmp/f") == b"data"
+        with box.exec_stream(["sleep", "60"]) as process:
+            process.send_signal(signal.SIGTERM)
+            result = process.wait()
+        assert result.exit_code == 128 + signal.SIGTERM
+        again = Sandbox.attach("remote", daemon=url)
+        assert again.id == box.id
+        with pytest.raises(RemoteError) as caught:
+            Sandbox.attach("nosuch", daemon=url)
+        assert caught.value.is_a("SandboxNotFound") and caught.value.status == 404
+    finally:
+        box.remove()
+    listed = home.kelpie("ps", "-a", "-q")
+    assert box.id not in listed.stdout
+
+
+@pytest.mark.vm
+def test_real_vm_in_process(guestkit: object) -> None:
+    try:
+        box = Sandbox.create(memory=256)
+    except Exception as exc:  # pragma: no cover - depends on the host
+        vm_unavailable(str(exc))
+    with box:
+        result = box.exec(["sh", "-c", "echo $((6*7)); uname -s"])
+        assert result.stdout == b"42\nLinux\n"
+        box.files.write("/tmp/payload", b"x" * 100_000)
+        assert box.files.read("/tmp/payload") == b"x" * 100_000
+        assert box.info().backend == "qemu"
