@@ -98,13 +98,14 @@ def _error_from(status: int | None, payload: Any) -> RemoteError:
 
 
 def read_token_file(path: Path) -> str:
-    """A bearer token from a file: its first line, at least 16 characters."""
+    """A bearer token from a file: its first non-blank line, at least 16 characters."""
     from kelpie.vm import ConfigError
 
     try:
-        token = path.read_text().strip().splitlines()[0].strip() if path.stat().st_size else ""
-    except (OSError, IndexError) as exc:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read the token file {path}: {exc}"], what="token") from None
+    token = next((line.strip() for line in lines if line.strip()), "")
     if len(token) < 16:
         raise ConfigError([f"the token in {path} is {len(token)} characters; give at least 16 "
                            "(e.g. `openssl rand -hex 32 > FILE`)"], what="token")

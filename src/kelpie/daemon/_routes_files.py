@@ -14,8 +14,10 @@ from kelpie.daemon._routes_system import runtime_of
 
 router = APIRouter(tags=["files"])
 
-GuestPath = Annotated[str, Query(min_length=1, max_length=4096,
-                                 description="An absolute path in the guest.")]
+GuestPath = Annotated[str, Query(
+    min_length=1, max_length=4096, description="An absolute path in the guest.",
+    # documented, not enforced here: the runtime checks it and says what is wrong (400)
+    json_schema_extra={"pattern": "^/[^\\u0000]*$"})]
 
 
 @router.get(

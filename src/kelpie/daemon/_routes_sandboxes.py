@@ -43,7 +43,8 @@ async def list_sandboxes(request: Request, all: bool = False) -> list[Sandbox]:
     "/sandboxes", status_code=201, response_model=Sandbox,
     responses={201: {"content": {NDJSON: {}}, "description":
                      "The sandbox; or, when the request accepts application/x-ndjson, "
-                     "progress lines then a result or error line."}},
+                     "progress lines then a result or error line (a create that fails "
+                     "before its first step gets a plain error response)."}},
 )
 async def create_sandbox(request: Request, body: SandboxCreate) -> Response:
     """Create a sandbox from an image and start it (with its main command, if any)."""
@@ -56,8 +57,7 @@ async def create_sandbox(request: Request, body: SandboxCreate) -> Response:
         except KelpieError as exc:  # a name the daemon does not know is the request's fault
             return error_response(exc, status=400)  # (503 means a backend cannot run here)
     if NDJSON in request.headers.get("accept", ""):
-        return StreamingResponse(_create_streamed(request, runtime, body), media_type=NDJSON,
-                                 status_code=201)
+        return await _create_streaming(request, runtime, body)
     info = await _create(runtime, body, None)
     return _json(Sandbox.from_info(info), 201)
 
@@ -73,19 +73,38 @@ async def _create(
     )
 
 
-async def _create_streamed(
+async def _create_streaming(
     request: Request, runtime: Runtime, body: SandboxCreate,
-) -> AsyncIterator[bytes]:
+) -> StreamingResponse:
     """Progress lines while the sandbox is created, then the result (or the error).
 
     The creation runs as its own task: a client that goes away does not cancel it half
-    way, and the sandbox it makes is listed like any other.
+    way, and the sandbox it makes is listed like any other. The 201 is sent with the first
+    progress line; a create refused before that (a name in use, an invalid config, an
+    unknown image) is raised here and answered with its own status, like a plain create.
     """
     queue: asyncio.Queue[str] = asyncio.Queue()
     task = asyncio.create_task(_create(runtime, body, queue))
     background: set[asyncio.Task[SandboxInfo]] = request.app.state.background
     background.add(task)
     task.add_done_callback(background.discard)
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    first = getter.result() if getter.done() else None
+    if first is None:
+        getter.cancel()
+        error = task.exception()
+        if error is not None:
+            raise error
+    return StreamingResponse(_create_streamed(task, queue, first), media_type=NDJSON,
+                             status_code=201)
+
+
+async def _create_streamed(
+    task: asyncio.Task[SandboxInfo], queue: asyncio.Queue[str], first: str | None,
+) -> AsyncIterator[bytes]:
+    if first is not None:
+        yield _line(Progress(message=first))
     while not task.done():
         getter = asyncio.ensure_future(queue.get())
         await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)

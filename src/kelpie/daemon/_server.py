@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -147,6 +149,22 @@ async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
         await runtime.close()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising SIGTERM/SIGINT once it has shut down.
+
+    uvicorn re-raises a captured signal when its ``serve`` returns, with the default
+    handler back in place: that kills the process before :func:`serve` removes the socket
+    and pid file and closes the runtime. A signal here means a graceful shutdown, done
+    when :func:`serve` returns.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for open connections
+        else:
+            self.should_exit = True
+
+
 def _server(options: DaemonOptions, runtime: Runtime) -> uvicorn.Server:
     holder: list[uvicorn.Server] = []
 
@@ -157,7 +175,7 @@ def _server(options: DaemonOptions, runtime: Runtime) -> uvicorn.Server:
                     unix_path=str(options.socket_path))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             ws="websockets-sansio", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     holder.append(server)
     return server
 
