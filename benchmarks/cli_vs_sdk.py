@@ -67,8 +67,9 @@ def main() -> None:
             cli.append(kelpie("run", "--rm", IMAGE, "--", "true", env=env))
             sdk.append(sdk_run())
         noop = [kelpie("--version", env=env) for _ in range(args.runs)]
-        kelpie("daemon", "stop", env=env)
     finally:
+        subprocess.run([sys.executable, "-m", "kelpie", "--no-autostart", "daemon", "stop",
+                        "--stop-sandboxes"], env=env, check=False, stdout=subprocess.DEVNULL)
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
