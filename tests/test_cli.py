@@ -60,7 +60,7 @@ def test_bad_input_is_one_clear_error(capfd: pytest.CaptureFixture[str]) -> None
     err = capfd.readouterr().err
     assert err.startswith("kelpie: error: invalid VM configuration")
     assert "vcpus is 0; allowed range is 1..32" in err and "Traceback" not in err
-    assert main(["run", "--backend", "nope", "--", "true"]) == 125
+    assert main(["run", "--backend", "nope", "--", "true"]) == 2
     assert "unknown backend 'nope'" in capfd.readouterr().err
     assert main(["run", "--backend", "mock", "-e", "oops", "--", "true"]) == 2
     assert "expected NAME=VALUE" in capfd.readouterr().err

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from kelpie.runtime import SandboxEvent, SandboxInfo
+    from kelpie.runtime import SandboxEvent, SandboxInfo, SnapshotInfo
     from kelpie.vm import ExecResult, FileInfo
 
 API_VERSION = "v1"
@@ -66,11 +66,16 @@ class ErrorResponse(_Model):
 ERROR_STATUS: tuple[tuple[str, int], ...] = (
     # most specific first: the first class name in an error's ``types`` that is listed wins
     ("SandboxNotFound", 404),
+    ("SnapshotNotFound", 404),
     ("ImageNotFound", 404),
     ("GuestFileError", 400),
     ("AmbiguousSandbox", 409),
     ("AmbiguousImage", 409),
     ("SandboxNameInUse", 409),
+    ("SnapshotNameInUse", 409),
+    ("AmbiguousSnapshot", 409),
+    ("SnapshotIncompatible", 409),
+    ("SnapshotCorrupted", 400),
     ("ImageInUse", 409),
     ("InvalidStateError", 409),
     ("ConfigError", 400),
@@ -115,6 +120,10 @@ class SandboxCreate(_Model):
         None, max_length=MAX_ARGV,
         description="The main command, run at every start, its output the sandbox's logs. "
                     "[] means the image's default command; None: no main command.")
+    template: str | None = Field(
+        None, max_length=MAX_NAME,
+        description="Start by restoring this template instead of booting; then only name, "
+                    "env and labels may be given.")
 
 
 class Volume(_Model):
@@ -211,6 +220,72 @@ class StreamError(_Model):
 
     type: Literal["error"] = "error"
     error: ErrorBody
+
+
+# ---- snapshots and templates ------------------------------------------------------------
+class SnapshotCreate(_Model):
+    """Snapshot a sandbox."""
+
+    sandbox: str = Field(max_length=MAX_NAME, description="Name, id or unique id prefix.")
+    name: Annotated[str, Field(max_length=MAX_NAME,
+                               json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] | None = None
+    kind: Literal["full", "disk"] = Field(
+        "full", description="full: memory, devices and disk of a running or paused sandbox; "
+                            "disk: the disk of a stopped one.")
+    leave_paused: bool = False
+
+
+class RestoreBody(_Model):
+    """Create a sandbox from a snapshot."""
+
+    name: Annotated[str, Field(max_length=MAX_NAME,
+                               json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] | None = None
+    paused: bool = False
+    env: dict[str, str] = Field(default_factory=dict,
+                                json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class TemplateCreate(_Model):
+    """Boot a sandbox once and keep its snapshot as a template."""
+
+    name: Annotated[str, Field(max_length=MAX_NAME,
+                               json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})]
+    image: str | None = Field(None, max_length=MAX_NAME * 2)
+    cpus: int | None = None
+    memory_mib: int | None = None
+    env: dict[str, str] = Field(default_factory=dict,
+                                json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
+    network: Literal["none", "nat"] = "none"
+    backend: str | None = Field(None, max_length=64)
+
+
+class Snapshot(_Model):
+    """A snapshot (or template) the daemon keeps."""
+
+    id: str
+    short_id: str
+    name: str
+    kind: str
+    template: bool
+    backend: str
+    sandbox_id: str | None
+    sandbox_name: str | None
+    image: str | None
+    image_digest: str | None
+    cpus: int
+    memory_mib: int
+    size: int
+    created_at: float
+
+    @classmethod
+    def from_info(cls, info: SnapshotInfo) -> Snapshot:
+        return cls(id=info.id, short_id=info.short_id, name=info.name, kind=info.kind.value,
+                   template=info.template, backend=info.backend, sandbox_id=info.sandbox_id,
+                   sandbox_name=info.sandbox_name, image=info.image,
+                   image_digest=info.image_digest, cpus=info.sandbox.config.vcpus,
+                   memory_mib=info.sandbox.config.memory_mib, size=info.size,
+                   created_at=info.created_at)
 
 
 # ---- exec -------------------------------------------------------------------------------

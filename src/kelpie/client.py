@@ -30,8 +30,12 @@ from kelpie.api import (
     ExecExitMessage,
     ExecStart,
     FileEntry,
+    RestoreBody,
     Sandbox,
     SandboxCreate,
+    Snapshot,
+    SnapshotCreate,
+    TemplateCreate,
     VersionInfo,
     b64,
     error_status,
@@ -313,6 +317,68 @@ class DaemonClient:
                         "check the token")) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+
+    # ---- snapshots and templates --------------------------------------------------------
+    async def snapshot(self, ref: str, *, name: str | None = None, kind: str = "full",
+                       leave_paused: bool = False) -> Snapshot:
+        """Snapshot a sandbox."""
+        body = SnapshotCreate(sandbox=ref, name=name, kind=kind,
+                              leave_paused=leave_paused)
+        reply = await self._request("POST", "/snapshots", json=body.model_dump(mode="json"))
+        return Snapshot.model_validate(reply.json())
+
+    async def snapshots(self, *, templates: bool | None = None) -> builtins.list[Snapshot]:
+        """Snapshots (``templates``: only templates, or only plain ones)."""
+        params = {} if templates is None else {"templates": templates}
+        reply = await self._request("GET", "/snapshots", params=params)
+        return [Snapshot.model_validate(s) for s in reply.json()]
+
+    async def get_snapshot(self, ref: str) -> Snapshot:
+        """One snapshot by name, id or unique id prefix."""
+        reply = await self._request("GET", f"/snapshots/{quote(ref, safe='')}")
+        return Snapshot.model_validate(reply.json())
+
+    async def remove_snapshot(self, ref: str) -> None:
+        """Delete a snapshot."""
+        await self._request("DELETE", f"/snapshots/{quote(ref, safe='')}")
+
+    async def restore(self, ref: str, *, name: str | None = None, paused: bool = False,
+                      env: Mapping[str, str] | None = None) -> Sandbox:
+        """Create a sandbox from a snapshot."""
+        body = RestoreBody(name=name, paused=paused, env=dict(env or {}))
+        reply = await self._request("POST", f"/snapshots/{quote(ref, safe='')}/restore",
+                                    json=body.model_dump(mode="json"))
+        return Sandbox.model_validate(reply.json())
+
+    async def export_snapshot(self, ref: str, *, compress: bool = False,
+                              ) -> AsyncIterator[bytes]:
+        """The snapshot's archive, in chunks."""
+        async with self._stream("GET", f"/snapshots/{quote(ref, safe='')}/export",
+                                params={"compress": compress}) as response:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+
+    async def import_snapshot(self, data: bytes | AsyncIterable[bytes], *,
+                              name: str | None = None) -> Snapshot:
+        """Add a snapshot from an archive (bytes or a stream of chunks)."""
+        params = {} if name is None else {"name": name}
+        reply = await self._request("POST", "/snapshot-imports", params=params, content=data,
+                                    headers={"Content-Type": "application/octet-stream"})
+        return Snapshot.model_validate(reply.json())
+
+    async def templates(self) -> builtins.list[Snapshot]:
+        """The templates."""
+        reply = await self._request("GET", "/templates")
+        return [Snapshot.model_validate(s) for s in reply.json()]
+
+    async def create_template(self, body: TemplateCreate) -> Snapshot:
+        """Boot a sandbox once and keep its snapshot as a template."""
+        reply = await self._request("POST", "/templates", json=body.model_dump(mode="json"))
+        return Snapshot.model_validate(reply.json())
+
+    async def remove_template(self, ref: str) -> None:
+        """Delete a template."""
+        await self._request("DELETE", f"/templates/{quote(ref, safe='')}")
 
     # ---- files --------------------------------------------------------------------------
     async def read_file_stream(self, ref: str, path: str) -> AsyncIterator[bytes]:

@@ -32,7 +32,8 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
 from kelpie.api import Sandbox as SandboxRecord
-from kelpie.api import SandboxCreate
+from kelpie.api import SandboxCreate, TemplateCreate
+from kelpie.api import Snapshot as SnapshotRecord
 from kelpie.client import DaemonClient
 from kelpie.runtime import Runtime
 from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
@@ -59,6 +60,8 @@ class _Driver(Protocol):
     async def stop(self, ref: str, *, timeout: float | None = None) -> object: ...
     async def remove(self, ref: str, *, force: bool) -> None: ...
     async def logs(self, ref: str, tail: int | None) -> bytes: ...
+    async def snapshot(self, ref: str, name: str | None, kind: str,
+                       leave_paused: bool) -> SnapshotRecord: ...
     async def close(self) -> None: ...
 
 
@@ -73,7 +76,7 @@ class _RuntimeDriver:
             image=body.image, name=body.name, cpus=body.cpus, memory_mib=body.memory_mib,
             env=body.env, volumes=body.volumes, ports=body.ports, network=body.network,
             backend=body.backend, hostname=body.hostname, labels=body.labels,
-            command=body.command)
+            command=body.command, template=body.template)
         return SandboxRecord.from_info(info)
 
     async def record(self, ref: str) -> SandboxRecord:
@@ -117,6 +120,20 @@ class _RuntimeDriver:
 
     async def logs(self, ref: str, tail: int | None) -> bytes:
         return self.runtime.logs(ref, tail=tail)
+
+    async def snapshot(self, ref: str, name: str | None, kind: str,
+                       leave_paused: bool) -> SnapshotRecord:
+        return SnapshotRecord.from_info(await self.runtime.snapshot(
+            ref, name=name, kind=kind, leave_paused=leave_paused))
+
+    async def restore(self, snapshot: str, name: str | None, paused: bool) -> SandboxRecord:
+        return SandboxRecord.from_info(await self.runtime.restore(snapshot, name=name,
+                                                                  paused=paused))
+
+    async def create_template(self, body: TemplateCreate) -> SnapshotRecord:
+        return SnapshotRecord.from_info(await self.runtime.create_template(
+            name=body.name, image=body.image, cpus=body.cpus, memory_mib=body.memory_mib,
+            env=body.env, network=body.network, backend=body.backend))
 
     async def close(self) -> None:
         """The runtime is shared by every in-process sandbox of the loop: kept open."""
@@ -173,6 +190,16 @@ class _DaemonDriver:
     async def logs(self, ref: str, tail: int | None) -> bytes:
         return b"".join([chunk async for chunk in self.client.logs(ref, tail=tail)])
 
+    async def snapshot(self, ref: str, name: str | None, kind: str,
+                       leave_paused: bool) -> SnapshotRecord:
+        return await self.client.snapshot(ref, name=name, kind=kind, leave_paused=leave_paused)
+
+    async def restore(self, snapshot: str, name: str | None, paused: bool) -> SandboxRecord:
+        return await self.client.restore(snapshot, name=name, paused=paused)
+
+    async def create_template(self, body: TemplateCreate) -> SnapshotRecord:
+        return await self.client.create_template(body)
+
     async def close(self) -> None:
         await self.client.close()
 
@@ -200,6 +227,12 @@ async def _local_runtime() -> Runtime:
             runtimes[base] = runtime
     await runtime.open()
     return runtime
+
+
+async def _driver(daemon: str | None, token: str | None) -> _RuntimeDriver | _DaemonDriver:
+    if daemon is None:
+        return _RuntimeDriver(await _local_runtime())
+    return _DaemonDriver(DaemonClient(daemon, token=token))
 
 
 # ---- the async SDK ----------------------------------------------------------------------
@@ -250,6 +283,7 @@ class AsyncSandbox:
         network: str = "none",
         backend: str | None = None,
         command: Sequence[str] | None = None,
+        template: str | None = None,
         daemon: str | None = None,
         token: str | None = None,
     ) -> AsyncSandbox:
@@ -258,25 +292,58 @@ class AsyncSandbox:
         ``image``: a stored image (tag, digest, id prefix); None runs the guest kit's own
         userland. ``memory`` in MiB. ``volumes``: ``HOST:GUEST[:ro]``; ``ports``:
         ``[IP:]HOST:GUEST``; ``network``: ``none`` or ``nat``; ``command``: a main command
-        whose output becomes the logs. ``daemon``: the daemon's URL (``unix:///PATH`` or
-        ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it in this process.
+        whose output becomes the logs. ``template``: start by restoring this template
+        (then only ``name`` and ``env`` may be given). ``daemon``: the daemon's URL
+        (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it
+        in this process.
         """
         body = SandboxCreate(image=image, name=name, cpus=cpus, memory_mib=memory,
                              env=dict(env or {}), volumes=list(volumes), ports=list(ports),
                              network=network,
                              backend=backend,
-                             command=None if command is None else list(command))
-        driver: _RuntimeDriver | _DaemonDriver
-        if daemon is None:
-            driver = _RuntimeDriver(await _local_runtime())
-        else:
-            driver = _DaemonDriver(DaemonClient(daemon, token=token))
+                             command=None if command is None else list(command),
+                             template=template)
+        driver = await _driver(daemon, token)
         try:
             record = await driver.create(body)
         except BaseException:
             await driver.close()
             raise
         return cls(driver, record)
+
+    @classmethod
+    async def restore(cls, snapshot: str, *, name: str | None = None, paused: bool = False,
+                      daemon: str | None = None, token: str | None = None) -> AsyncSandbox:
+        """A new sandbox from a snapshot (name or id), as it was when captured.
+
+        In-process snapshots belong to this process's runtime; pass ``daemon`` for the
+        daemon's.
+        """
+        driver = await _driver(daemon, token)
+        try:
+            record = await driver.restore(snapshot, name, paused)
+        except BaseException:
+            await driver.close()
+            raise
+        return cls(driver, record)
+
+    @staticmethod
+    async def create_template(
+        name: str, image: str | None = None, *, cpus: int | None = None,
+        memory: int | None = None, env: Mapping[str, str] | None = None,
+        network: str = "none", backend: str | None = None, daemon: str | None = None,
+        token: str | None = None,
+    ) -> SnapshotRecord:
+        """Boot ``image`` once and keep its snapshot as template ``name`` (for
+        ``create(template=name)``)."""
+        body = TemplateCreate(name=name, image=image, cpus=cpus, memory_mib=memory,
+                              env=dict(env or {}), network=network,
+                              backend=backend)
+        driver = await _driver(daemon, token)
+        try:
+            return await driver.create_template(body)
+        finally:
+            await driver.close()
 
     @classmethod
     async def attach(cls, ref: str, *, daemon: str | None = None,
@@ -327,6 +394,15 @@ class AsyncSandbox:
     async def logs(self, *, tail: int | None = None) -> bytes:
         """The main command's output (else the console), the last ``tail`` lines if given."""
         return await self._driver.logs(self.id, tail)
+
+    async def snapshot(self, *, name: str | None = None, kind: str = "full",
+                       leave_paused: bool = False) -> SnapshotRecord:
+        """Snapshot the sandbox (``full``: memory + devices + disk; ``disk`` when stopped).
+
+        The sandbox goes on running (or stays paused with ``leave_paused``); restore with
+        :meth:`restore`.
+        """
+        return await self._driver.snapshot(self.id, name, kind, leave_paused)
 
     async def pause(self) -> None:
         """Freeze the sandbox."""
@@ -467,6 +543,7 @@ class Sandbox:
         network: str = "none",
         backend: str | None = None,
         command: Sequence[str] | None = None,
+        template: str | None = None,
         daemon: str | None = None,
         token: str | None = None,
     ) -> Sandbox:
@@ -474,8 +551,35 @@ class Sandbox:
         loop = _LoopThread.get()
         sandbox = loop.run(AsyncSandbox.create(
             image, name=name, cpus=cpus, memory=memory, env=env, volumes=volumes, ports=ports,
-            network=network, backend=backend, command=command, daemon=daemon, token=token))
+            network=network, backend=backend, command=command, template=template,
+            daemon=daemon, token=token))
         return cls(sandbox, loop)
+
+    @classmethod
+    def restore(cls, snapshot: str, *, name: str | None = None, paused: bool = False,
+                daemon: str | None = None, token: str | None = None) -> Sandbox:
+        """A new sandbox from a snapshot (see :meth:`AsyncSandbox.restore`)."""
+        loop = _LoopThread.get()
+        return cls(loop.run(AsyncSandbox.restore(snapshot, name=name, paused=paused,
+                                                 daemon=daemon, token=token)), loop)
+
+    @staticmethod
+    def create_template(
+        name: str, image: str | None = None, *, cpus: int | None = None,
+        memory: int | None = None, env: Mapping[str, str] | None = None,
+        network: str = "none", backend: str | None = None, daemon: str | None = None,
+        token: str | None = None,
+    ) -> SnapshotRecord:
+        """Make a template (see :meth:`AsyncSandbox.create_template`)."""
+        return _LoopThread.get().run(AsyncSandbox.create_template(
+            name, image, cpus=cpus, memory=memory, env=env, network=network, backend=backend,
+            daemon=daemon, token=token))
+
+    def snapshot(self, *, name: str | None = None, kind: str = "full",
+                 leave_paused: bool = False) -> SnapshotRecord:
+        """Snapshot the sandbox (see :meth:`AsyncSandbox.snapshot`)."""
+        return self._loop.run(self._async.snapshot(name=name, kind=kind,
+                                                   leave_paused=leave_paused))
 
     @classmethod
     def attach(cls, ref: str, *, daemon: str | None = None, token: str | None = None,

@@ -12,7 +12,7 @@ import click
 from pydantic import ValidationError
 
 from kelpie._version import __version__
-from kelpie.cli import _backend, _daemon, _dst, _guestkit, _image, _sandbox
+from kelpie.cli import _backend, _daemon, _dst, _guestkit, _image, _sandbox, _snapshot
 from kelpie.cli._connect import target_from
 from kelpie.client import RemoteError
 from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
@@ -59,7 +59,7 @@ def cli(ctx: click.Context, debug: bool, host: str | None, token_file: Path | No
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-for _command in _sandbox.COMMANDS:
+for _command in (*_sandbox.COMMANDS, *_snapshot.COMMANDS):
     cli.add_command(_command)
 cli.add_command(_daemon.daemon)
 cli.add_command(_backend.backend)

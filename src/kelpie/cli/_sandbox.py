@@ -95,6 +95,7 @@ class _RunCommand(click.Command):
 @click.option("--backend", help="Backend (default: KELPIE_BACKEND or the best for this host).")
 @click.option("-w", "--workdir", default=None, help="Working directory for the command.")
 @click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
+@click.option("--template", help="Start by restoring this template (see `kelpie template`).")
 @click.option("--pull", type=click.Choice(["missing", "never"]), default="missing",
               show_default=True, help="Pull an image the local store lacks, or never.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -102,7 +103,8 @@ class _RunCommand(click.Command):
 def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, tty: bool,
         remove: bool, env: tuple[str, ...], volumes: tuple[str, ...], ports: tuple[str, ...],
         network: str, cpus: int | None, memory: int | None, backend: str | None,
-        workdir: str | None, timeout: float | None, pull: str, args: tuple[str, ...]) -> int:
+        workdir: str | None, timeout: float | None, template: str | None, pull: str,
+        args: tuple[str, ...]) -> int:
     """Create a sandbox and run a command in it: ``kelpie run [IMAGE] [--] [CMD...]``.
 
     Without an image (``kelpie run -- echo hi``) the command runs in the guest kit's own
@@ -114,8 +116,9 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
     """
     if detach and (remove or interactive or tty):
         raise click.UsageError("-d cannot be combined with --rm, -i or -t")
-    image, command = _split_image(list(args), bool(ctx.meta.get("kelpie.no_image")))
-    if image is None and not command and not detach:
+    no_image = bool(ctx.meta.get("kelpie.no_image")) or template is not None
+    image, command = _split_image(list(args), no_image)
+    if image is None and not command and not detach and template is None:
         raise click.UsageError("no command given: kelpie run [IMAGE] [--] CMD...")
     if image is not None and current_target().local and pull == "missing":
         _pull_if_missing(image)
@@ -124,6 +127,7 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
         volumes=[_volume(v) for v in volumes], ports=list(ports), network=network,
         backend=backend,
         command=(command if command or image is not None else None) if detach else None,
+        template=template,
     )
 
     async def call(client: DaemonClient) -> int:
@@ -132,8 +136,9 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
             click.echo(sandbox.id)
             return 0
         try:
+            argv = run_argv(sandbox, command) if sandbox.image else command
             return await _exec_attached(
-                client, sandbox.id, run_argv(sandbox, command) if image else command,
+                client, sandbox.id, argv,
                 cwd=workdir, timeout=timeout, interactive=interactive, tty=tty)
         finally:
             with contextlib.suppress(RemoteError):

@@ -23,7 +23,13 @@ from starlette.routing import Match
 
 from kelpie._version import __version__
 from kelpie.api import ErrorResponse, error_body, error_status, model_json
-from kelpie.daemon import _routes_exec, _routes_files, _routes_sandboxes, _routes_system
+from kelpie.daemon import (
+    _routes_exec,
+    _routes_files,
+    _routes_sandboxes,
+    _routes_snapshots,
+    _routes_system,
+)
 from kelpie.runtime import Runtime
 from kelpie.vm import ConfigError, GuestFileError, KelpieError
 
@@ -53,7 +59,8 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.runtime = runtime
     app.state.on_shutdown = on_shutdown
     app.state.background = set()
-    for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files):
+    for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
+                   _routes_snapshots):
         app.include_router(module.router, prefix="/v1")
     app.add_exception_handler(KelpieError, _kelpie_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)

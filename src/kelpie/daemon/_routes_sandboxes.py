@@ -25,7 +25,6 @@ from kelpie.api import (
 )
 from kelpie.daemon._routes_system import runtime_of
 from kelpie.runtime import Runtime, SandboxInfo
-from kelpie.vm import KelpieError
 
 router = APIRouter(tags=["sandboxes"])
 
@@ -49,13 +48,8 @@ async def list_sandboxes(request: Request, all: bool = False) -> list[Sandbox]:
 async def create_sandbox(request: Request, body: SandboxCreate) -> Response:
     """Create a sandbox from an image and start it (with its main command, if any)."""
     runtime = runtime_of(request)
-    if body.backend and body.backend not in runtime.factory.registry.names():
-        from kelpie.daemon._app import error_response
-
-        try:
-            runtime.factory.registry.get(body.backend)
-        except KelpieError as exc:  # a name the daemon does not know is the request's fault
-            return error_response(exc, status=400)  # (503 means a backend cannot run here)
+    if body.backend:
+        runtime.factory.registry.get(body.backend)  # an unknown name: 400 before any stream
     if NDJSON in request.headers.get("accept", ""):
         return await _create_streaming(request, runtime, body)
     info = await _create(runtime, body, None)
@@ -70,6 +64,7 @@ async def _create(
         env=body.env, volumes=body.volumes, ports=body.ports, network=body.network,
         backend=body.backend, hostname=body.hostname, labels=body.labels,
         command=body.command, progress=None if progress is None else progress.put_nowait,
+        template=body.template,
     )
 
 

@@ -9,15 +9,18 @@ it over HTTP. Neither is imported here.
 from kelpie.runtime._db import SCHEMA_VERSION
 from kelpie.runtime._errors import (
     AmbiguousSandbox,
+    AmbiguousSnapshot,
     RuntimeLocked,
     RuntimeNotOpen,
     SandboxError,
     SandboxNameInUse,
     SandboxNotFound,
     SandboxStateError,
+    SnapshotNameInUse,
+    SnapshotNotFound,
     StateDatabaseError,
 )
-from kelpie.runtime._info import SandboxEvent, SandboxInfo
+from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
 from kelpie.runtime._names import NAME_PATTERN, check_name, generated_name
 from kelpie.runtime._runtime import Runtime
 
@@ -25,6 +28,7 @@ __all__ = [
     "NAME_PATTERN",
     "SCHEMA_VERSION",
     "AmbiguousSandbox",
+    "AmbiguousSnapshot",
     "Runtime",
     "RuntimeLocked",
     "RuntimeNotOpen",
@@ -34,6 +38,9 @@ __all__ = [
     "SandboxNameInUse",
     "SandboxNotFound",
     "SandboxStateError",
+    "SnapshotInfo",
+    "SnapshotNameInUse",
+    "SnapshotNotFound",
     "StateDatabaseError",
     "check_name",
     "generated_name",

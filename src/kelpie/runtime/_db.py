@@ -19,9 +19,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kelpie.runtime._errors import SandboxNameInUse, StateDatabaseError
-from kelpie.runtime._info import SandboxEvent, SandboxInfo
-from kelpie.vm import ConfigError, VmConfig, VmState
+from kelpie.runtime._errors import SandboxNameInUse, SnapshotNameInUse, StateDatabaseError
+from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
+from kelpie.vm import ConfigError, SnapshotKind, VmConfig, VmState
 
 DB_FILENAME = "runtime.db"
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -66,6 +66,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE sandboxes ADD COLUMN main_exit_code INTEGER",
     ),
+    # 4: snapshots (and templates, which are snapshots sandboxes are created from)
+    (
+        """
+        CREATE TABLE snapshots (
+            id           TEXT PRIMARY KEY,
+            name         TEXT NOT NULL UNIQUE,
+            kind         TEXT NOT NULL,
+            template     INTEGER NOT NULL DEFAULT 0,
+            sandbox_id   TEXT,
+            sandbox_name TEXT,
+            backend      TEXT NOT NULL,
+            image        TEXT,
+            image_digest TEXT,
+            sandbox      TEXT NOT NULL,
+            size         INTEGER NOT NULL,
+            created_at   REAL NOT NULL
+        )
+        """,
+    ),
 )
 """Schema migrations, in order; append new ones, never edit a released one."""
 
@@ -74,6 +93,12 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _COLUMNS = (
     "id, name, backend, image, image_digest, config, state, crash_reason, last_error, "
     "vm_dir, labels, created_at, updated_at, main_exit_code"
+)
+
+
+_SNAPSHOT_COLUMNS = (
+    "id, name, kind, template, sandbox_id, sandbox_name, backend, image, image_digest, "
+    "sandbox, size, created_at"
 )
 
 
@@ -254,6 +279,100 @@ class StateDb:
     def _many(self, where: str, params: Sequence[Any]) -> list[SandboxInfo]:
         rows = self._conn.execute(f"SELECT {_COLUMNS} FROM sandboxes {where}", params)
         return [_from_row(row, self.path) for row in rows.fetchall()]
+
+
+class SnapshotDb:
+    """Typed access to the ``snapshots`` table (shares the state database's connection)."""
+
+    def __init__(self, db: StateDb) -> None:
+        self._db = db
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        return self._db._conn
+
+    def insert(self, info: SnapshotInfo) -> None:
+        """Record a complete snapshot; :class:`SnapshotNameInUse` if the name is taken."""
+        try:
+            with _transaction(self._conn):
+                self._conn.execute(
+                    f"INSERT INTO snapshots ({_SNAPSHOT_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (info.id, info.name, info.kind.value, int(info.template), info.sandbox_id,
+                     info.sandbox_name, info.backend, info.image, info.image_digest,
+                     json.dumps(_sandbox_json(info.sandbox), sort_keys=True), info.size,
+                     info.created_at),
+                )
+        except sqlite3.IntegrityError as exc:
+            if "snapshots.name" in str(exc):
+                raise SnapshotNameInUse(info.name) from None
+            if "snapshots.id" in str(exc):
+                raise IdInUse(info.id) from None
+            raise
+
+    def delete(self, snapshot_id: str) -> None:
+        with _transaction(self._conn):
+            self._conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    def get(self, snapshot_id: str) -> SnapshotInfo | None:
+        rows = self._many("WHERE id = ?", (snapshot_id,))
+        return rows[0] if rows else None
+
+    def find_by_name(self, name: str) -> SnapshotInfo | None:
+        rows = self._many("WHERE name = ?", (name,))
+        return rows[0] if rows else None
+
+    def find_by_id_prefix(self, prefix: str) -> list[SnapshotInfo]:
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            return []
+        return self._many("WHERE substr(id, 1, ?) = ? ORDER BY id", (len(prefix), prefix))
+
+    def all(self) -> list[SnapshotInfo]:
+        return self._many("ORDER BY created_at, id", ())
+
+    def _many(self, where: str, params: Sequence[Any]) -> list[SnapshotInfo]:
+        rows = self._conn.execute(f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots {where}", params)
+        return [self._from_row(row) for row in rows.fetchall()]
+
+    def _from_row(self, row: Sequence[Any]) -> SnapshotInfo:
+        (sid, name, kind, template, sandbox_id, sandbox_name, backend, image, digest,
+         sandbox_json, size, created_at) = row
+        try:
+            sandbox = _sandbox_from_json(json.loads(sandbox_json), backend, image, digest)
+            snapshot_kind = SnapshotKind(kind)
+        except (ValueError, KeyError, TypeError, ConfigError) as exc:
+            raise StateDatabaseError(
+                f"snapshot {sid} ({name}) has an unreadable record in {self._db.path}: {exc}"
+            ) from exc
+        return SnapshotInfo(
+            id=sid, name=name, kind=snapshot_kind, template=bool(template),
+            sandbox_id=sandbox_id, sandbox_name=sandbox_name, backend=backend, image=image,
+            image_digest=digest, sandbox=sandbox, size=size, created_at=created_at,
+        )
+
+
+def _sandbox_json(info: SandboxInfo) -> dict[str, Any]:
+    """What a snapshot keeps of its sandbox: how to rebuild the same VM and exec defaults."""
+    return {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user,
+            "command": None if info.command is None else list(info.command),
+            "image_command": None if info.image_command is None else list(info.image_command),
+            "image_entrypoint": list(info.image_entrypoint), "labels": dict(info.labels)}
+
+
+def _sandbox_from_json(
+    data: dict[str, Any], backend: str, image: str | None, digest: str | None,
+) -> SandboxInfo:
+    command = data.get("command")
+    image_command = data.get("image_command")
+    return SandboxInfo(
+        id="", name="", backend=backend, state=VmState.STOPPED,
+        config=VmConfig.from_dict(data["vm"]), image=image, image_digest=digest,
+        workdir=data.get("workdir"), user=data.get("user"),
+        command=None if command is None else tuple(command),
+        image_command=None if image_command is None else tuple(image_command),
+        image_entrypoint=tuple(data.get("image_entrypoint") or ()),
+        labels=dict(data.get("labels") or {}),
+    )
 
 
 def _row_values(info: SandboxInfo) -> tuple[Any, ...]:

@@ -109,3 +109,34 @@ class StateDatabaseError(StorageError):
     """The runtime's state database cannot be opened or migrated."""
 
     retriable = False
+
+
+class SnapshotNotFound(SandboxError, LookupError):
+    """No snapshot (or template) matches the reference."""
+
+    def __init__(self, ref: str, what: str = "snapshot") -> None:
+        self.ref = ref
+        super().__init__(
+            f"no {what} {ref!r}: give its name, its id, or a unique id prefix of at least 3 "
+            f"characters (see `kelpie {what} ls`)"
+        )
+
+
+class AmbiguousSnapshot(SandboxError, LookupError):
+    """An id prefix matches more than one snapshot."""
+
+    def __init__(self, ref: str, matches: Sequence[tuple[str, str]]) -> None:
+        self.ref = ref
+        self.matches = tuple(matches)
+        listed = ", ".join(f"{sid} ({name})" for sid, name in self.matches)
+        super().__init__(f"snapshot id prefix {ref!r} matches {len(self.matches)} snapshots: "
+                         f"{listed}; give more characters of the id, or the name")
+
+
+class SnapshotNameInUse(SandboxError):
+    """Another snapshot or template already has this name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"snapshot name {name!r} is already in use; choose another name or "
+                         "remove that snapshot first")

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from kelpie.vm import VmConfig, VmState
+from kelpie.vm import SnapshotKind, VmConfig, VmState
 
 SHORT_ID_LENGTH = 12
 
@@ -69,3 +69,33 @@ class SandboxEvent:
     at: float
     state: VmState
     reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot the runtime keeps: a complete snapshot directory plus what it came from.
+
+    ``sandbox`` holds what restoring needs besides the VM state: the VM config (same
+    devices, same image) and the exec defaults; its id, name and state are blank.
+    ``template`` marks snapshots made to start many sandboxes from. ``size`` is the bytes
+    of every blob. ``path`` is set by the runtime when it hands the record out.
+    """
+
+    id: str
+    name: str
+    kind: SnapshotKind
+    backend: str
+    sandbox: SandboxInfo
+    template: bool = False
+    sandbox_id: str | None = None
+    sandbox_name: str | None = None
+    image: str | None = None
+    image_digest: str | None = None
+    size: int = 0
+    created_at: float = 0.0
+    path: Path | None = None
+
+    @property
+    def short_id(self) -> str:
+        """The first 12 characters of the id."""
+        return self.id[:SHORT_ID_LENGTH]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -32,16 +33,26 @@ from typing import IO, Any, Self
 
 from kelpie.images import ImageStore, NoDefaultCommand, StoredImage, rootfs_ext4
 from kelpie.images._rootfs_build import BuildProgress
-from kelpie.runtime._db import DB_FILENAME, IdInUse, StateDb
+from kelpie.runtime._archive import read_archive, write_archive
+from kelpie.runtime._db import (
+    DB_FILENAME,
+    IdInUse,
+    SnapshotDb,
+    StateDb,
+    _sandbox_from_json,
+    _sandbox_json,
+)
 from kelpie.runtime._errors import (
     AmbiguousSandbox,
+    AmbiguousSnapshot,
     RuntimeLocked,
     RuntimeNotOpen,
     SandboxNameInUse,
     SandboxNotFound,
     SandboxStateError,
+    SnapshotNotFound,
 )
-from kelpie.runtime._info import ACTIVE_STATES, SandboxEvent, SandboxInfo
+from kelpie.runtime._info import ACTIVE_STATES, SandboxEvent, SandboxInfo, SnapshotInfo
 from kelpie.runtime._names import check_name, generated_name
 from kelpie.vm import (
     DEFAULT_MEMORY_MIB,
@@ -57,11 +68,16 @@ from kelpie.vm import (
     Mount,
     NetworkMode,
     PortMapping,
+    SnapshotCorrupted,
+    SnapshotKind,
+    SnapshotManifest,
     VmConfig,
     VmFactory,
     VmInstance,
+    VmSnapshot,
     VmState,
 )
+from kelpie.vm._snapshot import PARTIAL_SUFFIX
 
 MIN_PREFIX_LENGTH = 3
 ID_ATTEMPTS = 8
@@ -69,6 +85,8 @@ LOCK_FILENAME = "runtime.lock"
 CONSOLE_LOG = "console.log"
 OUTPUT_LOG = "output.log"
 SANDBOXES_DIR = "sandboxes"
+SNAPSHOTS_DIR = "snapshots"
+TRASH_PREFIX = ".trash-"
 FOLLOW_POLL_SECONDS = 0.2
 AT_REST = (VmState.STOPPED, VmState.CRASHED)
 STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
@@ -184,6 +202,7 @@ class Runtime:
     # ---- recovery -----------------------------------------------------------------------
     async def _recover(self) -> None:
         """Re-attach to every sandbox not at rest; mark the ones that cannot be crashed."""
+        self._clean_snapshot_dir()
         for info in self.db.all():
             if info.state in AT_REST:
                 continue
@@ -224,8 +243,13 @@ class Runtime:
         ports: Sequence[PortMapping | str] = (),
         command: Sequence[str] | None = None,
         progress: Progress | None = None,
+        template: str | None = None,
     ) -> SandboxInfo:
         """Create a sandbox and start it; return its record once it runs.
+
+        With ``template`` the sandbox starts by restoring that template instead of booting;
+        its image and VM settings are the template's (only ``name``, ``env`` and
+        ``labels`` may be given with it).
 
         ``image`` is a stored image (tag, digest or id prefix); without one the sandbox
         runs the guest kit's own userland. ``volumes`` are :class:`Mount` objects or
@@ -240,6 +264,18 @@ class Runtime:
         fails, the record stays (state ``stopped`` or ``crashed``, with ``last_error``)
         and the error is raised.
         """
+        if template is not None:
+            fixed = {"image": image, "cpus": cpus, "memory_mib": memory_mib,
+                     "volumes": volumes or None, "ports": ports or None, "backend": backend,
+                     "hostname": hostname, "command": command,
+                     "network": None if network == "none" else network}
+            given = sorted(k for k, v in fixed.items() if v is not None)
+            if given:
+                raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "
+                                   "template fixes them (only name, env and labels may be)"],
+                                  what="sandbox")
+            return await self.restore(template, name=name, template=True, labels=labels,
+                                      env=env)
         db = self.db
         spec = self.factory.select(backend)
         if name is not None:
@@ -615,6 +651,245 @@ class Runtime:
         if own_dir.exists():
             shutil.rmtree(own_dir)
 
+    # ---- snapshots and templates --------------------------------------------------------
+    @property
+    def snapshots_dir(self) -> Path:
+        """Where complete snapshots live, one directory per snapshot id."""
+        return self.data_dir / SNAPSHOTS_DIR
+
+    @property
+    def _snapshot_db(self) -> SnapshotDb:
+        return SnapshotDb(self.db)
+
+    def _clean_snapshot_dir(self) -> None:
+        """Remove what a crash left: partial and trashed snapshots, and unrecorded ones
+        (a snapshot is recorded only after it is complete, so these are never valid)."""
+        if not self.snapshots_dir.is_dir():
+            return
+        known = {s.id for s in self._snapshot_db.all()}
+        for entry in self.snapshots_dir.iterdir():
+            if entry.name not in known:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _with_path(self, info: SnapshotInfo) -> SnapshotInfo:
+        return dataclasses.replace(info, path=self.snapshots_dir / info.id)
+
+    def snapshots(self, *, templates: bool | None = None) -> builtins.list[SnapshotInfo]:
+        """Snapshots, oldest first: all, only templates (True) or only plain ones (False)."""
+        return [self._with_path(s) for s in self._snapshot_db.all()
+                if templates is None or s.template == templates]
+
+    def get_snapshot(self, ref: str, *, template: bool | None = None) -> SnapshotInfo:
+        """The snapshot (or template) with this name, id, or unique id prefix (>= 3)."""
+        what = "template" if template else "snapshot"
+        db = self._snapshot_db
+        found = db.find_by_name(ref) or db.get(ref)
+        if found is None and len(ref) >= MIN_PREFIX_LENGTH:
+            matches = db.find_by_id_prefix(ref)
+            if len(matches) > 1:
+                raise AmbiguousSnapshot(ref, [(m.id, m.name) for m in matches])
+            found = matches[0] if matches else None
+        if found is None or (template is not None and found.template != template):
+            raise SnapshotNotFound(ref, what)
+        return self._with_path(found)
+
+    async def snapshot(
+        self, ref: str, *, name: str | None = None, kind: SnapshotKind | str = "full",
+        leave_paused: bool = False, template: bool = False,
+    ) -> SnapshotInfo:
+        """Snapshot a sandbox: ``full`` (memory + devices + disk; running or paused) or
+        ``disk`` (a stopped sandbox's disk). The sandbox ends running again (or paused with
+        ``leave_paused``). The snapshot is recorded only once complete."""
+        snapshot_kind = _snapshot_kind(kind)
+        info = self.get(ref)
+        snapshot_id = self._fresh_snapshot_id()
+        name = name or f"{info.name}-{snapshot_id[:6]}"
+        check_name(name)
+        if self._snapshot_db.find_by_name(name) is not None:
+            from kelpie.runtime._errors import SnapshotNameInUse
+
+            raise SnapshotNameInUse(name)
+        dest = self.snapshots_dir / snapshot_id
+        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        async with self._lock_for(info.id):
+            info = self._info(info.id)
+            vm = self._vms.get(info.id)
+            if vm is None:
+                if snapshot_kind is not SnapshotKind.DISK:
+                    raise SandboxStateError(_label(info), "take a full snapshot of",
+                                            info.state, [VmState.RUNNING, VmState.PAUSED])
+                spec = self.factory.registry.get(info.backend)
+                vm = spec.create(info.config, vm_id=info.id, **self._options(spec.name))
+                self._adopt(info.id, vm)
+            taken = await vm.snapshot(dest, kind=snapshot_kind, leave_paused=leave_paused)
+        record = SnapshotInfo(
+            id=snapshot_id, name=name, kind=snapshot_kind, backend=info.backend,
+            sandbox=info, template=template, sandbox_id=info.id, sandbox_name=info.name,
+            image=info.image, image_digest=info.image_digest,
+            size=sum(b.size for b in taken.manifest.blobs.values()), created_at=self._clock(),
+        )
+        self._record_snapshot(record)
+        return self._with_path(record)
+
+    def _record_snapshot(self, record: SnapshotInfo) -> None:
+        """Hold the snapshot's image and record it; on failure remove its directory."""
+        try:
+            if record.image_digest is not None:
+                self.images.retain(record.image_digest, _snapshot_holder(record.id))
+            self._snapshot_db.insert(record)
+        except BaseException:
+            if record.image_digest is not None:
+                self.images.release(record.image_digest, _snapshot_holder(record.id))
+            shutil.rmtree(self.snapshots_dir / record.id, ignore_errors=True)
+            raise
+
+    def _fresh_snapshot_id(self) -> str:
+        for _ in range(ID_ATTEMPTS):
+            candidate = self._fresh_id()
+            if self._snapshot_db.get(candidate) is None and not (
+                self.snapshots_dir / candidate
+            ).exists():
+                return candidate
+        raise ConfigError([f"could not find a free snapshot id in {ID_ATTEMPTS} attempts"],
+                          what="snapshot id")
+
+    def remove_snapshot(self, ref: str, *, template: bool | None = None) -> SnapshotInfo:
+        """Delete a snapshot: its directory goes to the trash (atomically), then its record,
+        then the trash; a crash part-way leaves either the whole snapshot or none."""
+        info = self.get_snapshot(ref, template=template)
+        path = self.snapshots_dir / info.id
+        trash = self.snapshots_dir / f"{TRASH_PREFIX}{info.id}"
+        if path.exists():
+            path.rename(trash)
+        self._snapshot_db.delete(info.id)
+        if info.image_digest is not None:
+            self.images.release(info.image_digest, _snapshot_holder(info.id))
+        shutil.rmtree(trash, ignore_errors=True)
+        return info
+
+    async def export_snapshot(self, ref: str, out: IO[bytes], *, compress: bool = False,
+                              ) -> None:
+        """Write a snapshot as one archive (see :mod:`kelpie.runtime._archive`)."""
+        info = self.get_snapshot(ref)
+        meta = {"name": info.name, "kind": info.kind.value, "template": info.template,
+                "backend": info.backend, "image": info.image, "image_digest": info.image_digest,
+                "sandbox_id": info.sandbox_id, "sandbox_name": info.sandbox_name,
+                "created_at": info.created_at, "sandbox": _sandbox_json(info.sandbox)}
+        assert info.path is not None
+        await asyncio.to_thread(write_archive, out, info.path, meta, compress=compress)
+
+    async def import_snapshot(self, source: IO[bytes], *, name: str | None = None,
+                              ) -> SnapshotInfo:
+        """Add a snapshot from an archive; every blob is verified before it is listed."""
+        snapshot_id = self._fresh_snapshot_id()
+        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.snapshots_dir / f".import-{snapshot_id}{PARTIAL_SUFFIX}"
+        try:
+            meta, manifest = await asyncio.to_thread(_unpack_verified, source, partial)
+            try:
+                kind = SnapshotKind(meta["kind"])
+                sandbox = _sandbox_from_json(meta["sandbox"], str(meta["backend"]),
+                                             meta.get("image"), meta.get("image_digest"))
+                record = SnapshotInfo(
+                    id=snapshot_id, name=name or str(meta["name"]), kind=kind,
+                    backend=str(meta["backend"]), sandbox=sandbox,
+                    template=bool(meta.get("template")), sandbox_id=meta.get("sandbox_id"),
+                    sandbox_name=meta.get("sandbox_name"), image=meta.get("image"),
+                    image_digest=meta.get("image_digest"),
+                    size=sum(b.size for b in manifest.blobs.values()),
+                    created_at=float(meta.get("created_at") or self._clock()),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SnapshotCorrupted(f"snapshot archive metadata is invalid: {exc}") from None
+            check_name(record.name)
+            if self._snapshot_db.find_by_name(record.name) is not None:
+                from kelpie.runtime._errors import SnapshotNameInUse
+
+                raise SnapshotNameInUse(record.name)
+            partial.rename(self.snapshots_dir / snapshot_id)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        self._record_snapshot(record)
+        return self._with_path(record)
+
+    async def restore(
+        self, ref: str, *, name: str | None = None, paused: bool = False,
+        template: bool | None = None, labels: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> SandboxInfo:
+        """Create a new sandbox from a snapshot (or template), as it was when captured.
+
+        ``env`` adds variables for the commands run in it (the VM itself is unchanged).
+
+        The snapshot is verified and its compatibility with this host checked before the
+        VM starts; the new sandbox gets a new id, name and guest identity. A full snapshot
+        comes back running (or ``paused``); a disk snapshot boots from the saved disk.
+        """
+        snap = self.get_snapshot(ref, template=template)
+        assert snap.path is not None
+        source = VmSnapshot.open(snap.path)
+        spec = self.factory.registry.get(snap.backend)
+        if name is not None:
+            check_name(name)
+            owner = self.db.find_by_name(name)
+            if owner is not None:
+                raise SandboxNameInUse(name, owner.id)
+        stored = None
+        if snap.image_digest is not None:
+            stored = self.images.get(snap.image_digest)  # ImageNotFound names the digest
+        base = snap.sandbox
+        config = base.config.evolve(env={**base.config.env, **(env or {})}) if env else \
+            base.config
+        info = self._insert(spec, name, config, stored, {**base.labels, **(labels or {})},
+                            base.command if snap.kind is SnapshotKind.DISK else None)
+        async with self._lock_for(info.id):
+            try:
+                if stored is not None:
+                    self.images.retain(stored.digest, _holder(info.id))
+                vm = spec.create(info.config, vm_id=info.id, **self._options(spec.name))
+            except Exception as exc:
+                self._fail(info.id, VmState.STOPPED, f"create failed: {exc}")
+                raise
+            self._adopt(info.id, vm)
+            workdir = getattr(vm, "workdir", None)
+            if isinstance(workdir, Path):
+                self.db.set_vm_dir(info.id, workdir)
+            try:
+                await vm.restore(source, paused=paused)
+            except Exception as exc:
+                self.db.set_error(info.id, f"restore failed: {exc}", self._clock())
+                if vm.state is VmState.CREATED:
+                    self._fail(info.id, VmState.STOPPED, f"restore failed: {exc}")
+                raise
+        return self._info(info.id)
+
+    async def create_template(
+        self, *, name: str, image: str | None = None, cpus: int | None = None,
+        memory_mib: int | None = None, env: Mapping[str, str] | None = None,
+        network: NetworkMode | str = "none", backend: str | None = None,
+        progress: Progress | None = None,
+    ) -> SnapshotInfo:
+        """Boot a sandbox once, snapshot it as template ``name``, remove the sandbox.
+
+        Sandboxes created from the template (``create(template=name)``) start by
+        restoring it instead of booting.
+        """
+        check_name(name)
+        if self._snapshot_db.find_by_name(name) is not None:
+            from kelpie.runtime._errors import SnapshotNameInUse
+
+            raise SnapshotNameInUse(name)
+        info = await self.create(image=image, cpus=cpus, memory_mib=memory_mib, env=env,
+                                 network=network, backend=backend, progress=progress,
+                                 labels={"kelpie.template-build": name})
+        try:
+            if progress is not None:
+                progress(f"snapshotting {info.name} as template {name}")
+            return await self.snapshot(info.id, name=name, template=True)
+        finally:
+            await self.remove(info.id, force=True)
+
     # ---- console logs -------------------------------------------------------------------
     def log_path(self, info: SandboxInfo, *, console: bool = False) -> Path | None:
         """The file :meth:`logs` reads: the main command's output, else the VM console."""
@@ -760,6 +1035,26 @@ def _image_label(image: StoredImage) -> str:
 
 def _holder(sandbox_id: str) -> str:
     return f"sandbox:{sandbox_id}"
+
+
+def _unpack_verified(source: IO[bytes], dest: Path) -> tuple[dict[str, Any], SnapshotManifest]:
+    """Unpack an archive and verify every blob against its manifest (a worker thread)."""
+    meta, manifest = read_archive(source, dest)
+    VmSnapshot(dest, manifest).verify()
+    return meta, manifest
+
+
+def _snapshot_holder(snapshot_id: str) -> str:
+    return f"snapshot:{snapshot_id}"
+
+
+def _snapshot_kind(kind: SnapshotKind | str) -> SnapshotKind:
+    try:
+        return SnapshotKind(kind)
+    except ValueError:
+        allowed = ", ".join(k.value for k in SnapshotKind)
+        raise ConfigError([f"snapshot kind {kind!r} is not one of: {allowed}"],
+                          what="snapshot") from None
 
 
 def _label(info: SandboxInfo) -> str:

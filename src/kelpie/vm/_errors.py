@@ -12,6 +12,7 @@ wrapped.
     ├── InvalidStateError            operation not allowed in the VM's current state
     ├── UnsupportedOperation         the backend cannot do this; names who can
     ├── BackendUnavailable           no backend fits this host; .rejections says why
+    │   └── UnknownBackend           no backend has that name (also a ConfigError)
     ├── VmError                      something went wrong in or with a VM
     │   ├── BootError                the VM did not come up            (retriable)
     │   ├── VmCrashed                the VM died under us              (requires_recreate)
@@ -92,6 +93,16 @@ class BackendUnavailable(KelpieError):
         self.rejections: tuple[tuple[str, str], ...] = tuple(rejections)
         detail = "".join(f"\n  - {name}: {why}" for name, why in self.rejections)
         super().__init__(message + detail)
+
+
+class UnknownBackend(BackendUnavailable, ConfigError):
+    """The backend name is not one Kelpie knows: bad input, not a host problem."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        self.name = name
+        self.rejections = ()
+        ConfigError.__init__(self, [f"unknown backend {name!r}; known backends: "
+                                    f"{', '.join(known) or 'none'}"], what="backend")
 
 
 class VmError(KelpieError):

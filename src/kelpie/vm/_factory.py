@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kelpie.vm._config import VmConfig
-from kelpie.vm._errors import BackendUnavailable
+from kelpie.vm._errors import BackendUnavailable, UnknownBackend
 from kelpie.vm._instance import Capabilities, VmInstance
 
 BACKEND_ENV = "KELPIE_BACKEND"
@@ -71,8 +71,7 @@ class BackendRegistry:
         try:
             return self._specs[name]
         except KeyError:
-            known = ", ".join(self.names()) or "none"
-            raise BackendUnavailable(f"unknown backend {name!r}; known backends: {known}") from None
+            raise UnknownBackend(name, self.names()) from None
 
     def probe(self, name: str, *, refresh: bool = False) -> ProbeResult:
         """Probe one backend (cached unless ``refresh``); a crashing probe counts as a no."""
