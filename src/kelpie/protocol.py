@@ -120,7 +120,10 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
 ``remove``      path, recursive?=false -> REPLY {}
 ``resync``      epoch_ns?=null, entropy?=null (hex string), hostname?=null
                 -> REPLY {clock_set, entropy_bytes, entropy_credited,
-                          hostname}
+                          hostname, rng_reseeded}
+                After a snapshot restore: set the clock, mix in (and credit)
+                the entropy, then make the kernel CRNG reseed at once so that
+                clones of one snapshot stop sharing RNG output; rename the host.
 ``shutdown``    poweroff?=true -> REPLY {poweroff: bool} then the agent kills
                 its commands and exits (and powers the VM off, but only when
                 it serves a virtio-serial device)

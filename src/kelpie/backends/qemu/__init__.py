@@ -5,10 +5,18 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from kelpie.vm import BackendSpec, Capabilities, ProbeResult, VmConfig, VmInstance
+from kelpie.vm import BackendSpec, Capabilities, ProbeResult, SnapshotKind, VmConfig, VmInstance
 
 # Declared here, not imported from _vm, so probing the host does not import qemu.qmp.
-CAPABILITIES = Capabilities(pause=True, shared_dirs=True, networking=True, pty=True)
+# Full snapshots need a VM without shared directories: QEMU's virtio-9p blocks migration
+# while a share is mounted (the snapshot then fails saying so).
+CAPABILITIES = Capabilities(
+    pause=True,
+    snapshot_kinds=frozenset({SnapshotKind.FULL, SnapshotKind.DISK}),
+    shared_dirs=True,
+    networking=True,
+    pty=True,
+)
 
 
 def probe() -> ProbeResult:

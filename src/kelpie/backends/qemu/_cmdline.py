@@ -1,4 +1,11 @@
-"""The QEMU command line for a VmConfig: one function, no I/O, easy to test."""
+"""The QEMU command line for a VmConfig: one function, no I/O, easy to test.
+
+No ``vmgenid`` device: QEMU 7.2 accepts ``-device vmgenid`` on the ``microvm`` machine,
+but microvm's ACPI tables (hw/i386/acpi-microvm.c) never describe it, so the guest kernel
+finds no VM generation ID and nothing reseeds on a restore (checked: no ``QEMUVGID``
+device in the guest's /sys/bus/acpi/devices). A restore therefore has the guest agent's
+``resync`` do what VMGenID would: mix in fresh host entropy and reseed the kernel CRNG.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from kelpie.guestkit import AGENT_PORT_NAME, GuestNetwork, GuestShare, kernel_cmdline
-from kelpie.vm import ConfigError, NetworkMode, VmConfig
+from kelpie.vm import ConfigError, Mount, NetworkMode, PortMapping, VmConfig
 
 USER_NET = GuestNetwork("10.0.2.15/24", "10.0.2.2", "10.0.2.3")  # QEMU user networking
 ISOLATED_NET = GuestNetwork(USER_NET.address)
@@ -27,6 +34,8 @@ class QemuLaunch:
     accel: str
     hostname: str
     overlay: Path | None = None
+    incoming: bool = False
+    """Start paused, waiting for the VM state from QMP ``migrate-incoming`` (a restore)."""
 
 
 def _opt(value: str | Path) -> str:
@@ -115,4 +124,34 @@ def build_command(launch: QemuLaunch) -> list[str]:
     netdev = netdev_arg(config)
     if netdev is not None:
         command += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
+    if launch.incoming:
+        command += ["-S", "-incoming", "defer"]
     return command
+
+
+def device_signature(launch: QemuLaunch) -> list[str]:
+    """The command line of ``launch`` with every host-specific value replaced.
+
+    Two launches with equal signatures create the same machine and devices, which is what
+    restoring a migration stream needs; paths, the host name, the kernel command line and
+    the host side of published ports may differ. A full snapshot records it, and a
+    restore compares it with its own, so a Kelpie whose command lines changed refuses the
+    snapshot instead of QEMU failing halfway through loading it.
+    """
+    config = launch.config.evolve(
+        hostname=None,
+        env={},
+        ports=(PortMapping(1, 1),) if launch.config.ports else (),
+        mounts=tuple(
+            Mount(Path(f"/share{i}"), m.guest_path, m.read_only, launch.config.mount_tag(i))
+            for i, m in enumerate(launch.config.mounts)
+        ),
+    )
+    canonical = dataclasses.replace(
+        launch, qemu="qemu-system-x86_64", config=config, kernel=Path("/kernel"),
+        initrd=Path("/initrd"), workdir=Path("/vm"), hostname="guest",
+        overlay=None if launch.overlay is None else Path("/vm/overlay.qcow2"), incoming=False,
+    )
+    command = build_command(canonical)
+    append = command.index("-append")
+    return command[:append] + command[append + 2 :]

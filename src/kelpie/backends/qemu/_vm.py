@@ -2,9 +2,15 @@
 
 Each VM owns one directory (see DESIGN.md): ``qmp.sock``, ``agent.sock`` (QEMU's end of the
 virtio-serial agent port), ``console.log``, ``qemu.log`` (QEMU's own stderr), ``qemu.pid``,
-``config.json`` and, with a root disk, ``overlay.qcow2`` on top of the read-only base.
+``config.json`` (the config, and the accelerator, host name and guest kit it booted with)
+and, with a root disk, ``overlay.qcow2`` on top of the read-only base; after a restore
+that left the guest paused, ``pending-resync.json`` until it first runs again.
 QEMU runs in its own session, so it does not die with the process that started it, and
 :meth:`QemuVm.attach` finds it again from that directory (after a daemon restart, say).
+
+Full snapshots save the device state and RAM with QMP migration to a file and copy the
+overlay; restores start QEMU with ``-incoming defer`` and load it (see ``_migration`` and
+``_snapshot``). Disk snapshots are the overlay of a stopped VM, restored by booting.
 
 QEMU's exit is learnt through a pidfd (:class:`ProcessWatch`), the same way whether this
 process started it or only attached to it: an attached QEMU is not our child, so waiting
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -24,7 +31,15 @@ import select
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+import weakref
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,9 +47,10 @@ from qemu.qmp import QMPClient, QMPError
 
 from kelpie._paths import vms_dir
 from kelpie.backends import _agent_client as agent
-from kelpie.backends.qemu import CAPABILITIES
+from kelpie.backends.qemu import CAPABILITIES, _migration, _snapshot
 from kelpie.backends.qemu._accel import AccelChoice, choose_accel
-from kelpie.backends.qemu._cmdline import QemuLaunch, build_command
+from kelpie.backends.qemu._cmdline import QemuLaunch, build_command, device_signature
+from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
 from kelpie.guestkit import GuestKit, GuestKitError, build_guestkit
 from kelpie.vm import (
     AgentError,
@@ -49,11 +65,17 @@ from kelpie.vm import (
     FileInfo,
     GuestFileError,
     HostInfo,
+    SnapshotError,
+    SnapshotIncompatible,
+    SnapshotKind,
+    SnapshotWriter,
+    StorageError,
     StreamName,
     VmConfig,
     VmCrashed,
     VmError,
     VmInstance,
+    VmSnapshot,
     VmState,
 )
 
@@ -67,6 +89,10 @@ MAX_SOCKET_PATH = 100  # sun_path is 108 bytes including the NUL; keep a margin
 CONSOLE_TAIL = 2000
 ATTACH_TIMEOUT = 30.0
 """Seconds for re-attaching: QMP greeting, query-status and the agent's hello."""
+RESTORE_ENTROPY_BYTES = 64
+"""Fresh host randomness a restored guest mixes into its kernel RNG (then reseeds)."""
+PENDING_RESYNC = "pending-resync.json"
+"""In a VM directory: a restore left the guest paused; resync it when it resumes."""
 VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 QMP_RUNNING = "running"
 QMP_DEAD = frozenset({"guest-panicked", "internal-error", "shutdown"})
@@ -265,25 +291,47 @@ class QemuProcess(ExecProcess):
         self._handle = handle
         self._vm = vm
         self._started = time.monotonic()
+        self._interrupted: str | None = None
+
+    def interrupt(self, reason: str) -> None:
+        """End this command's stream with ``reason`` (its VM was restored under it)."""
+        self._interrupted = reason
+
+    @contextlib.contextmanager
+    def _errors(self, *, request: bool = True) -> Iterator[None]:
+        """Kelpie errors for agent failures; an interrupted command says why it ended.
+
+        An interrupted command sends no more ``request``: its connection is gone, and its
+        request id may name another command of the restored VM's new session.
+        """
+        if request and self._interrupted is not None:
+            raise ExecError(self._interrupted)
+        try:
+            with self._vm._agent_errors():
+                yield
+        except VmError as exc:
+            if self._interrupted is not None:
+                raise ExecError(self._interrupted) from exc
+            raise
 
     async def write_stdin(self, data: bytes) -> None:
-        with self._vm._agent_errors():
+        with self._errors():
             await self._handle.write_stdin(data)
 
     async def close_stdin(self) -> None:
-        with self._vm._agent_errors():
+        with self._errors():
             await self._handle.close_stdin()
 
     async def send_signal(self, signum: int) -> None:
-        with self._vm._agent_errors():
+        with self._errors():
             await self._handle.send_signal(signum, group=True)
 
     async def resize(self, rows: int, cols: int) -> None:
-        with self._vm._agent_errors():
+        with self._errors():
             await self._handle.resize(rows, cols)
 
     async def _events(self) -> AsyncIterator[ExecEvent]:
-        with self._vm._agent_errors():
+        with self._errors(request=False):  # output received before the stop comes first
             async for kind, payload in self._handle:
                 if kind == "exit":
                     assert isinstance(payload, agent.ExecResult)
@@ -354,6 +402,11 @@ class QemuVm(VmInstance):
         self.agent_info: agent.AgentInfo | None = None
         self.exit_status: int | None = None
         self._stopping = False
+        self._kit_digest: str | None = kit.digest if kit is not None else None
+        """The guest kit this VM booted (known after start, or from its record on attach)."""
+        self._processes: weakref.WeakSet[QemuProcess] = weakref.WeakSet()
+        self.snapshot_bandwidth = _migration.UNLIMITED_BANDWIDTH
+        """Bytes per second QEMU may write a full snapshot at (lower it to watch one)."""
 
     # ---- paths --------------------------------------------------------------------------
     @property
@@ -378,9 +431,9 @@ class QemuVm(VmInstance):
             arch=HostInfo.current_arch(),
             backend=self.backend_name,
             backend_version=_qemu_version(self._qemu_binary()),
-            cpu_model="host" if self.accel and self.accel.accel == "kvm" else "max",
+            cpu_model=_cpu_model(self.accel.accel if self.accel else "tcg"),
             machine="microvm",
-            guestkit_digest=self._kit.digest if self._kit else None,
+            guestkit_digest=self._kit_digest,
         )
 
     def _qemu_binary(self) -> str:
@@ -394,7 +447,14 @@ class QemuVm(VmInstance):
 
     # ---- start --------------------------------------------------------------------------
     async def _do_start(self) -> None:
-        problems = self.config.host_problems()
+        launch = await self._prepare_launch(self.config)
+        self._prepare_workdir(launch)
+        launch = dataclasses.replace(launch, overlay=await self._prepare_overlay())
+        await self._boot(launch)
+
+    async def _prepare_launch(self, config: VmConfig, *, incoming: bool = False) -> QemuLaunch:
+        """Check ``config`` on this host, get the guest kit and accelerator: no VM yet."""
+        problems = config.host_problems()
         if problems:
             raise ConfigError(problems)
         qemu = self._qemu_binary()
@@ -404,16 +464,20 @@ class QemuVm(VmInstance):
             except GuestKitError as exc:
                 raise BootError(f"cannot prepare the guest kit: {exc}") from exc
         kit = self._kit
-        kernel = self.config.kernel or kit.kernel
-        initrd = self.config.initrd or kit.initrd
+        kernel = config.kernel or kit.kernel
+        initrd = config.initrd or kit.initrd
         self.accel = await asyncio.to_thread(choose_accel, qemu, kernel, initrd, kit.digest)
-        self._prepare_workdir()
-        overlay = await self._prepare_overlay()
-        launch = QemuLaunch(
-            qemu=qemu, config=self.config, kernel=kernel, initrd=initrd, workdir=self.workdir,
-            accel=self.accel.accel, overlay=overlay, hostname=self.config.hostname or
-            f"kelpie-{self.id[:8]}",
+        # The agent comes from the kit's initrd; a VM booted from another initrd has no
+        # kit whose version a restore could check.
+        self._kit_digest = kit.digest if config.initrd is None else None
+        return QemuLaunch(
+            qemu=qemu, config=config, kernel=kernel, initrd=initrd, workdir=self.workdir,
+            accel=self.accel.accel, hostname=config.hostname or f"kelpie-{self.id[:8]}",
+            incoming=incoming,
         )
+
+    async def _boot(self, launch: QemuLaunch) -> None:
+        """Start QEMU and wait for the guest agent's hello."""
         await self._spawn(build_command(launch))
         deadline = time.monotonic() + self.boot_timeout
         self._qmp = await self._before_exit(self._connect_qmp(), "the QMP socket", deadline)
@@ -425,13 +489,32 @@ class QemuVm(VmInstance):
             self._agent.hello(), "the guest agent's hello", deadline
         )
 
-    def _prepare_workdir(self) -> None:
+    def _prepare_workdir(self, launch: QemuLaunch) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for name in ("qmp.sock", "agent.sock", "console.log", "qemu.log", "qemu.pid"):
+        for name in ("qmp.sock", "agent.sock", "console.log", "qemu.log", "qemu.pid",
+                     PENDING_RESYNC):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
-        config = {"id": self.id, "backend": self.backend_name, "config": self.config.to_dict()}
-        (self.workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self._write_record(launch)
+
+    def _write_record(self, launch: QemuLaunch) -> None:
+        """``config.json``: the VM's config and how it was launched (for attach, snapshots)."""
+        record = {
+            "id": self.id, "backend": self.backend_name, "config": launch.config.to_dict(),
+            "launch": {
+                "accel": launch.accel, "hostname": launch.hostname,
+                "guestkit_digest": self._kit_digest,
+            },
+        }
+        (self.workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def _launch_record(self) -> dict[str, Any]:
+        """The ``launch`` part of ``config.json`` (empty when absent or unreadable)."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            launch = json.loads((self.workdir / "config.json").read_text()).get("launch")
+            if isinstance(launch, dict):
+                return launch
+        return {}
 
     async def _prepare_overlay(self) -> Path | None:
         base = self.config.root_disk
@@ -442,7 +525,7 @@ class QemuVm(VmInstance):
         overlay = self.workdir / "overlay.qcow2"
         if overlay.exists():
             return overlay  # the disk persists across stop/start, like a real disk
-        fmt = "qcow2" if base.read_bytes()[:4] == b"QFI\xfb" else "raw"
+        fmt = _snapshot.image_format(base)
         process = await asyncio.create_subprocess_exec(
             "qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base.resolve()),
             str(overlay), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -560,6 +643,11 @@ class QemuVm(VmInstance):
             raise ConfigError([f"VM id {vm_id!r} is not a Kelpie VM id (letters, digits, _.-)"])
         directory = workdir or vms_dir() / vm_id
         vm = cls(read_vm_record(directory, vm_id), vm_id=vm_id, workdir=directory, kit=kit)
+        launch = vm._launch_record()
+        if launch.get("accel") in ("kvm", "tcg"):
+            vm.accel = AccelChoice(str(launch["accel"]), "recorded when the VM started")
+        if isinstance(launch.get("guestkit_digest"), str):
+            vm._kit_digest = launch["guestkit_digest"]
         await vm._reattach(timeout)
         return vm
 
@@ -749,6 +837,7 @@ class QemuVm(VmInstance):
     async def _do_resume(self) -> None:
         await self._qmp_execute("cont")
         await self._finish_handshake()
+        await self._finish_restore()
 
     # ---- agent calls --------------------------------------------------------------------
     def _gone(self, doing: str) -> VmCrashed:
@@ -796,7 +885,9 @@ class QemuVm(VmInstance):
             raise ExecError(f"cannot run {request.argv[0]!r}: {exc.message} ({exc.code})") from exc
         except agent.AgentError as exc:
             raise self._translate(exc) from exc
-        return QemuProcess(request, handle, self)
+        process = QemuProcess(request, handle, self)
+        self._processes.add(process)
+        return process
 
     async def _do_read_file(self, path: str) -> AsyncIterator[bytes]:
         client = self._client()
@@ -818,6 +909,287 @@ class QemuVm(VmInstance):
             await self._client().remove(path, recursive=recursive)
 
 
+    # ---- snapshots ----------------------------------------------------------------------
+    async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
+        if kind is SnapshotKind.FULL:
+            return await self._full_snapshot(dest)
+        return await self._disk_snapshot(dest)
+
+    async def _full_snapshot(self, dest: Path) -> VmSnapshot:
+        """Memory and device state (QMP migrate to a file) plus the disk overlay.
+
+        The base class paused the guest (QMP ``stop``, which also drains and flushes the
+        disks). When the migration completes QEMU inactivates the disks (flushing again),
+        so the overlay is copied in a consistent state; ``cont`` re-activates them.
+        """
+        qmp = self._qmp
+        if qmp is None or not self._qemu_running():
+            raise self._gone("snapshot")
+        status = await self._qmp_execute("query-status")
+        if isinstance(status, dict) and status.get("status") == "postmigrate":
+            # Paused since an earlier snapshot: QEMU 7.2 refuses to migrate a VM "paused
+            # due to previous migration", and only cont re-activates its disks.
+            await self._qmp_execute("cont")
+            await self._qmp_execute("stop")
+        record = await self._snapshot_record(SnapshotKind.FULL)
+        with SnapshotWriter(dest) as writer:
+            memory = writer.blob_path(MEMORY_BLOB)
+            try:
+                stats = await self._unless_gone(
+                    _migration.save_state(qmp, memory, bandwidth=self.snapshot_bandwidth),
+                    "snapshot",
+                )
+            except (_migration.MigrationFailed, QMPError, OSError) as exc:
+                if not self._qemu_running():
+                    raise self._gone("snapshot") from exc
+                raise SnapshotError(_save_failure(self.id, str(exc))) from exc
+            record = dataclasses.replace(record, migration=_migration_summary(stats))
+            with _storage_errors(f"the snapshot's memory blob {memory}"):
+                await asyncio.to_thread(_snapshot.sync_file, memory)
+                await asyncio.to_thread(writer.adopt_blob, MEMORY_BLOB)
+            return await self._finish_snapshot(writer, record, SnapshotKind.FULL)
+
+    async def _disk_snapshot(self, dest: Path) -> VmSnapshot:
+        """The overlay of a stopped VM (QEMU has exited and flushed it)."""
+        record = await self._snapshot_record(SnapshotKind.DISK)
+        with SnapshotWriter(dest) as writer:
+            return await self._finish_snapshot(writer, record, SnapshotKind.DISK)
+
+    async def _snapshot_record(self, kind: SnapshotKind) -> SnapshotRecord:
+        launch = self._launch_record()
+        accel = self.accel.accel if self.accel else str(launch.get("accel", "tcg"))
+        hostname = str(launch.get("hostname") or self.config.hostname or f"kelpie-{self.id[:8]}")
+        base = self.config.root_disk
+        signature: tuple[str, ...] = ()
+        if kind is SnapshotKind.FULL:
+            signature = tuple(device_signature(QemuLaunch(
+                qemu="", config=self.config, kernel=Path(), initrd=Path(), workdir=self.workdir,
+                accel=accel, hostname=hostname,
+                overlay=None if base is None else self.workdir / "overlay.qcow2",
+            )))
+        return SnapshotRecord(
+            config=self.config, hostname=hostname, accel=accel,
+            base_path=None if base is None else base.resolve(),
+            base_format=None if base is None else await asyncio.to_thread(
+                _snapshot.image_format, base
+            ),
+            signature=signature,
+        )
+
+    async def _finish_snapshot(
+        self, writer: SnapshotWriter, record: SnapshotRecord, kind: SnapshotKind
+    ) -> VmSnapshot:
+        """Add the disk overlay, then publish the manifest."""
+        base_digest = None
+        if record.base_path is not None:
+            try:
+                base_digest = await asyncio.to_thread(_snapshot.file_digest, record.base_path)
+            except OSError as exc:
+                raise SnapshotError(
+                    f"VM {self.id}: cannot read its base image {record.base_path}: {exc}"
+                ) from exc
+            overlay = self.workdir / "overlay.qcow2"
+            if overlay.exists():
+                with _storage_errors(f"copying the disk overlay {overlay} into the snapshot"):
+                    await asyncio.to_thread(
+                        _snapshot.copy_file, overlay, writer.blob_path(DISK_BLOB)
+                    )
+                    await asyncio.to_thread(writer.adopt_blob, DISK_BLOB)
+        host = self.host_info()
+        return writer.commit(
+            kind=kind, backend=host.backend, backend_version=host.backend_version,
+            arch=host.arch, cpu_model=_cpu_model(record.accel), machine=host.machine,
+            vcpus=self.config.vcpus, memory_mib=self.config.memory_mib,
+            guestkit_digest=self._kit_digest, base_image_digest=base_digest, vm_id=self.id,
+            extra=record.to_extra(),
+        )
+
+    async def _unless_gone(self, step: Awaitable[T], doing: str) -> T:
+        """Run ``step`` unless QEMU exits first (then :class:`VmCrashed`).
+
+        Cancelled, ``step`` is cancelled and awaited, so its clean-up (e.g. cancelling a
+        migration in QEMU) is over before the cancellation propagates.
+        """
+        process = self._process
+        if process is None or not process.running:
+            raise self._gone(doing)
+        task = asyncio.ensure_future(step)
+        waiters: set[asyncio.Future[Any]] = {task, process.exited}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task})
+        raise self._gone(doing)
+
+    # ---- restore ------------------------------------------------------------------------
+    async def _do_restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
+        """Rebuild the snapshot's VM here: checks first, then the disk, then QEMU.
+
+        Everything that can refuse the snapshot (its record, the base image, the guest
+        kit, the device signature) is checked before the VM directory changes or any QEMU
+        starts. A full restore loads the VM state into a QEMU started with ``-incoming
+        defer``, then the guest resyncs (clock, RNG reseed, host name); a disk restore
+        boots the base image with the saved overlay.
+        """
+        manifest = snapshot.manifest
+        kind = manifest.kind
+        record = SnapshotRecord.from_manifest(manifest)
+        base = None
+        if record.base_path is not None:
+            if manifest.base_image_digest is None:
+                raise SnapshotIncompatible(["the snapshot names no digest for its base image"])
+            candidates = [p for p in (self.config.root_disk, record.base_path) if p is not None]
+            base = await asyncio.to_thread(
+                _snapshot.find_base_image, manifest.base_image_digest, candidates
+            )
+        config = _snapshot.restored_config(record.config, self.config, kind, base)
+        launch = await self._prepare_launch(config, incoming=kind is SnapshotKind.FULL)
+        manifest.check_restorable(self.host_info())
+        if kind is SnapshotKind.FULL:
+            signature = tuple(device_signature(dataclasses.replace(
+                launch, overlay=None if base is None else self.workdir / "overlay.qcow2",
+            )))
+            if signature != record.signature:
+                raise SnapshotIncompatible([_signature_mismatch(record.signature, signature)])
+        # Checked: from here on the VM directory changes (undone if the restore fails).
+        reason = (
+            f"VM {self.id} was restored from snapshot {snapshot.path} while this command "
+            f"ran; commands do not survive a restore (their agent connection ended when the "
+            f"VM stopped): run it again"
+        )
+        for process in list(self._processes):
+            if process.exit is None:
+                process.interrupt(reason)
+        self._processes.clear()
+        old_config = self._config
+        overlay = self.workdir / "overlay.qcow2"
+        kept = self.workdir / ".overlay.qcow2.before-restore"
+        self._prepare_workdir(launch)
+        self._config = config
+        try:
+            if overlay.exists():
+                overlay.replace(kept)
+            if base is not None and DISK_BLOB in manifest.blobs:
+                assert record.base_format is not None
+                await _snapshot.install_overlay(
+                    snapshot.blob_path(DISK_BLOB), overlay, base, record.base_format
+                )
+                launch = dataclasses.replace(launch, overlay=overlay)
+            elif base is not None:
+                launch = dataclasses.replace(launch, overlay=await self._prepare_overlay())
+            if kind is SnapshotKind.FULL:
+                await self._resume_state(snapshot, launch, paused=paused,
+                                         same_vm=manifest.vm_id == self.id)
+            else:
+                await self._boot(launch)
+                if paused:
+                    await self._qmp_execute("stop")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if kept.exists():
+                    kept.replace(overlay)
+                else:
+                    overlay.unlink(missing_ok=True)
+                self._config = old_config
+                self._write_record(dataclasses.replace(launch, config=old_config))
+            raise
+        kept.unlink(missing_ok=True)
+
+    async def _resume_state(
+        self, snapshot: VmSnapshot, launch: QemuLaunch, *, paused: bool, same_vm: bool
+    ) -> None:
+        """Start QEMU waiting for a migration, load the snapshot's VM state into it."""
+        await self._spawn(build_command(launch))
+        deadline = time.monotonic() + self.boot_timeout
+        self._qmp = await self._before_exit(self._connect_qmp(), "the QMP socket", deadline)
+        await self._before_exit(
+            _migration.load_state(self._qmp, snapshot.blob_path(MEMORY_BLOB)),
+            "loading the snapshot's VM state", deadline,
+        )
+        # Connected before the guest runs: it then sees its host as still connected and
+        # keeps reading; the hello ends the session it had with the snapshotted VM's host.
+        self._agent = await self._before_exit(
+            agent.AgentClient.connect_unix(str(self.agent_socket), timeout=self.boot_timeout),
+            "the agent socket", deadline,
+        )
+        plan = {"hostname": None if same_vm else launch.hostname}
+        (self.workdir / PENDING_RESYNC).write_text(json.dumps(plan) + "\n")
+        if paused:
+            return  # resume() says hello and resyncs the guest
+        await self._before_exit(self._qmp.execute("cont"), "QMP cont", deadline)
+        self.agent_info = await self._before_exit(
+            self._agent.hello(), "the guest agent's hello", deadline
+        )
+        await self._before_exit(self._finish_restore(), "the guest agent's resync", deadline)
+
+    async def _finish_restore(self) -> None:
+        """Resync a restored guest once it runs: clock, RNG (reseeded), host name.
+
+        The plan is a file in the VM directory, so that a process attaching to a VM left
+        paused by a restore still resyncs it on resume.
+        """
+        pending = self.workdir / PENDING_RESYNC
+        try:
+            plan = json.loads(pending.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            plan = {}
+        hostname = plan.get("hostname") if isinstance(plan, dict) else None
+        with self._agent_errors():
+            await self._client().resync(
+                epoch_ns=time.time_ns(), entropy=os.urandom(RESTORE_ENTROPY_BYTES),
+                hostname=hostname if isinstance(hostname, str) else None,
+            )
+        pending.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _save_failure(vm_id: str, reason: str) -> str:
+    message = f"VM {vm_id}: QEMU could not save the VM state: {reason}"
+    if "VirtFS" in reason or "9p" in reason:
+        message += (
+            "; QEMU cannot snapshot the memory of a VM with a mounted shared directory "
+            "(virtio-9p): take a disk snapshot of the stopped VM, or run without mounts"
+        )
+    return message
+
+
+def _migration_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    ram = stats.get("ram") if isinstance(stats.get("ram"), dict) else {}
+    assert isinstance(ram, dict)
+    return {
+        "total_time_ms": stats.get("total-time"),
+        "ram_total": ram.get("total"),
+        "ram_transferred": ram.get("transferred"),
+        "normal_pages": ram.get("normal"),
+        "zero_pages": ram.get("duplicate"),
+    }
+
+
+def _signature_mismatch(recorded: Sequence[str], here: Sequence[str]) -> str:
+    only_then = [arg for arg in recorded if arg not in here]
+    only_now = [arg for arg in here if arg not in recorded]
+    return (
+        f"QEMU devices: the snapshot's VM was started with {only_then or 'the same options'}"
+        f", a restore here would use {only_now or 'the same options in another order'}; "
+        f"restore it with the Kelpie version that took it"
+    )
+
+
 _VERSIONS: dict[str, str] = {}
 
 
@@ -831,6 +1203,11 @@ def _qemu_version(qemu: str) -> str:
         version = words[3] if len(words) > 3 and words[2] == "version" else "unknown"
         _VERSIONS[qemu] = version.split("(")[0]
     return _VERSIONS[qemu]
+
+
+def _cpu_model(accel: str) -> str:
+    """The guest CPU model QEMU emulates: the host's under KVM, QEMU's default under TCG."""
+    return "host" if accel == "kvm" else "qemu64"
 
 
 def make_qemu(config: VmConfig, **options: Any) -> QemuVm:
