@@ -5,6 +5,7 @@ Fails instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Iterator
@@ -46,3 +47,47 @@ async def test_qemu_sandbox_through_the_runtime(guestkit: GuestKit, state_dir: P
             await rt.remove("real", force=True)
         assert rt.list(all=True) == []
         assert not (state_dir / "vms" / info.id).exists()
+
+
+async def test_template_clones_are_distinct_and_fast_to_start(
+    guestkit: GuestKit, state_dir: Path,
+) -> None:
+    """4 clones of one template, started concurrently: 4 hostnames, 4 RNG states."""
+    async with Runtime(data_dir=state_dir, backend_options={"qemu": {"kit": guestkit}}) as rt:
+        template = await rt.create_template(name="base", backend="qemu", memory_mib=256)
+        assert template.template and rt.list(all=True) == []
+        clones = await asyncio.gather(*(rt.create(template="base", name=f"clone{i}")
+                                         for i in range(4)))
+        try:
+            hostnames, randoms = set(), set()
+            for clone in clones:
+                assert clone.state is VmState.RUNNING
+                script = "hostname; head -c 16 /dev/urandom | od -An -tx1"
+                result = await rt.exec(clone.id, ["sh", "-c", script])
+                assert result.exit_code == 0, result.stderr
+                hostname, random = result.stdout.decode().split("\n", 1)
+                hostnames.add(hostname)
+                randoms.add(random.strip())
+            assert len(hostnames) == 4 and len(randoms) == 4
+        finally:
+            for clone in clones:
+                await rt.remove(clone.id, force=True)
+            rt.remove_snapshot("base")
+
+
+async def test_snapshot_restore_through_the_runtime(guestkit: GuestKit, state_dir: Path) -> None:
+    async with Runtime(data_dir=state_dir, backend_options={"qemu": {"kit": guestkit}}) as rt:
+        await rt.create(name="src", backend="qemu", memory_mib=256)
+        try:
+            await rt.write_file("src", "/tmp/before", b"kept")
+            snap = await rt.snapshot("src", name="s")
+            assert snap.size > 0 and rt.get("src").state is VmState.RUNNING
+            await rt.write_file("src", "/tmp/after", b"not kept")
+            copy = await rt.restore("s", name="copy")
+            assert copy.id != snap.sandbox_id
+            assert await rt.read_file("copy", "/tmp/before") == b"kept"
+            missing = await rt.exec("copy", ["test", "-e", "/tmp/after"])
+            assert missing.exit_code == 1
+        finally:
+            for info in rt.list(all=True):
+                await rt.remove(info.id, force=True)
