@@ -229,10 +229,15 @@ class SnapshotCreate(_Model):
     sandbox: str = Field(max_length=MAX_NAME, description="Name, id or unique id prefix.")
     name: Annotated[str, Field(max_length=MAX_NAME,
                                json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] | None = None
-    kind: Literal["full", "disk"] = Field(
+    kind: Literal["full", "disk", "checkpoint"] = Field(
         "full", description="full: memory, devices and disk of a running or paused sandbox; "
-                            "disk: the disk of a stopped one.")
+                            "disk: the disk of a stopped one; checkpoint: a running one's "
+                            "workspace directory and env, restorable on any arch.")
     leave_paused: bool = False
+    workspace: str | None = Field(
+        None, max_length=4096,
+        description="For checkpoints: the guest directory to keep (default: the image's "
+                    "working directory, else /workspace).")
 
 
 class RestoreBody(_Model):

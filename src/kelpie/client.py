@@ -320,10 +320,10 @@ class DaemonClient:
 
     # ---- snapshots and templates --------------------------------------------------------
     async def snapshot(self, ref: str, *, name: str | None = None, kind: str = "full",
-                       leave_paused: bool = False) -> Snapshot:
-        """Snapshot a sandbox."""
+                       leave_paused: bool = False, workspace: str | None = None) -> Snapshot:
+        """Snapshot a sandbox (kind full, disk or checkpoint)."""
         body = SnapshotCreate(sandbox=ref, name=name, kind=kind,
-                              leave_paused=leave_paused)
+                              leave_paused=leave_paused, workspace=workspace)
         reply = await self._request("POST", "/snapshots", json=body.model_dump(mode="json"))
         return Snapshot.model_validate(reply.json())
 

@@ -73,28 +73,33 @@ async def _feed_stdin(process: ExecProcess) -> None:
     fd = sys.stdin.fileno()
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    if stat.S_ISREG(os.fstat(fd).st_mode):  # epoll cannot watch regular files
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            loop.remove_reader(fd)
+        queue.put_nowait(chunk)
+
+    reader: asyncio.Task[None] | None = None
+    watched = not stat.S_ISREG(os.fstat(fd).st_mode)  # epoll cannot watch regular files
+    if watched:
+        os.set_blocking(fd, False)
+        try:
+            loop.add_reader(fd, readable)
+        except PermissionError:  # nor /dev/null and other files without poll support
+            os.set_blocking(fd, True)
+            watched = False
+    if not watched:
         async def read_file() -> None:
             while chunk := await asyncio.to_thread(os.read, fd, READ_CHUNK):
                 queue.put_nowait(chunk)
             queue.put_nowait(b"")
-        reader: asyncio.Task[None] | None = asyncio.create_task(read_file())
-    else:
-        reader = None
-        os.set_blocking(fd, False)
-
-        def readable() -> None:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                loop.remove_reader(fd)
-            queue.put_nowait(chunk)
-
-        loop.add_reader(fd, readable)
+        reader = asyncio.create_task(read_file())
     try:
         while chunk := await queue.get():
             await process.write_stdin(chunk)

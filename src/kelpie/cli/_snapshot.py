@@ -54,14 +54,20 @@ def snapshot() -> None:
 
 @snapshot.command("create")
 @click.option("--name", help="Name of the snapshot (default: SANDBOX-<id>).")
-@click.option("--disk", is_flag=True, help="A disk snapshot of a stopped sandbox.")
+@click.option("--disk", "kind", flag_value="disk", help="A disk snapshot of a stopped sandbox.")
+@click.option("--checkpoint", "kind", flag_value="checkpoint",
+              help="A checkpoint: the workspace directory and env (any arch).")
+@click.option("--workspace", metavar="DIR",
+              help="Checkpoints: the guest directory to keep (default: the image's workdir).")
 @click.option("--leave-paused", is_flag=True, help="Leave the sandbox paused afterwards.")
 @click.argument("sandbox")
-def create(name: str | None, disk: bool, leave_paused: bool, sandbox: str) -> int:
-    """Snapshot a sandbox: memory, devices and disk (or only the disk with --disk)."""
+def create(name: str | None, kind: str | None, workspace: str | None, leave_paused: bool,
+           sandbox: str) -> int:
+    """Snapshot a sandbox: memory, devices and disk (--disk: only the disk of a stopped
+    one; --checkpoint: its workspace and env)."""
     async def call(client: DaemonClient) -> int:
-        taken = await client.snapshot(sandbox, name=name, kind="disk" if disk else "full",
-                                      leave_paused=leave_paused)
+        taken = await client.snapshot(sandbox, name=name, kind=kind or "full",
+                                      leave_paused=leave_paused, workspace=workspace)
         click.echo(f"{taken.id} {taken.name} ({_size(taken.size)})")
         return 0
 

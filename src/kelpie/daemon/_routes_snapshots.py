@@ -36,9 +36,10 @@ async def list_snapshots(request: Request, templates: bool | None = None) -> lis
 
 @router.post("/snapshots", status_code=201)
 async def create_snapshot(request: Request, body: SnapshotCreate) -> Snapshot:
-    """Snapshot a sandbox (full: running or paused; disk: stopped)."""
+    """Snapshot a sandbox (full: running or paused; disk: stopped; checkpoint: running)."""
     info = await runtime_of(request).snapshot(body.sandbox, name=body.name, kind=body.kind,
-                                              leave_paused=body.leave_paused)
+                                              leave_paused=body.leave_paused,
+                                              workspace=body.workspace)
     return Snapshot.from_info(info)
 
 

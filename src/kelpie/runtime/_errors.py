@@ -34,7 +34,7 @@ class SandboxNotFound(SandboxError, LookupError):
         self.ref = ref
         super().__init__(
             f"no sandbox {ref!r}: give a sandbox name, its id, or a unique id prefix of at "
-            f"least 3 characters (see Runtime.list(all=True)){hint}"
+            f"least 3 characters (list them with `kelpie ps -a`){hint}"
         )
 
 

@@ -695,10 +695,12 @@ class Runtime:
 
     async def snapshot(
         self, ref: str, *, name: str | None = None, kind: SnapshotKind | str = "full",
-        leave_paused: bool = False, template: bool = False,
+        leave_paused: bool = False, template: bool = False, workspace: str | None = None,
     ) -> SnapshotInfo:
-        """Snapshot a sandbox: ``full`` (memory + devices + disk; running or paused) or
-        ``disk`` (a stopped sandbox's disk). The sandbox ends running again (or paused with
+        """Snapshot a sandbox: ``full`` (memory + devices + disk; running or paused),
+        ``disk`` (a stopped sandbox's disk) or ``checkpoint`` (a running sandbox's
+        ``workspace`` directory + env, restorable on any arch; default: the image's working
+        directory, else ``/workspace``). The sandbox ends running again (or paused with
         ``leave_paused``). The snapshot is recorded only once complete."""
         snapshot_kind = _snapshot_kind(kind)
         info = self.get(ref)
@@ -721,6 +723,8 @@ class Runtime:
                 spec = self.factory.registry.get(info.backend)
                 vm = spec.create(info.config, vm_id=info.id, **self._options(spec.name))
                 self._adopt(info.id, vm)
+            if snapshot_kind is SnapshotKind.CHECKPOINT:
+                vm.checkpoint_workspace = workspace or _workspace_of(info)
             taken = await vm.snapshot(dest, kind=snapshot_kind, leave_paused=leave_paused)
         record = SnapshotInfo(
             id=snapshot_id, name=name, kind=snapshot_kind, backend=info.backend,
@@ -1046,6 +1050,11 @@ def _unpack_verified(source: IO[bytes], dest: Path) -> tuple[dict[str, Any], Sna
 
 def _snapshot_holder(snapshot_id: str) -> str:
     return f"snapshot:{snapshot_id}"
+
+
+def _workspace_of(info: SandboxInfo) -> str:
+    """The directory a checkpoint keeps by default: the image's working directory."""
+    return info.workdir if info.workdir and info.workdir != "/" else "/workspace"
 
 
 def _snapshot_kind(kind: SnapshotKind | str) -> SnapshotKind:
