@@ -40,6 +40,16 @@ def test_help() -> None:
         assert command in proc.stdout
 
 
+def test_every_command_loads_and_has_help(capfd: pytest.CaptureFixture[str]) -> None:
+    from kelpie.cli import _main, _sandbox, _snapshot
+
+    listed = {c.name for c in (*_sandbox.COMMANDS, *_snapshot.COMMANDS)}
+    assert listed <= set(_main.COMMANDS)
+    for name in _main.COMMANDS:
+        assert main([name, "--help"]) == 0, name
+        assert capfd.readouterr().out.startswith(f"Usage: kelpie {name}")
+
+
 def test_run_mock_prints_output_and_exit_code(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--backend", "mock", "--", "echo", "hello"]) == 0
     assert capfd.readouterr().out == "hello\n"

@@ -13,9 +13,11 @@ import kelpie.vm
 
 
 def public_names(module: types.ModuleType) -> set[str]:
+    """Public non-module names; for a lazy module (``__getattr__``), every name it offers."""
+    names = dir(module) if hasattr(module, "__getattr__") else list(vars(module))
     return {
-        name for name, value in vars(module).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        name for name in names
+        if not name.startswith("_") and not isinstance(getattr(module, name), types.ModuleType)
     }
 
 

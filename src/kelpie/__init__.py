@@ -5,53 +5,90 @@ sandboxes in-process, :class:`DaemonClient` talks to the daemon, :class:`VmInsta
 :class:`VmFactory` are the VM layer underneath.
 """
 
-from kelpie import backends as _backends  # noqa: F401  (registers the built-in backends)
+import importlib as _importlib
+from typing import TYPE_CHECKING
+from typing import Any as _Any
+
 from kelpie._version import __version__
-from kelpie.backends.mock import MockVm
-from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
-from kelpie.runtime import Runtime, SandboxInfo, SandboxNameInUse, SandboxNotFound
-from kelpie.sdk import AsyncSandbox, Sandbox
-from kelpie.vm import (
-    AgentError,
-    BackendRegistry,
-    BackendSpec,
-    BackendUnavailable,
-    BootError,
-    Capabilities,
-    ConfigError,
-    ExecError,
-    ExecExit,
-    ExecOutput,
-    ExecProcess,
-    ExecResult,
-    ExecTimeout,
-    FileInfo,
-    GuestFileError,
-    HostInfo,
-    InvalidStateError,
-    KelpieError,
-    Mount,
-    NetworkError,
-    NetworkMode,
-    PortMapping,
-    ProbeResult,
-    SnapshotCorrupted,
-    SnapshotError,
-    SnapshotIncompatible,
-    SnapshotKind,
-    SnapshotManifest,
-    SnapshotTooLarge,
-    StorageError,
-    UnsupportedOperation,
-    VmConfig,
-    VmConfigBuilder,
-    VmCrashed,
-    VmError,
-    VmFactory,
-    VmInstance,
-    VmSnapshot,
-    VmState,
-)
+
+if TYPE_CHECKING:
+    from kelpie.backends.mock import MockVm
+    from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
+    from kelpie.runtime import Runtime, SandboxInfo, SandboxNameInUse, SandboxNotFound
+    from kelpie.sdk import AsyncSandbox, Sandbox
+    from kelpie.vm import (
+        AgentError,
+        BackendRegistry,
+        BackendSpec,
+        BackendUnavailable,
+        BootError,
+        Capabilities,
+        ConfigError,
+        ExecError,
+        ExecExit,
+        ExecOutput,
+        ExecProcess,
+        ExecResult,
+        ExecTimeout,
+        FileInfo,
+        GuestFileError,
+        HostInfo,
+        InvalidStateError,
+        KelpieError,
+        Mount,
+        NetworkError,
+        NetworkMode,
+        PortMapping,
+        ProbeResult,
+        SnapshotCorrupted,
+        SnapshotError,
+        SnapshotIncompatible,
+        SnapshotKind,
+        SnapshotManifest,
+        SnapshotTooLarge,
+        StorageError,
+        UnsupportedOperation,
+        VmConfig,
+        VmConfigBuilder,
+        VmCrashed,
+        VmError,
+        VmFactory,
+        VmInstance,
+        VmSnapshot,
+        VmState,
+    )
+
+del TYPE_CHECKING
+
+# Where each public name lives. Importing ``kelpie`` stays cheap (the CLI imports only what
+# a command needs); the first public name used loads its module, and the built-in backends
+# register themselves then.
+_HOMES = {
+    "MockVm": "kelpie.backends.mock",
+    "DaemonClient": "kelpie.client",
+    "DaemonUnreachable": "kelpie.client",
+    "RemoteError": "kelpie.client",
+    "Runtime": "kelpie.runtime",
+    "SandboxInfo": "kelpie.runtime",
+    "SandboxNameInUse": "kelpie.runtime",
+    "SandboxNotFound": "kelpie.runtime",
+    "AsyncSandbox": "kelpie.sdk",
+    "Sandbox": "kelpie.sdk",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'kelpie' has no attribute {name!r}")
+    _importlib.import_module("kelpie.backends")  # registers the built-in backends
+    value = getattr(_importlib.import_module(_HOMES.get(name, "kelpie.vm")), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AgentError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -12,7 +13,6 @@ import click
 from pydantic import ValidationError
 
 from kelpie._version import __version__
-from kelpie.cli import _backend, _daemon, _dst, _guestkit, _image, _sandbox, _snapshot
 from kelpie.cli._connect import target_from
 from kelpie.client import RemoteError
 from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
@@ -33,7 +33,33 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Each command's module is imported only when the command runs (or help lists it), so a
+# command pays for its own imports only.
+COMMANDS = {
+    "run": "_sandbox:run", "exec": "_sandbox:exec_", "ps": "_sandbox:ps",
+    "inspect": "_sandbox:inspect", "logs": "_sandbox:logs", "start": "_sandbox:start",
+    "stop": "_sandbox:stop", "kill": "_sandbox:kill", "pause": "_sandbox:pause",
+    "resume": "_sandbox:resume", "rm": "_sandbox:rm", "cp": "_sandbox:cp",
+    "snapshot": "_snapshot:snapshot", "restore": "_snapshot:restore",
+    "template": "_snapshot:template", "daemon": "_daemon:daemon", "image": "_image:image",
+    "backend": "_backend:backend", "dst": "_dst:dst", "guestkit": "_guestkit:guestkit",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        command: click.Command = getattr(importlib.import_module(f"kelpie.cli.{module}"), attr)
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kelpie")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("--host", envvar="KELPIE_HOST", metavar="URL",
@@ -58,14 +84,6 @@ def cli(ctx: click.Context, debug: bool, host: str | None, token_file: Path | No
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
-
-for _command in (*_sandbox.COMMANDS, *_snapshot.COMMANDS):
-    cli.add_command(_command)
-cli.add_command(_daemon.daemon)
-cli.add_command(_backend.backend)
-cli.add_command(_dst.dst)
-cli.add_command(_guestkit.guestkit)
-cli.add_command(_image.image)
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -110,7 +110,11 @@ class VmFactory:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.registry = registry or DEFAULT_REGISTRY
+        if registry is None:
+            import kelpie.backends  # noqa: F401  (the built-in backends register themselves)
+
+            registry = DEFAULT_REGISTRY
+        self.registry = registry
         self._environ = os.environ if environ is None else environ
 
     def select(self, backend: str | None = None) -> BackendSpec:
