@@ -131,7 +131,9 @@ async def clones(guestkit: GuestKit, state_dir: Path, taken: Taken) -> AsyncIter
 
 
 async def test_capabilities() -> None:
-    assert CAPABILITIES.snapshot_kinds == {SnapshotKind.FULL, SnapshotKind.DISK}
+    assert CAPABILITIES.snapshot_kinds == {
+        SnapshotKind.FULL, SnapshotKind.DISK, SnapshotKind.CHECKPOINT
+    }
 
 
 async def test_full_snapshot_manifest_and_source_keeps_running(

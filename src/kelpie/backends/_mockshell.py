@@ -63,7 +63,7 @@ class MockFs:
             data = old + data
         self.files[path] = (data, mode)
 
-    def mkdir(self, path: str, *, parents: bool) -> None:
+    def mkdir(self, path: str, *, parents: bool, mode: int = 0o755) -> None:
         if path in self.files:
             raise GuestFileError(path, "EEXIST", "a file exists there")
         if path in self.dirs:
@@ -75,7 +75,7 @@ class MockFs:
             if not parents:
                 raise GuestFileError(path, "ENOENT", f"parent directory {parent} does not exist")
             self.mkdir(parent, parents=True)
-        self.dirs[path] = 0o755
+        self.dirs[path] = mode
 
     def list(self, path: str) -> list[str]:
         if path in self.files:

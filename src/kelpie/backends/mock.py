@@ -40,11 +40,19 @@ from kelpie.vm import (
     SnapshotWriter,
     Storage,
     StreamName,
+    UnsupportedOperation,
     VmConfig,
     VmCrashed,
     VmError,
     VmInstance,
     VmSnapshot,
+)
+from kelpie.vm._checkpoint import (
+    capture_checkpoint,
+    checkpoint_config,
+    is_file_checkpoint,
+    read_checkpoint,
+    replay_checkpoint,
 )
 from kelpie.vm._storage import LocalStorage
 
@@ -159,6 +167,7 @@ class MockVm(VmInstance):
         wall_clock: Callable[[], float] = time.time,
         boot_seconds: float = 0.0,
         max_snapshot_bytes: int | None = None,
+        file_checkpoints: bool = False,
     ) -> None:
         super().__init__(config, vm_id=vm_id)
         self._faults = faults
@@ -167,6 +176,10 @@ class MockVm(VmInstance):
         self._wall_clock = wall_clock
         self._boot_seconds = boot_seconds
         self.max_snapshot_bytes = max_snapshot_bytes
+        self.file_checkpoints = file_checkpoints
+        """Take checkpoints through the file hooks, in the format every backend restores
+        (``kelpie.vm._checkpoint``), instead of the mock's native dump of its whole file
+        system. Either format restores into a mock."""
         self.fs = MockFs()
         self.hostname = config.hostname or f"kelpie-{self.id[:8]}"
         self.boots = 0
@@ -292,11 +305,33 @@ class MockVm(VmInstance):
         await self._round_trip("remove")
         self.fs.remove(MockFs.resolve("/", path), recursive=recursive)
 
+    async def _do_mkdir(self, path: str, mode: int) -> None:
+        await self._round_trip("mkdir")
+        self.fs.mkdir(MockFs.resolve("/", path), parents=True, mode=mode & 0o7777)
+
+    async def _do_readlink(self, path: str) -> str:
+        raise GuestFileError(path, "EINVAL", "not a symbolic link (the mock guest has none)")
+
+    async def _do_symlink(self, target: str, path: str) -> None:
+        raise UnsupportedOperation(self.backend_name, f"symbolic links ({path} -> {target})")
+
+    async def _do_agent_state(self) -> dict[str, Any]:
+        return {
+            "hostname": self.hostname,
+            "commands": [list(p.request.argv) for p in self._processes],
+        }
+
     # ---- snapshots ----------------------------------------------------------------------
     async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
         self._maybe_crash("snapshot")
         if self._faults.check(Fault.SNAPSHOT_CREATE_FAIL, "snapshot"):
             raise SnapshotError(f"VM {self.id}: snapshot failed (injected)")
+        if kind is SnapshotKind.CHECKPOINT and self.file_checkpoints:
+            created = dt.datetime.fromtimestamp(self._wall_clock(), dt.UTC)
+            return await capture_checkpoint(
+                self, dest, storage=self._storage, max_bytes=self.max_snapshot_bytes,
+                created_at=created.replace(microsecond=0).isoformat(),
+            )
         blob = _canonical(self.guest_state(kind))
         if self._faults.check(Fault.SNAPSHOT_TOO_LARGE, "snapshot"):
             raise SnapshotTooLarge(len(blob), len(blob) - 1)
@@ -319,6 +354,9 @@ class MockVm(VmInstance):
             )
 
     async def _do_restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
+        if is_file_checkpoint(snapshot.manifest):
+            await self._restore_file_checkpoint(snapshot, paused=paused)
+            return
         kind = snapshot.manifest.kind
         state = json.loads(snapshot.read_blob(STATE_BLOB))
         if self._faults.check(Fault.RESTORE_FAIL, "restore"):
@@ -327,6 +365,24 @@ class MockVm(VmInstance):
         self._load_state(state, kind)  # only once booted: a failed restore changes nothing
         if kind is not SnapshotKind.FULL:
             self.boots += 1
+        if paused:
+            self._running.clear()
+
+    async def _restore_file_checkpoint(self, snapshot: VmSnapshot, *, paused: bool) -> None:
+        """Boot a fresh guest, then write the checkpoint's workspace into it (any backend's)."""
+        content = read_checkpoint(snapshot, self)  # checked whole before the guest changes
+        if self._faults.check(Fault.RESTORE_FAIL, "restore"):
+            raise BootError(f"VM {self.id}: restore failed (injected)")
+        await self._boot("restore")
+        old_fs, old_config = self.fs, self._config
+        self.fs = MockFs()
+        self._config = checkpoint_config(self._config, content)
+        try:
+            await replay_checkpoint(self, content)
+        except BaseException:
+            self.fs, self._config = old_fs, old_config  # a failed restore changes nothing
+            raise
+        self.boots += 1
         if paused:
             self._running.clear()
 

@@ -30,6 +30,7 @@ from kelpie.vm._errors import (
     BootError,
     ConfigError,
     ExecTimeout,
+    GuestFileError,
     InvalidStateError,
     KelpieError,
     UnsupportedOperation,
@@ -237,6 +238,10 @@ class VmInstance(abc.ABC):
         self.crash_reason: str | None = None
         self.transitions: list[tuple[VmState, VmState]] = []
         self._observers: list[TransitionObserver] = []
+        self.checkpoint_workspace: str | None = None
+        """The guest directory checkpoints of this VM carry and restore into; None: the
+        default (``/workspace`` for a capture, the checkpoint's own for a restore). See
+        :mod:`kelpie.vm._checkpoint`."""
 
     # ---- identity and state -------------------------------------------------------------
     @property
@@ -453,7 +458,9 @@ class VmInstance(abc.ABC):
         """Write a snapshot of this VM to the new directory ``dest``.
 
         A full snapshot pauses a running VM while it is taken and resumes it afterwards
-        (unless ``leave_paused``), also when the snapshot fails.
+        (unless ``leave_paused``), also when the snapshot fails. A checkpoint (the
+        workspace directory, env and agent state; see :attr:`checkpoint_workspace`) is
+        taken from the running guest without pausing it.
         """
         async with self._lifecycle:
             self._require(Operation.SNAPSHOT)
@@ -542,6 +549,44 @@ class VmInstance(abc.ABC):
     @abc.abstractmethod
     async def _do_remove(self, path: str, recursive: bool) -> None:
         """Remove a guest path."""
+
+    async def _do_mkdir(self, path: str, mode: int) -> None:
+        """Create directory ``path`` (and missing parents); the last one gets ``mode``.
+
+        An existing directory is not an error. The default runs ``mkdir -p`` in the guest;
+        backends whose agent can do it directly override this.
+        """
+        await self._guest_command(path, ["mkdir", "-p", "-m", f"{mode & 0o7777:o}", "--", path])
+
+    async def _do_readlink(self, path: str) -> str:
+        """The target of the symbolic link ``path`` (the default runs ``readlink``)."""
+        out = await self._guest_command(path, ["readlink", "--", path])
+        return out.decode("utf-8", "surrogateescape").removesuffix("\n")
+
+    async def _do_symlink(self, target: str, path: str) -> None:
+        """Create the symbolic link ``path`` pointing at ``target`` (never followed).
+
+        The default runs ``ln -s`` in the guest.
+        """
+        await self._guest_command(path, ["ln", "-s", "--", target, path])
+
+    async def _do_agent_state(self) -> dict[str, Any]:
+        """What the guest reports that matters for resuming work, as JSON-ready data.
+
+        Checkpoints carry it as it is; nothing on the host interprets it.
+        """
+        return {"hostname": self._config.hostname}
+
+    async def _guest_command(self, path: str, argv: list[str]) -> bytes:
+        """Run a file utility in the guest for a default hook; GuestFileError if it fails."""
+        process = await self._do_exec(ExecRequest(tuple(argv), timeout=60.0))
+        await process.close_stdin()
+        result = await process.wait()
+        if result.exit_code != 0:
+            message = result.stderr.decode(errors="replace").strip() or f"{argv[0]} failed"
+            code = "ENOSYS" if result.exit_code == 127 else "EIO"
+            raise GuestFileError(path, code, f"{' '.join(argv[:2])}: {message}")
+        return result.stdout
 
     async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
         raise UnsupportedOperation(self.backend_name, "snapshot")

@@ -9,10 +9,11 @@ from kelpie.vm import BackendSpec, Capabilities, ProbeResult, SnapshotKind, VmCo
 
 # Declared here, not imported from _vm, so probing the host does not import qemu.qmp.
 # Full snapshots need a VM without shared directories: QEMU's virtio-9p blocks migration
-# while a share is mounted (the snapshot then fails saying so).
+# while a share is mounted (the snapshot then fails saying so). Checkpoints go through the
+# guest agent's file operations (kelpie.vm._checkpoint): a running VM, any architecture.
 CAPABILITIES = Capabilities(
     pause=True,
-    snapshot_kinds=frozenset({SnapshotKind.FULL, SnapshotKind.DISK}),
+    snapshot_kinds=frozenset({SnapshotKind.FULL, SnapshotKind.DISK, SnapshotKind.CHECKPOINT}),
     shared_dirs=True,
     networking=True,
     pty=True,

@@ -15,6 +15,9 @@ The QMP sequences (QEMU reports each step as a ``MIGRATION`` event, enabled by t
   ``completed`` before it settles in ``postmigrate``, and a ``cont`` in between fails
   with "Migration is not finalized yet". Cancelled midway: ``migrate_cancel``, then wait
   until QEMU left the migration.
+* abandon (a later QMP client, after the process saving the state died): the same
+  ``migrate_cancel`` and waits, then ``closefd`` of a file handed over but never used;
+  a save that completed meanwhile leaves the VM ``postmigrate`` (``cont`` resumes it).
 * load (QEMU started with ``-S -incoming defer``): ``migrate-set-capabilities events``,
   fd + ``getfd``, ``migrate-incoming fd:NAME``, wait for ``completed``. QEMU 7.2 exits
   when loading fails, so the caller also watches the process.
@@ -118,6 +121,34 @@ async def _settled(qmp: QMPClient) -> None:
         if not isinstance(status, dict) or status.get("status") != "finish-migrate":
             return
         await asyncio.sleep(_POLL)
+
+
+async def abandon_save(qmp: QMPClient) -> str:
+    """Stop a save started by another QMP client (one that died) and let QEMU settle.
+
+    Returns the status the migration ended in (``none`` when there was none). Unlike
+    :func:`_cancel` this raises QMP errors: the caller must not resume a VM whose
+    migration may still run.
+    """
+    info = await qmp.execute("query-migrate")
+    status = str(info.get("status", "none")) if isinstance(info, dict) else "none"
+    if status not in TERMINAL | {"none"}:
+        with contextlib.suppress(QMPError):  # it may have ended since the query
+            await qmp.execute("migrate_cancel")
+        deadline = time.monotonic() + CANCEL_TIMEOUT
+        while status not in TERMINAL | {"none"}:
+            if time.monotonic() >= deadline:
+                raise MigrationFailed(
+                    f"the interrupted migration is still {status!r} {CANCEL_TIMEOUT:g}s "
+                    f"after migrate_cancel"
+                )
+            await asyncio.sleep(_POLL)
+            info = await qmp.execute("query-migrate")
+            status = str(info.get("status", "none")) if isinstance(info, dict) else "none"
+    await _settled(qmp)
+    with contextlib.suppress(QMPError):  # handed over by getfd, never taken by migrate
+        await qmp.execute("closefd", {"fdname": SAVE_FD_NAME})
+    return status
 
 
 async def _cancel(qmp: QMPClient) -> None:

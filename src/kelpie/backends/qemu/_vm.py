@@ -4,13 +4,22 @@ Each VM owns one directory (see DESIGN.md): ``qmp.sock``, ``agent.sock`` (QEMU's
 virtio-serial agent port), ``console.log``, ``qemu.log`` (QEMU's own stderr), ``qemu.pid``,
 ``config.json`` (the config, and the accelerator, host name and guest kit it booted with)
 and, with a root disk, ``overlay.qcow2`` on top of the read-only base; after a restore
-that left the guest paused, ``pending-resync.json`` until it first runs again.
+that left the guest paused, ``pending-resync.json`` until it first runs again; while a full
+snapshot is taken, ``snapshot-in-progress.json``.
 QEMU runs in its own session, so it does not die with the process that started it, and
 :meth:`QemuVm.attach` finds it again from that directory (after a daemon restart, say).
 
 Full snapshots save the device state and RAM with QMP migration to a file and copy the
 overlay; restores start QEMU with ``-incoming defer`` and load it (see ``_migration`` and
 ``_snapshot``). Disk snapshots are the overlay of a stopped VM, restored by booting.
+
+A full snapshot pauses the guest, so the process taking it must not die half-way unnoticed:
+before it pauses, it writes ``snapshot-in-progress.json`` (whether the guest ran, whether to
+resume it, the snapshot's partial directory), removed once the guest is back as it should
+be. :meth:`QemuVm.attach` finding that marker (the process died mid-snapshot: a daemon
+SIGKILLed, say) cancels the migration QEMU may still be writing, waits until QEMU has left
+it, resumes the guest if the snapshot would have, and removes the partial snapshot and the
+marker: the snapshot was never published, and the VM is as before it.
 
 QEMU's exit is learnt through a pidfd (:class:`ProcessWatch`), the same way whether this
 process started it or only attached to it: an attached QEMU is not our child, so waiting
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import json
@@ -78,8 +88,16 @@ from kelpie.vm import (
     VmSnapshot,
     VmState,
 )
+from kelpie.vm._checkpoint import (
+    capture_checkpoint,
+    checkpoint_config,
+    read_checkpoint,
+    replay_checkpoint,
+)
+from kelpie.vm._snapshot import PARTIAL_SUFFIX
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 DEFAULT_BOOT_TIMEOUT = 120.0
 """Seconds from QEMU start to the agent's hello; generous because TCG on a loaded host is slow."""
@@ -93,6 +111,8 @@ RESTORE_ENTROPY_BYTES = 64
 """Fresh host randomness a restored guest mixes into its kernel RNG (then reseeds)."""
 PENDING_RESYNC = "pending-resync.json"
 """In a VM directory: a restore left the guest paused; resync it when it resumes."""
+SNAPSHOT_MARKER = "snapshot-in-progress.json"
+"""In a VM directory: a full snapshot is (or was, if its process died) being taken."""
 VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 QMP_RUNNING = "running"
 QMP_DEAD = frozenset({"guest-panicked", "internal-error", "shutdown"})
@@ -283,6 +303,30 @@ class _QemuGone(Exception):
     """Internal: the VM directory names no live QEMU of this VM (the message says why)."""
 
 
+@dataclasses.dataclass
+class _SnapshotPlan:
+    """The full snapshot this task is taking (see :data:`_SNAPSHOT_PLAN`)."""
+
+    vm: QemuVm
+    dest: Path
+    leave_paused: bool
+    marked: bool = False
+    """Whether this snapshot has written its marker (and must remove it)."""
+
+
+_SNAPSHOT_PLAN: contextvars.ContextVar[_SnapshotPlan | None] = contextvars.ContextVar(
+    "kelpie_qemu_snapshot_plan", default=None
+)
+"""Set by :meth:`QemuVm.snapshot` for the hooks the base class calls under its lock
+(``_do_pause``, ``_do_snapshot``): per task, so a ``pause()`` elsewhere is not mistaken
+for a snapshot's."""
+
+
+def partial_dir_of(dest: Path) -> Path:
+    """Where :class:`SnapshotWriter` writes the snapshot ``dest`` until it is complete."""
+    return dest.parent / f".{dest.name}{PARTIAL_SUFFIX}"
+
+
 class QemuProcess(ExecProcess):
     """A command running in a QEMU guest, driven through the agent."""
 
@@ -407,6 +451,9 @@ class QemuVm(VmInstance):
         self._processes: weakref.WeakSet[QemuProcess] = weakref.WeakSet()
         self.snapshot_bandwidth = _migration.UNLIMITED_BANDWIDTH
         """Bytes per second QEMU may write a full snapshot at (lower it to watch one)."""
+        self.recovered_snapshot: str | None = None
+        """Set by :meth:`attach` when it undid a full snapshot whose process had died:
+        where that snapshot was going (it was never published)."""
 
     # ---- paths --------------------------------------------------------------------------
     @property
@@ -492,7 +539,7 @@ class QemuVm(VmInstance):
     def _prepare_workdir(self, launch: QemuLaunch) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name in ("qmp.sock", "agent.sock", "console.log", "qemu.log", "qemu.pid",
-                     PENDING_RESYNC):
+                     PENDING_RESYNC, SNAPSHOT_MARKER):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
         self._write_record(launch)
@@ -656,6 +703,8 @@ class QemuVm(VmInstance):
         try:
             self._track(self._find_own_qemu())
         except _QemuGone as gone:
+            with contextlib.suppress(OSError):
+                self._drop_interrupted_snapshot()  # no QEMU writes it any more
             self._settle_attached(VmState.CRASHED, f"VM {self.id}: {gone}")
             return
         try:
@@ -721,10 +770,14 @@ class QemuVm(VmInstance):
             self._connect_qmp(), "the QMP greeting (is another process attached?)", deadline,
             timeout,
         )
-        reply = await self._before_exit(
-            self._qmp.execute("query-status"), "QMP query-status", deadline, timeout
+        status = await self._before_exit(
+            self._qmp_status(), "QMP query-status", deadline, timeout
         )
-        status = str(reply["status"]) if isinstance(reply, dict) else "unknown"
+        if (self.workdir / SNAPSHOT_MARKER).exists():
+            status = await self._before_exit(
+                self._recover_snapshot(), "recovering from an interrupted snapshot", deadline,
+                timeout,
+            )
         self._agent = await self._before_exit(
             agent.AgentClient.connect_unix(str(self.agent_socket), timeout=timeout),
             "the agent socket", deadline, timeout,
@@ -735,6 +788,63 @@ class QemuVm(VmInstance):
                 deadline, timeout,
             )
         return status
+
+    async def _qmp_status(self) -> str:
+        assert self._qmp is not None
+        reply = await self._qmp.execute("query-status")
+        return str(reply["status"]) if isinstance(reply, dict) else "unknown"
+
+    async def _recover_snapshot(self) -> str:
+        """Undo a full snapshot whose process died before it ended; return the QMP status.
+
+        The marker says whether the snapshot would have resumed the guest. The migration
+        QEMU may still be writing is cancelled first (a guest must not run while QEMU
+        copies its memory: the snapshot would be torn), then the guest is brought back to
+        running or paused, then the partial snapshot and the marker are removed. Should a
+        step fail, the marker stays, so a later attach tries again.
+        """
+        assert self._qmp is not None
+        marker = _read_snapshot_marker(self.workdir / SNAPSHOT_MARKER)
+        resume = marker.get("resume") is not False  # unreadable: it paused a running guest
+        try:
+            ended = await _migration.abandon_save(self._qmp)
+        except _migration.MigrationFailed as exc:
+            raise VmError(
+                f"VM {self.id}: cannot undo the full snapshot interrupted by the exit of the "
+                f"process taking it: {exc}"
+            ) from exc
+        status = await self._qmp_status()
+        if status not in QMP_DEAD:
+            if resume and status != QMP_RUNNING:
+                await self._qmp.execute("cont")  # also re-activates disks after postmigrate
+            elif not resume and status == QMP_RUNNING:
+                await self._qmp.execute("stop")
+            status = await self._qmp_status()
+        self.recovered_snapshot = str(marker.get("dest") or "?")
+        _log.warning(
+            "VM %s: the process taking snapshot %s (pid %s) exited before it ended; its "
+            "migration ended %r; the guest is %s again and the partial snapshot is removed",
+            self.id, self.recovered_snapshot, marker.get("pid", "?"), ended, status,
+        )
+        await asyncio.to_thread(self._drop_interrupted_snapshot, marker)
+        return status
+
+    def _drop_interrupted_snapshot(self, marker: dict[str, Any] | None = None) -> None:
+        """Remove an interrupted snapshot's partial directory (never published) and marker.
+
+        Only once no QEMU can write it any more: its migration ended, or QEMU is gone.
+        """
+        path = self.workdir / SNAPSHOT_MARKER
+        if marker is None:
+            if not path.exists():
+                return
+            marker = _read_snapshot_marker(path)
+        partial = marker.get("partial")
+        if isinstance(partial, str):
+            where = Path(partial)
+            if where.name.startswith(".") and where.name.endswith(PARTIAL_SUFFIX):
+                shutil.rmtree(where, ignore_errors=True)
+        path.unlink(missing_ok=True)
 
     def _settle_attached(self, state: VmState, reason: str) -> None:
         """Give a re-attached VM the state its QEMU is in (from STARTING, legally).
@@ -832,6 +942,7 @@ class QemuVm(VmInstance):
             raise VmError(f"VM {self.id}: QMP {command} failed: {exc}") from exc
 
     async def _do_pause(self) -> None:
+        self._mark_snapshot(running=True)  # before the guest stops, if a snapshot pauses it
         await self._qmp_execute("stop")
 
     async def _do_resume(self) -> None:
@@ -908,11 +1019,84 @@ class QemuVm(VmInstance):
         with self._agent_errors(path):
             await self._client().remove(path, recursive=recursive)
 
+    async def _do_mkdir(self, path: str, mode: int) -> None:
+        with self._agent_errors(path):
+            await self._client().mkdir(path, parents=True, mode=mode)
+
+    async def _do_readlink(self, path: str) -> str:
+        with self._agent_errors(path):
+            info = await self._client().stat(path, follow_symlinks=False)
+        if info.target is None:
+            raise GuestFileError(path, "EINVAL", f"not a symbolic link (a {info.type})")
+        return info.target
+
+    async def _do_agent_state(self) -> dict[str, Any]:
+        info = self.agent_info
+        return {
+            "hostname": info.hostname if info else None,
+            "root": info.root if info else None,
+            "held_execs": [  # listed by the agent's hello: outlived an earlier connection
+                {"exec_id": e.exec_id, "argv": list(e.argv), "running": e.running}
+                for e in (info.execs if info else ())
+            ],
+            "commands": [  # started through this VM object and still running
+                {"argv": list(p.request.argv), "cwd": p.request.cwd}
+                for p in self._processes if p.exit is None
+            ],
+        }
+
 
     # ---- snapshots ----------------------------------------------------------------------
+    async def snapshot(
+        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
+    ) -> VmSnapshot:
+        """Write a snapshot of this VM to the new directory ``dest`` (see the base class).
+
+        While a full snapshot is taken, ``snapshot-in-progress.json`` in the VM directory
+        says so, written before the guest pauses and removed once it is back as it should
+        be: if this process dies in between, :meth:`attach` undoes the snapshot.
+        """
+        if kind is not SnapshotKind.FULL:
+            return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+        plan = _SnapshotPlan(self, dest, leave_paused)
+        token = _SNAPSHOT_PLAN.set(plan)
+        try:
+            return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+        finally:
+            _SNAPSHOT_PLAN.reset(token)
+            if plan.marked:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.workdir / SNAPSHOT_MARKER).unlink()
+
+    def _mark_snapshot(self, *, running: bool) -> None:
+        """Write the marker of the full snapshot this task is taking of this VM, once.
+
+        Called (under the base class's lock) before a running guest is paused, else when
+        the snapshot of a paused one starts. Not fsynced: it guards against the death of
+        this process, not of the host, which QEMU would not survive either.
+        """
+        plan = _SNAPSHOT_PLAN.get()
+        if plan is None or plan.vm is not self or plan.marked:
+            return
+        marker = {
+            "was_running": running,
+            "resume": running and not plan.leave_paused,
+            "dest": str(plan.dest),
+            "partial": str(partial_dir_of(plan.dest)),
+            "pid": os.getpid(),
+        }
+        path = self.workdir / SNAPSHOT_MARKER
+        temporary = path.with_name(f".{SNAPSHOT_MARKER}.tmp")
+        with _storage_errors(f"writing the snapshot marker {path}"):
+            temporary.write_text(json.dumps(marker) + "\n")
+            temporary.replace(path)
+        plan.marked = True
+
     async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
         if kind is SnapshotKind.FULL:
             return await self._full_snapshot(dest)
+        if kind is SnapshotKind.CHECKPOINT:  # from the running guest, through the agent
+            return await capture_checkpoint(self, dest)
         return await self._disk_snapshot(dest)
 
     async def _full_snapshot(self, dest: Path) -> VmSnapshot:
@@ -925,6 +1109,7 @@ class QemuVm(VmInstance):
         qmp = self._qmp
         if qmp is None or not self._qemu_running():
             raise self._gone("snapshot")
+        self._mark_snapshot(running=False)  # a paused guest: no-op if the pause marked it
         status = await self._qmp_execute("query-status")
         if isinstance(status, dict) and status.get("status") == "postmigrate":
             # Paused since an earlier snapshot: QEMU 7.2 refuses to migrate a VM "paused
@@ -1035,8 +1220,12 @@ class QemuVm(VmInstance):
         kit, the device signature) is checked before the VM directory changes or any QEMU
         starts. A full restore loads the VM state into a QEMU started with ``-incoming
         defer``, then the guest resyncs (clock, RNG reseed, host name); a disk restore
-        boots the base image with the saved overlay.
+        boots the base image with the saved overlay; a checkpoint restore boots this VM's
+        own configuration fresh and writes the workspace back (:meth:`_restore_checkpoint`).
         """
+        if snapshot.manifest.kind is SnapshotKind.CHECKPOINT:
+            await self._restore_checkpoint(snapshot, paused=paused)
+            return
         manifest = snapshot.manifest
         kind = manifest.kind
         record = SnapshotRecord.from_manifest(manifest)
@@ -1101,6 +1290,38 @@ class QemuVm(VmInstance):
             raise
         kept.unlink(missing_ok=True)
 
+    async def _restore_checkpoint(self, snapshot: VmSnapshot, *, paused: bool) -> None:
+        """Boot fresh from this VM's own configuration, then write the checkpoint into it.
+
+        Architecture and backend independent (see :mod:`kelpie.vm._checkpoint`): the
+        checkpoint is read and checked whole before anything changes; its env joins the
+        config's. A disk overlay from this VM's earlier life is set aside (put back if the
+        restore fails), so the guest starts from its image like a new VM.
+        """
+        content = read_checkpoint(snapshot, self)
+        old_config = self._config
+        config = checkpoint_config(old_config, content)
+        launch = await self._prepare_launch(config)
+        overlay = self.workdir / "overlay.qcow2"
+        kept = self.workdir / ".overlay.qcow2.before-restore"
+        self._prepare_workdir(launch)
+        self._config = config
+        try:
+            if overlay.exists():
+                overlay.replace(kept)
+            await self._boot(dataclasses.replace(launch, overlay=await self._prepare_overlay()))
+            await replay_checkpoint(self, content)
+            if paused:
+                await self._qmp_execute("stop")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if kept.exists():
+                    kept.replace(overlay)  # QEMU, stopped next, keeps the new one open
+                self._config = old_config
+                self._write_record(dataclasses.replace(launch, config=old_config))
+            raise
+        kept.unlink(missing_ok=True)
+
     async def _resume_state(
         self, snapshot: VmSnapshot, launch: QemuLaunch, *, paused: bool, same_vm: bool
     ) -> None:
@@ -1156,6 +1377,15 @@ def _storage_errors(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _read_snapshot_marker(path: Path) -> dict[str, Any]:
+    """The snapshot marker's content; empty when it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _save_failure(vm_id: str, reason: str) -> str:
