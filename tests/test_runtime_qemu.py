@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,28 @@ async def test_snapshot_restore_through_the_runtime(guestkit: GuestKit, state_di
         finally:
             for info in rt.list(all=True):
                 await rt.remove(info.id, force=True)
+
+
+async def test_main_command_output_is_followed_after_a_restart(
+    guestkit: GuestKit, state_dir: Path,
+) -> None:
+    """A new runtime (a restarted daemon) takes over the main command's output and exit."""
+    script = "echo before; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo after; exit 3"
+    options = {"qemu": {"kit": guestkit}}
+    async with Runtime(data_dir=state_dir, backend_options=options) as first:
+        info = await first.create(name="svc", backend="qemu", memory_mib=256,
+                                  command=["sh", "-c", script])
+        deadline = time.monotonic() + 30
+        while first.logs("svc") != b"before\n":  # the pump writes as output arrives
+            assert time.monotonic() < deadline, first.logs("svc")
+            await asyncio.sleep(0.05)
+        assert first.get("svc").main_exec_id is not None
+    async with Runtime(data_dir=state_dir, backend_options=options) as second:
+        try:
+            assert second.get("svc").state is VmState.RUNNING, second.get("svc").crash_reason
+            await second.exec("svc", ["touch", "/tmp/go"])
+            assert await second.wait_main("svc") == 3
+            assert second.logs("svc") == b"before\nafter\n"
+            assert second.get("svc").main_exec_id is None
+        finally:
+            await second.remove(info.id, force=True)

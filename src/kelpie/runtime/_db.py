@@ -85,6 +85,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 5: the backend's id of the running main command, to follow it after a restart
+    (
+        "ALTER TABLE sandboxes ADD COLUMN main_exec_id TEXT",
+    ),
 )
 """Schema migrations, in order; append new ones, never edit a released one."""
 
@@ -92,7 +96,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, name, backend, image, image_digest, config, state, crash_reason, last_error, "
-    "vm_dir, labels, created_at, updated_at, main_exit_code"
+    "vm_dir, labels, created_at, updated_at, main_exit_code, main_exec_id"
 )
 
 
@@ -183,7 +187,7 @@ class StateDb:
             with _transaction(self._conn):
                 self._conn.execute(
                     f"INSERT INTO sandboxes ({_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _row_values(info),
                 )
                 self._event(info.id, info.created_at, info.state, None)
@@ -229,8 +233,16 @@ class StateDb:
         """Record how the sandbox's main command ended (None: it is running again)."""
         with _transaction(self._conn):
             self._conn.execute(
-                "UPDATE sandboxes SET main_exit_code = ?, updated_at = ? WHERE id = ?",
+                "UPDATE sandboxes SET main_exit_code = ?, main_exec_id = NULL, updated_at = ?"
+                " WHERE id = ?",
                 (exit_code, at, sandbox_id),
+            )
+
+    def set_main_exec(self, sandbox_id: str, exec_id: str | None) -> None:
+        """Remember the backend's id of the running main command."""
+        with _transaction(self._conn):
+            self._conn.execute(
+                "UPDATE sandboxes SET main_exec_id = ? WHERE id = ?", (exec_id, sandbox_id),
             )
 
     def delete(self, sandbox_id: str) -> None:
@@ -385,13 +397,13 @@ def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
         json.dumps(config, sort_keys=True), info.state.value, info.crash_reason,
         info.last_error, None if info.vm_dir is None else str(info.vm_dir),
         json.dumps(dict(info.labels), sort_keys=True), info.created_at, info.updated_at,
-        info.main_exit_code,
+        info.main_exit_code, info.main_exec_id,
     )
 
 
 def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
     (sid, name, backend, image, digest, config_json, state, crash_reason, last_error,
-     vm_dir, labels_json, created_at, updated_at, main_exit_code) = row
+     vm_dir, labels_json, created_at, updated_at, main_exit_code, main_exec_id) = row
     try:
         config = json.loads(config_json)
         vm_config = VmConfig.from_dict(config["vm"])
@@ -412,5 +424,5 @@ def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
         labels=labels, crash_reason=crash_reason, last_error=last_error,
         created_at=created_at, updated_at=updated_at, command=command,
         main_exit_code=main_exit_code, image_command=image_command,
-        image_entrypoint=image_entrypoint,
+        image_entrypoint=image_entrypoint, main_exec_id=main_exec_id,
     )

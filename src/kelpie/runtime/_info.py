@@ -45,6 +45,7 @@ class SandboxInfo:
     main_exit_code: int | None = None
     image_command: tuple[str, ...] | None = None
     image_entrypoint: tuple[str, ...] = ()
+    main_exec_id: str | None = None
 
     @property
     def short_id(self) -> str:

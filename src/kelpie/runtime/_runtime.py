@@ -158,8 +158,15 @@ class Runtime:
         """Close the database and give up the data directory.
 
         Sandboxes are *not* stopped: VMs of backends that survive their runtime keep
-        running, and the next :meth:`open` re-attaches to them.
+        running (their connections are closed), and the next :meth:`open` re-attaches.
         """
+        mains = list(self._mains.values())
+        for task in mains:
+            task.cancel()  # the main commands keep running in the guests
+        await asyncio.gather(*mains, return_exceptions=True)
+        for vm in list(self._vms.values()):
+            with contextlib.suppress(Exception):
+                await vm.detach()
         self._release()
 
     def _release(self) -> None:
@@ -224,7 +231,15 @@ class Runtime:
             return f"could not re-attach to the VM after a restart: {exc}"
         self._adopt(info.id, vm)
         self._record_state(vm, vm.state)
+        self._follow_main(info.id, vm)
         return None
+
+    def _follow_main(self, sandbox_id: str, vm: VmInstance) -> None:
+        """Take over the output of a main command an earlier runtime started (if running)."""
+        info = self._info(sandbox_id)
+        if info.command is not None and info.main_exec_id is not None \
+                and vm.state is VmState.RUNNING and sandbox_id not in self._mains:
+            self._start_main(info, vm, follow=True)
 
     # ---- create -------------------------------------------------------------------------
     async def create(
@@ -389,29 +404,33 @@ class Runtime:
             self._start_main(info, vm)
 
     # ---- the main command ---------------------------------------------------------------
-    def _start_main(self, info: SandboxInfo, vm: VmInstance) -> None:
-        """Run the sandbox's main command in the background, its output into the log."""
-        self.db.set_main_exit(info.id, None, self._clock())
-        task = asyncio.create_task(self._run_main(info, vm), name=f"kelpie-main-{info.id}")
+    def _start_main(self, info: SandboxInfo, vm: VmInstance, *, follow: bool = False) -> None:
+        """Run the sandbox's main command in the background, its output into the log
+        (``follow``: take over the one an earlier runtime started, by its exec id)."""
+        if not follow:
+            self.db.set_main_exit(info.id, None, self._clock())
+        task = asyncio.create_task(self._run_main(info, vm, follow=follow),
+                                   name=f"kelpie-main-{info.id}")
         self._mains[info.id] = task
         task.add_done_callback(lambda t: self._mains.pop(info.id, None)
                                if self._mains.get(info.id) is t else None)
 
-    async def _run_main(self, info: SandboxInfo, vm: VmInstance) -> None:
+    async def _run_main(self, info: SandboxInfo, vm: VmInstance, *, follow: bool) -> None:
         """Pump the main command's output into the sandbox's output log; record its exit.
 
         Cancelled when the sandbox stops or the runtime closes: the command itself is left
-        running in the guest (``keep_running``), so a daemon restart does not kill it, but
-        its later output is not captured.
+        running in the guest (``keep_running``), and its exec id is recorded so that the
+        next runtime (e.g. a restarted daemon) takes its output over where it stopped.
         """
         assert info.command is not None
         path = self.output_log(info.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        exit_code: int = EXIT_CANNOT_RUN
+        exit_code: int | None = EXIT_CANNOT_RUN
         with path.open("ab", buffering=0) as log:
             try:
-                async with vm.exec_stream(info.command, cwd=info.workdir, user=info.user,
-                                          keep_running=True) as process:
+                async with self._main_process(info, vm, follow) as process:
+                    if process.exec_id is not None:
+                        self.db.set_main_exec(info.id, process.exec_id)
                     await process.close_stdin()
                     async for event in process:
                         if isinstance(event, ExecOutput):
@@ -419,9 +438,25 @@ class Runtime:
                         elif isinstance(event, ExecExit):
                             exit_code = event.exit_code
             except KelpieError as exc:
-                log.write(f"kelpie: the main command failed: {exc}\n".encode())
+                what = "following" if follow else "the main command"
+                log.write(f"kelpie: {what} failed: {exc}\n".encode())
+                if follow:
+                    exit_code = None  # unknown: its output could not be taken over
         if self._db is not None and self._vms.get(info.id) is vm:
             self.db.set_main_exit(info.id, exit_code, self._clock())
+
+    @contextlib.asynccontextmanager
+    async def _main_process(
+        self, info: SandboxInfo, vm: VmInstance, follow: bool,
+    ) -> AsyncIterator[ExecProcess]:
+        assert info.command is not None
+        if follow:
+            assert info.main_exec_id is not None
+            yield await vm.reattach_exec(info.main_exec_id)
+            return
+        async with vm.exec_stream(info.command, cwd=info.workdir, user=info.user,
+                                  keep_running=True) as process:
+            yield process
 
     async def wait_main(self, ref: str) -> int | None:
         """Wait for the sandbox's main command to end; its exit code (None if it has none,
@@ -580,7 +615,9 @@ class Runtime:
         """Let a paused sandbox run again."""
         info = self.get(ref)
         async with self._lock_for(info.id):
-            await self._vm(info, "resume").resume()
+            vm = self._vm(info, "resume")
+            await vm.resume()
+            self._follow_main(info.id, vm)
         return self._info(info.id)
 
     async def stop(self, ref: str, *, timeout: float | None = None) -> SandboxInfo:

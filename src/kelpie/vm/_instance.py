@@ -157,6 +157,9 @@ class ExecProcess(abc.ABC):
     def __init__(self, request: ExecRequest) -> None:
         self.request = request
         self.exit: ExecExit | None = None
+        self.exec_id: str | None = None
+        """The backend's name for this command, for :meth:`VmInstance.reattach_exec`
+        (None when the backend cannot re-attach to commands)."""
 
     @abc.abstractmethod
     async def write_stdin(self, data: bytes) -> None:
@@ -414,6 +417,25 @@ class VmInstance(abc.ABC):
                 with contextlib.suppress(KelpieError):
                     await process.send_signal(9)
 
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it: close this object's connections to it.
+
+        For backends whose VMs outlive the host process (see :attr:`BackendSpec.attach`),
+        so that another object (another runtime, a restarted daemon) can attach. The
+        object must not be used afterwards. A no-op on backends without such VMs.
+        """
+        await self._do_detach()
+
+    async def reattach_exec(self, exec_id: str) -> ExecProcess:
+        """Take over a command started through an earlier VM object (e.g. by a daemon that
+        was restarted since), by its :attr:`ExecProcess.exec_id`: its output not read yet,
+        then its exit. Its stdin is closed. :class:`UnsupportedOperation` on backends whose
+        commands do not outlive the host process.
+        """
+        self._require(Operation.EXEC)
+        with self._crash_guard():
+            return await self._do_reattach_exec(exec_id)
+
     # ---- files --------------------------------------------------------------------------
     async def read_file(self, path: str) -> bytes:
         """Read a whole file from the guest."""
@@ -587,6 +609,12 @@ class VmInstance(abc.ABC):
             code = "ENOSYS" if result.exit_code == 127 else "EIO"
             raise GuestFileError(path, code, f"{' '.join(argv[:2])}: {message}")
         return result.stdout
+
+    async def _do_detach(self) -> None:
+        return None
+
+    async def _do_reattach_exec(self, exec_id: str) -> ExecProcess:
+        raise UnsupportedOperation(self.backend_name, "re-attach to a running command")
 
     async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
         raise UnsupportedOperation(self.backend_name, "snapshot")

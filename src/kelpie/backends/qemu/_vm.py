@@ -858,6 +858,14 @@ class QemuVm(VmInstance):
 
     async def _abandon_attach(self) -> None:
         """Undo a failed attach without touching the VM: QEMU keeps running."""
+        await self._let_go()
+        self._set_state(VmState.STOPPED)
+
+    async def _do_detach(self) -> None:
+        await self._let_go()
+
+    async def _let_go(self) -> None:
+        """Close QMP and the agent and stop watching QEMU, which keeps running."""
         await self._disconnect()
         if self._watcher is not None:
             self._watcher.cancel()
@@ -866,7 +874,6 @@ class QemuVm(VmInstance):
         if self._process is not None:
             self._process.close()
         self._process = self._watcher = None
-        self._set_state(VmState.STOPPED)
 
     async def _finish_handshake(self) -> None:
         """Say hello to an agent connected while the guest was paused (attach)."""
@@ -997,6 +1004,28 @@ class QemuVm(VmInstance):
         except agent.AgentError as exc:
             raise self._translate(exc) from exc
         process = QemuProcess(request, handle, self)
+        process.exec_id = str(handle.exec_id)
+        self._processes.add(process)
+        return process
+
+    async def _do_reattach_exec(self, exec_id: str) -> ExecProcess:
+        try:
+            number = int(exec_id)
+        except ValueError:
+            raise ConfigError([f"exec id {exec_id!r} is not one of this backend's (a number)"],
+                              what="exec id") from None
+        held = {e.exec_id: e for e in (self.agent_info.execs if self.agent_info else ())}
+        argv = held[number].argv if number in held and held[number].argv else ("?",)
+        try:
+            handle = await self._client().attach(number)
+            await handle.close_stdin()
+        except agent.AgentRemoteError as exc:
+            raise ExecError(f"cannot re-attach to command {exec_id}: {exc.message} "
+                            f"({exc.code})") from exc
+        except agent.AgentError as exc:
+            raise self._translate(exc) from exc
+        process = QemuProcess(ExecRequest(tuple(argv)), handle, self)
+        process.exec_id = exec_id
         self._processes.add(process)
         return process
 
