@@ -53,6 +53,12 @@ async def test_snapshot_restore_export_import(api: httpx.AsyncClient) -> None:
     assert ErrorResponse.model_validate(broken.json()).error.type == "SnapshotCorrupted"
     clash = await api.post("/snapshots", json={"sandbox": "src", "name": "s1"})
     assert clash.status_code == 409
+    assert (await api.post("/sandboxes/src/stop")).status_code == 200
+    rolled = await api.post("/snapshots/s1/restore", json={"into": "src"})
+    assert rolled.status_code == 201, rolled.text
+    assert Sandbox.model_validate(rolled.json()).name == "src"
+    both = await api.post("/snapshots/s1/restore", json={"into": "src", "name": "x"})
+    assert both.status_code == 400
     missing = await api.post("/snapshots/nosuch/restore", json={})
     assert missing.status_code == 404
     assert (await api.delete("/snapshots/s2")).status_code == 204

@@ -16,7 +16,7 @@ from kelpie.backends import MOCK
 from kelpie.images import ImageInUse, ImageStore
 from kelpie.runtime import Runtime
 from kelpie.runtime._archive import META_NAME
-from kelpie.runtime._errors import SnapshotNameInUse, SnapshotNotFound
+from kelpie.runtime._errors import SandboxStateError, SnapshotNameInUse, SnapshotNotFound
 from kelpie.vm import (
     BackendRegistry,
     ConfigError,
@@ -194,3 +194,21 @@ async def test_templates_start_many_distinct_sandboxes(
             await rt.remove(clone.id, force=True)
         rt.remove_snapshot("tpl", template=True)
         assert store.holders(image.digest) == ()
+
+
+async def test_roll_a_sandbox_back_in_place(make_runtime: Callable[..., Runtime]) -> None:
+    async with make_runtime() as rt:
+        info = await rt.create(name="box", backend="mock")
+        await rt.write_file("box", "/tmp/state", b"good")
+        await rt.snapshot("box", name="good")
+        await rt.write_file("box", "/tmp/state", b"broken")
+        with pytest.raises(SandboxStateError, match="stop it first"):
+            await rt.restore_into("box", "good")
+        await rt.stop("box")
+        back = await rt.restore_into("box", "good")
+        assert (back.id, back.name, back.state) == (info.id, "box", VmState.RUNNING)
+        assert await rt.read_file("box", "/tmp/state") == b"good"
+        await rt.create(name="other", backend="mock")
+        await rt.stop("other")
+        with pytest.raises(ConfigError, match="was taken from sandbox box"):
+            await rt.restore_into("other", "good")

@@ -241,7 +241,11 @@ class SnapshotCreate(_Model):
 
 
 class RestoreBody(_Model):
-    """Create a sandbox from a snapshot."""
+    """Create a sandbox from a snapshot, or (``into``) roll a stopped sandbox back to it."""
+
+    into: str | None = Field(None, max_length=MAX_NAME,
+                             description="A stopped sandbox the snapshot was taken from: "
+                                         "restore it in place (same id, name, identity).")
 
     name: Annotated[str, Field(max_length=MAX_NAME,
                                json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] | None = None

@@ -343,9 +343,10 @@ class DaemonClient:
         await self._request("DELETE", f"/snapshots/{quote(ref, safe='')}")
 
     async def restore(self, ref: str, *, name: str | None = None, paused: bool = False,
-                      env: Mapping[str, str] | None = None) -> Sandbox:
-        """Create a sandbox from a snapshot."""
-        body = RestoreBody(name=name, paused=paused, env=dict(env or {}))
+                      env: Mapping[str, str] | None = None, into: str | None = None,
+                      ) -> Sandbox:
+        """Create a sandbox from a snapshot (``into``: roll that stopped sandbox back)."""
+        body = RestoreBody(name=name, paused=paused, env=dict(env or {}), into=into)
         reply = await self._request("POST", f"/snapshots/{quote(ref, safe='')}/restore",
                                     json=body.model_dump(mode="json"))
         return Sandbox.model_validate(reply.json())

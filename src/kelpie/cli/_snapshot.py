@@ -160,16 +160,21 @@ def import_(name: str | None, file: Path) -> int:
 
 @click.command("restore")
 @click.option("--name", help="Name of the new sandbox (default: generated).")
+@click.option("--into", metavar="SANDBOX",
+              help="Roll this stopped sandbox back to the snapshot instead (it must be the "
+                   "one the snapshot was taken from).")
 @click.option("--paused", is_flag=True, help="Leave the restored sandbox paused.")
 @click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable for commands in the new sandbox (repeatable).")
 @click.argument("snapshot_ref", metavar="SNAPSHOT")
-def restore(name: str | None, paused: bool, env: tuple[str, ...], snapshot_ref: str) -> int:
+def restore(name: str | None, into: str | None, paused: bool, env: tuple[str, ...],
+            snapshot_ref: str) -> int:
     """Create a new sandbox from a snapshot, as it was when captured; prints its id."""
     variables = parse_env(env)
 
     async def call(client: DaemonClient) -> int:
-        sandbox = await client.restore(snapshot_ref, name=name, paused=paused, env=variables)
+        sandbox = await client.restore(snapshot_ref, name=name, paused=paused, env=variables,
+                                       into=into)
         click.echo(sandbox.id)
         return 0
 

@@ -58,9 +58,19 @@ async def remove_snapshot(request: Request, ref: str) -> Response:
 
 @router.post("/snapshots/{ref}/restore", status_code=201)
 async def restore_snapshot(request: Request, ref: str, body: RestoreBody) -> Sandbox:
-    """Create a new sandbox from a snapshot, as it was when captured."""
-    info = await runtime_of(request).restore(ref, name=body.name, paused=body.paused,
-                                             env=body.env, labels=body.labels)
+    """Create a new sandbox from a snapshot, as it was when captured; or with ``into``,
+    roll that stopped sandbox back to it."""
+    runtime = runtime_of(request)
+    if body.into is not None:
+        if body.name or body.env or body.labels:
+            from kelpie.vm import ConfigError
+
+            raise ConfigError(["name, env and labels cannot be given with into: the "
+                               "sandbox keeps its own"], what="restore")
+        info = await runtime.restore_into(body.into, ref, paused=body.paused)
+    else:
+        info = await runtime.restore(ref, name=body.name, paused=body.paused, env=body.env,
+                                     labels=body.labels)
     return Sandbox.from_info(info)
 
 

@@ -905,6 +905,44 @@ class Runtime:
                 raise
         return self._info(info.id)
 
+    async def restore_into(self, sandbox: str, snapshot: str, *, paused: bool = False,
+                           ) -> SandboxInfo:
+        """Roll a sandbox back to one of its own snapshots (same id, name and identity).
+
+        The sandbox must be at rest (stop it first); the snapshot must have been taken
+        from it. Everything is verified before the VM starts.
+        """
+        info = self.get(sandbox)
+        snap = self.get_snapshot(snapshot)
+        if snap.sandbox_id != info.id:
+            raise ConfigError([f"snapshot {snap.name} was taken from sandbox "
+                               f"{snap.sandbox_name} ({snap.sandbox_id}), not from "
+                               f"{_label(info)}; restore it into a new sandbox instead"],
+                              what="restore")
+        assert snap.path is not None
+        source = VmSnapshot.open(snap.path)
+        async with self._lock_for(info.id):
+            info = self._info(info.id)
+            if info.state not in AT_REST:
+                raise SandboxStateError(_label(info), "restore into", info.state, AT_REST,
+                                        "; stop it first")
+            self._stop_main(info.id)
+            vm = self._vms.get(info.id)
+            if vm is not None and vm.state is VmState.CRASHED:
+                await vm.stop(force=True)
+            if vm is None:
+                spec = self.factory.registry.get(info.backend)
+                vm = spec.create(info.config, vm_id=info.id, **self._options(spec.name))
+                self._adopt(info.id, vm)
+            try:
+                await vm.restore(source, paused=paused)
+            except Exception as exc:
+                self.db.set_error(info.id, f"restore failed: {exc}", self._clock())
+                raise
+            if snap.kind is SnapshotKind.DISK and info.command is not None:
+                self._start_main(self._info(info.id), vm)
+        return self._info(info.id)
+
     async def create_template(
         self, *, name: str, image: str | None = None, cpus: int | None = None,
         memory_mib: int | None = None, env: Mapping[str, str] | None = None,
