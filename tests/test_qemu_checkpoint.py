@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from kelpie.backends.qemu import CAPABILITIES
 from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 from kelpie.vm._checkpoint import AGENT_STATE_BLOB, RECORD_KEY, WORKSPACE_BLOB, read_checkpoint
+from vm_fixtures import busybox_root_disk, short_state_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -43,28 +42,13 @@ EXPECTED_MODES = {
 
 @pytest.fixture(scope="module")
 def state_dir() -> Iterator[Path]:
-    path = Path(f"/tmp/kelpie-cp-{os.getpid()}")  # short: unix socket paths live here
-    path.mkdir(exist_ok=True)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
+    yield from short_state_dir("cp")
 
 
 @pytest.fixture(scope="module")
 def root_disk(state_dir: Path) -> Path:
     """A small ext4 root filesystem with static busybox (no /workspace in it)."""
-    tree = state_dir / "rootfs"
-    for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-        (tree / d).mkdir(parents=True)
-    busybox = shutil.which("busybox")
-    assert busybox is not None, "busybox-static is required (scripts/setup installs it)"
-    shutil.copy(busybox, tree / "bin" / "busybox")
-    for applet in ("sh", "cat", "echo", "ls", "mkdir", "ln", "readlink", "mkfifo", "mknod",
-                   "hostname", "chmod"):
-        (tree / "bin" / applet).symlink_to("busybox")
-    image = state_dir / "root.ext4"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(image), "32M"],
-                   check=True)
-    return image
+    return busybox_root_disk(state_dir)
 
 
 def new_vm(kit: GuestKit, state_dir: Path, root_disk: Path, **config: object) -> QemuVm:

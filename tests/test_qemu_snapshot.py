@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from kelpie import (
 from kelpie.backends.qemu import CAPABILITIES
 from kelpie.backends.qemu._vm import QemuVm, _qemu_version
 from kelpie.guestkit import GuestKit
+from vm_fixtures import busybox_root_disk, short_state_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -52,28 +52,13 @@ class Taken:
 
 @pytest.fixture(scope="module")
 def state_dir() -> Iterator[Path]:
-    path = Path(f"/tmp/kelpie-snap-{os.getpid()}")  # short: unix socket paths live here
-    path.mkdir(exist_ok=True)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
+    yield from short_state_dir("snap")
 
 
 @pytest.fixture(scope="module")
 def root_disk(state_dir: Path) -> Path:
     """A small ext4 root filesystem with static busybox, like an image's disk."""
-    tree = state_dir / "rootfs"
-    for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-        (tree / d).mkdir(parents=True)
-    busybox = shutil.which("busybox")
-    assert busybox is not None, "busybox-static is required (scripts/setup installs it)"
-    shutil.copy(busybox, tree / "bin" / "busybox")
-    for applet in ("sh", "cat", "echo", "ls", "sleep", "head", "od", "hostname", "date",
-                   "kill", "mv"):
-        (tree / "bin" / applet).symlink_to("busybox")
-    image = state_dir / "root.ext4"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(image), "32M"],
-                   check=True)
-    return image
+    return busybox_root_disk(state_dir)
 
 
 def new_vm(kit: GuestKit, state_dir: Path, **config: object) -> QemuVm:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -28,6 +26,7 @@ from kelpie import SnapshotCorrupted, VmConfig, VmSnapshot, VmState
 from kelpie.backends.qemu._vm import SNAPSHOT_MARKER, QemuVm
 from kelpie.guestkit import GuestKit
 from kelpie.runtime import Runtime
+from vm_fixtures import busybox_root_disk, short_state_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -85,28 +84,14 @@ RUNTIME_SNAPSHOTTER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def state_dir() -> Iterator[Path]:
-    path = Path(f"/tmp/kelpie-crash-{os.getpid()}")  # short: unix socket paths live here
-    path.mkdir(exist_ok=True)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
+    yield from short_state_dir("crash")
 
 
 @pytest.fixture(scope="module")
 def root_disk(state_dir: Path) -> Path:
     """A small ext4 root filesystem with static busybox (the guest's disk must come back
     writable: QEMU inactivates the disks when a migration completes)."""
-    tree = state_dir / "rootfs"
-    for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-        (tree / d).mkdir(parents=True)
-    busybox = shutil.which("busybox")
-    assert busybox is not None, "busybox-static is required (scripts/setup installs it)"
-    shutil.copy(busybox, tree / "bin" / "busybox")
-    for applet in ("sh", "cat", "echo", "sleep", "sync"):
-        (tree / "bin" / applet).symlink_to("busybox")
-    image = state_dir / "root.ext4"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(image), "32M"],
-                   check=True)
-    return image
+    return busybox_root_disk(state_dir)
 
 
 async def snapshot_then_kill(
@@ -137,16 +122,24 @@ async def snapshot_then_kill(
     return line.decode().strip()
 
 
-async def wait_until_stable(path: Path, quiet: float = 1.5, limit: float = 60) -> None:
-    """Wait until ``path`` stops growing (QEMU finished writing it)."""
-    deadline = time.monotonic() + limit
-    size, since = -1, time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"{path} never stopped growing"
-        now = path.stat().st_size
-        if now != size:
-            size, since = now, time.monotonic()
-        await asyncio.sleep(0.1)
+async def wait_until_migrated(workdir: Path, limit: float = 60) -> None:
+    """Wait until QEMU reports the (orphaned) migration completed, asking it over QMP: the
+    killed snapshotter no longer holds the QMP socket."""
+    from qemu.qmp import QMPClient
+
+    qmp = QMPClient("crash-test")
+    await qmp.connect(str(workdir / "qmp.sock"))
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            info = await qmp.execute("query-migrate")
+            assert isinstance(info, dict)
+            if info.get("status") == "completed":
+                return
+            assert time.monotonic() < deadline, f"the migration did not complete: {info}"
+            await asyncio.sleep(0.1)
+    finally:
+        await qmp.disconnect()
 
 
 def assert_no_snapshot(dest: Path) -> None:
@@ -178,7 +171,7 @@ async def test_attach_undoes_a_snapshot_whose_process_was_killed(
     )
     assert (workdir / SNAPSHOT_MARKER).exists(), "the snapshot left no marker"
     if migration == "completed":
-        await wait_until_stable(partial / "memory")  # QEMU finished alone: "postmigrate"
+        await wait_until_migrated(workdir)  # QEMU finished alone: "postmigrate"
     else:
         assert partial.exists()
 

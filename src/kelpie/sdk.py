@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequenc
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import SandboxCreate, TemplateCreate
@@ -41,34 +41,79 @@ from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
 T = TypeVar("T")
 
 
-class _Driver(Protocol):
-    """What a sandbox needs from its owner (an in-process runtime or a daemon)."""
+class _Driver:
+    """What a sandbox needs from its owner: an in-process runtime or a daemon's client.
 
-    async def record(self, ref: str) -> SandboxRecord: ...
+    Both offer the same calls for commands, files and lifecycle; the subclasses adapt
+    the rest (records, streams, logs, snapshots).
+    """
+
+    def __init__(self, target: Runtime | DaemonClient) -> None:
+        self.target = target
+
     async def exec(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
                    cwd: str | None, user: str | None, stdin: bytes | None,
-                   timeout: float | None) -> ExecResult: ...
+                   timeout: float | None) -> ExecResult:
+        return await self.target.exec(ref, argv, env=env, cwd=cwd, user=user, stdin=stdin,
+                                      timeout=timeout)
+
+    async def read_file(self, ref: str, path: str) -> bytes:
+        return await self.target.read_file(ref, path)
+
+    async def write_file(self, ref: str, path: str, data: bytes, *, mode: int) -> None:
+        await self.target.write_file(ref, path, data, mode=mode)
+
+    async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]:
+        return await self.target.list_dir(ref, path)
+
+    async def remove_path(self, ref: str, path: str, *, recursive: bool) -> None:
+        await self.target.remove_path(ref, path, recursive=recursive)
+
+    async def pause(self, ref: str) -> object:
+        return await self.target.pause(ref)
+
+    async def resume(self, ref: str) -> object:
+        return await self.target.resume(ref)
+
+    async def stop(self, ref: str, *, timeout: float | None = None) -> object:
+        return await self.target.stop(ref, timeout=timeout)
+
+    async def remove(self, ref: str, *, force: bool) -> None:
+        await self.target.remove(ref, force=force)
+
+    async def create(self, body: SandboxCreate) -> SandboxRecord:
+        raise NotImplementedError
+
+    async def record(self, ref: str) -> SandboxRecord:
+        raise NotImplementedError
+
     def exec_stream(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
                     cwd: str | None, user: str | None, timeout: float | None, tty: bool,
-                    ) -> contextlib.AbstractAsyncContextManager[ExecProcess]: ...
-    async def read_file(self, ref: str, path: str) -> bytes: ...
-    async def write_file(self, ref: str, path: str, data: bytes, *, mode: int) -> None: ...
-    async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]: ...
-    async def remove_path(self, ref: str, path: str, *, recursive: bool) -> None: ...
-    async def pause(self, ref: str) -> object: ...
-    async def resume(self, ref: str) -> object: ...
-    async def stop(self, ref: str, *, timeout: float | None = None) -> object: ...
-    async def remove(self, ref: str, *, force: bool) -> None: ...
-    async def logs(self, ref: str, tail: int | None) -> bytes: ...
+                    ) -> contextlib.AbstractAsyncContextManager[ExecProcess]:
+        raise NotImplementedError
+
+    async def logs(self, ref: str, tail: int | None) -> bytes:
+        raise NotImplementedError
+
     async def snapshot(self, ref: str, name: str | None, kind: str,
-                       leave_paused: bool) -> SnapshotRecord: ...
-    async def close(self) -> None: ...
+                       leave_paused: bool) -> SnapshotRecord:
+        raise NotImplementedError
+
+    async def restore(self, snapshot: str, name: str | None, paused: bool) -> SandboxRecord:
+        raise NotImplementedError
+
+    async def create_template(self, body: TemplateCreate) -> SnapshotRecord:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the driver holds."""
 
 
-class _RuntimeDriver:
+class _RuntimeDriver(_Driver):
     """Sandboxes owned by this process's runtime."""
 
     def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
         self.runtime = runtime
 
     async def create(self, body: SandboxCreate) -> SandboxRecord:
@@ -82,41 +127,11 @@ class _RuntimeDriver:
     async def record(self, ref: str) -> SandboxRecord:
         return SandboxRecord.from_info(self.runtime.get(ref))
 
-    async def exec(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
-                   cwd: str | None, user: str | None, stdin: bytes | None,
-                   timeout: float | None) -> ExecResult:
-        return await self.runtime.exec(ref, argv, env=env, cwd=cwd, user=user, stdin=stdin,
-                                       timeout=timeout)
-
     def exec_stream(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
                     cwd: str | None, user: str | None, timeout: float | None, tty: bool,
                     ) -> contextlib.AbstractAsyncContextManager[ExecProcess]:
         return self.runtime.exec_stream(ref, argv, env=env, cwd=cwd, user=user,
                                         timeout=timeout, pty=tty)
-
-    async def read_file(self, ref: str, path: str) -> bytes:
-        return await self.runtime.read_file(ref, path)
-
-    async def write_file(self, ref: str, path: str, data: bytes, *, mode: int) -> None:
-        await self.runtime.write_file(ref, path, data, mode=mode)
-
-    async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]:
-        return await self.runtime.list_dir(ref, path)
-
-    async def remove_path(self, ref: str, path: str, *, recursive: bool) -> None:
-        await self.runtime.remove_path(ref, path, recursive=recursive)
-
-    async def pause(self, ref: str) -> object:
-        return await self.runtime.pause(ref)
-
-    async def resume(self, ref: str) -> object:
-        return await self.runtime.resume(ref)
-
-    async def stop(self, ref: str, *, timeout: float | None = None) -> object:
-        return await self.runtime.stop(ref, timeout=timeout)
-
-    async def remove(self, ref: str, *, force: bool) -> None:
-        await self.runtime.remove(ref, force=force)
 
     async def logs(self, ref: str, tail: int | None) -> bytes:
         return self.runtime.logs(ref, tail=tail)
@@ -139,10 +154,11 @@ class _RuntimeDriver:
         """The runtime is shared by every in-process sandbox of the loop: kept open."""
 
 
-class _DaemonDriver:
+class _DaemonDriver(_Driver):
     """Sandboxes owned by a daemon."""
 
     def __init__(self, client: DaemonClient) -> None:
+        super().__init__(client)
         self.client = client
 
     async def create(self, body: SandboxCreate) -> SandboxRecord:
@@ -151,41 +167,11 @@ class _DaemonDriver:
     async def record(self, ref: str) -> SandboxRecord:
         return await self.client.get(ref)
 
-    async def exec(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
-                   cwd: str | None, user: str | None, stdin: bytes | None,
-                   timeout: float | None) -> ExecResult:
-        return await self.client.exec(ref, argv, env=env, cwd=cwd, user=user, stdin=stdin,
-                                      timeout=timeout)
-
     def exec_stream(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
                     cwd: str | None, user: str | None, timeout: float | None, tty: bool,
                     ) -> contextlib.AbstractAsyncContextManager[ExecProcess]:
         return self.client.exec_stream(ref, argv, env=env, cwd=cwd, user=user,
                                        timeout=timeout, tty=tty)
-
-    async def read_file(self, ref: str, path: str) -> bytes:
-        return await self.client.read_file(ref, path)
-
-    async def write_file(self, ref: str, path: str, data: bytes, *, mode: int) -> None:
-        await self.client.write_file(ref, path, data, mode=mode)
-
-    async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]:
-        return await self.client.list_dir(ref, path)
-
-    async def remove_path(self, ref: str, path: str, *, recursive: bool) -> None:
-        await self.client.remove_path(ref, path, recursive=recursive)
-
-    async def pause(self, ref: str) -> object:
-        return await self.client.pause(ref)
-
-    async def resume(self, ref: str) -> object:
-        return await self.client.resume(ref)
-
-    async def stop(self, ref: str, *, timeout: float | None = None) -> object:
-        return await self.client.stop(ref, timeout=timeout)
-
-    async def remove(self, ref: str, *, force: bool) -> None:
-        await self.client.remove(ref, force=force)
 
     async def logs(self, ref: str, tail: int | None) -> bytes:
         return b"".join([chunk async for chunk in self.client.logs(ref, tail=tail)])

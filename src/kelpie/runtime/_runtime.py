@@ -377,6 +377,13 @@ class Runtime:
         self, spec: BackendSpec, info: SandboxInfo, stored: StoredImage | None,
     ) -> None:
         """Hold the image, build the VM and start it; failures are kept in the record."""
+        vm = self._new_vm(spec, info, stored)
+        await self._start_vm(info.id, vm)
+
+    def _new_vm(
+        self, spec: BackendSpec, info: SandboxInfo, stored: StoredImage | None,
+    ) -> VmInstance:
+        """Hold the image and build the (not yet started) VM of a new sandbox record."""
         try:
             if stored is not None:
                 self.images.retain(stored.digest, _holder(info.id))
@@ -388,7 +395,7 @@ class Runtime:
         workdir = getattr(vm, "workdir", None)
         if isinstance(workdir, Path):
             self.db.set_vm_dir(info.id, workdir)
-        await self._start_vm(info.id, vm)
+        return vm
 
     def _options(self, backend: str) -> dict[str, Any]:
         return dict(self._backend_options.get(backend, {}))
@@ -885,17 +892,7 @@ class Runtime:
         info = self._insert(spec, name, config, stored, {**base.labels, **(labels or {})},
                             base.command if snap.kind is SnapshotKind.DISK else None)
         async with self._lock_for(info.id):
-            try:
-                if stored is not None:
-                    self.images.retain(stored.digest, _holder(info.id))
-                vm = spec.create(info.config, vm_id=info.id, **self._options(spec.name))
-            except Exception as exc:
-                self._fail(info.id, VmState.STOPPED, f"create failed: {exc}")
-                raise
-            self._adopt(info.id, vm)
-            workdir = getattr(vm, "workdir", None)
-            if isinstance(workdir, Path):
-                self.db.set_vm_dir(info.id, workdir)
+            vm = self._new_vm(spec, info, stored)
             try:
                 await vm.restore(source, paused=paused)
             except Exception as exc:
