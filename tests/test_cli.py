@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,31 @@ def test_dst_prints_summary() -> None:
     assert "invariants: all held" in proc.stdout
     bad = kelpie("dst", "--faults", "nonsense")
     assert bad.returncode == 2 and "unknown fault 'nonsense'" in bad.stderr
+
+
+def test_cp_copies_directory_trees_both_ways(tmp_path: Path,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "project"
+    (source / "src" / "pkg").mkdir(parents=True)
+    (source / "README").write_text("top\n")
+    (source / "src" / "pkg" / "mod.py").write_bytes(b"\x00code")
+    (source / "src" / "run.sh").write_text("#!/bin/sh\n")
+    (source / "src" / "run.sh").chmod(0o750)
+    (source / "link").symlink_to("README")
+    assert main(["run", "-d", "--name", "files", "--backend", "mock"]) == 0
+    assert main(["exec", "files", "--", "mkdir", "/work"]) == 0
+    capfd.readouterr()
+    assert main(["cp", str(source), "files:/work"]) == 0  # an existing dir: lands inside
+    assert "skipped 1 symbolic link" in capfd.readouterr().err
+    assert main(["exec", "files", "--", "cat", "/work/project/src/pkg/mod.py"]) == 0
+    assert capfd.readouterr().out == "\x00code"
+
+    back = tmp_path / "back"
+    assert main(["cp", "files:/work/project", str(back)]) == 0  # a new path: becomes the copy
+    assert (back / "README").read_text() == "top\n"
+    assert (back / "src" / "pkg" / "mod.py").read_bytes() == b"\x00code"
+    assert (back / "src" / "run.sh").stat().st_mode & 0o777 == 0o750
+    assert not (back / "link").exists()
+    assert main(["cp", "files:/work/project/README", str(tmp_path)]) == 0
+    assert (tmp_path / "README").read_text() == "top\n"
+    assert main(["rm", "-f", "files"]) == 0

@@ -405,6 +405,10 @@ class DaemonClient:
         return [FileInfo(e.name, e.type, e.size, e.mode)
                 for e in (FileEntry.model_validate(x) for x in reply.json())]
 
+    async def mkdir(self, ref: str, path: str, *, mode: int = 0o755) -> None:
+        """Create a directory and its missing parents."""
+        await self._request("POST", f"{_sb(ref)}/dir", params={"path": path, "mode": mode})
+
     async def remove_path(self, ref: str, path: str, *, recursive: bool = False) -> None:
         """Remove a file (``recursive``: a directory tree)."""
         await self._request("DELETE", f"{_sb(ref)}/files",

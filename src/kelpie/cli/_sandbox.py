@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
@@ -386,32 +386,31 @@ def rm(force: bool, sandboxes: tuple[str, ...]) -> int:
 @click.argument("source")
 @click.argument("destination")
 def cp(source: str, destination: str) -> int:
-    """Copy a file between the host and a sandbox: one side is ``SANDBOX:PATH``.
+    """Copy files or directories between the host and a sandbox: one side is
+    ``SANDBOX:PATH``.
 
-    A destination that is an existing directory receives the file under its own name.
+    Like ``docker cp``: a destination that is an existing directory receives the source
+    under its own name; otherwise the destination becomes the copy. Modes are kept;
+    symbolic links and special files are skipped (and counted).
     """
     src, dst = _remote(source), _remote(destination)
     if (src is None) == (dst is None):
         raise click.UsageError("exactly one of SOURCE and DESTINATION must be SANDBOX:PATH")
-
     if src is not None:
         ref, guest = src
         host = Path(destination)
         if host.is_dir():
-            host = host / Path(guest).name
-        if not host.parent.is_dir():
+            host = host / PurePosixPath(guest).name
+        elif not host.parent.is_dir():
             raise ConfigError([f"{host.parent} does not exist; create it first"], what="copy")
-        return _client_call(lambda client: _download(client, ref, guest, host))
+        return _client_call(lambda client: _copy_out(client, ref, guest, host))
     assert dst is not None
     ref, guest = dst
     host = Path(source)
-    if host.is_dir():
-        raise ConfigError([f"{host} is a directory; cp copies one file (pack directories with "
-                           "tar and copy the archive)"], what="copy")
-    if not host.is_file():
-        raise ConfigError([f"{host} does not exist or is not a regular file"], what="copy")
-    return _client_call(lambda client: _upload(client, host, host.stat().st_mode & 0o7777,
-                                                ref, guest))
+    if not host.is_dir() and not host.is_file():
+        raise ConfigError([f"{host} does not exist or is not a regular file or directory"],
+                          what="copy")
+    return _client_call(lambda client: _copy_in(client, host, host.is_dir(), ref, guest))
 
 
 def _remote(text: str) -> tuple[str, str] | None:
@@ -422,37 +421,97 @@ def _remote(text: str) -> tuple[str, str] | None:
     return name, path
 
 
-async def _upload(client: DaemonClient, host: Path, mode: int, ref: str, guest: str) -> int:
-    if guest.endswith("/"):
-        guest += host.name
-    else:
-        with contextlib.suppress(RemoteError):
-            await client.list_dir(ref, guest)  # succeeds only for an existing directory
-            guest = f"{guest.rstrip('/')}/{host.name}"
+async def _is_guest_dir(client: DaemonClient, ref: str, path: str) -> bool:
+    try:
+        await client.list_dir(ref, path)
+    except RemoteError as exc:
+        if exc.is_a("SandboxNotFound") or exc.is_a("InvalidStateError"):
+            raise
+        return False
+    return True
 
-    async def chunks() -> AsyncIterator[bytes]:
-        with host.open("rb") as f:
-            while chunk := f.read(COPY_CHUNK):
-                yield chunk
 
-    await client.write_file(ref, guest, chunks(), mode=mode)
+async def _copy_in(client: DaemonClient, host: Path, is_dir: bool, ref: str, guest: str,
+                   ) -> int:
+    if guest.endswith("/") or await _is_guest_dir(client, ref, guest):
+        guest = f"{guest.rstrip('/')}/{host.name}"
+    skipped = await _upload_tree(client, host, ref, guest) if is_dir else \
+        await _upload_file(client, host, ref, guest)
+    _report_skipped(skipped)
     return 0
 
 
-async def _download(client: DaemonClient, ref: str, guest: str, host: Path) -> int:
+async def _upload_tree(client: DaemonClient, host: Path, ref: str, guest: str) -> int:
+    await client.mkdir(ref, guest, mode=os.stat(host).st_mode & 0o7777)
+    skipped = 0
+    for entry in sorted(os.scandir(host), key=lambda e: e.name):
+        target = f"{guest}/{entry.name}"
+        if entry.is_dir(follow_symlinks=False):
+            skipped += await _upload_tree(client, Path(entry.path), ref, target)
+        elif entry.is_file(follow_symlinks=False):
+            skipped += await _upload_file(client, Path(entry.path), ref, target)
+        else:
+            skipped += 1
+    return skipped
+
+
+async def _upload_file(client: DaemonClient, host: Path, ref: str, guest: str) -> int:
+    async def chunks() -> AsyncIterator[bytes]:
+        with open(host, "rb") as f:  # noqa: ASYNC230 - local reads of 1 MiB chunks
+            while chunk := f.read(COPY_CHUNK):
+                yield chunk
+
+    await client.write_file(ref, guest, chunks(), mode=os.stat(host).st_mode & 0o7777)
+    return 0
+
+
+async def _copy_out(client: DaemonClient, ref: str, guest: str, host: Path) -> int:
+    """Copy ``guest`` to exactly ``host`` (the caller resolved an existing directory)."""
+    if await _is_guest_dir(client, ref, guest):
+        skipped = await _download_tree(client, ref, guest, host, None)
+    else:
+        await _download(client, ref, guest, host, None)
+        skipped = 0
+    _report_skipped(skipped)
+    return 0
+
+
+async def _download_tree(client: DaemonClient, ref: str, guest: str, host: Path,
+                         mode: int | None) -> int:
+    os.makedirs(host, exist_ok=True)
+    skipped = 0
+    for entry in await client.list_dir(ref, guest):
+        source, target = f"{guest.rstrip('/')}/{entry.name}", host / entry.name
+        if entry.type == "dir":
+            skipped += await _download_tree(client, ref, source, target, entry.mode & 0o7777)
+        elif entry.type == "file":
+            await _download(client, ref, source, target, entry.mode & 0o7777)
+        else:
+            skipped += 1
+    if mode is not None:
+        os.chmod(host, mode)
+    return skipped
+
+
+async def _download(client: DaemonClient, ref: str, guest: str, host: Path,
+                    mode: int | None) -> None:
     """Stream into a temporary file next to ``host``, renamed over it when complete."""
     fd, temp = tempfile.mkstemp(dir=host.parent, prefix=f".{host.name}.")
     try:
         with os.fdopen(fd, "wb") as out:
             async for chunk in client.read_file_stream(ref, guest):
                 out.write(chunk)
-        os.chmod(temp, _new_file_mode(host))  # not mkstemp's 0600
+        os.chmod(temp, _new_file_mode(host) if mode is None else mode)  # not mkstemp's 0600
         os.replace(temp, host)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    return 0
+
+
+def _report_skipped(skipped: int) -> None:
+    if skipped:
+        click.echo(f"kelpie: skipped {skipped} symbolic link(s) or special file(s)", err=True)
 
 
 def _new_file_mode(host: Path) -> int:

@@ -65,3 +65,11 @@ async def remove_file(request: Request, ref: Ref, path: GuestPath,
 async def list_dir(request: Request, ref: Ref, path: GuestPath) -> list[FileEntry]:
     """A directory's entries (symlinks not followed)."""
     return [FileEntry.from_info(i) for i in await runtime_of(request).list_dir(ref, path)]
+
+
+@router.post("/sandboxes/{ref}/dir", status_code=204)
+async def make_dir(request: Request, ref: str, path: GuestPath,
+                   mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o755) -> Response:
+    """Create a directory and its missing parents (an existing one is fine)."""
+    await runtime_of(request).mkdir(ref, path, mode=mode)
+    return Response(status_code=204)

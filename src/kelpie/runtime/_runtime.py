@@ -606,6 +606,10 @@ class Runtime:
         """List a directory in a running sandbox."""
         return await self._vm(self.get(ref), "list files in").list_dir(path)
 
+    async def mkdir(self, ref: str, path: str, *, mode: int = 0o755) -> None:
+        """Create a directory (and missing parents) in a running sandbox."""
+        await self._vm(self.get(ref), "create directories in").mkdir(path, mode=mode)
+
     async def remove_path(self, ref: str, path: str, *, recursive: bool = False) -> None:
         """Remove a file (or with ``recursive`` a tree) in a running sandbox."""
         await self._vm(self.get(ref), "remove files in").remove(path, recursive=recursive)

@@ -466,6 +466,15 @@ class VmInstance(abc.ABC):
         with self._crash_guard():
             return await self._do_list_dir(path)
 
+    async def mkdir(self, path: str, *, mode: int = 0o755) -> None:
+        """Create a guest directory and its missing parents (an existing one is fine)."""
+        self._require(Operation.FILES)
+        _check_guest_path(path)
+        if not 0 <= mode <= 0o7777:
+            raise ConfigError([f"mode {mode:o} is not a permission mode (0..7777 octal)"])
+        with self._crash_guard():
+            await self._do_mkdir(path, mode)
+
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file (or, with ``recursive``, a directory tree) in the guest."""
         self._require(Operation.FILES)
