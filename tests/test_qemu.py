@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from kelpie import ExecTimeout, GuestFileError, InvalidStateError, VmConfig, VmState
+from kelpie import (
+    ConfigError,
+    ExecTimeout,
+    GuestFileError,
+    InvalidStateError,
+    VmConfig,
+    VmState,
+)
 from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 
@@ -169,6 +176,18 @@ async def test_stop_cleans_up_every_process_and_socket(guestkit: GuestKit,
     )
     survivors, _ = await group.communicate()
     assert survivors == b"", "processes of the VM's session survived stop"
+
+
+async def test_stop_grace_bounds_the_guest_shutdown(guestkit: GuestKit,
+                                                     state_dir: Path) -> None:
+    machine = new_vm(guestkit, state_dir)
+    await machine.start()
+    with pytest.raises(ConfigError, match="grace is -1"):
+        await machine.stop(grace=-1)
+    pid = machine.pid
+    await machine.stop(grace=0.001)  # too short for the guest: QEMU is quit instead
+    assert machine.state is VmState.STOPPED and machine.crash_reason is None
+    assert pid is not None and not _alive(pid)
 
 
 async def test_killed_qemu_marks_the_vm_crashed(guestkit: GuestKit, state_dir: Path) -> None:

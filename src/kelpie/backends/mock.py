@@ -248,7 +248,7 @@ class MockVm(VmInstance):
         await self._boot("start")
         self.boots += 1
 
-    async def _do_stop(self, *, force: bool) -> None:
+    async def _do_stop(self, *, force: bool, grace: float | None = None) -> None:
         self._halt(VmError(f"VM {self.id} stopped while the command was running"))
 
     async def _do_pause(self) -> None:

@@ -344,8 +344,8 @@ def start(sandboxes: tuple[str, ...]) -> int:
 
 @click.command("stop")
 @click.option("-t", "--time", "timeout", type=click.FloatRange(min=0), default=None,
-              help="0: kill at once. Otherwise a graceful shutdown, bounded by the backend "
-                   "(QEMU: 5 s for the guest, then quit, then kill).")
+              help="Seconds the guest gets to shut down before it is stopped hard "
+                   "(0: at once; default: the backend's, 5 s on QEMU).")
 @click.argument("sandboxes", nargs=-1, required=True)
 def stop(timeout: float | None, sandboxes: tuple[str, ...]) -> int:
     """Stop running sandboxes."""

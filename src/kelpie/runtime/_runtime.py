@@ -634,15 +634,15 @@ class Runtime:
     async def stop(self, ref: str, *, timeout: float | None = None) -> SandboxInfo:
         """Shut a sandbox down (a no-op when it is at rest).
 
-        ``timeout=0`` kills the VM at once; otherwise the guest gets a graceful shutdown,
-        bounded by the backend's own shutdown timeout.
+        ``timeout=0`` kills the VM at once; otherwise the guest gets ``timeout`` seconds
+        (the backend's default when None) to shut down gracefully before it is stopped hard.
         """
         info = self.get(ref)
         async with self._lock_for(info.id):
             self._stop_main(info.id)
             vm = self._vms.get(info.id)
             if vm is not None:
-                await vm.stop(force=timeout is not None and timeout <= 0)
+                await vm.stop(grace=None if timeout is None else max(timeout, 0.0))
             elif info.state not in AT_REST:  # pragma: no cover - recovery settles these
                 self.db.set_state(info.id, VmState.STOPPED, self._clock())
         return self._info(info.id)

@@ -331,17 +331,20 @@ class VmInstance(abc.ABC):
                 raise
             raise BootError(f"{what} of VM {self._id} failed: {exc}") from exc
 
-    async def stop(self, *, force: bool = False) -> None:
+    async def stop(self, *, force: bool = False, grace: float | None = None) -> None:
         """Shut the VM down and release its resources. A no-op on a stopped VM.
 
-        ``force`` skips the graceful guest shutdown.
+        ``force`` skips the graceful guest shutdown; ``grace`` bounds it in seconds (the
+        backend's own default when None), after which the VM is shut down hard.
         """
+        if grace is not None and not grace >= 0:
+            raise ConfigError([f"grace is {grace}; give seconds >= 0"], what="stop")
         async with self._lifecycle:
             self._require(Operation.STOP)
             if self._state is VmState.STOPPED:
                 return
             try:
-                await self._do_stop(force=force)
+                await self._do_stop(force=force or grace == 0, grace=grace)
             finally:
                 self._set_state(VmState.STOPPED)
 
@@ -552,7 +555,7 @@ class VmInstance(abc.ABC):
         """Boot; return when the guest agent answers. Raise BootError/VmCrashed on failure."""
 
     @abc.abstractmethod
-    async def _do_stop(self, *, force: bool) -> None:
+    async def _do_stop(self, *, force: bool, grace: float | None = None) -> None:
         """Shut down and release every resource; must be safe to call in any state."""
 
     async def _do_pause(self) -> None:

@@ -883,19 +883,20 @@ class QemuVm(VmInstance):
             self.agent_info = await self._agent.hello(timeout=ATTACH_TIMEOUT)
 
     # ---- stop ---------------------------------------------------------------------------
-    async def _do_stop(self, *, force: bool) -> None:
+    async def _do_stop(self, *, force: bool, grace: float | None = None) -> None:
         self._stopping = True
         try:
-            await self._shut_down(force)
+            await self._shut_down(force, SHUTDOWN_TIMEOUT if grace is None else grace)
         finally:
             self._stopping = False
 
-    async def _shut_down(self, force: bool) -> None:
-        """Agent poweroff, else QMP quit, else SIGKILL of QEMU's group; then clean up."""
+    async def _shut_down(self, force: bool, grace: float = SHUTDOWN_TIMEOUT) -> None:
+        """Agent poweroff (``grace`` seconds), else QMP quit, else SIGKILL of QEMU's group;
+        then clean up."""
         process = self._process
         if process is not None and process.running:
             if not force and self._agent_ready() and self._state is VmState.RUNNING:
-                await self._ask_then_wait(self._agent_poweroff(), process, SHUTDOWN_TIMEOUT)
+                await self._ask_then_wait(self._agent_poweroff(), process, grace)
             if process.running and self._qmp is not None:
                 await self._ask_then_wait(self._qmp.execute("quit"), process, QUIT_TIMEOUT)
             if process.running:
