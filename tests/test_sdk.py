@@ -117,3 +117,21 @@ def test_real_vm_in_process(guestkit: object) -> None:
         box.files.write("/tmp/payload", b"x" * 100_000)
         assert box.files.read("/tmp/payload") == b"x" * 100_000
         assert box.info().backend == "qemu"
+
+
+def test_dirs_of_dead_sdk_processes_are_pruned(tmp_path: Path) -> None:
+    import sqlite3
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sdk = tmp_path / "state" / "sdk"
+    empty, kept = sdk / f"{dead.pid}-0", sdk / f"{dead.pid}-1"
+    empty.mkdir(parents=True)
+    kept.mkdir()
+    with sqlite3.connect(kept / "runtime.db") as db:
+        db.execute("CREATE TABLE sandboxes (id TEXT)")
+        db.execute("INSERT INTO sandboxes VALUES ('abc')")
+    with Sandbox.create(backend="mock") as box:
+        assert box.exec(["true"]).exit_code == 0
+    assert not empty.exists() and kept.exists()  # a leaked sandbox's records are kept

@@ -208,6 +208,7 @@ async def _local_runtime() -> Runtime:
         runtimes = _runtimes.setdefault(loop, {})
         runtime = runtimes.get(base)
         if runtime is None:
+            _prune_dead(base / "sdk")
             data_dir = base / "sdk" / f"{os.getpid()}-{next(_runtime_numbers)}"
             runtime = Runtime(data_dir=data_dir, images=ImageStore(images_dir()))
             runtimes[base] = runtime
@@ -219,6 +220,38 @@ async def _driver(daemon: str | None, token: str | None) -> _RuntimeDriver | _Da
     if daemon is None:
         return _RuntimeDriver(await _local_runtime())
     return _DaemonDriver(DaemonClient(daemon, token=token))
+
+
+def _prune_dead(sdk_dir: Path) -> None:
+    """Delete the data dirs of in-process runtimes whose process is gone and that kept no
+    sandbox (a process that exited without removing its sandboxes leaves them listed)."""
+    import shutil
+    import sqlite3
+
+    if not sdk_dir.is_dir():
+        return
+    for entry in sdk_dir.iterdir():
+        pid_text = entry.name.partition("-")[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            uri = f"file:{entry / 'runtime.db'}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+                left = db.execute("SELECT count(*) FROM sandboxes").fetchone()[0]
+        except sqlite3.Error:
+            left = 0  # no database (or not even a table): nothing was ever recorded
+        if not left:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---- the async SDK ----------------------------------------------------------------------
