@@ -67,3 +67,32 @@ def test_import_layout_and_clear_errors(tmp_path: Path) -> None:
     bad = kelpie(tmp_path / "state", "image", "pull", "UPPER/Case")
     assert bad.returncode == 2 and "kelpie: error:" in bad.stderr
     assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_image_commands_and_run_against_a_daemon(registry: RunningRegistry,
+                                                 tmp_path: Path) -> None:
+    """With --host, images live in the daemon's store; `run` makes the daemon pull."""
+    from daemon_env import KelpieHome
+
+    home = KelpieHome()
+    try:
+        assert home.kelpie("daemon", "start").returncode == 0
+        host = ("--host", f"unix://{home.socket}")
+        ref = f"{registry.address}/cli/hello:v1"
+        ran = kelpie(tmp_path, *host, "run", "--rm", "--backend", "mock", ref, "--",
+                     "echo", "ran")  # (the mock guest does not read the image's files)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout == "ran\n" and "the daemon is pulling" in ran.stderr
+        listed = json.loads(kelpie(tmp_path, *host, "image", "ls", "--json").stdout)
+        assert [i["tags"] for i in listed] == [[ref]]
+        assert json.loads(kelpie(tmp_path, "image", "ls", "--json").stdout) == []  # local
+        inspected = json.loads(kelpie(tmp_path, *host, "image", "inspect", ref).stdout)
+        assert inspected["digest"] == listed[0]["digest"]
+        again = kelpie(tmp_path, *host, "image", "pull", ref)
+        assert again.returncode == 0 and listed[0]["digest"] in again.stdout
+        removed = kelpie(tmp_path, *host, "image", "rm", ref)
+        assert removed.returncode == 0 and listed[0]["digest"] in removed.stdout
+        refused = kelpie(tmp_path, *host, "image", "import", str(tmp_path))
+        assert refused.returncode == 2 and "push the image to a registry" in refused.stderr
+    finally:
+        home.close()

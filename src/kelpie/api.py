@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from kelpie.images import StoredImage
     from kelpie.runtime import SandboxEvent, SandboxInfo, SnapshotInfo
     from kelpie.vm import ExecResult, FileInfo
 
@@ -82,6 +83,7 @@ ERROR_STATUS: tuple[tuple[str, int], ...] = (
     ("UnsupportedOperation", 501),
     ("BackendUnavailable", 503),
     ("ExecTimeout", 504),
+    ("RegistryError", 502),
     ("KelpieError", 500),
 )
 
@@ -386,6 +388,67 @@ class Image(_Model):
     digest: str
     tags: list[str]
     size: int
+
+
+class Layer(_Model):
+    digest: str
+    size: int
+    media_type: str
+
+
+class ImageDetails(_Model):
+    """A stored image: manifest digest, config and layers."""
+
+    id: str
+    digest: str
+    tags: list[str]
+    size: int
+    media_type: str
+    platform: str
+    entrypoint: list[str]
+    cmd: list[str]
+    env: list[str]
+    working_dir: str
+    user: str
+    layers: list[Layer]
+    held_by: list[str]
+
+    @classmethod
+    def from_stored(cls, image: StoredImage) -> ImageDetails:
+        config = image.config
+        return cls(
+            id=image.id, digest=image.digest, tags=list(image.tags), size=image.size,
+            media_type=image.media_type, platform=f"{config.os}/{config.architecture}",
+            entrypoint=list(config.entrypoint or ()), cmd=list(config.cmd or ()),
+            env=list(config.env), working_dir=config.working_dir, user=config.user,
+            layers=[Layer(digest=d.digest, size=d.size, media_type=d.media_type)
+                    for d in image.manifest.layers],
+            held_by=list(image.holders),
+        )
+
+
+class PullBody(_Model):
+    """Pull an image from a registry into the daemon's store."""
+
+    reference: str = Field(min_length=1, max_length=MAX_NAME * 2)
+    platform: str | None = Field(None, max_length=64, description="OS/ARCH[/VARIANT]")
+    insecure: bool = Field(False, description="Plain HTTP for this registry.")
+
+
+class PullProgress(_Model):
+    """One line of a pull's NDJSON stream: bytes of one blob fetched so far."""
+
+    type: Literal["progress"] = "progress"
+    digest: str
+    done: int
+    total: int
+
+
+class PullDone(_Model):
+    """The last line of a pull's NDJSON stream when it succeeded."""
+
+    type: Literal["result"] = "result"
+    image: Image
 
 
 def run_argv(sandbox: Sandbox, override: list[str]) -> list[str]:

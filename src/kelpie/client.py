@@ -30,6 +30,9 @@ from kelpie.api import (
     ExecExitMessage,
     ExecStart,
     FileEntry,
+    Image,
+    ImageDetails,
+    PullBody,
     RestoreBody,
     Sandbox,
     SandboxCreate,
@@ -317,6 +320,43 @@ class DaemonClient:
                         "check the token")) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+
+    # ---- images -------------------------------------------------------------------------
+    async def images(self) -> builtins.list[Image]:
+        """The images in the daemon's store."""
+        return [Image.model_validate(i) for i in (await self._request("GET", "/images")).json()]
+
+    async def image(self, ref: str) -> ImageDetails:
+        """One image of the daemon's store: manifest digest, config, layers."""
+        reply = await self._request("GET", f"/images/{quote(ref, safe='')}")
+        return ImageDetails.model_validate(reply.json())
+
+    async def remove_image(self, ref: str, *, force: bool = False) -> builtins.list[str]:
+        """Untag or delete an image; the digests deleted."""
+        reply = await self._request("DELETE", f"/images/{quote(ref, safe='')}",
+                                    params={"force": force})
+        removed: builtins.list[str] = reply.json()
+        return removed
+
+    async def pull(self, reference: str, *, platform: str | None = None, insecure: bool = False,
+                   progress: Callable[[str, int, int], None] | None = None) -> Image:
+        """Have the daemon pull an image; ``progress(digest, done, total)`` per blob."""
+        body = PullBody(reference=reference, platform=platform, insecure=insecure)
+        payload = body.model_dump(mode="json")
+        async with self._stream("POST", "/image-pulls", json=payload,
+                                headers={"Accept": NDJSON}) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                if message.get("type") == "progress" and progress is not None:
+                    progress(message["digest"], message["done"], message["total"])
+                elif message.get("type") == "result":
+                    return Image.model_validate(message["image"])
+                elif message.get("type") == "error":
+                    raise _error_from(None, message)
+        raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
+                                         message="the daemon ended the pull stream early"))
 
     # ---- snapshots and templates --------------------------------------------------------
     async def snapshot(self, ref: str, *, name: str | None = None, kind: str = "full",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import tarfile
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +16,34 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from kelpie.api import ImageDetails
+from kelpie.cli._connect import connect, current_target
+from kelpie.client import DaemonClient
 from kelpie.images._auth import Credentials, RegistryAuth
 from kelpie.images._import import import_docker_archive, import_oci_layout
 from kelpie.images._manifest import Platform
 from kelpie.images._reference import ImageReference
-from kelpie.images._registry import RegistryClient
+from kelpie.images._registry import BlobProgress, RegistryClient
 from kelpie.images._store import ImageStore, StoredImage
 
 
 def describe(image: StoredImage) -> dict[str, Any]:
-    """A JSON-ready description of a stored image."""
-    config = image.config
-    return {
-        "id": image.id,
-        "digest": image.digest,
-        "tags": list(image.tags),
-        "size": image.size,
-        "media_type": image.media_type,
-        "platform": f"{config.os}/{config.architecture}",
-        "entrypoint": list(config.entrypoint or ()),
-        "cmd": list(config.cmd or ()),
-        "env": list(config.env),
-        "working_dir": config.working_dir,
-        "user": config.user,
-        "layers": [{"digest": d.digest, "size": d.size, "media_type": d.media_type}
-                   for d in image.manifest.layers],
-        "held_by": list(image.holders),
-    }
+    """A JSON-ready description of a stored image (the same as the daemon's)."""
+    return ImageDetails.from_stored(image).model_dump(mode="json")
+
+
+def _daemon_target() -> bool:
+    """Whether image commands go to a daemon (``--host`` / ``KELPIE_HOST``), not the local
+    store."""
+    return not current_target().local
+
+
+async def _with_client(call: Callable[[DaemonClient], Awaitable[int]]) -> int:
+    client = await connect()
+    try:
+        return await call(client)
+    finally:
+        await client.close()
 
 
 @click.group()
@@ -66,9 +69,41 @@ def pull(reference: str, platform: str | None, insecure: tuple[str, ...], userna
         password = sys.stdin.readline().rstrip("\n")
         credentials = {ref.registry: Credentials(username, password)}
     wanted = Platform.parse(platform) if platform else None
+    if _daemon_target():
+        if credentials:
+            raise click.UsageError("--username is for the local store; a daemon uses the "
+                                   "credentials of its own host (~/.docker/config.json)")
+        return asyncio.run(_with_client(lambda c: _pull_remote(
+            c, str(ref), platform, ref.registry in insecure)))
     stored = pull_reference(ref, wanted, insecure, RegistryAuth(credentials))
     click.echo(f"{stored.id} {stored.digest}")
     return 0
+
+
+async def _pull_remote(client: DaemonClient, reference: str, platform: str | None,
+                       insecure: bool) -> int:
+    with _bars() as (bars, progress):
+        del bars
+        pulled = await client.pull(reference, platform=platform, insecure=insecure,
+                                   progress=progress)
+    click.echo(f"{pulled.id} {pulled.digest}")
+    return 0
+
+
+@contextlib.contextmanager
+def _bars() -> Iterator[tuple[Progress, BlobProgress]]:
+    """Download bars on stderr when it is a terminal, and the callback that moves them."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=Console(stderr=True),
+                  disable=not sys.stderr.isatty()) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(digest: str, done: int, total: int) -> None:
+            if digest not in tasks:
+                tasks[digest] = bars.add_task(digest.removeprefix("sha256:")[:12], total=total)
+            bars.update(tasks[digest], completed=done, total=total)
+
+        yield bars, progress
 
 
 def pull_reference(ref: ImageReference, platform: Platform | None = None,
@@ -81,16 +116,7 @@ def pull_reference(ref: ImageReference, platform: Platform | None = None,
 async def _pull(ref: ImageReference, platform: Platform | None, insecure: tuple[str, ...],
                 auth: RegistryAuth) -> StoredImage:
     store = ImageStore()
-    show = sys.stderr.isatty()
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=Console(stderr=True), disable=not show) as bars:
-        tasks: dict[str, Any] = {}
-
-        def progress(digest: str, done: int, total: int) -> None:
-            if digest not in tasks:
-                tasks[digest] = bars.add_task(digest.removeprefix("sha256:")[:12], total=total)
-            bars.update(tasks[digest], completed=done, total=total)
-
+    with _bars() as (_, progress):
         async with RegistryClient(auth=auth, insecure=insecure) as client:
             return await client.pull(ref, store, platform=platform, progress=progress)
 
@@ -101,6 +127,10 @@ async def _pull(ref: ImageReference, platform: Platform | None, insecure: tuple[
 @click.option("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform layout.")
 def import_(path: Path, reference: str | None, platform: str | None) -> int:
     """Import an OCI image layout (directory or tar) or a `docker save` tarball."""
+    if _daemon_target():
+        raise click.UsageError("import reads files into the local store; for a daemon on "
+                               "another host, push the image to a registry and "
+                               "`kelpie --host ... image pull` it")
     store = ImageStore()
     if _is_docker_archive(path):
         images = import_docker_archive(path, store)
@@ -123,25 +153,49 @@ def _is_docker_archive(path: Path) -> bool:
 @image.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_images(as_json: bool) -> int:
-    """List stored images."""
-    images = ImageStore().list()
+    """List stored images (the daemon's with --host)."""
+    if _daemon_target():
+        async def details(client: DaemonClient) -> list[ImageDetails]:
+            return [await client.image(i.digest) for i in await client.images()]
+
+        found = _details(details)
+    else:
+        found = [ImageDetails.from_stored(i) for i in ImageStore().list()]
     if as_json:
-        click.echo(json.dumps([describe(i) for i in images], indent=2))
+        click.echo(json.dumps([d.model_dump(mode="json") for d in found], indent=2))
         return 0
     table = Table("id", "tags", "platform", "size")
-    for stored in images:
-        table.add_row(stored.id, "\n".join(stored.tags) or "<untagged>",
-                      f"{stored.config.os}/{stored.config.architecture}",
-                      f"{stored.size / 1e6:.1f} MB")
+    for d in found:
+        table.add_row(d.id, "\n".join(d.tags) or "<untagged>", d.platform,
+                      f"{d.size / 1e6:.1f} MB")
     Console().print(table)
     return 0
+
+
+def _details(call: Callable[[DaemonClient], Awaitable[list[ImageDetails]]],
+             ) -> list[ImageDetails]:
+    async def run() -> list[ImageDetails]:
+        client = await connect()
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
 
 
 @image.command("inspect")
 @click.argument("reference")
 def inspect(reference: str) -> int:
     """Show an image's manifest digest, config and layers as JSON."""
-    click.echo(json.dumps(describe(ImageStore().resolve(reference)), indent=2))
+    if _daemon_target():
+        async def one(client: DaemonClient) -> list[ImageDetails]:
+            return [await client.image(reference)]
+
+        found = _details(one)[0].model_dump(mode="json")
+    else:
+        found = describe(ImageStore().resolve(reference))
+    click.echo(json.dumps(found, indent=2))
     return 0
 
 
@@ -150,6 +204,14 @@ def inspect(reference: str) -> int:
 @click.option("-f", "--force", is_flag=True, help="Remove even if other tags point at it.")
 def remove(references: tuple[str, ...], force: bool) -> int:
     """Remove images (a tag, a digest or an id prefix)."""
+    if _daemon_target():
+        async def remove_all(client: DaemonClient) -> int:
+            for reference in references:
+                for removed in await client.remove_image(reference, force=force):
+                    click.echo(f"removed {removed}")
+            return 0
+
+        return asyncio.run(_with_client(remove_all))
     store = ImageStore()
     for reference in references:
         for removed in store.remove(reference, force=force):
@@ -160,6 +222,8 @@ def remove(references: tuple[str, ...], force: bool) -> int:
 @image.command("prune")
 def prune() -> int:
     """Delete untagged images and blobs nothing uses (held images are kept)."""
+    if _daemon_target():
+        raise click.UsageError("prune works on the local store; run it on the daemon's host")
     for removed in ImageStore().prune():
         click.echo(f"removed {removed}")
     return 0

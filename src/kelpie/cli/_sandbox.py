@@ -131,7 +131,15 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
     )
 
     async def call(client: DaemonClient) -> int:
-        sandbox = await client.create(body, progress=_progress_printer())
+        try:
+            sandbox = await client.create(body, progress=_progress_printer())
+        except RemoteError as exc:  # a remote daemon lacks the image: it pulls, like docker
+            if not (exc.is_a("ImageNotFound") and image is not None and pull == "missing"
+                    and not current_target().local):
+                raise
+            click.echo(f"kelpie: the daemon is pulling {image}", err=True)
+            await client.pull(image)
+            sandbox = await client.create(body, progress=_progress_printer())
         if detach:
             click.echo(sandbox.id)
             return 0

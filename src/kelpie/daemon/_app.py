@@ -26,6 +26,7 @@ from kelpie.api import ErrorResponse, error_body, error_status, model_json
 from kelpie.daemon import (
     _routes_exec,
     _routes_files,
+    _routes_images,
     _routes_sandboxes,
     _routes_snapshots,
     _routes_system,
@@ -60,7 +61,7 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.on_shutdown = on_shutdown
     app.state.background = set()
     for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
-                   _routes_snapshots):
+                   _routes_snapshots, _routes_images):
         app.include_router(module.router, prefix="/v1")
     app.add_exception_handler(KelpieError, _kelpie_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
@@ -81,6 +82,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _error("The request does not match this document (ConfigError, with problems)."),
     500: _error("An internal error."),
     501: _error("The sandbox's backend does not support this."),
+    502: _error("A registry the daemon pulls from failed or cannot be reached."),
     503: _error("The backend cannot run on the daemon's host."),
 }
 """The error responses every operation may give (all with an ErrorResponse body)."""

@@ -1,4 +1,4 @@
-"""``/v1/version``, ``/v1/shutdown`` and ``/v1/images``: the daemon itself."""
+"""``/v1/version`` and ``/v1/shutdown``: the daemon itself."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from fastapi import APIRouter, Request, Response
 
 from kelpie._version import __version__
-from kelpie.api import API_VERSION, Image, VersionInfo
+from kelpie.api import API_VERSION, VersionInfo
 from kelpie.runtime import Runtime
 
 router = APIRouter(tags=["daemon"])
@@ -38,10 +38,3 @@ async def shutdown(request: Request, stop_sandboxes: bool = False) -> Response:
     if on_shutdown is not None:
         on_shutdown(stop_sandboxes)
     return Response(status_code=202)
-
-
-@router.get("/images")
-async def images(request: Request) -> list[Image]:
-    """The images in the daemon's store."""
-    return [Image(id=i.id, digest=i.digest, tags=list(i.tags), size=i.size)
-            for i in runtime_of(request).images.list()]

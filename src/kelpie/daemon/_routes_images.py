@@ -1,0 +1,106 @@
+"""``/v1/images``: the daemon's image store (list, inspect, remove, pull from a registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from kelpie.api import (
+    NDJSON,
+    Image,
+    ImageDetails,
+    PullBody,
+    PullDone,
+    PullProgress,
+    StreamError,
+    error_body,
+    model_json,
+)
+from kelpie.daemon._routes_system import runtime_of
+from kelpie.images import ImageReference, ImageStore, Platform, RegistryClient, StoredImage
+
+router = APIRouter(tags=["images"])
+
+
+def _image(stored: StoredImage) -> Image:
+    return Image(id=stored.id, digest=stored.digest, tags=list(stored.tags), size=stored.size)
+
+
+@router.get("/images")
+async def list_images(request: Request) -> list[Image]:
+    """The images in the daemon's store."""
+    return [_image(i) for i in runtime_of(request).images.list()]
+
+
+@router.get("/images/{ref:path}")
+async def inspect_image(request: Request, ref: str) -> ImageDetails:
+    """One image (a tag, digest or id prefix): manifest digest, config, layers, holders."""
+    return ImageDetails.from_stored(runtime_of(request).images.resolve(ref))
+
+
+@router.delete("/images/{ref:path}")
+async def remove_image(request: Request, ref: str, force: bool = False) -> list[str]:
+    """Untag or delete an image; the digests of the images deleted."""
+    return runtime_of(request).images.remove(ref, force=force)
+
+
+@router.post(
+    "/image-pulls",
+    responses={200: {"content": {NDJSON: {}}, "description":
+                     "The image; or, when the request accepts application/x-ndjson, "
+                     "progress lines per blob then a result or error line."}},
+)
+async def pull_image(request: Request, body: PullBody) -> Response:
+    """Pull an image from a registry (HTTPS unless ``insecure`` or loopback)."""
+    reference = ImageReference.parse(body.reference)  # bad input: 400 before any stream
+    platform = Platform.parse(body.platform) if body.platform else None
+    store = runtime_of(request).images
+    if NDJSON not in request.headers.get("accept", ""):
+        stored = await _pull(store, reference, platform, body.insecure, None)
+        return Response(json.dumps(model_json(_image(stored))), media_type="application/json")
+    return StreamingResponse(_pull_streamed(request, store, reference, platform, body.insecure),
+                             media_type=NDJSON)
+
+
+async def _pull(store: ImageStore, reference: ImageReference, platform: Platform | None,
+                insecure: bool, queue: asyncio.Queue[PullProgress] | None) -> StoredImage:
+    def progress(digest: str, done: int, total: int) -> None:
+        if queue is not None:
+            queue.put_nowait(PullProgress(digest=digest, done=done, total=total))
+
+    registries = (reference.registry,) if insecure else ()
+    async with RegistryClient(insecure=registries) as client:
+        return await client.pull(reference, store, platform=platform, progress=progress)
+
+
+async def _pull_streamed(
+    request: Request, store: ImageStore, reference: ImageReference,
+    platform: Platform | None, insecure: bool,
+) -> AsyncIterator[bytes]:
+    """Progress lines while the pull runs (its own task: a client that goes away does not
+    cancel it half way), then the result or the error."""
+    queue: asyncio.Queue[PullProgress] = asyncio.Queue()
+    task = asyncio.create_task(_pull(store, reference, platform, insecure, queue))
+    background: set[asyncio.Task[StoredImage]] = request.app.state.background
+    background.add(task)
+    task.add_done_callback(background.discard)
+    while not task.done():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield _line(getter.result())
+        else:
+            getter.cancel()
+    while not queue.empty():
+        yield _line(queue.get_nowait())
+    exc = task.exception()
+    yield _line(StreamError(error=error_body(exc)) if exc is not None
+                else PullDone(image=_image(task.result())))
+
+
+def _line(model: PullProgress | PullDone | StreamError) -> bytes:
+    return json.dumps(model_json(model)).encode() + b"\n"
