@@ -19,6 +19,7 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
+from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -196,7 +197,7 @@ class DaemonClient:
     async def create(self, body: SandboxCreate, *,
                      progress: Callable[[str], None] | None = None) -> Sandbox:
         """Create and start a sandbox; ``progress`` hears each step."""
-        payload = body.model_dump(mode="json")
+        payload = _wire(body)
         if progress is None:
             reply = await self._request("POST", "/sandboxes", json=payload)
             return Sandbox.model_validate(reply.json())
@@ -342,7 +343,7 @@ class DaemonClient:
                    progress: Callable[[str, int, int], None] | None = None) -> Image:
         """Have the daemon pull an image; ``progress(digest, done, total)`` per blob."""
         body = PullBody(reference=reference, platform=platform, insecure=insecure)
-        payload = body.model_dump(mode="json")
+        payload = _wire(body)
         async with self._stream("POST", "/image-pulls", json=payload,
                                 headers={"Accept": NDJSON}) as response:
             async for line in response.aiter_lines():
@@ -364,7 +365,7 @@ class DaemonClient:
         """Snapshot a sandbox (kind full, disk or checkpoint)."""
         body = SnapshotCreate(sandbox=ref, name=name, kind=kind,
                               leave_paused=leave_paused, workspace=workspace)
-        reply = await self._request("POST", "/snapshots", json=body.model_dump(mode="json"))
+        reply = await self._request("POST", "/snapshots", json=_wire(body))
         return Snapshot.model_validate(reply.json())
 
     async def snapshots(self, *, templates: bool | None = None) -> builtins.list[Snapshot]:
@@ -388,7 +389,7 @@ class DaemonClient:
         """Create a sandbox from a snapshot (``into``: roll that stopped sandbox back)."""
         body = RestoreBody(name=name, paused=paused, env=dict(env or {}), into=into)
         reply = await self._request("POST", f"/snapshots/{quote(ref, safe='')}/restore",
-                                    json=body.model_dump(mode="json"))
+                                    json=_wire(body))
         return Sandbox.model_validate(reply.json())
 
     async def export_snapshot(self, ref: str, *, compress: bool = False,
@@ -414,7 +415,7 @@ class DaemonClient:
 
     async def create_template(self, body: TemplateCreate) -> Snapshot:
         """Boot a sandbox once and keep its snapshot as a template."""
-        reply = await self._request("POST", "/templates", json=body.model_dump(mode="json"))
+        reply = await self._request("POST", "/templates", json=_wire(body))
         return Snapshot.model_validate(reply.json())
 
     async def remove_template(self, ref: str) -> None:
@@ -506,6 +507,12 @@ async def _receive(ws: ClientConnection) -> bytes | dict[str, Any] | None:
         return message
     decoded: dict[str, Any] = json.loads(message)
     return decoded
+
+
+def _wire(body: BaseModel) -> dict[str, Any]:
+    """A request body with only the fields that differ from their defaults, so that a
+    daemon that predates a field still serves requests that do not use it."""
+    return body.model_dump(mode="json", exclude_defaults=True)
 
 
 def _sb(ref: str) -> str:
