@@ -221,6 +221,22 @@ async def test_attach_while_another_client_holds_the_vm_fails_and_leaves_it(
         await holder.stop()
 
 
+async def test_stop_kills_a_qemu_this_object_could_not_attach_to(
+    guestkit: GuestKit, state_dir: Path
+) -> None:
+    """A sandbox whose re-attach failed (QEMU alive but unreachable) is removed for real."""
+    workdir = state_dir / "unreachable"
+    holder = QemuVm(VmConfig(), workdir=workdir, kit=guestkit)
+    await holder.start()
+    pid = qemu_pid(workdir)
+    crashed = crashed_event(holder)
+    stranger = QemuVm(VmConfig(), vm_id=holder.id, workdir=workdir, kit=guestkit)
+    await stranger.stop()  # never attached: it finds the directory's QEMU and stops it
+    await asyncio.wait_for(crashed.wait(), 30)  # the holder sees its QEMU die
+    assert has_exited(pid) and not (workdir / "qemu.pid").exists()
+    await holder.stop()
+
+
 async def test_directory_without_config_is_not_a_vm(state_dir: Path) -> None:
     workdir = state_dir / "f"
     workdir.mkdir()

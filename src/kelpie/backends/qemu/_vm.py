@@ -893,7 +893,7 @@ class QemuVm(VmInstance):
     async def _shut_down(self, force: bool, grace: float = SHUTDOWN_TIMEOUT) -> None:
         """Agent poweroff (``grace`` seconds), else QMP quit, else SIGKILL of QEMU's group;
         then clean up."""
-        process = self._process
+        process = self._process or self._unwatched_qemu()
         if process is not None and process.running:
             if not force and self._agent_ready() and self._state is VmState.RUNNING:
                 await self._ask_then_wait(self._agent_poweroff(), process, grace)
@@ -910,6 +910,20 @@ class QemuVm(VmInstance):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
         self._process = None
+
+    def _unwatched_qemu(self) -> ProcessWatch | None:
+        """The QEMU of this VM directory when this object does not watch it (an attach that
+        failed, e.g. while another process held QMP): stopping must not leave it running."""
+        try:
+            pid = int((self.workdir / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        if not is_qemu_of(pid, self.qmp_socket):
+            return None
+        try:
+            return ProcessWatch(pid, child=False)
+        except ProcessLookupError:
+            return None
 
     async def _agent_poweroff(self) -> None:
         assert self._agent is not None
