@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import enum
 import fcntl
 import os
 import secrets
@@ -29,7 +30,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Self, TypeVar
 
 from kelpie.images import ImageStore, NoDefaultCommand, StoredImage, rootfs_ext4
 from kelpie.images._rootfs_build import BuildProgress
@@ -91,6 +92,8 @@ FOLLOW_POLL_SECONDS = 0.2
 AT_REST = (VmState.STOPPED, VmState.CRASHED)
 STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
 EXIT_CANNOT_RUN = 127
+
+E = TypeVar("E", bound=enum.StrEnum)
 
 Progress = Callable[[str], None]
 """Receives one line of progress text per step of a long operation (on the event loop)."""
@@ -1098,12 +1101,17 @@ def _build_reporter(progress: Progress | None) -> Callable[[BuildProgress], None
 
 
 def _network(mode: NetworkMode | str) -> NetworkMode:
+    return _member(NetworkMode, mode, "network", "sandbox network")
+
+
+def _member(kind: type[E], value: E | str, field: str, what: str) -> E:
+    """``value`` as a member of the string enum ``kind``; a ConfigError lists the allowed."""
     try:
-        return NetworkMode(mode)
+        return kind(value)
     except ValueError:
-        allowed = ", ".join(m.value for m in NetworkMode)
-        raise ConfigError([f"network {mode!r} is not a network mode; allowed: {allowed}"],
-                          what="sandbox network") from None
+        allowed = ", ".join(m.value for m in kind)
+        raise ConfigError([f"{field} {value!r} is not known; allowed: {allowed}"],
+                          what=what) from None
 
 
 def _image_label(image: StoredImage) -> str:
@@ -1134,12 +1142,7 @@ def _workspace_of(info: SandboxInfo) -> str:
 
 
 def _snapshot_kind(kind: SnapshotKind | str) -> SnapshotKind:
-    try:
-        return SnapshotKind(kind)
-    except ValueError:
-        allowed = ", ".join(k.value for k in SnapshotKind)
-        raise ConfigError([f"snapshot kind {kind!r} is not one of: {allowed}"],
-                          what="snapshot") from None
+    return _member(SnapshotKind, kind, "snapshot kind", "snapshot")
 
 
 def _label(info: SandboxInfo) -> str:
