@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from kelpie import (
+    BootError,
     ConfigError,
     ExecTimeout,
     GuestFileError,
@@ -176,6 +178,20 @@ async def test_stop_cleans_up_every_process_and_socket(guestkit: GuestKit,
     )
     survivors, _ = await group.communicate()
     assert survivors == b"", "processes of the VM's session survived stop"
+
+
+async def test_a_guest_that_never_answers_is_booted_twice_then_refused(
+    guestkit: GuestKit, state_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    machine = QemuVm(VmConfig(), kit=guestkit, boot_timeout=0.2)  # no guest answers so fast
+    machine.workdir = state_dir / machine.id
+    with caplog.at_level(logging.WARNING, logger="kelpie"), \
+            pytest.raises(BootError, match=r"timed out after 0.2s waiting for"):
+        await machine.start()
+    retried = [r for r in caplog.records if r.getMessage().endswith("(booting it again)")]
+    assert len(retried) == 1, [r.getMessage() for r in caplog.records]
+    assert machine.state is VmState.STOPPED
+    assert not (machine.workdir / "qemu.pid").exists()
 
 
 async def test_stop_grace_bounds_the_guest_shutdown(guestkit: GuestKit,

@@ -100,6 +100,8 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 DEFAULT_BOOT_TIMEOUT = 120.0
+BOOT_ATTEMPTS = 2
+"""A start whose guest never answers within the boot timeout is tried once more."""
 """Seconds from QEMU start to the agent's hello; generous because TCG on a loaded host is slow."""
 SHUTDOWN_TIMEOUT = 5.0
 QUIT_TIMEOUT = 3.0
@@ -153,6 +155,10 @@ def start_failure_reason(workdir: Path) -> str | None:
         f"cannot publish host port {', '.join(ports)}: QEMU could not bind it (already in "
         f"use? not an address of this host? below 1024 without the privilege to bind it?)"
     )
+
+
+class _BootTimedOut(BootError):
+    """A boot (or attach) step did not finish in time while QEMU kept running."""
 
 
 class ProcessWatch:
@@ -495,9 +501,20 @@ class QemuVm(VmInstance):
     # ---- start --------------------------------------------------------------------------
     async def _do_start(self) -> None:
         launch = await self._prepare_launch(self.config)
-        self._prepare_workdir(launch)
-        launch = dataclasses.replace(launch, overlay=await self._prepare_overlay())
-        await self._boot(launch)
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            self._prepare_workdir(launch)
+            booting = dataclasses.replace(launch, overlay=await self._prepare_overlay())
+            try:
+                await self._boot(booting)
+                return
+            except _BootTimedOut as exc:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                # A guest that never reaches its agent (seen rarely under TCG on a loaded
+                # host: the kernel stalls early in boot) gets a second boot; a QEMU that
+                # exits or refuses its arguments does not.
+                _log.warning("%s\n(booting it again)", exc)
+                await self._do_stop(force=True)
 
     async def _prepare_launch(self, config: VmConfig, *, incoming: bool = False) -> QemuLaunch:
         """Check ``config`` on this host, get the guest kit and accelerator: no VM yet."""
@@ -651,7 +668,7 @@ class QemuVm(VmInstance):
                 f"VM {self.id}: {reason + '; ' if reason else ''}QEMU {how} while waiting "
                 f"for {what}\n{console_tail(self.workdir)}"
             )
-        raise BootError(
+        raise _BootTimedOut(
             f"VM {self.id}: timed out after {budget or self.boot_timeout:g}s waiting for "
             f"{what}\n{console_tail(self.workdir)}"
         )
