@@ -1317,14 +1317,8 @@ class QemuVm(VmInstance):
             if process.exit is None:
                 process.interrupt(reason)
         self._processes.clear()
-        old_config = self._config
         overlay = self.workdir / "overlay.qcow2"
-        kept = self.workdir / ".overlay.qcow2.before-restore"
-        self._prepare_workdir(launch)
-        self._config = config
-        try:
-            if overlay.exists():
-                overlay.replace(kept)
+        async with self._disk_replaced(launch, config):
             if base is not None and DISK_BLOB in manifest.blobs:
                 assert record.base_format is not None
                 await _snapshot.install_overlay(
@@ -1340,10 +1334,24 @@ class QemuVm(VmInstance):
                 await self._boot(launch)
                 if paused:
                     await self._qmp_execute("stop")
+
+    @contextlib.asynccontextmanager
+    async def _disk_replaced(self, launch: QemuLaunch, config: VmConfig) -> AsyncIterator[None]:
+        """Switch to ``config`` with this VM's disk overlay set aside for the block; if the
+        block fails, put the old overlay (or none) and config back."""
+        old_config = self._config
+        overlay = self.workdir / "overlay.qcow2"
+        kept = self.workdir / ".overlay.qcow2.before-restore"
+        self._prepare_workdir(launch)
+        self._config = config
+        try:
+            if overlay.exists():
+                overlay.replace(kept)
+            yield
         except BaseException:
             with contextlib.suppress(OSError):
                 if kept.exists():
-                    kept.replace(overlay)
+                    kept.replace(overlay)  # QEMU, stopped next, keeps the new one open
                 else:
                     overlay.unlink(missing_ok=True)
                 self._config = old_config
@@ -1360,28 +1368,13 @@ class QemuVm(VmInstance):
         restore fails), so the guest starts from its image like a new VM.
         """
         content = read_checkpoint(snapshot, self)
-        old_config = self._config
-        config = checkpoint_config(old_config, content)
+        config = checkpoint_config(self._config, content)
         launch = await self._prepare_launch(config)
-        overlay = self.workdir / "overlay.qcow2"
-        kept = self.workdir / ".overlay.qcow2.before-restore"
-        self._prepare_workdir(launch)
-        self._config = config
-        try:
-            if overlay.exists():
-                overlay.replace(kept)
+        async with self._disk_replaced(launch, config):
             await self._boot(dataclasses.replace(launch, overlay=await self._prepare_overlay()))
             await replay_checkpoint(self, content)
             if paused:
                 await self._qmp_execute("stop")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if kept.exists():
-                    kept.replace(overlay)  # QEMU, stopped next, keeps the new one open
-                self._config = old_config
-                self._write_record(dataclasses.replace(launch, config=old_config))
-            raise
-        kept.unlink(missing_ok=True)
 
     async def _resume_state(
         self, snapshot: VmSnapshot, launch: QemuLaunch, *, paused: bool, same_vm: bool
