@@ -9,6 +9,7 @@ import pytest
 
 import kelpie
 import kelpie.dst
+import kelpie.sim
 import kelpie.vm
 
 
@@ -21,7 +22,7 @@ def public_names(module: types.ModuleType) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("module", [kelpie, kelpie.vm, kelpie.dst])
+@pytest.mark.parametrize("module", [kelpie, kelpie.vm, kelpie.sim, kelpie.dst])
 def test_all_matches_public_names(module: types.ModuleType) -> None:
     exported = set(module.__all__)
     assert len(exported) == len(module.__all__), "duplicates in __all__"

@@ -117,3 +117,14 @@ async def test_unsupported_operation_names_backend_and_alternatives() -> None:
     assert "mock" in info.value.supported_by
     assert "backend 'nopause' does not support pause; backends that support it:" in str(
         info.value)
+
+
+def test_registry_loads_backends_by_module_name_on_first_use() -> None:
+    import sys
+
+    from kelpie.vm import BackendRegistry
+
+    registry = BackendRegistry(("kelpie.backends.mock",))
+    assert registry.names() == ["mock"]
+    assert "kelpie.backends.mock" in sys.modules
+    assert registry.get("mock").real is False

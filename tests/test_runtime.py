@@ -18,8 +18,6 @@ import pytest
 from fixtures.images.tarbuild import file
 from kelpie.backends import MOCK
 from kelpie.backends.mock import MockVm
-from kelpie.dst._faults import Fault, FaultInjector, FaultSpec
-from kelpie.dst._rng import SimRng
 from kelpie.images import ImageStore
 from kelpie.runtime import (
     SCHEMA_VERSION,
@@ -35,6 +33,8 @@ from kelpie.runtime import (
     generated_name,
 )
 from kelpie.runtime._db import DB_FILENAME, StateDb, migrate, schema_version
+from kelpie.sim._faults import Fault, FaultInjector, FaultSpec
+from kelpie.sim._rng import SimRng
 from kelpie.vm import (
     BackendRegistry,
     BackendSpec,

@@ -61,8 +61,7 @@ if TYPE_CHECKING:
 del TYPE_CHECKING
 
 # Where each public name lives. Importing ``kelpie`` stays cheap (the CLI imports only what
-# a command needs); the first public name used loads its module, and the built-in backends
-# register themselves then.
+# a command needs); the first public name used loads its module.
 _HOMES = {
     "MockVm": "kelpie.backends.mock",
     "DaemonClient": "kelpie.client",

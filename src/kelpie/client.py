@@ -107,7 +107,7 @@ def _error_from(status: int | None, payload: Any) -> RemoteError:
 
 def read_token_file(path: Path) -> str:
     """A bearer token from a file: its first non-blank line, at least 16 characters."""
-    from kelpie.vm import ConfigError
+    from kelpie._exceptions import ConfigError
 
     try:
         lines = path.read_text().splitlines()
@@ -142,7 +142,7 @@ class DaemonClient:
             transport = httpx.AsyncHTTPTransport()
             base = url.rstrip("/")
         else:
-            from kelpie.vm import ConfigError
+            from kelpie._exceptions import ConfigError
 
             raise ConfigError([f"daemon address {url!r}: expected unix:///PATH or "
                                "http(s)://HOST:PORT"], what="daemon address")

@@ -2,9 +2,9 @@
 
 Its guest is an in-memory file system plus a small shell (see ``_mockshell``). Every
 delay runs on the event loop's clock, so under the simulator's virtual clock it takes no
-wall time. Faults come from an injected :class:`~kelpie.dst.FaultInjector`, storage from an
+wall time. Faults come from an injected :class:`~kelpie.sim.FaultInjector`, storage from an
 injected :class:`~kelpie.vm.Storage`, and host <-> guest round trips from an optional
-:class:`~kelpie.dst.SimLink`.
+:class:`~kelpie.sim.SimLink`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 from kelpie._version import __version__
 from kelpie.backends._mockshell import MockFs, Shell, Stdin
-from kelpie.dst._faults import NO_FAULTS, Fault, FaultInjector
-from kelpie.dst._link import SimLink
+from kelpie.sim._faults import NO_FAULTS, Fault, FaultInjector
+from kelpie.sim._link import SimLink
 from kelpie.vm import (
+    BackendSpec,
     BootError,
     Capabilities,
     ExecError,
@@ -34,6 +35,7 @@ from kelpie.vm import (
     FileInfo,
     GuestFileError,
     HostInfo,
+    ProbeResult,
     SnapshotError,
     SnapshotKind,
     SnapshotTooLarge,
@@ -394,3 +396,22 @@ class MockVm(VmInstance):
 
 def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _create(config: VmConfig, **options: Any) -> VmInstance:
+    return MockVm(config, **options)
+
+
+def _probe() -> ProbeResult:
+    return ProbeResult(True, "always available (simulated, in-process)")
+
+
+SPEC = BackendSpec(
+    name="mock",
+    description="deterministic simulated VM for tests and simulation",
+    capabilities=MockVm.capabilities,
+    probe=_probe,
+    create=_create,
+    priority=0,
+    real=False,
+)

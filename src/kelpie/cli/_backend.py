@@ -8,7 +8,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-import kelpie.backends  # noqa: F401  (registers the built-in backends)
 from kelpie.vm import DEFAULT_REGISTRY
 
 

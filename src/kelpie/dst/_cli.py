@@ -7,8 +7,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from kelpie.dst._faults import FaultSpec, parse_fault_specs
 from kelpie.dst._sim import run_seed
+from kelpie.sim._faults import FaultSpec, parse_fault_specs
 from kelpie.vm import ConfigError
 
 DEFAULT_FAULTS = "all"

@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kelpie.dst._clock import SimulationDeadlock, VirtualClock, run_simulated
-from kelpie.dst._faults import Fault, FaultInjector, FaultSpec
-from kelpie.dst._link import SimLink
-from kelpie.dst._rng import SimRng
-from kelpie.dst._storage import SimStorage, SimulatedCrash
+from kelpie.sim._clock import SimulationDeadlock, VirtualClock, run_simulated
+from kelpie.sim._faults import Fault, FaultInjector, FaultSpec
+from kelpie.sim._link import SimLink
+from kelpie.sim._rng import SimRng
+from kelpie.sim._storage import SimStorage, SimulatedCrash
 from kelpie.vm import (
     InvalidStateError,
     KelpieError,

@@ -29,11 +29,11 @@ from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
+from kelpie._exceptions import KelpieError
 from kelpie._fsutil import write_atomic
 from kelpie.guestkit import _apt, _cpio, _python
 from kelpie.guestkit._kernel import KernelImageError, extract_vmlinux
 from kelpie.guestkit._modules import MODULE_GROUPS, ModuleError, ModuleTree, plan_groups
-from kelpie.vm import KelpieError
 
 #: Bump when the kit's layout or contents change in a way the digest would not notice.
 BUILDER_VERSION = 1

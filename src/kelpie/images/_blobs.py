@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from kelpie._exceptions import StorageError
 from kelpie._fsutil import fsync_dir
 from kelpie.images._digest import validate_digest
 from kelpie.images._errors import BlobNotFound, DigestMismatch
-from kelpie.vm import StorageError
 
 CHUNK_SIZE = 1 << 20
 """Bytes read or written per step when streaming a blob."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kelpie.vm import ConfigError, KelpieError
+from kelpie._exceptions import ConfigError, KelpieError
 
 SHORT_ID_LENGTH = 12
 """Hex digits of a manifest digest shown as an image's short id."""

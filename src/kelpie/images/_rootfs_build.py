@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kelpie._exceptions import StorageError
 from kelpie.images._blobs import CHUNK_SIZE
 from kelpie.images._errors import DigestMismatch, ImageError
 from kelpie.images._layer import LayerLimits, apply_layer
 from kelpie.images._manifest import Descriptor
 from kelpie.images._rootfs import Rootfs
 from kelpie.images._store import ImageStore, StoredImage, remove_tree
-from kelpie.vm import StorageError
 
 log = logging.getLogger(__name__)
 

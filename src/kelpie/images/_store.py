@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kelpie._exceptions import ConfigError, StorageError
 from kelpie._fsutil import write_atomic
 from kelpie._paths import images_dir
 from kelpie.images._blobs import BlobStore
@@ -64,7 +65,6 @@ from kelpie.images._manifest import (
     parse_manifest_document,
 )
 from kelpie.images._reference import ImageReference
-from kelpie.vm import ConfigError, StorageError
 
 INDEX_FILE = "images.json"
 """Name of the image records file under the store root."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from kelpie.vm import InvalidStateError, KelpieError, StorageError
+from kelpie._exceptions import InvalidStateError, KelpieError, StorageError
 
 
 class SandboxError(KelpieError):

@@ -128,11 +128,7 @@ class Runtime:
 
             data_dir = state_dir()
         self.data_dir = Path(data_dir)
-        if factory is None:
-            import kelpie.backends  # noqa: F401  (registers the built-in backends)
-
-            factory = VmFactory()
-        self.factory = factory
+        self.factory = VmFactory() if factory is None else factory
         self._backend_options = {k: dict(v) for k, v in (backend_options or {}).items()}
         self._images = images
         self._clock = clock

@@ -1,27 +1,11 @@
 """The VM interface every backend implements: config, states, instances, snapshots, errors.
 
-This package knows no backend; ``kelpie.backends`` registers them with the factory.
+This package knows no backend: the registry loads them by module name
+(:data:`BUILTIN_BACKENDS`) and from the ``kelpie.backends`` entry-point group. The error tree
+lives in :mod:`kelpie._exceptions` (below every package) and is re-exported here.
 """
 
-from kelpie.vm._config import (
-    DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS,
-    MAX_ENV_VARS,
-    MAX_MEMORY_MIB,
-    MAX_MOUNT_TAG_LENGTH,
-    MAX_MOUNTS,
-    MAX_PATH_LENGTH,
-    MAX_PORTS,
-    MAX_VCPUS,
-    MIN_MEMORY_MIB,
-    MIN_VCPUS,
-    Mount,
-    NetworkMode,
-    PortMapping,
-    VmConfig,
-    VmConfigBuilder,
-)
-from kelpie.vm._errors import (
+from kelpie._exceptions import (
     AgentError,
     BackendUnavailable,
     BootError,
@@ -42,8 +26,27 @@ from kelpie.vm._errors import (
     VmCrashed,
     VmError,
 )
+from kelpie.vm._config import (
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS,
+    MAX_ENV_VARS,
+    MAX_MEMORY_MIB,
+    MAX_MOUNT_TAG_LENGTH,
+    MAX_MOUNTS,
+    MAX_PATH_LENGTH,
+    MAX_PORTS,
+    MAX_VCPUS,
+    MIN_MEMORY_MIB,
+    MIN_VCPUS,
+    Mount,
+    NetworkMode,
+    PortMapping,
+    VmConfig,
+    VmConfigBuilder,
+)
 from kelpie.vm._factory import (
     BACKEND_ENV,
+    BUILTIN_BACKENDS,
     DEFAULT_REGISTRY,
     BackendRegistry,
     BackendSpec,
@@ -78,6 +81,7 @@ from kelpie.vm._storage import LocalStorage, Storage
 __all__ = [
     "ALLOWED",
     "BACKEND_ENV",
+    "BUILTIN_BACKENDS",
     "DEFAULT_MEMORY_MIB",
     "DEFAULT_REGISTRY",
     "DEFAULT_VCPUS",

@@ -69,8 +69,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kelpie.vm._config import VmConfig
-from kelpie.vm._errors import (
+from kelpie._exceptions import (
     ConfigError,
     GuestFileError,
     InvalidStateError,
@@ -79,6 +78,7 @@ from kelpie.vm._errors import (
     SnapshotIncompatible,
     SnapshotTooLarge,
 )
+from kelpie.vm._config import VmConfig
 from kelpie.vm._snapshot import SnapshotKind, SnapshotManifest, SnapshotWriter, VmSnapshot
 from kelpie.vm._state import VmState
 from kelpie.vm._storage import Storage

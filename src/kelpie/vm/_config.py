@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, Self
 
-from kelpie.vm._errors import ConfigError
+from kelpie._exceptions import ConfigError
 
 MIN_VCPUS = 1
 MAX_VCPUS = 32

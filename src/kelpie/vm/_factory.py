@@ -9,12 +9,14 @@ backend probed and why it was rejected.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from importlib import metadata
 from typing import Any
 
+from kelpie._exceptions import BackendUnavailable, UnknownBackend
 from kelpie.vm._config import VmConfig
-from kelpie.vm._errors import BackendUnavailable, UnknownBackend
 from kelpie.vm._instance import Capabilities, VmInstance
 
 BACKEND_ENV = "KELPIE_BACKEND"
@@ -50,24 +52,53 @@ class BackendSpec:
     attach: Callable[[str], Awaitable[VmInstance]] | None = None
 
 
-class BackendRegistry:
-    """The backends Kelpie knows, by name. Probe results are cached per registry."""
+BUILTIN_BACKENDS = ("kelpie.backends.mock", "kelpie.backends.qemu")
+"""Modules of the built-in backends, each with a ``SPEC``. Names, not imports: the VM layer
+never imports a backend; the registry loads these when first asked."""
 
-    def __init__(self) -> None:
+ENTRY_POINT_GROUP = "kelpie.backends"
+"""Other packages add a backend with an entry point in this group naming a BackendSpec."""
+
+
+class BackendRegistry:
+    """The backends Kelpie knows, by name. Probe results are cached per registry.
+
+    ``modules`` (module names, each with a ``SPEC``) and the ``entry_points`` group are
+    loaded on first use, so building a registry imports nothing.
+    """
+
+    def __init__(self, modules: tuple[str, ...] = (), *, entry_points: str | None = None) -> None:
         self._specs: dict[str, BackendSpec] = {}
         self._probes: dict[str, ProbeResult] = {}
+        self._pending_modules = modules
+        self._entry_points = entry_points
 
     def register(self, spec: BackendSpec) -> None:
         """Add (or replace) a backend."""
         self._specs[spec.name] = spec
         self._probes.pop(spec.name, None)
 
+    def _load(self) -> None:
+        modules, self._pending_modules = self._pending_modules, ()
+        for module in modules:
+            spec = importlib.import_module(module).SPEC
+            self._specs.setdefault(spec.name, spec)
+        if self._entry_points is not None:
+            group, self._entry_points = self._entry_points, None
+            for entry in metadata.entry_points(group=group):
+                spec = entry.load()
+                if not isinstance(spec, BackendSpec):
+                    raise TypeError(f"entry point {entry.value!r} ({group}) is not a BackendSpec")
+                self._specs.setdefault(spec.name, spec)
+
     def names(self) -> list[str]:
         """Backend names, best first."""
+        self._load()
         return [s.name for s in sorted(self._specs.values(), key=lambda s: (-s.priority, s.name))]
 
     def get(self, name: str) -> BackendSpec:
         """The backend called ``name``; :class:`BackendUnavailable` lists the known ones."""
+        self._load()
         try:
             return self._specs[name]
         except KeyError:
@@ -89,8 +120,8 @@ class BackendRegistry:
         return [n for n in self.names() if capability in self._specs[n].capabilities.names()]
 
 
-DEFAULT_REGISTRY = BackendRegistry()
-"""The process-wide registry; ``kelpie.backends`` registers the built-in backends in it."""
+DEFAULT_REGISTRY = BackendRegistry(BUILTIN_BACKENDS, entry_points=ENTRY_POINT_GROUP)
+"""The process-wide registry: the built-in backends and those other packages declare."""
 
 
 def backends_with(capability: str) -> list[str]:
@@ -110,11 +141,7 @@ class VmFactory:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        if registry is None:
-            import kelpie.backends  # noqa: F401  (the built-in backends register themselves)
-
-            registry = DEFAULT_REGISTRY
-        self.registry = registry
+        self.registry = DEFAULT_REGISTRY if registry is None else registry
         self._environ = os.environ if environ is None else environ
 
     def select(self, backend: str | None = None) -> BackendSpec:

@@ -25,8 +25,7 @@ from collections.abc import (
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kelpie.vm._config import VmConfig
-from kelpie.vm._errors import (
+from kelpie._exceptions import (
     BootError,
     ConfigError,
     ExecTimeout,
@@ -36,6 +35,7 @@ from kelpie.vm._errors import (
     UnsupportedOperation,
     VmCrashed,
 )
+from kelpie.vm._config import VmConfig
 from kelpie.vm._snapshot import HostInfo, SnapshotKind, VmSnapshot
 from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kelpie.vm._errors import (
+from kelpie._exceptions import (
     SnapshotCorrupted,
     SnapshotIncompatible,
     SnapshotTooLarge,

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+from kelpie._exceptions import StorageError
 from kelpie._fsutil import fsync_dir, write_atomic
-from kelpie.vm._errors import StorageError
 
 CHUNK_SIZE = 1024 * 1024
 

@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 from typing import BinaryIO
 
-from kelpie.dst._faults import NO_FAULTS, Fault, FaultInjector
-from kelpie.dst._rng import SimRng
+from kelpie.sim._faults import NO_FAULTS, Fault, FaultInjector
+from kelpie.sim._rng import SimRng
 from kelpie.vm import Storage, StorageError
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from kelpie.dst._faults import NO_FAULTS, Fault, FaultInjector
-from kelpie.dst._rng import SimRng
-from kelpie.vm import NetworkError
+from kelpie._exceptions import NetworkError
+from kelpie.sim._faults import NO_FAULTS, Fault, FaultInjector
+from kelpie.sim._rng import SimRng
 
 BASE_LATENCY = (0.0002, 0.002)
 """Round-trip time range in seconds for a healthy link (measured: ~0.25 ms under TCG)."""

@@ -19,7 +19,7 @@ import selectors
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-from kelpie.dst._rng import SimRng
+from kelpie.sim._rng import SimRng
 
 T = TypeVar("T")
 

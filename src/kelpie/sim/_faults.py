@@ -11,8 +11,8 @@ import dataclasses
 import enum
 from collections.abc import Callable, Iterable
 
-from kelpie.dst._rng import SimRng
-from kelpie.vm import ConfigError
+from kelpie._exceptions import ConfigError
+from kelpie.sim._rng import SimRng
 
 
 class Fault(enum.StrEnum):
