@@ -54,11 +54,12 @@ from kelpie.backends.mock import MockVm
 from kelpie.client import DaemonClient, RemoteError
 from kelpie.daemon import DaemonOptions, create_app, serve
 from kelpie.images import ImageStore
-from kelpie.runtime import NAME_PATTERN, Runtime
+from kelpie.runtime import NAME_PATTERN, Runtime, SandboxNotFound
 from kelpie.vm import (
     BackendRegistry,
     BootError,
     ExecTimeout,
+    InvalidStateError,
     VmConfig,
     VmFactory,
     VmInstance,
@@ -637,8 +638,8 @@ async def test_client_over_the_socket(served: Served) -> None:
     made = await client.create(SandboxCreate(name="other", command=["echo", "main"]),
                                progress=progress.append)
     assert made.state == "running" and any("booting sandbox other" in p for p in progress)
-    assert [s.name for s in await client.list()] == ["box", "other"]
-    assert (await client.get(made.id[:5])).name == "other"
+    assert [s.name for s in await client.list_sandboxes()] == ["box", "other"]
+    assert (await client.inspect(made.id[:5])).name == "other"
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(50):
@@ -659,20 +660,25 @@ async def test_client_over_the_socket(served: Served) -> None:
     result = await client.exec("box", ["cat"], stdin=b"in")
     assert (result.exit_code, result.stdout) == (0, b"in")
     for _ in range(100):
-        if (await client.get("other")).main_exit_code is not None:
+        if (await client.inspect("other")).main_exit_code is not None:
             break
         await asyncio.sleep(0.01)
-    assert b"".join([c async for c in client.logs("other")]) == b"main\n"
+    assert await client.read_logs("other") == b"main\n"
     assert (await client.pause("box")).state == "paused"
     assert (await client.resume("box")).state == "running"
     assert (await client.stop("box", timeout=0)).state == "stopped"
     assert (await client.start("box")).state == "running"
     assert (await client.kill("other")).state == "stopped"
-    assert [e["state"] for e in await client.events("other")][-1] == "stopped"
+    assert b"".join([c async for c in client.follow_logs("other")]) == b"main\n"
+    assert [e.state for e in await client.events("other")][-1] == "stopped"
     await client.remove("other")
     with pytest.raises(RemoteError) as gone:
-        await client.get("other")
+        await client.inspect("other")
     assert gone.value.is_a("SandboxNotFound")
+    with pytest.raises(SandboxNotFound):  # the class the daemon raised, as in-process
+        await client.inspect("other")
+    with pytest.raises(InvalidStateError):
+        await client.resume("box")  # it runs
     with pytest.raises(RemoteError) as invalid:
         await client.create(SandboxCreate(name="x", cpus=0))
     assert invalid.value.is_a("ConfigError") and invalid.value.problems

@@ -9,6 +9,8 @@ import pytest
 
 import kelpie
 import kelpie.dst
+import kelpie.sdk
+import kelpie.service
 import kelpie.sim
 import kelpie.vm
 
@@ -22,7 +24,8 @@ def public_names(module: types.ModuleType) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("module", [kelpie, kelpie.vm, kelpie.sim, kelpie.dst])
+@pytest.mark.parametrize("module", [kelpie, kelpie.vm, kelpie.sim, kelpie.dst, kelpie.sdk,
+                                    kelpie.service])
 def test_all_matches_public_names(module: types.ModuleType) -> None:
     exported = set(module.__all__)
     assert len(exported) == len(module.__all__), "duplicates in __all__"

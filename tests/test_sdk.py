@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ async def test_async_sandbox_in_process() -> None:
     # leaving the block removed it
     other = await AsyncSandbox.create(backend="mock")
     with pytest.raises(SandboxNotFound):
-        await other._driver.record(sandbox_id)
+        await other._service.inspect(sandbox_id)
     await other.remove()
 
 
@@ -66,11 +66,41 @@ def test_blocking_sandbox_in_process() -> None:
         assert box.logs() == b"main says hi\n"
 
 
+async def test_async_files_mkdir_and_streams() -> None:
+    async with await AsyncSandbox.create(backend="mock") as box:
+        await box.files.mkdir("/tmp/a/b", mode=0o700)
+        listed = await box.files.list("/tmp/a")
+        assert [(e.name, e.type) for e in listed] == [("b", "dir")]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for part in (b"one,", b"two,", b"three"):
+                yield part
+
+        await box.files.write("/tmp/a/b/f", chunks())
+        assert await box.files.read("/tmp/a/b/f") == b"one,two,three"
+        read = [chunk async for chunk in box.files.read_stream("/tmp/a/b/f")]
+        assert b"".join(read) == b"one,two,three"
+
+
+def test_blocking_files_mkdir_and_streams() -> None:
+    with Sandbox.create(backend="mock", command=["echo", "logged"]) as box:
+        box.files.mkdir("/tmp/x/y")
+        box.files.write("/tmp/x/y/f", (bytes([n]) * 1000 for n in range(3)))
+        assert b"".join(box.files.read_stream("/tmp/x/y/f")) == \
+            b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
+        box.files.remove("/tmp/x", recursive=True)
+        assert "x" not in [e.name for e in box.files.list("/tmp")]
+        box.kill()
+        assert b"".join(box.follow_logs()) == b"logged\n"
+
+
 def test_bad_input_is_a_clear_error() -> None:
     from kelpie import ConfigError
 
     with pytest.raises(ConfigError, match="vcpus is 0"):
         Sandbox.create(backend="mock", cpus=0)
+    with pytest.raises(ConfigError, match="network"):  # the request model's own checks
+        Sandbox.create(backend="mock", network="bridge")
 
 
 @pytest.fixture
@@ -99,6 +129,12 @@ def test_sandbox_through_a_daemon(home: KelpieHome, monkeypatch: pytest.MonkeyPa
         with pytest.raises(RemoteError) as caught:
             Sandbox.attach("nosuch", daemon=url)
         assert caught.value.is_a("SandboxNotFound") and caught.value.status == 404
+        with pytest.raises(SandboxNotFound):  # the same class as in-process
+            Sandbox.attach("nosuch", daemon=url)
+        box.files.mkdir("/tmp/d/e")
+        box.files.write("/tmp/d/e/big", iter([b"a" * 70_000, b"b" * 70_000]))
+        assert b"".join(box.files.read_stream("/tmp/d/e/big")) == b"a" * 70_000 + b"b" * 70_000
+        assert [e.name for e in box.files.list("/tmp/d")] == ["e"]
     finally:
         box.remove()
     listed = home.kelpie("ps", "-a", "-q")

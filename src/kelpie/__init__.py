@@ -1,7 +1,8 @@
 """Kelpie: run untrusted code in hardware-isolated micro-VMs behind one Python API.
 
 Start with :class:`Sandbox` (blocking) or :class:`AsyncSandbox`; :class:`Runtime` owns
-sandboxes in-process, :class:`DaemonClient` talks to the daemon, :class:`VmInstance` and
+sandboxes in-process, :class:`DaemonClient` talks to the daemon (both are a
+:class:`SandboxService`), :class:`VmInstance` and
 :class:`VmFactory` are the VM layer underneath.
 """
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
     from kelpie.runtime import Runtime, SandboxInfo, SandboxNameInUse, SandboxNotFound
     from kelpie.sdk import AsyncSandbox, Sandbox
+    from kelpie.service import SandboxService
     from kelpie.vm import (
         AgentError,
         BackendRegistry,
@@ -73,6 +75,7 @@ _HOMES = {
     "SandboxNotFound": "kelpie.runtime",
     "AsyncSandbox": "kelpie.sdk",
     "Sandbox": "kelpie.sdk",
+    "SandboxService": "kelpie.service",
 }
 
 
@@ -123,6 +126,7 @@ __all__ = [
     "SandboxInfo",
     "SandboxNameInUse",
     "SandboxNotFound",
+    "SandboxService",
     "SnapshotCorrupted",
     "SnapshotError",
     "SnapshotIncompatible",

@@ -18,13 +18,13 @@ The exec WebSocket (``/v1/sandboxes/{ref}/exec/ws``) speaks this protocol:
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from kelpie.images import StoredImage
-    from kelpie.runtime import SandboxEvent, SandboxInfo, SnapshotInfo
     from kelpie.vm import ExecResult, FileInfo
 
 API_VERSION = "v1"
@@ -127,6 +127,16 @@ class SandboxCreate(_Model):
         description="Start by restoring this template instead of booting; then only name, "
                     "env and labels may be given.")
 
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> SandboxCreate:
+        """A request from an in-process caller's keyword fields. Only the names are checked
+        here: the runtime checks every value itself, and says what is wrong in its words."""
+        unknown = sorted(set(fields) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(f"unexpected create field(s) {', '.join(unknown)}; expected "
+                            f"{', '.join(cls.model_fields)}")
+        return cls.model_construct(**fields)
+
 
 class Volume(_Model):
     host_path: str
@@ -169,27 +179,6 @@ class Sandbox(_Model):
     created_at: float
     updated_at: float
 
-    @classmethod
-    def from_info(cls, info: SandboxInfo) -> Sandbox:
-        config = info.config
-        return cls(
-            id=info.id, short_id=info.short_id, name=info.name, backend=info.backend,
-            state=info.state.value, image=info.image, image_digest=info.image_digest,
-            cpus=config.vcpus, memory_mib=config.memory_mib, network=config.network.value,
-            env=dict(config.env),
-            volumes=[Volume(host_path=str(m.host_path), guest_path=m.guest_path,
-                            read_only=m.read_only) for m in config.mounts],
-            ports=[Port(host_ip=p.host_ip, host_port=p.host_port, guest_port=p.guest_port,
-                        protocol=p.protocol) for p in config.ports],
-            workdir=info.workdir, user=info.user,
-            command=None if info.command is None else list(info.command),
-            image_command=None if info.image_command is None else list(info.image_command),
-            image_entrypoint=list(info.image_entrypoint),
-            main_exit_code=info.main_exit_code, crash_reason=info.crash_reason,
-            last_error=info.last_error, labels=dict(info.labels),
-            created_at=info.created_at, updated_at=info.updated_at,
-        )
-
 
 class Event(_Model):
     """One recorded state change of a sandbox."""
@@ -197,10 +186,6 @@ class Event(_Model):
     at: float
     state: str
     reason: str | None
-
-    @classmethod
-    def from_event(cls, event: SandboxEvent) -> Event:
-        return cls(at=event.at, state=event.state.value, reason=event.reason)
 
 
 class Progress(_Model):
@@ -288,15 +273,6 @@ class Snapshot(_Model):
     memory_mib: int
     size: int
     created_at: float
-
-    @classmethod
-    def from_info(cls, info: SnapshotInfo) -> Snapshot:
-        return cls(id=info.id, short_id=info.short_id, name=info.name, kind=info.kind.value,
-                   template=info.template, backend=info.backend, sandbox_id=info.sandbox_id,
-                   sandbox_name=info.sandbox_name, image=info.image,
-                   image_digest=info.image_digest, cpus=info.sandbox.config.vcpus,
-                   memory_mib=info.sandbox.config.memory_mib, size=info.size,
-                   created_at=info.created_at)
 
 
 # ---- exec -------------------------------------------------------------------------------
@@ -475,7 +451,7 @@ def unb64(text: str | None, field: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except ValueError:
-        from kelpie.vm import ConfigError
+        from kelpie._exceptions import ConfigError
 
         raise ConfigError([f"{field} is not valid base64"], what="request") from None
 
@@ -493,6 +469,22 @@ def error_body(exc: BaseException) -> ErrorBody:
     problems = list(exc.problems) if isinstance(exc, ConfigError) else []
     return ErrorBody(type=types[0], types=types, message=str(exc) or type(exc).__name__,
                      retriable=retriable, requires_recreate=recreate, problems=problems)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], fields: Mapping[str, Any], what: str) -> M:
+    """``model`` built from ``fields``; a ConfigError listing every problem when they do not
+    fit (for in-process callers, who get the same checks as a REST body)."""
+    try:
+        return model.model_validate(dict(fields))
+    except ValidationError as exc:
+        from kelpie._exceptions import ConfigError
+
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}"
+                    for e in exc.errors()]
+        raise ConfigError(problems, what=what) from None
 
 
 def model_json(model: BaseModel) -> dict[str, Any]:

@@ -1,9 +1,14 @@
 """A client for the Kelpie daemon's REST API (httpx; the exec stream over a WebSocket).
 
 :class:`DaemonClient` talks to a local daemon over its unix socket (the default) or to a
-remote one over HTTP(S) with a bearer token. Errors the daemon reports come back as
-:class:`RemoteError`, a :class:`~kelpie.vm.KelpieError` that keeps the daemon-side error's
-class name and ancestors (``error.types``), so callers can branch on them.
+remote one over HTTP(S) with a bearer token. It implements the sandbox service
+(:class:`kelpie.service.SandboxService`), as the in-process runtime does.
+
+An error the daemon reports is raised as the class it was raised as in the daemon: the
+error body names the class and its ancestors (``types``), and the client raises a
+subclass of both :class:`RemoteError` and the most specific Kelpie class it knows from that
+list, so ``except SandboxNotFound`` works against a daemon as in-process, and
+``RemoteError.is_a(name)`` keeps working for names this client does not know.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 import httpx
@@ -28,6 +33,7 @@ from kelpie.api import (
     CHANNEL_STDOUT,
     NDJSON,
     ErrorBody,
+    Event,
     ExecExitMessage,
     ExecStart,
     FileEntry,
@@ -44,6 +50,7 @@ from kelpie.api import (
     b64,
     error_status,
     unb64,
+    validated,
 )
 from kelpie.vm import (
     ExecEvent,
@@ -57,6 +64,9 @@ from kelpie.vm import (
     StreamName,
 )
 
+if TYPE_CHECKING:
+    from kelpie.images import BlobProgress
+
 HOST_ENV = "KELPIE_HOST"
 TOKEN_ENV = "KELPIE_TOKEN"
 REQUEST_TIMEOUT = httpx.Timeout(30.0, read=None)
@@ -64,20 +74,69 @@ WS_MAX_MESSAGE = 4 << 20
 
 
 class RemoteError(KelpieError):
-    """An error the daemon reported: ``type`` and ``types`` name the daemon-side class."""
+    """An error the daemon reported: ``type`` and ``types`` name the daemon-side class.
+
+    What the client raises is a subclass of this and of that class (see
+    :func:`remote_error`); ``status`` is the HTTP status.
+    """
 
     def __init__(self, status: int, body: ErrorBody) -> None:
+        # Not super().__init__: the daemon-side class's own constructor takes other
+        # arguments (a sandbox ref, a problem list...); the message is already made.
+        Exception.__init__(self, body.message)
+        self.message = body.message
         self.status = status
         self.type = body.type
         self.types = tuple(body.types)
         self.problems = tuple(body.problems)
         self.retriable = body.retriable
         self.requires_recreate = body.requires_recreate
-        super().__init__(body.message)
+
+    def __str__(self) -> str:
+        return self.message
 
     def is_a(self, name: str) -> bool:
         """Whether the daemon-side error was a ``name`` (the class or an ancestor)."""
         return name in self.types
+
+
+_ERROR_MODULES = ("kelpie.vm", "kelpie.runtime", "kelpie.images")
+"""The packages whose public error classes a daemon's error can be rebuilt as."""
+_typed_errors: dict[type[KelpieError], type[RemoteError]] = {}
+
+
+def _known_errors() -> dict[str, type[KelpieError]]:
+    import importlib
+
+    known: dict[str, type[KelpieError]] = {}
+    for module_name in _ERROR_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            value = getattr(module, name)
+            if isinstance(value, type) and issubclass(value, KelpieError):
+                known.setdefault(name, value)
+    return known
+
+
+def remote_error(status: int, body: ErrorBody) -> RemoteError:
+    """The exception for an error the daemon reported: a :class:`RemoteError` that is also
+    the first class in ``body.types`` (most specific first) this client knows, so an
+    unknown newer class falls back to its nearest known ancestor."""
+    known = _known_errors()
+    for name in body.types:
+        base = known.get(name)
+        if base is None or base is KelpieError:
+            continue
+        typed = _typed_errors.get(base)
+        if typed is None:
+            try:
+                typed = type(base.__name__, (RemoteError, base),
+                             {"__module__": __name__, "__qualname__": base.__qualname__})
+            except TypeError:  # pragma: no cover - a base that cannot be mixed in
+                continue
+            _typed_errors[base] = typed
+        return typed(status, body)
+    return RemoteError(status, body)
 
 
 class DaemonUnreachable(KelpieError):
@@ -91,13 +150,13 @@ def _error_from(status: int | None, payload: Any) -> RemoteError:
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         with contextlib.suppress(ValueError):
             body = ErrorBody.model_validate(payload["error"])
-            return RemoteError(status or error_status(body.types), body)
+            return remote_error(status or error_status(body.types), body)
     status = status or 500
     if isinstance(payload, dict) and "detail" in payload:  # FastAPI's request validation
         detail = payload["detail"]
         problems = [f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg')}"
                     for d in detail] if isinstance(detail, list) else [str(detail)]
-        return RemoteError(status, ErrorBody(
+        return remote_error(status, ErrorBody(
             type="ConfigError", types=["ConfigError", "KelpieError"],
             message="invalid request:\n" + "\n".join(f"  - {p}" for p in problems),
             problems=problems))
@@ -194,10 +253,10 @@ class DaemonClient:
         await self._request("POST", "/shutdown", params={"stop_sandboxes": stop_sandboxes})
 
     # ---- sandboxes ----------------------------------------------------------------------
-    async def create(self, body: SandboxCreate, *,
+    async def create(self, request: SandboxCreate, /, *,
                      progress: Callable[[str], None] | None = None) -> Sandbox:
         """Create and start a sandbox; ``progress`` hears each step."""
-        payload = _wire(body)
+        payload = _wire(request)
         if progress is None:
             reply = await self._request("POST", "/sandboxes", json=payload)
             return Sandbox.model_validate(reply.json())
@@ -216,20 +275,19 @@ class DaemonClient:
         raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
                                          message="the daemon ended the create stream early"))
 
-    async def list(self, *, all: bool = False) -> builtins.list[Sandbox]:
+    async def list_sandboxes(self, *, all: bool = False) -> builtins.list[Sandbox]:
         """Running and paused sandboxes (``all``: every one)."""
         reply = await self._request("GET", "/sandboxes", params={"all": all})
         return [Sandbox.model_validate(s) for s in reply.json()]
 
-    async def get(self, ref: str) -> Sandbox:
+    async def inspect(self, ref: str) -> Sandbox:
         """One sandbox by name, id or unique id prefix."""
         return Sandbox.model_validate((await self._request("GET", _sb(ref))).json())
 
-    async def events(self, ref: str) -> builtins.list[dict[str, Any]]:
-        """The sandbox's recorded state changes."""
+    async def events(self, ref: str) -> builtins.list[Event]:
+        """The sandbox's recorded state changes, oldest first."""
         reply = await self._request("GET", f"{_sb(ref)}/events")
-        events: list[dict[str, Any]] = reply.json()
-        return events
+        return [Event.model_validate(e) for e in reply.json()]
 
     async def _lifecycle(self, ref: str, action: str, **params: Any) -> Sandbox:
         reply = await self._request("POST", f"{_sb(ref)}/{action}",
@@ -260,10 +318,18 @@ class DaemonClient:
         """Remove a sandbox (``force``: even a running one)."""
         await self._request("DELETE", _sb(ref), params={"force": force})
 
-    async def logs(self, ref: str, *, tail: int | None = None, follow: bool = False,
-                   console: bool = False) -> AsyncIterator[bytes]:
-        """The sandbox's logs in chunks; with ``follow`` until the sandbox stops."""
-        params: dict[str, Any] = {"follow": follow, "console": console}
+    async def read_logs(self, ref: str, *, tail: int | None = None,
+                        console: bool = False) -> bytes:
+        """The sandbox's logs so far (main command's output, else the console)."""
+        params: dict[str, Any] = {"console": console}
+        if tail is not None:
+            params["tail"] = tail
+        return (await self._request("GET", f"{_sb(ref)}/logs", params=params)).content
+
+    async def follow_logs(self, ref: str, *, tail: int | None = None,
+                          console: bool = False) -> AsyncIterator[bytes]:
+        """The sandbox's logs in chunks, until the sandbox is at rest."""
+        params: dict[str, Any] = {"follow": True, "console": console}
         if tail is not None:
             params["tail"] = tail
         async with self._stream("GET", f"{_sb(ref)}/logs", params=params) as response:
@@ -285,12 +351,13 @@ class DaemonClient:
     async def exec_stream(
         self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         cwd: str | None = None, user: str | None = None, timeout: float | None = None,
-        tty: bool = False, rows: int = 24, cols: int = 80,
+        pty: bool = False, rows: int = 24, cols: int = 80,
     ) -> AsyncIterator[RemoteProcess]:
-        """Start a command over the exec WebSocket; leaving the block early kills it."""
+        """Start a command over the exec WebSocket (``pty``: in a terminal of ``rows`` x
+        ``cols``); leaving the block early kills it."""
         start = ExecStart(argv=list(argv), env=dict(env or {}), cwd=cwd, user=user,
-                          timeout=timeout, tty=tty, rows=rows, cols=cols)
-        request = ExecRequest(tuple(argv), dict(env or {}), cwd, user, timeout, tty)
+                          timeout=timeout, tty=pty, rows=rows, cols=cols)
+        request = ExecRequest(tuple(argv), dict(env or {}), cwd, user, timeout, pty)
         async with self._websocket(f"{_sb(ref)}/exec/ws") as ws:
             await ws.send(start.model_dump_json())
             first = await _receive(ws)
@@ -323,11 +390,11 @@ class DaemonClient:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
 
     # ---- images -------------------------------------------------------------------------
-    async def images(self) -> builtins.list[Image]:
+    async def list_images(self) -> builtins.list[Image]:
         """The images in the daemon's store."""
         return [Image.model_validate(i) for i in (await self._request("GET", "/images")).json()]
 
-    async def image(self, ref: str) -> ImageDetails:
+    async def inspect_image(self, ref: str) -> ImageDetails:
         """One image of the daemon's store: manifest digest, config, layers."""
         reply = await self._request("GET", f"/images/{quote(ref, safe='')}")
         return ImageDetails.model_validate(reply.json())
@@ -339,8 +406,9 @@ class DaemonClient:
         removed: builtins.list[str] = reply.json()
         return removed
 
-    async def pull(self, reference: str, *, platform: str | None = None, insecure: bool = False,
-                   progress: Callable[[str, int, int], None] | None = None) -> Image:
+    async def pull_image(self, reference: str, *, platform: str | None = None,
+                         insecure: bool = False, progress: BlobProgress | None = None,
+                         ) -> Image:
         """Have the daemon pull an image; ``progress(digest, done, total)`` per blob."""
         body = PullBody(reference=reference, platform=platform, insecure=insecure)
         payload = _wire(body)
@@ -368,26 +436,37 @@ class DaemonClient:
         reply = await self._request("POST", "/snapshots", json=_wire(body))
         return Snapshot.model_validate(reply.json())
 
-    async def snapshots(self, *, templates: bool | None = None) -> builtins.list[Snapshot]:
+    async def list_snapshots(self, *, templates: bool | None = None,
+                             ) -> builtins.list[Snapshot]:
         """Snapshots (``templates``: only templates, or only plain ones)."""
         params = {} if templates is None else {"templates": templates}
         reply = await self._request("GET", "/snapshots", params=params)
         return [Snapshot.model_validate(s) for s in reply.json()]
 
-    async def get_snapshot(self, ref: str) -> Snapshot:
+    async def inspect_snapshot(self, ref: str) -> Snapshot:
         """One snapshot by name, id or unique id prefix."""
         reply = await self._request("GET", f"/snapshots/{quote(ref, safe='')}")
         return Snapshot.model_validate(reply.json())
 
-    async def remove_snapshot(self, ref: str) -> None:
-        """Delete a snapshot."""
-        await self._request("DELETE", f"/snapshots/{quote(ref, safe='')}")
+    async def delete_snapshot(self, ref: str, *, template: bool = False) -> None:
+        """Delete a snapshot or template (``template``: only a template)."""
+        collection = "templates" if template else "snapshots"
+        await self._request("DELETE", f"/{collection}/{quote(ref, safe='')}")
 
     async def restore(self, ref: str, *, name: str | None = None, paused: bool = False,
-                      env: Mapping[str, str] | None = None, into: str | None = None,
-                      ) -> Sandbox:
-        """Create a sandbox from a snapshot (``into``: roll that stopped sandbox back)."""
-        body = RestoreBody(name=name, paused=paused, env=dict(env or {}), into=into)
+                      env: Mapping[str, str] | None = None,
+                      labels: Mapping[str, str] | None = None) -> Sandbox:
+        """Create a sandbox from a snapshot, as it was when captured."""
+        body = RestoreBody(name=name, paused=paused, env=dict(env or {}),
+                           labels=dict(labels or {}))
+        return await self._restore(ref, body)
+
+    async def restore_into(self, sandbox: str, snapshot: str, *, paused: bool = False,
+                           ) -> Sandbox:
+        """Roll a stopped sandbox back to one of its own snapshots."""
+        return await self._restore(snapshot, RestoreBody(into=sandbox, paused=paused))
+
+    async def _restore(self, ref: str, body: RestoreBody) -> Sandbox:
         reply = await self._request("POST", f"/snapshots/{quote(ref, safe='')}/restore",
                                     json=_wire(body))
         return Sandbox.model_validate(reply.json())
@@ -408,19 +487,16 @@ class DaemonClient:
                                     headers={"Content-Type": "application/octet-stream"})
         return Snapshot.model_validate(reply.json())
 
-    async def templates(self) -> builtins.list[Snapshot]:
-        """The templates."""
-        reply = await self._request("GET", "/templates")
-        return [Snapshot.model_validate(s) for s in reply.json()]
-
-    async def create_template(self, body: TemplateCreate) -> Snapshot:
+    async def create_template(self, *, name: str, image: str | None = None,
+                              cpus: int | None = None, memory_mib: int | None = None,
+                              env: Mapping[str, str] | None = None, network: str = "none",
+                              backend: str | None = None) -> Snapshot:
         """Boot a sandbox once and keep its snapshot as a template."""
+        body = validated(TemplateCreate, {
+            "name": name, "image": image, "cpus": cpus, "memory_mib": memory_mib,
+            "env": dict(env or {}), "network": network, "backend": backend}, "template")
         reply = await self._request("POST", "/templates", json=_wire(body))
         return Snapshot.model_validate(reply.json())
-
-    async def remove_template(self, ref: str) -> None:
-        """Delete a template."""
-        await self._request("DELETE", f"/templates/{quote(ref, safe='')}")
 
     # ---- files --------------------------------------------------------------------------
     async def read_file_stream(self, ref: str, path: str) -> AsyncIterator[bytes]:

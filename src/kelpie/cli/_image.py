@@ -22,8 +22,9 @@ from kelpie.client import DaemonClient
 from kelpie.images._auth import Credentials, RegistryAuth
 from kelpie.images._import import import_docker_archive, import_oci_layout
 from kelpie.images._manifest import Platform
+from kelpie.images._pull import pull_image
 from kelpie.images._reference import ImageReference
-from kelpie.images._registry import BlobProgress, RegistryClient
+from kelpie.images._registry import BlobProgress
 from kelpie.images._store import ImageStore, StoredImage
 
 
@@ -84,8 +85,8 @@ async def _pull_remote(client: DaemonClient, reference: str, platform: str | Non
                        insecure: bool) -> int:
     with _bars() as (bars, progress):
         del bars
-        pulled = await client.pull(reference, platform=platform, insecure=insecure,
-                                   progress=progress)
+        pulled = await client.pull_image(reference, platform=platform, insecure=insecure,
+                                         progress=progress)
     click.echo(f"{pulled.id} {pulled.digest}")
     return 0
 
@@ -115,10 +116,10 @@ def pull_reference(ref: ImageReference, platform: Platform | None = None,
 
 async def _pull(ref: ImageReference, platform: Platform | None, insecure: tuple[str, ...],
                 auth: RegistryAuth) -> StoredImage:
-    store = ImageStore()
     with _bars() as (_, progress):
-        async with RegistryClient(auth=auth, insecure=insecure) as client:
-            return await client.pull(ref, store, platform=platform, progress=progress)
+        return await pull_image(ImageStore(), ref, platform=platform,
+                                insecure=ref.registry in insecure, auth=auth,
+                                progress=progress)
 
 
 @image.command("import")
@@ -156,7 +157,7 @@ def list_images(as_json: bool) -> int:
     """List stored images (the daemon's with --host)."""
     if _daemon_target():
         async def details(client: DaemonClient) -> list[ImageDetails]:
-            return [await client.image(i.digest) for i in await client.images()]
+            return [await client.inspect_image(i.digest) for i in await client.list_images()]
 
         found = _details(details)
     else:
@@ -190,7 +191,7 @@ def inspect(reference: str) -> int:
     """Show an image's manifest digest, config and layers as JSON."""
     if _daemon_target():
         async def one(client: DaemonClient) -> list[ImageDetails]:
-            return [await client.image(reference)]
+            return [await client.inspect_image(reference)]
 
         found = _details(one)[0].model_dump(mode="json")
     else:

@@ -138,7 +138,7 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
                     and not current_target().local):
                 raise
             click.echo(f"kelpie: the daemon is pulling {image}", err=True)
-            await client.pull(image)
+            await client.pull_image(image)
             sandbox = await client.create(body, progress=_progress_printer())
         if detach:
             click.echo(sandbox.id)
@@ -216,7 +216,7 @@ async def _exec_attached(client: DaemonClient, ref: str, argv: Sequence[str], *,
                          interactive: bool, tty: bool) -> int:
     rows, cols = terminal_size()
     async with client.exec_stream(ref, argv, env=env, cwd=cwd, user=user, timeout=timeout,
-                                  tty=tty, rows=rows, cols=cols) as process:
+                                  pty=tty, rows=rows, cols=cols) as process:
         return await attach(process, stdin=interactive, tty=tty)
 
 
@@ -252,7 +252,7 @@ def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | Non
 def ps(show_all: bool, quiet: bool, as_json: bool) -> int:
     """List sandboxes (running and paused; -a: all)."""
     async def call(client: DaemonClient) -> int:
-        sandboxes = await client.list(all=show_all)
+        sandboxes = await client.list_sandboxes(all=show_all)
         if as_json:
             click.echo(json.dumps([s.model_dump(mode="json") for s in sandboxes], indent=2))
         elif quiet:
@@ -299,8 +299,8 @@ def inspect(as_json: bool, sandboxes: tuple[str, ...]) -> int:
     async def call(client: DaemonClient) -> int:
         out: list[dict[str, Any]] = []
         for ref in sandboxes:
-            record = (await client.get(ref)).model_dump(mode="json")
-            record["events"] = await client.events(ref)
+            record = (await client.inspect(ref)).model_dump(mode="json")
+            record["events"] = [e.model_dump(mode="json") for e in await client.events(ref)]
             out.append(record)
         click.echo(json.dumps(out, indent=2))
         return 0
@@ -317,7 +317,11 @@ def inspect(as_json: bool, sandboxes: tuple[str, ...]) -> int:
 def logs(follow: bool, tail: int | None, console: bool, sandbox: str) -> int:
     """Print a sandbox's logs: its main command's output, else its console."""
     async def call(client: DaemonClient) -> int:
-        async for chunk in client.logs(sandbox, tail=tail, follow=follow, console=console):
+        if not follow:
+            sys.stdout.buffer.write(await client.read_logs(sandbox, tail=tail, console=console))
+            sys.stdout.flush()
+            return 0
+        async for chunk in client.follow_logs(sandbox, tail=tail, console=console):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
         return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from kelpie.api import Snapshot, TemplateCreate
+from kelpie.api import Snapshot
 from kelpie.cli._sandbox import _client_call, _each, parse_env
 from kelpie.client import DaemonClient
 from kelpie.vm import ConfigError
@@ -80,7 +80,7 @@ def create(name: str | None, kind: str | None, workspace: str | None, leave_paus
 def list_(quiet: bool, as_json: bool) -> int:
     """List snapshots (templates: `kelpie template ls`)."""
     async def call(client: DaemonClient) -> int:
-        _print_snapshots(await client.snapshots(templates=False), as_json, quiet)
+        _print_snapshots(await client.list_snapshots(templates=False), as_json, quiet)
         return 0
 
     return _client_call(call)
@@ -91,7 +91,7 @@ def list_(quiet: bool, as_json: bool) -> int:
 def inspect(snapshots: tuple[str, ...]) -> int:
     """Show snapshots' records as JSON."""
     async def call(client: DaemonClient) -> int:
-        found = [(await client.get_snapshot(ref)).model_dump(mode="json") for ref in snapshots]
+        found = [(await client.inspect_snapshot(ref)).model_dump(mode="json") for ref in snapshots]
         click.echo(json.dumps(found, indent=2))
         return 0
 
@@ -102,7 +102,7 @@ def inspect(snapshots: tuple[str, ...]) -> int:
 @click.argument("snapshots", nargs=-1, required=True)
 def remove(snapshots: tuple[str, ...]) -> int:
     """Delete snapshots."""
-    return _each(snapshots, lambda c, ref: c.remove_snapshot(ref))
+    return _each(snapshots, lambda c, ref: c.delete_snapshot(ref))
 
 
 @snapshot.command("export")
@@ -173,8 +173,14 @@ def restore(name: str | None, into: str | None, paused: bool, env: tuple[str, ..
     variables = parse_env(env)
 
     async def call(client: DaemonClient) -> int:
-        sandbox = await client.restore(snapshot_ref, name=name, paused=paused, env=variables,
-                                       into=into)
+        if into is None:
+            sandbox = await client.restore(snapshot_ref, name=name, paused=paused,
+                                           env=variables)
+        elif name or variables:
+            raise ConfigError(["name and env cannot be given with --into: the sandbox keeps "
+                               "its own"], what="restore")
+        else:
+            sandbox = await client.restore_into(into, snapshot_ref, paused=paused)
         click.echo(sandbox.id)
         return 0
 
@@ -199,12 +205,12 @@ def template() -> None:
 def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[str, ...],
                     network: str, backend: str | None, image: str | None) -> int:
     """Boot IMAGE once (none: the guest kit), wait for its agent, keep its snapshot."""
-    body = TemplateCreate(name=name, image=image, cpus=cpus, memory_mib=memory,
-                          env=parse_env(env), network=network,
-                          backend=backend)
+    variables = parse_env(env)
 
     async def call(client: DaemonClient) -> int:
-        made = await client.create_template(body)
+        made = await client.create_template(name=name, image=image, cpus=cpus,
+                                            memory_mib=memory, env=variables,
+                                            network=network, backend=backend)
         click.echo(f"{made.id} {made.name} ({_size(made.size)})")
         return 0
 
@@ -217,7 +223,7 @@ def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[
 def template_ls(quiet: bool, as_json: bool) -> int:
     """List templates."""
     async def call(client: DaemonClient) -> int:
-        _print_snapshots(await client.templates(), as_json, quiet)
+        _print_snapshots(await client.list_snapshots(templates=True), as_json, quiet)
         return 0
 
     return _client_call(call)
@@ -227,7 +233,7 @@ def template_ls(quiet: bool, as_json: bool) -> int:
 @click.argument("templates", nargs=-1, required=True)
 def template_rm(templates: tuple[str, ...]) -> int:
     """Delete templates."""
-    return _each(templates, lambda c, ref: c.remove_template(ref))
+    return _each(templates, lambda c, ref: c.delete_snapshot(ref, template=True))
 
 
 COMMANDS = (snapshot, restore, template)

@@ -21,7 +21,8 @@ from kelpie.api import (
     model_json,
 )
 from kelpie.daemon._routes_system import runtime_of
-from kelpie.images import ImageReference, ImageStore, Platform, RegistryClient, StoredImage
+from kelpie.images import ImageReference, Platform, StoredImage
+from kelpie.runtime import Runtime
 
 router = APIRouter(tags=["images"])
 
@@ -33,19 +34,19 @@ def _image(stored: StoredImage) -> Image:
 @router.get("/images")
 async def list_images(request: Request) -> list[Image]:
     """The images in the daemon's store."""
-    return [_image(i) for i in runtime_of(request).images.list()]
+    return [_image(i) for i in await runtime_of(request).list_images()]
 
 
 @router.get("/images/{ref:path}")
 async def inspect_image(request: Request, ref: str) -> ImageDetails:
     """One image (a tag, digest or id prefix): manifest digest, config, layers, holders."""
-    return ImageDetails.from_stored(runtime_of(request).images.resolve(ref))
+    return ImageDetails.from_stored(await runtime_of(request).inspect_image(ref))
 
 
 @router.delete("/images/{ref:path}")
 async def remove_image(request: Request, ref: str, force: bool = False) -> list[str]:
     """Untag or delete an image; the digests of the images deleted."""
-    return runtime_of(request).images.remove(ref, force=force)
+    return await runtime_of(request).remove_image(ref, force=force)
 
 
 @router.post(
@@ -56,35 +57,28 @@ async def remove_image(request: Request, ref: str, force: bool = False) -> list[
 )
 async def pull_image(request: Request, body: PullBody) -> Response:
     """Pull an image from a registry (HTTPS unless ``insecure`` or loopback)."""
-    reference = ImageReference.parse(body.reference)  # bad input: 400 before any stream
-    platform = Platform.parse(body.platform) if body.platform else None
-    store = runtime_of(request).images
+    ImageReference.parse(body.reference)  # bad input: 400 before any stream
+    if body.platform:
+        Platform.parse(body.platform)
+    runtime = runtime_of(request)
     if NDJSON not in request.headers.get("accept", ""):
-        stored = await _pull(store, reference, platform, body.insecure, None)
+        stored = await runtime.pull_image(body.reference, platform=body.platform,
+                                          insecure=body.insecure)
         return Response(json.dumps(model_json(_image(stored))), media_type="application/json")
-    return StreamingResponse(_pull_streamed(request, store, reference, platform, body.insecure),
-                             media_type=NDJSON)
+    return StreamingResponse(_pull_streamed(request, runtime, body), media_type=NDJSON)
 
 
-async def _pull(store: ImageStore, reference: ImageReference, platform: Platform | None,
-                insecure: bool, queue: asyncio.Queue[PullProgress] | None) -> StoredImage:
-    def progress(digest: str, done: int, total: int) -> None:
-        if queue is not None:
-            queue.put_nowait(PullProgress(digest=digest, done=done, total=total))
-
-    registries = (reference.registry,) if insecure else ()
-    async with RegistryClient(insecure=registries) as client:
-        return await client.pull(reference, store, platform=platform, progress=progress)
-
-
-async def _pull_streamed(
-    request: Request, store: ImageStore, reference: ImageReference,
-    platform: Platform | None, insecure: bool,
-) -> AsyncIterator[bytes]:
+async def _pull_streamed(request: Request, runtime: Runtime, body: PullBody,
+                         ) -> AsyncIterator[bytes]:
     """Progress lines while the pull runs (its own task: a client that goes away does not
     cancel it half way), then the result or the error."""
     queue: asyncio.Queue[PullProgress] = asyncio.Queue()
-    task = asyncio.create_task(_pull(store, reference, platform, insecure, queue))
+
+    def progress(digest: str, done: int, total: int) -> None:
+        queue.put_nowait(PullProgress(digest=digest, done=done, total=total))
+
+    task = asyncio.create_task(runtime.pull_image(
+        body.reference, platform=body.platform, insecure=body.insecure, progress=progress))
     background: set[asyncio.Task[StoredImage]] = request.app.state.background
     background.add(task)
     task.add_done_callback(background.discard)

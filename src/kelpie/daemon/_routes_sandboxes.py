@@ -25,6 +25,7 @@ from kelpie.api import (
 )
 from kelpie.daemon._routes_system import runtime_of
 from kelpie.runtime import Runtime, SandboxInfo
+from kelpie.service import event_record, sandbox_record
 
 router = APIRouter(tags=["sandboxes"])
 
@@ -35,7 +36,7 @@ Ref = Annotated[str, PathParam(
 @router.get("/sandboxes")
 async def list_sandboxes(request: Request, all: bool = False) -> list[Sandbox]:
     """Running and paused sandboxes; with ``all`` also stopped and crashed ones."""
-    return [Sandbox.from_info(i) for i in runtime_of(request).list(all=all)]
+    return [sandbox_record(i) for i in runtime_of(request).list(all=all)]
 
 
 @router.post(
@@ -53,19 +54,13 @@ async def create_sandbox(request: Request, body: SandboxCreate) -> Response:
     if NDJSON in request.headers.get("accept", ""):
         return await _create_streaming(request, runtime, body)
     info = await _create(runtime, body, None)
-    return _json(Sandbox.from_info(info), 201)
+    return _json(sandbox_record(info), 201)
 
 
 async def _create(
     runtime: Runtime, body: SandboxCreate, progress: asyncio.Queue[str] | None,
 ) -> SandboxInfo:
-    return await runtime.create(
-        image=body.image, name=body.name, cpus=body.cpus, memory_mib=body.memory_mib,
-        env=body.env, volumes=body.volumes, ports=body.ports, network=body.network,
-        backend=body.backend, hostname=body.hostname, labels=body.labels,
-        command=body.command, progress=None if progress is None else progress.put_nowait,
-        template=body.template,
-    )
+    return await runtime.create(body, progress=None if progress is None else progress.put_nowait)
 
 
 async def _create_streaming(
@@ -113,25 +108,25 @@ async def _create_streamed(
     if exc is not None:
         yield _line(StreamError(error=error_body(exc)))
     else:
-        yield _line(CreateDone(sandbox=Sandbox.from_info(task.result())))
+        yield _line(CreateDone(sandbox=sandbox_record(task.result())))
 
 
 @router.get("/sandboxes/{ref}")
 async def inspect_sandbox(request: Request, ref: Ref) -> Sandbox:
     """One sandbox by name, id or unique id prefix."""
-    return Sandbox.from_info(runtime_of(request).get(ref))
+    return sandbox_record(runtime_of(request).get(ref))
 
 
 @router.get("/sandboxes/{ref}/events")
 async def sandbox_events(request: Request, ref: Ref) -> list[Event]:
     """The sandbox's recorded state changes, oldest first."""
-    return [Event.from_event(e) for e in runtime_of(request).history(ref)]
+    return [event_record(e) for e in runtime_of(request).history(ref)]
 
 
 @router.post("/sandboxes/{ref}/start")
 async def start_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Start a stopped or crashed sandbox (its main command too)."""
-    return Sandbox.from_info(await runtime_of(request).start(ref))
+    return sandbox_record(await runtime_of(request).start(ref))
 
 
 @router.post("/sandboxes/{ref}/stop")
@@ -140,25 +135,25 @@ async def stop_sandbox(
     timeout: Annotated[float | None, Query(ge=0, le=3600)] = None,
 ) -> Sandbox:
     """Shut a sandbox down: gracefully, or at once with ``timeout=0``."""
-    return Sandbox.from_info(await runtime_of(request).stop(ref, timeout=timeout))
+    return sandbox_record(await runtime_of(request).stop(ref, timeout=timeout))
 
 
 @router.post("/sandboxes/{ref}/kill")
 async def kill_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Stop a sandbox at once (its VM is killed)."""
-    return Sandbox.from_info(await runtime_of(request).stop(ref, timeout=0))
+    return sandbox_record(await runtime_of(request).stop(ref, timeout=0))
 
 
 @router.post("/sandboxes/{ref}/pause")
 async def pause_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Freeze a running sandbox."""
-    return Sandbox.from_info(await runtime_of(request).pause(ref))
+    return sandbox_record(await runtime_of(request).pause(ref))
 
 
 @router.post("/sandboxes/{ref}/resume")
 async def resume_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Let a paused sandbox run again."""
-    return Sandbox.from_info(await runtime_of(request).resume(ref))
+    return sandbox_record(await runtime_of(request).resume(ref))
 
 
 @router.delete("/sandboxes/{ref}", status_code=204)

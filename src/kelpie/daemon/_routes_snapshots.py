@@ -22,6 +22,7 @@ from kelpie.api import (
 )
 from kelpie.daemon._routes_system import runtime_of
 from kelpie.runtime import Runtime
+from kelpie.service import sandbox_record, snapshot_record
 
 router = APIRouter(tags=["snapshots"])
 
@@ -31,7 +32,7 @@ PIPE_CHUNK = 1 << 20
 @router.get("/snapshots")
 async def list_snapshots(request: Request, templates: bool | None = None) -> list[Snapshot]:
     """Snapshots, oldest first (``templates``: only templates, or only plain ones)."""
-    return [Snapshot.from_info(s) for s in runtime_of(request).snapshots(templates=templates)]
+    return [snapshot_record(s) for s in runtime_of(request).snapshots(templates=templates)]
 
 
 @router.post("/snapshots", status_code=201)
@@ -40,13 +41,13 @@ async def create_snapshot(request: Request, body: SnapshotCreate) -> Snapshot:
     info = await runtime_of(request).snapshot(body.sandbox, name=body.name, kind=body.kind,
                                               leave_paused=body.leave_paused,
                                               workspace=body.workspace)
-    return Snapshot.from_info(info)
+    return snapshot_record(info)
 
 
 @router.get("/snapshots/{ref}")
 async def inspect_snapshot(request: Request, ref: str) -> Snapshot:
     """One snapshot by name, id or unique id prefix."""
-    return Snapshot.from_info(runtime_of(request).get_snapshot(ref))
+    return snapshot_record(runtime_of(request).get_snapshot(ref))
 
 
 @router.delete("/snapshots/{ref}", status_code=204)
@@ -71,7 +72,7 @@ async def restore_snapshot(request: Request, ref: str, body: RestoreBody) -> San
     else:
         info = await runtime.restore(ref, name=body.name, paused=body.paused, env=body.env,
                                      labels=body.labels)
-    return Sandbox.from_info(info)
+    return sandbox_record(info)
 
 
 @router.get(
@@ -124,14 +125,14 @@ async def import_snapshot(
             await asyncio.to_thread(spool.write, chunk)
         spool.seek(0)
         info = await runtime.import_snapshot(spool, name=name)
-    return Snapshot.from_info(info)
+    return snapshot_record(info)
 
 
 # ---- templates --------------------------------------------------------------------------
 @router.get("/templates")
 async def list_templates(request: Request) -> list[Snapshot]:
     """The templates sandboxes can be created from."""
-    return [Snapshot.from_info(s) for s in runtime_of(request).snapshots(templates=True)]
+    return [snapshot_record(s) for s in runtime_of(request).snapshots(templates=True)]
 
 
 @router.post("/templates", status_code=201)
@@ -140,7 +141,7 @@ async def create_template(request: Request, body: TemplateCreate) -> Snapshot:
     info = await runtime_of(request).create_template(
         name=body.name, image=body.image, cpus=body.cpus, memory_mib=body.memory_mib,
         env=body.env, network=body.network, backend=body.backend)
-    return Snapshot.from_info(info)
+    return snapshot_record(info)
 
 
 @router.delete("/templates/{ref}", status_code=204)

@@ -49,8 +49,9 @@ from kelpie.images._manifest import (
     parse_manifest_document,
     select_platform,
 )
+from kelpie.images._pull import pull_image
 from kelpie.images._reference import DEFAULT_REGISTRY, DEFAULT_TAG, ImageReference
-from kelpie.images._registry import RegistryClient, RetryPolicy
+from kelpie.images._registry import BlobProgress, RegistryClient, RetryPolicy
 from kelpie.images._rootfs_build import rootfs_dir, rootfs_ext4
 from kelpie.images._store import ImageStore, StoredImage
 
@@ -62,6 +63,7 @@ __all__ = [
     "WHITEOUT_PREFIX",
     "AmbiguousImage",
     "BlobNotFound",
+    "BlobProgress",
     "BlobStore",
     "Compression",
     "Credentials",
@@ -97,6 +99,7 @@ __all__ = [
     "load_docker_credentials",
     "parse_image_config",
     "parse_manifest_document",
+    "pull_image",
     "rootfs_dir",
     "rootfs_ext4",
     "select_platform",

@@ -32,7 +32,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
-from kelpie.images import ImageStore, NoDefaultCommand, StoredImage, rootfs_ext4
+from kelpie.api import SandboxCreate
+from kelpie.images import (
+    BlobProgress,
+    ImageStore,
+    NoDefaultCommand,
+    StoredImage,
+    pull_image,
+    rootfs_ext4,
+)
 from kelpie.images._rootfs_build import BuildProgress
 from kelpie.runtime._archive import read_archive, write_archive
 from kelpie.runtime._db import (
@@ -242,35 +250,23 @@ class Runtime:
 
     # ---- create -------------------------------------------------------------------------
     async def create(
-        self,
-        *,
-        image: str | None = None,
-        name: str | None = None,
-        cpus: int | None = None,
-        memory_mib: int | None = None,
-        env: Mapping[str, str] | None = None,
-        volumes: Sequence[Mount | str] = (),
-        network: NetworkMode | str = "none",
-        backend: str | None = None,
-        hostname: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        ports: Sequence[PortMapping | str] = (),
-        command: Sequence[str] | None = None,
-        progress: Progress | None = None,
-        template: str | None = None,
+        self, request: SandboxCreate | None = None, /, *, progress: Progress | None = None,
+        **fields: Any,
     ) -> SandboxInfo:
         """Create a sandbox and start it; return its record once it runs.
+
+        ``request`` is the one create request (:class:`kelpie.api.SandboxCreate`, also the
+        REST body); in-process callers may give its fields as keywords instead.
 
         With ``template`` the sandbox starts by restoring that template instead of booting;
         its image and VM settings are the template's (only ``name``, ``env`` and
         ``labels`` may be given with it).
 
         ``image`` is a stored image (tag, digest or id prefix); without one the sandbox
-        runs the guest kit's own userland. ``volumes`` are :class:`Mount` objects or
-        ``HOST:GUEST[:ro]`` strings; ``ports`` are :class:`PortMapping` objects or
-        ``[IP:]HOST:GUEST`` strings (published on 127.0.0.1 unless an IP is given).
-        ``command`` is the sandbox's main command, run whenever the sandbox starts, its
-        output kept as the sandbox's logs; the sandbox keeps running after it ends. An
+        runs the guest kit's own userland. ``volumes`` are ``HOST:GUEST[:ro]`` strings;
+        ``ports`` are ``[IP:]HOST:GUEST`` strings (published on 127.0.0.1 unless an IP is
+        given). ``command`` is the sandbox's main command, run whenever the sandbox starts,
+        its output kept as the sandbox's logs; the sandbox keeps running after it ends. An
         empty ``command`` means the image's default command. ``progress`` receives one
         line per step (image unpacking, disk building, boot).
 
@@ -278,46 +274,50 @@ class Runtime:
         fails, the record stays (state ``stopped`` or ``crashed``, with ``last_error``)
         and the error is raised.
         """
-        if template is not None:
-            fixed = {"image": image, "cpus": cpus, "memory_mib": memory_mib,
-                     "volumes": volumes or None, "ports": ports or None, "backend": backend,
-                     "hostname": hostname, "command": command,
-                     "network": None if network == "none" else network}
+        if request is not None and fields:
+            raise ConfigError([f"give the request or its fields, not both (got a request and "
+                               f"{', '.join(sorted(fields))})"], what="sandbox")
+        req = request if request is not None else SandboxCreate.from_fields(fields)
+        if req.template is not None:
+            fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
+                     "volumes": req.volumes or None, "ports": req.ports or None,
+                     "backend": req.backend, "hostname": req.hostname, "command": req.command,
+                     "network": None if req.network == "none" else req.network}
             given = sorted(k for k, v in fixed.items() if v is not None)
             if given:
                 raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "
                                    "template fixes them (only name, env and labels may be)"],
                                   what="sandbox")
-            return await self.restore(template, name=name, template=True, labels=labels,
-                                      env=env)
+            return await self.restore(req.template, name=req.name, template=True,
+                                      labels=req.labels, env=req.env)
         db = self.db
-        spec = self.factory.select(backend)
-        if name is not None:
-            check_name(name)
-            owner = db.find_by_name(name)
+        spec = self.factory.select(req.backend)
+        if req.name is not None:
+            check_name(req.name)
+            owner = db.find_by_name(req.name)
             if owner is not None:
-                raise SandboxNameInUse(name, owner.id)
-        stored = self.images.resolve(image) if image is not None else None
-        main = _main_command(command, stored)
-        config_mounts = tuple(_mount(v) for v in volumes)
-        config_ports = tuple(_port(p) for p in ports)
+                raise SandboxNameInUse(req.name, owner.id)
+        stored = self.images.resolve(req.image) if req.image is not None else None
+        main = _main_command(req.command, stored)
+        config_mounts = tuple(_mount(v) for v in req.volumes)
+        config_ports = tuple(_port(p) for p in req.ports)
         root_disk = None
         if stored is not None:
             root_disk = await asyncio.to_thread(
                 rootfs_ext4, self.images, stored, progress=_build_reporter(progress),
             )
         config = VmConfig(
-            vcpus=DEFAULT_VCPUS if cpus is None else cpus,
-            memory_mib=DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib,
+            vcpus=DEFAULT_VCPUS if req.cpus is None else req.cpus,
+            memory_mib=DEFAULT_MEMORY_MIB if req.memory_mib is None else req.memory_mib,
             root_disk=root_disk,
             image=None if stored is None else _image_label(stored),
             mounts=config_mounts,
             ports=config_ports,
-            env={**(stored.config.environment() if stored else {}), **(env or {})},
-            network=_network(network),
-            hostname=hostname,
+            env={**(stored.config.environment() if stored else {}), **(req.env or {})},
+            network=_network(req.network),
+            hostname=req.hostname,
         )
-        info = self._insert(spec, name, config, stored, labels or {}, main)
+        info = self._insert(spec, req.name, config, stored, req.labels or {}, main)
         if progress is not None:
             progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")
         async with self._lock_for(info.id):
@@ -959,9 +959,10 @@ class Runtime:
             from kelpie.runtime._errors import SnapshotNameInUse
 
             raise SnapshotNameInUse(name)
-        info = await self.create(image=image, cpus=cpus, memory_mib=memory_mib, env=env,
-                                 network=network, backend=backend, progress=progress,
-                                 labels={"kelpie.template-build": name})
+        info = await self.create(SandboxCreate(
+            image=image, cpus=cpus, memory_mib=memory_mib, env=dict(env or {}),
+            network=_network(network).value, backend=backend,
+            labels={"kelpie.template-build": name}), progress=progress)
         try:
             if progress is not None:
                 progress(f"snapshotting {info.name} as template {name}")
@@ -1018,6 +1019,63 @@ class Runtime:
                 return
             await asyncio.sleep(poll_seconds)
 
+
+    # ---- the rest of the sandbox service (kelpie.service.SandboxService) ----------------
+    # Async forms of the in-process queries above, so that this runtime and a daemon's
+    # client answer the same calls; the records are the runtime's own.
+    async def inspect(self, ref: str) -> SandboxInfo:
+        """The sandbox with this name, id or unique id prefix (see :meth:`get`)."""
+        return self.get(ref)
+
+    async def list_sandboxes(self, *, all: bool = False) -> builtins.list[SandboxInfo]:
+        """Active sandboxes (``all``: every one), see :meth:`list`."""
+        return self.list(all=all)
+
+    async def kill(self, ref: str) -> SandboxInfo:
+        """Stop a sandbox at once (its VM is killed)."""
+        return await self.stop(ref, timeout=0)
+
+    async def events(self, ref: str) -> builtins.list[SandboxEvent]:
+        """The sandbox's recorded state changes, oldest first (see :meth:`history`)."""
+        return self.history(ref)
+
+    async def read_logs(self, ref: str, *, tail: int | None = None,
+                        console: bool = False) -> bytes:
+        """The sandbox's logs so far (see :meth:`logs`)."""
+        return self.logs(ref, tail=tail, console=console)
+
+    async def list_snapshots(self, *, templates: bool | None = None,
+                             ) -> builtins.list[SnapshotInfo]:
+        """Snapshots, oldest first (see :meth:`snapshots`)."""
+        return self.snapshots(templates=templates)
+
+    async def inspect_snapshot(self, ref: str) -> SnapshotInfo:
+        """The snapshot or template with this name, id or unique id prefix."""
+        return self.get_snapshot(ref)
+
+    async def delete_snapshot(self, ref: str, *, template: bool = False) -> None:
+        """Delete a snapshot or template (``template``: only a template)."""
+        self.remove_snapshot(ref, template=True if template else None)
+
+    async def list_images(self) -> builtins.list[StoredImage]:
+        """The images in the image store."""
+        return self.images.list()
+
+    async def inspect_image(self, ref: str) -> StoredImage:
+        """One stored image by tag, digest or id prefix."""
+        return self.images.resolve(ref)
+
+    async def remove_image(self, ref: str, *, force: bool = False) -> builtins.list[str]:
+        """Untag or delete a stored image; the digests deleted."""
+        return self.images.remove(ref, force=force)
+
+    async def pull_image(self, reference: str, *, platform: str | None = None,
+                         insecure: bool = False, progress: BlobProgress | None = None,
+                         ) -> StoredImage:
+        """Pull an image from a registry into the image store (see
+        :func:`kelpie.images.pull_image`)."""
+        return await pull_image(self.images, reference, platform=platform, insecure=insecure,
+                                progress=progress)
 
 def _lock(data_dir: Path) -> IO[str]:
     """Take the data directory's exclusive lock, or say who holds it."""

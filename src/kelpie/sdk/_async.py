@@ -1,0 +1,237 @@
+"""The async SDK: :class:`AsyncSandbox` and its files, written once over the sandbox service.
+
+Whether the sandbox lives in this process's runtime or in a daemon, every call goes to a
+:class:`~kelpie.service.SandboxService`; nothing here knows which.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+from kelpie.api import Sandbox as SandboxRecord
+from kelpie.api import SandboxCreate, validated
+from kelpie.api import Snapshot as SnapshotRecord
+from kelpie.sdk._connect import Connection, attach, connect
+from kelpie.service import SandboxService, sandbox_record, snapshot_record
+from kelpie.vm import ExecProcess, ExecResult, FileInfo
+
+
+class AsyncFiles:
+    """Files in a sandbox: read and write (whole or in chunks), list, mkdir, remove."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def read(self, path: str) -> bytes:
+        """A whole file's bytes."""
+        return await self._sandbox._service.read_file(self._sandbox.id, path)
+
+    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        """A file's bytes in chunks, as they arrive (for files too big to hold at once)."""
+        async for chunk in self._sandbox._service.read_file_stream(self._sandbox.id, path):
+            yield chunk
+
+    async def write(self, path: str, data: bytes | str | AsyncIterable[bytes], *,
+                    mode: int = 0o644) -> None:
+        """Write a file atomically: bytes, text (UTF-8 encoded), or an async iterable of
+        chunks streamed as they come."""
+        raw = data.encode() if isinstance(data, str) else data
+        await self._sandbox._service.write_file(self._sandbox.id, path, raw, mode=mode)
+
+    async def list(self, path: str) -> builtins.list[FileInfo]:
+        """A directory's entries."""
+        return await self._sandbox._service.list_dir(self._sandbox.id, path)
+
+    async def mkdir(self, path: str, *, mode: int = 0o755) -> None:
+        """Create a directory and its missing parents."""
+        await self._sandbox._service.mkdir(self._sandbox.id, path, mode=mode)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file (``recursive``: a directory tree)."""
+        await self._sandbox._service.remove_path(self._sandbox.id, path, recursive=recursive)
+
+
+class AsyncSandbox:
+    """A sandbox, driven with ``await``. Make one with :meth:`create`, :meth:`restore` or
+    :meth:`attach`."""
+
+    def __init__(self, connection: Connection, record: SandboxRecord) -> None:
+        self._connection = connection
+        self._service: SandboxService = connection.service
+        self._record = record
+        self.files = AsyncFiles(self)
+        """The sandbox's files."""
+
+    @classmethod
+    async def create(
+        cls,
+        image: str | None = None,
+        *,
+        name: str | None = None,
+        cpus: int | None = None,
+        memory: int | None = None,
+        env: Mapping[str, str] | None = None,
+        volumes: Sequence[str] = (),
+        ports: Sequence[str] = (),
+        network: str = "none",
+        backend: str | None = None,
+        command: Sequence[str] | None = None,
+        template: str | None = None,
+        daemon: str | None = None,
+        token: str | None = None,
+    ) -> AsyncSandbox:
+        """Create and start a sandbox; returns once it runs.
+
+        ``image``: a stored image (tag, digest, id prefix); None runs the guest kit's own
+        userland. ``memory`` in MiB. ``volumes``: ``HOST:GUEST[:ro]``; ``ports``:
+        ``[IP:]HOST:GUEST``; ``network``: ``none`` or ``nat``; ``command``: a main command
+        whose output becomes the logs. ``template``: start by restoring this template
+        (then only ``name`` and ``env`` may be given). ``daemon``: the daemon's URL
+        (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it
+        in this process.
+        """
+        request = validated(SandboxCreate, {
+            "image": image, "name": name, "cpus": cpus, "memory_mib": memory,
+            "env": dict(env or {}), "volumes": list(volumes), "ports": list(ports),
+            "network": network, "backend": backend,
+            "command": None if command is None else list(command), "template": template,
+        }, "sandbox")
+        connection = await connect(daemon, token)
+        async with _closed_on_error(connection):
+            created = await connection.service.create(request)
+            return cls(connection, sandbox_record(created))
+
+    @classmethod
+    async def restore(cls, snapshot: str, *, name: str | None = None, paused: bool = False,
+                      daemon: str | None = None, token: str | None = None) -> AsyncSandbox:
+        """A new sandbox from a snapshot (name or id), as it was when captured.
+
+        In-process snapshots belong to this process's runtime; pass ``daemon`` for the
+        daemon's.
+        """
+        connection = await connect(daemon, token)
+        async with _closed_on_error(connection):
+            restored = await connection.service.restore(snapshot, name=name, paused=paused)
+            return cls(connection, sandbox_record(restored))
+
+    @staticmethod
+    async def create_template(
+        name: str, image: str | None = None, *, cpus: int | None = None,
+        memory: int | None = None, env: Mapping[str, str] | None = None,
+        network: str = "none", backend: str | None = None, daemon: str | None = None,
+        token: str | None = None,
+    ) -> SnapshotRecord:
+        """Boot ``image`` once and keep its snapshot as template ``name`` (for
+        ``create(template=name)``)."""
+        connection = await connect(daemon, token)
+        try:
+            return snapshot_record(await connection.service.create_template(
+                name=name, image=image, cpus=cpus, memory_mib=memory, env=env,
+                network=network, backend=backend))
+        finally:
+            await connection.close()
+
+    @classmethod
+    async def attach(cls, ref: str, *, daemon: str | None = None,
+                     token: str | None = None) -> AsyncSandbox:
+        """An existing sandbox of a daemon (default: the local one), by name or id."""
+        connection = attach(daemon, token)
+        async with _closed_on_error(connection):
+            return cls(connection, sandbox_record(await connection.service.inspect(ref)))
+
+    @property
+    def id(self) -> str:
+        """The sandbox's id."""
+        return self._record.id
+
+    @property
+    def name(self) -> str:
+        """The sandbox's name."""
+        return self._record.name
+
+    async def info(self) -> SandboxRecord:
+        """The sandbox's current record (state, config, main command's exit...)."""
+        self._record = sandbox_record(await self._service.inspect(self.id))
+        return self._record
+
+    async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   stdin: bytes | None = None, timeout: float | None = None) -> ExecResult:
+        """Run a command to completion; its exit code and output.
+
+        Past ``timeout`` seconds the command is killed and an error raised (ExecTimeout).
+        """
+        return await self._service.exec(self.id, argv, env=env, cwd=cwd, user=user,
+                                        stdin=stdin, timeout=timeout)
+
+    def exec_stream(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                    cwd: str | None = None, user: str | None = None,
+                    timeout: float | None = None, tty: bool = False,
+                    ) -> contextlib.AbstractAsyncContextManager[ExecProcess]:
+        """Start a command and stream it (``async with``): write stdin, send signals,
+        resize its terminal (``tty``), iterate its output events. Leaving early kills it."""
+        return self._service.exec_stream(self.id, argv, env=env, cwd=cwd, user=user,
+                                         timeout=timeout, pty=tty)
+
+    async def logs(self, *, tail: int | None = None) -> bytes:
+        """The main command's output (else the console), the last ``tail`` lines if given."""
+        return await self._service.read_logs(self.id, tail=tail)
+
+    async def follow_logs(self, *, tail: int | None = None) -> AsyncIterator[bytes]:
+        """The logs so far, then each new chunk until the sandbox stops."""
+        async for chunk in self._service.follow_logs(self.id, tail=tail):
+            yield chunk
+
+    async def snapshot(self, *, name: str | None = None, kind: str = "full",
+                       leave_paused: bool = False) -> SnapshotRecord:
+        """Snapshot the sandbox (``full``: memory + devices + disk; ``disk`` when stopped).
+
+        The sandbox goes on running (or stays paused with ``leave_paused``); restore with
+        :meth:`restore`.
+        """
+        return snapshot_record(await self._service.snapshot(
+            self.id, name=name, kind=kind, leave_paused=leave_paused))
+
+    async def pause(self) -> None:
+        """Freeze the sandbox."""
+        await self._service.pause(self.id)
+
+    async def resume(self) -> None:
+        """Let a paused sandbox run again."""
+        await self._service.resume(self.id)
+
+    async def stop(self) -> None:
+        """Shut the sandbox down gracefully (it can be started again by the CLI or API)."""
+        await self._service.stop(self.id)
+
+    async def kill(self) -> None:
+        """Stop the sandbox at once (its VM is killed)."""
+        await self._service.kill(self.id)
+
+    async def remove(self) -> None:
+        """Kill the sandbox if it runs and delete it; releases the connection."""
+        try:
+            await self._service.remove(self.id, force=True)
+        finally:
+            await self._connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.remove()
+
+
+@contextlib.asynccontextmanager
+async def _closed_on_error(connection: Connection) -> AsyncIterator[None]:
+    """Release the connection if making the sandbox fails (it then has no owner)."""
+    try:
+        yield
+    except BaseException:
+        await connection.close()
+        raise

@@ -1,0 +1,278 @@
+"""The blocking SDK: :class:`Sandbox`, a thin wrapper that runs :class:`AsyncSandbox`'s
+calls on one shared event loop thread. Every method forwards; the logic is the async one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from kelpie.api import Sandbox as SandboxRecord
+from kelpie.api import Snapshot as SnapshotRecord
+from kelpie.sdk._async import AsyncFiles, AsyncSandbox
+from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """One event loop in a daemon thread, shared by every blocking sandbox."""
+
+    _instance: _LoopThread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="kelpie-sdk", daemon=True)
+        thread.start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop; its result here."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result()
+
+    def iterate(self, source: AsyncIterator[T]) -> Iterator[T]:
+        """The items of an async iterator that lives on the loop, one by one; leaving the
+        loop early closes it there."""
+        try:
+            while True:
+                try:
+                    yield self.run(_next(source))
+                except StopAsyncIteration:
+                    return
+        finally:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                self.run(close())
+
+
+async def _next(source: AsyncIterator[T]) -> T:
+    return await anext(source)
+
+
+async def _chunks(source: Iterable[bytes]) -> AsyncIterator[bytes]:
+    """A blocking iterable of chunks (e.g. a file read in parts) as an async one; each
+    chunk is pulled in a worker thread so a slow source does not stall the loop."""
+    iterator = iter(source)
+    while (chunk := await asyncio.to_thread(next, iterator, None)) is not None:
+        yield chunk
+
+
+class Files:
+    """Files in a sandbox (blocking): the same calls as :class:`AsyncFiles`."""
+
+    def __init__(self, files: AsyncFiles, loop: _LoopThread) -> None:
+        self._files = files
+        self._loop = loop
+
+    def read(self, path: str) -> bytes:
+        """A whole file's bytes."""
+        return self._loop.run(self._files.read(path))
+
+    def read_stream(self, path: str) -> Iterator[bytes]:
+        """A file's bytes in chunks."""
+        return self._loop.iterate(self._files.read_stream(path))
+
+    def write(self, path: str, data: bytes | str | Iterable[bytes], *,
+              mode: int = 0o644) -> None:
+        """Write a file atomically: bytes, text (UTF-8 encoded), or an iterable of chunks."""
+        source = data if isinstance(data, bytes | str) else _chunks(data)
+        self._loop.run(self._files.write(path, source, mode=mode))
+
+    def list(self, path: str) -> builtins.list[FileInfo]:
+        """A directory's entries."""
+        return self._loop.run(self._files.list(path))
+
+    def mkdir(self, path: str, *, mode: int = 0o755) -> None:
+        """Create a directory and its missing parents."""
+        self._loop.run(self._files.mkdir(path, mode=mode))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file (``recursive``: a directory tree)."""
+        self._loop.run(self._files.remove(path, recursive=recursive))
+
+
+class Process:
+    """A running command (blocking): stdin, signals, terminal size, its events."""
+
+    def __init__(self, process: ExecProcess, loop: _LoopThread) -> None:
+        self._process = process
+        self._loop = loop
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send bytes to the command's stdin."""
+        self._loop.run(self._process.write_stdin(data))
+
+    def close_stdin(self) -> None:
+        """End the command's input."""
+        self._loop.run(self._process.close_stdin())
+
+    def send_signal(self, signum: int) -> None:
+        """Deliver a signal to the command."""
+        self._loop.run(self._process.send_signal(signum))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the command's terminal."""
+        self._loop.run(self._process.resize(rows, cols))
+
+    def __iter__(self) -> Iterator[ExecEvent]:
+        events: AsyncIterator[ExecEvent] = self._process.__aiter__()
+        return self._loop.iterate(events)
+
+    def wait(self) -> ExecResult:
+        """Wait for the end; the output not read yet, and the exit code."""
+        return self._loop.run(self._process.wait())
+
+
+class Sandbox:
+    """A sandbox with blocking methods (the same as :class:`AsyncSandbox`'s)."""
+
+    def __init__(self, sandbox: AsyncSandbox, loop: _LoopThread) -> None:
+        self._async = sandbox
+        self._loop = loop
+        self.files = Files(sandbox.files, loop)
+        """The sandbox's files."""
+
+    @classmethod
+    def create(
+        cls,
+        image: str | None = None,
+        *,
+        name: str | None = None,
+        cpus: int | None = None,
+        memory: int | None = None,
+        env: Mapping[str, str] | None = None,
+        volumes: Sequence[str] = (),
+        ports: Sequence[str] = (),
+        network: str = "none",
+        backend: str | None = None,
+        command: Sequence[str] | None = None,
+        template: str | None = None,
+        daemon: str | None = None,
+        token: str | None = None,
+    ) -> Sandbox:
+        """Create and start a sandbox (see :meth:`AsyncSandbox.create`)."""
+        loop = _LoopThread.get()
+        sandbox = loop.run(AsyncSandbox.create(
+            image, name=name, cpus=cpus, memory=memory, env=env, volumes=volumes, ports=ports,
+            network=network, backend=backend, command=command, template=template,
+            daemon=daemon, token=token))
+        return cls(sandbox, loop)
+
+    @classmethod
+    def restore(cls, snapshot: str, *, name: str | None = None, paused: bool = False,
+                daemon: str | None = None, token: str | None = None) -> Sandbox:
+        """A new sandbox from a snapshot (see :meth:`AsyncSandbox.restore`)."""
+        loop = _LoopThread.get()
+        return cls(loop.run(AsyncSandbox.restore(snapshot, name=name, paused=paused,
+                                                 daemon=daemon, token=token)), loop)
+
+    @staticmethod
+    def create_template(
+        name: str, image: str | None = None, *, cpus: int | None = None,
+        memory: int | None = None, env: Mapping[str, str] | None = None,
+        network: str = "none", backend: str | None = None, daemon: str | None = None,
+        token: str | None = None,
+    ) -> SnapshotRecord:
+        """Make a template (see :meth:`AsyncSandbox.create_template`)."""
+        return _LoopThread.get().run(AsyncSandbox.create_template(
+            name, image, cpus=cpus, memory=memory, env=env, network=network, backend=backend,
+            daemon=daemon, token=token))
+
+    @classmethod
+    def attach(cls, ref: str, *, daemon: str | None = None, token: str | None = None,
+               ) -> Sandbox:
+        """An existing sandbox of a daemon (see :meth:`AsyncSandbox.attach`)."""
+        loop = _LoopThread.get()
+        return cls(loop.run(AsyncSandbox.attach(ref, daemon=daemon, token=token)), loop)
+
+    @property
+    def id(self) -> str:
+        """The sandbox's id."""
+        return self._async.id
+
+    @property
+    def name(self) -> str:
+        """The sandbox's name."""
+        return self._async.name
+
+    def info(self) -> SandboxRecord:
+        """The sandbox's current record."""
+        return self._loop.run(self._async.info())
+
+    def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, user: str | None = None, stdin: bytes | None = None,
+             timeout: float | None = None) -> ExecResult:
+        """Run a command to completion (see :meth:`AsyncSandbox.exec`)."""
+        return self._loop.run(self._async.exec(argv, env=env, cwd=cwd, user=user,
+                                               stdin=stdin, timeout=timeout))
+
+    @contextlib.contextmanager
+    def exec_stream(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                    cwd: str | None = None, user: str | None = None,
+                    timeout: float | None = None, tty: bool = False) -> Iterator[Process]:
+        """Start a command and stream it (``with``); leaving early kills it."""
+        manager = self._async.exec_stream(argv, env=env, cwd=cwd, user=user,
+                                          timeout=timeout, tty=tty)
+        process = self._loop.run(manager.__aenter__())
+        try:
+            yield Process(process, self._loop)
+        except BaseException as exc:
+            if not self._loop.run(manager.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            self._loop.run(manager.__aexit__(None, None, None))
+
+    def logs(self, *, tail: int | None = None) -> bytes:
+        """The main command's output (else the console)."""
+        return self._loop.run(self._async.logs(tail=tail))
+
+    def follow_logs(self, *, tail: int | None = None) -> Iterator[bytes]:
+        """The logs so far, then each new chunk until the sandbox stops."""
+        return self._loop.iterate(self._async.follow_logs(tail=tail))
+
+    def snapshot(self, *, name: str | None = None, kind: str = "full",
+                 leave_paused: bool = False) -> SnapshotRecord:
+        """Snapshot the sandbox (see :meth:`AsyncSandbox.snapshot`)."""
+        return self._loop.run(self._async.snapshot(name=name, kind=kind,
+                                                   leave_paused=leave_paused))
+
+    def pause(self) -> None:
+        """Freeze the sandbox."""
+        self._loop.run(self._async.pause())
+
+    def resume(self) -> None:
+        """Let a paused sandbox run again."""
+        self._loop.run(self._async.resume())
+
+    def stop(self) -> None:
+        """Shut the sandbox down gracefully."""
+        self._loop.run(self._async.stop())
+
+    def kill(self) -> None:
+        """Stop the sandbox at once."""
+        self._loop.run(self._async.kill())
+
+    def remove(self) -> None:
+        """Kill the sandbox if it runs and delete it."""
+        self._loop.run(self._async.remove())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.remove()
