@@ -40,4 +40,5 @@ def test_sdk_quick_start_runs(guestkit: object, tmp_path: Path, capsys: pytest.C
                     "--reference", "kelpie/demo:latest"], check=True, capture_output=True)
     _run(code)
     out = capsys.readouterr().out.splitlines()
-    assert out == ["0 b'hi from Linux\\n'", "b'payload' ['data']", "b'streamed'"]
+    assert out == ["0 b'hi from Linux\\n'", "b'payload' ['data']", "b'payload'",
+                   "b'streamed'"]

@@ -19,8 +19,9 @@ from kelpie.api import Sandbox, SandboxCreate, run_argv
 from kelpie.cli._attach import attach, terminal_size
 from kelpie.cli._connect import connect, current_target
 from kelpie.client import DaemonClient, RemoteError
-from kelpie.images import ImageError, ImageReference, ImageStore
-from kelpie.vm import ConfigError
+from kelpie.images import ImageError, ImageNotFound, ImageReference, ImageStore
+from kelpie.runtime import SandboxNotFound
+from kelpie.vm import ConfigError, InvalidStateError
 
 COPY_CHUNK = 1 << 20
 
@@ -133,9 +134,8 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
     async def call(client: DaemonClient) -> int:
         try:
             sandbox = await client.create(body, progress=_progress_printer())
-        except RemoteError as exc:  # a remote daemon lacks the image: it pulls, like docker
-            if not (exc.is_a("ImageNotFound") and image is not None and pull == "missing"
-                    and not current_target().local):
+        except ImageNotFound:  # a remote daemon lacks the image: it pulls, like docker
+            if not (image is not None and pull == "missing" and not current_target().local):
                 raise
             click.echo(f"kelpie: the daemon is pulling {image}", err=True)
             await client.pull_image(image)
@@ -436,9 +436,9 @@ def _remote(text: str) -> tuple[str, str] | None:
 async def _is_guest_dir(client: DaemonClient, ref: str, path: str) -> bool:
     try:
         await client.list_dir(ref, path)
-    except RemoteError as exc:
-        if exc.is_a("SandboxNotFound") or exc.is_a("InvalidStateError"):
-            raise
+    except (SandboxNotFound, InvalidStateError):
+        raise
+    except RemoteError:
         return False
     return True
 
