@@ -171,3 +171,12 @@ def test_dirs_of_dead_sdk_processes_are_pruned(tmp_path: Path) -> None:
     with Sandbox.create(backend="mock") as box:
         assert box.exec(["true"]).exit_code == 0
     assert not empty.exists() and kept.exists()  # a leaked sandbox's records are kept
+
+
+def test_a_stream_left_early_is_closed() -> None:
+    with Sandbox.create(backend="mock") as box:
+        box.files.write("/tmp/f", b"x" * 300_000)
+        chunks = box.files.read_stream("/tmp/f")
+        assert next(chunks)
+        chunks.close()  # the async stream on the loop is closed, the sandbox serves on
+        assert box.exec(["true"]).exit_code == 0

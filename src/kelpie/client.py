@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -105,6 +106,7 @@ _ERROR_MODULES = ("kelpie.vm", "kelpie.runtime", "kelpie.images")
 _typed_errors: dict[type[KelpieError], type[RemoteError]] = {}
 
 
+@functools.cache
 def _known_errors() -> dict[str, type[KelpieError]]:
     import importlib
 

@@ -29,8 +29,10 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=self.loop.run_forever, name="kelpie-sdk", daemon=True)
-        thread.start()
+        self._closing: set[asyncio.Future[Any]] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="kelpie-sdk",
+                                       daemon=True)
+        self.thread.start()
 
     @classmethod
     def get(cls) -> _LoopThread:
@@ -56,7 +58,14 @@ class _LoopThread:
         finally:
             close = getattr(source, "aclose", None)
             if close is not None:
-                self.run(close())
+                if threading.current_thread() is self.thread:
+                    # dropped (garbage-collected) on the loop's own thread: waiting here
+                    # would block the loop that has to run the close
+                    closing = asyncio.ensure_future(close(), loop=self.loop)
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
+                else:
+                    self.run(close())
 
 
 async def _next(source: AsyncIterator[T]) -> T:
