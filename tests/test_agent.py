@@ -355,20 +355,20 @@ async def test_spawn_failures(
 )
 def test_posix_spawn_matches_fork(tmp_path: Path, argv: list[str], path: str, cwd: str) -> None:
     """The posix_spawn fast path starts, and fails, exactly like fork + exec."""
-    from kelpie.guest import agent as guest
+    from kelpie.guest import OpError, SpawnPlan, _spawn
 
     (tmp_path / "not-executable").write_text("x")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    plan = guest.SpawnPlan(
+    plan = SpawnPlan(
         argv=argv, env={"PATH": path.format(tmp=tmp_path)}, cwd=cwd.format(tmp=tmp_path),
         root="/", user=None, pty=False,
     )
     outcomes = []
     before = os.getcwd()
-    for start in (guest._posix_spawn, partial(guest._fork_spawn, rows=24, cols=80)):
+    for start in (_spawn._posix_spawn, partial(_spawn._fork_spawn, rows=24, cols=80)):
         try:
             ex = start(plan, exec_id=1, want_stdin=False)
-        except guest.OpError as exc:
+        except OpError as exc:
             outcomes.append((exc.code, exc.message))
         else:
             _, status = os.waitpid(ex.pid, 0)
