@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pexpect
 import pytest
 
+import waiting
 from conftest import real_part_missing
 from daemon_env import KELPIE, KelpieHome
 
@@ -89,14 +90,7 @@ def listing(home: KelpieHome, *, all: bool = True) -> dict[str, dict[str, Any]]:
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout: float = WAIT_SECONDS) -> T:
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
+    return waiting.wait_for(probe, timeout, what, interval=0.25)
 
 
 def qemu_pid(home: KelpieHome, sandbox_id: str) -> int:
