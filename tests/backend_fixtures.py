@@ -70,14 +70,24 @@ class _CrashSwitch(FaultInjector):
 
 
 def _mock(spec: BackendSpec, request: pytest.FixtureRequest, where: Path) -> BackendUnderTest:
+    made: list[_CrashSwitch] = []  # the switch of the VM being created, until place() runs
+    switches: dict[str, _CrashSwitch] = {}
+
+    def options() -> dict[str, Any]:
+        made.append(_CrashSwitch())
+        return {"faults": made[-1]}
+
+    def place(vm: VmInstance) -> None:
+        switches[vm.id] = made.pop()
+
     async def kill(vm: VmInstance) -> str:
         # The mock has no VMM process to kill: its crash surfaces at the next operation.
-        vm._faults.armed = True  # type: ignore[attr-defined]
+        switches[vm.id].armed = True
         with pytest.raises(VmCrashed):
             await vm.exec(["true"])
         return "(injected)"
 
-    return BackendUnderTest(spec, options=lambda: {"faults": _CrashSwitch()}, kill=kill)
+    return BackendUnderTest(spec, options=options, kill=kill, place=place)
 
 
 GUEST_APPLETS = (*BASE_APPLETS, "env", "printf", "rm", "true", "false", "tty", "stty", "pwd")

@@ -274,9 +274,8 @@ async def test_8mib_output_intact(client: AgentClient, tmp_path: Path) -> None:
 
 
 async def test_timeout_kills_process_tree(client: AgentClient) -> None:
-    start = time.monotonic()
-    out = await run(client, sh("sleep 100 & echo $!; sleep 100"), timeout=0.5)
-    assert time.monotonic() - start < 5
+    async with asyncio.timeout(30):  # a deadline, far below the 100 s of an unkilled tree
+        out = await run(client, sh("sleep 100 & echo $!; sleep 100"), timeout=0.5)
     assert out.result.timed_out
     assert out.result.signal == signal.SIGKILL
     grandchild = int(out.stdout.split()[0])
@@ -284,11 +283,10 @@ async def test_timeout_kills_process_tree(client: AgentClient) -> None:
 
 
 async def test_background_process_does_not_hang_exec(client: AgentClient) -> None:
-    start = time.monotonic()
     out = await run(client, sh("sleep 30 & echo $!"))
+    assert not pid_gone(int(out.stdout)), "exec waited for its background child to end"
     os.kill(int(out.stdout), signal.SIGKILL)  # the daemon outlives its exec, by design
     assert out.result.exit_code == 0
-    assert time.monotonic() - start < 5
 
 
 async def test_32_concurrent_execs(client: AgentClient) -> None:

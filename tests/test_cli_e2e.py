@@ -4,7 +4,7 @@ One isolated Kelpie installation (:class:`KelpieHome`) serves the module; the de
 (static busybox, ``scripts/demo-image.py``) is imported into it once. Each test boots as
 few VMs as it can (about 3 s each under TCG) and removes what it created.
 
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One source VM (a busybox root disk, a counter running in the guest) is snapshotted once;
 the tests restore that snapshot, break copies of it, and cancel another snapshot midway.
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ has grown past 1 MiB: the guest is then paused in QEMU, possibly still being mig
 the snapshot's partial directory is left. Attaching from this process must undo it: the
 migration cancelled, the guest running again (or paused, if it was, or if the snapshot was
 to leave it paused), the partial snapshot gone and no valid snapshot anywhere.
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The runtime driving a real QEMU VM: create, exec, files, console log, stop, remove.
 
-Fails instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+Fails instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations
