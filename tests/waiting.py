@@ -61,18 +61,3 @@ async def wait_until(predicate: Callable[[], T | Awaitable[T]], timeout: float, 
             raise _timed_out(what, timeout, value)
         await asyncio.sleep(interval)
 
-
-class Deadline:
-    """A time budget for a loop that cannot be written as one predicate: ``check(what)``
-    fails the test once the budget is spent."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._end = time.monotonic() + timeout
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self._end
-
-    def check(self, what: str, last: object = None) -> None:
-        if self.expired():
-            raise _timed_out(what, self.timeout, last)
