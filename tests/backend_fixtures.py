@@ -5,6 +5,10 @@ beyond ``spec.create(VmConfig(...))`` (QEMU: the guest kit, a short VM directory
 disk) and how to make one of its VMs die underneath the VM object, as a crashed VMM
 would. A backend missing from the table is still tested: it is built with its spec alone,
 and the crash test skips for it until the table says how to kill one of its VMs.
+
+``SUITE_DOUBLES`` adds backends that only this suite runs: a mock that declares no optional
+capability, so that the suite's own "assert UnsupportedOperation instead" branches run on
+every host, not only once a backend lacking something is registered.
 """
 
 from __future__ import annotations
@@ -18,8 +22,16 @@ from typing import Any
 
 import pytest
 
+from kelpie.backends.mock import MockVm
 from kelpie.sim import Fault, FaultInjector, SimRng
-from kelpie.vm import BackendSpec, Capabilities, VmConfig, VmCrashed, VmInstance
+from kelpie.vm import (
+    BackendSpec,
+    Capabilities,
+    ProbeResult,
+    VmConfig,
+    VmCrashed,
+    VmInstance,
+)
 from vm_fixtures import BASE_APPLETS, busybox_root_disk
 
 Kill = Callable[[VmInstance], Awaitable[str]]
@@ -112,8 +124,26 @@ def _qemu(spec: BackendSpec, request: pytest.FixtureRequest, where: Path) -> Bac
                             options=lambda: {"kit": kit}, kill=kill, place=place)
 
 
+class _BareMockVm(MockVm):
+    """A mock VM without pause, snapshots, PTY or any other optional capability."""
+
+    backend_name = "bare-mock"
+    capabilities = Capabilities()
+
+
+SUITE_DOUBLES = {
+    "bare-mock": BackendSpec(
+        name="bare-mock", description="a mock declaring no optional capability (suite only)",
+        capabilities=_BareMockVm.capabilities,
+        probe=lambda: ProbeResult(True, "a test double, always available"),
+        create=_BareMockVm, real=False,
+    ),
+}
+"""Backends the suite runs besides the registered ones; never registered anywhere."""
+
 BUILDERS: dict[str, Callable[[BackendSpec, pytest.FixtureRequest, Path], BackendUnderTest]] = {
     "mock": _mock,
+    "bare-mock": _mock,
     "qemu": _qemu,
 }
 """Per backend: how to build VMs of it in this suite. ``where`` is a short directory (unix

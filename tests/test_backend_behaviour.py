@@ -7,7 +7,8 @@ skipped: the test asserts that it raises :class:`UnsupportedOperation` instead.
 
 Whether a backend must run here is ``KELPIE_REQUIRE_BACKENDS``'s call (see
 ``backend_requirements.py``): a required one that cannot run fails, any other skips.
-Tests of real backends carry the ``vm`` marker.
+Tests of real backends carry the ``vm`` marker. The suite also runs a mock that declares no
+optional capability (``SUITE_DOUBLES``), so its UnsupportedOperation checks run everywhere.
 
 Booting costs seconds of CPU under QEMU TCG, so VMs are shared within this module, per
 backend: ``vm`` (booted once) serves the tests that leave it running; ``spare`` serves,
@@ -27,10 +28,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from backend_fixtures import BackendUnderTest, backend_under_test
+from backend_fixtures import SUITE_DOUBLES, BackendUnderTest, backend_under_test
 from backend_requirements import require_backend
 from kelpie.vm import (
     DEFAULT_REGISTRY,
+    BackendSpec,
     ConfigError,
     ExecOutput,
     ExecProcess,
@@ -53,22 +55,26 @@ CRASH_NOTICE_SECONDS = 60
 """How long a backend may take to notice that its VM died (a bound, not a wait)."""
 
 
+def _spec(name: str) -> BackendSpec:
+    return SUITE_DOUBLES[name] if name in SUITE_DOUBLES else DEFAULT_REGISTRY.get(name)
+
+
 def _backends() -> list[object]:
     return [
-        pytest.param(name, id=name, marks=[pytest.mark.vm] if DEFAULT_REGISTRY.get(name).real
-                     else [])
-        for name in DEFAULT_REGISTRY.names()
+        pytest.param(name, id=name, marks=[pytest.mark.vm] if _spec(name).real else [])
+        for name in [*DEFAULT_REGISTRY.names(), *SUITE_DOUBLES]
     ]
 
 
 @pytest.fixture(scope="module", params=_backends())
 def backend(request: pytest.FixtureRequest) -> Iterator[BackendUnderTest]:
     name: str = request.param
-    require_backend(name)
+    if name not in SUITE_DOUBLES:
+        require_backend(name)
     where = Path(f"/tmp/kelpie-suite-{name}-{os.getpid()}")  # short: unix sockets live here
     where.mkdir(exist_ok=True)
     try:
-        yield backend_under_test(DEFAULT_REGISTRY.get(name), request, where)
+        yield backend_under_test(_spec(name), request, where)
     finally:
         subprocess.run(["rm", "-rf", str(where)], check=False)
 
