@@ -31,7 +31,7 @@ Which VM backends must run is said separately, per backend: KELPIE_REQUIRE_BACKE
 backend_requirements.py)."""
 
 
-def real_part_missing(reason: str) -> None:
+def real_part_missing(reason: str) -> NoReturn:
     """Skip a test that needs a real part (umoci, a registry, busybox...), or fail it in CI.
 
     CI sets KELPIE_REQUIRE_VM=1: there every real part must be present, so a missing one
