@@ -552,8 +552,8 @@ def vm_workdir() -> Iterator[Path]:
 
 @pytest.mark.vm
 def test_kit_boots_to_a_serving_agent(guestkit: GuestKit, vm_workdir: Path) -> None:
-    """Boot the session's kit (conftest: skips, or fails under KELPIE_REQUIRE_VM=1, when
-    QEMU or the kit is missing) and talk to its agent."""
+    """Boot the session's kit (conftest: skips, or fails when KELPIE_REQUIRE_BACKENDS names
+    qemu, when QEMU or the kit is missing) and talk to its agent."""
     cmdline = kernel_cmdline(hostname="gk-test")
     command = _bootcheck.qemu_command(guestkit, vm_workdir, cmdline=cmdline)
     with _bootcheck.boot(command, vm_workdir) as run:
