@@ -133,7 +133,7 @@ def test_probability_is_respected_statistically() -> None:
 def test_parse_specs() -> None:
     (spec,) = parse_fault_specs("exec_fail:p=0.5:ops=exec|write:after=3:max=2")
     assert spec == FaultSpec(Fault.EXEC_FAIL, 0.5, frozenset({"exec", "write"}), 3, 2)
-    assert len(parse_fault_specs("all")) == len(Fault) == 17
+    assert len(parse_fault_specs("all")) == len(Fault) == 18
 
 
 @pytest.mark.parametrize("text,message", [
