@@ -27,6 +27,7 @@ from kelpie.dst import (
     run_seed,
     run_simulated,
 )
+from kelpie.sim import CrashWhen
 from kelpie.vm import StorageError
 
 ALL_FAULTS = parse_fault_specs("all", default_probability=0.03)
@@ -227,3 +228,45 @@ def test_storage_faults() -> None:
     rot = storage_with(Fault.SNAPSHOT_CORRUPTION)
     rot.write_bytes(p, b"abc")
     assert rot.read_bytes(p) != b"abc" and str(p) in rot.corrupted
+
+    lost_tail = storage_with(Fault.SNAPSHOT_TRUNCATION)
+    lost_tail.write_bytes(p, b"abc")
+    assert len(lost_tail.read_bytes(p)) < 3 and str(p) in lost_tail.truncated
+
+
+@pytest.mark.parametrize(("when", "landed"), [(CrashWhen.BEFORE, False), (CrashWhen.AFTER, True)])
+def test_a_planned_crash_lands_before_or_after_the_chosen_step(
+    when: CrashWhen, landed: bool,
+) -> None:
+    storage = SimStorage(SimRng(1))
+    seen: list[tuple[str, str]] = []
+    crashes: list[int] = []
+
+    def hook(op: str, path: Path) -> CrashWhen | None:
+        seen.append((op, str(path)))
+        return when if len(seen) == 3 else None
+
+    storage.step_hook = hook
+    storage.on_crash = lambda: crashes.append(storage.steps)
+    storage.mkdir(Path("/a"))
+    storage.write_bytes(Path("/a/f"), b"1")
+    with pytest.raises(SimulatedCrash, match=f"{when.value} this step"):
+        storage.rename(Path("/a"), Path("/b"))
+    assert seen == [("mkdir", "/a"), ("write", "/a/f"), ("rename", "/a")]
+    assert crashes == [3]
+    with pytest.raises(SimulatedCrash):
+        storage.mkdir(Path("/c"))
+    storage.restart()
+    assert storage.exists(Path("/b/f")) is landed
+    assert storage.exists(Path("/a/f")) is not landed
+
+
+def test_streams_are_steps_too() -> None:
+    storage = SimStorage(SimRng(1))
+    with storage.open_append(Path("/log")) as log:
+        log.write(b"one ")
+        log.write(b"two")
+    assert storage.read_bytes(Path("/log")) == b"one two"
+    assert storage.steps == 3
+    with pytest.raises(StorageError, match="exists"):
+        storage.open_write(Path("/log"))
