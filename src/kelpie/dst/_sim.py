@@ -92,6 +92,9 @@ class SimReport:
     virtual_seconds: float
     final_states: dict[str, str]
     fault_specs: list[FaultSpec]
+    crash_points: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Planned crash points this run hit (the runtime scenario)."""
+    scenario: str = "vm"
 
     @property
     def ok(self) -> bool:
@@ -111,9 +114,11 @@ class SimReport:
         lines = [
             f"seed {self.seed}: {self.steps} steps, {self.virtual_seconds:.1f}s of virtual time, "
             f"trace sha256 {self.trace_digest[:16]}",
+            *([f"scenario:   {self.scenario}"] if self.scenario != "vm" else []),
             "operations: " + _counts(self.operations),
             "outcomes:   " + _counts(self.outcomes),
             "faults:     " + (_counts(self.faults_fired) or "none fired"),
+            *(["crashed at: " + _counts(self.crash_points)] if self.crash_points else []),
             "final VMs:  " + ", ".join(f"{k}={v}" for k, v in sorted(self.final_states.items())),
         ]
         if self.violations:

@@ -131,7 +131,13 @@ class Snapshots:
             vm = ctx.vm_for(info)
             if snapshot_kind is SnapshotKind.CHECKPOINT:
                 vm.checkpoint_workspace = workspace or args.workspace_of(info)
-            taken = await vm.snapshot(dest, kind=snapshot_kind, leave_paused=leave_paused)
+            try:
+                taken = await vm.snapshot(dest, kind=snapshot_kind, leave_paused=leave_paused)
+            except BaseException:
+                # e.g. the VM died while resuming after the snapshot was written: the
+                # directory may be whole, but unrecorded it must not stay
+                _remove_quietly(ctx.storage, dest, only_if_there=True)
+                raise
         record = SnapshotInfo(
             id=snapshot_id, name=name, kind=snapshot_kind, backend=info.backend,
             sandbox=info, template=template, sandbox_id=info.id, sandbox_name=info.name,
@@ -294,8 +300,9 @@ def _unpack_verified(source: IO[bytes], dest: Path, storage: Storage,
     return meta, manifest
 
 
-def _remove_quietly(storage: Storage, path: Path) -> None:
+def _remove_quietly(storage: Storage, path: Path, *, only_if_there: bool = False) -> None:
     """Best-effort removal of what an operation leaves on failure: the next open removes
     whatever this cannot (it is unrecorded)."""
     with contextlib.suppress(Exception):  # never mask the error being raised
-        storage.remove_tree(path)
+        if not only_if_there or storage.exists(path):
+            storage.remove_tree(path)
