@@ -38,6 +38,8 @@ class FakeAgent:
         self.answering = True
         self.greeting = True
         self.requests: list[str] = []
+        self.uploads: dict[int, bytearray] = {}
+        self.files: dict[int, bytes] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._server: asyncio.Server | None = None
 
@@ -59,6 +61,7 @@ class FakeAgent:
         """
         self.pid = next(_PIDS)
         self.session = False
+        self.uploads.clear()
         self.answering = answering
         self.greeting = greeting
 
@@ -75,8 +78,12 @@ class FakeAgent:
             while data := await reader.read(65536):
                 decoder.feed(data)
                 for frame in decoder.frames():
-                    if isinstance(frame, protocol.Frame) and frame.ftype == FrameType.REQUEST:
+                    if not isinstance(frame, protocol.Frame):
+                        continue
+                    if frame.ftype == FrameType.REQUEST:
                         self._request(writer, frame.request_id, frame.json())
+                    elif frame.ftype == FrameType.FILE_DATA:
+                        self._file_data(writer, frame.request_id, frame.payload)
                 await writer.drain()
 
     def _request(self, writer: asyncio.StreamWriter, rid: int, body: dict[str, Any]) -> None:
@@ -101,9 +108,21 @@ class FakeAgent:
                     FrameType.STDOUT, rid, " ".join(argv[1:]).encode() + b"\n"))
                 self._send(writer, FrameType.REPLY, rid,
                            {"exit_code": 0, "signal": None, "timed_out": False})
+        elif op == "write_file" and self.session:
+            self.uploads[rid] = bytearray()
         elif op in ("ping", "mkdir", "shutdown") and self.session:
             self._send(writer, FrameType.REPLY, rid, {"time_ns": 0})
         # anything else (signal, cancel of a sleep...) is left unanswered, like a slow agent
+
+    def _file_data(self, writer: asyncio.StreamWriter, rid: int, data: bytes) -> None:
+        upload = self.uploads.get(rid)
+        if upload is None:
+            return  # refused, or of an agent that restarted since
+        if data:
+            upload += data
+            return
+        self.files[rid] = bytes(self.uploads.pop(rid))
+        self._send(writer, FrameType.REPLY, rid, {"size": len(self.files[rid])})
 
     @staticmethod
     def _send(writer: asyncio.StreamWriter, ftype: int, rid: int, body: dict[str, Any]) -> None:
@@ -168,6 +187,14 @@ async def test_a_restarted_agent_gets_a_new_hello_and_the_refused_exec_runs(
         assert vm.agent_info.agent_pid == agent.pid != first.agent_pid
         assert vm.agent.restarts == 1
         assert agent.requests[-4:] == ["exec", "exec", "hello", "exec"]  # refused, then again
+
+
+async def test_an_upload_refused_by_a_new_agent_is_sent_again(agent: FakeAgent) -> None:
+    async with running(FakeVm(agent.path)) as vm:
+        agent.restart()
+        await vm.write_file("/f", b"whole")
+        assert list(agent.files.values()) == [b"whole"]
+        assert agent.requests[-3:] == ["write_file", "hello", "write_file"]
 
 
 async def test_a_command_of_the_dead_agent_ends_with_an_agent_error(agent: FakeAgent) -> None:

@@ -52,6 +52,36 @@ from kelpie.vm import (
 
 T = TypeVar("T")
 
+REPLAY_LIMIT = 4 * 1024 * 1024
+"""Bytes of an upload kept to send it again if a new agent refuses it (a larger upload
+refused that way fails with an AgentError; the next call then goes to the new agent)."""
+
+
+class _Replayable:
+    """An upload's chunks, remembered as they are consumed (up to a limit) so that an
+    upload a restarted agent refused can be sent again from its first byte."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], limit: int) -> None:
+        self._source = aiter(chunks)
+        self._seen: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.complete = True
+        """Whether every chunk consumed so far is remembered."""
+
+    async def replay(self) -> AsyncIterator[bytes]:
+        """The remembered chunks, then the rest of the source."""
+        for chunk in list(self._seen):
+            yield chunk
+        async for chunk in self._source:
+            self._size += len(chunk)
+            if self._size <= self._limit:
+                self._seen.append(chunk)
+            else:
+                self.complete = False
+                self._seen.clear()
+            yield chunk
+
 
 class AgentVm(VmInstance):
     """A VM whose guest operations go through the Kelpie guest agent over a byte stream."""
@@ -216,10 +246,17 @@ class AgentVm(VmInstance):
                 return
 
     async def _do_write_file(self, path: str, chunks: AsyncIterable[bytes], mode: int) -> None:
-        # Not sent again when a new agent refuses it: the chunks may be consumed already.
-        client = await self._ready_client()
-        with self._agent_errors(path):
-            await client.write_file(path, chunks, mode=mode)
+        upload = _Replayable(chunks, REPLAY_LIMIT)
+        for attempt in (1, 2):
+            client = await self._ready_client()
+            try:
+                await client.write_file(path, upload.replay(), mode=mode)
+                return
+            except AgentRestarted as exc:
+                if not (exc.refused and attempt == 1 and upload.complete):
+                    raise self._translate(exc, path) from exc
+            except AgentClientError as exc:
+                raise self._translate(exc, path) from exc
 
     async def _do_list_dir(self, path: str) -> list[FileInfo]:
         entries = await self._call(lambda client: client.list_dir(path), path)
