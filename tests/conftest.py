@@ -1,11 +1,15 @@
-"""Shared fixtures: the DST seed (from DST_SEED, random when unset, always reported)."""
+"""Shared fixtures: the DST seed (from DST_SEED, random when unset, always reported), the
+QEMU guest kit, and what a test does when a real part or a VM backend is missing here."""
 
 from __future__ import annotations
 
 import os
 import random
+from typing import NoReturn
 
 import pytest
+
+from backend_requirements import backend_cannot_run, require_backend
 
 _SEED = int(os.environ.get("DST_SEED") or random.SystemRandom().randrange(2**32))
 
@@ -21,10 +25,14 @@ def dst_seed() -> int:
 
 
 REQUIRE_VM_ENV = "KELPIE_REQUIRE_VM"
+"""Set to 1 (CI does) where every real part a test needs must be present: a missing tool
+(umoci, a registry server, busybox, debugfs...) then fails the test instead of skipping it.
+Which VM backends must run is said separately, per backend: KELPIE_REQUIRE_BACKENDS (see
+backend_requirements.py)."""
 
 
-def real_part_missing(reason: str) -> None:
-    """Skip a test that needs a real part (QEMU, umoci...), or fail it in CI.
+def real_part_missing(reason: str) -> NoReturn:
+    """Skip a test that needs a real part (umoci, a registry, busybox...), or fail it in CI.
 
     CI sets KELPIE_REQUIRE_VM=1: there every real part must be present, so a missing one
     is a failure, never a silent skip.
@@ -34,21 +42,19 @@ def real_part_missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def vm_unavailable(reason: str) -> None:
-    """Skip a real-VM test, or fail it when KELPIE_REQUIRE_VM=1 (as in CI)."""
-    real_part_missing(f"cannot boot a real VM here: {reason}")
+def vm_unavailable(reason: str, backend: str = "qemu") -> NoReturn:
+    """End a test that cannot boot a real VM of ``backend``: a failure when the backend is
+    required here (KELPIE_REQUIRE_BACKENDS), else a skip."""
+    backend_cannot_run(backend, f"cannot boot a real VM here: {reason}")
 
 
 @pytest.fixture(scope="session")
 def guestkit():  # type: ignore[no-untyped-def]
-    """The guest kit, built (or taken from the cache) once per session."""
-    import shutil
-
+    """The guest kit, built (or taken from the cache) once per session. QEMU's: a test
+    that needs it fails or skips as the qemu backend's requirement says."""
     from kelpie.guestkit import GuestKitError, build_guestkit
 
-    for tool in ("qemu-system-x86_64", "qemu-img"):
-        if shutil.which(tool) is None:
-            vm_unavailable(f"{tool} is not installed")
+    require_backend("qemu")
     try:
         return build_guestkit()
     except GuestKitError as exc:

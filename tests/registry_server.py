@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures.images import tarbuild
+from waiting import wait_for
 
 REGISTRY_BINARY = "docker-registry"
 SKOPEO = "skopeo"
@@ -109,8 +109,8 @@ def start_registry(
             start_new_session=True,
         )
     try:
-        address = _wait_for_address(process, log_path, time.monotonic() + timeout)
-        _wait_for_api(process, address, time.monotonic() + timeout)
+        address = _wait_for_address(process, log_path, timeout)
+        _wait_for_api(process, address, timeout)
     except BaseException:
         process.kill()
         process.wait()
@@ -126,34 +126,37 @@ def _write_htpasswd(path: Path, username: str, password: str) -> None:
     path.write_text(result.stdout)
 
 
-def _wait_for_address(process: subprocess.Popen[bytes], log: Path, deadline: float) -> str:
-    """Poll the registry's log for its ``listening on`` line until ``deadline``."""
-    while time.monotonic() < deadline:
+def _wait_for_address(process: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
+    """Poll the registry's log for its ``listening on`` line (up to ``timeout`` seconds)."""
+    def listening() -> str | None:
         match = _LISTENING.search(log.read_bytes())
         if match:
             return match.group(1).decode()
         if process.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {log.read_text(errors='replace')}")
-        time.sleep(0.05)
-    raise TimeoutError(f"docker-registry did not report its address: {log.read_text()}")
+        return None
+
+    return wait_for(listening, timeout, "docker-registry to log the address it listens on")
 
 
-def _wait_for_api(process: subprocess.Popen[bytes], address: str, deadline: float) -> None:
-    """Poll ``GET /v2/`` until it answers (200, or 401 behind auth) or ``deadline``."""
+def _wait_for_api(process: subprocess.Popen[bytes], address: str, timeout: float) -> None:
+    """Poll ``GET /v2/`` until it answers (200, or 401 behind auth), up to ``timeout``."""
     url = f"http://{address}/v2/"
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2):
-                return
+                return True
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
-                return
+                return True
         except OSError:
             pass
         if process.poll() is not None:
             raise RuntimeError("docker-registry exited before answering /v2/")
-        time.sleep(0.05)
-    raise TimeoutError(f"docker-registry at {address} did not answer /v2/ in time")
+        return False
+
+    wait_for(answers, timeout, f"docker-registry at {address} to answer GET /v2/")
 
 
 def write_multiarch_layout(

@@ -4,7 +4,7 @@ One isolated Kelpie installation (:class:`KelpieHome`) serves the module; the de
 (static busybox, ``scripts/demo-image.py``) is imported into it once. Each test boots as
 few VMs as it can (about 3 s each under TCG) and removes what it created.
 
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pexpect
 import pytest
 
+import waiting
 from conftest import real_part_missing
 from daemon_env import KELPIE, KelpieHome
 
@@ -89,14 +90,7 @@ def listing(home: KelpieHome, *, all: bool = True) -> dict[str, dict[str, Any]]:
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout: float = WAIT_SECONDS) -> T:
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
+    return waiting.wait_for(probe, timeout, what, interval=0.25)
 
 
 def qemu_pid(home: KelpieHome, sandbox_id: str) -> int:

@@ -21,7 +21,6 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ from kelpie.vm import (
     VmFactory,
     VmInstance,
 )
+from waiting import wait_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK_GONE = "backend 'mock' VMs do not survive a restart"
@@ -376,10 +376,10 @@ async def test_logs(api: httpx.AsyncClient) -> None:
     sandbox = await create(api, name="main",
                            command=["sh", "-c", "echo one; echo two >&2; echo three"])
     assert sandbox.command == ["sh", "-c", "echo one; echo two >&2; echo three"]
-    for _ in range(100):
-        if (await api.get("/sandboxes/main")).json()["main_exit_code"] is not None:
-            break
-        await asyncio.sleep(0.01)
+    async def main_exited() -> bool:
+        return (await api.get("/sandboxes/main")).json()["main_exit_code"] is not None
+
+    await wait_until(main_exited, 10, "the main command to exit")
     assert (await api.get("/sandboxes/main")).json()["main_exit_code"] == 0
     logs = await api.get("/sandboxes/main/logs")
     assert logs.status_code == 200 and logs.headers["content-type"] == "application/octet-stream"
@@ -623,10 +623,7 @@ async def test_exec_stream_hang_up_kills_the_command(served: Served) -> None:
     assert isinstance(vm, MockVm)
     async with served.client.exec_stream("box", ["sleep", "30"]):
         assert vm.running_processes == 1
-    for _ in range(200):
-        if vm.running_processes == 0:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: vm.running_processes == 0, 10, "the hung-up command to be killed")
     assert vm.running_processes == 0
     assert (await served.client.exec("box", ["true"])).exit_code == 0  # still serving
 
@@ -658,10 +655,10 @@ async def test_client_over_the_socket(served: Served) -> None:
 
     result = await client.exec("box", ["cat"], stdin=b"in")
     assert (result.exit_code, result.stdout) == (0, b"in")
-    for _ in range(100):
-        if (await client.get("other")).main_exit_code is not None:
-            break
-        await asyncio.sleep(0.01)
+    async def other_exited() -> bool:
+        return (await client.get("other")).main_exit_code is not None
+
+    await wait_until(other_exited, 10, "the main command of 'other' to exit")
     assert b"".join([c async for c in client.logs("other")]) == b"main\n"
     assert (await client.pause("box")).state == "paused"
     assert (await client.resume("box")).state == "running"
@@ -857,10 +854,7 @@ def test_daemon_start_status_stop(home: KelpieHome) -> None:
     pid = home.daemon_pid()
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while alive(pid):
-        assert time.monotonic() < deadline, "the daemon ignored SIGTERM"
-        time.sleep(0.01)
+    wait_for(lambda: not alive(pid), 30, "the daemon to exit on SIGTERM")
     assert not home.socket.exists() and home.daemon_pid() is None
 
 
@@ -892,10 +886,7 @@ def test_autostart_after_a_crash_marks_mock_sandboxes_crashed(home: KelpieHome) 
     pid = home.daemon_pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while answers(home.socket):
-        assert time.monotonic() < deadline, "the killed daemon still answers"
-        time.sleep(0.01)
+    wait_for(lambda: not answers(home.socket), 30, "the killed daemon to stop answering")
     assert home.socket.exists()  # left behind by the killed daemon
 
     listed = home.kelpie("ps", "-a", "--json")

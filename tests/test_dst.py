@@ -58,7 +58,6 @@ def test_trace_identical_across_processes_and_hash_seeds(dst_seed: int) -> None:
 
 
 def test_many_seeds_with_faults_hold_invariants(dst_seed: int) -> None:
-    started = time.monotonic()
     failures = []
     fired: set[str] = set()
     for seed in range(dst_seed, dst_seed + 500):
@@ -68,7 +67,6 @@ def test_many_seeds_with_faults_hold_invariants(dst_seed: int) -> None:
             failures.append(f"seed {seed}:\n{report.summary()}")
     assert not failures, "\n".join(failures[:3]) + f"\n(DST_SEED={dst_seed})"
     assert fired == {f.value for f in Fault}, "every fault should fire somewhere in 500 seeds"
-    assert time.monotonic() - started < 120
 
 
 class _LossyRestoreVm(MockVm):

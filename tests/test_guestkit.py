@@ -12,6 +12,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from kelpie.guestkit import (
     GuestShare,
     _apt,
     _bootcheck,
+    _build,
     _cpio,
     _elf,
     _kernel,
@@ -282,6 +284,32 @@ def test_agent_imports_skip_type_checking_and_own_modules(tmp_path: Path) -> Non
     assert maybe == ["collections.deque"]
 
 
+def test_agent_files_are_the_protocol_and_the_whole_guest_package(tmp_path: Path) -> None:
+    source = Path(__file__).parents[1] / "src/kelpie"
+    modules = sorted(p.name for p in (source / "guest").glob("*.py"))
+    files = dict(_build._agent_files(None))
+    assert sorted(files) == sorted(["protocol.py", *(f"guest/{name}" for name in modules)])
+    assert "guest/agent.py" in files and "guest/__init__.py" in files
+    assert files["protocol.py"] == (source / "protocol.py").read_bytes()
+    changed = tmp_path / "_link.py"
+    changed.write_bytes(b"# changed\n")
+    assert dict(_build._agent_files({"guest/_link.py": changed}))["guest/_link.py"] == (
+        b"# changed\n"
+    )
+    with pytest.raises(GuestKitError, match=r"agent\.py.*not files of the guest agent"):
+        _build._agent_files({"agent.py": changed})  # the layout before the package
+
+
+def test_guest_package_imports_only_the_standard_library() -> None:
+    """What the kit's trimmed Python is chosen from: every run-time import of the agent."""
+    package = Path(__file__).parents[1] / "src/kelpie/guest"
+    certain, maybe = _python.agent_imports(sorted(package.glob("*.py")))
+    assert {"os", "select", "signal", "socket", "termios"} <= set(certain)
+    for name in certain:
+        assert name.split(".")[0] in sys.stdlib_module_names, name
+    assert all(name.split(".")[0] in sys.stdlib_module_names for name in maybe)
+
+
 def test_kernel_cmdline_carries_init_settings() -> None:
     line = kernel_cmdline(
         hostname="box-1",
@@ -408,15 +436,18 @@ def test_build_reports_progress_and_versions(built: Built) -> None:
 
 
 def test_initramfs_has_init_agent_python_and_busybox(initramfs: dict[str, CpioMember]) -> None:
-    for path in ("init", "bin/busybox", "usr/bin/python3.11", "kelpie/agent.py"):
+    for path in ("init", "bin/busybox", "usr/bin/python3.11", "kelpie/guest/agent.py"):
         assert stat.S_ISREG(initramfs[path].mode), path
         assert initramfs[path].data
     assert stat.S_IMODE(initramfs["init"].mode) == 0o755
     assert initramfs["init"].data == INIT_SH.read_bytes()
     source = Path(__file__).parents[1] / "src/kelpie"
-    assert initramfs["kelpie/agent.py"].data == (source / "guest/agent.py").read_bytes()
     assert initramfs["kelpie/protocol.py"].data == (source / "protocol.py").read_bytes()
     assert "kelpie/__pycache__/protocol.cpython-311.pyc" in initramfs
+    for module in (source / "guest").glob("*.py"):
+        assert initramfs[f"kelpie/guest/{module.name}"].data == module.read_bytes()
+        pyc = f"kelpie/guest/__pycache__/{module.stem}.cpython-311.pyc"
+        assert (pyc in initramfs) == (module.name != "agent.py"), pyc  # a script runs from source
     for applet in ("sh", "echo", "cat", "sleep", "tty", "stty", "insmod", "mount"):
         assert initramfs[f"bin/{applet}"].data == b"busybox", applet
     assert initramfs["usr/bin/python3"].data == b"python3.11"
@@ -471,10 +502,11 @@ def test_cache_hit_does_no_work(built: Built) -> None:
 
 def test_changed_agent_changes_the_digest(built: Built, tmp_path: Path) -> None:
     source = Path(__file__).parents[1] / "src/kelpie"
-    agent = tmp_path / "agent.py"
-    agent.write_bytes((source / "guest/agent.py").read_bytes() + b"\n# changed\n")
-    files = {"agent.py": agent, "protocol.py": source / "protocol.py"}
-    assert load_guestkit(built.cache, agent_files=files) is None
+    module = tmp_path / "_session.py"
+    module.write_bytes((source / "guest/_session.py").read_bytes() + b"\n# changed\n")
+    assert load_guestkit(built.cache, agent_files={"guest/_session.py": module}) is None
+    unchanged = {"guest/agent.py": source / "guest/agent.py"}
+    assert load_guestkit(built.cache, agent_files=unchanged) == built.kit
 
 
 def test_rebuild_gives_identical_bytes(built: Built) -> None:
@@ -520,8 +552,8 @@ def vm_workdir() -> Iterator[Path]:
 
 @pytest.mark.vm
 def test_kit_boots_to_a_serving_agent(guestkit: GuestKit, vm_workdir: Path) -> None:
-    """Boot the session's kit (conftest: skips, or fails under KELPIE_REQUIRE_VM=1, when
-    QEMU or the kit is missing) and talk to its agent."""
+    """Boot the session's kit (conftest: skips, or fails when KELPIE_REQUIRE_BACKENDS names
+    qemu, when QEMU or the kit is missing) and talk to its agent."""
     cmdline = kernel_cmdline(hostname="gk-test")
     command = _bootcheck.qemu_command(guestkit, vm_workdir, cmdline=cmdline)
     with _bootcheck.boot(command, vm_workdir) as run:

@@ -3,7 +3,7 @@
 The image is built by the test's own tar fixture from the host's static busybox, stored,
 turned into an ext4 disk and booted; its default command and an override run inside it
 with the image's environment, working directory and user. The real-VM tests fail instead
-of skipping when KELPIE_REQUIRE_VM=1 (CI).
+of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every VM here is started by a separate Python process that then goes away without stopping
 it (it returns, calls ``os._exit`` or is SIGKILLed); the test process attaches afterwards.
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations

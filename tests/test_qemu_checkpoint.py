@@ -3,7 +3,7 @@
 One source VM (a busybox root disk) gets a small workspace and is checkpointed once; the
 tests restore that checkpoint into new VMs, also with a manifest that claims another
 architecture and backend, and back into the source VM itself. These fail instead of
-skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations

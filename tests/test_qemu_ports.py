@@ -2,7 +2,7 @@
 
 The first tests check the command line and the checks made before QEMU starts (no VM);
 the ``vm`` tests boot real guests (TCG here) and fail instead of skipping when
-KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One source VM (a busybox root disk, a counter running in the guest) is snapshotted once;
 the tests restore that snapshot, break copies of it, and cancel another snapshot midway.
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ from kelpie.backends.qemu import CAPABILITIES
 from kelpie.backends.qemu._vm import QemuVm, _qemu_version
 from kelpie.guestkit import GuestKit
 from vm_fixtures import busybox_root_disk, short_state_dir
+from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -77,6 +78,13 @@ async def count(vm: QemuVm) -> int:
     return int((await sh(vm, "cat /tmp/count")).strip())
 
 
+def counts_past(vm: QemuVm, value: int) -> Callable[[], Awaitable[bool]]:
+    """A predicate for wait_until: the guest's counter went past ``value``."""
+    async def past() -> bool:
+        return await count(vm) > value
+    return past
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def source(guestkit: GuestKit, state_dir: Path, root_disk: Path) -> AsyncIterator[QemuVm]:
     vm = new_vm(guestkit, state_dir, root_disk=root_disk)
@@ -90,10 +98,10 @@ async def source(guestkit: GuestKit, state_dir: Path, root_disk: Path) -> AsyncI
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def taken(source: QemuVm, state_dir: Path) -> Taken:
-    deadline = time.monotonic() + 30
-    while (before := await count(source)) < 10:  # so that a counter restarted at 0 shows
-        assert time.monotonic() < deadline, "the guest's counter does not count"
-        await asyncio.sleep(0.2)
+    async def counted_to_10() -> int | None:  # so that a counter restarted at 0 shows
+        return value if (value := await count(source)) >= 10 else None
+
+    before = await wait_until(counted_to_10, 30, "the guest's counter to reach 10")
     pid = (await sh(source, "cat /tmp/counter.pid")).strip()
     snapshot = await source.snapshot(state_dir / "full")
     await sh(source, "echo lost > /root/after")  # after the snapshot: not in it
@@ -154,10 +162,7 @@ async def test_restore_resumes_the_guest_memory(clones: list[QemuVm], taken: Tak
         assert taken.count <= resumed < taken.count + 100, (taken.count, resumed)
         assert (await sh(vm, "cat /tmp/counter.pid")).strip() == taken.counter_pid
         await sh(vm, f"kill -0 {taken.counter_pid}")
-        deadline = time.monotonic() + 10
-        while await count(vm) <= resumed:
-            assert time.monotonic() < deadline, "the restored counter does not count"
-            await asyncio.sleep(0.2)
+        await wait_until(counts_past(vm, resumed), 10, "the restored counter to count")
 
 
 async def test_restore_has_the_disk_as_it_was(clones: list[QemuVm]) -> None:
@@ -303,10 +308,10 @@ async def test_cancelled_snapshot_leaves_nothing_and_the_vm_runs(
     source.snapshot_bandwidth = 8 * 1024 * 1024  # seconds for ~100 MB: time to cancel it
     try:
         task = asyncio.create_task(source.snapshot(dest))
-        deadline = time.monotonic() + 30
-        while not (partial_memory.exists() and partial_memory.stat().st_size > 1 << 20):
-            assert time.monotonic() < deadline and not task.done(), "the migration never began"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: task.done() or (partial_memory.exists() and
+                                                  partial_memory.stat().st_size > 1 << 20),
+                         30, "the migration to begin")
+        assert not task.done(), "the snapshot ended before it could be cancelled"
         task.cancel()  # as if the process taking the snapshot went away mid-migration
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -317,8 +322,7 @@ async def test_cancelled_snapshot_leaves_nothing_and_the_vm_runs(
         VmSnapshot.open(dest)
     assert source.state is VmState.RUNNING
     before = await count(source)
-    await asyncio.sleep(0.5)
-    assert await count(source) > before  # the guest runs again
+    await wait_until(counts_past(source, before), 10, "the guest to run again")
     # ...and can be snapshotted again.
     again = await source.snapshot(state_dir / "after-cancel")
     again.verify()
@@ -334,8 +338,7 @@ async def test_snapshot_left_paused_then_snapshotted_again(
     assert second.manifest.blobs["memory"].size > 0 and first.manifest.kind is SnapshotKind.FULL
     await source.resume()
     before = await count(source)
-    await asyncio.sleep(0.5)
-    assert await count(source) > before
+    await wait_until(counts_past(source, before), 10, "the resumed guest to count")
     assert await sh(source, "echo still writable > /root/later; cat /root/later") == (
         "still writable\n"
     )

@@ -6,7 +6,7 @@ has grown past 1 MiB: the guest is then paused in QEMU, possibly still being mig
 the snapshot's partial directory is left. Attaching from this process must undo it: the
 migration cancelled, the guest running again (or paused, if it was, or if the snapshot was
 to leave it paused), the partial snapshot gone and no valid snapshot anywhere.
-These fail instead of skipping when KELPIE_REQUIRE_VM=1 (CI) and no VM can boot.
+These fail instead of skipping when qemu is in KELPIE_REQUIRE_BACKENDS (CI) and no VM can boot.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from kelpie.backends.qemu._vm import SNAPSHOT_MARKER, QemuVm
 from kelpie.guestkit import GuestKit
 from kelpie.runtime import Runtime
 from vm_fixtures import busybox_root_disk, short_state_dir
+from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -106,12 +106,10 @@ async def snapshot_then_kill(
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 180)
         assert line, (await process.stderr.read()).decode(errors="replace")
-        deadline = time.monotonic() + 60
-        while not any(f.stat().st_size > 1 << 20 for f in memory_glob.parent.glob(
-                memory_glob.name + "/memory")):
-            assert process.returncode is None, "the snapshotter exited before the kill"
-            assert time.monotonic() < deadline, "the snapshot's memory file never grew"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: process.returncode is not None or any(
+            f.stat().st_size > 1 << 20 for f in memory_glob.parent.glob(
+                memory_glob.name + "/memory")), 60, "the snapshot's memory file to grow")
+        assert process.returncode is None, "the snapshotter exited before the kill"
         process.send_signal(signal.SIGKILL)  # as a daemon killed mid-snapshot
     finally:
         if process.returncode is None:
@@ -130,14 +128,12 @@ async def wait_until_migrated(workdir: Path, limit: float = 60) -> None:
     qmp = QMPClient("crash-test")
     await qmp.connect(str(workdir / "qmp.sock"))
     try:
-        deadline = time.monotonic() + limit
-        while True:
+        async def completed() -> bool:
             info = await qmp.execute("query-migrate")
             assert isinstance(info, dict)
-            if info.get("status") == "completed":
-                return
-            assert time.monotonic() < deadline, f"the migration did not complete: {info}"
-            await asyncio.sleep(0.1)
+            return info.get("status") == "completed"
+
+        await wait_until(completed, limit, "QEMU's migration to complete", interval=0.1)
     finally:
         await qmp.disconnect()
 

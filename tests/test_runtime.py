@@ -47,6 +47,7 @@ from kelpie.vm import (
     VmState,
 )
 from test_images_store import put_image
+from waiting import wait_until
 
 MOCK_GONE = "backend 'mock' VMs do not survive a restart"
 
@@ -419,14 +420,18 @@ async def test_logs_tail_and_follow(make_runtime: Callable[..., Runtime], tmp_pa
         assert rt.logs("box", tail=2) == b"two\nthree\n"
         assert rt.logs("box", tail=0) == b""
 
+        followed: list[bytes] = []
+
         async def collect() -> bytes:
-            return b"".join([c async for c in rt.follow_logs("box", tail=0, poll_seconds=0.01)])
+            async for chunk in rt.follow_logs("box", tail=0, poll_seconds=0.01):
+                followed.append(chunk)
+            return b"".join(followed)
 
         follower = asyncio.create_task(collect())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # lets the follower reach the end of the log before "four"
         with console.open("ab") as f:
             f.write(b"four\n")
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: b"".join(followed) == b"four\n", 5, "the follower to see four")
         await rt.stop("box")
         assert await asyncio.wait_for(follower, 5) == b"four\n"
         everything = b"".join([c async for c in rt.follow_logs("box")])  # at rest: ends

@@ -51,8 +51,11 @@ USERLAND_PACKAGES = (
     "python3.11-minimal",
     "zlib1g",
 )
-#: Where the agent's files come from (package resources) and their names in the guest.
-AGENT_SOURCES = {"agent.py": ("guest", "agent.py"), "protocol.py": ("protocol.py",)}
+#: The agent's files keep their paths below the `kelpie` package in the guest's /kelpie:
+#: the wire protocol and every module of the guest package, started as AGENT_SCRIPT.
+AGENT_PROTOCOL = "protocol.py"
+AGENT_PACKAGE = "guest"
+AGENT_SCRIPT = f"{AGENT_PACKAGE}/agent.py"
 AGENT_DIR = PurePosixPath("kelpie")
 
 #: The modules whose code decides what a kit contains (hashed into every digest).
@@ -156,19 +159,40 @@ def _quiet(_message: str) -> None:
 # --- inputs -------------------------------------------------------------------------------
 
 
+def _agent_sources() -> dict[str, Traversable]:
+    """The agent's files in the installed `kelpie` package, by their path below /kelpie."""
+    kelpie = resources.files("kelpie")
+    sources: dict[str, Traversable] = {AGENT_PROTOCOL: kelpie.joinpath(AGENT_PROTOCOL)}
+    with contextlib.suppress(OSError):
+        for entry in kelpie.joinpath(AGENT_PACKAGE).iterdir():
+            if entry.name.endswith(".py") and entry.is_file():
+                sources[f"{AGENT_PACKAGE}/{entry.name}"] = entry
+    return sources
+
+
 def _agent_files(overrides: Mapping[str, Path] | None) -> tuple[tuple[str, bytes], ...]:
+    sources: dict[str, Traversable | Path] = dict(_agent_sources())
+    if AGENT_SCRIPT not in sources:
+        raise GuestKitError(
+            f"the guest agent package has no {AGENT_SCRIPT} in {resources.files('kelpie')}; "
+            f"the kit needs kelpie/{AGENT_PROTOCOL} and the kelpie/{AGENT_PACKAGE}/ package: "
+            "reinstall kelpie"
+        )
+    unknown = sorted(set(overrides or {}) - set(sources))
+    if unknown:
+        raise GuestKitError(
+            f"agent_files names {unknown}, which are not files of the guest agent; "
+            f"expected some of {sorted(sources)}"
+        )
+    sources.update(overrides or {})
     files = []
-    for guest_name, parts in sorted(AGENT_SOURCES.items()):
-        if overrides is not None and guest_name in overrides:
-            source: Traversable | Path = overrides[guest_name]
-        else:
-            source = resources.files("kelpie").joinpath(*parts)
+    for guest_name, source in sorted(sources.items()):
         try:
             files.append((guest_name, source.read_bytes()))
         except OSError as exc:
             raise GuestKitError(
                 f"the guest agent file {guest_name} could not be read from {source} ({exc}); "
-                "the kit must contain kelpie/guest/agent.py and kelpie/protocol.py"
+                f"the kit needs kelpie/{AGENT_PROTOCOL} and the kelpie/{AGENT_PACKAGE}/ package"
             ) from exc
     return tuple(files)
 
@@ -267,9 +291,10 @@ def build_guestkit(
     """Return the guest kit for the current inputs, building it first if it is not cached.
 
     `progress` receives one-line messages (downloads, unpacking, packing). `force` rebuilds
-    even a cached kit. `agent_files` replaces the agent's files (`agent.py`,
-    `protocol.py`) for development and tests; normally they come from the installed
-    `kelpie` package. Raises GuestKitError, naming the package or file at fault.
+    even a cached kit. `agent_files` replaces some of the agent's files (by their path
+    below /kelpie: `protocol.py`, `guest/agent.py`, `guest/_link.py`...) for development
+    and tests; normally they come from the installed `kelpie` package. Raises
+    GuestKitError, naming the package or file at fault.
     """
     cache_dir = cache_dir or default_cache_dir()
     say = progress or _quiet
@@ -450,7 +475,7 @@ def _stage_python(unpacked: Path, stage: Path, agent_paths: list[Path]) -> str:
     (stage / "usr/bin/python3").symlink_to("python3.11")
     sources = {stage / f: f for f in selection.files if f.suffix == ".py"}
     for path in agent_paths:
-        if path.name != "agent.py":  # the script itself is never imported
+        if path != stage / AGENT_DIR / AGENT_SCRIPT:  # the script itself is never imported
             sources[path] = PurePosixPath(path.relative_to(stage).as_posix())
     interpreter.compile(sources)
     _python.GuestPython(stage).verify(required)

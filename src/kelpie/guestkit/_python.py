@@ -59,8 +59,9 @@ EXCLUDED = {
     "_hashlib": "needs libcrypto; built-in hash modules are used instead",
 }
 
-#: Modules of the agent itself, never looked up in the stdlib.
-AGENT_MODULES = frozenset({"agent", "protocol", "kelpie"})
+#: Modules of the agent itself, never looked up in the stdlib: its package (``guest`` in
+#: the guest, ``kelpie.guest`` on the host) and the wire protocol.
+AGENT_MODULES = frozenset({"guest", "kelpie", "protocol"})
 
 _DISCOVER = """
 import sys

@@ -211,7 +211,7 @@ run_agent_forever() {
     while :; do
         started=$(date +%s)
         log "agent starting on $device"
-        python3 -E -S /kelpie/agent.py "$@" </dev/null
+        python3 -E -S /kelpie/guest/agent.py "$@" </dev/null
         status=$?
         # Restart at once after a long run, but do not spin if the agent cannot start.
         if [ $(($(date +%s) - started)) -lt 2 ]; then

@@ -1,0 +1,152 @@
+"""The agent: one thread, one poll loop over the host link, the commands and timers."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+from ._common import HIGH_WATER, log
+from ._execs import ExecManager
+from ._files import FileService
+from ._link import HostLink
+from ._rootfs import RootFS
+from ._session import Session
+from ._system import op_resync
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Final
+
+    from ._channel import Channel
+    from ._common import protocol
+    from ._exec import Exec
+    from ._files import Download, Upload
+
+#: Stop reading the host channel while this much stdin waits for children.
+STDIN_HIGH_WATER: Final = 1024 * 1024
+
+
+class Agent:
+    """Waits for the next event (host frames, child output, exits, timers) and hands
+    it to the part that owns it: the host link, the session, the execs or the files.
+
+    Nothing in the loop blocks on the host: output queues in the link, and while
+    more than HIGH_WATER bytes wait, child pipes and downloads are not read, so a
+    slow host slows the children down instead of growing the agent without bound.
+    The agent outlives host connections; its execs keep running between them.
+    """
+
+    def __init__(self, channel: Channel, root: str = "/", power_off: bool = False) -> None:
+        self.rootfs = RootFS(root)
+        self.power_off_allowed = power_off
+        self.link = HostLink(channel, on_frame=self.on_frame, on_lost=self.on_host_lost)
+        requests: dict[int, Exec | Upload | Download] = {}
+        self.execs = ExecManager(self.rootfs, self.link, requests)
+        self.files = FileService(self.rootfs, self.link, requests)
+        handlers = {
+            **self.execs.handlers(),
+            **self.files.handlers(),
+            "resync": op_resync,
+            "shutdown": self.op_shutdown,
+        }
+        self.session = Session(
+            self.link, requests, self.execs, self.files, self.rootfs.root, handlers
+        )
+        self.stopping = False
+        self.power_off_requested = False
+        self.wakeup_r, self.wakeup_w = os.pipe()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """Wake the poll loop on SIGCHLD; ignore hang-ups of the console."""
+        for fd in (self.wakeup_r, self.wakeup_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        """Stop like a shutdown request without power-off: execs are killed."""
+        self.stopping = True
+
+    def op_shutdown(self, rid: int, f: dict[str, Any]) -> dict[str, Any]:
+        """Stop serving; power the VM off if asked and allowed."""
+        self.stopping = True
+        self.power_off_requested = bool(f["poweroff"]) and self.power_off_allowed
+        return {"poweroff": self.power_off_requested}
+
+    def run(self) -> None:
+        """Serve until a shutdown request."""
+        self.install_signals()
+        while not self.stopping:
+            try:
+                self.turn()
+            except Exception as exc:  # keep serving: the guest has no other way in
+                log(f"internal error: {exc!r}")
+                time.sleep(0.01)
+        self.finish()
+
+    def finish(self) -> None:
+        """After shutdown: deliver the last replies, stop every command."""
+        self.link.deliver_queued(2.0)
+        self.execs.kill_all()
+        self.link.close()
+
+    # -- the loop ------------------------------------------------------------
+
+    def turn(self) -> None:
+        """One loop iteration: timers, pumps, then poll and dispatch."""
+        now = time.monotonic()
+        self.link.check(now)
+        self.execs.reap()
+        self.execs.expire_timeouts(now)
+        self.execs.finish_exited(now)
+        self.files.pump_downloads()
+        self.link.flush()
+        poller = select.poll()
+        dispatch: dict[int, Callable[[int], None]] = {}
+
+        def add(fd: int, events: int, callback: Callable[[int], None]) -> None:
+            poller.register(fd, events)
+            dispatch[fd] = callback
+
+        add(self.wakeup_r, select.POLLIN, self.drain_wakeup)
+        self.link.register(add, accept_input=self.execs.stdin_backlog() < STDIN_HIGH_WATER)
+        self.execs.register(add)
+        timeout = self.poll_timeout(time.monotonic())
+        for fd, events in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+            callback = dispatch.get(fd)
+            if callback is not None:
+                callback(events)
+
+    def poll_timeout(self, now: float) -> float | None:
+        """Seconds until the next timer, 0 if work is pending, None for none."""
+        if self.stopping or (self.files.downloads() and self.link.queued < HIGH_WATER):
+            return 0.0
+        timers = [t for t in (self.link.timeout(now),) if t is not None]
+        timers += self.execs.timers(now)
+        return max(0.0, min(timers)) if timers else None
+
+    def drain_wakeup(self, events: int = 0) -> None:
+        """Empty the signal wakeup pipe (reaping happens every turn)."""
+        try:
+            while os.read(self.wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- the host ------------------------------------------------------------
+
+    def on_frame(self, frame: protocol.Frame) -> None:
+        """A frame from the host: the session routes it."""
+        self.session.on_frame(frame)
+
+    def on_host_lost(self) -> None:
+        """The host went away: its session ends, the execs run on."""
+        self.session.end()

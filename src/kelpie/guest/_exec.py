@@ -1,0 +1,91 @@
+"""One command the agent started: its process, its descriptors and its outcome."""
+
+from __future__ import annotations
+
+# contextlib is outside the guest's import budget: keep try/except/pass.
+# ruff: noqa: SIM105
+import os
+import signal
+import termios
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class Exec:
+    """A command started by the agent, attached to a request or detached."""
+
+    def __init__(self, exec_id: int, pid: int, argv: list[str], pty: bool) -> None:
+        self.exec_id = exec_id
+        self.pid = pid
+        self.argv = argv
+        self.pty = pty
+        self.stdin_fd: int | None = None
+        self.out_fd: int | None = None  # stdout, or the PTY master
+        self.err_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.status: int | None = None  # raw wait status once reaped
+        self.timed_out = False
+        self.deadline: float | None = None
+        self.drain_deadline: float | None = None
+        self.request_id: int | None = None
+        self.exited_at = 0.0
+
+    def info(self) -> dict[str, Any]:
+        """Summary listed in the hello reply."""
+        argv = [arg[:256] for arg in self.argv[:16]]
+        return {
+            "exec_id": self.exec_id,
+            "pid": self.pid,
+            "argv": argv,
+            "pty": self.pty,
+            "running": self.status is None,
+        }
+
+    def result(self) -> dict[str, Any]:
+        """The terminal REPLY message."""
+        assert self.status is not None
+        code = os.waitstatus_to_exitcode(self.status)
+        return {
+            "exec_id": self.exec_id,
+            "exit_code": code if code >= 0 else None,
+            "signal": -code if code < 0 else None,
+            "timed_out": self.timed_out,
+        }
+
+    def kill_group(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the process group (and the leader, should it have left it).
+
+        Only while the leader is unreaped: after that its pid may be reused.
+        """
+        if self.status is not None:
+            return
+        for kill, target in ((os.killpg, self.pid), (os.kill, self.pid)):
+            try:
+                kill(target, signum)
+            except OSError:
+                pass
+
+    def close_stdin_fd(self) -> None:
+        """Give the child EOF on stdin (for a PTY: the VEOF character)."""
+        fd, self.stdin_fd = self.stdin_fd, None
+        self.stdin_buf.clear()
+        if fd is None:
+            return
+        if self.pty:
+            try:
+                os.write(fd, bytes([termios.tcgetattr(fd)[6][termios.VEOF][0]]))
+            except (OSError, termios.error, IndexError, TypeError):
+                pass
+        os.close(fd)
+
+    def close_fds(self) -> None:
+        """Release every descriptor the agent holds for this exec."""
+        self.close_stdin_fd()
+        for name in ("out_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)

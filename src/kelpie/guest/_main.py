@@ -1,0 +1,80 @@
+"""The agent's command line: parse the options, open the channel, serve, power off."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ._agent import Agent
+from ._channel import Channel, DeviceChannel, ListenChannel
+from ._common import log, protocol
+from ._system import power_off
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
+USAGE: Final = """\
+usage: agent.py (--device PATH | --listen-unix PATH | --listen-vsock PORT) [--root DIR]
+
+  --device PATH        serve a virtio-serial port (guest mode; shutdown powers off)
+  --listen-unix PATH   listen on a unix socket (host test mode)
+  --listen-vsock PORT  listen on a vsock port
+  --root DIR           run commands chrooted into DIR; file paths resolve inside it
+"""
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """Parse ``--name value`` options (argparse is kept out of the guest)."""
+    known = {"--device", "--listen-unix", "--listen-vsock", "--root"}
+    options: dict[str, str] = {}
+    args = list(argv)
+    while args:
+        name = args.pop(0)
+        if name in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            raise SystemExit(0)
+        if name not in known or not args:
+            raise SystemExit(f"agent.py: bad argument {name!r}\n{USAGE}")
+        options[name.lstrip("-")] = args.pop(0)
+    modes = [m for m in ("device", "listen-unix", "listen-vsock") if m in options]
+    if len(modes) != 1:
+        raise SystemExit(
+            f"agent.py: give exactly one of --device, --listen-unix, --listen-vsock\n{USAGE}"
+        )
+    return options
+
+
+def ensure_std_fds() -> None:
+    """Make sure fds 0-2 are open, so pipes never land on them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python3 -S agent.py ...``."""
+    options = parse_args(sys.argv[1:] if argv is None else argv)
+    ensure_std_fds()
+    os.umask(0o022)
+    channel: Channel
+    if "device" in options:
+        channel = DeviceChannel(options["device"])
+    elif "listen-unix" in options:
+        channel = ListenChannel.unix(options["listen-unix"])
+    else:
+        channel = ListenChannel.vsock(int(options["listen-vsock"]))
+    agent = Agent(channel, options.get("root", "/"), power_off="device" in options)
+    log(f"serving protocol v{protocol.PROTOCOL_VERSION}, root {agent.rootfs.root}")
+    try:
+        agent.run()
+    except KeyboardInterrupt:
+        return 130
+    if agent.power_off_requested:
+        power_off()
+    return 0
