@@ -1,7 +1,8 @@
 """A guest whose agent is killed gets a new one (its init restarts it); the host says hello
 again and the next command works, while commands of the dead agent end with AgentError.
 
-These boot a real QEMU VM and fail instead of skipping when qemu is required (CI).
+These boot a real QEMU VM and fail instead of skipping when KELPIE_REQUIRE_BACKENDS names
+qemu (CI).
 """
 
 from __future__ import annotations
