@@ -197,6 +197,16 @@ async def test_an_upload_refused_by_a_new_agent_is_sent_again(agent: FakeAgent) 
         assert agent.requests[-3:] == ["write_file", "hello", "write_file"]
 
 
+async def test_an_upload_too_big_to_keep_fails_when_refused(agent: FakeAgent) -> None:
+    async with running(FakeVm(agent.path)) as vm:
+        vm.replay_limit = 4
+        agent.restart()
+        with pytest.raises(AgentError, match="replaced by a new one"):
+            await vm.write_file("/f", b"whole")
+        await vm.write_file("/f", b"again")  # the new agent has its hello by now
+        assert list(agent.files.values()) == [b"again"]
+
+
 async def test_a_command_of_the_dead_agent_ends_with_an_agent_error(agent: FakeAgent) -> None:
     async with running(FakeVm(agent.path)) as vm, \
             vm.exec_stream(["sleep", "600"], keep_running=True) as old:

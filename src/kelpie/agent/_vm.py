@@ -92,6 +92,8 @@ class AgentVm(VmInstance):
             self._connect_agent, may_probe=lambda: self._state is VmState.RUNNING
         )
         self._processes: weakref.WeakSet[AgentProcess] = weakref.WeakSet()
+        self.replay_limit = REPLAY_LIMIT
+        """Bytes of an upload kept to send it again to a restarted agent that refused it."""
 
     # ---- what the backend supplies ------------------------------------------------------
     @abc.abstractmethod
@@ -246,7 +248,7 @@ class AgentVm(VmInstance):
                 return
 
     async def _do_write_file(self, path: str, chunks: AsyncIterable[bytes], mode: int) -> None:
-        upload = _Replayable(chunks, REPLAY_LIMIT)
+        upload = _Replayable(chunks, self.replay_limit)
         for attempt in (1, 2):
             client = await self._ready_client()
             try:
