@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +16,26 @@ import pytest
 
 from kelpie import ConfigError, MockVm, VmSnapshot
 from kelpie.dst import (
+    CRASH_POINTS,
     Fault,
     FaultInjector,
     FaultSpec,
+    RuntimeSimulation,
     SimRng,
     SimStorage,
     SimulatedCrash,
     Simulation,
     SimulationDeadlock,
     VirtualClock,
+    crash_point_for,
     parse_fault_specs,
+    run_runtime_seed,
     run_seed,
     run_simulated,
 )
-from kelpie.vm import StorageError
+from kelpie.dst._crashpoints import OPERATION_STEPS
+from kelpie.sim import CrashWhen
+from kelpie.vm import BackendRegistry, StorageError, VmConfig, VmInstance
 
 ALL_FAULTS = parse_fault_specs("all", default_probability=0.03)
 
@@ -131,7 +139,7 @@ def test_probability_is_respected_statistically() -> None:
 def test_parse_specs() -> None:
     (spec,) = parse_fault_specs("exec_fail:p=0.5:ops=exec|write:after=3:max=2")
     assert spec == FaultSpec(Fault.EXEC_FAIL, 0.5, frozenset({"exec", "write"}), 3, 2)
-    assert len(parse_fault_specs("all")) == len(Fault) == 17
+    assert len(parse_fault_specs("all")) == len(Fault) == 18
 
 
 @pytest.mark.parametrize("text,message", [
@@ -225,3 +233,135 @@ def test_storage_faults() -> None:
     rot = storage_with(Fault.SNAPSHOT_CORRUPTION)
     rot.write_bytes(p, b"abc")
     assert rot.read_bytes(p) != b"abc" and str(p) in rot.corrupted
+
+    lost_tail = storage_with(Fault.SNAPSHOT_TRUNCATION)
+    lost_tail.write_bytes(p, b"abc")
+    assert len(lost_tail.read_bytes(p)) < 3 and str(p) in lost_tail.truncated
+
+
+@pytest.mark.parametrize(("when", "landed"), [(CrashWhen.BEFORE, False), (CrashWhen.AFTER, True)])
+def test_a_planned_crash_lands_before_or_after_the_chosen_step(
+    when: CrashWhen, landed: bool,
+) -> None:
+    storage = SimStorage(SimRng(1))
+    seen: list[tuple[str, str]] = []
+    crashes: list[int] = []
+
+    def hook(op: str, path: Path) -> CrashWhen | None:
+        seen.append((op, str(path)))
+        return when if len(seen) == 3 else None
+
+    storage.step_hook = hook
+    storage.on_crash = lambda: crashes.append(storage.steps)
+    storage.mkdir(Path("/a"))
+    storage.write_bytes(Path("/a/f"), b"1")
+    with pytest.raises(SimulatedCrash, match=f"{when.value} this step"):
+        storage.rename(Path("/a"), Path("/b"))
+    assert seen == [("mkdir", "/a"), ("write", "/a/f"), ("rename", "/a")]
+    assert crashes == [3]
+    with pytest.raises(SimulatedCrash):
+        storage.mkdir(Path("/c"))
+    storage.restart()
+    assert storage.exists(Path("/b/f")) is landed
+    assert storage.exists(Path("/a/f")) is not landed
+
+
+def test_streams_are_steps_too() -> None:
+    storage = SimStorage(SimRng(1))
+    with storage.open_append(Path("/log")) as log:
+        log.write(b"one ")
+        log.write(b"two")
+    assert storage.read_bytes(Path("/log")) == b"one two"
+    assert storage.steps == 3
+    with pytest.raises(StorageError, match="exists"):
+        storage.open_write(Path("/log"))
+
+
+# ---- the runtime scenario -----------------------------------------------------------------
+def test_runtime_same_seed_same_trace(dst_seed: int) -> None:
+    first = run_runtime_seed(dst_seed, 100, ALL_FAULTS)
+    second = run_runtime_seed(dst_seed, 100, ALL_FAULTS)
+    assert first.trace_text == second.trace_text, f"DST_SEED={dst_seed}"
+    assert first.ok, first.summary()
+    assert run_runtime_seed(dst_seed + 1, 100, ALL_FAULTS).trace != first.trace
+
+
+def test_runtime_trace_identical_across_processes_and_hash_seeds(dst_seed: int) -> None:
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run(
+            [sys.executable, "-m", "kelpie.dst", "--scenario", "runtime", "--seed",
+             str(dst_seed), "--steps", "60", "--trace"],
+            capture_output=True, env=env, check=False, timeout=120,
+        )
+        assert proc.returncode == 0, f"DST_SEED={dst_seed}: {proc.stdout!r} {proc.stderr!r}"
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1], f"DST_SEED={dst_seed}"
+    assert b"kelpie-dst-" not in outputs[0]  # no temporary directory names in the trace
+
+
+def test_crash_points_are_enumerated_and_each_seed_has_one() -> None:
+    assert len(set(CRASH_POINTS)) == len(CRASH_POINTS)
+    assert {crash_point_for(s) for s in range(len(CRASH_POINTS))} == set(CRASH_POINTS)
+    assert crash_point_for(3) == crash_point_for(3 + len(CRASH_POINTS))
+    steps = {(p.operation, p.step) for p in CRASH_POINTS if p.primer is None}
+    assert steps == {(op, i) for op, n in OPERATION_STEPS.items() for i in range(1, n + 1)}
+
+
+def test_consecutive_seeds_hit_every_crash_point_and_hold_invariants(dst_seed: int) -> None:
+    hits: Counter[str] = Counter()
+    failures = []
+    for seed in range(dst_seed, dst_seed + len(CRASH_POINTS)):
+        report = run_runtime_seed(seed, 100, [])
+        hits.update(report.crash_points)
+        if not report.ok:
+            failures.append(f"seed {seed}:\n{report.summary()}")
+    assert not failures, "\n".join(failures[:3]) + f"\n(DST_SEED={dst_seed})"
+    assert set(hits) == {str(p) for p in CRASH_POINTS}
+
+
+def test_runtime_scenario_with_faults_holds_invariants(dst_seed: int) -> None:
+    failures = []
+    for seed in range(dst_seed, dst_seed + 60):
+        report = run_runtime_seed(seed, 100, ALL_FAULTS)
+        if not report.ok:
+            failures.append(f"seed {seed}:\n{report.summary()}")
+    assert not failures, "\n".join(failures[:3]) + f"\n(DST_SEED={dst_seed})"
+
+
+class _LossyRuntimeSimulation(RuntimeSimulation):
+    """The runtime over a deliberately broken backend: restore forgets one file."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed, 100, [])
+        durable = self.backend
+
+        def create(config: VmConfig, **options: Any) -> VmInstance:
+            vm = durable.create(config, **options)
+            vm.__class__ = _LossyRestoreVm
+            return vm
+
+        self.registry = BackendRegistry()
+        self.registry.register(dataclasses.replace(durable.spec(), create=create))
+
+
+def test_runtime_invariant_catches_a_buggy_restore(dst_seed: int) -> None:
+    for seed in range(dst_seed, dst_seed + 50):
+        report = _LossyRuntimeSimulation(seed).run()
+        if not report.ok:
+            break
+    else:
+        pytest.fail(f"the broken restore was never caught (DST_SEED={dst_seed})")
+    assert {v.invariant for v in report.violations} == {"restore-equals-snapshot"}
+    assert _LossyRuntimeSimulation(seed).run().trace_text == report.trace_text
+
+
+def test_cli_reports_crash_point_coverage() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kelpie.dst", "--scenario", "runtime", "--seeds",
+         str(len(CRASH_POINTS)), "--steps", "60", "--faults", "none"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"crash points: {len(CRASH_POINTS)} of {len(CRASH_POINTS)} hit" in proc.stdout

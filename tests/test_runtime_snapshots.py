@@ -17,11 +17,13 @@ from kelpie.images import ImageInUse, ImageStore
 from kelpie.runtime import Runtime
 from kelpie.runtime._archive import META_NAME
 from kelpie.runtime._errors import SandboxStateError, SnapshotNameInUse, SnapshotNotFound
+from kelpie.sim import Fault, FaultInjector, FaultSpec, SimRng, SimStorage
 from kelpie.vm import (
     BackendRegistry,
     ConfigError,
     SnapshotCorrupted,
     SnapshotKind,
+    VmCrashed,
     VmFactory,
     VmState,
 )
@@ -139,6 +141,14 @@ def _rewrite(data: bytes, change: Callable[[str, bytes], bytes | None]) -> bytes
     return out.getvalue()
 
 
+def _middle_of_last_member(archive: bytes) -> int:
+    """An offset inside the last member's data (cutting only the tar's zero padding
+    would leave every byte of the snapshot there, which is rightly accepted)."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + last.size // 2
+
+
 async def test_damaged_archives_are_refused(make_runtime: Callable[..., Runtime]) -> None:
     async with make_runtime() as rt:
         await rt.create(name="box", backend="mock")
@@ -153,7 +163,8 @@ async def test_damaged_archives_are_refused(make_runtime: Callable[..., Runtime]
 
         cases = {
             "corrupted": (_rewrite(data, flip), "corrupted"),
-            "truncated": (data[: len(data) // 2], "damaged or truncated|lacks blob"),
+            "truncated": (data[: _middle_of_last_member(data)],
+                          "damaged or truncated|lacks blob"),
             "missing blob": (_rewrite(data, lambda n, c: c if n in (META_NAME, "manifest.json")
                                       else None), "lacks blob"),
             "no metadata": (_rewrite(data, lambda n, c: None if n == META_NAME else c),
@@ -212,3 +223,68 @@ async def test_roll_a_sandbox_back_in_place(make_runtime: Callable[..., Runtime]
         await rt.stop("other")
         with pytest.raises(ConfigError, match="was taken from sandbox box"):
             await rt.restore_into("other", "good")
+
+
+async def test_a_removal_cut_short_before_its_record_is_undone(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    async with make_runtime() as rt:
+        await rt.create(name="box", backend="mock")
+        await rt.write_file("box", "/data", b"still here")
+        snap = await rt.snapshot("box", name="kept")
+        # a crash between the rename to the trash and the deletion of the record
+        (rt.snapshots_dir / snap.id).rename(rt.snapshots_dir / f".trash-{snap.id}")
+    async with make_runtime() as rt:
+        assert [s.name for s in rt.snapshots()] == ["kept"]
+        assert sorted(p.name for p in rt.snapshots_dir.iterdir()) == [snap.id]
+        clone = await rt.restore("kept")
+        assert await rt.read_file(clone.id, "/data") == b"still here"
+
+
+async def test_a_snapshot_whose_vm_fails_afterwards_leaves_nothing(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    dies_on_resume = FaultInjector(SimRng(1), [FaultSpec(Fault.CRASH, 1.0,
+                                                         operations=frozenset({"resume"}))])
+    async with make_runtime(backend_options={"mock": {"faults": dies_on_resume}}) as rt:
+        await rt.create(name="box", backend="mock")
+        with pytest.raises(VmCrashed, match="during resume"):
+            await rt.snapshot("box", name="never")
+        assert rt.snapshots() == []
+        assert list(rt.snapshots_dir.iterdir()) == []  # written whole, removed at once
+
+
+async def test_sandbox_directories_without_a_record_are_removed_on_open(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    async with make_runtime() as rt:
+        box = await rt.create(name="box", backend="mock")
+        own = rt.output_log(box.id).parent
+        assert own.is_dir()  # made with the sandbox
+        stray = own.parent / "0123456789ab"  # a remove cut short after its record went
+        stray.mkdir()
+    async with make_runtime() as rt:
+        assert sorted(p.name for p in own.parent.iterdir()) == [box.id]
+        await rt.remove("box", force=True)
+        assert not own.exists()
+
+
+async def test_the_runtime_changes_its_directories_only_through_its_storage(
+    make_runtime: Callable[..., Runtime], tmp_path: Path,
+) -> None:
+    storage = SimStorage(SimRng(3))
+    async with make_runtime(storage=storage, backend_options={"mock": {"storage": storage}},
+                            ) as rt:
+        await rt.create(name="box", backend="mock")
+        await rt.write_file("box", "/data", b"in memory")
+        snap = await rt.snapshot("box", name="s")
+        clone = await rt.restore("s")
+        assert await rt.read_file(clone.id, "/data") == b"in memory"
+        assert storage.exists(rt.snapshots_dir / snap.id / "manifest.json")
+        rt.remove_snapshot("s")
+        await rt.remove("box", force=True)
+    # on the real disk: only the state database and the lock
+    real = {p.name for p in (tmp_path / "data").iterdir()}
+    assert real - {"runtime.db-shm", "runtime.db-wal"} == {"runtime.db", "runtime.lock"}
+    assert storage.list_dir(tmp_path / "data" / "snapshots") == []
+    assert storage.list_dir(tmp_path / "data" / "sandboxes") == [clone.id]

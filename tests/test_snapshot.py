@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kelpie import HostInfo, SnapshotCorrupted, SnapshotIncompatible, SnapshotKind
-from kelpie.vm import SnapshotManifest, SnapshotTooLarge, SnapshotWriter, VmSnapshot
+from kelpie.vm import (
+    BlobDigestMismatch,
+    BlobSizeMismatch,
+    ManifestCorrupted,
+    SnapshotManifest,
+    SnapshotTooLarge,
+    SnapshotWriter,
+    VmSnapshot,
+)
 
 FIELDS = dict(
     kind=SnapshotKind.FULL, backend="qemu", backend_version="7.2.0", arch="x86_64",
@@ -111,3 +120,31 @@ def test_checkpoint_is_portable() -> None:
 def test_garbage_manifest(garbage: bytes) -> None:
     with pytest.raises(SnapshotCorrupted):
         SnapshotManifest.from_json(garbage)
+
+
+@pytest.mark.parametrize(("damage", "error"), [
+    (lambda data: data[:-1], BlobSizeMismatch),
+    (lambda data: bytes([data[0] ^ 1]) + data[1:], BlobDigestMismatch),
+])
+def test_each_kind_of_blob_damage_is_refused_by_its_own_check(
+    tmp_path: Path, damage: Callable[[bytes], bytes], error: type[SnapshotCorrupted],
+) -> None:
+    with SnapshotWriter(tmp_path / "s") as writer:
+        writer.add_blob("memory", b"m" * 100)
+        writer.commit(**FIELDS)
+    blob = tmp_path / "s" / "memory"
+    blob.write_bytes(damage(blob.read_bytes()))
+    snap = VmSnapshot.open(tmp_path / "s")
+    for check in (snap.verify, lambda: snap.read_blob("memory")):
+        with pytest.raises(SnapshotCorrupted) as caught:
+            check()
+        assert type(caught.value) is error
+
+
+def test_a_manifest_that_lost_its_last_byte_is_refused(tmp_path: Path) -> None:
+    with SnapshotWriter(tmp_path / "s") as writer:
+        writer.commit(**FIELDS)
+    manifest = tmp_path / "s" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-1])  # still JSON, checksum still right
+    with pytest.raises(ManifestCorrupted, match="newline is missing"):
+        VmSnapshot.open(tmp_path / "s")

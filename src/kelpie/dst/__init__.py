@@ -1,12 +1,19 @@
 """Deterministic simulation testing: one seed reproduces a whole run, faults included.
 
-The harness on top of everything: :class:`Simulation` drives a seeded workload through the
-real code, built from the deterministic primitives of :mod:`kelpie.sim` (re-exported here),
-and checks invariants every step.
+The harness on top of everything, built from the deterministic primitives of
+:mod:`kelpie.sim` (re-exported here), checking invariants every step. Two scenarios:
 
-Run it: ``python -m kelpie.dst --seed 7 --steps 100 --faults all``.
+- ``vm`` (:class:`Simulation`): a seeded workload on MockVms driven directly;
+- ``runtime`` (:class:`RuntimeSimulation`): the real :class:`~kelpie.runtime.Runtime` on
+  mock VMs and simulated storage, each seed crashing the host at one of the enumerated
+  :data:`CRASH_POINTS` (every storage step of every operation).
+
+Run it: ``python -m kelpie.dst --seed 7 --steps 100 --faults all`` (add ``--scenario
+runtime``; ``--seeds 500`` also reports which crash points were hit).
 """
 
+from kelpie.dst._crashpoints import CRASH_POINTS, CrashPoint, crash_point_for
+from kelpie.dst._runtime_sim import RuntimeSimulation, run_runtime_seed
 from kelpie.dst._sim import SimReport, Simulation, Violation, run_seed
 from kelpie.sim import (
     NO_FAULTS,
@@ -25,10 +32,13 @@ from kelpie.sim import (
 )
 
 __all__ = [
+    "CRASH_POINTS",
     "NO_FAULTS",
+    "CrashPoint",
     "Fault",
     "FaultInjector",
     "FaultSpec",
+    "RuntimeSimulation",
     "SimEventLoop",
     "SimLink",
     "SimReport",
@@ -39,7 +49,9 @@ __all__ = [
     "SimulationDeadlock",
     "Violation",
     "VirtualClock",
+    "crash_point_for",
     "parse_fault_specs",
+    "run_runtime_seed",
     "run_seed",
     "run_simulated",
 ]

@@ -5,14 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
-from kelpie.dst._sim import run_seed
+from kelpie.dst._crashpoints import CRASH_POINTS
+from kelpie.dst._runtime_sim import run_runtime_seed
+from kelpie.dst._sim import SimReport, run_seed
 from kelpie.sim._faults import FaultSpec, parse_fault_specs
 from kelpie.vm import ConfigError
 
 DEFAULT_FAULTS = "all"
 DEFAULT_PROBABILITY = 0.03
+DEFAULT_SCENARIO = "vm"
+
+SCENARIOS: dict[str, Callable[[int, int, list[FaultSpec]], SimReport]] = {
+    "vm": run_seed,
+    "runtime": run_runtime_seed,
+}
+"""``vm``: MockVms driven directly; ``runtime``: the Runtime, crashed at every storage step."""
 
 
 def parse_faults(text: str, probability: float = DEFAULT_PROBABILITY) -> list[FaultSpec]:
@@ -23,36 +33,61 @@ def parse_faults(text: str, probability: float = DEFAULT_PROBABILITY) -> list[Fa
 
 
 def run_cli(seed: int, steps: int, faults: str, seeds: int = 1, show_trace: bool = False,
-            probability: float = DEFAULT_PROBABILITY) -> int:
-    """Run ``seeds`` consecutive seeds from ``seed``; print summaries; 1 if any failed."""
+            probability: float = DEFAULT_PROBABILITY, scenario: str = DEFAULT_SCENARIO) -> int:
+    """Run ``seeds`` consecutive seeds from ``seed``; print summaries; 1 if any failed (or,
+    for the runtime scenario over enough seeds, if a crash point was never hit)."""
     try:
         specs = parse_faults(faults, probability)
+        run = SCENARIOS[scenario]
     except ConfigError as exc:
         print(f"kelpie dst: {exc}", file=sys.stderr)
         return 2
+    except KeyError:
+        print(f"kelpie dst: unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
     failed = []
+    hits: Counter[str] = Counter()
     started = time.monotonic()
     for current in range(seed, seed + seeds):
-        report = run_seed(current, steps, specs)
+        report = run(current, steps, specs)
+        hits.update(report.crash_points)
         if show_trace:
             print(report.trace_text, end="")
         if seeds == 1 or not report.ok:
             print(report.summary())
         if not report.ok:
             failed.append(current)
-            print(f"reproduce with: python -m kelpie.dst --seed {current} --steps {steps} "
-                  f"--faults {faults!r} --trace", file=sys.stderr)
+            print(f"reproduce with: python -m kelpie.dst --scenario {scenario} --seed {current} "
+                  f"--steps {steps} --faults {faults!r} --trace", file=sys.stderr)
     if seeds > 1:
         elapsed = time.monotonic() - started
         print(f"{seeds} seeds x {steps} steps in {elapsed:.1f}s: "
               f"{seeds - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    uncovered = scenario == "runtime" and seeds > 1 and \
+        not _coverage(hits, enough=seeds >= len(CRASH_POINTS))
+    return 1 if failed or uncovered else 0
+
+
+def _coverage(hits: Counter[str], *, enough: bool) -> bool:
+    """Print which crash points the seeds hit; False if some was missed over enough seeds."""
+    missed = [str(p) for p in CRASH_POINTS if not hits[str(p)]]
+    counts = [hits[str(p)] for p in CRASH_POINTS]
+    print(f"crash points: {len(CRASH_POINTS) - len(missed)} of {len(CRASH_POINTS)} hit "
+          f"(each {min(counts)} to {max(counts)} times)")
+    if missed:
+        print("never hit: " + "; ".join(missed))
+    return not (missed and enough)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kelpie.dst", description="Deterministic simulation of Kelpie VMs."
+        prog="python -m kelpie.dst",
+        description="Deterministic simulation of Kelpie VMs (or of the runtime over them).",
     )
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=DEFAULT_SCENARIO,
+                        help="vm: VMs driven directly; runtime: the runtime, crashed at "
+                        "every storage step (one crash point per seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the (first) run")
     parser.add_argument("--steps", type=int, default=100, help="operations per run")
     parser.add_argument("--seeds", type=int, default=1, help="how many consecutive seeds")
@@ -62,4 +97,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="probability for faults given without p= (and for 'all')")
     parser.add_argument("--trace", action="store_true", help="print every step")
     args = parser.parse_args(argv)
-    return run_cli(args.seed, args.steps, args.faults, args.seeds, args.trace, args.probability)
+    return run_cli(args.seed, args.steps, args.faults, args.seeds, args.trace, args.probability,
+                   args.scenario)

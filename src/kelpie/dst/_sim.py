@@ -10,7 +10,11 @@ Invariants checked after every step:
   reported state is the last transition's target;
 - ``restore-equals-snapshot``: a restore that succeeds yields exactly the captured state;
 - ``snapshot-readable``: no snapshot is both reported written (or listed as complete) and
-  unreadable, unless storage silently corrupted it, in which case restoring it must fail;
+  unreadable, unless storage silently damaged it, in which case restoring it must fail;
+- ``fault-caught-by-its-check``: silent damage is refused by the check meant for it, never
+  by luck: a flipped byte in a blob by the sha256 check (:class:`BlobDigestMismatch`), a
+  lost tail by the size check (:class:`BlobSizeMismatch`), damage to the manifest by its
+  checksum (:class:`ManifestCorrupted`); not by a parse error further on;
 - ``no-partial-listed``: an interrupted snapshot never appears as complete;
 - ``file-model``: a guest file read back equals what was last written to it;
 - ``expected-errors``: every failure is a KelpieError the operation may raise, never a bug.
@@ -31,8 +35,11 @@ from kelpie.sim._link import SimLink
 from kelpie.sim._rng import SimRng
 from kelpie.sim._storage import SimStorage, SimulatedCrash
 from kelpie.vm import (
+    BlobDigestMismatch,
+    BlobSizeMismatch,
     InvalidStateError,
     KelpieError,
+    ManifestCorrupted,
     SnapshotCorrupted,
     SnapshotKind,
     VmConfig,
@@ -40,7 +47,7 @@ from kelpie.vm import (
     VmState,
     is_legal,
 )
-from kelpie.vm._snapshot import PARTIAL_SUFFIX
+from kelpie.vm._snapshot import MANIFEST_NAME, PARTIAL_SUFFIX
 
 if TYPE_CHECKING:  # the mock backend imports dst's primitives; import it lazily at run time
     from kelpie.backends.mock import MockVm
@@ -85,6 +92,9 @@ class SimReport:
     virtual_seconds: float
     final_states: dict[str, str]
     fault_specs: list[FaultSpec]
+    crash_points: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Planned crash points this run hit (the runtime scenario)."""
+    scenario: str = "vm"
 
     @property
     def ok(self) -> bool:
@@ -104,9 +114,11 @@ class SimReport:
         lines = [
             f"seed {self.seed}: {self.steps} steps, {self.virtual_seconds:.1f}s of virtual time, "
             f"trace sha256 {self.trace_digest[:16]}",
+            *([f"scenario:   {self.scenario}"] if self.scenario != "vm" else []),
             "operations: " + _counts(self.operations),
             "outcomes:   " + _counts(self.outcomes),
             "faults:     " + (_counts(self.faults_fired) or "none fired"),
+            *(["crashed at: " + _counts(self.crash_points)] if self.crash_points else []),
             "final VMs:  " + ", ".join(f"{k}={v}" for k, v in sorted(self.final_states.items())),
         ]
         if self.violations:
@@ -198,6 +210,9 @@ class Simulation:
             except Exception as exc:  # a bug in Kelpie: record it, keep the seed reproducible
                 outcome, detail = "bug", f"{type(exc).__name__}: {exc}"
                 self._violate("expected-errors", f"{op} on {name} raised {detail}")
+            if self.storage.crashed:  # the crash surfaced as an ordinary failure
+                outcome = "host-crash"
+                self._recover_host()
             self.outcomes[outcome] += 1
             state = self.vms[name].state.value if name in self.vms else "-"
             first_line = detail.splitlines()[0] if detail else ""
@@ -321,15 +336,16 @@ class Simulation:
             vm = self._new_vm()
         else:
             return "no VM free to restore into"
-        corrupted = self._is_corrupted(snap.path)
+        damage = expected_damage(self.storage, snap.path)
         try:
             await vm.restore(VmSnapshot.open(snap.path, storage=self.storage))
-        except SnapshotCorrupted:
-            if not corrupted:
+        except KelpieError as exc:
+            if damage is None or self.storage.crashed:
                 raise
-            return f"{snap.path.name} into {vm.id}: refused (corrupted, as it should be)"
-        if corrupted:
-            self._violate("snapshot-readable", f"{snap.path.name} is corrupted but restored")
+            self._check_caught(snap.path, damage, exc)
+            return f"{snap.path.name} into {vm.id}: refused (damaged, as it should be)"
+        if damage is not None:
+            self._violate("snapshot-readable", f"{snap.path.name} is damaged but restored")
         if vm.state_digest(snap.kind) != snap.digest:
             self._violate("restore-equals-snapshot",
                           f"{vm.id} restored from {snap.path.name} differs from what was captured")
@@ -354,9 +370,13 @@ class Simulation:
         if not is_legal(old, new):
             self._violate("state-machine", f"illegal transition {old} -> {new}")
 
-    def _is_corrupted(self, path: Path) -> bool:
-        prefix = str(path) + "/"
-        return any(p.startswith(prefix) for p in self.storage.corrupted)
+    def _check_caught(self, path: Path, expected: type[SnapshotCorrupted],
+                      error: BaseException | None) -> None:
+        """Silent damage must be refused by the check meant for it (see the invariants)."""
+        if type(error) is not expected:
+            got = "nothing (accepted)" if error is None else f"{type(error).__name__}: {error}"
+            self._violate("fault-caught-by-its-check", f"{path.name} must be refused by "
+                          f"{expected.__name__}, got {got}")
 
     def _check_invariants(self) -> None:
         for name, vm in sorted(self.vms.items()):
@@ -371,16 +391,41 @@ class Simulation:
             path = SNAPSHOT_ROOT / entry
             if entry.startswith("."):
                 continue  # partial: not listed as complete, removed by recovery
+            damage = expected_damage(self.storage, path)
             try:
                 VmSnapshot.open(path, storage=self.storage).verify()
             except SnapshotCorrupted as exc:
-                if not self._is_corrupted(path):
+                if damage is None:
                     self._violate("snapshot-readable", f"{entry} is listed complete: {exc}")
+                else:
+                    self._check_caught(path, damage, exc)
+            else:
+                if damage is not None:
+                    self._check_caught(path, damage, None)
         for name in sorted(self.snapshots):
             if name not in listed:
                 self._violate("snapshot-readable", f"{name} was reported written but is gone")
             if f".{name}{PARTIAL_SUFFIX}" in listed:
                 self._violate("no-partial-listed", f"{name} is both complete and partial")
+
+
+def expected_damage(storage: SimStorage, snapshot: Path) -> type[SnapshotCorrupted] | None:
+    """Which check must refuse ``snapshot``, given the silent damage storage did to it (None:
+    undamaged). The manifest is read first, then the blobs in name order."""
+    prefix = str(snapshot) + "/"
+
+    def damage(key: str) -> type[SnapshotCorrupted] | None:
+        if key in storage.corrupted:
+            return BlobDigestMismatch
+        if key in storage.truncated:
+            return BlobSizeMismatch
+        return None
+
+    if damage(prefix + MANIFEST_NAME) is not None:
+        return ManifestCorrupted
+    blobs = sorted(k for k in (*storage.corrupted, *storage.truncated)
+                   if k.startswith(prefix) and "/" not in k[len(prefix):])
+    return damage(blobs[0]) if blobs else None
 
 
 def run_seed(seed: int, steps: int = 100, faults: list[FaultSpec] | None = None) -> SimReport:

@@ -20,7 +20,7 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from kelpie.vm import SnapshotCorrupted, SnapshotManifest
+from kelpie.vm import LocalStorage, SnapshotCorrupted, SnapshotManifest, Storage
 from kelpie.vm._snapshot import MANIFEST_NAME
 
 META_NAME = "kelpie-snapshot.json"
@@ -30,9 +30,11 @@ MAX_META_BYTES = 1 << 20
 
 
 def write_archive(out: IO[bytes], snapshot_dir: Path, meta: dict[str, Any], *,
-                  compress: bool = False) -> None:
-    """Write the archive of the snapshot in ``snapshot_dir`` to ``out``."""
-    manifest = SnapshotManifest.from_json((snapshot_dir / MANIFEST_NAME).read_bytes())
+                  compress: bool = False, storage: Storage | None = None) -> None:
+    """Write the archive of the snapshot in ``snapshot_dir`` (read through ``storage``)."""
+    store = storage or LocalStorage()
+    manifest_data = store.read_bytes(snapshot_dir / MANIFEST_NAME)
+    manifest = SnapshotManifest.from_json(manifest_data)
     with contextlib.ExitStack() as stack:
         target: IO[bytes] = out
         if compress:
@@ -41,9 +43,13 @@ def write_archive(out: IO[bytes], snapshot_dir: Path, meta: dict[str, Any], *,
                     out, closefd=False))
         with tarfile.open(fileobj=target, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, META_NAME, json.dumps(meta, sort_keys=True, indent=2).encode())
-            tar.add(snapshot_dir / MANIFEST_NAME, arcname=MANIFEST_NAME, recursive=False)
+            _add_bytes(tar, MANIFEST_NAME, manifest_data)
             for name in sorted(manifest.blobs):
-                tar.add(snapshot_dir / name, arcname=name, recursive=False)
+                info = tarfile.TarInfo(name)
+                info.size = store.size(snapshot_dir / name)
+                info.mode = 0o644
+                with store.open_read(snapshot_dir / name) as blob:
+                    tar.addfile(info, blob)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -53,20 +59,25 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def read_archive(source: IO[bytes], dest: Path) -> tuple[dict[str, Any], SnapshotManifest]:
+def read_archive(source: IO[bytes], dest: Path, *, storage: Storage | None = None,
+                 ) -> tuple[dict[str, Any], SnapshotManifest]:
     """Unpack an archive into the new directory ``dest``; return its metadata and manifest.
 
     Raises :class:`SnapshotCorrupted` naming what is wrong; ``dest`` may then hold part of
     the archive (the caller removes it).
     """
-    dest.mkdir(parents=True)
+    store = storage or LocalStorage()
+    if store.exists(dest):
+        raise FileExistsError(f"cannot unpack a snapshot archive into {dest}: it exists")
+    store.mkdir(dest)
     try:
-        return _read(source, dest)
+        return _read(source, dest, store)
     except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise SnapshotCorrupted(f"snapshot archive is damaged or truncated: {exc}") from None
 
 
-def _read(source: IO[bytes], dest: Path) -> tuple[dict[str, Any], SnapshotManifest]:
+def _read(source: IO[bytes], dest: Path, store: Storage,
+          ) -> tuple[dict[str, Any], SnapshotManifest]:
     meta: dict[str, Any] | None = None
     manifest: SnapshotManifest | None = None
     seen: set[str] = set()
@@ -89,7 +100,7 @@ def _read(source: IO[bytes], dest: Path) -> tuple[dict[str, Any], SnapshotManife
             if name == MANIFEST_NAME:
                 data = extracted.read()
                 manifest = SnapshotManifest.from_json(data)
-                (dest / MANIFEST_NAME).write_bytes(data)
+                store.write_bytes(dest / MANIFEST_NAME, data)
                 continue
             if manifest is None:
                 raise SnapshotCorrupted(f"snapshot archive must have {MANIFEST_NAME} "
@@ -97,7 +108,7 @@ def _read(source: IO[bytes], dest: Path) -> tuple[dict[str, Any], SnapshotManife
             if name not in manifest.blobs:
                 raise SnapshotCorrupted(f"snapshot archive has {name!r}, which its manifest "
                                         "does not list")
-            with (dest / name).open("xb") as out:
+            with store.open_write(dest / name) as out:
                 while chunk := extracted.read(CHUNK):
                     out.write(chunk)
     if meta is None or manifest is None:

@@ -11,10 +11,11 @@ from kelpie.sim._clock import SimEventLoop, SimulationDeadlock, VirtualClock, ru
 from kelpie.sim._faults import NO_FAULTS, Fault, FaultInjector, FaultSpec, parse_fault_specs
 from kelpie.sim._link import SimLink
 from kelpie.sim._rng import SimRng
-from kelpie.sim._storage import SimStorage, SimulatedCrash
+from kelpie.sim._storage import CrashWhen, SimStorage, SimulatedCrash, StepHook
 
 __all__ = [
     "NO_FAULTS",
+    "CrashWhen",
     "Fault",
     "FaultInjector",
     "FaultSpec",
@@ -24,6 +25,7 @@ __all__ = [
     "SimStorage",
     "SimulatedCrash",
     "SimulationDeadlock",
+    "StepHook",
     "VirtualClock",
     "parse_fault_specs",
     "run_simulated",

@@ -27,6 +27,7 @@ class Fault(enum.StrEnum):
     SNAPSHOT_CREATE_FAIL = "snapshot_create_fail"
     SNAPSHOT_TOO_LARGE = "snapshot_too_large"
     SNAPSHOT_CORRUPTION = "snapshot_corruption"
+    SNAPSHOT_TRUNCATION = "snapshot_truncation"
     RESTORE_FAIL = "restore_fail"
     STORAGE_WRITE_FAIL = "storage_write_fail"
     STORAGE_PARTIAL_WRITE = "storage_partial_write"

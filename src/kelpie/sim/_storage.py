@@ -1,10 +1,18 @@
-"""In-memory storage for simulations, with the storage faults injected at write time."""
+"""In-memory storage for simulations, with storage faults and host crashes at every step.
+
+Every call that changes the store (write, stream write, mkdir, rename, remove) is one
+*step*. A step hook chosen by the simulation may crash the host just before or just after
+any step, so a harness can enumerate every crash point of an operation instead of hoping a
+probability hits it. After a crash every call fails until :meth:`SimStorage.restart`.
+"""
 
 from __future__ import annotations
 
+import enum
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from kelpie.sim._faults import NO_FAULTS, Fault, FaultInjector
 from kelpie.sim._rng import SimRng
@@ -19,6 +27,19 @@ class SimulatedCrash(StorageError):
     """
 
 
+class CrashWhen(enum.StrEnum):
+    """Where around a storage step a planned crash happens."""
+
+    BEFORE = "before"
+    """The step never lands."""
+    AFTER = "after"
+    """The step lands, then the host dies (before the caller sees it succeed)."""
+
+
+StepHook = Callable[[str, Path], CrashWhen | None]
+"""Called before every step with its operation name and path: whether to crash there."""
+
+
 class SimStorage(Storage):
     """A file store in memory. Writes consult the fault injector:
 
@@ -27,7 +48,14 @@ class SimStorage(Storage):
     - ``crash_before_write`` / ``crash_after_write``: the host process dies before / after
       the data lands; every later call fails with :class:`SimulatedCrash` until restart;
     - ``snapshot_corruption``: silent bit rot: the write "succeeds" with one byte flipped;
-      the path is remembered in ``corrupted`` so a simulation knows reads must fail.
+      the path is remembered in ``corrupted`` so a simulation knows reads must fail (and
+      which check must catch it: a digest);
+    - ``snapshot_truncation``: a silently lost tail: the write "succeeds" but only a prefix
+      is kept; the path is remembered in ``truncated`` (a size check must catch it).
+
+    ``step_hook`` (see :data:`StepHook`) plans crashes at chosen steps; ``on_crash`` is
+    called at the instant of any crash (a harness freezes the other durable state there,
+    e.g. the state database); ``steps`` counts every step taken.
     """
 
     def __init__(self, rng: SimRng, faults: FaultInjector = NO_FAULTS) -> None:
@@ -37,11 +65,34 @@ class SimStorage(Storage):
         self.dirs: set[str] = {"/"}
         self.crashed = False
         self.corrupted: set[str] = set()
+        self.truncated: set[str] = set()
+        self.steps = 0
+        self.step_hook: StepHook | None = None
+        self.on_crash: Callable[[], None] | None = None
 
     # -- helpers
     def _alive(self, op: str, path: Path) -> None:
         if self.crashed:
             raise SimulatedCrash(f"{op} {path}: host process has crashed")
+
+    def _crash(self, message: str) -> SimulatedCrash:
+        self.crashed = True
+        if self.on_crash is not None:
+            self.on_crash()
+        return SimulatedCrash(message)
+
+    def _step(self, op: str, path: Path) -> bool:
+        """Begin a step: crash now if planned; True if the host must crash once it lands."""
+        self._alive(op, path)
+        self.steps += 1
+        when = self.step_hook(op, path) if self.step_hook is not None else None
+        if when is CrashWhen.BEFORE:
+            raise self._crash(f"{op} {path}: host crashed before this step (planned)")
+        return when is CrashWhen.AFTER
+
+    def _landed(self, op: str, path: Path, crash_after: bool) -> None:
+        if crash_after:
+            raise self._crash(f"{op} {path}: host crashed after this step (planned)")
 
     def _parents(self, path: str) -> list[str]:
         parts = Path(path).parents
@@ -65,11 +116,10 @@ class SimStorage(Storage):
 
     # -- Storage
     def write_bytes(self, path: Path, data: bytes) -> None:
-        self._alive("write", path)
+        crash_after = self._step("write", path)
         key = str(path)
         if self._faults.check(Fault.CRASH_BEFORE_WRITE, "write"):
-            self.crashed = True
-            raise SimulatedCrash(f"write {path}: host crashed before the write")
+            raise self._crash(f"write {path}: host crashed before the write")
         if self._faults.check(Fault.STORAGE_WRITE_FAIL, "write"):
             raise StorageError(f"cannot write {path}: injected I/O error")
         self.dirs.update(self._parents(key))
@@ -77,11 +127,16 @@ class SimStorage(Storage):
             self.files[key] = data[: self._rng.randint(0, len(data) - 1)]
             raise StorageError(f"cannot write {path}: injected torn write")
         self.files[key] = bytes(data)
+        self.corrupted.discard(key)
+        self.truncated.discard(key)
         if self._faults.check(Fault.SNAPSHOT_CORRUPTION, "write"):
             self.corrupt(path)
+        elif data and self._faults.check(Fault.SNAPSHOT_TRUNCATION, "write"):
+            self.files[key] = data[: self._rng.randint(0, len(data) - 1)]
+            self.truncated.add(key)
         if self._faults.check(Fault.CRASH_AFTER_WRITE, "write"):
-            self.crashed = True
-            raise SimulatedCrash(f"write {path}: host crashed after the write")
+            raise self._crash(f"write {path}: host crashed after the write")
+        self._landed("write", path, crash_after)
 
     def read_bytes(self, path: Path) -> bytes:
         self._alive("read", path)
@@ -102,10 +157,11 @@ class SimStorage(Storage):
         return key in self.files or key in self.dirs
 
     def mkdir(self, path: Path) -> None:
-        self._alive("mkdir", path)
+        crash_after = self._step("mkdir", path)
         key = str(path)
         self.dirs.add(key)
         self.dirs.update(self._parents(key))
+        self._landed("mkdir", path, crash_after)
 
     def list_dir(self, path: Path) -> list[str]:
         self._alive("list", path)
@@ -124,7 +180,7 @@ class SimStorage(Storage):
         return files, dirs
 
     def rename(self, src: Path, dst: Path) -> None:
-        self._alive("rename", src)
+        crash_after = self._step("rename", src)
         if self.exists(dst):
             raise StorageError(f"cannot rename {src} to {dst}: destination exists")
         if not self.exists(src):
@@ -133,19 +189,67 @@ class SimStorage(Storage):
         files, dirs = self._under(s)
         for f in files:
             self.files[d + f[len(s):]] = self.files.pop(f)
-            if f in self.corrupted:
-                self.corrupted.discard(f)
-                self.corrupted.add(d + f[len(s):])
+            for damaged in (self.corrupted, self.truncated):
+                if f in damaged:
+                    damaged.discard(f)
+                    damaged.add(d + f[len(s):])
         for old in dirs:
             self.dirs.discard(old)
             self.dirs.add(d + old[len(s):])
         self.dirs.update(self._parents(d))
+        self._landed("rename", src, crash_after)
 
     def remove_tree(self, path: Path) -> None:
-        self._alive("remove", path)
+        crash_after = self._step("remove", path)
         files, dirs = self._under(str(path))
         for f in files:
             del self.files[f]
             self.corrupted.discard(f)
+            self.truncated.discard(f)
         for d in dirs:
             self.dirs.discard(d)
+        self._landed("remove", path, crash_after)
+
+    def is_dir(self, path: Path) -> bool:
+        self._alive("stat", path)
+        return str(path) in self.dirs
+
+    def open_write(self, path: Path) -> BinaryIO:
+        if self.exists(path):
+            raise StorageError(f"cannot create {path}: it exists")
+        return self._open_stream("create", path)
+
+    def open_append(self, path: Path) -> BinaryIO:
+        return self._open_stream("append", path)
+
+    def _open_stream(self, op: str, path: Path) -> BinaryIO:
+        crash_after = self._step(op, path)
+        key = str(path)
+        self.dirs.update(self._parents(key))
+        self.files.setdefault(key, b"")
+        self._landed(op, path, crash_after)
+        return cast(BinaryIO, _SimStream(self, path))
+
+    def _append(self, path: Path, data: bytes) -> None:
+        """One write of a stream: a step, subject to the write faults (not corruption)."""
+        crash_after = self._step("write", path)
+        if self._faults.check(Fault.STORAGE_WRITE_FAIL, "write"):
+            raise StorageError(f"cannot write {path}: injected I/O error")
+        key = str(path)
+        self.files[key] = self.files.get(key, b"") + bytes(data)
+        self._landed("write", path, crash_after)
+
+
+class _SimStream(io.RawIOBase):
+    """A file of a :class:`SimStorage` open for writing at its end."""
+
+    def __init__(self, storage: SimStorage, path: Path) -> None:
+        self._storage = storage
+        self._path = path
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._storage._append(self._path, bytes(data))
+        return len(data)

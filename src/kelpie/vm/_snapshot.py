@@ -34,6 +34,18 @@ PARTIAL_SUFFIX = ".partial"
 _BLOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
+class ManifestCorrupted(SnapshotCorrupted):
+    """The manifest is malformed or does not match its own checksum."""
+
+
+class BlobSizeMismatch(SnapshotCorrupted):
+    """A blob's size is not the size its manifest records (truncated or extended)."""
+
+
+class BlobDigestMismatch(SnapshotCorrupted):
+    """A blob's sha256 is not the digest its manifest records (its bytes changed)."""
+
+
 class SnapshotKind(enum.StrEnum):
     """What a snapshot holds."""
 
@@ -127,7 +139,9 @@ class SnapshotManifest:
                 raise ValueError("manifest is not a JSON object")
             checksum = body.pop("checksum", None)
             if checksum != _sha256(_canonical(body)):
-                raise SnapshotCorrupted("manifest checksum does not match its content")
+                raise ManifestCorrupted("manifest checksum does not match its content")
+            if not data.endswith(b"\n"):  # the checksum cannot see a lost final newline
+                raise ManifestCorrupted("manifest is truncated: its final newline is missing")
             version = body["format_version"]
             if version != SNAPSHOT_FORMAT_VERSION:
                 raise SnapshotCorrupted(
@@ -158,7 +172,7 @@ class SnapshotManifest:
         except SnapshotCorrupted:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SnapshotCorrupted(f"manifest is malformed: {exc}") from exc
+            raise ManifestCorrupted(f"manifest is malformed: {exc}") from exc
 
     def incompatibilities(self, host: HostInfo) -> list[str]:
         """Every reason this snapshot cannot be restored on ``host`` (empty: it can)."""
@@ -219,7 +233,7 @@ class VmSnapshot:
         try:
             data = store.read_bytes(manifest_path)
         except StorageError as exc:
-            raise SnapshotCorrupted(f"{path}: cannot read manifest: {exc}") from exc
+            raise ManifestCorrupted(f"{path}: cannot read manifest: {exc}") from exc
         return cls(path, SnapshotManifest.from_json(data), store)
 
     def blob_path(self, name: str) -> Path:
@@ -258,12 +272,14 @@ class VmSnapshot:
 
 
 def _check_blob(where: Path, name: str, info: BlobInfo, size: int, sha: str) -> None:
+    """The one place a blob is checked against its manifest: size first, then sha256 (an
+    empty ``sha``: the size check alone, before hashing a file of the wrong size)."""
     if size != info.size:
-        raise SnapshotCorrupted(
+        raise BlobSizeMismatch(
             f"{where}: blob {name!r} is {size} bytes, manifest says {info.size} (truncated?)"
         )
     if sha and sha != info.sha256:
-        raise SnapshotCorrupted(
+        raise BlobDigestMismatch(
             f"{where}: blob {name!r} has sha256 {sha[:16]}..., manifest says "
             f"{info.sha256[:16]}... (corrupted)"
         )

@@ -1,8 +1,10 @@
-"""Storage: the injectable file store that snapshots are written through.
+"""Storage: the injectable file store that snapshots and the runtime's directories go through.
 
 Production code uses :class:`LocalStorage` (the host file system, atomic writes with fsync).
-The deterministic simulator hands in an in-memory store with injected faults instead, so
-the same snapshot code runs under both.
+The deterministic simulator hands in an in-memory store with injected faults and crashes
+(``kelpie.sim.SimStorage``) instead, so the same snapshot and runtime code runs under both.
+Every change to the store is one call here: that is what lets the simulator crash the host
+between any two of them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def remove_tree(self, path: Path) -> None:
         """Remove a file or directory tree; no error if it does not exist."""
+
+    @abc.abstractmethod
+    def is_dir(self, path: Path) -> bool:
+        """Whether ``path`` is a directory."""
+
+    @abc.abstractmethod
+    def open_write(self, path: Path) -> BinaryIO:
+        """Create a new file (it must not exist) for streamed writing. Not atomic: write
+        inside a partial directory that is renamed into place when complete."""
+
+    @abc.abstractmethod
+    def open_append(self, path: Path) -> BinaryIO:
+        """Open a file for appending (created if missing; e.g. a log), unbuffered."""
 
 
 class LocalStorage(Storage):
@@ -120,3 +135,18 @@ class LocalStorage(Storage):
                 path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def open_write(self, path: Path) -> BinaryIO:
+        try:
+            return path.open("xb")
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from exc
+
+    def open_append(self, path: Path) -> BinaryIO:
+        try:
+            return path.open("ab", buffering=0)
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc

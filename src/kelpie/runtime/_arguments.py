@@ -1,0 +1,114 @@
+"""Turning the runtime's call arguments into checked values (mounts, ports, commands, enums)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from kelpie.images import NoDefaultCommand, StoredImage
+from kelpie.images._rootfs_build import BuildProgress
+from kelpie.runtime._info import SandboxInfo
+from kelpie.vm import ConfigError, Mount, NetworkMode, PortMapping, SnapshotKind
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+Progress = Callable[[str], None]
+"""Receives one line of progress text per step of a long operation (on the event loop)."""
+
+
+def mount(volume: Mount | str) -> Mount:
+    """A :class:`Mount` from itself or from ``HOST:GUEST[:ro|rw]``."""
+    if isinstance(volume, Mount):
+        return volume
+    host, sep, rest = volume.partition(":")
+    guest, _, mode = rest.partition(":")
+    if not sep or not host or not guest or mode not in ("", "ro", "rw"):
+        raise ConfigError([f"volume {volume!r}: expected HOST:GUEST or HOST:GUEST:ro|rw"],
+                          what="volume")
+    return Mount(Path(host).resolve(), guest, read_only=mode == "ro")
+
+
+def port(mapping: PortMapping | str) -> PortMapping:
+    """A :class:`PortMapping` from itself or from ``[IP:]HOST:GUEST[/tcp|udp]``."""
+    return mapping if isinstance(mapping, PortMapping) else PortMapping.parse(mapping)
+
+
+def main_command(
+    command: Sequence[str] | None, stored: StoredImage | None,
+) -> tuple[str, ...] | None:
+    """The main command to record: None for none; with an image, Docker's rule
+    (entrypoint + the command, or + the image's cmd when the command is empty)."""
+    if command is None:
+        return None
+    if stored is not None:
+        return tuple(stored.config.command(command or None))
+    if not command:
+        raise ConfigError(["an empty main command needs an image with a default command; "
+                           "give a command"], what="sandbox command")
+    return tuple(command)
+
+
+def image_command(stored: StoredImage | None) -> tuple[str, ...] | None:
+    """The image's default command, or None when it has none."""
+    if stored is None:
+        return None
+    try:
+        return tuple(stored.config.command(None))
+    except NoDefaultCommand:
+        return None
+
+
+def build_reporter(progress: Progress | None) -> Callable[[BuildProgress], None] | None:
+    """Turn root-disk build steps (reported on a worker thread) into progress lines."""
+    if progress is None:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def report(step: BuildProgress) -> None:
+        if step.stage == "layer" and step.current < step.total:
+            line = f"unpacking layer {step.current + 1}/{step.total}"
+        elif step.stage == "ext4" and step.current == 0:
+            line = "building the ext4 root disk"
+        else:
+            return
+        loop.call_soon_threadsafe(progress, line)
+
+    return report
+
+
+def network(mode: NetworkMode | str) -> NetworkMode:
+    return member(NetworkMode, mode, "network", "sandbox network")
+
+
+def snapshot_kind(kind: SnapshotKind | str) -> SnapshotKind:
+    return member(SnapshotKind, kind, "snapshot kind", "snapshot")
+
+
+def member(kind: type[E], value: E | str, field: str, what: str) -> E:
+    """``value`` as a member of the string enum ``kind``; a ConfigError lists the allowed."""
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise ConfigError([f"{field} {value!r} is not known; allowed: {allowed}"],
+                          what=what) from None
+
+
+def image_label(image: StoredImage) -> str:
+    """How a sandbox records its image: ``name@digest`` when tagged, else the digest."""
+    if not image.tags:
+        return image.digest
+    return f"{image.tags[0].rpartition(':')[0]}@{image.digest}"
+
+
+def workspace_of(info: SandboxInfo) -> str:
+    """The directory a checkpoint keeps by default: the image's working directory."""
+    return info.workdir if info.workdir and info.workdir != "/" else "/workspace"
+
+
+def label(info: SandboxInfo) -> str:
+    """How errors name a sandbox: ``name (short id)``."""
+    return f"{info.name} ({info.short_id})"

@@ -1,0 +1,108 @@
+"""Main commands: a sandbox's own command, run whenever it starts, its output kept as logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from kelpie.runtime._context import RuntimeContext
+from kelpie.runtime._info import SandboxInfo
+from kelpie.vm import ExecExit, ExecOutput, ExecProcess, KelpieError, VmInstance, VmState
+
+EXIT_CANNOT_RUN = 127
+
+
+class MainCommands:
+    """Runs each sandbox's main command in the background and records how it ended."""
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self._ctx = ctx
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, info: SandboxInfo, vm: VmInstance, *, follow: bool = False) -> None:
+        """Run the sandbox's main command in the background, its output into the log
+        (``follow``: take over the one an earlier runtime started, by its exec id)."""
+        if not follow:
+            self._ctx.db.set_main_exit(info.id, None, self._ctx.clock())
+        task = asyncio.create_task(self._run(info, vm, follow=follow),
+                                   name=f"kelpie-main-{info.id}")
+        self._tasks[info.id] = task
+        task.add_done_callback(lambda t: self._tasks.pop(info.id, None)
+                               if self._tasks.get(info.id) is t else None)
+
+    def follow(self, sandbox_id: str, vm: VmInstance) -> None:
+        """Take over the output of a main command an earlier runtime started (if running)."""
+        info = self._ctx.info(sandbox_id)
+        if info.command is not None and info.main_exec_id is not None \
+                and vm.state is VmState.RUNNING and sandbox_id not in self._tasks:
+            self.start(info, vm, follow=True)
+
+    async def _run(self, info: SandboxInfo, vm: VmInstance, *, follow: bool) -> None:
+        """Pump the main command's output into the sandbox's output log; record its exit.
+
+        Cancelled when the sandbox stops or the runtime closes: the command itself is left
+        running in the guest (``keep_running``), and its exec id is recorded so that the
+        next runtime (e.g. a restarted daemon) takes its output over where it stopped.
+        """
+        assert info.command is not None
+        ctx = self._ctx
+        path = ctx.output_log(info.id)
+        ctx.storage.mkdir(path.parent)
+        exit_code: int | None = EXIT_CANNOT_RUN
+        with ctx.storage.open_append(path) as log:
+            try:
+                async with self._process(info, vm, follow) as process:
+                    if process.exec_id is not None:
+                        ctx.db.set_main_exec(info.id, process.exec_id)
+                    await process.close_stdin()
+                    async for event in process:
+                        if isinstance(event, ExecOutput):
+                            log.write(event.data)
+                        elif isinstance(event, ExecExit):
+                            exit_code = event.exit_code
+            except KelpieError as exc:
+                what = "following" if follow else "the main command"
+                log.write(f"kelpie: {what} failed: {exc}\n".encode())
+                if follow:
+                    exit_code = None  # unknown: its output could not be taken over
+        if ctx.open_db is not None and ctx.vms.get(info.id) is vm:
+            ctx.db.set_main_exit(info.id, exit_code, ctx.clock())
+
+    @contextlib.asynccontextmanager
+    async def _process(
+        self, info: SandboxInfo, vm: VmInstance, follow: bool,
+    ) -> AsyncIterator[ExecProcess]:
+        assert info.command is not None
+        if follow:
+            assert info.main_exec_id is not None
+            yield await vm.reattach_exec(info.main_exec_id)
+            return
+        async with vm.exec_stream(info.command, cwd=info.workdir, user=info.user,
+                                  keep_running=True) as process:
+            yield process
+
+    async def wait(self, sandbox_id: str) -> int | None:
+        """Wait for the sandbox's main command to end; its exit code (see Runtime)."""
+        task = self._tasks.get(sandbox_id)
+        if task is not None:
+            await asyncio.shield(task)
+        return self._ctx.info(sandbox_id).main_exit_code
+
+    def stop(self, sandbox_id: str) -> None:
+        """Stop following the main command (it keeps running in the guest, if it does)."""
+        task = self._tasks.pop(sandbox_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def stop_all(self) -> None:
+        """Stop following every main command and wait until they let go."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()  # the main commands keep running in the guests
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def cancel_all(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()  # the command keeps running in the guest (see _run)
+        self._tasks.clear()

@@ -1,0 +1,277 @@
+"""Sandbox lifecycle: create, start, stop, pause, resume, remove, and re-attach after a restart.
+
+The record is written before anything starts and deleted only by :meth:`Sandboxes.remove`,
+after everything else is gone, so a failure (or a crash) at any step leaves a record saying
+what happened, never a VM or directory nobody knows about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kelpie.images import StoredImage, rootfs_ext4
+from kelpie.runtime import _arguments as args
+from kelpie.runtime._context import ID_ATTEMPTS, RuntimeContext
+from kelpie.runtime._db import IdInUse
+from kelpie.runtime._errors import SandboxNameInUse, SandboxStateError
+from kelpie.runtime._info import SandboxInfo
+from kelpie.runtime._mains import MainCommands
+from kelpie.runtime._names import check_name, generated_name
+from kelpie.vm import (
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS,
+    BackendSpec,
+    ConfigError,
+    KelpieError,
+    Mount,
+    NetworkMode,
+    PortMapping,
+    VmConfig,
+    VmInstance,
+    VmState,
+)
+
+AT_REST = (VmState.STOPPED, VmState.CRASHED)
+STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
+
+
+def image_holder(sandbox_id: str) -> str:
+    return f"sandbox:{sandbox_id}"
+
+
+class Sandboxes:
+    """Creates, starts, stops and removes sandboxes; recovers them when the runtime opens."""
+
+    def __init__(self, ctx: RuntimeContext, mains: MainCommands) -> None:
+        self._ctx = ctx
+        self._mains = mains
+
+    # ---- recovery -----------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Remove what a crash left behind; re-attach to every sandbox not at rest, and
+        mark the ones that cannot be re-attached crashed."""
+        ctx = self._ctx
+        records = ctx.db.all()
+        known = {info.id for info in records}
+        for entry in ctx.storage.list_dir(ctx.sandboxes_dir):
+            if entry not in known:  # its record is gone: a remove was cut short
+                ctx.storage.remove_tree(ctx.sandbox_dir(entry))
+        for info in records:
+            if info.state in AT_REST:
+                continue
+            reason = await self._reattach(info)
+            if reason is not None:
+                ctx.db.set_state(info.id, VmState.CRASHED, ctx.clock(), reason=reason)
+
+    async def _reattach(self, info: SandboxInfo) -> str | None:
+        """Reconnect to the VM of ``info``; return why not, or None when attached."""
+        ctx = self._ctx
+        try:
+            spec = ctx.factory.registry.get(info.backend)
+        except KelpieError as exc:
+            return f"backend {info.backend!r} is not available after a restart: {exc}"
+        if spec.attach is None:
+            return f"backend {info.backend!r} VMs do not survive a restart"
+        try:
+            vm = await spec.attach(info.id)
+        except Exception as exc:
+            return f"could not re-attach to the VM after a restart: {exc}"
+        ctx.adopt(info.id, vm)
+        ctx.record_state(vm, vm.state)
+        self._mains.follow(info.id, vm)
+        return None
+
+    # ---- create -------------------------------------------------------------------------
+    async def create(
+        self, *, image: str | None, name: str | None, cpus: int | None,
+        memory_mib: int | None, env: Mapping[str, str] | None, volumes: Sequence[Mount | str],
+        network: NetworkMode | str, backend: str | None, hostname: str | None,
+        labels: Mapping[str, str] | None, ports: Sequence[PortMapping | str],
+        command: Sequence[str] | None, progress: args.Progress | None,
+    ) -> SandboxInfo:
+        """Create a sandbox (not from a template) and start it; see :meth:`Runtime.create`."""
+        ctx = self._ctx
+        _ = ctx.db  # RuntimeNotOpen before anything else
+        spec = ctx.factory.select(backend)
+        if name is not None:
+            self.check_free_name(name)
+        stored = ctx.images.resolve(image) if image is not None else None
+        main = args.main_command(command, stored)
+        config_mounts = tuple(args.mount(v) for v in volumes)
+        config_ports = tuple(args.port(p) for p in ports)
+        root_disk = None
+        if stored is not None:
+            root_disk = await asyncio.to_thread(
+                rootfs_ext4, ctx.images, stored, progress=args.build_reporter(progress),
+            )
+        config = VmConfig(
+            vcpus=DEFAULT_VCPUS if cpus is None else cpus,
+            memory_mib=DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib,
+            root_disk=root_disk,
+            image=None if stored is None else args.image_label(stored),
+            mounts=config_mounts,
+            ports=config_ports,
+            env={**(stored.config.environment() if stored else {}), **(env or {})},
+            network=args.network(network),
+            hostname=hostname,
+        )
+        info = self.insert(spec, name, config, stored, labels or {}, main)
+        if progress is not None:
+            progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")
+        async with ctx.lock_for(info.id):
+            vm = self.new_vm(spec, info, stored)
+            await self.start_vm(info.id, vm)
+        return ctx.info(info.id)
+
+    def check_free_name(self, name: str) -> None:
+        check_name(name)
+        owner = self._ctx.db.find_by_name(name)
+        if owner is not None:
+            raise SandboxNameInUse(name, owner.id)
+
+    def insert(
+        self, spec: BackendSpec, name: str | None, config: VmConfig,
+        stored: StoredImage | None, labels: Mapping[str, str],
+        command: tuple[str, ...] | None,
+    ) -> SandboxInfo:
+        """Write the new record (state ``created``), retrying an id that is taken."""
+        ctx = self._ctx
+        now = ctx.clock()
+        for _ in range(ID_ATTEMPTS):
+            sandbox_id = ctx.fresh_id()
+            image_config = stored.config if stored is not None else None
+            info = SandboxInfo(
+                id=sandbox_id,
+                name=name if name is not None else generated_name(sandbox_id),
+                backend=spec.name,
+                state=VmState.CREATED,
+                config=config,
+                image=config.image,
+                image_digest=None if stored is None else stored.digest,
+                workdir=(image_config.working_dir or None) if image_config else None,
+                user=image_config.exec_user() if image_config else None,
+                labels=dict(labels),
+                created_at=now,
+                updated_at=now,
+                command=command,
+                image_command=args.image_command(stored),
+                image_entrypoint=tuple(image_config.entrypoint or ()) if image_config else (),
+            )
+            try:
+                ctx.db.insert(info)
+            except IdInUse:
+                continue
+            except SandboxNameInUse:
+                if name is None:
+                    continue  # a generated name collided: another id gives another name
+                raise
+            return info
+        raise ConfigError([f"could not find a free sandbox id in {ID_ATTEMPTS} attempts; "
+                           "check the runtime's id source"], what="sandbox id")
+
+    def new_vm(
+        self, spec: BackendSpec, info: SandboxInfo, stored: StoredImage | None,
+    ) -> VmInstance:
+        """Make the sandbox's directory, hold the image and build the (not yet started) VM
+        of a new record; a failure is kept in the record (state ``stopped``)."""
+        ctx = self._ctx
+        try:
+            ctx.storage.mkdir(ctx.sandbox_dir(info.id))
+            if stored is not None:
+                ctx.images.retain(stored.digest, image_holder(info.id))
+            vm = spec.create(info.config, vm_id=info.id, **ctx.options(spec.name))
+        except Exception as exc:
+            ctx.fail(info.id, VmState.STOPPED, f"create failed: {exc}")
+            raise
+        ctx.adopt(info.id, vm)
+        workdir = getattr(vm, "workdir", None)
+        if isinstance(workdir, Path):
+            ctx.db.set_vm_dir(info.id, workdir)
+        return vm
+
+    async def start_vm(self, sandbox_id: str, vm: VmInstance) -> None:
+        ctx = self._ctx
+        try:
+            await vm.start()
+        except Exception as exc:  # the VM's observer has recorded stopped/crashed already
+            ctx.db.set_error(sandbox_id, f"start failed: {exc}", ctx.clock())
+            raise
+        info = ctx.info(sandbox_id)
+        if info.command is not None:
+            self._mains.start(info, vm)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def pause(self, ref: str) -> SandboxInfo:
+        ctx = self._ctx
+        info = ctx.find(ref)
+        async with ctx.lock_for(info.id):
+            await ctx.live_vm(info, "pause").pause()
+        return ctx.info(info.id)
+
+    async def resume(self, ref: str) -> SandboxInfo:
+        ctx = self._ctx
+        info = ctx.find(ref)
+        async with ctx.lock_for(info.id):
+            vm = ctx.live_vm(info, "resume")
+            await vm.resume()
+            self._mains.follow(info.id, vm)
+        return ctx.info(info.id)
+
+    async def stop(self, ref: str, *, timeout: float | None) -> SandboxInfo:
+        ctx = self._ctx
+        info = ctx.find(ref)
+        async with ctx.lock_for(info.id):
+            self._mains.stop(info.id)
+            vm = ctx.vms.get(info.id)
+            if vm is not None:
+                await vm.stop(grace=None if timeout is None else max(timeout, 0.0))
+            elif info.state not in AT_REST:  # pragma: no cover - recovery settles these
+                ctx.db.set_state(info.id, VmState.STOPPED, ctx.clock())
+        return ctx.info(info.id)
+
+    async def start(self, ref: str) -> SandboxInfo:
+        ctx = self._ctx
+        info = ctx.find(ref)
+        async with ctx.lock_for(info.id):
+            info = ctx.info(info.id)
+            if info.state not in STARTABLE:
+                raise SandboxStateError(args.label(info), "start", info.state, STARTABLE)
+            vm = ctx.vms.get(info.id)
+            if vm is not None and vm.state is VmState.CRASHED:
+                await vm.stop(force=True)  # release what the dead VM held; CRASHED -> STOPPED
+            vm = ctx.vm_for(info)
+            await self.start_vm(info.id, vm)
+        return ctx.info(info.id)
+
+    async def remove(self, ref: str, *, force: bool) -> None:
+        """Delete a sandbox: VM, directories, image hold, then the record (see Runtime)."""
+        ctx = self._ctx
+        info = ctx.find(ref)
+        async with ctx.lock_for(info.id):
+            info = ctx.info(info.id)
+            vm = ctx.vms.get(info.id)
+            # A VM that crashed is at rest like a stopped one: no force needed.
+            live = vm is not None and vm.state not in (*AT_REST, VmState.CREATED)
+            if live and not force:
+                raise SandboxStateError(
+                    args.label(info), "remove", info.state, AT_REST,
+                    "; stop it first, or remove it with force",
+                )
+            self._mains.stop(info.id)
+            if vm is not None and vm.state is not VmState.STOPPED:
+                await vm.stop(force=True)
+            ctx.vms.pop(info.id, None)
+            self._delete_leftovers(info)
+            ctx.db.delete(info.id)
+        ctx.locks.pop(info.id, None)
+
+    def _delete_leftovers(self, info: SandboxInfo) -> None:
+        """Release the image and delete the directories of a stopped sandbox."""
+        ctx = self._ctx
+        if info.image_digest is not None:
+            ctx.images.release(info.image_digest, image_holder(info.id))
+        if info.vm_dir is not None:
+            ctx.storage.remove_tree(info.vm_dir)
+        ctx.storage.remove_tree(ctx.sandbox_dir(info.id))
