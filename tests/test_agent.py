@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kelpie import protocol
-from kelpie.backends._agent_client import (
+from kelpie.agent import (
     AgentClient,
     AgentConnectError,
     AgentDisconnected,
@@ -28,8 +28,8 @@ from kelpie.backends._agent_client import (
     AgentRemoteError,
     AgentVersionError,
     ClientState,
-    ExecOutput,
 )
+from kelpie.agent import CollectedOutput as ExecOutput
 from kelpie.protocol import FrameType
 from waiting import wait_for, wait_until
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from kelpie import VmConfig, VmError, VmState
+from kelpie.agent import ProcessWatch, read_vm_record
 from kelpie.backends.qemu import SPEC
-from kelpie.backends.qemu._vm import ProcessWatch, QemuVm, read_vm_record
+from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
@@ -265,4 +266,6 @@ async def test_config_round_trips_through_the_vm_record(tmp_path: Path) -> None:
     config = VmConfig(memory_mib=384, env={"A": "b"})
     record = {"id": "abc", "backend": "qemu", "config": config.to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(record))
-    assert read_vm_record(tmp_path, "abc") == config
+    assert read_vm_record(tmp_path, "abc", "qemu") == config
+    with pytest.raises(VmError, match="expected 'mock' VM 'abc'"):
+        read_vm_record(tmp_path, "abc", "mock")

@@ -28,7 +28,8 @@ from kelpie.backends.qemu._cmdline import (
     kernel_args,
     netdev_arg,
 )
-from kelpie.backends.qemu._vm import QemuVm, start_failure_reason
+from kelpie.backends.qemu._host import start_failure_reason
+from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 from kelpie.vm import PortMapping
 

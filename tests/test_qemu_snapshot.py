@@ -31,7 +31,8 @@ from kelpie import (
     VmState,
 )
 from kelpie.backends.qemu import CAPABILITIES
-from kelpie.backends.qemu._vm import QemuVm, _qemu_version
+from kelpie.backends.qemu._host import qemu_version
+from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 from vm_fixtures import busybox_root_disk, short_state_dir
 from waiting import wait_until
@@ -136,7 +137,7 @@ async def test_full_snapshot_manifest_and_source_keeps_running(
     assert sorted(manifest.blobs) == ["disk.qcow2", "memory"]
     assert manifest.kind is SnapshotKind.FULL
     assert (manifest.backend, manifest.machine) == ("qemu", "microvm")
-    assert manifest.backend_version == _qemu_version(shutil.which("qemu-system-x86_64") or "")
+    assert manifest.backend_version == qemu_version(shutil.which("qemu-system-x86_64") or "")
     assert manifest.arch == "x86_64" and manifest.cpu_model in ("qemu64", "host")
     assert (manifest.vcpus, manifest.memory_mib) == (source.config.vcpus, 512)
     assert manifest.guestkit_digest == guestkit.digest

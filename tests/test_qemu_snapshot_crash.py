@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from kelpie import SnapshotCorrupted, VmConfig, VmSnapshot, VmState
-from kelpie.backends.qemu._vm import SNAPSHOT_MARKER, QemuVm
+from kelpie.backends.qemu._machine import SNAPSHOT_MARKER
+from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 from kelpie.runtime import Runtime
 from vm_fixtures import busybox_root_disk, short_state_dir

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import math
 import uuid
 from collections.abc import (
     AsyncIterable,
@@ -41,6 +42,9 @@ from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
 
 MAX_ARGV = 4096
 MAX_ARG_LENGTH = 128 * 1024
+MAX_REQUEST_BYTES = 192 * 1024
+"""argv plus env, in bytes: an exec request travels to the guest agent as one frame of at
+most 256 KiB (``kelpie.protocol.MAX_FRAME_PAYLOAD``), JSON quoting included."""
 TIMEOUT_GRACE_SECONDS = 5.0
 """How long past an exec's timeout the host waits for the guest to report the kill."""
 
@@ -125,27 +129,56 @@ class ExecRequest:
     pty: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
-        if not self.argv:
-            problems.append("argv is empty; give at least the program to run")
-        if len(self.argv) > MAX_ARGV:
-            problems.append(f"argv has {len(self.argv)} items; at most {MAX_ARGV} allowed")
-        for i, arg in enumerate(self.argv):
-            if not isinstance(arg, str):  # untyped callers
-                problems.append(  # type: ignore[unreachable]
-                    f"argv[{i}] must be a string, got {type(arg).__name__}"
-                )
-            elif "\0" in arg or len(arg) > MAX_ARG_LENGTH:
-                problems.append(f"argv[{i}] contains NUL or is over {MAX_ARG_LENGTH} characters")
-        for name, value in self.env.items():
-            if not name or "=" in name or "\0" in name or "\0" in value:
-                problems.append(f"env {name!r} must be a non-empty name without '=' or NUL")
-        if self.cwd is not None and not self.cwd.startswith("/"):
-            problems.append(f"cwd {self.cwd!r} must be an absolute guest path")
-        if self.timeout is not None and not self.timeout > 0:
-            problems.append(f"timeout is {self.timeout}; it must be a positive number of seconds")
+        problems = _request_problems(self)
         if problems:
             raise ConfigError(problems, what="exec request")
+
+
+def _request_problems(request: ExecRequest) -> list[str]:
+    """Everything the guest agent would refuse in ``request`` (checked here, so that every
+    backend refuses it the same way, before it reaches a guest)."""
+    problems = []
+    argv, env, cwd = request.argv, request.env, request.cwd
+    if not argv:
+        problems.append("argv is empty; give at least the program to run")
+    elif argv[0] == "":
+        problems.append("argv[0] is empty; it must name the program to run")
+    if len(argv) > MAX_ARGV:
+        problems.append(f"argv has {len(argv)} items; at most {MAX_ARGV} allowed")
+    size = 0
+    for i, arg in enumerate(argv):
+        if not isinstance(arg, str):  # untyped callers
+            problems.append(  # type: ignore[unreachable]
+                f"argv[{i}] must be a string, got {type(arg).__name__}"
+            )
+        elif "\0" in arg or len(arg) > MAX_ARG_LENGTH:
+            problems.append(f"argv[{i}] contains NUL or is over {MAX_ARG_LENGTH} characters")
+        else:
+            size += len(arg.encode(errors="surrogateescape"))
+    for name, value in env.items():
+        if not isinstance(name, str) or not isinstance(value, str):  # untyped callers
+            problems.append(  # type: ignore[unreachable]
+                f"env {name!r} must map a string to a string, got {type(value).__name__}"
+            )
+        elif not name or "=" in name or "\0" in name or "\0" in value:
+            problems.append(f"env {name!r} must be a non-empty name without '=' or NUL")
+        else:
+            size += len(name.encode(errors="surrogateescape"))
+            size += len(value.encode(errors="surrogateescape"))
+    if size > MAX_REQUEST_BYTES:
+        problems.append(
+            f"argv and env hold {size} bytes; at most {MAX_REQUEST_BYTES} fit in one request "
+            f"to the guest (pass large data through stdin or a file)"
+        )
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd):
+        problems.append(f"cwd {cwd!r} must be an absolute guest path without NUL")
+    user = request.user
+    if user is not None and (not isinstance(user, str) or not user or "\0" in user):
+        problems.append(f"user {user!r} must be a non-empty user name or uid without NUL")
+    timeout = request.timeout
+    if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+        problems.append(f"timeout is {timeout}; it must be a positive number of seconds")
+    return problems
 
 
 class ExecProcess(abc.ABC):

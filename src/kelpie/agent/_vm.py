@@ -1,0 +1,298 @@
+"""AgentVm: every guest operation of :class:`~kelpie.vm.VmInstance`, through the guest agent.
+
+A backend whose guest runs the Kelpie agent subclasses :class:`AgentVm` and supplies:
+
+* ``_connect_agent(timeout)``: a new :class:`AgentClient` on a byte stream to the agent (a
+  unix socket, a vsock connection...), no hello yet;
+* ``_vmm_running()`` and ``_gone(doing)``: whether its VMM still runs, and the
+  :class:`VmCrashed` to raise when it does not;
+* its VMM lifecycle (``_do_start``, ``_do_stop``, ``_do_pause``, ``_do_resume``) and
+  snapshot hooks (``_do_snapshot``, ``_do_restore``), which say hello through
+  :attr:`agent` (an :class:`AgentSession`).
+
+Commands, files, re-attaching to commands and the checkpoint hooks are done here, with the
+agent client's errors translated into Kelpie's tree. A guest whose agent restarted (the
+guest is root and may kill it; its init starts a new one) gets a new hello on the next
+call, and the call refused by the new agent is sent again; commands of the old agent end
+with an :class:`~kelpie.AgentError` that says so.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+from kelpie.agent._client import AgentClient
+from kelpie.agent._errors import (
+    AgentClientError,
+    AgentDisconnected,
+    AgentRemoteError,
+    AgentRestarted,
+)
+from kelpie.agent._process import AgentProcess, FinishedProcess
+from kelpie.agent._session import AgentSession
+from kelpie.agent._types import AgentInfo
+from kelpie.vm import (
+    AgentError,
+    ConfigError,
+    ExecError,
+    ExecProcess,
+    ExecRequest,
+    FileInfo,
+    GuestFileError,
+    VmConfig,
+    VmCrashed,
+    VmError,
+    VmInstance,
+    VmState,
+)
+
+T = TypeVar("T")
+
+REPLAY_LIMIT = 4 * 1024 * 1024
+"""Bytes of an upload kept to send it again if a new agent refuses it (a larger upload
+refused that way fails with an AgentError; the next call then goes to the new agent)."""
+
+
+class _Replayable:
+    """An upload's chunks, remembered as they are consumed (up to a limit) so that an
+    upload a restarted agent refused can be sent again from its first byte."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], limit: int) -> None:
+        self._source = aiter(chunks)
+        self._seen: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.complete = True
+        """Whether every chunk consumed so far is remembered."""
+
+    async def replay(self) -> AsyncIterator[bytes]:
+        """The remembered chunks, then the rest of the source."""
+        for chunk in list(self._seen):
+            yield chunk
+        async for chunk in self._source:
+            self._size += len(chunk)
+            if self._size <= self._limit:
+                self._seen.append(chunk)
+            else:
+                self.complete = False
+                self._seen.clear()
+            yield chunk
+
+
+class AgentVm(VmInstance):
+    """A VM whose guest operations go through the Kelpie guest agent over a byte stream."""
+
+    def __init__(self, config: VmConfig, *, vm_id: str | None = None) -> None:
+        super().__init__(config, vm_id=vm_id)
+        self.agent = AgentSession(
+            self._connect_agent, may_probe=lambda: self._state is VmState.RUNNING
+        )
+        self._processes: weakref.WeakSet[AgentProcess] = weakref.WeakSet()
+        self.replay_limit = REPLAY_LIMIT
+        """Bytes of an upload kept to send it again to a restarted agent that refused it."""
+
+    # ---- what the backend supplies ------------------------------------------------------
+    @abc.abstractmethod
+    async def _connect_agent(self, timeout: float) -> AgentClient:
+        """A new connection to the guest agent (no hello yet), within ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def _vmm_running(self) -> bool:
+        """Whether the VMM process (and so the guest) still runs."""
+
+    @abc.abstractmethod
+    def _gone(self, doing: str) -> VmCrashed:
+        """The error for ``doing`` something with a VM whose VMM is not running."""
+
+    # ---- the agent connection -----------------------------------------------------------
+    @property
+    def agent_info(self) -> AgentInfo | None:
+        """The agent's last hello: its pid, host name, and the execs it held then."""
+        return self.agent.info
+
+    @property
+    def _agent(self) -> AgentClient | None:
+        """The current agent client (tests and benchmarks poke at it)."""
+        return self.agent.client
+
+    def _agent_ready(self) -> bool:
+        return self.agent.ready
+
+    async def _finish_handshake(self, timeout: float) -> None:
+        """Say hello to an agent connected while the guest was paused (attach, restore)."""
+        if self.agent.client is None or self.agent.ready:
+            return
+        with self._agent_errors():
+            await self.agent.hello(timeout=timeout)
+
+    def _interrupt_commands(self, reason: str) -> None:
+        """End the stream of every running command with ``reason`` (e.g. a restore)."""
+        for process in list(self._processes):
+            if process.exit is None:
+                process.interrupt(reason)
+        self._processes.clear()
+
+    # ---- errors -------------------------------------------------------------------------
+    def _translate(self, exc: AgentClientError, path: str | None = None) -> VmError:
+        """An agent client error as an error of Kelpie's tree."""
+        if isinstance(exc, AgentRemoteError):
+            if path is not None:
+                return GuestFileError(path, exc.code, exc.message)
+            return AgentError(f"VM {self.id}: the agent refused {exc.op}: {exc}")
+        if isinstance(exc, AgentDisconnected):
+            if not self._vmm_running():
+                return self._gone("an agent call")
+            if isinstance(exc, AgentRestarted):
+                return AgentError(f"VM {self.id}: {exc}")
+            return AgentError(f"VM {self.id}: lost the guest agent: {exc}")
+        return AgentError(f"VM {self.id}: agent error: {exc}")
+
+    @contextlib.contextmanager
+    def _agent_errors(self, path: str | None = None) -> Iterator[None]:
+        """Translate agent client errors raised in the block into Kelpie's error tree."""
+        try:
+            yield
+        except AgentClientError as exc:
+            raise self._translate(exc, path) from exc
+
+    async def _ready_client(self) -> AgentClient:
+        """A client that said hello to the agent running now (again, if it restarted)."""
+        if self.agent.client is None:
+            raise self._gone("an agent call")
+        with self._agent_errors():
+            return await self.agent.ready_client()
+
+    async def _call(
+        self, request: Callable[[AgentClient], Awaitable[T]], path: str | None = None
+    ) -> T:
+        """``request`` on a ready client; sent once more if a new agent refused it."""
+        for attempt in (1, 2):
+            client = await self._ready_client()
+            try:
+                return await request(client)
+            except AgentRestarted as exc:
+                if not exc.refused or attempt == 2:
+                    raise self._translate(exc, path) from exc
+            except AgentClientError as exc:
+                raise self._translate(exc, path) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- commands -----------------------------------------------------------------------
+    async def _do_exec(self, request: ExecRequest) -> ExecProcess:
+        async def start(client: AgentClient) -> ExecProcess:
+            try:
+                handle = await client.exec(
+                    list(request.argv), env=dict(request.env) or None, cwd=request.cwd,
+                    user=request.user, stdin_open=True, timeout=request.timeout,
+                    pty=request.pty,
+                )
+            except AgentRemoteError as exc:
+                name = request.argv[0]
+                if exc.code == "ENOENT" and "cwd" not in exc.message:
+                    return FinishedProcess(request, 127, f"{name}: command not found")
+                if exc.code in ("EACCES", "ENOEXEC"):
+                    return FinishedProcess(request, 126, f"{name}: {exc.message}")
+                raise ExecError(f"cannot run {name!r}: {exc.message} ({exc.code})") from exc
+            process = AgentProcess(request, handle, self._agent_errors)
+            self._processes.add(process)
+            return process
+
+        return await self._call(start)
+
+    async def _do_reattach_exec(self, exec_id: str) -> ExecProcess:
+        try:
+            number = int(exec_id)
+        except ValueError:
+            raise ConfigError([f"exec id {exec_id!r} is not one of this backend's (a number)"],
+                              what="exec id") from None
+        held = {e.exec_id: e for e in (self.agent_info.execs if self.agent_info else ())}
+        argv = held[number].argv if number in held and held[number].argv else ("?",)
+
+        async def attach(client: AgentClient) -> ExecProcess:
+            try:
+                handle = await client.attach(number)
+                await handle.close_stdin()
+            except AgentRemoteError as exc:
+                raise ExecError(f"cannot re-attach to command {exec_id}: {exc.message} "
+                                f"({exc.code})") from exc
+            process = AgentProcess(ExecRequest(tuple(argv)), handle, self._agent_errors)
+            process.exec_id = exec_id
+            self._processes.add(process)
+            return process
+
+        return await self._call(attach)
+
+    # ---- files --------------------------------------------------------------------------
+    async def _do_read_file(self, path: str) -> AsyncIterator[bytes]:
+        for attempt in (1, 2):
+            client = await self._ready_client()
+            async with contextlib.aclosing(client.read_file(path)) as chunks:
+                try:
+                    first = await anext(chunks, None)
+                except AgentRestarted as exc:
+                    if exc.refused and attempt == 1:
+                        continue
+                    raise self._translate(exc, path) from exc
+                except AgentClientError as exc:
+                    raise self._translate(exc, path) from exc
+                if first is None:
+                    return
+                yield first
+                with self._agent_errors(path):
+                    async for chunk in chunks:
+                        yield chunk
+                return
+
+    async def _do_write_file(self, path: str, chunks: AsyncIterable[bytes], mode: int) -> None:
+        upload = _Replayable(chunks, self.replay_limit)
+        for attempt in (1, 2):
+            client = await self._ready_client()
+            try:
+                await client.write_file(path, upload.replay(), mode=mode)
+                return
+            except AgentRestarted as exc:
+                if not (exc.refused and attempt == 1 and upload.complete):
+                    raise self._translate(exc, path) from exc
+            except AgentClientError as exc:
+                raise self._translate(exc, path) from exc
+
+    async def _do_list_dir(self, path: str) -> list[FileInfo]:
+        entries = await self._call(lambda client: client.list_dir(path), path)
+        return [FileInfo(e.name, e.type, e.size, e.mode) for e in entries]
+
+    async def _do_remove(self, path: str, recursive: bool) -> None:
+        await self._call(lambda client: client.remove(path, recursive=recursive), path)
+
+    async def _do_mkdir(self, path: str, mode: int) -> None:
+        await self._call(lambda client: client.mkdir(path, parents=True, mode=mode), path)
+
+    async def _do_readlink(self, path: str) -> str:
+        info = await self._call(lambda client: client.stat(path, follow_symlinks=False), path)
+        if info.target is None:
+            raise GuestFileError(path, "EINVAL", f"not a symbolic link (a {info.type})")
+        return info.target
+
+    async def _do_agent_state(self) -> dict[str, Any]:
+        info = self.agent_info
+        return {
+            "hostname": info.hostname if info else None,
+            "root": info.root if info else None,
+            "held_execs": [  # listed by the agent's hello: outlived an earlier connection
+                {"exec_id": e.exec_id, "argv": list(e.argv), "running": e.running}
+                for e in (info.execs if info else ())
+            ],
+            "commands": [  # started through this VM object and still running
+                {"argv": list(p.request.argv), "cwd": p.request.cwd}
+                for p in self._processes if p.exit is None
+            ],
+        }
+
+    async def _agent_poweroff(self) -> None:
+        """Ask the agent to power the guest off (a graceful stop)."""
+        client = self.agent.client
+        if client is not None:
+            await client.shutdown(poweroff=True)

@@ -1,0 +1,321 @@
+"""QemuMachine: one QEMU process of a VM: its launch, its QMP channel, pause, resume, stop.
+
+Each VM owns one directory (see DESIGN.md): ``qmp.sock``, ``agent.sock`` (QEMU's end of the
+virtio-serial agent port), ``console.log``, ``qemu.log`` (QEMU's own stderr), ``qemu.pid``,
+``config.json`` (the config, and the accelerator, host name and guest kit it booted with)
+and, with a root disk, ``overlay.qcow2`` on top of the read-only base; after a restore
+that left the guest paused, ``pending-resync.json`` until it first runs again; while a full
+snapshot is taken, ``snapshot-in-progress.json``. QEMU runs in its own session (see
+:class:`kelpie.agent.ProcessVm`), so it does not die with the process that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from qemu.qmp import QMPClient, QMPError
+
+from kelpie.agent import (
+    AgentClient,
+    AgentClientError,
+    BootTimedOut,
+    ProcessVm,
+    ProcessWatch,
+    launch_record,
+    write_vm_record,
+)
+from kelpie.backends.qemu import CAPABILITIES, _snapshot
+from kelpie.backends.qemu._accel import AccelChoice, choose_accel
+from kelpie.backends.qemu._cmdline import QemuLaunch, build_command
+from kelpie.backends.qemu._host import (
+    cpu_model,
+    is_qemu_of,
+    qemu_version,
+    start_failure_reason,
+)
+from kelpie.backends.qemu._migration import UNLIMITED_BANDWIDTH
+from kelpie.guestkit import GuestKit, GuestKitError, build_guestkit
+from kelpie.vm import BootError, ConfigError, HostInfo, VmConfig, VmError, VmState
+
+_log = logging.getLogger("kelpie.backends.qemu._vm")
+
+DEFAULT_BOOT_TIMEOUT = 120.0
+"""Seconds from QEMU start to the agent's hello; generous because TCG on a loaded host is slow."""
+BOOT_ATTEMPTS = 2
+"""A start whose guest never answers within the boot timeout is tried once more."""
+SHUTDOWN_TIMEOUT = 5.0
+QUIT_TIMEOUT = 3.0
+MAX_SOCKET_PATH = 100  # sun_path is 108 bytes including the NUL; keep a margin
+ATTACH_TIMEOUT = 30.0
+"""Seconds for re-attaching: QMP greeting, query-status and the agent's hello."""
+PENDING_RESYNC = "pending-resync.json"
+"""In a VM directory: a restore left the guest paused; resync it when it resumes."""
+SNAPSHOT_MARKER = "snapshot-in-progress.json"
+"""In a VM directory: a full snapshot is (or was, if its process died) being taken."""
+OVERLAY = "overlay.qcow2"
+
+
+class QemuMachine(ProcessVm):
+    """A VM run by one QEMU process: boot, QMP, pause/resume and stop (no snapshots)."""
+
+    backend_name = "qemu"
+    capabilities = CAPABILITIES
+    vmm_name: ClassVar[str] = "QEMU"
+    vmm_logs: ClassVar[tuple[str, ...]] = ("console.log", "qemu.log")
+    vmm_errors: ClassVar[tuple[type[Exception], ...]] = (QMPError, OSError)
+
+    def __init__(
+        self,
+        config: VmConfig,
+        *,
+        vm_id: str | None = None,
+        workdir: Path | None = None,
+        kit: GuestKit | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        qemu: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(config, vm_id=vm_id, workdir=workdir, boot_timeout=boot_timeout)
+        if len(str(self.workdir / "agent.sock")) > MAX_SOCKET_PATH:
+            raise ConfigError([
+                f"VM directory {self.workdir} is too long for unix sockets "
+                f"(at most {MAX_SOCKET_PATH - 11} characters); set KELPIE_STATE_DIR shorter"
+            ])
+        self._kit = kit
+        self._qemu = qemu
+        self._progress = progress or logging.getLogger("kelpie.guestkit").info
+        self.accel: AccelChoice | None = None
+        self._qmp: QMPClient | None = None
+        self._kit_digest: str | None = kit.digest if kit is not None else None
+        """The guest kit this VM booted (known after start, or from its record on attach)."""
+        self.snapshot_bandwidth = UNLIMITED_BANDWIDTH
+        """Bytes per second QEMU may write a full snapshot at (lower it to watch one)."""
+        self.recovered_snapshot: str | None = None
+        """Set by ``attach`` when it undid a full snapshot whose process had died: where
+        that snapshot was going (it was never published)."""
+
+    # ---- paths and host -----------------------------------------------------------------
+    @property
+    def qmp_socket(self) -> Path:
+        return self.workdir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.workdir / "agent.sock"
+
+    def _qemu_running(self) -> bool:
+        return self._vmm_running()
+
+    def host_info(self) -> HostInfo:
+        return HostInfo(
+            arch=HostInfo.current_arch(),
+            backend=self.backend_name,
+            backend_version=qemu_version(self._qemu_binary()),
+            cpu_model=cpu_model(self.accel.accel if self.accel else "tcg"),
+            machine="microvm",
+            guestkit_digest=self._kit_digest,
+        )
+
+    def _qemu_binary(self) -> str:
+        found = self._qemu or shutil.which("qemu-system-x86_64")
+        if found is None:
+            raise BootError(
+                "qemu-system-x86_64 not found; install it (Debian: apt-get install "
+                "qemu-system-x86)"
+            )
+        return found
+
+    def _start_failure_reason(self) -> str | None:
+        return start_failure_reason(self.workdir)
+
+    async def _connect_agent(self, timeout: float) -> AgentClient:
+        return await AgentClient.connect_unix(str(self.agent_socket), timeout=timeout)
+
+    # ---- start --------------------------------------------------------------------------
+    async def _do_start(self) -> None:
+        launch = await self._prepare_launch(self.config)
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            self._prepare_workdir(launch)
+            booting = dataclasses.replace(launch, overlay=await self._prepare_overlay())
+            try:
+                await self._boot(booting)
+                return
+            except BootTimedOut as exc:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                # A guest that never reaches its agent (seen rarely under TCG on a loaded
+                # host: the kernel stalls early in boot) gets a second boot; a QEMU that
+                # exits or refuses its arguments does not.
+                _log.warning("%s\n(booting it again)", exc)
+                await self._do_stop(force=True)
+
+    async def _prepare_launch(self, config: VmConfig, *, incoming: bool = False) -> QemuLaunch:
+        """Check ``config`` on this host, get the guest kit and accelerator: no VM yet."""
+        problems = config.host_problems()
+        if problems:
+            raise ConfigError(problems)
+        qemu = self._qemu_binary()
+        if self._kit is None:
+            try:
+                self._kit = await asyncio.to_thread(build_guestkit, progress=self._progress)
+            except GuestKitError as exc:
+                raise BootError(f"cannot prepare the guest kit: {exc}") from exc
+        kit = self._kit
+        kernel = config.kernel or kit.kernel
+        initrd = config.initrd or kit.initrd
+        self.accel = await asyncio.to_thread(choose_accel, qemu, kernel, initrd, kit.digest)
+        # The agent comes from the kit's initrd; a VM booted from another initrd has no
+        # kit whose version a restore could check.
+        self._kit_digest = kit.digest if config.initrd is None else None
+        return QemuLaunch(
+            qemu=qemu, config=config, kernel=kernel, initrd=initrd, workdir=self.workdir,
+            accel=self.accel.accel, hostname=config.hostname or f"kelpie-{self.id[:8]}",
+            incoming=incoming,
+        )
+
+    async def _boot(self, launch: QemuLaunch) -> None:
+        """Start QEMU and wait for the guest agent's hello."""
+        self._spawn_qemu(launch)
+        deadline = time.monotonic() + self.boot_timeout
+        self._qmp = await self._before_exit(self._connect_qmp(), "the QMP socket", deadline)
+        await self._before_exit(
+            self.agent.connect(self.boot_timeout), "the agent socket", deadline
+        )
+        await self._before_exit(self.agent.hello(), "the guest agent's hello", deadline)
+
+    def _spawn_qemu(self, launch: QemuLaunch) -> None:
+        self._spawn(build_command(launch), self.workdir / "qemu.log", self.workdir / "qemu.pid")
+
+    def _prepare_workdir(self, launch: QemuLaunch) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in ("qmp.sock", "agent.sock", "console.log", "qemu.log", "qemu.pid",
+                     PENDING_RESYNC, SNAPSHOT_MARKER):
+            with contextlib.suppress(FileNotFoundError):
+                (self.workdir / name).unlink()
+        self._write_record(launch)
+
+    def _write_record(self, launch: QemuLaunch) -> None:
+        """``config.json``: the VM's config and how it was launched (for attach, snapshots)."""
+        write_vm_record(self.workdir, self.id, self.backend_name, launch.config, {
+            "accel": launch.accel, "hostname": launch.hostname,
+            "guestkit_digest": self._kit_digest,
+        })
+
+    def _launch_record(self) -> dict[str, Any]:
+        """The ``launch`` part of ``config.json`` (empty when absent or unreadable)."""
+        return launch_record(self.workdir)
+
+    async def _prepare_overlay(self) -> Path | None:
+        base = self.config.root_disk
+        if base is None:
+            return None
+        if not base.is_file():
+            raise BootError(f"root disk {base} does not exist or is not a file")
+        overlay = self.workdir / OVERLAY
+        if overlay.exists():
+            return overlay  # the disk persists across stop/start, like a real disk
+        fmt = _snapshot.image_format(base)
+        process = await asyncio.create_subprocess_exec(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base.resolve()),
+            str(overlay), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await process.communicate()
+        if process.returncode != 0:
+            raise BootError(f"cannot create the disk overlay: {err.decode().strip()}")
+        return overlay
+
+    async def _connect_qmp(self) -> QMPClient:
+        client = QMPClient(f"kelpie-{self.id}")
+        while True:
+            try:
+                await client.connect(str(self.qmp_socket))
+                return client
+            except QMPError:
+                await asyncio.sleep(0.01)  # QEMU has not created the socket yet
+
+    # ---- stop ---------------------------------------------------------------------------
+    async def _do_stop(self, *, force: bool, grace: float | None = None) -> None:
+        self._stopping = True
+        try:
+            await self._shut_down(force, SHUTDOWN_TIMEOUT if grace is None else grace)
+        finally:
+            self._stopping = False
+
+    async def _shut_down(self, force: bool, grace: float = SHUTDOWN_TIMEOUT) -> None:
+        """Agent poweroff (``grace`` seconds), else QMP quit, else SIGKILL of QEMU's group;
+        then clean up."""
+        process = self._process or self._unwatched_qemu()
+        if process is not None and process.running:
+            if not force and self._agent_ready() and self._state is VmState.RUNNING:
+                await self._ask_then_wait(self._agent_poweroff(), process, grace)
+            if process.running and self._qmp is not None:
+                await self._ask_then_wait(self._qmp.execute("quit"), process, QUIT_TIMEOUT)
+            if process.running:
+                process.kill_group()
+                await process.wait()
+        if self._watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._disconnect()
+        for name in ("qmp.sock", "agent.sock", "qemu.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.workdir / name).unlink()
+        self._process = None
+
+    def _unwatched_qemu(self) -> ProcessWatch | None:
+        """The QEMU of this VM directory when this object does not watch it (an attach that
+        failed, e.g. while another process held QMP): stopping must not leave it running."""
+        try:
+            pid = int((self.workdir / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        if not is_qemu_of(pid, self.qmp_socket):
+            return None
+        try:
+            return ProcessWatch(pid, child=False)
+        except ProcessLookupError:
+            return None
+
+    @staticmethod
+    async def _ask_then_wait(
+        request: Awaitable[object], process: ProcessWatch, timeout: float
+    ) -> None:
+        """Send one shutdown request and wait for QEMU to exit; give up quietly on timeout."""
+        with contextlib.suppress(AgentClientError, QMPError, OSError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                await request
+                await process.wait()
+
+    async def _disconnect(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        await super()._disconnect()
+        if qmp is not None:
+            # disconnect() re-raises what ended the connection (EOFError once QEMU is gone)
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await qmp.disconnect()
+
+    # ---- pause / resume -----------------------------------------------------------------
+    async def _qmp_execute(self, command: str, **arguments: Any) -> object:
+        if self._qmp is None:
+            raise self._gone(f"QMP {command}")
+        try:
+            return await self._qmp.execute(command, arguments or None)
+        except QMPError as exc:
+            if not self._qemu_running():
+                raise self._gone(f"QMP {command}") from exc
+            raise VmError(f"VM {self.id}: QMP {command} failed: {exc}") from exc
+
+    async def _do_pause(self) -> None:
+        await self._qmp_execute("stop")
+
+    async def _do_resume(self) -> None:
+        await self._qmp_execute("cont")
+        await self._finish_handshake(ATTACH_TIMEOUT)

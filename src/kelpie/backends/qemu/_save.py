@@ -1,0 +1,240 @@
+"""Full and disk snapshots of a QEMU VM (checkpoints come from :mod:`kelpie.vm._checkpoint`).
+
+Full snapshots save the device state and RAM with QMP migration to a file and copy the
+overlay (see ``_migration`` and ``_snapshot``); disk snapshots are the overlay of a stopped
+VM. While a full snapshot is taken, ``snapshot-in-progress.json`` in the VM directory says
+so (see ``_attach`` for what a later attach does when its process died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from kelpie.backends.qemu import _migration, _snapshot
+from kelpie.backends.qemu._cmdline import QemuLaunch, device_signature
+from kelpie.backends.qemu._host import cpu_model
+from kelpie.backends.qemu._machine import OVERLAY, SNAPSHOT_MARKER, QemuMachine
+from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
+from kelpie.vm import (
+    SnapshotError,
+    SnapshotKind,
+    SnapshotWriter,
+    StorageError,
+    VmSnapshot,
+)
+from kelpie.vm._checkpoint import capture_checkpoint
+from kelpie.vm._snapshot import PARTIAL_SUFFIX
+
+
+@dataclasses.dataclass
+class _SnapshotPlan:
+    """The full snapshot this task is taking (see :data:`_SNAPSHOT_PLAN`)."""
+
+    vm: QemuSnapshots
+    dest: Path
+    leave_paused: bool
+    marked: bool = False
+    """Whether this snapshot has written its marker (and must remove it)."""
+
+
+_SNAPSHOT_PLAN: contextvars.ContextVar[_SnapshotPlan | None] = contextvars.ContextVar(
+    "kelpie_qemu_snapshot_plan", default=None
+)
+"""Set by :meth:`QemuSnapshots.snapshot` for the hooks the base class calls under its lock
+(``_do_pause``, ``_do_snapshot``): per task, so a ``pause()`` elsewhere is not mistaken
+for a snapshot's."""
+
+
+def partial_dir_of(dest: Path) -> Path:
+    """Where :class:`SnapshotWriter` writes the snapshot ``dest`` until it is complete."""
+    return dest.parent / f".{dest.name}{PARTIAL_SUFFIX}"
+
+
+class QemuSnapshots(QemuMachine):
+    """A QemuMachine that writes full (QMP migration) and disk (overlay) snapshots."""
+
+    async def _do_pause(self) -> None:
+        self._mark_snapshot(running=True)  # before the guest stops, if a snapshot pauses it
+        await super()._do_pause()
+
+    async def snapshot(
+        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
+    ) -> VmSnapshot:
+        """Write a snapshot of this VM to the new directory ``dest`` (see the base class).
+
+        While a full snapshot is taken, ``snapshot-in-progress.json`` in the VM directory
+        says so, written before the guest pauses and removed once it is back as it should
+        be: if this process dies in between, :meth:`attach` undoes the snapshot.
+        """
+        if kind is not SnapshotKind.FULL:
+            return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+        plan = _SnapshotPlan(self, dest, leave_paused)
+        token = _SNAPSHOT_PLAN.set(plan)
+        try:
+            return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+        finally:
+            _SNAPSHOT_PLAN.reset(token)
+            if plan.marked:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.workdir / SNAPSHOT_MARKER).unlink()
+
+    def _mark_snapshot(self, *, running: bool) -> None:
+        """Write the marker of the full snapshot this task is taking of this VM, once.
+
+        Called (under the base class's lock) before a running guest is paused, else when
+        the snapshot of a paused one starts. Not fsynced: it guards against the death of
+        this process, not of the host, which QEMU would not survive either.
+        """
+        plan = _SNAPSHOT_PLAN.get()
+        if plan is None or plan.vm is not self or plan.marked:
+            return
+        marker = {
+            "was_running": running,
+            "resume": running and not plan.leave_paused,
+            "dest": str(plan.dest),
+            "partial": str(partial_dir_of(plan.dest)),
+            "pid": os.getpid(),
+        }
+        path = self.workdir / SNAPSHOT_MARKER
+        temporary = path.with_name(f".{SNAPSHOT_MARKER}.tmp")
+        with _storage_errors(f"writing the snapshot marker {path}"):
+            temporary.write_text(json.dumps(marker) + "\n")
+            temporary.replace(path)
+        plan.marked = True
+
+    async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
+        if kind is SnapshotKind.FULL:
+            return await self._full_snapshot(dest)
+        if kind is SnapshotKind.CHECKPOINT:  # from the running guest, through the agent
+            return await capture_checkpoint(self, dest)
+        return await self._disk_snapshot(dest)
+
+    async def _full_snapshot(self, dest: Path) -> VmSnapshot:
+        """Memory and device state (QMP migrate to a file) plus the disk overlay.
+
+        The base class paused the guest (QMP ``stop``, which also drains and flushes the
+        disks). When the migration completes QEMU inactivates the disks (flushing again),
+        so the overlay is copied in a consistent state; ``cont`` re-activates them.
+        """
+        qmp = self._qmp
+        if qmp is None or not self._qemu_running():
+            raise self._gone("snapshot")
+        self._mark_snapshot(running=False)  # a paused guest: no-op if the pause marked it
+        status = await self._qmp_execute("query-status")
+        if isinstance(status, dict) and status.get("status") == "postmigrate":
+            # Paused since an earlier snapshot: QEMU 7.2 refuses to migrate a VM "paused
+            # due to previous migration", and only cont re-activates its disks.
+            await self._qmp_execute("cont")
+            await self._qmp_execute("stop")
+        record = await self._snapshot_record(SnapshotKind.FULL)
+        with SnapshotWriter(dest) as writer:
+            memory = writer.blob_path(MEMORY_BLOB)
+            try:
+                stats = await self._unless_gone(
+                    _migration.save_state(qmp, memory, bandwidth=self.snapshot_bandwidth),
+                    "snapshot",
+                )
+            except (_migration.MigrationFailed, QMPError, OSError) as exc:
+                if not self._qemu_running():
+                    raise self._gone("snapshot") from exc
+                raise SnapshotError(_save_failure(self.id, str(exc))) from exc
+            record = dataclasses.replace(record, migration=_migration_summary(stats))
+            with _storage_errors(f"the snapshot's memory blob {memory}"):
+                await asyncio.to_thread(_snapshot.sync_file, memory)
+                await asyncio.to_thread(writer.adopt_blob, MEMORY_BLOB)
+            return await self._finish_snapshot(writer, record, SnapshotKind.FULL)
+
+    async def _disk_snapshot(self, dest: Path) -> VmSnapshot:
+        """The overlay of a stopped VM (QEMU has exited and flushed it)."""
+        record = await self._snapshot_record(SnapshotKind.DISK)
+        with SnapshotWriter(dest) as writer:
+            return await self._finish_snapshot(writer, record, SnapshotKind.DISK)
+
+    async def _snapshot_record(self, kind: SnapshotKind) -> SnapshotRecord:
+        launch = self._launch_record()
+        accel = self.accel.accel if self.accel else str(launch.get("accel", "tcg"))
+        hostname = str(launch.get("hostname") or self.config.hostname or f"kelpie-{self.id[:8]}")
+        base = self.config.root_disk
+        signature: tuple[str, ...] = ()
+        if kind is SnapshotKind.FULL:
+            signature = tuple(device_signature(QemuLaunch(
+                qemu="", config=self.config, kernel=Path(), initrd=Path(), workdir=self.workdir,
+                accel=accel, hostname=hostname,
+                overlay=None if base is None else self.workdir / OVERLAY,
+            )))
+        return SnapshotRecord(
+            config=self.config, hostname=hostname, accel=accel,
+            base_path=None if base is None else base.resolve(),
+            base_format=None if base is None else await asyncio.to_thread(
+                _snapshot.image_format, base
+            ),
+            signature=signature,
+        )
+
+    async def _finish_snapshot(
+        self, writer: SnapshotWriter, record: SnapshotRecord, kind: SnapshotKind
+    ) -> VmSnapshot:
+        """Add the disk overlay, then publish the manifest."""
+        base_digest = None
+        if record.base_path is not None:
+            try:
+                base_digest = await asyncio.to_thread(_snapshot.file_digest, record.base_path)
+            except OSError as exc:
+                raise SnapshotError(
+                    f"VM {self.id}: cannot read its base image {record.base_path}: {exc}"
+                ) from exc
+            overlay = self.workdir / OVERLAY
+            if overlay.exists():
+                with _storage_errors(f"copying the disk overlay {overlay} into the snapshot"):
+                    await asyncio.to_thread(
+                        _snapshot.copy_file, overlay, writer.blob_path(DISK_BLOB)
+                    )
+                    await asyncio.to_thread(writer.adopt_blob, DISK_BLOB)
+        host = self.host_info()
+        return writer.commit(
+            kind=kind, backend=host.backend, backend_version=host.backend_version,
+            arch=host.arch, cpu_model=cpu_model(record.accel), machine=host.machine,
+            vcpus=self.config.vcpus, memory_mib=self.config.memory_mib,
+            guestkit_digest=self._kit_digest, base_image_digest=base_digest, vm_id=self.id,
+            extra=record.to_extra(),
+        )
+
+
+@contextlib.contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _save_failure(vm_id: str, reason: str) -> str:
+    message = f"VM {vm_id}: QEMU could not save the VM state: {reason}"
+    if "VirtFS" in reason or "9p" in reason:
+        message += (
+            "; QEMU cannot snapshot the memory of a VM with a mounted shared directory "
+            "(virtio-9p): take a disk snapshot of the stopped VM, or run without mounts"
+        )
+    return message
+
+
+def _migration_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    ram = stats.get("ram") if isinstance(stats.get("ram"), dict) else {}
+    assert isinstance(ram, dict)
+    return {
+        "total_time_ms": stats.get("total-time"),
+        "ram_total": ram.get("total"),
+        "ram_transferred": ram.get("transferred"),
+        "normal_pages": ram.get("normal"),
+        "zero_pages": ram.get("duplicate"),
+    }
