@@ -179,7 +179,7 @@ async def throughput_figures(kit: GuestKit, data_dir: Path, runs: int) -> dict[s
         for _ in range(runs):
             batch_template.append(await batch("template"))
             batch_cold.append(await batch("cold"))
-        rt.remove_snapshot("bench")
+        await rt.delete_snapshot("bench")
 
     def per_minute(seconds: float, count: int = 1) -> float:
         return 60.0 * count / seconds

@@ -619,7 +619,7 @@ async def test_exec_stream_bad_messages(served: Served) -> None:
 
 
 async def test_exec_stream_hang_up_kills_the_command(served: Served) -> None:
-    box = served.runtime.get("box")
+    box = await served.runtime.inspect("box")
     vm = served.runtime._vms[box.id]
     assert isinstance(vm, MockVm)
     async with served.client.exec_stream("box", ["sleep", "30"]):
@@ -978,7 +978,7 @@ FUZZ_CONFIG = {
 async def _fuzz_sandboxes(runtime: Runtime) -> AsyncIterator[None]:
     """The app's lifespan: the runtime open, with a running and a stopped sandbox."""
     async with runtime:
-        if not runtime.list(all=True):
+        if not await runtime.list_sandboxes(all=True):
             await runtime.create(name="alpha")
             await runtime.create(name="beta", command=["echo", "main"])
             await runtime.stop("beta")

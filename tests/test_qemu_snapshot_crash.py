@@ -221,14 +221,14 @@ async def test_runtime_reopened_after_a_kill_mid_snapshot_records_the_sandbox_ru
     )
     monkeypatch.setenv("KELPIE_STATE_DIR", str(data_dir))  # the backend finds VMs there
     async with Runtime(data_dir=data_dir, backend_options={"qemu": {"kit": guestkit}}) as rt:
-        info = rt.get(sandbox_id)
+        info = await rt.inspect(sandbox_id)
         try:
             assert info.state is VmState.RUNNING, info
-            assert rt.snapshots() == []
+            assert (await rt.list_snapshots()) == []
             assert list((data_dir / "snapshots").iterdir()) == []
             assert await rt.read_file(sandbox_id, "/tmp/before") == b"kept"
             taken = await rt.snapshot(sandbox_id, name="after-the-crash")
-            assert rt.get(sandbox_id).state is VmState.RUNNING
+            assert (await rt.inspect(sandbox_id)).state is VmState.RUNNING
             assert taken.path is not None
             VmSnapshot.open(taken.path).verify()
         finally:

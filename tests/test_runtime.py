@@ -132,7 +132,7 @@ async def test_create_records_and_starts(runtime: Runtime) -> None:
     assert (info.config.vcpus, info.config.memory_mib, dict(info.config.env)) == (1, 256,
                                                                                   {"A": "1"})
     assert info.labels == {"team": "x"} and info.last_error is None
-    assert [e.state for e in runtime.history("web")] == [
+    assert [e.state for e in (await runtime.events("web"))] == [
         VmState.CREATED, VmState.STARTING, VmState.RUNNING]
 
 
@@ -140,17 +140,17 @@ async def test_get_by_name_id_and_prefix(runtime: Runtime) -> None:
     one = await runtime.create(name="one", backend="mock")
     two = await runtime.create(backend="mock")
     assert two.name == generated_name(two.id)
-    assert runtime.get("one") == one
-    assert runtime.get(two.id).id == two.id
-    assert runtime.get("abc2").id == two.id
-    assert runtime.get(two.name).id == two.id
+    assert (await runtime.inspect("one")) == one
+    assert (await runtime.inspect(two.id)).id == two.id
+    assert (await runtime.inspect("abc2")).id == two.id
+    assert (await runtime.inspect(two.name)).id == two.id
     with pytest.raises(AmbiguousSandbox) as ambiguous:
-        runtime.get("abc")
+        await runtime.inspect("abc")
     assert "one" in str(ambiguous.value) and two.name in str(ambiguous.value)
     with pytest.raises(SandboxNotFound, match="too short"):
-        runtime.get("ab")
+        await runtime.inspect("ab")
     with pytest.raises(SandboxNotFound, match="unique id prefix"):
-        runtime.get("fff")
+        await runtime.inspect("fff")
     assert isinstance(ambiguous.value, KelpieError)
 
 
@@ -158,15 +158,15 @@ async def test_list_hides_sandboxes_at_rest_unless_all(runtime: Runtime) -> None
     await runtime.create(name="a", backend="mock")
     await runtime.create(name="b", backend="mock")
     await runtime.stop("b")
-    assert [i.name for i in runtime.list()] == ["a"]
-    assert [i.name for i in runtime.list(all=True)] == ["a", "b"]
+    assert [i.name for i in (await runtime.list_sandboxes())] == ["a"]
+    assert [i.name for i in (await runtime.list_sandboxes(all=True))] == ["a", "b"]
 
 
 @pytest.mark.parametrize("bad", ["", "-x", "a b", "x" * 64, "ünï", "a/b"])
 async def test_bad_names_are_refused_before_anything_exists(runtime: Runtime, bad: str) -> None:
     with pytest.raises(ConfigError, match="sandbox name"):
         await runtime.create(name=bad, backend="mock")
-    assert runtime.list(all=True) == []
+    assert (await runtime.list_sandboxes(all=True)) == []
 
 
 async def test_bad_config_is_refused_before_anything_exists(runtime: Runtime) -> None:
@@ -178,14 +178,14 @@ async def test_bad_config_is_refused_before_anything_exists(runtime: Runtime) ->
         await runtime.create(name="x", backend="mock", volumes=["nocolon"])
     with pytest.raises(KelpieError, match="unknown backend 'nope'"):
         await runtime.create(name="x", backend="nope")
-    assert runtime.list(all=True) == []
+    assert (await runtime.list_sandboxes(all=True)) == []
 
 
 async def test_name_clash_refused_and_nothing_half_created(runtime: Runtime) -> None:
     first = await runtime.create(name="dup", backend="mock")
     with pytest.raises(SandboxNameInUse, match=f"'dup' is already in use \\(sandbox {first.id}"):
         await runtime.create(name="dup", backend="mock")
-    assert [i.id for i in runtime.list(all=True)] == [first.id]
+    assert [i.id for i in (await runtime.list_sandboxes(all=True))] == [first.id]
 
 
 @pytest.mark.parametrize("with_image", [False, True])
@@ -205,7 +205,7 @@ async def test_concurrent_creates_with_one_name_only_one_wins(
     winners = [r for r in results if isinstance(r, SandboxInfo)]
     losers = [r for r in results if isinstance(r, SandboxNameInUse)]
     assert len(winners) == 1 and len(losers) == 4, results
-    assert [i.name for i in runtime.list(all=True)] == ["race"]
+    assert [i.name for i in (await runtime.list_sandboxes(all=True))] == ["race"]
     if with_image:
         assert runtime.images.holders(winners[0].image_digest or "") == (
             f"sandbox:{winners[0].id}",)
@@ -265,11 +265,11 @@ async def test_pause_resume_stop_start_remove(runtime: Runtime) -> None:
     assert (await runtime.exec("box", ["echo", "again"])).stdout == b"again\n"
     with pytest.raises(SandboxStateError, match="running; remove is allowed when it is stopped"):
         await runtime.remove("box")
-    assert runtime.get("box").state is VmState.RUNNING
+    assert (await runtime.inspect("box")).state is VmState.RUNNING
     await runtime.remove("box", force=True)
-    assert runtime.list(all=True) == []
+    assert (await runtime.list_sandboxes(all=True)) == []
     with pytest.raises(SandboxNotFound):
-        runtime.get("box")
+        await runtime.inspect("box")
 
 
 async def test_start_of_a_running_sandbox_is_refused(runtime: Runtime) -> None:
@@ -283,7 +283,7 @@ async def test_failing_start_keeps_the_record(make_runtime: Callable[..., Runtim
     async with make_runtime(backend_options={"mock": {"faults": faults}}) as rt:
         with pytest.raises(BootError, match="injected boot_fail"):
             await rt.create(name="flaky", backend="mock")
-        info = rt.get("flaky")
+        info = await rt.inspect("flaky")
         assert info.state is VmState.STOPPED
         assert info.last_error is not None and "injected boot_fail" in info.last_error
         started = await rt.start("flaky")  # the fault fired once; now it boots
@@ -301,7 +301,7 @@ async def test_failing_create_keeps_the_record(
     async with make_runtime() as rt:
         with pytest.raises(OSError, match="no space"):
             await rt.create(name="b", backend="broken")
-        info = rt.get("b")
+        info = await rt.inspect("b")
         assert info.state is VmState.STOPPED
         assert info.last_error == "create failed: no space left on device"
         await rt.remove("b")
@@ -320,7 +320,7 @@ async def test_restart_keeps_every_record_and_marks_mock_crashed(
         await rt.create(name="stopped", backend="mock")
         stopped = await rt.stop("stopped")
     async with make_runtime() as rt:
-        by_name = {i.name: i for i in rt.list(all=True)}
+        by_name = {i.name: i for i in (await rt.list_sandboxes(all=True))}
         assert set(by_name) == {"running", "paused", "stopped"}
         for info in (running, paused):
             again = by_name[info.name]
@@ -342,14 +342,14 @@ async def test_restart_reattaches_surviving_vms(
         gone = await rt.create(name="gone", backend="durable")
     del durable.vms[gone.id]  # its process died while no runtime was watching
     async with make_runtime() as rt:
-        assert rt.get("alive").state is VmState.RUNNING
+        assert (await rt.inspect("alive")).state is VmState.RUNNING
         assert await rt.read_file("alive", "/state") == b"kept"
-        lost = rt.get("gone")
+        lost = await rt.inspect("gone")
         assert lost.state is VmState.CRASHED
         assert lost.crash_reason is not None and "is gone (no process)" in lost.crash_reason
         # state changes of a re-attached VM are still recorded
-        durable.vms[rt.get("alive").id].mark_crashed("guest kernel panic")
-        assert rt.get("alive").crash_reason == "guest kernel panic"
+        durable.vms[(await rt.inspect("alive")).id].mark_crashed("guest kernel panic")
+        assert (await rt.inspect("alive")).crash_reason == "guest kernel panic"
 
 
 async def test_closing_leaves_vms_running(
@@ -359,7 +359,7 @@ async def test_closing_leaves_vms_running(
         info = await rt.create(name="keep", backend="durable")
     assert durable.vms[info.id].state is VmState.RUNNING
     with pytest.raises(RuntimeNotOpen, match="async with Runtime"):
-        rt.list()
+        await rt.list_sandboxes()
 
 
 async def test_one_runtime_per_data_dir(make_runtime: Callable[..., Runtime]) -> None:
@@ -367,16 +367,16 @@ async def test_one_runtime_per_data_dir(make_runtime: Callable[..., Runtime]) ->
         with pytest.raises(RuntimeLocked, match=r"in use by another runtime \(pid \d+\)"):
             await make_runtime().open()
     async with make_runtime() as rt:  # released on close
-        assert rt.list() == []
+        assert (await rt.list_sandboxes()) == []
 
 
 async def test_crash_observed_while_running_is_recorded(runtime: Runtime) -> None:
     info = await runtime.create(name="box", backend="mock")
     runtime._vms[info.id].mark_crashed("killed by the OOM killer")
-    crashed = runtime.get("box")
+    crashed = await runtime.inspect("box")
     assert crashed.state is VmState.CRASHED and crashed.crash_reason == "killed by the OOM killer"
     assert (await runtime.start("box")).state is VmState.RUNNING
-    assert runtime.get("box").crash_reason is None
+    assert (await runtime.inspect("box")).crash_reason is None
 
 
 # -- images -----------------------------------------------------------------------------
@@ -414,11 +414,11 @@ async def test_logs_tail_and_follow(make_runtime: Callable[..., Runtime], tmp_pa
     async with make_runtime() as rt:
         info = await rt.create(name="box", backend="logged")
         assert info.vm_dir == vm_dirs / info.id
-        assert rt.logs("box") == b""
+        assert (await rt.read_logs("box")) == b""
         console = vm_dirs / info.id / "console.log"
         console.write_bytes(b"one\ntwo\nthree\n")
-        assert rt.logs("box", tail=2) == b"two\nthree\n"
-        assert rt.logs("box", tail=0) == b""
+        assert (await rt.read_logs("box", tail=2)) == b"two\nthree\n"
+        assert (await rt.read_logs("box", tail=0)) == b""
 
         followed: list[bytes] = []
 
@@ -511,13 +511,14 @@ async def test_main_command_output_is_the_log(make_runtime: Callable[..., Runtim
                                command=["sh", "-c", "echo up; echo oops >&2; exit 3"])
         assert info.command == ("sh", "-c", "echo up; echo oops >&2; exit 3")
         assert await rt.wait_main("svc") == 3
-        assert rt.get("svc").main_exit_code == 3
-        assert rt.logs("svc") == b"up\noops\n"
-        assert rt.get("svc").state is VmState.RUNNING  # the sandbox outlives its command
+        assert (await rt.inspect("svc")).main_exit_code == 3
+        assert (await rt.read_logs("svc")) == b"up\noops\n"
+        # the sandbox outlives its command
+        assert (await rt.inspect("svc")).state is VmState.RUNNING
         await rt.stop("svc")
         await rt.start("svc")  # a start runs the main command again, appending to the log
         assert await rt.wait_main("svc") == 3
-        assert rt.logs("svc") == b"up\noops\nup\noops\n"
+        assert (await rt.read_logs("svc")) == b"up\noops\nup\noops\n"
         await rt.remove("svc", force=True)
         assert not rt.output_log(info.id).parent.exists()
 
@@ -526,6 +527,6 @@ async def test_main_command_that_cannot_start(make_runtime: Callable[..., Runtim
     async with make_runtime() as rt:
         await rt.create(name="bad", backend="mock", command=["nosuch"])
         assert await rt.wait_main("bad") == 127
-        assert b"nosuch" in rt.logs("bad")
+        assert b"nosuch" in (await rt.read_logs("bad"))
         with pytest.raises(ConfigError, match="needs an image"):
             await rt.create(name="empty", backend="mock", command=[])

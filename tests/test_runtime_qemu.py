@@ -42,11 +42,11 @@ async def test_qemu_sandbox_through_the_runtime(guestkit: GuestKit, state_dir: P
             assert (result.exit_code, result.stdout) == (0, b"yes\nLinux\n")
             await rt.write_file("real", "/tmp/note", b"through the runtime")
             assert await rt.read_file(info.id[:6], "/tmp/note") == b"through the runtime"
-            assert rt.logs("real"), "the guest console log should not be empty"
+            assert (await rt.read_logs("real")), "the guest console log should not be empty"
             assert (await rt.stop("real")).state is VmState.STOPPED
         finally:
             await rt.remove("real", force=True)
-        assert rt.list(all=True) == []
+        assert (await rt.list_sandboxes(all=True)) == []
         assert not (state_dir / "vms" / info.id).exists()
 
 
@@ -56,7 +56,7 @@ async def test_template_clones_are_distinct_and_fast_to_start(
     """4 clones of one template, started concurrently: 4 hostnames, 4 RNG states."""
     async with Runtime(data_dir=state_dir, backend_options={"qemu": {"kit": guestkit}}) as rt:
         template = await rt.create_template(name="base", backend="qemu", memory_mib=256)
-        assert template.template and rt.list(all=True) == []
+        assert template.template and (await rt.list_sandboxes(all=True)) == []
         clones = await asyncio.gather(*(rt.create(template="base", name=f"clone{i}")
                                          for i in range(4)))
         try:
@@ -73,7 +73,7 @@ async def test_template_clones_are_distinct_and_fast_to_start(
         finally:
             for clone in clones:
                 await rt.remove(clone.id, force=True)
-            rt.remove_snapshot("base")
+            await rt.delete_snapshot("base")
 
 
 async def test_snapshot_restore_through_the_runtime(guestkit: GuestKit, state_dir: Path) -> None:
@@ -82,7 +82,7 @@ async def test_snapshot_restore_through_the_runtime(guestkit: GuestKit, state_di
         try:
             await rt.write_file("src", "/tmp/before", b"kept")
             snap = await rt.snapshot("src", name="s")
-            assert snap.size > 0 and rt.get("src").state is VmState.RUNNING
+            assert snap.size > 0 and (await rt.inspect("src")).state is VmState.RUNNING
             await rt.write_file("src", "/tmp/after", b"not kept")
             copy = await rt.restore("s", name="copy")
             assert copy.id != snap.sandbox_id
@@ -90,7 +90,7 @@ async def test_snapshot_restore_through_the_runtime(guestkit: GuestKit, state_di
             missing = await rt.exec("copy", ["test", "-e", "/tmp/after"])
             assert missing.exit_code == 1
         finally:
-            for info in rt.list(all=True):
+            for info in await rt.list_sandboxes(all=True):
                 await rt.remove(info.id, force=True)
 
 
@@ -104,14 +104,18 @@ async def test_main_command_output_is_followed_after_a_restart(
         info = await first.create(name="svc", backend="qemu", memory_mib=256,
                                   command=["sh", "-c", script])
         # the pump writes as output arrives
-        await wait_until(lambda: first.logs("svc") == b"before\n", 30, "the main's first line")
-        assert first.get("svc").main_exec_id is not None
+        async def first_line() -> bool:
+            return await first.read_logs("svc") == b"before\n"
+
+        await wait_until(first_line, 30, "the main's first line")
+        assert (await first.inspect("svc")).main_exec_id is not None
     async with Runtime(data_dir=state_dir, backend_options=options) as second:
         try:
-            assert second.get("svc").state is VmState.RUNNING, second.get("svc").crash_reason
+            again = await second.inspect("svc")
+            assert again.state is VmState.RUNNING, again.crash_reason
             await second.exec("svc", ["touch", "/tmp/go"])
             assert await second.wait_main("svc") == 3
-            assert second.logs("svc") == b"before\nafter\n"
-            assert second.get("svc").main_exec_id is None
+            assert (await second.read_logs("svc")) == b"before\nafter\n"
+            assert (await second.inspect("svc")).main_exec_id is None
         finally:
             await second.remove(info.id, force=True)

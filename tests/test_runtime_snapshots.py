@@ -51,8 +51,8 @@ async def test_snapshot_restore_brings_back_files(make_runtime: Callable[..., Ru
         await rt.write_file("src", "/tmp/before", b"kept")
         snap = await rt.snapshot("src", name="snap1")
         assert snap.kind is SnapshotKind.FULL and snap.size > 0 and snap.path is not None
-        assert (snap.sandbox_id, snap.sandbox_name) == (rt.get("src").id, "src")
-        assert rt.get("src").state is VmState.RUNNING  # resumed after the snapshot
+        assert (snap.sandbox_id, snap.sandbox_name) == ((await rt.inspect("src")).id, "src")
+        assert (await rt.inspect("src")).state is VmState.RUNNING  # resumed after the snapshot
         await rt.write_file("src", "/tmp/after", b"not in the snapshot")
 
         clone = await rt.restore("snap1", name="clone")
@@ -62,15 +62,15 @@ async def test_snapshot_restore_brings_back_files(make_runtime: Callable[..., Ru
         assert b"A=1" in (await rt.exec("clone", ["env"])).stdout  # exec defaults kept
         paused = await rt.restore("snap1", paused=True)
         assert paused.state is VmState.PAUSED
-        assert [s.name for s in rt.snapshots()] == ["snap1"]
-        assert rt.get_snapshot(snap.id[:4]).name == "snap1"
+        assert [s.name for s in (await rt.list_snapshots())] == ["snap1"]
+        assert (await rt.inspect_snapshot(snap.id[:4])).name == "snap1"
 
 
 async def test_snapshot_names_kinds_and_states(make_runtime: Callable[..., Runtime]) -> None:
     async with make_runtime() as rt:
         await rt.create(name="box", backend="mock")
         first = await rt.snapshot("box", leave_paused=True)
-        assert first.name.startswith("box-") and rt.get("box").state is VmState.PAUSED
+        assert first.name.startswith("box-") and (await rt.inspect("box")).state is VmState.PAUSED
         with pytest.raises(SnapshotNameInUse):
             await rt.snapshot("box", name=first.name)
         with pytest.raises(ConfigError, match="snapshot kind 'nope'"):
@@ -88,8 +88,8 @@ async def test_remove_and_crash_leftovers(make_runtime: Callable[..., Runtime]) 
     async with make_runtime() as rt:
         await rt.create(name="box", backend="mock")
         snap = await rt.snapshot("box", name="gone")
-        rt.remove_snapshot("gone")
-        assert rt.snapshots() == [] and not (rt.snapshots_dir / snap.id).exists()
+        await rt.delete_snapshot("gone")
+        assert (await rt.list_snapshots()) == [] and not (rt.snapshots_dir / snap.id).exists()
         # what a crash can leave: a partial dir, a trashed one, an unrecorded complete one
         for name in (".abc.partial", ".trash-abc", "0123456789ab"):
             (rt.snapshots_dir / name).mkdir()
@@ -154,7 +154,7 @@ async def test_damaged_archives_are_refused(make_runtime: Callable[..., Runtime]
         await rt.create(name="box", backend="mock")
         await rt.snapshot("box", name="orig")
         data = await _archive(rt, "orig")
-        rt.remove_snapshot("orig")
+        await rt.delete_snapshot("orig")
 
         def flip(name: str, content: bytes) -> bytes:
             if name in (META_NAME, "manifest.json"):
@@ -174,7 +174,7 @@ async def test_damaged_archives_are_refused(make_runtime: Callable[..., Runtime]
         for label, (archive, message) in cases.items():
             with pytest.raises(SnapshotCorrupted, match=message):
                 await rt.import_snapshot(io.BytesIO(archive))
-            assert rt.snapshots() == [], label
+            assert (await rt.list_snapshots()) == [], label
             assert [p.name for p in rt.snapshots_dir.iterdir()] == [], label
 
 
@@ -187,7 +187,8 @@ async def test_templates_start_many_distinct_sandboxes(
     async with make_runtime() as rt:
         template = await rt.create_template(name="tpl", image="example.com/t:1",
                                             backend="mock")
-        assert template.template and rt.list(all=True) == []  # the build sandbox is gone
+        assert template.template
+        assert await rt.list_sandboxes(all=True) == []  # the build sandbox is gone
         with pytest.raises(ImageInUse):
             store.remove(image.digest)  # the template holds its image
         assert store.holders(image.digest) == (f"snapshot:{template.id}",)
@@ -200,10 +201,10 @@ async def test_templates_start_many_distinct_sandboxes(
             await rt.create(template="tpl", cpus=2)
         with pytest.raises(SnapshotNotFound, match="no template"):
             await rt.create(template="nosuch")
-        assert [t.name for t in rt.snapshots(templates=True)] == ["tpl"]
+        assert [t.name for t in (await rt.list_snapshots(templates=True))] == ["tpl"]
         for clone in clones:
             await rt.remove(clone.id, force=True)
-        rt.remove_snapshot("tpl", template=True)
+        await rt.delete_snapshot("tpl", template=True)
         assert store.holders(image.digest) == ()
 
 
@@ -235,7 +236,7 @@ async def test_a_removal_cut_short_before_its_record_is_undone(
         # a crash between the rename to the trash and the deletion of the record
         (rt.snapshots_dir / snap.id).rename(rt.snapshots_dir / f".trash-{snap.id}")
     async with make_runtime() as rt:
-        assert [s.name for s in rt.snapshots()] == ["kept"]
+        assert [s.name for s in (await rt.list_snapshots())] == ["kept"]
         assert sorted(p.name for p in rt.snapshots_dir.iterdir()) == [snap.id]
         clone = await rt.restore("kept")
         assert await rt.read_file(clone.id, "/data") == b"still here"
@@ -250,7 +251,7 @@ async def test_a_snapshot_whose_vm_fails_afterwards_leaves_nothing(
         await rt.create(name="box", backend="mock")
         with pytest.raises(VmCrashed, match="during resume"):
             await rt.snapshot("box", name="never")
-        assert rt.snapshots() == []
+        assert (await rt.list_snapshots()) == []
         assert list(rt.snapshots_dir.iterdir()) == []  # written whole, removed at once
 
 
@@ -281,7 +282,7 @@ async def test_the_runtime_changes_its_directories_only_through_its_storage(
         clone = await rt.restore("s")
         assert await rt.read_file(clone.id, "/data") == b"in memory"
         assert storage.exists(rt.snapshots_dir / snap.id / "manifest.json")
-        rt.remove_snapshot("s")
+        await rt.delete_snapshot("s")
         await rt.remove("box", force=True)
     # on the real disk: only the state database and the lock
     real = {p.name for p in (tmp_path / "data").iterdir()}

@@ -36,7 +36,7 @@ Ref = Annotated[str, PathParam(
 @router.get("/sandboxes")
 async def list_sandboxes(request: Request, all: bool = False) -> list[Sandbox]:
     """Running and paused sandboxes; with ``all`` also stopped and crashed ones."""
-    return [sandbox_record(i) for i in runtime_of(request).list(all=all)]
+    return [sandbox_record(i) for i in await runtime_of(request).list_sandboxes(all=all)]
 
 
 @router.post(
@@ -114,13 +114,13 @@ async def _create_streamed(
 @router.get("/sandboxes/{ref}")
 async def inspect_sandbox(request: Request, ref: Ref) -> Sandbox:
     """One sandbox by name, id or unique id prefix."""
-    return sandbox_record(runtime_of(request).get(ref))
+    return sandbox_record(await runtime_of(request).inspect(ref))
 
 
 @router.get("/sandboxes/{ref}/events")
 async def sandbox_events(request: Request, ref: Ref) -> list[Event]:
     """The sandbox's recorded state changes, oldest first."""
-    return [event_record(e) for e in runtime_of(request).history(ref)]
+    return [event_record(e) for e in await runtime_of(request).events(ref)]
 
 
 @router.post("/sandboxes/{ref}/start")
@@ -176,9 +176,10 @@ async def sandbox_logs(
 ) -> StreamingResponse:
     """The sandbox's logs (main command output, else console); ``follow`` streams on."""
     runtime = runtime_of(request)
-    info = runtime.get(ref)  # an unknown sandbox is a 404, before the stream starts
+    info = await runtime.inspect(ref)  # an unknown sandbox is a 404, before the stream starts
     if not follow:
-        return StreamingResponse(iter([runtime.logs(info.id, tail=tail, console=console)]),
+        logs = await runtime.read_logs(info.id, tail=tail, console=console)
+        return StreamingResponse(iter([logs]),
                                  media_type="application/octet-stream")
     return StreamingResponse(runtime.follow_logs(info.id, tail=tail, console=console),
                              media_type="application/octet-stream")

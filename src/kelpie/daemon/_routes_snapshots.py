@@ -32,7 +32,8 @@ PIPE_CHUNK = 1 << 20
 @router.get("/snapshots")
 async def list_snapshots(request: Request, templates: bool | None = None) -> list[Snapshot]:
     """Snapshots, oldest first (``templates``: only templates, or only plain ones)."""
-    return [snapshot_record(s) for s in runtime_of(request).snapshots(templates=templates)]
+    snapshots = await runtime_of(request).list_snapshots(templates=templates)
+    return [snapshot_record(s) for s in snapshots]
 
 
 @router.post("/snapshots", status_code=201)
@@ -47,13 +48,13 @@ async def create_snapshot(request: Request, body: SnapshotCreate) -> Snapshot:
 @router.get("/snapshots/{ref}")
 async def inspect_snapshot(request: Request, ref: str) -> Snapshot:
     """One snapshot by name, id or unique id prefix."""
-    return snapshot_record(runtime_of(request).get_snapshot(ref))
+    return snapshot_record(await runtime_of(request).inspect_snapshot(ref))
 
 
 @router.delete("/snapshots/{ref}", status_code=204)
 async def remove_snapshot(request: Request, ref: str) -> Response:
     """Delete a snapshot (or template)."""
-    runtime_of(request).remove_snapshot(ref)
+    await runtime_of(request).delete_snapshot(ref)
     return Response(status_code=204)
 
 
@@ -85,7 +86,7 @@ async def export_snapshot(request: Request, ref: str, compress: bool = False,
                           ) -> StreamingResponse:
     """The snapshot as one archive (tar; zstd-compressed with ``compress``)."""
     runtime = runtime_of(request)
-    runtime.get_snapshot(ref)  # an unknown snapshot is a 404 before the stream starts
+    await runtime.inspect_snapshot(ref)  # an unknown snapshot is a 404 before the stream starts
     read_fd, write_fd = os.pipe()
     writer = asyncio.ensure_future(_export_into(runtime, ref, write_fd, compress))
 
@@ -132,7 +133,7 @@ async def import_snapshot(
 @router.get("/templates")
 async def list_templates(request: Request) -> list[Snapshot]:
     """The templates sandboxes can be created from."""
-    return [snapshot_record(s) for s in runtime_of(request).snapshots(templates=True)]
+    return [snapshot_record(s) for s in await runtime_of(request).list_snapshots(templates=True)]
 
 
 @router.post("/templates", status_code=201)
@@ -147,5 +148,5 @@ async def create_template(request: Request, body: TemplateCreate) -> Snapshot:
 @router.delete("/templates/{ref}", status_code=204)
 async def remove_template(request: Request, ref: str) -> Response:
     """Delete a template."""
-    runtime_of(request).remove_snapshot(ref, template=True)
+    await runtime_of(request).delete_snapshot(ref, template=True)
     return Response(status_code=204)

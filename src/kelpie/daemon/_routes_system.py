@@ -32,7 +32,7 @@ async def shutdown(request: Request, stop_sandboxes: bool = False) -> Response:
     """Stop the daemon; sandboxes keep running unless ``stop_sandboxes``."""
     runtime = runtime_of(request)
     if stop_sandboxes:
-        for info in runtime.list():
+        for info in await runtime.list_sandboxes():
             await runtime.stop(info.id)
     on_shutdown = request.app.state.on_shutdown
     if on_shutdown is not None:

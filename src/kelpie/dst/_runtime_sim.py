@@ -166,7 +166,7 @@ class RuntimeSimulation:
         self._step = 0
         self._operation = ""
         self._operation_steps = 0
-        self._settle: Callable[[], None] | None = None
+        self._settle: Callable[[], Awaitable[None]] | None = None
         self._frozen: sqlite3.Connection | None = None
         self._data_dir = Path()
         self._db_path = Path()
@@ -210,7 +210,7 @@ class RuntimeSimulation:
         await self._open()
         for step in range(1, self.steps + 1):
             self._step = step
-            op, action = self._choose()
+            op, action = await self._choose()
             self.operations[op] += 1
             self._begin(op)
             self._settle = None
@@ -232,16 +232,16 @@ class RuntimeSimulation:
                 await self._recover_from_crash()
             settle = self._pending_settle()
             if settle is not None:
-                settle()  # what the operation changed, as the runtime now records it
+                await settle()  # what the operation changed, as the runtime now records it
             self._begin("")
             self.outcomes[outcome] += 1
             first_line = detail.splitlines()[0] if detail else ""
             self.trace.append(f"{self.clock.ticks:>16} {step:>4} {op:<15} {outcome:<10} "
                               f"{self._clean(first_line)}")
-            self._check_invariants()
+            await self._check_invariants()
         await self.runtime.close()
 
-    def _pending_settle(self) -> Callable[[], None] | None:
+    def _pending_settle(self) -> Callable[[], Awaitable[None]] | None:
         """What the operation left to settle once the runtime is open again (if anything)."""
         return self._settle
 
@@ -329,9 +329,9 @@ class RuntimeSimulation:
             self._frozen = None
 
     # ---- the workload -------------------------------------------------------------------
-    def _choose(self) -> tuple[str, Callable[[], Awaitable[str]]]:
-        infos = self.runtime.list(all=True)
-        snaps = sorted(s.id for s in self.runtime.snapshots())
+    async def _choose(self) -> tuple[str, Callable[[], Awaitable[str]]]:
+        infos = await self.runtime.list_sandboxes(all=True)
+        snaps = sorted(await self._snapshot_ids())
         options: list[tuple[str, Callable[[], Awaitable[str]]]] = []
         if len(infos) < MAX_SANDBOXES:
             options += [("create", self._create)] * 2
@@ -357,17 +357,20 @@ class RuntimeSimulation:
         options += [("restart", self._restart)]
         return self._choices.choice(options)
 
-    def _ids_now(self) -> set[str]:
-        return {info.id for info in self.runtime.list(all=True)}
+    async def _ids_now(self) -> set[str]:
+        return {info.id for info in await self.runtime.list_sandboxes(all=True)}
+
+    async def _snapshot_ids(self) -> set[str]:
+        return {s.id for s in await self.runtime.list_snapshots()}
 
     async def _create(self) -> str:
         self._settle = self._adopt_new_records
         info = await self.runtime.create(backend="mock")
         return f"created {info.id[:6]} ({info.state.value})"
 
-    def _adopt_new_records(self) -> None:
+    async def _adopt_new_records(self) -> None:
         """A create or restore writes one record (kept even when the start fails)."""
-        new = self._ids_now() - self.sandboxes
+        new = await self._ids_now() - self.sandboxes
         if len(new) > 1:
             self._violate("no-record-lost", f"one operation wrote {len(new)} records")
         self.sandboxes |= new
@@ -400,7 +403,7 @@ class RuntimeSimulation:
     async def _remove(self, info: SandboxInfo) -> str:
         await self.runtime.remove(info.id, force=True)
         self.sandboxes.discard(info.id)  # a failed remove keeps the record (checked after)
-        if info.id in self._ids_now():
+        if info.id in await self._ids_now():
             self._violate("no-record-lost", f"{info.id[:6]} is still recorded after remove")
         return f"removed {info.id[:6]}"
 
@@ -417,7 +420,7 @@ class RuntimeSimulation:
     async def _restore(self, snaps: list[str]) -> str:
         snap_id = self._choices.choice(snaps)
         captured = self.snapshots.get(snap_id)
-        path = self.runtime.get_snapshot(snap_id).path
+        path = (await self.runtime.inspect_snapshot(snap_id)).path
         assert path is not None
         damage = expected_damage(self.storage, path)
         self._settle = self._adopt_new_records
@@ -439,20 +442,20 @@ class RuntimeSimulation:
 
     async def _remove_snapshot(self, snaps: list[str]) -> str:
         snap_id = self._choices.choice(snaps)
-        self._settle = lambda: self._settle_removed_snapshot(snap_id)
-        self.runtime.remove_snapshot(snap_id)
+        self._settle = partial(self._settle_removed_snapshot, snap_id)
+        await self.runtime.delete_snapshot(snap_id)
         return f"removed {snap_id[:6]}"
 
-    def _settle_removed_snapshot(self, snap_id: str) -> None:
+    async def _settle_removed_snapshot(self, snap_id: str) -> None:
         """Removed, or (failed, crashed before its record went) still whole and listed."""
-        if snap_id not in {s.id for s in self.runtime.snapshots()}:
+        if snap_id not in await self._snapshot_ids():
             self.snapshots.pop(snap_id, None)
 
     async def _restart(self) -> str:
         await self.runtime.close()
         await self._open()
-        return f"reopened: {len(self.runtime.list(all=True))} sandboxes, " \
-               f"{len(self.runtime.snapshots())} snapshots"
+        return f"reopened: {len(await self.runtime.list_sandboxes(all=True))} sandboxes, " \
+               f"{len(await self._snapshot_ids())} snapshots"
 
     # ---- invariants ---------------------------------------------------------------------
     def _violate(self, invariant: str, detail: str) -> None:
@@ -466,9 +469,9 @@ class RuntimeSimulation:
             self._violate("fault-caught-by-its-check", f"snapshot {snap_id[:6]} must be "
                           f"refused by {expected.__name__}, got {self._clean(got)}")
 
-    def _check_invariants(self) -> None:
+    async def _check_invariants(self) -> None:
         runtime = self.runtime
-        ids = self._ids_now()
+        ids = await self._ids_now()
         lost = sorted(self.sandboxes - ids)
         if lost:
             self._violate("no-record-lost", f"records lost: {', '.join(i[:6] for i in lost)}")
@@ -477,7 +480,7 @@ class RuntimeSimulation:
             self._violate("no-record-lost", "records appeared outside create/restore: "
                           f"{', '.join(i[:6] for i in appeared)}")
         self.sandboxes = set(ids)
-        listed = {s.id: s for s in runtime.snapshots()}
+        listed = {s.id: s for s in await runtime.list_snapshots()}
         for snap_id in sorted(set(self.snapshots) - set(listed)):
             self._violate("snapshots-kept", f"snapshot {snap_id[:6]} was taken but is gone")
             del self.snapshots[snap_id]

@@ -233,27 +233,11 @@ class Runtime:
     async def wait_main(self, ref: str) -> int | None:
         """Wait for the sandbox's main command to end; its exit code (None if it has none,
         or it was not started by this runtime and has not been seen to end)."""
-        return await self._mains.wait(self.get(ref).id)
+        return await self._mains.wait(self._ctx.find(ref).id)
 
     def output_log(self, sandbox_id: str) -> Path:
         """Where the main command's output of a sandbox is kept."""
         return self._ctx.output_log(sandbox_id)
-
-    # ---- finding ------------------------------------------------------------------------
-    def list(self, *, all: bool = False) -> builtins.list[SandboxInfo]:
-        """Sandboxes, oldest first: the active ones, or with ``all`` also those at rest."""
-        return self._ctx.list(all=all)
-
-    def get(self, ref: str) -> SandboxInfo:
-        """The sandbox named ``ref``, with id ``ref``, or whose id starts with ``ref``.
-
-        An id prefix must have at least 3 characters and match one sandbox only.
-        """
-        return self._ctx.find(ref)
-
-    def history(self, ref: str) -> builtins.list[SandboxEvent]:
-        """The recorded state changes of a sandbox, oldest first."""
-        return self.db.events(self.get(ref).id)
 
     # ---- commands and files -------------------------------------------------------------
     async def exec(
@@ -268,7 +252,7 @@ class Runtime:
         timeout: float | None = None,
     ) -> ExecResult:
         """Run a command to completion in a running sandbox (image workdir/user by default)."""
-        info = self.get(ref)
+        info = self._ctx.find(ref)
         vm = self._ctx.live_vm(info, "exec in")
         return await vm.exec(argv, env=env, cwd=cwd or info.workdir, stdin=stdin,
                              timeout=timeout, user=user or info.user)
@@ -286,7 +270,7 @@ class Runtime:
         pty: bool = False,
     ) -> AsyncIterator[ExecProcess]:
         """Start a command and yield its process; leaving the block early kills it."""
-        info = self.get(ref)
+        info = self._ctx.find(ref)
         vm = self._ctx.live_vm(info, "exec in")
         async with vm.exec_stream(argv, env=env, cwd=cwd or info.workdir, timeout=timeout,
                                   user=user or info.user, pty=pty) as process:
@@ -294,11 +278,11 @@ class Runtime:
 
     async def read_file(self, ref: str, path: str) -> bytes:
         """Read a whole file from a running sandbox."""
-        return await self._ctx.live_vm(self.get(ref), "read files in").read_file(path)
+        return await self._ctx.live_vm(self._ctx.find(ref), "read files in").read_file(path)
 
     async def read_file_stream(self, ref: str, path: str) -> AsyncIterator[bytes]:
         """Read a file from a running sandbox in chunks."""
-        vm = self._ctx.live_vm(self.get(ref), "read files in")
+        vm = self._ctx.live_vm(self._ctx.find(ref), "read files in")
         async for chunk in vm.read_file_stream(path):
             yield chunk
 
@@ -306,20 +290,20 @@ class Runtime:
         self, ref: str, path: str, data: bytes | AsyncIterable[bytes], *, mode: int = 0o644,
     ) -> None:
         """Write a file in a running sandbox atomically (from bytes or a stream of chunks)."""
-        vm = self._ctx.live_vm(self.get(ref), "write files in")
+        vm = self._ctx.live_vm(self._ctx.find(ref), "write files in")
         await vm.write_file(path, data, mode=mode)
 
     async def list_dir(self, ref: str, path: str) -> builtins.list[FileInfo]:
         """List a directory in a running sandbox."""
-        return await self._ctx.live_vm(self.get(ref), "list files in").list_dir(path)
+        return await self._ctx.live_vm(self._ctx.find(ref), "list files in").list_dir(path)
 
     async def mkdir(self, ref: str, path: str, *, mode: int = 0o755) -> None:
         """Create a directory (and missing parents) in a running sandbox."""
-        await self._ctx.live_vm(self.get(ref), "create directories in").mkdir(path, mode=mode)
+        await self._ctx.live_vm(self._ctx.find(ref), "create directories in").mkdir(path, mode=mode)
 
     async def remove_path(self, ref: str, path: str, *, recursive: bool = False) -> None:
         """Remove a file (or with ``recursive`` a tree) in a running sandbox."""
-        vm = self._ctx.live_vm(self.get(ref), "remove files in")
+        vm = self._ctx.live_vm(self._ctx.find(ref), "remove files in")
         await vm.remove(path, recursive=recursive)
 
     # ---- lifecycle of sandboxes ---------------------------------------------------------
@@ -357,14 +341,6 @@ class Runtime:
         """Where complete snapshots live, one directory per snapshot id."""
         return self._ctx.snapshots_dir
 
-    def snapshots(self, *, templates: bool | None = None) -> builtins.list[SnapshotInfo]:
-        """Snapshots, oldest first: all, only templates (True) or only plain ones (False)."""
-        return self._snapshots.list(templates=templates)
-
-    def get_snapshot(self, ref: str, *, template: bool | None = None) -> SnapshotInfo:
-        """The snapshot (or template) with this name, id, or unique id prefix (>= 3)."""
-        return self._snapshots.get(ref, template=template)
-
     async def snapshot(
         self, ref: str, *, name: str | None = None, kind: SnapshotKind | str = "full",
         leave_paused: bool = False, template: bool = False, workspace: str | None = None,
@@ -376,11 +352,6 @@ class Runtime:
         ``leave_paused``). The snapshot is recorded only once complete."""
         return await self._snapshots.take(ref, name=name, kind=kind, leave_paused=leave_paused,
                                           template=template, workspace=workspace)
-
-    def remove_snapshot(self, ref: str, *, template: bool | None = None) -> SnapshotInfo:
-        """Delete a snapshot: its directory goes to the trash (atomically), then its record,
-        then the trash; a crash part-way leaves either the whole snapshot or none."""
-        return self._snapshots.remove(ref, template=template)
 
     async def export_snapshot(self, ref: str, out: IO[bytes], *, compress: bool = False,
                               ) -> None:
@@ -444,61 +415,62 @@ class Runtime:
         """The file :meth:`logs` reads: the main command's output, else the VM console."""
         return self._logs.path(info, console=console)
 
-    def logs(self, ref: str, *, tail: int | None = None, console: bool = False) -> bytes:
-        """The sandbox's logs (the last ``tail`` lines if given); empty if none yet.
-
-        The logs are the main command's output when the sandbox has one, else (or with
-        ``console``) the VM's console (kernel and init messages).
-        """
-        data, _ = self._logs.read(self.get(ref), tail, console)
-        return data
-
     async def follow_logs(
         self, ref: str, *, tail: int | None = None, console: bool = False,
         poll_seconds: float = FOLLOW_POLL_SECONDS,
     ) -> AsyncIterator[bytes]:
         """Yield the logs (or their last ``tail`` lines), then what is written from then on,
         until the sandbox is at rest or gone."""
-        async for chunk in self._logs.follow(self.get(ref), tail=tail, console=console,
+        async for chunk in self._logs.follow(self._ctx.find(ref), tail=tail, console=console,
                                              poll_seconds=poll_seconds):
             yield chunk
 
-    # ---- the rest of the sandbox service (kelpie.service.SandboxService) ----------------
-    # Async forms of the in-process queries above, so that this runtime and a daemon's
-    # client answer the same calls; the records are the runtime's own.
+    # ---- finding (the queries of kelpie.service.SandboxService) --------------------------
     async def inspect(self, ref: str) -> SandboxInfo:
-        """The sandbox with this name, id or unique id prefix (see :meth:`get`)."""
-        return self.get(ref)
+        """The sandbox named ``ref``, with id ``ref``, or whose id starts with ``ref``.
+
+        An id prefix must have at least 3 characters and match one sandbox only.
+        """
+        return self._ctx.find(ref)
 
     async def list_sandboxes(self, *, all: bool = False) -> builtins.list[SandboxInfo]:
-        """Active sandboxes (``all``: every one), see :meth:`list`."""
-        return self.list(all=all)
+        """Sandboxes, oldest first: the active ones, or with ``all`` also those at rest."""
+        return self._ctx.list(all=all)
 
     async def kill(self, ref: str) -> SandboxInfo:
         """Stop a sandbox at once (its VM is killed)."""
         return await self.stop(ref, timeout=0)
 
     async def events(self, ref: str) -> builtins.list[SandboxEvent]:
-        """The sandbox's recorded state changes, oldest first (see :meth:`history`)."""
-        return self.history(ref)
+        """The recorded state changes of a sandbox, oldest first."""
+        return self.db.events(self._ctx.find(ref).id)
 
     async def read_logs(self, ref: str, *, tail: int | None = None,
                         console: bool = False) -> bytes:
-        """The sandbox's logs so far (see :meth:`logs`)."""
-        return self.logs(ref, tail=tail, console=console)
+        """The sandbox's logs (the last ``tail`` lines if given); empty if none yet.
+
+        The logs are the main command's output when the sandbox has one, else (or with
+        ``console``) the VM's console (kernel and init messages).
+        """
+        data, _ = self._logs.read(self._ctx.find(ref), tail, console)
+        return data
 
     async def list_snapshots(self, *, templates: bool | None = None,
                              ) -> builtins.list[SnapshotInfo]:
-        """Snapshots, oldest first (see :meth:`snapshots`)."""
-        return self.snapshots(templates=templates)
+        """Snapshots, oldest first: all, only templates (True) or only plain ones (False)."""
+        return self._snapshots.list(templates=templates)
 
-    async def inspect_snapshot(self, ref: str) -> SnapshotInfo:
-        """The snapshot or template with this name, id or unique id prefix."""
-        return self.get_snapshot(ref)
+    async def inspect_snapshot(self, ref: str, *, template: bool | None = None,
+                               ) -> SnapshotInfo:
+        """The snapshot (or template) with this name, id, or unique id prefix (>= 3);
+        ``template`` True or False looks only among templates or plain snapshots."""
+        return self._snapshots.get(ref, template=template)
 
     async def delete_snapshot(self, ref: str, *, template: bool = False) -> None:
-        """Delete a snapshot or template (``template``: only a template)."""
-        self.remove_snapshot(ref, template=True if template else None)
+        """Delete a snapshot or template (``template``: only a template). Its directory goes
+        to the trash (atomically), then its record, then the trash; a crash part-way leaves
+        either the whole snapshot or none."""
+        self._snapshots.remove(ref, template=True if template else None)
 
     async def list_images(self) -> builtins.list[StoredImage]:
         """The images in the image store."""
