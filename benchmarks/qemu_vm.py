@@ -61,7 +61,7 @@ async def kelpie_boot(kit: GuestKit, workdir: Path) -> tuple[float, QemuVm]:
 
 
 async def exec_figures(vm: QemuVm, runs: int) -> dict[str, float]:
-    assert vm._agent is not None
+    assert vm.agent.client is not None
     for _ in range(5):  # warm up caches and the page cache of /bin/true
         await vm.exec(["true"])
     exec_times, ping_times = [], []
@@ -69,7 +69,7 @@ async def exec_figures(vm: QemuVm, runs: int) -> dict[str, float]:
         started = time.perf_counter()
         await vm.exec(["true"])
         exec_times.append(time.perf_counter() - started)
-        ping_times.append(await vm._agent.ping())
+        ping_times.append(await vm.agent.client.ping())
     spawn = await vm.exec(["python3", "-S", "-c", SPAWN_PROBE])
     spawn_s = int(spawn.stdout.strip()) / 1e9
     exec_s = statistics.median(exec_times)

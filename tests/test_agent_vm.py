@@ -21,7 +21,8 @@ import pytest
 
 import kelpie.agent
 from kelpie import protocol
-from kelpie.agent import AgentClient, AgentSession, AgentVm
+from kelpie.agent import AgentClient, AgentRestarted, AgentSession, AgentVm
+from kelpie.agent._tasks import cancel_and_wait
 from kelpie.protocol import FrameType
 from kelpie.vm import AgentError, VmConfig, VmCrashed, VmState
 
@@ -149,7 +150,7 @@ class FakeVm(AgentVm):
     def _vmm_running(self) -> bool:
         return self.vmm_running
 
-    def _gone(self, doing: str) -> VmCrashed:
+    def _vmm_gone_error(self, doing: str) -> VmCrashed:
         return VmCrashed(f"the fake VMM is gone during {doing}")
 
     async def _do_start(self) -> None:
@@ -187,6 +188,46 @@ async def test_a_restarted_agent_gets_a_new_hello_and_the_refused_exec_runs(
         assert vm.agent_info.agent_pid == agent.pid != first.agent_pid
         assert vm.agent.restarts == 1
         assert agent.requests[-4:] == ["exec", "exec", "hello", "exec"]  # refused, then again
+
+
+async def test_agent_info_is_the_new_agents_after_a_re_hello(agent: FakeAgent) -> None:
+    async with running(FakeVm(agent.path)) as vm:
+        old = vm.agent_info
+        client = vm.agent.client
+        assert old is not None and client is not None
+        agent.restart()
+        with pytest.raises(AgentRestarted):
+            await client.ping()  # the connection learns that its agent was replaced
+        assert vm.agent_info is None  # no longer the old agent's pid and execs
+        await client.hello()  # a re-hello on the connection itself, not through the session
+        assert vm.agent_info is not None
+        assert vm.agent_info.agent_pid == agent.pid != old.agent_pid
+
+
+async def test_cancel_and_wait_keeps_the_callers_cancellation() -> None:
+    started = asyncio.Event()
+    cleaning = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def slow_to_cancel() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaning.set()
+            await finish.wait()  # clean-up that outlasts the caller's cancellation
+
+    task = asyncio.create_task(slow_to_cancel())
+    await started.wait()
+    caller = asyncio.create_task(cancel_and_wait(task))
+    await cleaning.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert caller.cancelled() and not task.done()
+    finish.set()
+    await asyncio.wait({task})
+    assert task.cancelled()
 
 
 async def test_an_upload_refused_by_a_new_agent_is_sent_again(agent: FakeAgent) -> None:

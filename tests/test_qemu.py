@@ -67,8 +67,8 @@ async def test_timeout_kills_the_process_tree(vm: QemuVm) -> None:
 
 
 async def test_garbage_frame_gets_an_error_and_the_next_exec_works(vm: QemuVm) -> None:
-    assert vm._agent is not None
-    await vm._agent._send(b"\x00garbage\xff" * 100)  # raw bytes past the client's framing
+    assert vm.agent.client is not None
+    await vm.agent.client._send(b"\x00garbage\xff" * 100)  # raw bytes past the client's framing
     result = await vm.exec(["echo", "still alive"])
     assert result.stdout == b"still alive\n"
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from kelpie.agent._client import AgentClient
 from kelpie.agent._errors import AgentClientError, AgentDisconnected, AgentRestarted
+from kelpie.agent._tasks import cancel_and_wait
 from kelpie.agent._types import AgentInfo, ClientState
 
 logger = logging.getLogger(__name__)
@@ -42,11 +42,18 @@ class AgentSession:
         self.return_timeout = return_timeout
         self.probe_interval = probe_interval
         self.client: AgentClient | None = None
-        self.info: AgentInfo | None = None
+        self._greeted_pid: int | None = None
+        """The pid of the last agent that answered a hello: a later one is a restart."""
         self.restarts = 0
         """How many times a new agent was found and greeted."""
         self._handshake = asyncio.Lock()
         self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def info(self) -> AgentInfo | None:
+        """The hello reply of the agent the connection talks to now (None before a hello,
+        and once that agent is known to have been replaced, until the next hello)."""
+        return self.client.info if self.client is not None else None
 
     @property
     def ready(self) -> bool:
@@ -72,8 +79,9 @@ class AgentSession:
         if self.client is None:
             raise AgentDisconnected("hello: there is no connection to the agent")
         async with self._handshake:
-            self.info = await self.client.hello(timeout=timeout)
-        return self.info
+            info = await self.client.hello(timeout=timeout)
+        self._greeted_pid = info.agent_pid
+        return info
 
     async def ready_client(self) -> AgentClient:
         """The client, after a new hello (on a new connection if the old one ended) when
@@ -85,14 +93,14 @@ class AgentSession:
             client = self.client
             if client is not None and client.state is ClientState.READY:
                 return client
-            was = self.info.agent_pid if self.info is not None else None
+            was = self._greeted_pid
             try:
                 async with asyncio.timeout(self.return_timeout):
                     if client is None or client.state is ClientState.CLOSED:
                         await self._stop_probe()
                         client = await self._connect(self.return_timeout)
                         self.use(client)
-                    self.info = await client.hello()
+                    info = await client.hello()
             except TimeoutError:
                 raise AgentDisconnected(
                     f"the guest agent did not answer a new hello within "
@@ -101,11 +109,10 @@ class AgentSession:
                 ) from None
             except AgentClientError as exc:
                 raise AgentDisconnected(f"the guest agent is lost: {exc}") from exc
+            self._greeted_pid = info.agent_pid
         if was is not None:
             self.restarts += 1
-            logger.warning(
-                "said hello to a new guest agent (pid %s, was %s)", self.info.agent_pid, was
-            )
+            logger.warning("said hello to a new guest agent (pid %s, was %s)", info.agent_pid, was)
         return client
 
     async def close(self) -> None:
@@ -118,9 +125,7 @@ class AgentSession:
     async def _stop_probe(self) -> None:
         probe, self._probe = self._probe, None
         if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            await cancel_and_wait(probe)
 
     async def _probe_while_open(self, client: AgentClient) -> None:
         """Ping while requests are open: a new agent answers 'send hello first', which fails

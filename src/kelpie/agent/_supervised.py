@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from kelpie._paths import vms_dir
 from kelpie.agent._errors import AgentClientError
+from kelpie.agent._tasks import cancel_and_wait
 from kelpie.agent._vm import AgentVm
 from kelpie.agent._vmdir import log_tail
 from kelpie.agent._vmm import ProcessWatch, spawn_in_new_session
@@ -71,7 +72,7 @@ class ProcessVm(AgentVm):
     def _log_tail(self) -> str:
         return log_tail(self.workdir, self.vmm_logs)
 
-    def _gone(self, doing: str) -> VmCrashed:
+    def _vmm_gone_error(self, doing: str) -> VmCrashed:
         status = self.exit_status
         how = f"exited with status {status}" if status is not None else "is not running"
         return VmCrashed(f"VM {self.id}: {self.vmm_name} {how} during {doing}")
@@ -98,7 +99,7 @@ class ProcessVm(AgentVm):
         self.exit_status = status
         if self._state in (VmState.RUNNING, VmState.PAUSED) and not self._stopping:
             self.mark_crashed(f"{self._exit_description()}\n{self._log_tail()}")
-            await self._disconnect()
+            await self._release(keep_vmm=False)
 
     def _exit_description(self) -> str:
         if self.exit_status is not None:
@@ -139,9 +140,7 @@ class ProcessVm(AgentVm):
                 return task.result()
             except failures as exc:
                 raise BootError(f"VM {self.id}: {what} failed: {exc}\n{self._log_tail()}") from exc
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        await cancel_and_wait(task)
         if exited.done():
             status = exited.result()
             how = "exited" if status is None else f"exited with status {status}"
@@ -163,24 +162,36 @@ class ProcessVm(AgentVm):
         """
         process = self._process
         if process is None or not process.running:
-            raise self._gone(doing)
+            raise self._vmm_gone_error(doing)
         task = asyncio.ensure_future(step)
         waiters: set[asyncio.Future[Any]] = {task, process.exited}
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            task.cancel()
-            await asyncio.wait({task})
+            await cancel_and_wait(task)
             raise
         if task.done():
             return task.result()
-        task.cancel()
-        await asyncio.wait({task})
-        raise self._gone(doing)
+        await cancel_and_wait(task)
+        raise self._vmm_gone_error(doing)
 
-    async def _disconnect(self) -> None:
-        """Close the connections to the VM (the agent here; backends add theirs)."""
+    async def _release(self, *, keep_vmm: bool) -> None:
+        """Close the connections to the VM (the agent here; backends add theirs).
+
+        ``keep_vmm``: the VMM keeps running (a detach, an attach given up): stop watching
+        it too. Else it has exited (or is being stopped) and its watcher ends by itself.
+        """
         await self.agent.close()
+        if not keep_vmm:
+            return
+        if self._watcher is not None:
+            await cancel_and_wait(self._watcher)
+        if self._process is not None:
+            self._process.close()
+        self._process = self._watcher = None
+
+    async def _do_detach(self) -> None:
+        await self._release(keep_vmm=True)
 
     # ---- re-attach ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -208,15 +219,15 @@ class ProcessVm(AgentVm):
             return
         try:
             state, why = await self._reconnect(timeout)
-        except Exception as exc:
-            if self._process is not None and not self._process.running:
+        except BaseException as exc:
+            died = self._process is not None and not self._process.running
+            if isinstance(exc, Exception) and died:
                 self._settle_attached(VmState.CRASHED, str(exc))  # died as we attached
-                await self._disconnect()
+                await self._release(keep_vmm=False)
                 return
-            await self._abandon_attach()
-            raise
-        except BaseException:  # cancelled: leave the VM as it was
-            await self._abandon_attach()
+            # No answer, or cancelled: undo the attach, leaving the VMM running as it was.
+            await self._release(keep_vmm=True)
+            self._set_state(VmState.STOPPED)
             raise
         self._settle_attached(state, f"VM {self.id}: {why}")
         if self._process is not None and not self._process.running:
@@ -231,22 +242,3 @@ class ProcessVm(AgentVm):
             self.mark_crashed(f"{reason}\n{self._log_tail()}")
         else:
             self._set_state(state)
-
-    async def _abandon_attach(self) -> None:
-        """Undo a failed attach without touching the VM: the VMM keeps running."""
-        await self._let_go()
-        self._set_state(VmState.STOPPED)
-
-    async def _do_detach(self) -> None:
-        await self._let_go()
-
-    async def _let_go(self) -> None:
-        """Close the connections and stop watching the VMM, which keeps running."""
-        await self._disconnect()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-        if self._process is not None:
-            self._process.close()
-        self._process = self._watcher = None

@@ -4,7 +4,7 @@ A backend whose guest runs the Kelpie agent subclasses :class:`AgentVm` and supp
 
 * ``_connect_agent(timeout)``: a new :class:`AgentClient` on a byte stream to the agent (a
   unix socket, a vsock connection...), no hello yet;
-* ``_vmm_running()`` and ``_gone(doing)``: whether its VMM still runs, and the
+* ``_vmm_running()`` and ``_vmm_gone_error(doing)``: whether its VMM still runs, and the
   :class:`VmCrashed` to raise when it does not;
 * its VMM lifecycle (``_do_start``, ``_do_stop``, ``_do_pause``, ``_do_resume``) and
   snapshot hooks (``_do_snapshot``, ``_do_restore``), which say hello through
@@ -105,22 +105,15 @@ class AgentVm(VmInstance):
         """Whether the VMM process (and so the guest) still runs."""
 
     @abc.abstractmethod
-    def _gone(self, doing: str) -> VmCrashed:
+    def _vmm_gone_error(self, doing: str) -> VmCrashed:
         """The error for ``doing`` something with a VM whose VMM is not running."""
 
     # ---- the agent connection -----------------------------------------------------------
     @property
     def agent_info(self) -> AgentInfo | None:
-        """The agent's last hello: its pid, host name, and the execs it held then."""
+        """The hello of the agent connected now: its pid, host name, and the execs it held
+        then (None until it said hello, and once it was replaced, until the next one)."""
         return self.agent.info
-
-    @property
-    def _agent(self) -> AgentClient | None:
-        """The current agent client (tests and benchmarks poke at it)."""
-        return self.agent.client
-
-    def _agent_ready(self) -> bool:
-        return self.agent.ready
 
     async def _finish_handshake(self, timeout: float) -> None:
         """Say hello to an agent connected while the guest was paused (attach, restore)."""
@@ -145,7 +138,7 @@ class AgentVm(VmInstance):
             return AgentError(f"VM {self.id}: the agent refused {exc.op}: {exc}")
         if isinstance(exc, AgentDisconnected):
             if not self._vmm_running():
-                return self._gone("an agent call")
+                return self._vmm_gone_error("an agent call")
             if isinstance(exc, AgentRestarted):
                 return AgentError(f"VM {self.id}: {exc}")
             return AgentError(f"VM {self.id}: lost the guest agent: {exc}")
@@ -162,7 +155,7 @@ class AgentVm(VmInstance):
     async def _ready_client(self) -> AgentClient:
         """A client that said hello to the agent running now (again, if it restarted)."""
         if self.agent.client is None:
-            raise self._gone("an agent call")
+            raise self._vmm_gone_error("an agent call")
         with self._agent_errors():
             return await self.agent.ready_client()
 
@@ -209,10 +202,10 @@ class AgentVm(VmInstance):
         except ValueError:
             raise ConfigError([f"exec id {exec_id!r} is not one of this backend's (a number)"],
                               what="exec id") from None
-        held = {e.exec_id: e for e in (self.agent_info.execs if self.agent_info else ())}
-        argv = held[number].argv if number in held and held[number].argv else ("?",)
 
         async def attach(client: AgentClient) -> ExecProcess:
+            held = {e.exec_id: e for e in (client.info.execs if client.info else ())}
+            argv = held[number].argv if number in held and held[number].argv else ("?",)
             try:
                 handle = await client.attach(number)
                 await handle.close_stdin()

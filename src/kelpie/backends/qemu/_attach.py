@@ -30,7 +30,7 @@ from kelpie.guestkit import GuestKit
 from kelpie.vm import VmError, VmState
 from kelpie.vm._snapshot import PARTIAL_SUFFIX
 
-_log = logging.getLogger("kelpie.backends.qemu._vm")
+_log = logging.getLogger(__name__)
 
 
 def read_snapshot_marker(path: Path) -> dict[str, Any]:

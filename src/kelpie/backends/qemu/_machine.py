@@ -45,7 +45,7 @@ from kelpie.backends.qemu._migration import UNLIMITED_BANDWIDTH
 from kelpie.guestkit import GuestKit, GuestKitError, build_guestkit
 from kelpie.vm import BootError, ConfigError, HostInfo, VmConfig, VmError, VmState
 
-_log = logging.getLogger("kelpie.backends.qemu._vm")
+_log = logging.getLogger(__name__)
 
 DEFAULT_BOOT_TIMEOUT = 120.0
 """Seconds from QEMU start to the agent's hello; generous because TCG on a loaded host is slow."""
@@ -110,9 +110,6 @@ class QemuMachine(ProcessVm):
     @property
     def agent_socket(self) -> Path:
         return self.workdir / "agent.sock"
-
-    def _qemu_running(self) -> bool:
-        return self._vmm_running()
 
     def host_info(self) -> HostInfo:
         return HostInfo(
@@ -254,17 +251,16 @@ class QemuMachine(ProcessVm):
         then clean up."""
         process = self._process or self._unwatched_qemu()
         if process is not None and process.running:
-            if not force and self._agent_ready() and self._state is VmState.RUNNING:
+            if not force and self.agent.ready and self._state is VmState.RUNNING:
                 await self._ask_then_wait(self._agent_poweroff(), process, grace)
             if process.running and self._qmp is not None:
                 await self._ask_then_wait(self._qmp.execute("quit"), process, QUIT_TIMEOUT)
             if process.running:
                 process.kill_group()
                 await process.wait()
-        if self._watcher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-        await self._disconnect()
+        if self._watcher is not None:  # ends now QEMU has exited; its outcome is not ours
+            await asyncio.wait({self._watcher})
+        await self._release(keep_vmm=False)
         for name in ("qmp.sock", "agent.sock", "qemu.pid"):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
@@ -294,9 +290,9 @@ class QemuMachine(ProcessVm):
                 await request
                 await process.wait()
 
-    async def _disconnect(self) -> None:
+    async def _release(self, *, keep_vmm: bool) -> None:
         qmp, self._qmp = self._qmp, None
-        await super()._disconnect()
+        await super()._release(keep_vmm=keep_vmm)
         if qmp is not None:
             # disconnect() re-raises what ended the connection (EOFError once QEMU is gone)
             with contextlib.suppress(QMPError, OSError, EOFError):
@@ -305,12 +301,12 @@ class QemuMachine(ProcessVm):
     # ---- pause / resume -----------------------------------------------------------------
     async def _qmp_execute(self, command: str, **arguments: Any) -> object:
         if self._qmp is None:
-            raise self._gone(f"QMP {command}")
+            raise self._vmm_gone_error(f"QMP {command}")
         try:
             return await self._qmp.execute(command, arguments or None)
         except QMPError as exc:
-            if not self._qemu_running():
-                raise self._gone(f"QMP {command}") from exc
+            if not self._vmm_running():
+                raise self._vmm_gone_error(f"QMP {command}") from exc
             raise VmError(f"VM {self.id}: QMP {command} failed: {exc}") from exc
 
     async def _do_pause(self) -> None:

@@ -127,8 +127,8 @@ class QemuSnapshots(QemuMachine):
         so the overlay is copied in a consistent state; ``cont`` re-activates them.
         """
         qmp = self._qmp
-        if qmp is None or not self._qemu_running():
-            raise self._gone("snapshot")
+        if qmp is None or not self._vmm_running():
+            raise self._vmm_gone_error("snapshot")
         self._mark_snapshot(running=False)  # a paused guest: no-op if the pause marked it
         status = await self._qmp_execute("query-status")
         if isinstance(status, dict) and status.get("status") == "postmigrate":
@@ -145,8 +145,8 @@ class QemuSnapshots(QemuMachine):
                     "snapshot",
                 )
             except (_migration.MigrationFailed, QMPError, OSError) as exc:
-                if not self._qemu_running():
-                    raise self._gone("snapshot") from exc
+                if not self._vmm_running():
+                    raise self._vmm_gone_error("snapshot") from exc
                 raise SnapshotError(_save_failure(self.id, str(exc))) from exc
             record = dataclasses.replace(record, migration=_migration_summary(stats))
             with _storage_errors(f"the snapshot's memory blob {memory}"):
