@@ -32,7 +32,6 @@ from kelpie.agent._supervised import BootTimedOut, ProcessVm, VmmGone
 from kelpie.agent._types import (
     AgentInfo,
     ClientState,
-    CollectedOutput,
     DirEntry,
     ExecInfo,
     ExitStatus,
@@ -71,7 +70,6 @@ __all__ = [
     "AgentVm",
     "BootTimedOut",
     "ClientState",
-    "CollectedOutput",
     "DirEntry",
     "ExecHandle",
     "ExecInfo",

@@ -1,4 +1,4 @@
-"""One request's frames (:class:`_Pending`) and a running command's handle (:class:`ExecHandle`)."""
+"""One request's frames (:class:`Pending`) and a running command's handle (:class:`ExecHandle`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kelpie.agent._errors import (
     AgentRemoteError,
     AgentRestarted,
 )
-from kelpie.agent._types import CollectedOutput, ExitStatus, HandleEvent
+from kelpie.agent._types import ExitStatus, HandleEvent
 from kelpie.protocol import FrameType
 
 if TYPE_CHECKING:
@@ -75,8 +75,8 @@ class ExecHandle:
     """A running command: stdin in, events out.
 
     Iterate it (``async for kind, data in handle``) for ``("stdout", bytes)``,
-    ``("stderr", bytes)`` and finally ``("exit", ExitStatus)``; or call
-    ``wait()`` (discards output) or ``collect()`` (keeps it).
+    ``("stderr", bytes)`` and finally ``("exit", ExitStatus)``; or call ``wait()``
+    (discards output).
     """
 
     def __init__(
@@ -166,18 +166,6 @@ class ExecHandle:
             pass
         assert self.result is not None
         return self.result
-
-    async def collect(self) -> CollectedOutput:
-        """Wait for the exit, gathering the remaining output."""
-        out: list[bytes] = []
-        err: list[bytes] = []
-        async for event in self:
-            if event[0] == "stdout":
-                out.append(event[1])
-            elif event[0] == "stderr":
-                err.append(event[1])
-        assert self.result is not None
-        return CollectedOutput(b"".join(out), b"".join(err), self.result)
 
 
 def split(data: bytes) -> Iterable[bytes]:

@@ -48,22 +48,6 @@ class ExitStatus:
     signal: int | None
     timed_out: bool
 
-    @property
-    def returncode(self) -> int:
-        """subprocess-style: the exit code, or minus the signal number."""
-        if self.exit_code is not None:
-            return self.exit_code
-        return -(self.signal or 0)
-
-
-@dataclass(frozen=True)
-class CollectedOutput:
-    """Everything a finished command printed, and how it ended (:meth:`ExecHandle.collect`)."""
-
-    stdout: bytes
-    stderr: bytes
-    result: ExitStatus
-
 
 @dataclass(frozen=True)
 class FileStat:
