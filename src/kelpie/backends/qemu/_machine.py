@@ -258,8 +258,13 @@ class QemuMachine(ProcessVm):
             if process.running:
                 process.kill_group()
                 await process.wait()
-        if self._watcher is not None:  # ends now QEMU has exited; its outcome is not ours
-            await asyncio.wait({self._watcher})
+        watcher = self._watcher
+        if watcher is not None:
+            # It ends now that QEMU has exited. asyncio.wait, not suppress(CancelledError)
+            # around 'await watcher', which would also swallow a cancellation of this stop.
+            await asyncio.wait({watcher})
+            if not watcher.cancelled():
+                watcher.result()  # its own error, if any, is this stop's
         await self._release(keep_vmm=False)
         for name in ("qmp.sock", "agent.sock", "qemu.pid"):
             with contextlib.suppress(FileNotFoundError):
