@@ -1,9 +1,9 @@
 """Kelpie agent wire protocol: one definition of every frame and message.
 
-This module is shared by the host (``kelpie.agent``) and the
-guest agent (``kelpie/guest/agent.py``). It is copied verbatim into the guest,
-where it is imported as the top-level module ``protocol`` by an interpreter
-started with ``python3 -S``. It must therefore use the standard library only,
+This module is shared by the host (``kelpie.agent``) and the guest agent (the
+``kelpie/guest/`` package, started by ``kelpie/guest/agent.py``). It is copied verbatim
+into the guest, where it is imported as the top-level module ``protocol`` by an
+interpreter started with ``python3 -S``. It must therefore use the standard library only,
 and only its cheap corners (``json`` and ``struct``; ``typing`` is imported
 for type checkers only).
 
