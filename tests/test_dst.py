@@ -17,24 +17,26 @@ import pytest
 from kelpie import ConfigError, MockVm, VmSnapshot
 from kelpie.dst import (
     CRASH_POINTS,
+    RuntimeSimulation,
+    Simulation,
+    crash_point_for,
+    run_runtime_seed,
+    run_seed,
+)
+from kelpie.dst._crashpoints import OPERATION_STEPS
+from kelpie.sim import (
+    CrashWhen,
     Fault,
     FaultInjector,
     FaultSpec,
-    RuntimeSimulation,
     SimRng,
     SimStorage,
     SimulatedCrash,
-    Simulation,
     SimulationDeadlock,
     VirtualClock,
-    crash_point_for,
     parse_fault_specs,
-    run_runtime_seed,
-    run_seed,
     run_simulated,
 )
-from kelpie.dst._crashpoints import OPERATION_STEPS
-from kelpie.sim import CrashWhen
 from kelpie.vm import BackendRegistry, StorageError, VmConfig, VmInstance
 
 ALL_FAULTS = parse_fault_specs("all", default_probability=0.03)

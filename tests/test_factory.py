@@ -128,3 +128,17 @@ def test_registry_loads_backends_by_module_name_on_first_use() -> None:
     assert registry.names() == ["mock"]
     assert "kelpie.backends.mock" in sys.modules
     assert registry.get("mock").real is False
+
+
+def test_a_backend_that_fails_to_load_is_listed_unavailable_and_spares_the_others() -> None:
+    from kelpie.vm import BackendRegistry, BackendUnavailable, VmConfig, VmFactory
+
+    registry = BackendRegistry(("kelpie.backends.no_such_backend", "kelpie.backends.mock"))
+    assert set(registry.names()) == {"mock", "no_such_backend"}
+    probe = registry.probe("no_such_backend")
+    assert not probe.available and "No module named" in probe.reason
+    with pytest.raises(BackendUnavailable, match="failed to load"):
+        VmFactory(registry).create(VmConfig(), backend="no_such_backend")
+    with pytest.raises(BackendUnavailable) as caught:
+        VmFactory(registry, environ={}).select()  # mock is never picked by itself
+    assert ("no_such_backend", probe.reason) in caught.value.rejections

@@ -21,7 +21,7 @@ from kelpie import (
     VmSnapshot,
     VmState,
 )
-from kelpie.dst import Fault, FaultInjector, FaultSpec, SimRng, VirtualClock, run_simulated
+from kelpie.sim import Fault, FaultInjector, FaultSpec, SimRng, VirtualClock, run_simulated
 
 
 async def running(**config: object) -> MockVm:

@@ -11,7 +11,7 @@ import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -33,14 +33,15 @@ from kelpie.runtime import (
     generated_name,
 )
 from kelpie.runtime._db import DB_FILENAME, StateDb, migrate, schema_version
-from kelpie.sim._faults import Fault, FaultInjector, FaultSpec
-from kelpie.sim._rng import SimRng
+from kelpie.sim import Fault, FaultInjector, FaultSpec, SimRng
 from kelpie.vm import (
     BackendRegistry,
     BackendSpec,
     BootError,
     ConfigError,
     KelpieError,
+    LocalStorage,
+    StorageError,
     VmConfig,
     VmFactory,
     VmInstance,
@@ -530,3 +531,48 @@ async def test_main_command_that_cannot_start(make_runtime: Callable[..., Runtim
         assert b"nosuch" in (await rt.read_logs("bad"))
         with pytest.raises(ConfigError, match="needs an image"):
             await rt.create(name="empty", backend="mock", command=[])
+
+
+class StubbornStorage(LocalStorage):
+    """Local storage that refuses to remove one path (as EBUSY or EACCES would) and, when
+    asked, to open logs for appending (as a full disk would)."""
+
+    def __init__(self, stuck: Path | None = None, *, logs_fail: bool = False) -> None:
+        self.stuck = stuck
+        self.logs_fail = logs_fail
+
+    def remove_tree(self, path: Path) -> None:
+        if path == self.stuck:
+            raise StorageError(f"cannot remove {path}: device or resource busy")
+        super().remove_tree(path)
+
+    def open_append(self, path: Path) -> BinaryIO:
+        if self.logs_fail:
+            raise StorageError(f"cannot open {path}: no space left on device")
+        return super().open_append(path)
+
+
+async def test_a_leftover_that_cannot_be_removed_does_not_stop_the_runtime_opening(
+    make_runtime: Callable[..., Runtime], tmp_path: Path,
+) -> None:
+    async with make_runtime() as rt:
+        kept = await rt.create(name="kept", backend="mock")
+        await rt.stop("kept")
+    leftover = tmp_path / "data" / "sandboxes" / "deadbeef0000"
+    leftover.mkdir(parents=True)
+    async with make_runtime(storage=StubbornStorage(leftover)) as rt:
+        assert [i.id for i in await rt.list_sandboxes(all=True)] == [kept.id]
+    assert leftover.exists()  # tried again at the next open
+    async with make_runtime() as rt:
+        assert [i.id for i in await rt.list_sandboxes(all=True)] == [kept.id]
+    assert not leftover.exists()
+
+
+async def test_a_main_command_whose_log_cannot_be_written_records_an_unknown_exit(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    async with make_runtime(storage=StubbornStorage(logs_fail=True)) as rt:
+        await rt.create(name="svc", backend="mock", command=["echo", "hi"])
+        assert await rt.wait_main("svc") is None
+        info = await rt.inspect("svc")
+        assert info.state is VmState.RUNNING and info.main_exit_code is None

@@ -1,7 +1,7 @@
 """Deterministic simulation testing: one seed reproduces a whole run, faults included.
 
 The harness on top of everything, built from the deterministic primitives of
-:mod:`kelpie.sim` (re-exported here), checking invariants every step. Two scenarios:
+:mod:`kelpie.sim` (import those from there), checking invariants every step. Two scenarios:
 
 - ``vm`` (:class:`Simulation`): a seeded workload on MockVms driven directly;
 - ``runtime`` (:class:`RuntimeSimulation`): the real :class:`~kelpie.runtime.Runtime` on
@@ -15,43 +15,15 @@ runtime``; ``--seeds 500`` also reports which crash points were hit).
 from kelpie.dst._crashpoints import CRASH_POINTS, CrashPoint, crash_point_for
 from kelpie.dst._runtime_sim import RuntimeSimulation, run_runtime_seed
 from kelpie.dst._sim import SimReport, Simulation, Violation, run_seed
-from kelpie.sim import (
-    NO_FAULTS,
-    Fault,
-    FaultInjector,
-    FaultSpec,
-    SimEventLoop,
-    SimLink,
-    SimRng,
-    SimStorage,
-    SimulatedCrash,
-    SimulationDeadlock,
-    VirtualClock,
-    parse_fault_specs,
-    run_simulated,
-)
 
 __all__ = [
     "CRASH_POINTS",
-    "NO_FAULTS",
     "CrashPoint",
-    "Fault",
-    "FaultInjector",
-    "FaultSpec",
     "RuntimeSimulation",
-    "SimEventLoop",
-    "SimLink",
     "SimReport",
-    "SimRng",
-    "SimStorage",
-    "SimulatedCrash",
     "Simulation",
-    "SimulationDeadlock",
     "Violation",
-    "VirtualClock",
     "crash_point_for",
-    "parse_fault_specs",
     "run_runtime_seed",
     "run_seed",
-    "run_simulated",
 ]

@@ -14,7 +14,7 @@ violation, so a new step cannot go unenumerated):
   snapshot was written (e.g. it dies while resuming): the unrecorded directory is removed.
   That point comes with a planned fault (the VM crashes when it resumes) so it is taken;
 - ``remove``: 1, the sandbox's directory (its record is deleted after it);
-- ``remove_snapshot``: 2, rename to the trash, remove the trash (the record is deleted
+- ``delete_snapshot``: 2, rename to the trash, remove the trash (the record is deleted
   between them);
 - ``open``: recovery when the runtime opens, one step per leftover. It has leftovers only
   after an earlier crash, so these points come with a *primer*: a first crash that leaves a
@@ -33,7 +33,7 @@ OPERATION_STEPS: dict[str, int] = {
     "restore": 1,
     "snapshot": 7,
     "remove": 1,
-    "remove_snapshot": 2,
+    "delete_snapshot": 2,
 }
 """Storage steps of each operation that has any (every other operation has none)."""
 
@@ -73,7 +73,7 @@ def _enumerate() -> tuple[CrashPoint, ...]:
               for when in CrashWhen]
     primers = (
         CrashPoint("snapshot", 5, CrashWhen.AFTER),  # a partial snapshot with its manifest
-        CrashPoint("remove_snapshot", 1, CrashWhen.AFTER),  # trashed, still recorded
+        CrashPoint("delete_snapshot", 1, CrashWhen.AFTER),  # trashed, still recorded
     )
     points += [CrashPoint(RECOVERY, 1, when, primer) for primer in primers for when in CrashWhen]
     return tuple(points)

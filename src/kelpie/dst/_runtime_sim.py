@@ -41,7 +41,7 @@ from typing import Any
 
 from kelpie.backends.mock import MockVm
 from kelpie.dst._crashpoints import OPERATION_STEPS, RECOVERY, CrashPoint, crash_point_for
-from kelpie.dst._sim import SimReport, Violation, expected_damage
+from kelpie.dst._sim import SimReport, Violation, attempt, expected_damage
 from kelpie.runtime import Runtime, SandboxInfo
 from kelpie.sim import (
     CrashWhen,
@@ -60,7 +60,6 @@ from kelpie.vm import (
     BackendRegistry,
     BackendSpec,
     BootError,
-    InvalidStateError,
     KelpieError,
     ProbeResult,
     SnapshotCorrupted,
@@ -214,19 +213,9 @@ class RuntimeSimulation:
             self.operations[op] += 1
             self._begin(op)
             self._settle = None
-            try:
-                detail = await action()
-                outcome = "ok"
-            except SimulatedCrash as exc:
-                outcome, detail = "host-crash", str(exc)
-            except InvalidStateError as exc:
-                outcome, detail = "error", f"{type(exc).__name__}: {exc}"
-                self._violate("expected-errors", f"{op}: {exc}")
-            except KelpieError as exc:
-                outcome, detail = "error", f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # a bug in Kelpie: record it, keep the seed reproducible
-                outcome, detail = "bug", f"{type(exc).__name__}: {exc}"
-                self._violate("expected-errors", f"{op} raised {detail}")
+            outcome, detail, unexpected = await attempt(action)
+            if unexpected:
+                self._violate("expected-errors", f"{op}: {detail}")
             if self.storage.crashed:
                 outcome = "host-crash"
                 await self._recover_from_crash()
@@ -353,7 +342,7 @@ class RuntimeSimulation:
                 options += [("start", partial(self._start, info))]
             options += [("remove", partial(self._remove, info))]
         if snaps:
-            options += [("remove_snapshot", lambda: self._remove_snapshot(snaps))]
+            options += [("delete_snapshot", lambda: self._delete_snapshot(snaps))]
         options += [("restart", self._restart)]
         return self._choices.choice(options)
 
@@ -440,7 +429,7 @@ class RuntimeSimulation:
                           "captured")
         return f"{snap_id[:6]} -> {info.id[:6]} {info.state.value}"
 
-    async def _remove_snapshot(self, snaps: list[str]) -> str:
+    async def _delete_snapshot(self, snaps: list[str]) -> str:
         snap_id = self._choices.choice(snaps)
         self._settle = partial(self._settle_removed_snapshot, snap_id)
         await self.runtime.delete_snapshot(snap_id)

@@ -27,13 +27,20 @@ import hashlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from kelpie.sim._clock import SimulationDeadlock, VirtualClock, run_simulated
-from kelpie.sim._faults import Fault, FaultInjector, FaultSpec
-from kelpie.sim._link import SimLink
-from kelpie.sim._rng import SimRng
-from kelpie.sim._storage import SimStorage, SimulatedCrash
+from kelpie.backends.mock import MockVm
+from kelpie.sim import (
+    Fault,
+    FaultInjector,
+    FaultSpec,
+    SimLink,
+    SimRng,
+    SimStorage,
+    SimulatedCrash,
+    SimulationDeadlock,
+    VirtualClock,
+    run_simulated,
+)
 from kelpie.vm import (
     BlobDigestMismatch,
     BlobSizeMismatch,
@@ -48,9 +55,6 @@ from kelpie.vm import (
     is_legal,
 )
 from kelpie.vm._snapshot import MANIFEST_NAME, PARTIAL_SUFFIX
-
-if TYPE_CHECKING:  # the mock backend imports dst's primitives; import it lazily at run time
-    from kelpie.backends.mock import MockVm
 
 SNAPSHOT_ROOT = Path("/snapshots")
 MAX_VMS = 4
@@ -141,6 +145,22 @@ class _Snap:
     files: dict[str, bytes]
 
 
+async def attempt(action: Callable[[], Awaitable[str]]) -> tuple[str, str, bool]:
+    """Run one step of a workload: its outcome (``ok``, ``host-crash``, ``error`` or
+    ``bug``), a trace detail, and whether the error is one no step may raise (an illegal
+    state transition was attempted, or Kelpie raised something outside its error tree)."""
+    try:
+        return "ok", await action(), False
+    except SimulatedCrash as exc:
+        return "host-crash", str(exc), False
+    except InvalidStateError as exc:
+        return "error", f"{type(exc).__name__}: {exc}", True
+    except KelpieError as exc:
+        return "error", f"{type(exc).__name__}: {exc}", False
+    except Exception as exc:  # a bug in Kelpie: record it, keep the seed reproducible
+        return "bug", f"{type(exc).__name__}: {exc}", True
+
+
 class Simulation:
     """Runs ``steps`` random operations on MockVms under faults, checking invariants."""
 
@@ -196,21 +216,10 @@ class Simulation:
             self._step = step
             name, op, action = self._choose()
             self.operations[op] += 1
-            try:
-                detail = await action()
-                outcome = "ok"
-            except SimulatedCrash as exc:
-                outcome, detail = "host-crash", str(exc)
-                self._recover_host()
-            except InvalidStateError as exc:
-                outcome, detail = "error", f"InvalidStateError: {exc}"
-                self._violate("expected-errors", f"{op} on {name}: {exc}")
-            except KelpieError as exc:
-                outcome, detail = "error", f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # a bug in Kelpie: record it, keep the seed reproducible
-                outcome, detail = "bug", f"{type(exc).__name__}: {exc}"
-                self._violate("expected-errors", f"{op} on {name} raised {detail}")
-            if self.storage.crashed:  # the crash surfaced as an ordinary failure
+            outcome, detail, unexpected = await attempt(action)
+            if unexpected:
+                self._violate("expected-errors", f"{op} on {name}: {detail}")
+            if outcome == "host-crash" or self.storage.crashed:
                 outcome = "host-crash"
                 self._recover_host()
             self.outcomes[outcome] += 1
@@ -256,8 +265,6 @@ class Simulation:
 
     # ---- operations (each returns a trace detail) ------------------------------------------
     def _new_vm(self) -> MockVm:
-        from kelpie.backends.mock import MockVm
-
         self._vm_counter += 1
         name = f"vm{self._vm_counter}"
         vm = MockVm(

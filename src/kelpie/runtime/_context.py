@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,15 @@ from kelpie.runtime._errors import (
     SandboxStateError,
 )
 from kelpie.runtime._info import ACTIVE_STATES, SandboxInfo
-from kelpie.vm import ConfigError, Storage, VmFactory, VmInstance, VmState
+from kelpie.vm import ConfigError, Storage, StorageError, VmFactory, VmInstance, VmState
 
 MIN_PREFIX_LENGTH = 3
 ID_ATTEMPTS = 8
 SANDBOXES_DIR = "sandboxes"
 SNAPSHOTS_DIR = "snapshots"
 OUTPUT_LOG = "output.log"
+
+logger = logging.getLogger("kelpie.runtime")
 
 
 class RuntimeContext:
@@ -51,6 +54,16 @@ class RuntimeContext:
         self.open_db: StateDb | None = None
         self.vms: dict[str, VmInstance] = {}
         self.locks: dict[str, asyncio.Lock] = {}
+
+    def tidy(self, what: str, step: Callable[[], object]) -> None:
+        """Run one clean-up step of recovery, best effort: a leftover that cannot be
+        removed now (EACCES, EBUSY...) is logged and tried again at the next open, and
+        never keeps the runtime from opening and re-attaching its sandboxes."""
+        try:
+            step()
+        except StorageError as exc:
+            logger.warning("could not %s (it is unrecorded; the next open tries again): %s",
+                           what, exc)
 
     @property
     def db(self) -> StateDb:

@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import IO
 
-from kelpie.runtime._context import RuntimeContext
+from kelpie.runtime._context import RuntimeContext, logger
 from kelpie.runtime._info import SandboxInfo
-from kelpie.vm import ExecExit, ExecOutput, ExecProcess, KelpieError, VmInstance, VmState
+from kelpie.vm import (
+    ExecExit,
+    ExecOutput,
+    ExecProcess,
+    KelpieError,
+    StorageError,
+    VmInstance,
+    VmState,
+)
 
 EXIT_CANNOT_RUN = 127
 
@@ -48,26 +57,37 @@ class MainCommands:
         assert info.command is not None
         ctx = self._ctx
         path = ctx.output_log(info.id)
-        ctx.storage.mkdir(path.parent)
-        exit_code: int | None = EXIT_CANNOT_RUN
-        with ctx.storage.open_append(path) as log:
-            try:
-                async with self._process(info, vm, follow) as process:
-                    if process.exec_id is not None:
-                        ctx.db.set_main_exec(info.id, process.exec_id)
-                    await process.close_stdin()
-                    async for event in process:
-                        if isinstance(event, ExecOutput):
-                            log.write(event.data)
-                        elif isinstance(event, ExecExit):
-                            exit_code = event.exit_code
-            except KelpieError as exc:
-                what = "following" if follow else "the main command"
-                log.write(f"kelpie: {what} failed: {exc}\n".encode())
-                if follow:
-                    exit_code = None  # unknown: its output could not be taken over
+        try:
+            ctx.storage.mkdir(path.parent)
+            with ctx.storage.open_append(path) as log:
+                exit_code = await self._pump(info, vm, follow, log)
+        except (StorageError, OSError) as exc:  # this task is never awaited: record, not raise
+            logger.warning("main command of sandbox %s: its log %s failed: %s", info.id, path,
+                           exc)
+            exit_code = None  # unknown: its output (and exit) could not be collected
         if ctx.open_db is not None and ctx.vms.get(info.id) is vm:
             ctx.db.set_main_exit(info.id, exit_code, ctx.clock())
+
+    async def _pump(self, info: SandboxInfo, vm: VmInstance, follow: bool,
+                    log: IO[bytes]) -> int | None:
+        """Copy the command's output into ``log``; its exit code (None: unknown)."""
+        exit_code: int | None = EXIT_CANNOT_RUN
+        try:
+            async with self._process(info, vm, follow) as process:
+                if process.exec_id is not None:
+                    self._ctx.db.set_main_exec(info.id, process.exec_id)
+                await process.close_stdin()
+                async for event in process:
+                    if isinstance(event, ExecOutput):
+                        log.write(event.data)
+                    elif isinstance(event, ExecExit):
+                        exit_code = event.exit_code
+        except KelpieError as exc:
+            what = "following" if follow else "the main command"
+            log.write(f"kelpie: {what} failed: {exc}\n".encode())
+            if follow:
+                exit_code = None  # unknown: its output could not be taken over
+        return exit_code
 
     @contextlib.asynccontextmanager
     async def _process(

@@ -412,7 +412,7 @@ class Runtime:
 
     # ---- logs ---------------------------------------------------------------------------
     def log_path(self, info: SandboxInfo, *, console: bool = False) -> Path | None:
-        """The file :meth:`logs` reads: the main command's output, else the VM console."""
+        """The file :meth:`read_logs` reads: the main command's output, else the VM console."""
         return self._logs.path(info, console=console)
 
     async def follow_logs(

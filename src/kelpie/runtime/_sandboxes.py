@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from kelpie.images import StoredImage, rootfs_ext4
@@ -57,7 +58,8 @@ class Sandboxes:
         known = {info.id for info in records}
         for entry in ctx.storage.list_dir(ctx.sandboxes_dir):
             if entry not in known:  # its record is gone: a remove was cut short
-                ctx.storage.remove_tree(ctx.sandbox_dir(entry))
+                path = ctx.sandbox_dir(entry)
+                ctx.tidy(f"remove the leftover {path}", partial(ctx.storage.remove_tree, path))
         for info in records:
             if info.state in AT_REST:
                 continue

@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import dataclasses
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,10 +75,12 @@ class Snapshots:
             if entry in known:
                 continue
             trashed = entry.removeprefix(TRASH_PREFIX)
+            path = self.dir / entry
             if entry.startswith(TRASH_PREFIX) and trashed in known and trashed not in entries:
-                ctx.storage.rename(self.dir / entry, self.dir / trashed)
+                ctx.tidy(f"put back snapshot {trashed} from {path}",
+                         partial(ctx.storage.rename, path, self.dir / trashed))
             else:
-                ctx.storage.remove_tree(self.dir / entry)
+                ctx.tidy(f"remove the leftover {path}", partial(ctx.storage.remove_tree, path))
 
     # ---- finding ------------------------------------------------------------------------
     def with_path(self, info: SnapshotInfo) -> SnapshotInfo:

@@ -19,11 +19,13 @@ from kelpie.sim._rng import SimRng
 from kelpie.vm import Storage, StorageError
 
 
-class SimulatedCrash(StorageError):
+class SimulatedCrash(BaseException):
     """The simulated host process died: storage is frozen until :meth:`SimStorage.restart`.
 
-    It derives from StorageError so best-effort cleanup code treats it like any failed I/O,
-    while the simulator recognises it as a crash of the whole host process.
+    A BaseException, like SystemExit: a process that dies runs none of its own error
+    handling, so no ``except Exception`` (or ``except StorageError``) in Kelpie may catch
+    it; only the simulator does. ``finally`` blocks still run, and storage refuses every
+    step they try, so nothing they do lands.
     """
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from importlib import metadata
 from typing import Any
 
@@ -79,17 +80,24 @@ class BackendRegistry:
         self._probes.pop(spec.name, None)
 
     def _load(self) -> None:
+        """Load the pending backend modules and entry points, each on its own: one that
+        fails to load becomes a backend whose probe says why, never an error for all."""
         modules, self._pending_modules = self._pending_modules, ()
         for module in modules:
-            spec = importlib.import_module(module).SPEC
-            self._specs.setdefault(spec.name, spec)
+            self._load_one(module, partial(_module_spec, module))
         if self._entry_points is not None:
             group, self._entry_points = self._entry_points, None
             for entry in metadata.entry_points(group=group):
-                spec = entry.load()
-                if not isinstance(spec, BackendSpec):
-                    raise TypeError(f"entry point {entry.value!r} ({group}) is not a BackendSpec")
-                self._specs.setdefault(spec.name, spec)
+                self._load_one(entry.name, entry.load)
+
+    def _load_one(self, name: str, load: Callable[[], object]) -> None:
+        try:
+            spec = load()
+            if not isinstance(spec, BackendSpec):
+                raise TypeError(f"{type(spec).__name__} is not a BackendSpec")
+        except Exception as exc:
+            spec = _unloadable(name, exc)
+        self._specs.setdefault(spec.name, spec)
 
     def names(self) -> list[str]:
         """Backend names, best first."""
@@ -118,6 +126,22 @@ class BackendRegistry:
     def with_capability(self, capability: str) -> list[str]:
         """Names of backends that declare ``capability`` (e.g. ``pause``, ``snapshot:full``)."""
         return [n for n in self.names() if capability in self._specs[n].capabilities.names()]
+
+
+def _module_spec(module: str) -> object:
+    return importlib.import_module(module).SPEC
+
+
+def _unloadable(name: str, exc: Exception) -> BackendSpec:
+    """A backend whose module or entry point failed to load: listed, never available."""
+    reason = f"failed to load: {type(exc).__name__}: {exc}"
+
+    def create(config: VmConfig, **options: Any) -> VmInstance:
+        raise BackendUnavailable(f"backend {name!r} cannot be used", [(name, reason)])
+
+    return BackendSpec(name=name.rsplit(".", 1)[-1], description=reason,
+                       capabilities=Capabilities(), probe=lambda: ProbeResult(False, reason),
+                       create=create, priority=-1000)
 
 
 DEFAULT_REGISTRY = BackendRegistry(BUILTIN_BACKENDS, entry_points=ENTRY_POINT_GROUP)
