@@ -20,8 +20,7 @@ from typing import Any
 
 from kelpie._version import __version__
 from kelpie.backends._mockshell import MockFs, Shell, Stdin
-from kelpie.sim._faults import NO_FAULTS, Fault, FaultInjector
-from kelpie.sim._link import SimLink
+from kelpie.sim import NO_FAULTS, Fault, FaultInjector, SimLink
 from kelpie.vm import (
     BackendSpec,
     BootError,
@@ -35,6 +34,7 @@ from kelpie.vm import (
     FileInfo,
     GuestFileError,
     HostInfo,
+    LocalStorage,
     ProbeResult,
     SnapshotError,
     SnapshotKind,
@@ -48,15 +48,12 @@ from kelpie.vm import (
     VmError,
     VmInstance,
     VmSnapshot,
-)
-from kelpie.vm._checkpoint import (
     capture_checkpoint,
     checkpoint_config,
     is_file_checkpoint,
     read_checkpoint,
     replay_checkpoint,
 )
-from kelpie.vm._storage import LocalStorage
 
 STATE_BLOB = "state.json"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"

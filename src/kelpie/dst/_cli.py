@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from kelpie.dst._crashpoints import CRASH_POINTS
 from kelpie.dst._runtime_sim import run_runtime_seed
 from kelpie.dst._sim import SimReport, run_seed
-from kelpie.sim._faults import FaultSpec, parse_fault_specs
+from kelpie.sim import FaultSpec, parse_fault_specs
 from kelpie.vm import ConfigError
 
 DEFAULT_FAULTS = "all"

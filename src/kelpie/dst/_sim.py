@@ -42,6 +42,8 @@ from kelpie.sim import (
     run_simulated,
 )
 from kelpie.vm import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
     BlobDigestMismatch,
     BlobSizeMismatch,
     InvalidStateError,
@@ -54,7 +56,6 @@ from kelpie.vm import (
     VmState,
     is_legal,
 )
-from kelpie.vm._snapshot import MANIFEST_NAME, PARTIAL_SUFFIX
 
 SNAPSHOT_ROOT = Path("/snapshots")
 MAX_VMS = 4

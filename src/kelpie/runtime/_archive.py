@@ -20,8 +20,13 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from kelpie.vm import LocalStorage, SnapshotCorrupted, SnapshotManifest, Storage
-from kelpie.vm._snapshot import MANIFEST_NAME
+from kelpie.vm import (
+    MANIFEST_NAME,
+    LocalStorage,
+    SnapshotCorrupted,
+    SnapshotManifest,
+    Storage,
+)
 
 META_NAME = "kelpie-snapshot.json"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

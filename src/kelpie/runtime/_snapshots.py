@@ -32,6 +32,7 @@ from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._names import check_name
 from kelpie.runtime._sandboxes import AT_REST, Sandboxes
 from kelpie.vm import (
+    PARTIAL_SUFFIX,
     ConfigError,
     SnapshotCorrupted,
     SnapshotKind,
@@ -40,7 +41,6 @@ from kelpie.vm import (
     VmSnapshot,
     VmState,
 )
-from kelpie.vm._snapshot import PARTIAL_SUFFIX
 
 TRASH_PREFIX = ".trash-"
 

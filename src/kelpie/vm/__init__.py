@@ -26,6 +26,14 @@ from kelpie._exceptions import (
     VmCrashed,
     VmError,
 )
+from kelpie.vm._checkpoint import (
+    CheckpointContent,
+    capture_checkpoint,
+    checkpoint_config,
+    is_file_checkpoint,
+    read_checkpoint,
+    replay_checkpoint,
+)
 from kelpie.vm._config import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_VCPUS,
@@ -67,6 +75,8 @@ from kelpie.vm._instance import (
     VmInstance,
 )
 from kelpie.vm._snapshot import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
     SNAPSHOT_FORMAT_VERSION,
     BlobDigestMismatch,
     BlobInfo,
@@ -88,6 +98,7 @@ __all__ = [
     "DEFAULT_MEMORY_MIB",
     "DEFAULT_REGISTRY",
     "DEFAULT_VCPUS",
+    "MANIFEST_NAME",
     "MAX_ENV_VARS",
     "MAX_MEMORY_MIB",
     "MAX_MOUNTS",
@@ -97,6 +108,7 @@ __all__ = [
     "MAX_VCPUS",
     "MIN_MEMORY_MIB",
     "MIN_VCPUS",
+    "PARTIAL_SUFFIX",
     "SNAPSHOT_FORMAT_VERSION",
     "TRANSITIONS",
     "AgentError",
@@ -108,6 +120,7 @@ __all__ = [
     "BlobSizeMismatch",
     "BootError",
     "Capabilities",
+    "CheckpointContent",
     "ConfigError",
     "ExecError",
     "ExecEvent",
@@ -152,5 +165,10 @@ __all__ = [
     "VmState",
     "allowed_states",
     "backends_with",
+    "capture_checkpoint",
+    "checkpoint_config",
+    "is_file_checkpoint",
     "is_legal",
+    "read_checkpoint",
+    "replay_checkpoint",
 ]
