@@ -50,14 +50,14 @@ from kelpie.images._manifest import (
     select_platform,
 )
 from kelpie.images._pull import pull_image
-from kelpie.images._reference import DEFAULT_REGISTRY, DEFAULT_TAG, ImageReference
+from kelpie.images._reference import DEFAULT_TAG, DOCKER_HUB, ImageReference
 from kelpie.images._registry import BlobProgress, RegistryClient, RetryPolicy
 from kelpie.images._rootfs_build import rootfs_dir, rootfs_ext4
 from kelpie.images._store import ImageStore, StoredImage
 
 __all__ = [
-    "DEFAULT_REGISTRY",
     "DEFAULT_TAG",
+    "DOCKER_HUB",
     "LAYER_MEDIA_TYPES",
     "OPAQUE_WHITEOUT",
     "WHITEOUT_PREFIX",

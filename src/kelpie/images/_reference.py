@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kelpie.images._errors import InvalidReference
 
-DEFAULT_REGISTRY = "docker.io"
+DOCKER_HUB = "docker.io"
 """The registry of a reference that names none (Docker Hub)."""
 
 DEFAULT_TAG = "latest"
@@ -79,7 +79,7 @@ class ImageReference:
     def familiar(self) -> str:
         """The short form people type: ``alpine:latest``, ``user/app:1``, ``quay.io/x/y:z``."""
         name = self.name
-        if self.registry == DEFAULT_REGISTRY:
+        if self.registry == DOCKER_HUB:
             name = self.repository.removeprefix("library/")
         return name + self._suffix()
 
@@ -123,16 +123,16 @@ def _split_tag(text: str, problems: list[str]) -> tuple[str, str | None]:
 def _split_registry(text: str, problems: list[str]) -> tuple[str, str]:
     if not text:
         problems.append("the repository name is empty")
-        return DEFAULT_REGISTRY, ""
+        return DOCKER_HUB, ""
     first, slash, remainder = text.partition("/")
     if slash and _looks_like_registry(first):
         _check_registry(first, problems)
         registry, repository = first, remainder
     else:
-        registry, repository = DEFAULT_REGISTRY, text
+        registry, repository = DOCKER_HUB, text
     if registry in _LEGACY_HUB_NAMES:
-        registry = DEFAULT_REGISTRY
-    if registry == DEFAULT_REGISTRY and "/" not in repository:
+        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and "/" not in repository:
         repository = f"library/{repository}"
     _check_repository(repository, problems)
     return registry, repository

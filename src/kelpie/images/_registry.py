@@ -51,7 +51,7 @@ from kelpie.images._manifest import (
     parse_manifest_document,
     select_platform,
 )
-from kelpie.images._reference import DEFAULT_REGISTRY, ImageReference
+from kelpie.images._reference import DOCKER_HUB, ImageReference
 
 if TYPE_CHECKING:
     from kelpie.images._store import ImageStore, StoredImage
@@ -157,7 +157,7 @@ class RegistryClient:
 
     def base_url(self, registry: str) -> str:
         """``scheme://host`` of ``registry``'s API (HTTPS unless insecure or loopback)."""
-        host = DOCKER_HUB_HOST if registry == DEFAULT_REGISTRY else registry
+        host = DOCKER_HUB_HOST if registry == DOCKER_HUB else registry
         return f"{'http' if self._plain_http(registry) else 'https'}://{host}"
 
     def _plain_http(self, registry: str) -> bool:
