@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from kelpie._version import __version__
 from kelpie.cli._connect import target_from
-from kelpie.client import RemoteError
 from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
 
 EXIT_USAGE = 2
@@ -87,9 +86,10 @@ def cli(ctx: click.Context, debug: bool, host: str | None, token_file: Path | No
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit code for an exception that reached the top (the daemon's too, by class)."""
+    """The exit code for an exception that reached the top (a daemon's error arrives as
+    its class, see :func:`kelpie.client.remote_error`)."""
     for cls, code in EXIT_CODES:
-        if isinstance(exc, cls) or (isinstance(exc, RemoteError) and exc.is_a(cls.__name__)):
+        if isinstance(exc, cls):
             return code
     return 1
 

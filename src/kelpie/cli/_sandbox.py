@@ -20,7 +20,6 @@ from kelpie.cli._attach import attach, terminal_size
 from kelpie.cli._connect import connect, current_target
 from kelpie.client import DaemonClient, RemoteError
 from kelpie.images import ImageError, ImageNotFound, ImageReference, ImageStore
-from kelpie.runtime import SandboxNotFound
 from kelpie.vm import ConfigError, InvalidStateError
 
 COPY_CHUNK = 1 << 20
@@ -434,6 +433,9 @@ def _remote(text: str) -> tuple[str, str] | None:
 
 
 async def _is_guest_dir(client: DaemonClient, ref: str, path: str) -> bool:
+    # imported here: kelpie.runtime (sqlite3...) is not worth loading at every CLI start
+    from kelpie.runtime import SandboxNotFound
+
     try:
         await client.list_dir(ref, path)
     except (SandboxNotFound, InvalidStateError):

@@ -141,7 +141,7 @@ async def stop_sandbox(
 @router.post("/sandboxes/{ref}/kill")
 async def kill_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Stop a sandbox at once (its VM is killed)."""
-    return sandbox_record(await runtime_of(request).stop(ref, timeout=0))
+    return sandbox_record(await runtime_of(request).kill(ref))
 
 
 @router.post("/sandboxes/{ref}/pause")
