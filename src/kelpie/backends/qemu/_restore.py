@@ -27,14 +27,14 @@ RESTORE_ENTROPY_BYTES = 64
 """Fresh host randomness a restored guest mixes into its kernel RNG (then reseeds)."""
 
 
-class QemuRestores(QemuMachine):
-    """A QemuMachine that restores full, disk and checkpoint snapshots into itself."""
+class QemuRestorer:
+    """Restores full, disk and checkpoint snapshots into one QEMU VM, and resyncs a guest
+    restored from a full snapshot once it runs."""
 
-    async def _do_resume(self) -> None:
-        await super()._do_resume()
-        await self._finish_restore()
+    def __init__(self, vm: QemuMachine) -> None:
+        self._vm = vm
 
-    async def _do_restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
+    async def restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
         """Rebuild the snapshot's VM here: checks first, then the disk, then QEMU.
 
         Everything that can refuse the snapshot (its record, the base image, the guest
@@ -54,27 +54,27 @@ class QemuRestores(QemuMachine):
         if record.base_path is not None:
             if manifest.base_image_digest is None:
                 raise SnapshotIncompatible(["the snapshot names no digest for its base image"])
-            candidates = [p for p in (self.config.root_disk, record.base_path) if p is not None]
+            candidates = [p for p in (self._vm.config.root_disk, record.base_path) if p is not None]
             base = await asyncio.to_thread(
                 _snapshot.find_base_image, manifest.base_image_digest, candidates
             )
-        config = _snapshot.restored_config(record.config, self.config, kind, base)
-        launch = await self._prepare_launch(config, incoming=kind is SnapshotKind.FULL)
-        manifest.check_restorable(self.host_info())
+        config = _snapshot.restored_config(record.config, self._vm.config, kind, base)
+        launch = await self._vm._prepare_launch(config, incoming=kind is SnapshotKind.FULL)
+        manifest.check_restorable(self._vm.host_info())
         if kind is SnapshotKind.FULL:
             signature = tuple(device_signature(dataclasses.replace(
-                launch, overlay=None if base is None else self.workdir / OVERLAY,
+                launch, overlay=None if base is None else self._vm.workdir / OVERLAY,
             )))
             if signature != record.signature:
                 raise SnapshotIncompatible([_signature_mismatch(record.signature, signature)])
         # Checked: from here on the VM directory changes (undone if the restore fails).
         reason = (
-            f"VM {self.id} was restored from snapshot {snapshot.path} while this command "
+            f"VM {self._vm.id} was restored from snapshot {snapshot.path} while this command "
             f"ran; commands do not survive a restore (their agent connection ended when the "
             f"VM stopped): run it again"
         )
-        self._interrupt_commands(reason)
-        overlay = self.workdir / OVERLAY
+        self._vm._interrupt_commands(reason)
+        overlay = self._vm.workdir / OVERLAY
         async with self._disk_replaced(launch, config):
             if base is not None and DISK_BLOB in manifest.blobs:
                 assert record.base_format is not None
@@ -83,24 +83,24 @@ class QemuRestores(QemuMachine):
                 )
                 launch = dataclasses.replace(launch, overlay=overlay)
             elif base is not None:
-                launch = dataclasses.replace(launch, overlay=await self._prepare_overlay())
+                launch = dataclasses.replace(launch, overlay=await self._vm._prepare_overlay())
             if kind is SnapshotKind.FULL:
                 await self._resume_state(snapshot, launch, paused=paused,
-                                         same_vm=manifest.vm_id == self.id)
+                                         same_vm=manifest.vm_id == self._vm.id)
             else:
-                await self._boot(launch)
+                await self._vm._boot(launch)
                 if paused:
-                    await self._qmp_execute("stop")
+                    await self._vm._qmp_execute("stop")
 
     @contextlib.asynccontextmanager
     async def _disk_replaced(self, launch: QemuLaunch, config: VmConfig) -> AsyncIterator[None]:
         """Switch to ``config`` with this VM's disk overlay set aside for the block; if the
         block fails, put the old overlay (or none) and config back."""
-        old_config = self._config
-        overlay = self.workdir / OVERLAY
-        kept = self.workdir / ".overlay.qcow2.before-restore"
-        self._prepare_workdir(launch)
-        self._config = config
+        old_config = self._vm._config
+        overlay = self._vm.workdir / OVERLAY
+        kept = self._vm.workdir / ".overlay.qcow2.before-restore"
+        self._vm._prepare_workdir(launch)
+        self._vm._config = config
         try:
             if overlay.exists():
                 overlay.replace(kept)
@@ -111,8 +111,8 @@ class QemuRestores(QemuMachine):
                     kept.replace(overlay)  # QEMU, stopped next, keeps the new one open
                 else:
                     overlay.unlink(missing_ok=True)
-                self._config = old_config
-                self._write_record(dataclasses.replace(launch, config=old_config))
+                self._vm._config = old_config
+                self._vm._write_record(dataclasses.replace(launch, config=old_config))
             raise
         kept.unlink(missing_ok=True)
 
@@ -124,46 +124,48 @@ class QemuRestores(QemuMachine):
         config's. A disk overlay from this VM's earlier life is set aside (put back if the
         restore fails), so the guest starts from its image like a new VM.
         """
-        content = read_checkpoint(snapshot, self)
-        config = checkpoint_config(self._config, content)
-        launch = await self._prepare_launch(config)
+        content = read_checkpoint(snapshot, self._vm)
+        config = checkpoint_config(self._vm._config, content)
+        launch = await self._vm._prepare_launch(config)
         async with self._disk_replaced(launch, config):
-            await self._boot(dataclasses.replace(launch, overlay=await self._prepare_overlay()))
-            await replay_checkpoint(self, content)
+            overlay = await self._vm._prepare_overlay()
+            await self._vm._boot(dataclasses.replace(launch, overlay=overlay))
+            await replay_checkpoint(self._vm, content)
             if paused:
-                await self._qmp_execute("stop")
+                await self._vm._qmp_execute("stop")
 
     async def _resume_state(
         self, snapshot: VmSnapshot, launch: QemuLaunch, *, paused: bool, same_vm: bool
     ) -> None:
         """Start QEMU waiting for a migration, load the snapshot's VM state into it."""
-        self._spawn_qemu(launch)
-        deadline = time.monotonic() + self.boot_timeout
-        self._qmp = await self._before_exit(self._connect_qmp(), "the QMP socket", deadline)
-        await self._before_exit(
-            _migration.load_state(self._qmp, snapshot.blob_path(MEMORY_BLOB)),
+        self._vm._spawn_qemu(launch)
+        deadline = time.monotonic() + self._vm.boot_timeout
+        qmp = await self._vm._before_exit(self._vm._connect_qmp(), "the QMP socket", deadline)
+        self._vm._qmp = qmp
+        await self._vm._before_exit(
+            _migration.load_state(qmp, snapshot.blob_path(MEMORY_BLOB)),
             "loading the snapshot's VM state", deadline,
         )
         # Connected before the guest runs: it then sees its host as still connected and
         # keeps reading; the hello ends the session it had with the snapshotted VM's host.
-        await self._before_exit(
-            self.agent.connect(self.boot_timeout), "the agent socket", deadline
+        await self._vm._before_exit(
+            self._vm.agent.connect(self._vm.boot_timeout), "the agent socket", deadline
         )
         plan = {"hostname": None if same_vm else launch.hostname}
-        (self.workdir / PENDING_RESYNC).write_text(json.dumps(plan) + "\n")
+        (self._vm.workdir / PENDING_RESYNC).write_text(json.dumps(plan) + "\n")
         if paused:
             return  # resume() says hello and resyncs the guest
-        await self._before_exit(self._qmp.execute("cont"), "QMP cont", deadline)
-        await self._before_exit(self.agent.hello(), "the guest agent's hello", deadline)
-        await self._before_exit(self._finish_restore(), "the guest agent's resync", deadline)
+        await self._vm._before_exit(qmp.execute("cont"), "QMP cont", deadline)
+        await self._vm._before_exit(self._vm.agent.hello(), "the guest agent's hello", deadline)
+        await self._vm._before_exit(self.finish(), "the guest agent's resync", deadline)
 
-    async def _finish_restore(self) -> None:
+    async def finish(self) -> None:
         """Resync a restored guest once it runs: clock, RNG (reseeded), host name.
 
         The plan is a file in the VM directory, so that a process attaching to a VM left
         paused by a restore still resyncs it on resume.
         """
-        pending = self.workdir / PENDING_RESYNC
+        pending = self._vm.workdir / PENDING_RESYNC
         try:
             plan = json.loads(pending.read_text())
         except FileNotFoundError:
@@ -171,7 +173,7 @@ class QemuRestores(QemuMachine):
         except (OSError, ValueError):
             plan = {}
         hostname = plan.get("hostname") if isinstance(plan, dict) else None
-        await self._call(lambda client: client.resync(
+        await self._vm._call(lambda client: client.resync(
             epoch_ns=time.time_ns(), entropy=os.urandom(RESTORE_ENTROPY_BYTES),
             hostname=hostname if isinstance(hostname, str) else None,
         ))

@@ -40,7 +40,7 @@ from kelpie.vm._snapshot import PARTIAL_SUFFIX
 class _SnapshotPlan:
     """The full snapshot this task is taking (see :data:`_SNAPSHOT_PLAN`)."""
 
-    vm: QemuSnapshots
+    saver: QemuSaver
     dest: Path
     leave_paused: bool
     marked: bool = False
@@ -50,9 +50,9 @@ class _SnapshotPlan:
 _SNAPSHOT_PLAN: contextvars.ContextVar[_SnapshotPlan | None] = contextvars.ContextVar(
     "kelpie_qemu_snapshot_plan", default=None
 )
-"""Set by :meth:`QemuSnapshots.snapshot` for the hooks the base class calls under its lock
-(``_do_pause``, ``_do_snapshot``): per task, so a ``pause()`` elsewhere is not mistaken
-for a snapshot's."""
+"""Set by :meth:`QemuSaver.taking` around the base class's ``snapshot()`` for the hooks it
+calls under its lock (``_do_pause``, ``_do_snapshot``): per task, so a ``pause()``
+elsewhere is not mistaken for a snapshot's."""
 
 
 def partial_dir_of(dest: Path) -> Path:
@@ -60,35 +60,36 @@ def partial_dir_of(dest: Path) -> Path:
     return dest.parent / f".{dest.name}{PARTIAL_SUFFIX}"
 
 
-class QemuSnapshots(QemuMachine):
-    """A QemuMachine that writes full (QMP migration) and disk (overlay) snapshots."""
+class QemuSaver:
+    """Writes one QEMU VM's full (QMP migration) and disk (overlay) snapshots, and the
+    marker telling a later attach that a full snapshot of it was being taken."""
 
-    async def _do_pause(self) -> None:
-        self._mark_snapshot(running=True)  # before the guest stops, if a snapshot pauses it
-        await super()._do_pause()
+    def __init__(self, vm: QemuMachine) -> None:
+        self._vm = vm
 
-    async def snapshot(
-        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
-    ) -> VmSnapshot:
-        """Write a snapshot of this VM to the new directory ``dest`` (see the base class).
+    @contextlib.contextmanager
+    def taking(self, dest: Path, kind: SnapshotKind, leave_paused: bool) -> Iterator[None]:
+        """Around the base class's ``snapshot()``: the plan of a full snapshot, for
+        :meth:`mark`; the marker it wrote is removed at the end.
 
         While a full snapshot is taken, ``snapshot-in-progress.json`` in the VM directory
         says so, written before the guest pauses and removed once it is back as it should
-        be: if this process dies in between, :meth:`attach` undoes the snapshot.
+        be: if this process dies in between, ``attach`` undoes the snapshot.
         """
         if kind is not SnapshotKind.FULL:
-            return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+            yield
+            return
         plan = _SnapshotPlan(self, dest, leave_paused)
         token = _SNAPSHOT_PLAN.set(plan)
         try:
-            return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+            yield
         finally:
             _SNAPSHOT_PLAN.reset(token)
             if plan.marked:
                 with contextlib.suppress(FileNotFoundError):
-                    (self.workdir / SNAPSHOT_MARKER).unlink()
+                    (self._vm.workdir / SNAPSHOT_MARKER).unlink()
 
-    def _mark_snapshot(self, *, running: bool) -> None:
+    def mark(self, *, running: bool) -> None:
         """Write the marker of the full snapshot this task is taking of this VM, once.
 
         Called (under the base class's lock) before a running guest is paused, else when
@@ -96,7 +97,7 @@ class QemuSnapshots(QemuMachine):
         this process, not of the host, which QEMU would not survive either.
         """
         plan = _SNAPSHOT_PLAN.get()
-        if plan is None or plan.vm is not self or plan.marked:
+        if plan is None or plan.saver is not self or plan.marked:
             return
         marker = {
             "was_running": running,
@@ -105,18 +106,20 @@ class QemuSnapshots(QemuMachine):
             "partial": str(partial_dir_of(plan.dest)),
             "pid": os.getpid(),
         }
-        path = self.workdir / SNAPSHOT_MARKER
+        path = self._vm.workdir / SNAPSHOT_MARKER
         temporary = path.with_name(f".{SNAPSHOT_MARKER}.tmp")
         with _storage_errors(f"writing the snapshot marker {path}"):
             temporary.write_text(json.dumps(marker) + "\n")
             temporary.replace(path)
         plan.marked = True
 
-    async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
+    async def take(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
+        """The snapshot ``kind`` of the VM in the new directory ``dest`` (a full one of a
+        VM the base class paused, a disk one of a stopped VM, a checkpoint of a running one)."""
         if kind is SnapshotKind.FULL:
             return await self._full_snapshot(dest)
         if kind is SnapshotKind.CHECKPOINT:  # from the running guest, through the agent
-            return await capture_checkpoint(self, dest)
+            return await capture_checkpoint(self._vm, dest)
         return await self._disk_snapshot(dest)
 
     async def _full_snapshot(self, dest: Path) -> VmSnapshot:
@@ -126,28 +129,28 @@ class QemuSnapshots(QemuMachine):
         disks). When the migration completes QEMU inactivates the disks (flushing again),
         so the overlay is copied in a consistent state; ``cont`` re-activates them.
         """
-        qmp = self._qmp
-        if qmp is None or not self._vmm_running():
-            raise self._vmm_gone_error("snapshot")
-        self._mark_snapshot(running=False)  # a paused guest: no-op if the pause marked it
-        status = await self._qmp_execute("query-status")
+        qmp = self._vm._qmp
+        if qmp is None or not self._vm._vmm_running():
+            raise self._vm._vmm_gone_error("snapshot")
+        self.mark(running=False)  # a paused guest: no-op if the pause marked it
+        status = await self._vm._qmp_execute("query-status")
         if isinstance(status, dict) and status.get("status") == "postmigrate":
             # Paused since an earlier snapshot: QEMU 7.2 refuses to migrate a VM "paused
             # due to previous migration", and only cont re-activates its disks.
-            await self._qmp_execute("cont")
-            await self._qmp_execute("stop")
+            await self._vm._qmp_execute("cont")
+            await self._vm._qmp_execute("stop")
         record = await self._snapshot_record(SnapshotKind.FULL)
         with SnapshotWriter(dest) as writer:
             memory = writer.blob_path(MEMORY_BLOB)
             try:
-                stats = await self._unless_gone(
-                    _migration.save_state(qmp, memory, bandwidth=self.snapshot_bandwidth),
+                stats = await self._vm._unless_gone(
+                    _migration.save_state(qmp, memory, bandwidth=self._vm.snapshot_bandwidth),
                     "snapshot",
                 )
             except (_migration.MigrationFailed, QMPError, OSError) as exc:
-                if not self._vmm_running():
-                    raise self._vmm_gone_error("snapshot") from exc
-                raise SnapshotError(_save_failure(self.id, str(exc))) from exc
+                if not self._vm._vmm_running():
+                    raise self._vm._vmm_gone_error("snapshot") from exc
+                raise SnapshotError(_save_failure(self._vm.id, str(exc))) from exc
             record = dataclasses.replace(record, migration=_migration_summary(stats))
             with _storage_errors(f"the snapshot's memory blob {memory}"):
                 await asyncio.to_thread(_snapshot.sync_file, memory)
@@ -161,19 +164,20 @@ class QemuSnapshots(QemuMachine):
             return await self._finish_snapshot(writer, record, SnapshotKind.DISK)
 
     async def _snapshot_record(self, kind: SnapshotKind) -> SnapshotRecord:
-        launch = self._launch_record()
-        accel = self.accel.accel if self.accel else str(launch.get("accel", "tcg"))
-        hostname = str(launch.get("hostname") or self.config.hostname or f"kelpie-{self.id[:8]}")
-        base = self.config.root_disk
+        vm = self._vm
+        launch = vm._launch_record()
+        accel = vm.accel.accel if vm.accel else str(launch.get("accel", "tcg"))
+        hostname = str(launch.get("hostname") or vm.config.hostname or f"kelpie-{vm.id[:8]}")
+        base = vm.config.root_disk
         signature: tuple[str, ...] = ()
         if kind is SnapshotKind.FULL:
             signature = tuple(device_signature(QemuLaunch(
-                qemu="", config=self.config, kernel=Path(), initrd=Path(), workdir=self.workdir,
+                qemu="", config=vm.config, kernel=Path(), initrd=Path(), workdir=vm.workdir,
                 accel=accel, hostname=hostname,
-                overlay=None if base is None else self.workdir / OVERLAY,
+                overlay=None if base is None else vm.workdir / OVERLAY,
             )))
         return SnapshotRecord(
-            config=self.config, hostname=hostname, accel=accel,
+            config=vm.config, hostname=hostname, accel=accel,
             base_path=None if base is None else base.resolve(),
             base_format=None if base is None else await asyncio.to_thread(
                 _snapshot.image_format, base
@@ -191,21 +195,21 @@ class QemuSnapshots(QemuMachine):
                 base_digest = await asyncio.to_thread(_snapshot.file_digest, record.base_path)
             except OSError as exc:
                 raise SnapshotError(
-                    f"VM {self.id}: cannot read its base image {record.base_path}: {exc}"
+                    f"VM {self._vm.id}: cannot read its base image {record.base_path}: {exc}"
                 ) from exc
-            overlay = self.workdir / OVERLAY
+            overlay = self._vm.workdir / OVERLAY
             if overlay.exists():
                 with _storage_errors(f"copying the disk overlay {overlay} into the snapshot"):
                     await asyncio.to_thread(
                         _snapshot.copy_file, overlay, writer.blob_path(DISK_BLOB)
                     )
                     await asyncio.to_thread(writer.adopt_blob, DISK_BLOB)
-        host = self.host_info()
+        host = self._vm.host_info()
         return writer.commit(
             kind=kind, backend=host.backend, backend_version=host.backend_version,
             arch=host.arch, cpu_model=cpu_model(record.accel), machine=host.machine,
-            vcpus=self.config.vcpus, memory_mib=self.config.memory_mib,
-            guestkit_digest=self._kit_digest, base_image_digest=base_digest, vm_id=self.id,
+            vcpus=self._vm.config.vcpus, memory_mib=self._vm.config.memory_mib,
+            guestkit_digest=self._vm._kit_digest, base_image_digest=base_digest, vm_id=self._vm.id,
             extra=record.to_extra(),
         )
 
