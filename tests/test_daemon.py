@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -57,11 +58,16 @@ from kelpie.runtime import NAME_PATTERN, Runtime, SandboxNotFound
 from kelpie.vm import (
     BackendRegistry,
     BootError,
+    ConfigError,
     ExecTimeout,
+    GuestFileError,
     InvalidStateError,
+    KelpieError,
+    SnapshotIncompatible,
     VmConfig,
     VmFactory,
     VmInstance,
+    VmState,
 )
 from waiting import wait_for, wait_until
 
@@ -545,6 +551,61 @@ async def test_socket_is_private(tmp_path: Path, short_dir: Path) -> None:
         assert (run_dir / "daemon.pid").read_text() == f"{os.getpid()}\n"
         assert (await served.client.version()).pid == os.getpid()
     assert not served.socket.exists() and not (run_dir / "daemon.pid").exists()
+
+
+# ---- a daemon's errors, typed: their class and their attributes, picklable -------------
+RAISED_IN_THE_DAEMON = [
+    GuestFileError("/etc/missing", "ENOENT", "no such file or directory"),
+    ExecTimeout(["sleep", "9"], 1.5, b"out \x00\xff", b"err"),
+    SnapshotIncompatible(["CPU model: snapshot is a, host is b", "machine: q35 vs pc"]),
+    InvalidStateError("vm1", "pause", VmState.STOPPED, [VmState.RUNNING, VmState.PAUSED]),
+    SandboxNotFound("nope"),
+    ConfigError(["cpus: 0 is below 1", "memory_mib: -1 is below 64"], what="sandbox"),
+]
+
+
+def _attributes(error: BaseException) -> dict[str, Any]:
+    return {k: v for k, v in vars(error).items() if not k.startswith("_")}
+
+
+def _assert_same_error(error: BaseException, raised: KelpieError) -> None:
+    assert isinstance(error, type(raised)) and isinstance(error, RemoteError)
+    assert str(error) == str(raised)
+    for name, value in _attributes(raised).items():
+        assert getattr(error, name) == value, name
+
+
+@pytest.mark.parametrize("raised", RAISED_IN_THE_DAEMON, ids=lambda e: type(e).__name__)
+async def test_a_daemons_error_has_its_class_and_attributes(
+    served: Served, monkeypatch: pytest.MonkeyPatch, raised: KelpieError,
+) -> None:
+    async def failing(ref: str) -> None:
+        raise raised
+
+    monkeypatch.setattr(served.runtime, "inspect", failing)
+    with pytest.raises(type(raised)) as caught:
+        await served.client.inspect("box")
+    _assert_same_error(caught.value, raised)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert type(copy) is type(caught.value)
+    _assert_same_error(copy, raised)
+
+
+async def test_real_daemon_errors_carry_their_attributes(served: Served) -> None:
+    with pytest.raises(GuestFileError) as missing:
+        await served.client.read_file("box", "/tmp/no/such")
+    assert (missing.value.path, missing.value.code) == ("/tmp/no/such", "ENOENT")
+    with pytest.raises(ExecTimeout) as slow:
+        await served.client.exec("box", ["sleep", "5"], timeout=0.05)
+    assert (slow.value.argv, slow.value.timeout) == (("sleep", "5"), 0.05)
+    assert (slow.value.stdout, slow.value.stderr) == (b"", b"")
+    with pytest.raises(SandboxNotFound) as unknown:
+        await served.client.inspect("nope")
+    assert unknown.value.ref == "nope"
+    await served.client.pause("box")
+    with pytest.raises(InvalidStateError) as paused:
+        await served.client.pause("box")
+    assert paused.value.operation == "pause" and paused.value.current == "paused"
 
 
 async def test_exec_stream_stdin_round_trip(served: Served) -> None:

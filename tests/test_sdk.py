@@ -101,6 +101,29 @@ def test_bad_input_is_a_clear_error() -> None:
         Sandbox.create(backend="mock", cpus=0)
     with pytest.raises(ConfigError, match="network"):  # the request model's own checks
         Sandbox.create(backend="mock", network="bridge")
+    # every problem the request model finds, each with its field's name
+    with pytest.raises(ConfigError) as bad:
+        Sandbox.create(backend="mock", network="bridge", name="x" * 300,
+                       volumes=[1])  # type: ignore[list-item]
+    assert [p.split(":")[0] for p in bad.value.problems] == ["name", "volumes.0", "network"]
+    assert all(p in str(bad.value) for p in bad.value.problems)
+
+
+def test_blocking_write_takes_bytes_like_as_one_payload() -> None:
+    with Sandbox.create(backend="mock") as box:
+        for payload in (bytearray(b"\x00array"), memoryview(b"\x01view"), b"bytes", "text"):
+            box.files.write("/tmp/f", payload)
+            expected = payload.encode() if isinstance(payload, str) else bytes(payload)
+            assert box.files.read("/tmp/f") == expected
+        box.files.write("/tmp/f", [bytearray(b"ch"), b"unks"])  # an iterable: chunks
+        assert box.files.read("/tmp/f") == b"chunks"
+
+
+async def test_async_write_takes_bytes_like_as_one_payload() -> None:
+    async with await AsyncSandbox.create(backend="mock") as box:
+        for payload in (bytearray(b"\x00array"), memoryview(b"\x01view")):
+            await box.files.write("/tmp/f", payload)
+            assert await box.files.read("/tmp/f") == bytes(payload)
 
 
 @pytest.fixture

@@ -4,14 +4,16 @@ come back as the classes they were raised as."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
 from kelpie import ConfigError, InvalidStateError, KelpieError, SandboxNotFound
-from kelpie.api import ErrorBody
+from kelpie.api import ErrorBody, TemplateCreate
 from kelpie.client import DaemonClient, RemoteError, remote_error
 from kelpie.runtime import Runtime, SandboxStateError
 from kelpie.service import SandboxService
+from test_daemon import mock_runtime
 
 SERVICE_CALLS = sorted(name for name, value in vars(SandboxService).items()
                        if callable(value) and not name.startswith("_"))
@@ -77,3 +79,17 @@ def test_an_unknown_remote_error_is_its_nearest_known_ancestor() -> None:
     assert newer.is_a("SandboxBusyNewer")
     unknown = remote_error(500, _body("Mystery", "KelpieError"))
     assert type(unknown) is RemoteError and isinstance(unknown, KelpieError)
+
+
+async def test_a_template_is_made_from_its_one_request(tmp_path: Path) -> None:
+    async with mock_runtime(tmp_path) as runtime:
+        made = await runtime.create_template(TemplateCreate(name="tpl", env={"T": "1"}))
+        assert made.name == "tpl" and made.template
+        by_fields = await runtime.create_template(name="tpl2")  # in-process keywords
+        assert by_fields.name == "tpl2"
+        with pytest.raises(ConfigError, match="not both"):
+            await runtime.create_template(TemplateCreate(name="tpl3"), name="tpl3")
+        with pytest.raises(TypeError, match="needs the field"):
+            await runtime.create_template(image="x")
+        with pytest.raises(TypeError, match="unexpected TemplateCreate field"):
+            await runtime.create_template(name="tpl4", volumes=[])

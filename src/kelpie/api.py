@@ -18,8 +18,11 @@ The exec WebSocket (``/v1/sandboxes/{ref}/exec/ws``) speaks this protocol:
 from __future__ import annotations
 
 import base64
+import contextlib
+import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,6 +59,12 @@ class ErrorBody(_Model):
     requires_recreate: bool = False
     problems: list[str] = Field(default_factory=list,
                                 description="Every problem found, for invalid input.")
+    details: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The error's other public attributes as JSON values (e.g. "
+                    "GuestFileError's path and code, ExecTimeout's argv and timeout); a bytes "
+                    "attribute is base64 text under its name + '_b64' (ExecTimeout's "
+                    "stdout_b64, stderr_b64).")
 
 
 class ErrorResponse(_Model):
@@ -96,8 +105,40 @@ def error_status(types: list[str]) -> int:
     return 500
 
 
+class _Request(_Model):
+    """A request an in-process caller may also give as keyword fields."""
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> Self:
+        """A request from an in-process caller's keyword fields. Only the names are checked
+        here: the runtime checks every value itself, and says what is wrong in its words."""
+        unknown = sorted(set(fields) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(f"unexpected {cls.__name__} field(s) {', '.join(unknown)}; "
+                            f"expected {', '.join(cls.model_fields)}")
+        missing = sorted(n for n, f in cls.model_fields.items()
+                         if f.is_required() and n not in fields)
+        if missing:
+            raise TypeError(f"{cls.__name__} needs the field(s) {', '.join(missing)}")
+        # pydantic's mypy plugin types model_construct as the defining class, not Self
+        return cast(Self, cls.model_construct(**fields))
+
+    @classmethod
+    def of(cls, request: Self | None, fields: Mapping[str, Any], what: str) -> Self:
+        """The request an in-process call gives: ``request``, or one made of its keyword
+        ``fields`` (a ConfigError when both are given)."""
+        if request is None:
+            return cls.from_fields(fields)
+        if fields:
+            from kelpie._exceptions import ConfigError
+
+            raise ConfigError([f"give the request or its fields, not both (got a request "
+                               f"and {', '.join(sorted(fields))})"], what=what)
+        return request
+
+
 # ---- sandboxes --------------------------------------------------------------------------
-class SandboxCreate(_Model):
+class SandboxCreate(_Request):
     """Create and start a sandbox."""
 
     image: str | None = Field(None, max_length=MAX_NAME * 2,
@@ -127,15 +168,6 @@ class SandboxCreate(_Model):
         description="Start by restoring this template instead of booting; then only name, "
                     "env and labels may be given.")
 
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, Any]) -> SandboxCreate:
-        """A request from an in-process caller's keyword fields. Only the names are checked
-        here: the runtime checks every value itself, and says what is wrong in its words."""
-        unknown = sorted(set(fields) - set(cls.model_fields))
-        if unknown:
-            raise TypeError(f"unexpected create field(s) {', '.join(unknown)}; expected "
-                            f"{', '.join(cls.model_fields)}")
-        return cls.model_construct(**fields)
 
 
 class Volume(_Model):
@@ -242,7 +274,7 @@ class RestoreBody(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-class TemplateCreate(_Model):
+class TemplateCreate(_Request):
     """Boot a sandbox once and keep its snapshot as a template."""
 
     name: Annotated[str, Field(max_length=MAX_NAME,
@@ -468,7 +500,68 @@ def error_body(exc: BaseException) -> ErrorBody:
     recreate = bool(getattr(exc, "requires_recreate", False))
     problems = list(exc.problems) if isinstance(exc, ConfigError) else []
     return ErrorBody(type=types[0], types=types, message=str(exc) or type(exc).__name__,
-                     retriable=retriable, requires_recreate=recreate, problems=problems)
+                     retriable=retriable, requires_recreate=recreate, problems=problems,
+                     details=error_details(exc) if isinstance(exc, KelpieError) else {})
+
+
+BYTES_SUFFIX = "_b64"
+"""Marks an :attr:`ErrorBody.details` entry holding a bytes attribute, base64-encoded."""
+_BODY_ATTRIBUTES = frozenset({"args", "message", "problems", "retriable", "requires_recreate"})
+"""Attributes :class:`ErrorBody` carries in fields of their own."""
+
+
+def error_details(exc: BaseException) -> dict[str, Any]:
+    """An error's public instance attributes as JSON values, for :attr:`ErrorBody.details`.
+
+    Tuples become lists, enums their value, paths text, bytes base64 (the name gets
+    :data:`BYTES_SUFFIX`); an attribute with no JSON form is left out."""
+    details: dict[str, Any] = {}
+    for name, value in vars(exc).items():
+        if name.startswith("_") or name in _BODY_ATTRIBUTES:
+            continue
+        if isinstance(value, bytes | bytearray | memoryview):
+            details[name + BYTES_SUFFIX] = b64(bytes(value))
+            continue
+        with contextlib.suppress(_NoJson):
+            details[name] = _json_value(value)
+    return details
+
+
+def error_attributes(details: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes :func:`error_details` encoded: lists back to tuples (as the error
+    classes keep them), base64 back to bytes."""
+    attributes: dict[str, Any] = {}
+    for name, value in details.items():
+        if name.endswith(BYTES_SUFFIX) and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                attributes[name[: -len(BYTES_SUFFIX)]] = base64.b64decode(value, validate=True)
+                continue
+        attributes[name] = _tuples(value)
+    return attributes
+
+
+class _NoJson(Exception):
+    """A value with no JSON form."""
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value.value if isinstance(value, enum.Enum) else value
+    if isinstance(value, enum.Enum):
+        return _json_value(value.value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v) for k, v in value.items()}
+    raise _NoJson
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
 
 
 M = TypeVar("M", bound=BaseModel)

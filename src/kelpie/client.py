@@ -49,9 +49,9 @@ from kelpie.api import (
     TemplateCreate,
     VersionInfo,
     b64,
+    error_attributes,
     error_status,
     unb64,
-    validated,
 )
 from kelpie.vm import (
     ExecEvent,
@@ -78,13 +78,20 @@ class RemoteError(KelpieError):
     """An error the daemon reported: ``type`` and ``types`` name the daemon-side class.
 
     What the client raises is a subclass of this and of that class (see
-    :func:`remote_error`); ``status`` is the HTTP status.
+    :func:`remote_error`), with that class's public attributes (``code``, ``ref``,
+    ``stdout``...) as the daemon-side error had them; ``status`` is the HTTP status.
+    It pickles (to its body), so it can cross a process boundary again.
     """
 
     def __init__(self, status: int, body: ErrorBody) -> None:
         # Not super().__init__: the daemon-side class's own constructor takes other
-        # arguments (a sandbox ref, a problem list...); the message is already made.
+        # arguments (a sandbox ref, a problem list...); the message is already made, and
+        # the attributes that constructor would set come in the body's details.
         Exception.__init__(self, body.message)
+        for name, value in error_attributes(body.details).items():
+            with contextlib.suppress(AttributeError):  # a read-only property of the class
+                setattr(self, name, value)
+        self.body = body
         self.message = body.message
         self.status = status
         self.type = body.type
@@ -95,6 +102,11 @@ class RemoteError(KelpieError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Callable[[int, dict[str, Any]], RemoteError],
+                                  tuple[int, dict[str, Any]]]:
+        # the class is made at run time (see remote_error) and cannot be found by name
+        return _unpickle_remote_error, (self.status, self.body.model_dump(mode="json"))
 
     def is_a(self, name: str) -> bool:
         """Whether the daemon-side error was a ``name`` (the class or an ancestor)."""
@@ -139,6 +151,10 @@ def remote_error(status: int, body: ErrorBody) -> RemoteError:
             _typed_errors[base] = typed
         return typed(status, body)
     return RemoteError(status, body)
+
+
+def _unpickle_remote_error(status: int, body: dict[str, Any]) -> RemoteError:
+    return remote_error(status, ErrorBody.model_validate(body))
 
 
 class DaemonUnreachable(KelpieError):
@@ -489,15 +505,9 @@ class DaemonClient:
                                     headers={"Content-Type": "application/octet-stream"})
         return Snapshot.model_validate(reply.json())
 
-    async def create_template(self, *, name: str, image: str | None = None,
-                              cpus: int | None = None, memory_mib: int | None = None,
-                              env: Mapping[str, str] | None = None, network: str = "none",
-                              backend: str | None = None) -> Snapshot:
+    async def create_template(self, request: TemplateCreate, /) -> Snapshot:
         """Boot a sandbox once and keep its snapshot as a template."""
-        body = validated(TemplateCreate, {
-            "name": name, "image": image, "cpus": cpus, "memory_mib": memory_mib,
-            "env": dict(env or {}), "network": network, "backend": backend}, "template")
-        reply = await self._request("POST", "/templates", json=_wire(body))
+        reply = await self._request("POST", "/templates", json=_wire(request))
         return Snapshot.model_validate(reply.json())
 
     # ---- files --------------------------------------------------------------------------

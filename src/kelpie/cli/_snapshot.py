@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from kelpie.api import Snapshot
+from kelpie.api import Snapshot, TemplateCreate
 from kelpie.cli._sandbox import _client_call, _each, parse_env
 from kelpie.client import DaemonClient
 from kelpie.vm import ConfigError
@@ -208,9 +208,9 @@ def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[
     variables = parse_env(env)
 
     async def call(client: DaemonClient) -> int:
-        made = await client.create_template(name=name, image=image, cpus=cpus,
-                                            memory_mib=memory, env=variables,
-                                            network=network, backend=backend)
+        made = await client.create_template(TemplateCreate(
+            name=name, image=image, cpus=cpus, memory_mib=memory, env=variables,
+            network=network, backend=backend))
         click.echo(f"{made.id} {made.name} ({_size(made.size)})")
         return 0
 

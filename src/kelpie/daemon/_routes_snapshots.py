@@ -139,10 +139,7 @@ async def list_templates(request: Request) -> list[Snapshot]:
 @router.post("/templates", status_code=201)
 async def create_template(request: Request, body: TemplateCreate) -> Snapshot:
     """Boot a sandbox from the image once, snapshot it as the template, remove it."""
-    info = await runtime_of(request).create_template(
-        name=body.name, image=body.image, cpus=body.cpus, memory_mib=body.memory_mib,
-        env=body.env, network=body.network, backend=body.backend)
-    return snapshot_record(info)
+    return snapshot_record(await runtime_of(request).create_template(body))
 
 
 @router.delete("/templates/{ref}", status_code=204)

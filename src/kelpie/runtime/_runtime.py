@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from kelpie.api import SandboxCreate
+from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.images import BlobProgress, ImageStore, StoredImage, pull_image
 from kelpie.runtime._arguments import Progress
 from kelpie.runtime._context import RuntimeContext
@@ -56,7 +56,6 @@ from kelpie.vm import (
     ExecResult,
     FileInfo,
     LocalStorage,
-    NetworkMode,
     SnapshotKind,
     Storage,
     VmFactory,
@@ -389,20 +388,23 @@ class Runtime:
         return await self._snapshots.restore_into(sandbox, snapshot, paused=paused)
 
     async def create_template(
-        self, *, name: str, image: str | None = None, cpus: int | None = None,
-        memory_mib: int | None = None, env: Mapping[str, str] | None = None,
-        network: NetworkMode | str = "none", backend: str | None = None,
-        progress: Progress | None = None,
+        self, request: TemplateCreate | None = None, /, *, progress: Progress | None = None,
+        **fields: Any,
     ) -> SnapshotInfo:
         """Boot a sandbox once, snapshot it as template ``name``, remove the sandbox.
 
         Sandboxes created from the template (``create(template=name)``) start by
         restoring it instead of booting.
+
+        ``request`` is the one template request (:class:`kelpie.api.TemplateCreate`, also
+        the REST body); in-process callers may give its fields as keywords instead.
         """
+        req = TemplateCreate.of(request, fields, "template")
+        name = req.name
         self._snapshots.check_free_name(name)
-        info = await self.create(image=image, cpus=cpus, memory_mib=memory_mib, env=env,
-                                 network=network, backend=backend, progress=progress,
-                                 labels={"kelpie.template-build": name})
+        info = await self.create(image=req.image, cpus=req.cpus, memory_mib=req.memory_mib,
+                                 env=req.env, network=req.network, backend=req.backend,
+                                 progress=progress, labels={"kelpie.template-build": name})
         try:
             if progress is not None:
                 progress(f"snapshotting {info.name} as template {name}")

@@ -13,11 +13,14 @@ from types import TracebackType
 from typing import Self
 
 from kelpie.api import Sandbox as SandboxRecord
-from kelpie.api import SandboxCreate, validated
+from kelpie.api import SandboxCreate, TemplateCreate, validated
 from kelpie.api import Snapshot as SnapshotRecord
 from kelpie.sdk._connect import Connection, attach, connect
 from kelpie.service import SandboxService, sandbox_record, snapshot_record
 from kelpie.vm import ExecProcess, ExecResult, FileInfo
+
+BytesLike = bytes | bytearray | memoryview
+"""What a file write takes as one payload (not as an iterable of chunks)."""
 
 
 class AsyncFiles:
@@ -35,11 +38,18 @@ class AsyncFiles:
         async for chunk in self._sandbox._service.read_file_stream(self._sandbox.id, path):
             yield chunk
 
-    async def write(self, path: str, data: bytes | str | AsyncIterable[bytes], *,
+    async def write(self, path: str, data: BytesLike | str | AsyncIterable[bytes], *,
                     mode: int = 0o644) -> None:
-        """Write a file atomically: bytes, text (UTF-8 encoded), or an async iterable of
-        chunks streamed as they come."""
-        raw = data.encode() if isinstance(data, str) else data
+        """Write a file atomically: bytes-like (bytes, bytearray, memoryview) or text
+        (UTF-8 encoded) as one payload, or an async iterable of chunks streamed as they
+        come."""
+        raw: bytes | AsyncIterable[bytes]
+        if isinstance(data, str):
+            raw = data.encode()
+        elif isinstance(data, BytesLike):
+            raw = bytes(data)
+        else:
+            raw = data
         await self._sandbox._service.write_file(self._sandbox.id, path, raw, mode=mode)
 
     async def list(self, path: str) -> builtins.list[FileInfo]:
@@ -127,11 +137,12 @@ class AsyncSandbox:
     ) -> SnapshotRecord:
         """Boot ``image`` once and keep its snapshot as template ``name`` (for
         ``create(template=name)``)."""
+        request = validated(TemplateCreate, {
+            "name": name, "image": image, "cpus": cpus, "memory_mib": memory,
+            "env": dict(env or {}), "network": network, "backend": backend}, "template")
         connection = await connect(daemon, token)
         try:
-            return snapshot_record(await connection.service.create_template(
-                name=name, image=image, cpus=cpus, memory_mib=memory, env=env,
-                network=network, backend=backend))
+            return snapshot_record(await connection.service.create_template(request))
         finally:
             await connection.close()
 

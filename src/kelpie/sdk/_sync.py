@@ -15,7 +15,7 @@ from typing import Any, Self, TypeVar
 
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import Snapshot as SnapshotRecord
-from kelpie.sdk._async import AsyncFiles, AsyncSandbox
+from kelpie.sdk._async import AsyncFiles, AsyncSandbox, BytesLike
 from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
 
 T = TypeVar("T")
@@ -95,10 +95,11 @@ class Files:
         """A file's bytes in chunks."""
         return self._loop.iterate(self._files.read_stream(path))
 
-    def write(self, path: str, data: bytes | str | Iterable[bytes], *,
+    def write(self, path: str, data: BytesLike | str | Iterable[bytes], *,
               mode: int = 0o644) -> None:
-        """Write a file atomically: bytes, text (UTF-8 encoded), or an iterable of chunks."""
-        source = data if isinstance(data, bytes | str) else _chunks(data)
+        """Write a file atomically: bytes-like (bytes, bytearray, memoryview) or text
+        (UTF-8 encoded) as one payload, any other iterable as chunks."""
+        source = data if isinstance(data, BytesLike | str) else _chunks(data)
         self._loop.run(self._files.write(path, source, mode=mode))
 
     def list(self, path: str) -> builtins.list[FileInfo]:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Seq
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
-from kelpie.api import SandboxCreate
+from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.vm import ExecProcess, ExecResult, FileInfo
 
 if TYPE_CHECKING:
@@ -248,10 +248,7 @@ class SandboxService(Protocol):
         """Roll a stopped sandbox back to one of its own snapshots."""
         ...
 
-    async def create_template(self, *, name: str, image: str | None = None,
-                              cpus: int | None = None, memory_mib: int | None = None,
-                              env: Mapping[str, str] | None = None, network: str = "none",
-                              backend: str | None = None) -> SnapshotView:
+    async def create_template(self, request: TemplateCreate, /) -> SnapshotView:
         """Boot a sandbox once and keep its snapshot as a template."""
         ...
 
