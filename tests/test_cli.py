@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from daemon_env import KelpieHome
+from kelpie.api import ErrorBody
 from kelpie.cli import main
+from kelpie.cli._main import EXIT_CODES, exit_code_for
+from kelpie.client import remote_error
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,3 +150,12 @@ def test_cp_copies_directory_trees_both_ways(tmp_path: Path,
     assert main(["cp", "files:/work/project/README", str(tmp_path)]) == 0
     assert (tmp_path / "README").read_text() == "top\n"
     assert main(["rm", "-f", "files"]) == 0
+
+
+@pytest.mark.parametrize(("cls", "code"), EXIT_CODES, ids=lambda v: getattr(v, "__name__", v))
+def test_a_daemons_error_exits_as_its_class_would(cls: type[BaseException], code: int) -> None:
+    # the daemon names a subclass this CLI may not know, then its ancestors
+    types = ["NewerThanThisCli"] + [c.__name__ for c in cls.__mro__ if c.__name__ != "object"
+                                    and c.__module__.startswith("kelpie")]
+    error = remote_error(500, ErrorBody(type=types[0], types=types, message="remote"))
+    assert exit_code_for(error) == code
