@@ -27,8 +27,7 @@ from kelpie.backends.qemu._accel import AccelChoice
 from kelpie.backends.qemu._host import QMP_DEAD, QMP_RUNNING, is_qemu_of, state_for_qmp_status
 from kelpie.backends.qemu._machine import ATTACH_TIMEOUT, SNAPSHOT_MARKER, QemuMachine
 from kelpie.guestkit import GuestKit
-from kelpie.vm import VmError, VmState
-from kelpie.vm._snapshot import PARTIAL_SUFFIX
+from kelpie.vm import PARTIAL_SUFFIX, VmError, VmState
 
 _log = logging.getLogger(__name__)
 

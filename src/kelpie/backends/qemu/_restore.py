@@ -20,8 +20,15 @@ from kelpie.backends.qemu import _migration, _snapshot
 from kelpie.backends.qemu._cmdline import QemuLaunch, device_signature
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
 from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
-from kelpie.vm import SnapshotIncompatible, SnapshotKind, VmConfig, VmSnapshot
-from kelpie.vm._checkpoint import checkpoint_config, read_checkpoint, replay_checkpoint
+from kelpie.vm import (
+    SnapshotIncompatible,
+    SnapshotKind,
+    VmConfig,
+    VmSnapshot,
+    checkpoint_config,
+    read_checkpoint,
+    replay_checkpoint,
+)
 
 RESTORE_ENTROPY_BYTES = 64
 """Fresh host randomness a restored guest mixes into its kernel RNG (then reseeds)."""

@@ -26,14 +26,14 @@ from kelpie.backends.qemu._host import cpu_model
 from kelpie.backends.qemu._machine import OVERLAY, SNAPSHOT_MARKER, QemuMachine
 from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
 from kelpie.vm import (
+    PARTIAL_SUFFIX,
     SnapshotError,
     SnapshotKind,
     SnapshotWriter,
     StorageError,
     VmSnapshot,
+    capture_checkpoint,
 )
-from kelpie.vm._checkpoint import capture_checkpoint
-from kelpie.vm._snapshot import PARTIAL_SUFFIX
 
 
 @dataclasses.dataclass
