@@ -205,10 +205,7 @@ class Runtime:
         ``request`` is the one create request (:class:`kelpie.api.SandboxCreate`, also the
         REST body); in-process callers may give its fields as keywords instead.
         """
-        if request is not None and fields:
-            raise ConfigError([f"give the request or its fields, not both (got a request and "
-                               f"{', '.join(sorted(fields))})"], what="sandbox")
-        req = request if request is not None else SandboxCreate.from_fields(fields)
+        req = SandboxCreate.of(request, fields, "sandbox")
         if req.template is not None:
             fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
                      "volumes": req.volumes or None, "ports": req.ports or None,
@@ -221,12 +218,7 @@ class Runtime:
                                   what="sandbox")
             return await self.restore(req.template, name=req.name, template=True,
                                       labels=req.labels, env=req.env)
-        return await self._sandboxes.create(
-            image=req.image, name=req.name, cpus=req.cpus, memory_mib=req.memory_mib,
-            env=req.env, volumes=req.volumes, network=req.network, backend=req.backend,
-            hostname=req.hostname, labels=req.labels, ports=req.ports, command=req.command,
-            progress=progress,
-        )
+        return await self._sandboxes.create(req, progress)
 
     # ---- the main command ---------------------------------------------------------------
     async def wait_main(self, ref: str) -> int | None:

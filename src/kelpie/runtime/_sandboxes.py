@@ -8,10 +8,11 @@ what happened, never a VM or directory nobody knows about.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
+from kelpie.api import SandboxCreate
 from kelpie.images import StoredImage, rootfs_ext4
 from kelpie.runtime import _arguments as args
 from kelpie.runtime._context import ID_ATTEMPTS, RuntimeContext
@@ -26,9 +27,6 @@ from kelpie.vm import (
     BackendSpec,
     ConfigError,
     KelpieError,
-    Mount,
-    NetworkMode,
-    PortMapping,
     VmConfig,
     VmInstance,
     VmState,
@@ -86,40 +84,34 @@ class Sandboxes:
         return None
 
     # ---- create -------------------------------------------------------------------------
-    async def create(
-        self, *, image: str | None, name: str | None, cpus: int | None,
-        memory_mib: int | None, env: Mapping[str, str] | None, volumes: Sequence[Mount | str],
-        network: NetworkMode | str, backend: str | None, hostname: str | None,
-        labels: Mapping[str, str] | None, ports: Sequence[PortMapping | str],
-        command: Sequence[str] | None, progress: args.Progress | None,
-    ) -> SandboxInfo:
+    async def create(self, req: SandboxCreate, progress: args.Progress | None) -> SandboxInfo:
         """Create a sandbox (not from a template) and start it; see :meth:`Runtime.create`."""
         ctx = self._ctx
         _ = ctx.db  # RuntimeNotOpen before anything else
-        spec = ctx.factory.select(backend)
-        if name is not None:
-            self.check_free_name(name)
-        stored = ctx.images.resolve(image) if image is not None else None
-        main = args.main_command(command, stored)
-        config_mounts = tuple(args.mount(v) for v in volumes)
-        config_ports = tuple(args.port(p) for p in ports)
+        spec = ctx.factory.select(req.backend)
+        if req.name is not None:
+            self.check_free_name(req.name)
+        stored = ctx.images.resolve(req.image) if req.image is not None else None
+        main = args.main_command(req.command, stored)
+        config_mounts = tuple(args.mount(v) for v in req.volumes)
+        config_ports = tuple(args.port(p) for p in req.ports)
         root_disk = None
         if stored is not None:
             root_disk = await asyncio.to_thread(
                 rootfs_ext4, ctx.images, stored, progress=args.build_reporter(progress),
             )
         config = VmConfig(
-            vcpus=DEFAULT_VCPUS if cpus is None else cpus,
-            memory_mib=DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib,
+            vcpus=DEFAULT_VCPUS if req.cpus is None else req.cpus,
+            memory_mib=DEFAULT_MEMORY_MIB if req.memory_mib is None else req.memory_mib,
             root_disk=root_disk,
             image=None if stored is None else args.image_label(stored),
             mounts=config_mounts,
             ports=config_ports,
-            env={**(stored.config.environment() if stored else {}), **(env or {})},
-            network=args.network(network),
-            hostname=hostname,
+            env={**(stored.config.environment() if stored else {}), **(req.env or {})},
+            network=args.network(req.network),
+            hostname=req.hostname,
         )
-        info = self.insert(spec, name, config, stored, labels or {}, main)
+        info = self.insert(spec, req.name, config, stored, req.labels or {}, main)
         if progress is not None:
             progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")
         async with ctx.lock_for(info.id):
