@@ -51,7 +51,6 @@ from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.runtime._snapshots import Snapshots
 from kelpie.vm import (
-    ConfigError,
     ExecProcess,
     ExecResult,
     FileInfo,
@@ -207,17 +206,7 @@ class Runtime:
         """
         req = SandboxCreate.of(request, fields, "sandbox")
         if req.template is not None:
-            fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
-                     "volumes": req.volumes or None, "ports": req.ports or None,
-                     "backend": req.backend, "hostname": req.hostname, "command": req.command,
-                     "network": None if req.network == "none" else req.network}
-            given = sorted(k for k, v in fixed.items() if v is not None)
-            if given:
-                raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "
-                                   "template fixes them (only name, env and labels may be)"],
-                                  what="sandbox")
-            return await self.restore(req.template, name=req.name, template=True,
-                                      labels=req.labels, env=req.env)
+            return await self._snapshots.create_from_template(req)
         return await self._sandboxes.create(req, progress)
 
     # ---- the main command ---------------------------------------------------------------

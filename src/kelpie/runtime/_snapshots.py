@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from kelpie.api import SandboxCreate
 from kelpie.runtime import _arguments as args
 from kelpie.runtime._archive import read_archive, write_archive
 from kelpie.runtime._context import ID_ATTEMPTS, MIN_PREFIX_LENGTH, RuntimeContext
@@ -189,6 +190,22 @@ class Snapshots:
         return info
 
     # ---- restoring ----------------------------------------------------------------------
+    async def create_from_template(self, req: SandboxCreate) -> SandboxInfo:
+        """A new sandbox restored from template ``req.template``; only its name, env and
+        labels may be given, the template fixes everything else."""
+        assert req.template is not None
+        fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
+                 "volumes": req.volumes or None, "ports": req.ports or None,
+                 "backend": req.backend, "hostname": req.hostname, "command": req.command,
+                 "network": None if req.network == "none" else req.network}
+        given = sorted(k for k, v in fixed.items() if v is not None)
+        if given:
+            raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "
+                               "template fixes them (only name, env and labels may be)"],
+                              what="sandbox")
+        return await self.restore(req.template, name=req.name, paused=False, template=True,
+                                  labels=req.labels, env=req.env)
+
     async def restore(
         self, ref: str, *, name: str | None, paused: bool, template: bool | None,
         labels: Mapping[str, str] | None, env: Mapping[str, str] | None,
