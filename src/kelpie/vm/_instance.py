@@ -36,15 +36,17 @@ from kelpie._exceptions import (
     UnsupportedOperation,
     VmCrashed,
 )
+from kelpie.protocol import MAX_FRAME_PAYLOAD
 from kelpie.vm._config import VmConfig
 from kelpie.vm._snapshot import HostInfo, SnapshotKind, VmSnapshot
 from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
 
 MAX_ARGV = 4096
 MAX_ARG_LENGTH = 128 * 1024
-MAX_REQUEST_BYTES = 192 * 1024
+MAX_REQUEST_BYTES = MAX_FRAME_PAYLOAD * 3 // 4  # 192 KiB
 """argv plus env, in bytes: an exec request travels to the guest agent as one frame of at
-most 256 KiB (``kelpie.protocol.MAX_FRAME_PAYLOAD``), JSON quoting included."""
+most ``MAX_FRAME_PAYLOAD`` (256 KiB); the last quarter is left for JSON quoting and the
+request's other fields."""
 TIMEOUT_GRACE_SECONDS = 5.0
 """How long past an exec's timeout the host waits for the guest to report the kill."""
 
