@@ -110,7 +110,7 @@ class AgentSession:
             except AgentClientError as exc:
                 raise AgentDisconnected(f"the guest agent is lost: {exc}") from exc
             self._greeted_pid = info.agent_pid
-        if was is not None:
+        if was is not None and was != info.agent_pid:  # not just a new connection
             self.restarts += 1
             logger.warning("said hello to a new guest agent (pid %s, was %s)", info.agent_pid, was)
         return client
