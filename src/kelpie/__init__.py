@@ -13,6 +13,14 @@ from typing import Any as _Any
 from kelpie._version import __version__
 
 if TYPE_CHECKING:
+    from kelpie._exceptions import (
+        PeerUnreachable,
+        TeleportAborted,
+        TeleportError,
+        TeleportInDoubt,
+        TeleportRefused,
+    )
+    from kelpie.api import HostFacts, TeleportReport
     from kelpie.backends.mock import MockVm
     from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
     from kelpie.runtime import Runtime, SandboxInfo, SandboxNameInUse, SandboxNotFound
@@ -76,6 +84,13 @@ _HOMES = {
     "AsyncSandbox": "kelpie.sdk",
     "Sandbox": "kelpie.sdk",
     "SandboxService": "kelpie.service",
+    "PeerUnreachable": "kelpie._exceptions",
+    "TeleportAborted": "kelpie._exceptions",
+    "TeleportError": "kelpie._exceptions",
+    "TeleportInDoubt": "kelpie._exceptions",
+    "TeleportRefused": "kelpie._exceptions",
+    "HostFacts": "kelpie.api",
+    "TeleportReport": "kelpie.api",
 }
 
 
@@ -111,6 +126,7 @@ __all__ = [
     "ExecTimeout",
     "FileInfo",
     "GuestFileError",
+    "HostFacts",
     "HostInfo",
     "InvalidStateError",
     "KelpieError",
@@ -118,6 +134,7 @@ __all__ = [
     "Mount",
     "NetworkError",
     "NetworkMode",
+    "PeerUnreachable",
     "PortMapping",
     "ProbeResult",
     "RemoteError",
@@ -134,6 +151,11 @@ __all__ = [
     "SnapshotManifest",
     "SnapshotTooLarge",
     "StorageError",
+    "TeleportAborted",
+    "TeleportError",
+    "TeleportInDoubt",
+    "TeleportRefused",
+    "TeleportReport",
     "UnsupportedOperation",
     "VmConfig",
     "VmConfigBuilder",

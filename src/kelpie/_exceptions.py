@@ -25,7 +25,16 @@ wrapped.
     │   ├── SnapshotIncompatible     cannot be restored on this host; .reasons lists why
     │   └── SnapshotTooLarge         over the configured size limit
     ├── StorageError                 reading or writing the host's storage failed (retriable)
-    └── NetworkError                 a host <-> guest or host <-> host link failed (retriable)
+    ├── NetworkError                 a host <-> guest or host <-> host link failed (retriable)
+    │   └── PeerUnreachable          a peer daemon did not answer; the request may have
+    │                                been carried out or not
+    └── TeleportError                moving a sandbox to another host
+        ├── TeleportRefused          the target cannot take it; nothing was paused
+        ├── TeleportAborted          rolled back: the sandbox runs on the source as before
+        ├── TeleportInDoubt          the target cannot be asked whether it took the sandbox;
+        │                            the source keeps it paused until it can (retriable)
+        └── TransferOffsetMismatch   a chunk was sent for the wrong offset (.received says
+                                     where to resume)
 """
 
 from __future__ import annotations
@@ -190,3 +199,63 @@ class NetworkError(KelpieError):
     """A link (host to guest agent, or host to host) dropped, stalled or was partitioned."""
 
     retriable = True
+
+
+class PeerUnreachable(NetworkError):
+    """A peer daemon (a teleport's target) did not answer: the request may or may not
+    have been carried out there."""
+
+
+class TeleportError(KelpieError):
+    """Root of the errors of moving a sandbox to another host."""
+
+
+class TeleportRefused(TeleportError):
+    """The target cannot take the sandbox (checked before anything paused); ``reasons``
+    lists every reason."""
+
+    def __init__(self, reasons: Iterable[str], *, target: str = "the target") -> None:
+        self.reasons = tuple(reasons)
+        self.target = target
+        lines = "\n".join(f"  - {r}" for r in self.reasons)
+        super().__init__(f"{target} cannot take the sandbox:\n{lines}")
+
+    def __reduce__(self) -> tuple[type[TeleportRefused], tuple[tuple[str, ...]], dict[str, str]]:
+        return (type(self), (self.reasons,), {"target": self.target})
+
+
+class TeleportAborted(TeleportError):
+    """The teleport was rolled back: the sandbox is where it was, as it was."""
+
+
+class TeleportInDoubt(TeleportError):
+    """The target may have taken the sandbox but cannot be asked: the source keeps its copy
+    paused (never running twice) and settles it when the target answers again."""
+
+    retriable = True
+
+
+class TransferOffsetMismatch(TeleportError):
+    """A chunk of a teleport's blob came for the wrong offset; ``received`` is where the
+    target stands (resume from there)."""
+
+    def __init__(self, name: str, offset: int, received: int) -> None:
+        self.name = name
+        self.offset = offset
+        self.received = received
+        super().__init__(f"blob {name}: a chunk came for offset {offset}, but {received} "
+                         f"bytes are received; resume at {received}")
+
+    def __reduce__(self) -> tuple[type[TransferOffsetMismatch], tuple[str, int, int]]:
+        return (type(self), (self.name, self.offset, self.received))
+
+
+__all__ = [
+    "PeerUnreachable",
+    "TeleportAborted",
+    "TeleportError",
+    "TeleportInDoubt",
+    "TeleportRefused",
+    "TransferOffsetMismatch",
+]
+"""The errors only this module exports (the rest reach users through ``kelpie.vm``)."""

@@ -35,6 +35,8 @@ NDJSON = "application/x-ndjson"
 CHANNEL_STDOUT = 1
 CHANNEL_STDERR = 2
 WS_POLICY_VIOLATION = 1008
+CHUNK_SHA256_HEADER = "X-Kelpie-Chunk-Sha256"
+"""The sha256 (hex) of a teleport chunk's body, checked by the target on arrival."""
 
 MAX_ARGV = 4096
 MAX_NAME = 253
@@ -88,6 +90,11 @@ ERROR_STATUS: tuple[tuple[str, int], ...] = (
     ("SnapshotCorrupted", 400),
     ("ImageInUse", 409),
     ("InvalidStateError", 409),
+    ("TeleportRefused", 409),
+    ("TeleportInDoubt", 409),
+    ("TransferOffsetMismatch", 409),
+    ("TeleportAborted", 409),
+    ("PeerUnreachable", 502),
     ("ConfigError", 400),
     ("UnsupportedOperation", 501),
     ("BackendUnavailable", 503),
@@ -457,6 +464,144 @@ class PullDone(_Model):
 
     type: Literal["result"] = "result"
     image: Image
+
+
+# ---- host facts and teleport -------------------------------------------------------------
+class BackendFacts(_Model):
+    """One backend as a host offers it."""
+
+    name: str
+    available: bool
+    reason: str = Field(description="Why it is (not) available, e.g. its binary and accelerator.")
+    version: str | None = None
+    arches: dict[str, str] = Field(
+        default_factory=dict,
+        description="Guest architectures it runs here, each with its accelerator (kvm, tcg...).")
+    capabilities: list[str] = Field(default_factory=list,
+                                    description="e.g. pause, snapshot:full, live_migration")
+
+
+class HostFacts(_Model):
+    """What a host offers, advertised so another host (a teleport source, the fleet) can
+    decide before anything pauses what it can send there."""
+
+    kelpie_version: str
+    arch: str = Field(description="The host's architecture in the kernel's spelling (x86_64).")
+    cpu_model: str
+    cpus: int
+    free_vcpus: int = Field(description="CPUs not promised to running or paused sandboxes.")
+    memory_mib: int
+    free_memory_mib: int = Field(description="Memory available now (MemAvailable).")
+    free_disk_bytes: int = Field(description="Free space where the daemon keeps its state.")
+    backends: list[BackendFacts]
+    images: list[str] = Field(description="Manifest digests of the images this host holds.")
+    guestkits: list[str] = Field(description="Digests of the guest kits this host holds.")
+
+
+class TeleportMode(enum.StrEnum):
+    """How a teleport moves a sandbox (see :class:`TeleportBody`)."""
+
+    AUTO = "auto"
+    LIVE = "live"
+    FULL = "full"
+    CHECKPOINT = "checkpoint"
+
+
+class TeleportBody(_Model):
+    """Move a sandbox from this daemon to another one."""
+
+    to: str = Field(min_length=1, max_length=2048,
+                    description="The target daemon's URL (http://HOST:PORT or unix:PATH).")
+    token: str | None = Field(None, max_length=4096,
+                              description="The target daemon's bearer token.")
+    mode: TeleportMode = Field(
+        TeleportMode.AUTO,
+        description="live: pre-copy migration while the guest runs (QEMU); full: pause, "
+                    "snapshot memory + disk, move, restore; checkpoint: workspace files, env "
+                    "and agent state, the target boots the image fresh (any arch); auto: the "
+                    "best the pair supports.")
+    without_volumes: bool = Field(
+        False, description="Move a sandbox with host volumes in checkpoint mode, without them.")
+
+
+class TeleportProgress(_Model):
+    """One line of a teleport's NDJSON stream."""
+
+    type: Literal["progress"] = "progress"
+    phase: str
+    message: str
+    done: int = 0
+    total: int = 0
+
+
+class TeleportReport(_Model):
+    """How a teleport went."""
+
+    id: str
+    mode: TeleportMode
+    reason: str = Field(description="Why this mode ran (what the pair supports).")
+    target: str
+    downtime_s: float = Field(
+        description="From the guest paused on the source to it running on the target.")
+    total_s: float
+    bytes_sent: int
+    sandbox: Sandbox = Field(description="The sandbox as the target now runs it.")
+
+
+class TeleportDone(_Model):
+    """The last line of a teleport's NDJSON stream when it succeeded."""
+
+    type: Literal["result"] = "result"
+    report: TeleportReport
+
+
+class TeleportOffer(_Model):
+    """What a source asks a target to take (the ``prepare`` step, daemon to daemon)."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    mode: TeleportMode
+    sandbox: dict[str, Any] = Field(description="The sandbox's record (SandboxInfo as JSON).")
+    image_digest: str | None = None
+    image_tags: list[str] = Field(default_factory=list)
+    base_disk_digest: str | None = Field(
+        None, description="sha256 of the base disk image a full or live snapshot's disk "
+                          "overlay sits on.")
+    arch: str
+    backend_version: str | None = None
+    guestkit_digest: str | None = None
+    size_bytes: int = Field(0, description="About how much the transfer writes on the target.")
+
+
+class TeleportAccepted(_Model):
+    """The target's answer to an offer: reserved, and what it lacks."""
+
+    id: str
+    needs_image: bool
+    needs_base_disk: bool
+
+
+class TeleportBlob(_Model):
+    """One file a teleport carries, named and checked by its sha256."""
+
+    name: str = Field(pattern=r"^[a-z]+-[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TeleportSwitch(_Model):
+    """The switch step: everything is sent; restore it and prove it runs."""
+
+    blobs: list[TeleportBlob]
+    sandbox: dict[str, Any] = Field(description="The sandbox's record as of the pause.")
+    image_media_type: str | None = None
+
+
+class TeleportState(_Model):
+    """Where a teleport stands on the target."""
+
+    id: str
+    phase: str
+    sandbox: Sandbox | None = None
 
 
 def run_argv(sandbox: Sandbox, override: list[str]) -> list[str]:

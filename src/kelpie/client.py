@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import hashlib
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -29,15 +30,18 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from kelpie._exceptions import PeerUnreachable
 from kelpie._paths import daemon_socket
 from kelpie.api import (
     CHANNEL_STDOUT,
+    CHUNK_SHA256_HEADER,
     NDJSON,
     ErrorBody,
     Event,
     ExecExitMessage,
     ExecStart,
     FileEntry,
+    HostFacts,
     Image,
     ImageDetails,
     PullBody,
@@ -46,6 +50,14 @@ from kelpie.api import (
     SandboxCreate,
     Snapshot,
     SnapshotCreate,
+    TeleportAccepted,
+    TeleportBody,
+    TeleportMode,
+    TeleportOffer,
+    TeleportProgress,
+    TeleportReport,
+    TeleportState,
+    TeleportSwitch,
     TemplateCreate,
     VersionInfo,
     b64,
@@ -71,6 +83,7 @@ if TYPE_CHECKING:
 HOST_ENV = "KELPIE_HOST"
 TOKEN_ENV = "KELPIE_TOKEN"
 REQUEST_TIMEOUT = httpx.Timeout(30.0, read=None)
+CONNECT_TIMEOUT = 10.0
 WS_MAX_MESSAGE = 4 << 20
 
 
@@ -113,7 +126,7 @@ class RemoteError(KelpieError):
         return name in self.types
 
 
-_ERROR_MODULES = ("kelpie.vm", "kelpie.runtime", "kelpie.images")
+_ERROR_MODULES = ("kelpie.vm", "kelpie.runtime", "kelpie.images", "kelpie._exceptions")
 """The packages whose public error classes a daemon's error can be rebuilt as."""
 _typed_errors: dict[type[KelpieError], type[RemoteError]] = {}
 
@@ -269,6 +282,81 @@ class DaemonClient:
     async def shutdown(self, *, stop_sandboxes: bool = False) -> None:
         """Ask the daemon to exit (sandboxes keep running unless ``stop_sandboxes``)."""
         await self._request("POST", "/shutdown", params={"stop_sandboxes": stop_sandboxes})
+
+    # ---- teleport -----------------------------------------------------------------------
+    async def host_facts(self) -> HostFacts:
+        """What the daemon's host offers (arch, backends, free resources, images, kits)."""
+        return HostFacts.model_validate((await self._request("GET", "/host")).json())
+
+    async def teleport(self, ref: str, to: str, *, token: str | None = None,
+                       mode: str = "auto", without_volumes: bool = False,
+                       progress: Callable[[TeleportProgress], None] | None = None,
+                       ) -> TeleportReport:
+        """Move a sandbox from this daemon to the daemon at ``to`` (see
+        :class:`kelpie.api.TeleportBody`); ``progress`` hears each phase and byte count."""
+        body = TeleportBody(to=to, token=token, mode=TeleportMode(mode),
+                            without_volumes=without_volumes)
+        async with self._stream("POST", f"{_sb(ref)}/teleport", json=_wire(body),
+                                headers={"Accept": NDJSON},
+                                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT),
+                                ) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                if message.get("type") == "progress":
+                    if progress is not None:
+                        progress(TeleportProgress.model_validate(message))
+                elif message.get("type") == "result":
+                    return TeleportReport.model_validate(message["report"])
+                elif message.get("type") == "error":
+                    raise _error_from(None, message)
+        raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
+                                         message="the daemon ended the teleport stream early"))
+
+    async def _peer(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A daemon-to-daemon request: no answer is :class:`PeerUnreachable` (it may have
+        been carried out), never a plain transport error."""
+        try:
+            return await self._request(method, path, **kwargs)
+        except DaemonUnreachable as exc:
+            raise PeerUnreachable(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise PeerUnreachable(f"the daemon at {self.url} did not answer {method} "
+                                  f"{path}: {type(exc).__name__}: {exc}") from None
+
+    async def teleport_prepare(self, offer: TeleportOffer) -> TeleportAccepted:
+        """Offer a sandbox to this (target) daemon; it reserves and says what it lacks."""
+        reply = await self._peer("POST", "/teleports", json=_wire(offer))
+        return TeleportAccepted.model_validate(reply.json())
+
+    async def teleport_received(self, teleport_id: str, name: str) -> int:
+        """How many bytes of a teleport's blob this (target) daemon holds."""
+        reply = await self._peer("GET", f"/teleports/{teleport_id}/blobs/{name}")
+        return int(reply.json()["received"])
+
+    async def teleport_put_chunk(self, teleport_id: str, name: str, offset: int, data: bytes,
+                                 *, size: int, sha256: str) -> int:
+        """Send one chunk of a blob (its sha256 goes along and is checked on arrival)."""
+        reply = await self._peer(
+            "PUT", f"/teleports/{teleport_id}/blobs/{name}", content=data,
+            params={"offset": offset, "size": size, "sha256": sha256},
+            headers={"Content-Type": "application/octet-stream",
+                     CHUNK_SHA256_HEADER: hashlib.sha256(data).hexdigest()})
+        return int(reply.json()["received"])
+
+    async def teleport_step(self, teleport_id: str, step: str,
+                            body: TeleportSwitch | None = None) -> TeleportState:
+        """``switch``, ``commit`` or ``abort`` a teleport on this (target) daemon."""
+        reply = await self._peer("POST", f"/teleports/{teleport_id}/{step}",
+                                 json=None if body is None else _wire(body),
+                                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT))
+        return TeleportState.model_validate(reply.json())
+
+    async def teleport_state(self, teleport_id: str) -> TeleportState:
+        """Where a teleport stands on this (target) daemon."""
+        reply = await self._peer("GET", f"/teleports/{teleport_id}")
+        return TeleportState.model_validate(reply.json())
 
     # ---- sandboxes ----------------------------------------------------------------------
     async def create(self, request: SandboxCreate, /, *,

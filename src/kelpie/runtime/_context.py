@@ -16,6 +16,7 @@ from kelpie.runtime._db import SnapshotDb, StateDb
 from kelpie.runtime._errors import (
     AmbiguousSandbox,
     RuntimeNotOpen,
+    SandboxMoving,
     SandboxNotFound,
     SandboxStateError,
 )
@@ -54,6 +55,8 @@ class RuntimeContext:
         self.open_db: StateDb | None = None
         self.vms: dict[str, VmInstance] = {}
         self.locks: dict[str, asyncio.Lock] = {}
+        self.held: dict[str, str] = {}
+        """Sandboxes a move holds (id -> which move): see :mod:`kelpie.runtime._moves`."""
 
     def tidy(self, what: str, step: Callable[[], object]) -> None:
         """Run one clean-up step of recovery, best effort: a leftover that cannot be
@@ -123,6 +126,12 @@ class RuntimeContext:
 
     def list(self, *, all: bool = False) -> builtins.list[SandboxInfo]:
         return [i for i in self.db.all() if all or i.state in ACTIVE_STATES]
+
+    def check_not_held(self, info: SandboxInfo, operation: str) -> None:
+        """Refuse to change a sandbox a move holds (it may be running elsewhere soon)."""
+        why = self.held.get(info.id)
+        if why is not None:
+            raise SandboxMoving(label(info), operation, why)
 
     def lock_for(self, sandbox_id: str) -> asyncio.Lock:
         return self.locks.setdefault(sandbox_id, asyncio.Lock())

@@ -4,7 +4,8 @@
 
     KelpieError
     ├── InvalidStateError
-    │   └── SandboxStateError        the sandbox's state does not allow this (names what does)
+    │   ├── SandboxStateError        the sandbox's state does not allow this (names what does)
+    │   └── SandboxMoving            a teleport holds the sandbox: wait for it to end
     ├── StorageError
     │   └── StateDatabaseError       the runtime's SQLite state cannot be used (too new...)
     └── SandboxError                 anything about finding or naming sandboxes
@@ -103,6 +104,21 @@ class SandboxStateError(InvalidStateError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class SandboxMoving(InvalidStateError):
+    """A move to another host holds the sandbox: nothing else may change it meanwhile."""
+
+    def __init__(self, sandbox: str, operation: str, move: str) -> None:
+        self.sandbox = sandbox
+        self.operation = operation
+        self.move = move
+        KelpieError.__init__(
+            self, f"cannot {operation} sandbox {sandbox}: it is being moved ({move}); wait "
+                  f"for the move to finish or be rolled back (`kelpie teleport --status`)")
+
+    def __reduce__(self) -> tuple[type[SandboxMoving], tuple[str, str, str]]:
+        return (type(self), (self.sandbox, self.operation, self.move))
 
 
 class StateDatabaseError(StorageError):

@@ -5,7 +5,9 @@ A thin facade over the runtime's parts, which share one :class:`RuntimeContext`:
 - :mod:`._sandboxes`: create, start, stop, pause, resume, remove; re-attach after a restart;
 - :mod:`._mains`: each sandbox's main command and its output log;
 - :mod:`._snapshots`: snapshots and templates, restore, archives (export/import);
-- :mod:`._logs`: reading and following logs.
+- :mod:`._logs`: reading and following logs;
+- :mod:`._moves`: the runtime's half of a teleport (capture and hold, give back, arrive,
+  let go); :mod:`._facts`: what this host offers.
 
 A sandbox is a VM plus its record in the state database (:mod:`kelpie.runtime._db`). The
 record is written before anything starts and is removed only by :meth:`Runtime.remove`, so
@@ -39,15 +41,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from kelpie.api import SandboxCreate, TemplateCreate
+from kelpie.api import HostFacts, SandboxCreate, TemplateCreate
 from kelpie.images import BlobProgress, ImageStore, StoredImage, pull_image
 from kelpie.runtime._arguments import Progress
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._db import DB_FILENAME, StateDb
+from kelpie.runtime._facts import host_facts
 from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
 from kelpie.runtime._lock import lock_data_dir
 from kelpie.runtime._logs import FOLLOW_POLL_SECONDS, Logs
 from kelpie.runtime._mains import MainCommands
+from kelpie.runtime._moves import Capture, Moves, sandbox_record
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.runtime._snapshots import Snapshots
 from kelpie.vm import (
@@ -107,6 +111,7 @@ class Runtime:
         self._sandboxes = Sandboxes(self._ctx, self._mains)
         self._snapshots = Snapshots(self._ctx, self._sandboxes, self._mains)
         self._logs = Logs(self._ctx)
+        self._moves = Moves(self._ctx, self._sandboxes, self._mains)
 
     # ---- lifecycle of the runtime itself ------------------------------------------------
     async def open(self) -> None:
@@ -423,6 +428,51 @@ class Runtime:
     async def kill(self, ref: str) -> SandboxInfo:
         """Stop a sandbox at once (its VM is killed)."""
         return await self.stop(ref, timeout=0)
+
+    # ---- moving to and from other hosts (kelpie.teleport drives these) -------------------
+    async def host_facts(self) -> HostFacts:
+        """What this host offers: arch, backends, free resources, images, guest kits."""
+        return host_facts(self._ctx)
+
+    def sandbox_record(self, sandbox_id: str) -> dict[str, Any]:
+        """The whole record of a sandbox as JSON, as another host takes it in."""
+        return sandbox_record(self._ctx.info(sandbox_id))
+
+    def guestkit_of(self, sandbox_id: str) -> str | None:
+        """The digest of the guest kit the sandbox's VM booted (None: unknown or none)."""
+        vm = self._ctx.vms.get(sandbox_id)
+        return None if vm is None else vm.host_info().guestkit_digest
+
+    def hold(self, sandbox_id: str, why: str) -> None:
+        """Refuse lifecycle operations on a sandbox while a move holds it (``why``)."""
+        self._moves.hold(sandbox_id, why)
+
+    def unhold(self, sandbox_id: str) -> None:
+        """Release a hold (see :meth:`hold`)."""
+        self._moves.unhold(sandbox_id)
+
+    async def capture_for_move(self, sandbox_id: str, dest: Path, kind: SnapshotKind, *,
+                               workspace: str | None = None) -> Capture:
+        """Snapshot a held sandbox into ``dest`` (unrecorded) and leave it paused."""
+        return await self._moves.capture(sandbox_id, dest, kind, workspace=workspace)
+
+    async def pause_for_move(self, sandbox_id: str) -> SandboxInfo:
+        """Pause a held sandbox."""
+        return await self._moves.pause(sandbox_id)
+
+    async def give_back(self, sandbox_id: str, *, was_running: bool) -> SandboxInfo | None:
+        """Undo a move that did not happen: resume the sandbox if it ran, release it."""
+        return await self._moves.give_back(sandbox_id, was_running=was_running)
+
+    async def let_go(self, sandbox_id: str) -> None:
+        """Remove the local copy of a sandbox another host now owns."""
+        await self._moves.let_go(sandbox_id)
+
+    async def arrive(self, record: dict[str, Any], snapshot_dir: Path, *,
+                     main_log: Path | None = None) -> SandboxInfo:
+        """Take in a sandbox from another host under its own id and name (see
+        :meth:`kelpie.runtime._moves.Moves.arrive`)."""
+        return await self._moves.arrive(record, snapshot_dir, main_log=main_log)
 
     async def events(self, ref: str) -> builtins.list[SandboxEvent]:
         """The recorded state changes of a sandbox, oldest first."""

@@ -200,6 +200,7 @@ class Sandboxes:
     async def pause(self, ref: str) -> SandboxInfo:
         ctx = self._ctx
         info = ctx.find(ref)
+        ctx.check_not_held(info, "pause")
         async with ctx.lock_for(info.id):
             await ctx.live_vm(info, "pause").pause()
         return ctx.info(info.id)
@@ -207,6 +208,7 @@ class Sandboxes:
     async def resume(self, ref: str) -> SandboxInfo:
         ctx = self._ctx
         info = ctx.find(ref)
+        ctx.check_not_held(info, "resume")
         async with ctx.lock_for(info.id):
             vm = ctx.live_vm(info, "resume")
             await vm.resume()
@@ -216,6 +218,7 @@ class Sandboxes:
     async def stop(self, ref: str, *, timeout: float | None) -> SandboxInfo:
         ctx = self._ctx
         info = ctx.find(ref)
+        ctx.check_not_held(info, "stop")
         async with ctx.lock_for(info.id):
             self._mains.stop(info.id)
             vm = ctx.vms.get(info.id)
@@ -228,6 +231,7 @@ class Sandboxes:
     async def start(self, ref: str) -> SandboxInfo:
         ctx = self._ctx
         info = ctx.find(ref)
+        ctx.check_not_held(info, "start")
         async with ctx.lock_for(info.id):
             info = ctx.info(info.id)
             if info.state not in STARTABLE:
@@ -239,10 +243,13 @@ class Sandboxes:
             await self.start_vm(info.id, vm)
         return ctx.info(info.id)
 
-    async def remove(self, ref: str, *, force: bool) -> None:
-        """Delete a sandbox: VM, directories, image hold, then the record (see Runtime)."""
+    async def remove(self, ref: str, *, force: bool, moving: bool = False) -> None:
+        """Delete a sandbox: VM, directories, image hold, then the record (see Runtime);
+        ``moving``: the move holding it removes it."""
         ctx = self._ctx
         info = ctx.find(ref)
+        if not moving:
+            ctx.check_not_held(info, "remove")
         async with ctx.lock_for(info.id):
             info = ctx.info(info.id)
             vm = ctx.vms.get(info.id)

@@ -127,6 +127,7 @@ class Snapshots:
         self.check_free_name(name)
         dest = self.dir / snapshot_id
         ctx.storage.mkdir(self.dir)
+        ctx.check_not_held(info, "snapshot")
         async with ctx.lock_for(info.id):
             info = ctx.info(info.id)
             if info.id not in ctx.vms and snapshot_kind is not SnapshotKind.DISK:
@@ -239,6 +240,7 @@ class Snapshots:
     async def restore_into(self, sandbox: str, snapshot: str, *, paused: bool) -> SandboxInfo:
         ctx = self._ctx
         info = ctx.find(sandbox)
+        ctx.check_not_held(info, "restore into")
         snap = self.get(snapshot)
         if snap.sandbox_id != info.id:
             raise ConfigError([f"snapshot {snap.name} was taken from sandbox "

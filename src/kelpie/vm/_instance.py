@@ -61,12 +61,14 @@ class Capabilities:
     vsock: bool = False
     networking: bool = False
     pty: bool = False
+    live_migration: bool = False
+    """A running VM can be moved to another host while it runs (``send_live``)."""
 
     def names(self) -> list[str]:
         """The capability names this backend has, e.g. ``["pause", "snapshot:full"]``."""
         names = [
             name
-            for name in ("pause", "shared_dirs", "vsock", "networking", "pty")
+            for name in ("pause", "shared_dirs", "vsock", "networking", "pty", "live_migration")
             if getattr(self, name)
         ]
         names += [f"snapshot:{k.value}" for k in SnapshotKind if k in self.snapshot_kinds]

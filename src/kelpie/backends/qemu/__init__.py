@@ -32,9 +32,11 @@ def probe() -> ProbeResult:
     if shutil.which("qemu-img") is None:
         return ProbeResult(False, "qemu-img not found (apt-get install qemu-utils)")
     from kelpie.backends.qemu._accel import cached_accel_summary
+    from kelpie.backends.qemu._host import qemu_version
 
     accel = cached_accel_summary(qemu)
-    return ProbeResult(True, f"{qemu}; accel: {accel}", {"qemu": qemu, "accel": accel})
+    return ProbeResult(True, f"{qemu}; accel: {accel}",
+                       {"qemu": qemu, "accel": accel, "version": qemu_version(qemu)})
 
 
 def create(config: VmConfig, **options: Any) -> VmInstance:

@@ -1,0 +1,206 @@
+"""Sandboxes leaving this runtime for another host, and arriving from one.
+
+The runtime's half of a teleport (the coordinator is :mod:`kelpie.teleport`): capture a
+sandbox's state for the move and keep anyone else from changing it meanwhile (a *hold*),
+give it back if the move is rolled back, take an arriving sandbox in under its own id and
+name, and let the departed one go once the target owns it.
+
+A held sandbox refuses every lifecycle operation (pause, resume, start, stop, remove,
+snapshot, restore): resuming it while its copy is restored elsewhere would run it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from kelpie.images import rootfs_ext4
+from kelpie.runtime import _arguments as args
+from kelpie.runtime._context import RuntimeContext
+from kelpie.runtime._db import IdInUse
+from kelpie.runtime._errors import SandboxNameInUse, SandboxStateError
+from kelpie.runtime._info import SandboxInfo
+from kelpie.runtime._mains import MainCommands
+from kelpie.runtime._sandboxes import Sandboxes
+from kelpie.vm import (
+    ConfigError,
+    SnapshotKind,
+    VmConfig,
+    VmSnapshot,
+    VmState,
+)
+
+_ID = re.compile(r"[0-9a-f]{3,64}")
+
+
+def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
+    """The whole record of a sandbox as JSON: what another host needs to keep it as is."""
+    return {
+        "id": info.id, "name": info.name, "backend": info.backend,
+        "vm": info.config.to_dict(), "image": info.image, "image_digest": info.image_digest,
+        "workdir": info.workdir, "user": info.user, "labels": dict(info.labels),
+        "created_at": info.created_at,
+        "command": None if info.command is None else list(info.command),
+        "image_command": None if info.image_command is None else list(info.image_command),
+        "image_entrypoint": list(info.image_entrypoint),
+        "main_exit_code": info.main_exit_code, "main_exec_id": info.main_exec_id,
+    }
+
+
+def sandbox_from_record(data: dict[str, Any]) -> SandboxInfo:
+    """The sandbox a :func:`sandbox_record` describes (state ``created``); a malformed
+    record raises :class:`ConfigError` naming what is wrong."""
+    try:
+        command = data.get("command")
+        image_command = data.get("image_command")
+        if not _ID.fullmatch(str(data["id"])):
+            raise ValueError(f"id {data['id']!r} is not 3 to 64 lowercase hex digits")
+        return SandboxInfo(
+            id=str(data["id"]), name=str(data["name"]), backend=str(data["backend"]),
+            state=VmState.CREATED, config=VmConfig.from_dict(data["vm"]),
+            image=data.get("image"), image_digest=data.get("image_digest"),
+            workdir=data.get("workdir"), user=data.get("user"),
+            labels={str(k): str(v) for k, v in (data.get("labels") or {}).items()},
+            created_at=float(data.get("created_at") or 0.0),
+            command=None if command is None else tuple(str(a) for a in command),
+            image_command=None if image_command is None else tuple(str(a) for a in image_command),
+            image_entrypoint=tuple(str(a) for a in data.get("image_entrypoint") or ()),
+            main_exit_code=data.get("main_exit_code"), main_exec_id=data.get("main_exec_id"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError([f"the sandbox record is malformed: {exc!r}"],
+                          what="teleported sandbox") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """A sandbox's state captured for a move, and how it was before."""
+
+    info: SandboxInfo
+    snapshot: VmSnapshot
+    was_running: bool
+
+
+class Moves:
+    """Captures, holds, gives back, takes in and lets go of sandboxes that move hosts."""
+
+    def __init__(self, ctx: RuntimeContext, sandboxes: Sandboxes, mains: MainCommands) -> None:
+        self._ctx = ctx
+        self._sandboxes = sandboxes
+        self._mains = mains
+
+    # ---- holds --------------------------------------------------------------------------
+    def hold(self, sandbox_id: str, why: str) -> None:
+        """Refuse lifecycle operations on the sandbox until :meth:`unhold` (``why`` says
+        which move holds it)."""
+        self._ctx.held[sandbox_id] = why
+
+    def unhold(self, sandbox_id: str) -> None:
+        self._ctx.held.pop(sandbox_id, None)
+
+    # ---- leaving ------------------------------------------------------------------------
+    async def capture(self, sandbox_id: str, dest: Path, kind: SnapshotKind, *,
+                      workspace: str | None = None) -> Capture:
+        """Snapshot the held sandbox into ``dest`` and leave it paused.
+
+        A full snapshot pauses the guest first (and leaves it paused); a checkpoint is taken
+        from the running guest through its agent, then the guest is paused.
+        """
+        ctx = self._ctx
+        async with ctx.lock_for(sandbox_id):
+            info = ctx.info(sandbox_id)
+            vm = ctx.vms.get(info.id)
+            if vm is None or vm.state not in (VmState.RUNNING, VmState.PAUSED):
+                raise SandboxStateError(args.label(info), "teleport", info.state,
+                                        [VmState.RUNNING, VmState.PAUSED])
+            was_running = vm.state is VmState.RUNNING
+            if kind is SnapshotKind.CHECKPOINT:
+                vm.checkpoint_workspace = workspace or args.workspace_of(info)
+                if not was_running:
+                    await vm.resume()
+            snapshot = await vm.snapshot(dest, kind=kind, leave_paused=True)
+            if vm.state is VmState.RUNNING:
+                await vm.pause()
+        return Capture(ctx.info(sandbox_id), snapshot, was_running)
+
+    async def pause(self, sandbox_id: str) -> SandboxInfo:
+        """Pause the held sandbox (a live move's final phase pauses it by itself)."""
+        ctx = self._ctx
+        async with ctx.lock_for(sandbox_id):
+            vm = ctx.vms.get(sandbox_id)
+            if vm is not None and vm.state is VmState.RUNNING:
+                await vm.pause()
+        return ctx.info(sandbox_id)
+
+    async def give_back(self, sandbox_id: str, *, was_running: bool) -> SandboxInfo | None:
+        """Undo a move that did not happen: resume the sandbox if it ran before, release
+        the hold. None if the sandbox is gone (removed by an earlier recovery)."""
+        ctx = self._ctx
+        if ctx.db.get(sandbox_id) is None:
+            self.unhold(sandbox_id)
+            return None
+        async with ctx.lock_for(sandbox_id):
+            vm = ctx.vms.get(sandbox_id)
+            if was_running and vm is not None and vm.state is VmState.PAUSED:
+                await vm.resume()
+                self._mains.follow(sandbox_id, vm)
+        self.unhold(sandbox_id)
+        return ctx.info(sandbox_id)
+
+    async def let_go(self, sandbox_id: str) -> None:
+        """Remove the copy of a sandbox another host now owns (its VM is killed)."""
+        if self._ctx.db.get(sandbox_id) is not None:
+            await self._sandboxes.remove(sandbox_id, force=True, moving=True)
+        self.unhold(sandbox_id)
+
+    # ---- arriving -----------------------------------------------------------------------
+    async def arrive(self, record: dict[str, Any], snapshot_dir: Path, *,
+                     main_log: Path | None) -> SandboxInfo:
+        """Take in a sandbox from another host: its record under its own id and name, its
+        main command's log (moved from ``main_log``, on the runtime's file system), its VM
+        restored from the snapshot in ``snapshot_dir``.
+
+        On failure the record stays (state stopped, with the error): the caller removes it.
+        """
+        ctx = self._ctx
+        arriving = sandbox_from_record(record)
+        snapshot = VmSnapshot.open(snapshot_dir, storage=ctx.storage)
+        spec = ctx.factory.registry.get(arriving.backend)
+        self._sandboxes.check_free_name(arriving.name)
+        stored = None
+        config = arriving.config
+        if arriving.image_digest is not None:
+            stored = ctx.images.get(arriving.image_digest)
+            root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored)
+            config = config.evolve(root_disk=root_disk)
+        now = ctx.clock()
+        info = dataclasses.replace(arriving, config=config, updated_at=now,
+                                   created_at=arriving.created_at or now)
+        try:
+            ctx.db.insert(info)
+        except IdInUse:
+            raise ConfigError([f"a sandbox with id {info.id} already exists here"],
+                              what="teleported sandbox") from None
+        except SandboxNameInUse:
+            raise
+        if main_log is not None:
+            ctx.storage.mkdir(ctx.sandbox_dir(info.id))
+            ctx.storage.rename(main_log, ctx.output_log(info.id))
+        async with ctx.lock_for(info.id):
+            vm = self._sandboxes.new_vm(spec, info, stored)
+            try:
+                await vm.restore(snapshot, paused=False)
+            except Exception as exc:
+                ctx.db.set_error(info.id, f"teleport restore failed: {exc}", ctx.clock())
+                if vm.state is VmState.CREATED:
+                    ctx.fail(info.id, VmState.STOPPED, f"teleport restore failed: {exc}")
+                raise
+            if info.command is not None:
+                if snapshot.manifest.kind is SnapshotKind.FULL and info.main_exec_id:
+                    self._mains.follow(info.id, vm)
+                elif snapshot.manifest.kind is not SnapshotKind.FULL:
+                    self._mains.start(ctx.info(info.id), vm)
+        return ctx.info(info.id)

@@ -1,0 +1,82 @@
+"""The target as a teleport's source sees it: :class:`TeleportPeer`.
+
+Two things implement it: :class:`DaemonPeer` (another daemon, over its REST API with its
+token) and, in the simulator, the target's :class:`~kelpie.teleport.TeleportReceiver`
+behind a simulated link. A request that gets no answer raises
+:class:`~kelpie.PeerUnreachable`: it may or may not have been carried out, which is
+why every step is idempotent and can be asked about (:meth:`TeleportPeer.state`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from kelpie.api import (
+    HostFacts,
+    TeleportAccepted,
+    TeleportOffer,
+    TeleportState,
+    TeleportSwitch,
+)
+from kelpie.client import DaemonClient
+
+
+class TeleportPeer(Protocol):
+    """The steps a target offers a source; every one may be repeated safely."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def facts(self) -> HostFacts: ...
+
+    async def prepare(self, offer: TeleportOffer) -> TeleportAccepted: ...
+
+    async def received(self, teleport_id: str, name: str) -> int: ...
+
+    async def put_chunk(self, teleport_id: str, name: str, offset: int, data: bytes, *,
+                        size: int, sha256: str) -> int: ...
+
+    async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState: ...
+
+    async def commit(self, teleport_id: str) -> TeleportState: ...
+
+    async def abort(self, teleport_id: str) -> TeleportState: ...
+
+    async def state(self, teleport_id: str) -> TeleportState: ...
+
+
+class DaemonPeer:
+    """A target daemon reached over its REST API (see :class:`kelpie.client.DaemonClient`)."""
+
+    def __init__(self, url: str, *, token: str | None = None) -> None:
+        self.address = url
+        self._client = DaemonClient(url, token=token)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def facts(self) -> HostFacts:
+        return await self._client.host_facts()
+
+    async def prepare(self, offer: TeleportOffer) -> TeleportAccepted:
+        return await self._client.teleport_prepare(offer)
+
+    async def received(self, teleport_id: str, name: str) -> int:
+        return await self._client.teleport_received(teleport_id, name)
+
+    async def put_chunk(self, teleport_id: str, name: str, offset: int, data: bytes, *,
+                        size: int, sha256: str) -> int:
+        return await self._client.teleport_put_chunk(teleport_id, name, offset, data,
+                                                      size=size, sha256=sha256)
+
+    async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState:
+        return await self._client.teleport_step(teleport_id, "switch", body)
+
+    async def commit(self, teleport_id: str) -> TeleportState:
+        return await self._client.teleport_step(teleport_id, "commit")
+
+    async def abort(self, teleport_id: str) -> TeleportState:
+        return await self._client.teleport_step(teleport_id, "abort")
+
+    async def state(self, teleport_id: str) -> TeleportState:
+        return await self._client.teleport_state(teleport_id)

@@ -1,0 +1,443 @@
+"""The source's side of a teleport: the coordinator that moves a sandbox to a target.
+
+:class:`Teleporter` runs the steps prepare -> transfer -> switch -> commit (or abort)
+against a :class:`TeleportPeer`, recording each in the :class:`TeleportJournal` before it
+starts (see :mod:`._journal` for the phases and the commit point). It takes its clock, id
+source, storage (the runtime's) and transport (``connect``) as parameters, so the
+simulator drives this very code over simulated links, crashing either host at any step.
+
+What it guarantees, at every instant: the sandbox runs in at most one place (the source's
+copy stays paused and *held* from the capture until the target answers whether it owns the
+sandbox), and at least one copy is recoverable (the source lets its copy go only after the
+target has acknowledged ``owned``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kelpie._exceptions import (
+    KelpieError,
+    PeerUnreachable,
+    SnapshotCorrupted,
+    TeleportAborted,
+    TeleportInDoubt,
+    TransferOffsetMismatch,
+)
+from kelpie.api import (
+    HostFacts,
+    TeleportBlob,
+    TeleportMode,
+    TeleportOffer,
+    TeleportProgress,
+    TeleportReport,
+    TeleportState,
+    TeleportSwitch,
+)
+from kelpie.runtime import Runtime, SandboxInfo
+from kelpie.teleport._journal import Outgoing, SourcePhase, TeleportJournal
+from kelpie.teleport._modes import ModeChoice, choose_mode
+from kelpie.teleport._peer import TeleportPeer
+from kelpie.teleport._target import Offload, _to_thread
+from kelpie.vm import SnapshotKind, Storage, VmState
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 4 << 20
+"""Bytes per chunk: each is one request, checked by its sha256 on arrival."""
+ATTEMPTS = 5
+"""Tries of one request before the target counts as unreachable (the steps are idempotent)."""
+RETRY_DELAY = 0.5
+
+Progress = Callable[[TeleportProgress], None]
+Connect = Callable[[str, str | None], TeleportPeer]
+
+
+@dataclasses.dataclass
+class _Blob:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+
+
+class Teleporter:
+    """Moves sandboxes of ``runtime`` to other hosts (the source's coordinator).
+
+    ``connect(url, token)`` opens the peer of a target; ``clock`` gives Unix seconds (journal
+    and downtime); ``new_id`` gives teleport ids; ``sleep`` waits between retries;
+    ``offload`` runs blocking work (hashing) off the event loop.
+    """
+
+    def __init__(
+        self, runtime: Runtime, journal: TeleportJournal, *, connect: Connect,
+        clock: Callable[[], float], new_id: Callable[[], str],
+        sleep: Callable[[float], Any] = asyncio.sleep, offload: Offload[Any] = _to_thread,
+        chunk_size: int = CHUNK_SIZE, attempts: int = ATTEMPTS,
+    ) -> None:
+        self._runtime = runtime
+        self._journal = journal
+        self._connect = connect
+        self._clock = clock
+        self._new_id = new_id
+        self._sleep = sleep
+        self._offload = offload
+        self._chunk_size = chunk_size
+        self._attempts = attempts
+
+    @property
+    def _storage(self) -> Storage:
+        return self._runtime.storage
+
+    def dir(self, teleport_id: str) -> Path:
+        return self._runtime.data_dir / "teleports" / "out" / teleport_id
+
+    # ---- the teleport -------------------------------------------------------------------
+    async def teleport(
+        self, ref: str, *, to: str, token: str | None = None,
+        mode: TeleportMode | str = TeleportMode.AUTO, without_volumes: bool = False,
+        progress: Progress | None = None,
+    ) -> TeleportReport:
+        """Move sandbox ``ref`` to the daemon at ``to``; the report says which mode ran, why,
+        the downtime and the bytes sent.
+
+        Raises what stopped it before anything paused (:class:`TeleportRefused`, an
+        unreachable target...: the sandbox is untouched), :class:`TeleportAborted` when it
+        was rolled back later (the sandbox runs here as before), or
+        :class:`TeleportInDoubt` when the target stopped answering after the switch (the
+        sandbox stays paused here until the target can be asked again).
+        """
+        say = progress or (lambda _: None)
+        started = self._clock()
+        info = await self._runtime.inspect(ref)
+        if info.state not in (VmState.RUNNING, VmState.PAUSED):
+            from kelpie.runtime import SandboxStateError
+
+            raise SandboxStateError(f"{info.name} ({info.short_id})", "teleport", info.state,
+                                    [VmState.RUNNING, VmState.PAUSED])
+        peer = self._connect(to, token)
+        say(TeleportProgress(phase="prepare", message=f"asking {to} what it offers"))
+        target_facts = await self._retry(peer.facts)
+        choice = choose_mode(
+            TeleportMode(mode), backend=info.backend, config=info.config,
+            source=await self._runtime.host_facts(), target=target_facts,
+            without_volumes=without_volumes,
+            guestkit_digest=self._runtime.guestkit_of(info.id),
+            live_ready=False, target_label=to,
+        )
+        say(TeleportProgress(phase="prepare", message=f"mode {choice.mode.value}: "
+                                                      f"{choice.reason}"))
+        teleport_id = self._new_id()
+        now = self._clock()
+        self._runtime.hold(info.id, f"teleport {teleport_id} to {to}")
+        record = Outgoing(teleport_id, info.id, info.name, to, token, choice.mode.value,
+                          choice.reason, SourcePhase.PREPARING,
+                          info.state is VmState.RUNNING, None, now, now)
+        try:
+            self._journal.begin_outgoing(record)
+        except BaseException:
+            self._runtime.unhold(info.id)
+            raise
+        run = _Run(record, peer, choice, say)
+        try:
+            return await self._run(run, info, target_facts, started)
+        except TeleportInDoubt:
+            raise
+        except BaseException as exc:
+            now_record = self._journal.outgoing(teleport_id)
+            if now_record is not None and now_record.phase in (SourcePhase.COMMITTED,
+                                                               SourcePhase.DONE):
+                raise  # past the commit point: the target owns it; recovery tidies up
+            await self._roll_back(run, exc)
+            if isinstance(exc, KelpieError) and not run.paused:
+                raise  # nothing was paused: the error as it is
+            raise TeleportAborted(
+                f"teleport of {info.name} to {to} was rolled back ({type(exc).__name__}: "
+                f"{exc}); the sandbox runs here as before") from exc
+
+    async def _run(self, run: _Run, info: SandboxInfo, target_facts: HostFacts,
+                   started: float) -> TeleportReport:
+        runtime, journal = self._runtime, self._journal
+        tid, peer, say = run.record.id, run.peer, run.say
+        offer_record = self._record_for_target(info, run.choice)
+        base_digest = await self._base_digest(info, run.choice)
+        offer = TeleportOffer(
+            id=tid, mode=run.choice.mode, sandbox=offer_record, image_digest=info.image_digest,
+            base_disk_digest=base_digest, arch=(await runtime.host_facts()).arch,
+            guestkit_digest=self._runtime.guestkit_of(info.id),
+            size_bytes=info.config.memory_mib * (1 << 20) * 2,
+        )
+        say(TeleportProgress(phase="prepare", message=f"reserving on {peer.address}"))
+        accepted = await self._retry(lambda: peer.prepare(offer))
+        # What does not change while the guest runs goes first: the image and base disk.
+        early = self._image_blobs(info, accepted.needs_image)
+        if accepted.needs_base_disk and info.config.root_disk is not None:
+            early.append(await self._blob("base-disk.ext4", info.config.root_disk))
+        await self._send_all(run, early)
+
+        journal.set_outgoing(tid, SourcePhase.CAPTURING, self._clock())
+        say(TeleportProgress(phase="capture", message="pausing and capturing the sandbox"))
+        kind = SnapshotKind.CHECKPOINT if run.choice.mode is TeleportMode.CHECKPOINT \
+            else SnapshotKind.FULL
+        snapshot_dir = self.dir(tid) / "snapshot"
+        self._storage.mkdir(snapshot_dir.parent)
+        run.paused = True
+        paused_at = self._clock()
+        capture = await runtime.capture_for_move(info.id, snapshot_dir, kind)
+        journal.set_outgoing(tid, SourcePhase.SENDING, self._clock())
+        blobs = [await self._blob(f"snapshot-{name}", snapshot_dir / name)
+                 for name in sorted(self._storage.list_dir(snapshot_dir))]
+        log = runtime.output_log(info.id)
+        if self._storage.exists(log):
+            blobs.append(await self._blob("log-output.log", log))
+        await self._send_all(run, blobs)
+
+        journal.set_outgoing(tid, SourcePhase.SWITCHING, self._clock())
+        say(TeleportProgress(phase="switch", message="restoring on the target"))
+        switch = TeleportSwitch(
+            blobs=[TeleportBlob(name=b.name, size=b.size, sha256=b.sha256)
+                   for b in [*early, *blobs]],
+            sandbox=self._record_for_target(capture.info, run.choice),
+            image_media_type=self._image_media_type(info) if accepted.needs_image else None,
+        )
+        try:
+            state = await self._retry(lambda: peer.switch(tid, switch))
+        except PeerUnreachable:
+            state = await self._settle(run.record, peer)
+        running_at = self._clock()
+        state = await self._commit(run.record, peer, state)
+        say(TeleportProgress(phase="commit", message="the target owns the sandbox"))
+        await self._finish(run.record)
+        assert state.sandbox is not None
+        return TeleportReport(
+            id=tid, mode=run.choice.mode, reason=run.choice.reason, target=peer.address,
+            downtime_s=running_at - paused_at, total_s=self._clock() - started,
+            bytes_sent=run.bytes_sent, sandbox=state.sandbox,
+        )
+
+    # ---- the commit point and its two ways out ------------------------------------------
+    async def _commit(self, record: Outgoing, peer: TeleportPeer,
+                      state: TeleportState) -> TeleportState:
+        """Ask the target to own the restored copy; settle if it does not answer."""
+        if state.phase != "owned":
+            try:
+                state = await self._retry(lambda: peer.commit(record.id))
+            except PeerUnreachable:
+                state = await self._settle(record, peer)
+        if state.phase != "owned":
+            raise TeleportAborted(f"the target did not take the sandbox (it is "
+                                  f"{state.phase} there)")
+        self._journal.set_outgoing(record.id, SourcePhase.COMMITTED, self._clock())
+        return state
+
+    async def _settle(self, record: Outgoing, peer: TeleportPeer) -> TeleportState:
+        """After a switch or commit went unanswered: ask the target where it stands, and
+        commit a restored copy. Raises TeleportInDoubt if it cannot be asked (the source
+        copy stays held and paused), TeleportAborted if the target has discarded it."""
+        try:
+            state = await self._retry(lambda: peer.state(record.id))
+            if state.phase == "restored":
+                state = await self._retry(lambda: peer.commit(record.id))
+        except PeerUnreachable as exc:
+            message = (f"teleport {record.id} of {record.sandbox_name} to {record.target}: "
+                       f"the target stopped answering after the switch ({exc}); the sandbox "
+                       "stays paused here until the target can be asked whether it took it")
+            self._journal.set_outgoing(record.id, SourcePhase.SWITCHING, self._clock(),
+                                       error=message)
+            raise TeleportInDoubt(message) from None
+        if state.phase == "owned":
+            return state
+        raise TeleportAborted(f"the target discarded the sandbox (it is {state.phase} there)")
+
+    async def _finish(self, record: Outgoing) -> None:
+        """After the commit point: let the local copy go, then close the record."""
+        await self._runtime.let_go(record.sandbox_id)
+        self._journal.set_outgoing(record.id, SourcePhase.DONE, self._clock())
+        with contextlib.suppress(Exception):
+            self._storage.remove_tree(self.dir(record.id))
+
+    async def _roll_back(self, run: _Run, cause: BaseException) -> None:
+        """Before the commit point: the target discards, the sandbox resumes here.
+
+        Before the switch the target cannot have restored anything, so an unanswered
+        abort is no reason to wait (its lease ends the reservation). After it, only the
+        target's answer decides: discarded rolls back, owned rolls forward, silence leaves
+        the teleport in doubt."""
+        record = self._journal.outgoing(run.record.id) or run.record
+        try:
+            state = await self._retry(lambda: run.peer.abort(record.id))
+        except (PeerUnreachable, KelpieError) as exc:
+            if record.phase is SourcePhase.SWITCHING:
+                message = (f"teleport {record.id}: the target did not answer the abort "
+                           f"({exc}); the sandbox stays paused here until it can be asked")
+                self._journal.set_outgoing(record.id, SourcePhase.SWITCHING, self._clock(),
+                                           error=message)
+                raise TeleportInDoubt(message) from cause
+            state = None
+        if state is not None and state.phase == "owned":
+            self._journal.set_outgoing(record.id, SourcePhase.COMMITTED, self._clock())
+            await self._finish(record)
+            return
+        await self._give_back(record, f"{type(cause).__name__}: {cause}")
+
+    async def _give_back(self, record: Outgoing, why: str) -> None:
+        await self._runtime.give_back(record.sandbox_id, was_running=record.was_running)
+        self._journal.set_outgoing(record.id, SourcePhase.ABORTED, self._clock(), error=why)
+        with contextlib.suppress(Exception):
+            self._storage.remove_tree(self.dir(record.id))
+
+    # ---- recovery -----------------------------------------------------------------------
+    async def recover(self) -> list[str]:
+        """Finish or roll back what a crash interrupted (see :mod:`._journal`); the ids of
+        teleports still in doubt (their sandboxes stay held and paused)."""
+        doubtful = []
+        for record in self._journal.unfinished_outgoing():
+            self._runtime.hold(record.sandbox_id, f"teleport {record.id} to {record.target}")
+            try:
+                await self.settle(record)
+            except TeleportInDoubt:
+                doubtful.append(record.id)
+        return doubtful
+
+    async def settle(self, record: Outgoing) -> None:
+        """Finish one interrupted teleport: roll forward after the commit point, back
+        before it, and ask the target when this side cannot know."""
+        peer = self._connect(record.target, record.token)
+        if record.phase is SourcePhase.COMMITTED:
+            await self._finish(record)
+            return
+        if record.phase is SourcePhase.SWITCHING:
+            try:
+                await self._settle(record, peer)
+            except TeleportAborted as exc:
+                await self._give_back(record, str(exc))
+                return
+            self._journal.set_outgoing(record.id, SourcePhase.COMMITTED, self._clock())
+            await self._finish(record)
+            return
+        # Before the switch: the target cannot have restored anything.
+        with contextlib.suppress(PeerUnreachable, KelpieError):
+            await self._retry(lambda: peer.abort(record.id))
+        await self._give_back(record, "the source restarted before the switch")
+
+    def pending(self) -> list[Outgoing]:
+        """Teleports not finished (in doubt, or in progress)."""
+        return self._journal.unfinished_outgoing()
+
+    # ---- transfer -----------------------------------------------------------------------
+    async def _send_all(self, run: _Run, blobs: list[_Blob]) -> None:
+        total = sum(b.size for b in blobs)
+        for blob in blobs:
+            await self._send(run, blob, total)
+
+    async def _send(self, run: _Run, blob: _Blob, total: int) -> None:
+        """Send one blob in chunks, resuming where the target stands after a drop."""
+        tid, peer = run.record.id, run.peer
+        offset = await self._retry(lambda: peer.received(tid, blob.name))
+        corrupted = 0
+        with self._storage.open_read(blob.path) as source:
+            while offset < blob.size or blob.size == 0:
+                source.seek(offset)
+                data = source.read(self._chunk_size)
+                try:
+                    sent = await peer.put_chunk(tid, blob.name, offset, data, size=blob.size,
+                                                sha256=blob.sha256)
+                except TransferOffsetMismatch as exc:
+                    offset = exc.received
+                    continue
+                except SnapshotCorrupted:
+                    corrupted += 1
+                    if corrupted >= self._attempts:
+                        raise
+                    offset = await self._retry(lambda: peer.received(tid, blob.name))
+                    continue
+                except PeerUnreachable:
+                    await self._sleep(RETRY_DELAY)
+                    offset = await self._retry(lambda: peer.received(tid, blob.name))
+                    continue
+                run.bytes_sent += sent - offset
+                offset = sent
+                run.say(TeleportProgress(phase="transfer", message=blob.name,
+                                         done=run.bytes_sent, total=total))
+                if blob.size == 0:
+                    break
+
+    async def _blob(self, name: str, path: Path) -> _Blob:
+        storage = self._storage
+        sha = await self._offload(lambda: _sha256(storage, path))
+        return _Blob(name, path, storage.size(path), sha)
+
+    def _image_blobs(self, info: SandboxInfo, needed: bool) -> list[_Blob]:
+        if not needed or info.image_digest is None:
+            return []
+        store = self._runtime.images
+        image = store.get(info.image_digest)
+        digests = [image.digest, image.manifest.config.digest,
+                   *(layer.digest for layer in image.manifest.layers)]
+        blobs = []
+        for digest in digests:
+            path = store.blobs.path(digest)
+            hex_digest = digest.removeprefix("sha256:")
+            blobs.append(_Blob(f"image-{hex_digest}", path, path.stat().st_size, hex_digest))
+        return blobs
+
+    def _image_media_type(self, info: SandboxInfo) -> str | None:
+        if info.image_digest is None:
+            return None
+        return self._runtime.images.get(info.image_digest).media_type
+
+    async def _base_digest(self, info: SandboxInfo, choice: ModeChoice) -> str | None:
+        disk = info.config.root_disk
+        if disk is None or choice.mode is TeleportMode.CHECKPOINT:
+            return None
+        digest: str = await self._offload(lambda: _sha256(self._storage, disk))
+        return f"sha256:{digest}"
+
+    def _record_for_target(self, info: SandboxInfo, choice: ModeChoice) -> dict[str, Any]:
+        """The sandbox's record as the target keeps it (a checkpoint may change backend
+        and leaves host volumes behind)."""
+        record = self._runtime.sandbox_record(info.id)
+        if choice.mode is TeleportMode.CHECKPOINT:
+            record["backend"] = choice.target_backend
+            record["vm"] = {**record["vm"], "mounts": []}
+        return record
+
+    async def _retry(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent request, trying again while the target does not answer."""
+        for attempt in range(self._attempts):
+            try:
+                return await step()
+            except PeerUnreachable:
+                if attempt == self._attempts - 1:
+                    raise
+                await self._sleep(RETRY_DELAY * (2 ** attempt))
+        raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass
+class _Run:
+    """One teleport in progress in this process."""
+
+    record: Outgoing
+    peer: TeleportPeer
+    choice: ModeChoice
+    say: Progress
+    paused: bool = False
+    bytes_sent: int = 0
+
+
+def _sha256(storage: Storage, path: Path) -> str:
+    digest = hashlib.sha256()
+    with storage.open_read(path) as data:
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+
