@@ -30,8 +30,10 @@ from kelpie.daemon import (
     _routes_sandboxes,
     _routes_snapshots,
     _routes_system,
+    _routes_teleport,
 )
 from kelpie.runtime import Runtime
+from kelpie.teleport import TeleportHost
 from kelpie.vm import ConfigError, GuestFileError, KelpieError
 
 log = logging.getLogger("kelpie.daemon")
@@ -46,10 +48,13 @@ GUEST_ERRNO_STATUS = {"ENOENT": 404, "EACCES": 403, "EPERM": 403, "EEXIST": 409,
                       "ENOTEMPTY": 409}
 
 
-def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None = None) -> FastAPI:
+def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None = None,
+               teleports: TeleportHost | None = None) -> FastAPI:
     """The REST API over ``runtime`` (already open while the app serves requests).
 
-    ``on_shutdown(stop_sandboxes)`` is called by ``POST /v1/shutdown``.
+    ``on_shutdown(stop_sandboxes)`` is called by ``POST /v1/shutdown``; ``teleports`` moves
+    sandboxes to and from other daemons (default: one over ``runtime``, its journal opened
+    on first use).
     """
     app = FastAPI(
         title="Kelpie daemon",
@@ -60,8 +65,9 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.runtime = runtime
     app.state.on_shutdown = on_shutdown
     app.state.background = set()
+    app.state.teleports = teleports or TeleportHost(runtime)
     for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
-                   _routes_snapshots, _routes_images):
+                   _routes_snapshots, _routes_images, _routes_teleport):
         app.include_router(module.router, prefix="/v1")
     app.add_exception_handler(KelpieError, _kelpie_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)

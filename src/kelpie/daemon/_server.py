@@ -27,6 +27,7 @@ import uvicorn
 from kelpie._paths import SOCKET_NAME, runtime_dir
 from kelpie.daemon._app import TokenAuth, create_app
 from kelpie.runtime import Runtime
+from kelpie.teleport import TeleportHost
 from kelpie.vm import ConfigError, KelpieError
 
 log = logging.getLogger("kelpie.daemon")
@@ -125,13 +126,15 @@ async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
                            "daemon listens on its unix socket only"], what="daemon listener")
     runtime = runtime or Runtime(data_dir=options.data_dir)
     await runtime.open()
+    teleports = TeleportHost(runtime)
     sockets: list[socket.socket] = []
     pid_file = options.run_dir / PID_FILE
     try:
+        await teleports.open()  # finish or roll back teleports a crash interrupted
         sockets.append(unix_listener(options.socket_path))
         if options.tcp is not None:
             sockets.append(tcp_listener(*options.tcp))
-        server = _server(options, runtime)
+        server = _server(options, runtime, teleports)
         pid_file.write_text(f"{os.getpid()}\n")
         _signal_ready(options.ready_fd)
         log.info("listening on %s%s", options.socket_path,
@@ -146,6 +149,7 @@ async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             if sockets:
                 options.socket_path.unlink()
+        await teleports.close()
         await runtime.close()
 
 
@@ -165,13 +169,15 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def _server(options: DaemonOptions, runtime: Runtime) -> uvicorn.Server:
+def _server(options: DaemonOptions, runtime: Runtime,
+            teleports: TeleportHost) -> uvicorn.Server:
     holder: list[uvicorn.Server] = []
 
     def shutdown(stop_sandboxes: bool) -> None:
         holder[0].should_exit = True
 
-    app = TokenAuth(create_app(runtime, on_shutdown=shutdown), token=options.token,
+    app = TokenAuth(create_app(runtime, on_shutdown=shutdown, teleports=teleports),
+                    token=options.token,
                     unix_path=str(options.socket_path))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             ws="websockets-sansio", timeout_graceful_shutdown=5)

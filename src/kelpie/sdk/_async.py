@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
 from kelpie.api import Sandbox as SandboxRecord
-from kelpie.api import SandboxCreate, TemplateCreate, validated
+from kelpie.api import (
+    SandboxCreate,
+    TeleportMode,
+    TeleportProgress,
+    TeleportReport,
+    TemplateCreate,
+    validated,
+)
 from kelpie.api import Snapshot as SnapshotRecord
+from kelpie.client import DaemonClient
+from kelpie.runtime import Runtime
 from kelpie.sdk._connect import Connection, attach, connect
 from kelpie.service import SandboxService, sandbox_record, snapshot_record
+from kelpie.teleport import TeleportHost
 from kelpie.vm import ExecProcess, ExecResult, FileInfo
 
 BytesLike = bytes | bytearray | memoryview
@@ -206,6 +216,38 @@ class AsyncSandbox:
         """
         return snapshot_record(await self._service.snapshot(
             self.id, name=name, kind=kind, leave_paused=leave_paused))
+
+    async def teleport(self, to: str, *, token: str | None = None, mode: str = "auto",
+                       without_volumes: bool = False,
+                       progress: Callable[[TeleportProgress], None] | None = None,
+                       ) -> TeleportReport:
+        """Move the sandbox to the daemon at ``to`` (its token: ``token``); this object then
+        drives it there. ``mode``: live, full, checkpoint or auto (the best the two hosts
+        support); the report says which ran, why, the downtime and the bytes sent.
+
+        A sandbox in a daemon is moved by that daemon; one in this process's runtime by
+        this process (a crash part-way is settled the next time a daemon opens its state).
+        """
+        service = self._service
+        if isinstance(service, DaemonClient):
+            report = await service.teleport(self.id, to, token=token, mode=mode,
+                                            without_volumes=without_volumes,
+                                            progress=progress)
+        else:
+            assert isinstance(service, Runtime)
+            host = TeleportHost(service)
+            try:
+                report = await host.teleporter.teleport(
+                    self.id, to=to, token=token, mode=TeleportMode(mode),
+                    without_volumes=without_volumes, progress=progress)
+            finally:
+                await host.close()
+        old = self._connection
+        self._connection = attach(to, token)
+        self._service = self._connection.service
+        self._record = report.sandbox
+        await old.close()
+        return report
 
     async def pause(self) -> None:
         """Freeze the sandbox."""

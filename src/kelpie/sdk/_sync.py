@@ -8,13 +8,22 @@ import asyncio
 import builtins
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import Snapshot as SnapshotRecord
+from kelpie.api import TeleportProgress, TeleportReport
 from kelpie.sdk._async import AsyncFiles, AsyncSandbox, BytesLike
 from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
 
@@ -259,6 +268,14 @@ class Sandbox:
         """Snapshot the sandbox (see :meth:`AsyncSandbox.snapshot`)."""
         return self._loop.run(self._async.snapshot(name=name, kind=kind,
                                                    leave_paused=leave_paused))
+
+    def teleport(self, to: str, *, token: str | None = None, mode: str = "auto",
+                 without_volumes: bool = False,
+                 progress: Callable[[TeleportProgress], None] | None = None,
+                 ) -> TeleportReport:
+        """Move the sandbox to the daemon at ``to`` (see :meth:`AsyncSandbox.teleport`)."""
+        return self._loop.run(self._async.teleport(
+            to, token=token, mode=mode, without_volumes=without_volumes, progress=progress))
 
     def pause(self) -> None:
         """Freeze the sandbox."""

@@ -8,6 +8,7 @@ mode the pair of hosts supports. See :mod:`kelpie.teleport._journal` for the ste
 commit point.
 """
 
+from kelpie.teleport._host import JOURNAL_FILENAME, TeleportHost
 from kelpie.teleport._journal import (
     Incoming,
     Outgoing,
@@ -21,9 +22,6 @@ from kelpie.teleport._peer import DaemonPeer, TeleportPeer
 from kelpie.teleport._source import Teleporter
 from kelpie.teleport._target import TeleportReceiver, unbindable_ports
 
-JOURNAL_FILENAME = "teleports.db"
-"""The journal's file name in a daemon's data directory."""
-
 __all__ = [
     "JOURNAL_FILENAME",
     "DaemonPeer",
@@ -33,6 +31,7 @@ __all__ = [
     "Outgoing",
     "SourcePhase",
     "TargetPhase",
+    "TeleportHost",
     "TeleportJournal",
     "TeleportPeer",
     "TeleportReceiver",

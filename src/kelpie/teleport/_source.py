@@ -122,10 +122,19 @@ class Teleporter:
             raise SandboxStateError(f"{info.name} ({info.short_id})", "teleport", info.state,
                                     [VmState.RUNNING, VmState.PAUSED])
         peer = self._connect(to, token)
+        try:
+            return await self._teleport(info, peer, to, token, TeleportMode(mode),
+                                        without_volumes, say, started)
+        finally:
+            await _close(peer)
+
+    async def _teleport(self, info: SandboxInfo, peer: TeleportPeer, to: str,
+                        token: str | None, mode: TeleportMode, without_volumes: bool,
+                        say: Progress, started: float) -> TeleportReport:
         say(TeleportProgress(phase="prepare", message=f"asking {to} what it offers"))
         target_facts = await self._retry(peer.facts)
         choice = choose_mode(
-            TeleportMode(mode), backend=info.backend, config=info.config,
+            mode, backend=info.backend, config=info.config,
             source=await self._runtime.host_facts(), target=target_facts,
             without_volumes=without_volumes,
             guestkit_digest=self._runtime.guestkit_of(info.id),
@@ -309,6 +318,12 @@ class Teleporter:
         """Finish one interrupted teleport: roll forward after the commit point, back
         before it, and ask the target when this side cannot know."""
         peer = self._connect(record.target, record.token)
+        try:
+            await self._settle_with(record, peer)
+        finally:
+            await _close(peer)
+
+    async def _settle_with(self, record: Outgoing, peer: TeleportPeer) -> None:
         if record.phase is SourcePhase.COMMITTED:
             await self._finish(record)
             return
@@ -430,6 +445,13 @@ class _Run:
     say: Progress
     paused: bool = False
     bytes_sent: int = 0
+
+
+async def _close(peer: TeleportPeer) -> None:
+    close = getattr(peer, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
 
 
 def _sha256(storage: Storage, path: Path) -> str:

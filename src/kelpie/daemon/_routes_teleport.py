@@ -1,0 +1,170 @@
+"""``/v1/host``, ``/v1/sandboxes/{ref}/teleport`` and ``/v1/teleports``: moving sandboxes.
+
+A client asks *this* daemon (the source) to teleport one of its sandboxes with
+``POST /v1/sandboxes/{ref}/teleport``; this daemon then drives the *target* daemon through
+``/v1/teleports`` (prepare, blobs, switch, commit, abort), authenticating with the
+target's token. See :mod:`kelpie.teleport` for the steps and their guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kelpie.api import (
+    CHUNK_SHA256_HEADER,
+    NDJSON,
+    HostFacts,
+    StreamError,
+    TeleportAccepted,
+    TeleportBody,
+    TeleportDone,
+    TeleportOffer,
+    TeleportProgress,
+    TeleportReport,
+    TeleportState,
+    TeleportSwitch,
+    error_body,
+    model_json,
+)
+from kelpie.daemon._routes_system import runtime_of
+from kelpie.teleport import TeleportHost
+from kelpie.vm import ConfigError
+
+router = APIRouter(tags=["teleport"])
+
+MAX_CHUNK = 64 << 20
+TeleportId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{8,64}$",
+                                      description="The teleport's id (hex).")]
+BlobName = Annotated[str, PathParam(pattern=r"^[a-z]+-[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$",
+                                    description="KIND-NAME, e.g. snapshot-memory.bin")]
+
+
+def teleports_of(request: Request) -> TeleportHost:
+    teleports: TeleportHost = request.app.state.teleports
+    return teleports
+
+
+@router.get("/host")
+async def host_facts(request: Request) -> HostFacts:
+    """What this host offers: arch, backends, free resources, images and guest kits."""
+    return await runtime_of(request).host_facts()
+
+
+# ---- the source: a client asks this daemon to move a sandbox ----------------------------
+@router.post(
+    "/sandboxes/{ref}/teleport", response_model=TeleportReport,
+    responses={200: {"content": {NDJSON: {}}, "description":
+                     "The report; or, when the request accepts application/x-ndjson, "
+                     "progress lines then a result or error line."}},
+)
+async def teleport(request: Request, ref: str, body: TeleportBody) -> Response:
+    """Move a sandbox to the daemon at ``to`` (live, full, checkpoint, or the best: auto).
+
+    The move runs as its own task: a client that goes away does not cancel it half way."""
+    runtime = runtime_of(request)
+    info = await runtime.inspect(ref)  # an unknown sandbox: 404 before any stream
+    queue: asyncio.Queue[TeleportProgress] = asyncio.Queue()
+    task = asyncio.create_task(teleports_of(request).teleporter.teleport(
+        info.id, to=body.to, token=body.token, mode=body.mode,
+        without_volumes=body.without_volumes, progress=queue.put_nowait))
+    background: set[asyncio.Task[TeleportReport]] = request.app.state.background
+    background.add(task)
+    task.add_done_callback(background.discard)
+    if NDJSON not in request.headers.get("accept", ""):
+        report = await asyncio.shield(task)
+        return JSONResponse(model_json(report))
+    return StreamingResponse(_streamed(task, queue), media_type=NDJSON)
+
+
+async def _streamed(task: asyncio.Task[TeleportReport],
+                    queue: asyncio.Queue[TeleportProgress]) -> AsyncIterator[bytes]:
+    while not task.done():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield _line(getter.result())
+        else:
+            getter.cancel()
+    while not queue.empty():
+        yield _line(queue.get_nowait())
+    exc = task.exception()
+    if exc is not None:
+        yield _line(StreamError(error=error_body(exc)))
+    else:
+        yield _line(TeleportDone(report=task.result()))
+
+
+def _line(model: TeleportProgress | StreamError | TeleportDone) -> bytes:
+    return (json.dumps(model_json(model)) + "\n").encode()
+
+
+# ---- the target: another daemon moves a sandbox here ------------------------------------
+@router.post("/teleports", status_code=201)
+async def prepare(request: Request, offer: TeleportOffer) -> TeleportAccepted:
+    """Reserve for a sandbox another daemon offers; say what this host lacks of it."""
+    return await teleports_of(request).receiver.prepare(offer)
+
+
+@router.get("/teleports/{teleport_id}")
+async def teleport_state(request: Request, teleport_id: TeleportId) -> TeleportState:
+    """Where a teleport to this host stands (``unknown`` if it never was prepared)."""
+    return await teleports_of(request).receiver.state(teleport_id)
+
+
+@router.get("/teleports/{teleport_id}/blobs/{name}")
+async def received(request: Request, teleport_id: TeleportId,
+                   name: BlobName) -> dict[str, int]:
+    """How many bytes of the blob have arrived (resume from there)."""
+    return {"received": await teleports_of(request).receiver.received(teleport_id, name)}
+
+
+@router.put(
+    "/teleports/{teleport_id}/blobs/{name}",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
+async def put_chunk(
+    request: Request, teleport_id: TeleportId, name: BlobName,
+    offset: Annotated[int, Query(ge=0)], size: Annotated[int, Query(ge=0)],
+    sha256: Annotated[str, Query(pattern=r"^[0-9a-f]{64}$")],
+    chunk_sha256: Annotated[str, Header(alias=CHUNK_SHA256_HEADER,
+                                        pattern=r"^[0-9a-f]{64}$")],
+) -> dict[str, int]:
+    """Append one chunk (the body) at ``offset`` of a blob of ``size`` bytes whose sha256
+    is ``sha256``; the chunk's own sha256 comes in a header and is checked on arrival."""
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > MAX_CHUNK:
+            raise ConfigError([f"a chunk may have at most {MAX_CHUNK} bytes"],
+                              what="teleport chunk")
+    received_now = await teleports_of(request).receiver.put_chunk(
+        teleport_id, name, offset, bytes(data), size=size, sha256=sha256,
+        chunk_sha256=chunk_sha256)
+    return {"received": received_now}
+
+
+@router.post("/teleports/{teleport_id}/switch")
+async def switch(request: Request, teleport_id: TeleportId,
+                 body: TeleportSwitch) -> TeleportState:
+    """Everything has arrived: restore the sandbox here and prove its agent answers."""
+    return await teleports_of(request).receiver.switch(teleport_id, body)
+
+
+@router.post("/teleports/{teleport_id}/commit")
+async def commit(request: Request, teleport_id: TeleportId) -> TeleportState:
+    """The commit point: this host owns the restored sandbox from now on."""
+    return await teleports_of(request).receiver.commit(teleport_id)
+
+
+@router.post("/teleports/{teleport_id}/abort")
+async def abort(request: Request, teleport_id: TeleportId) -> TeleportState:
+    """Discard what arrived and the restored copy (a no-op once owned)."""
+    return await teleports_of(request).receiver.abort(teleport_id)

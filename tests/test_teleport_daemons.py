@@ -1,0 +1,278 @@
+"""Teleport for real: two daemons (separate state dirs, TCP + token on loopback), QEMU VMs.
+
+Daemon A holds the demo image; B starts empty, so the first teleport also carries the
+image and its base disk (by digest). A guest process keeps a counter in its own memory and
+prints it every 0.2 s as the sandbox's main command: after a full teleport the same PID
+goes on counting with no gap. Faults go through a TCP proxy between the daemons that can
+damage a chunk, drop the connection, or kill the source daemon as the commit goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import waiting
+from daemon_env import KelpieHome
+from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT, ok
+
+pytestmark = [pytest.mark.vm]
+
+COUNTER = ("echo pid $$; i=0; while :; do i=$((i+1)); echo n $i; "
+           "echo $i > /root/counter; sleep 0.2; done")
+WAIT = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Daemon:
+    """One home with its daemon listening on loopback TCP with a token."""
+
+    def __init__(self, home: KelpieHome, name: str) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token_file = home.root / f"{name}.token"
+        self.token_file.write_text(os.urandom(16).hex() + "\n")
+        self.token_file.chmod(0o600)
+
+    def start(self) -> None:
+        ok(self.home.kelpie("daemon", "start", "--tcp", f"127.0.0.1:{self.port}",
+                            "--token-file", str(self.token_file)))
+
+    def kelpie(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return self.home.kelpie(*args, timeout=timeout)
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        return {s["name"]: s for s in json.loads(ok(self.kelpie("ps", "-a", "--json")))}
+
+    def logs(self, name: str) -> str:
+        return ok(self.kelpie("logs", name))
+
+
+@pytest.fixture(scope="module")
+def pair(guestkit: object) -> Iterator[tuple[Daemon, Daemon]]:
+    a, b = Daemon(KelpieHome(), "a"), Daemon(KelpieHome(), "b")
+    try:
+        layout = a.home.root / "demo-layout"
+        subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(layout)], check=True,
+                       timeout=60)
+        ok(a.kelpie("image", "import", str(layout), "--reference", f"{DEMO}:latest"))
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        a.home.close()
+        b.home.close()
+
+
+def _counts(log: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^n (\d+)$", log, re.M)]
+
+
+def _pids(log: str) -> list[str]:
+    return re.findall(r"^pid (\d+)$", log, re.M)
+
+
+def _counting_past(daemon: Daemon, name: str, past: int) -> list[int] | None:
+    counts = _counts(daemon.logs(name))
+    return counts if counts and counts[-1] > past else None
+
+
+def _teleport(source: Daemon, target: Daemon, name: str, *extra: str,
+              to: str | None = None) -> subprocess.CompletedProcess[str]:
+    return source.kelpie("teleport", name, "--to", to or target.url, "--to-token-file",
+                         str(target.token_file), *extra)
+
+
+def test_full_then_checkpoint_teleport_and_back(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "tp", "--memory", "256", "-e", "COLOUR=teal", DEMO,
+                "--", "sh", "-c", COUNTER))
+    waiting.wait_for(lambda: _counting_past(a, "tp", 3), WAIT, "the counter on A")
+    sandbox_id = a.listing()["tp"]["id"]
+
+    out = ok(_teleport(a, b, "tp", "--mode", "full"))
+    assert "mode: full" in out, out
+    assert "tp" not in a.listing()
+    moved = b.listing()["tp"]
+    assert moved["id"] == sandbox_id and moved["state"] == "running"
+    before = _counts(b.logs("tp"))
+    counts = waiting.wait_for(lambda: _counting_past(b, "tp", before[-1] + 3), WAIT,
+                              "the counter going on on B")
+    assert counts == list(range(1, counts[-1] + 1)), "a gap or a restart in the counter"
+    assert len(set(_pids(b.logs("tp")))) == 1, "the main command restarted"
+    env = ok(b.kelpie("exec", "tp", "--", "sh", "-c", "echo $COLOUR"))
+    assert env.strip() == "teal"
+
+    # checkpoint back to A: files, env and the main command's log survive
+    # (the demo image's working directory, /root, is the checkpoint's workspace)
+    ok(b.kelpie("exec", "tp", "--", "sh", "-c", "echo kept > /root/file.txt"))
+    out = ok(_teleport(b, a, "tp", "--mode", "checkpoint"))
+    assert "mode: checkpoint" in out, out
+    assert "tp" not in b.listing()
+    assert ok(a.kelpie("exec", "tp", "--", "cat", "/root/file.txt")).strip() == "kept"
+    assert ok(a.kelpie("exec", "tp", "--", "sh", "-c", "echo $COLOUR")).strip() == "teal"
+    log = a.logs("tp")
+    assert set(range(1, counts[-1] + 1)) <= set(_counts(log)), "the log lost lines"
+    ok(a.kelpie("rm", "-f", "tp"))
+
+
+def test_unreachable_target_or_wrong_token_leave_the_sandbox_running(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "stay", "--memory", "256", DEMO, "--", "sleep", "1000"))
+    try:
+        down = _teleport(a, b, "stay", to=f"http://127.0.0.1:{_free_port()}")
+        assert down.returncode != 0
+        assert "127.0.0.1" in down.stderr and "answer" in down.stderr, down.stderr
+        wrong = a.kelpie("teleport", "stay", "--to", b.url, "--to-token-file",
+                         str(a.token_file))
+        assert wrong.returncode != 0
+        assert "token" in wrong.stderr.lower(), wrong.stderr
+        assert a.listing()["stay"]["state"] == "running"
+        assert ok(a.kelpie("exec", "stay", "--", "echo", "still")).strip() == "still"
+        ok(a.kelpie("pause", "stay"))  # not held by a teleport any more
+    finally:
+        a.kelpie("rm", "-f", "stay")
+
+
+class Proxy:
+    """A TCP proxy to ``port`` that can damage, drop or act on what passes through."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = _free_port()
+        self.damage_at: int | None = None
+        self.drop_at: int | None = None
+        self.on_request: Callable[[bytes], None] | None = None
+        self.sent = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._client, "127.0.0.1", self.port))
+        self._server = server
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def upstream() -> None:
+            while data := await reader.read(1 << 16):
+                if self.on_request is not None:
+                    self.on_request(data)
+                start, self.sent = self.sent, self.sent + len(data)
+                if self.drop_at is not None and start <= self.drop_at < self.sent:
+                    self.drop_at = None
+                    writer.close()
+                    up_writer.close()
+                    return
+                if self.damage_at is not None and start <= self.damage_at < self.sent:
+                    at = self.damage_at - start
+                    data = data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:]
+                    self.damage_at = None
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+
+        with contextlib.suppress(OSError, ConnectionError):
+            await asyncio.gather(upstream(), downstream())
+        for w in (writer, up_writer):
+            with contextlib.suppress(Exception):
+                w.close()
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def test_damaged_chunk_and_dropped_connection_are_survived(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "rough", "--memory", "256", DEMO, "--", "sh", "-c",
+                COUNTER))
+    waiting.wait_for(lambda: _counting_past(a, "rough", 2), WAIT, "the counter on A")
+    proxy = Proxy(b.port)
+    try:
+        proxy.damage_at = 3 << 20  # inside the first big blob's first chunks
+        proxy.drop_at = 9 << 20
+        out = ok(_teleport(a, b, "rough", "--mode", "full", to=proxy.url))
+        assert proxy.damage_at is None and proxy.drop_at is None, "the faults never fired"
+        assert "mode: full" in out
+        assert "rough" not in a.listing() and b.listing()["rough"]["state"] == "running"
+        before = _counts(b.logs("rough"))
+        waiting.wait_for(lambda: _counting_past(b, "rough", before[-1] + 2), WAIT,
+                         "the counter going on on B")
+    finally:
+        proxy.close()
+        b.kelpie("rm", "-f", "rough")
+
+
+def test_source_killed_before_commit_settles_to_one_copy(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "orphan", "--memory", "256", DEMO, "--", "sh", "-c",
+                COUNTER))
+    waiting.wait_for(lambda: _counting_past(a, "orphan", 2), WAIT, "the counter on A")
+    proxy = Proxy(b.port)
+    source_pid = a.home.daemon_pid()
+    assert source_pid is not None
+
+    def kill_source_on_commit(data: bytes) -> None:
+        if b"/commit " in data:
+            os.kill(source_pid, signal.SIGKILL)  # the commit never reaches the target
+
+    proxy.on_request = kill_source_on_commit
+    try:
+        died = _teleport(a, b, "orphan", "--mode", "full", to=proxy.url)
+        assert died.returncode != 0
+        proxy.on_request = None
+        # B restored it but nobody committed: it is not owned; A's copy is paused, not running
+        assert b.listing()["orphan"]["state"] == "running"
+        a.start()  # recovery asks B (through the proxy, as recorded) and commits
+        assert "orphan" not in a.listing()
+        assert b.listing()["orphan"]["state"] == "running"
+        before = _counts(b.logs("orphan"))
+        waiting.wait_for(lambda: _counting_past(b, "orphan", before[-1] + 2), WAIT,
+                         "the counter going on on B")
+    finally:
+        proxy.close()
+        b.kelpie("rm", "-f", "orphan")
+        a.kelpie("rm", "-f", "orphan")
