@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import waiting
-from daemon_env import KelpieHome
+from daemon_env import KELPIE, KelpieHome
 from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT, ok
 
 pytestmark = [pytest.mark.vm]
@@ -55,6 +55,9 @@ class Daemon:
     def start(self) -> None:
         ok(self.home.kelpie("daemon", "start", "--tcp", f"127.0.0.1:{self.port}",
                             "--token-file", str(self.token_file)))
+
+    def home_command(self, *args: str) -> list[str]:
+        return [*KELPIE, *args]
 
     def kelpie(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return self.home.kelpie(*args, timeout=timeout)
@@ -276,3 +279,91 @@ def test_source_killed_before_commit_settles_to_one_copy(pair: tuple[Daemon, Dae
         proxy.close()
         b.kelpie("rm", "-f", "orphan")
         a.kelpie("rm", "-f", "orphan")
+
+
+GUEST_SERVER = "while :; do echo hello from the guest | nc -l -p 8080; done"
+
+
+def test_port_the_target_cannot_bind_is_refused_before_the_pause(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    a, b = pair
+    port = _free_port()
+    ok(a.kelpie("run", "-d", "--name", "served", "--memory", "256", "-p", f"{port}:8080",
+                DEMO, "--", "sh", "-c", GUEST_SERVER))
+    try:
+        # both daemons share this machine's loopback: A's VM holds the port
+        refused = _teleport(a, b, "served")
+        assert refused.returncode != 0
+        assert f"127.0.0.1:{port}/tcp cannot be bound" in refused.stderr, refused.stderr
+        assert a.listing()["served"]["state"] == "running"
+    finally:
+        a.kelpie("rm", "-f", "served")
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair (this side .1, there .2)."""
+
+    def __init__(self) -> None:
+        tag = os.getpid() % 10000
+        self.name = f"kelpie-tp-{tag}"
+        self.here, self.there = f"ktp{tag}a", f"ktp{tag}b"
+        subnet = f"10.201.{tag % 250}"
+        self.address = f"{subnet}.2"
+        for command in (
+            ["ip", "netns", "add", self.name],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+            ["ip", "link", "add", self.here, "type", "veth", "peer", "name", self.there],
+            ["ip", "link", "set", self.there, "netns", self.name],
+            ["ip", "addr", "add", f"{subnet}.1/30", "dev", self.here],
+            ["ip", "link", "set", self.here, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.address}/30",
+             "dev", self.there],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", self.there, "up"],
+        ):
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+    def run(self, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.name, *command], text=True,
+                              capture_output=True, timeout=60, check=False)
+
+    def close(self) -> None:
+        for command in (["ip", "link", "del", self.here], ["ip", "netns", "del", self.name]):
+            subprocess.run(command, capture_output=True, timeout=30, check=False)
+
+
+def test_published_port_is_bound_again_on_a_target_in_another_namespace(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    a, _ = pair
+    namespace = Namespace()
+    far = Daemon(KelpieHome(), "far")
+    port = _free_port()
+    try:
+        far.port = _free_port()
+        far.url = f"http://{namespace.address}:{far.port}"
+        listen = f"{namespace.address}:{far.port}"
+        command = far.home_command("daemon", "start", "--tcp", listen, "--token-file",
+                                   str(far.token_file))
+        started = subprocess.run(["ip", "netns", "exec", namespace.name, *command],
+                                 env=far.home.env, text=True, capture_output=True,
+                                 timeout=120, check=False)
+        assert started.returncode == 0, started.stderr
+        ok(a.kelpie("run", "-d", "--name", "web", "--memory", "256", "-p", f"{port}:8080",
+                    DEMO, "--", "sh", "-c", GUEST_SERVER))
+        out = ok(_teleport(a, far, "web"))
+        assert "mode: full" in out, out
+        assert "web" not in a.listing()
+        probe = ("import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1])),"
+                 " 10); s.settimeout(10); print(s.recv(100).decode().strip())")
+
+        def answers() -> str | None:
+            reply = namespace.run(sys.executable, "-c", probe, str(port))
+            return reply.stdout.strip() or None
+
+        assert waiting.wait_for(answers, WAIT, "the guest's port in the namespace") == \
+            "hello from the guest"
+    finally:
+        a.kelpie("rm", "-f", "web")
+        far.home.close()
+        namespace.close()
