@@ -210,8 +210,15 @@ class Proxy:
                 writer.write(data)
                 await writer.drain()
 
-        with contextlib.suppress(OSError, ConnectionError):
-            await asyncio.gather(upstream(), downstream())
+        pipes = asyncio.gather(upstream(), downstream())
+        try:
+            await pipes
+        except (OSError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pipes.cancel()
+            await asyncio.gather(pipes, return_exceptions=True)
+            raise
         for w in (writer, up_writer):
             with contextlib.suppress(Exception):
                 w.close()
@@ -219,9 +226,10 @@ class Proxy:
     def close(self) -> None:
         async def shut() -> None:
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -367,3 +375,59 @@ def test_published_port_is_bound_again_on_a_target_in_another_namespace(
         a.kelpie("rm", "-f", "web")
         far.home.close()
         namespace.close()
+
+
+def test_target_killed_mid_transfer_then_back_resumes(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "resumed", "--memory", "256", DEMO, "--", "sh", "-c",
+                COUNTER))
+    waiting.wait_for(lambda: _counting_past(a, "resumed", 2), WAIT, "the counter on A")
+    proxy = Proxy(b.port)
+    restarted = threading.Event()
+
+    def kill_and_restart_target(data: bytes) -> None:
+        if proxy.sent > (6 << 20) and not restarted.is_set():
+            restarted.set()
+            pid = b.home.daemon_pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            threading.Thread(target=b.start, daemon=True).start()  # back within the retries
+
+    proxy.on_request = kill_and_restart_target
+    try:
+        out = ok(_teleport(a, b, "resumed", "--mode", "full", to=proxy.url))
+        assert restarted.is_set(), "the target was never killed"
+        assert "mode: full" in out
+        assert "resumed" not in a.listing()
+        assert b.listing()["resumed"]["state"] == "running"
+        before = _counts(b.logs("resumed"))
+        waiting.wait_for(lambda: _counting_past(b, "resumed", before[-1] + 2), WAIT,
+                         "the counter going on on B")
+    finally:
+        proxy.close()
+        b.kelpie("rm", "-f", "resumed")
+        a.kelpie("rm", "-f", "resumed")
+
+
+def test_target_out_of_space_is_refused_before_the_pause(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    small = Daemon(KelpieHome(), "small")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs",
+                              str(small.home.state.parent)], capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert mounted.returncode == 0, mounted.stderr
+    small.token_file = small.home.run_dir / "small.token"  # the tmpfs hid the first one
+    small.token_file.write_text(os.urandom(16).hex() + "\n")
+    try:
+        small.start()
+        ok(a.kelpie("run", "-d", "--name", "big", "--memory", "256", DEMO, "--", "sleep",
+                    "1000"))
+        refused = _teleport(a, small, "big")
+        assert refused.returncode != 0
+        assert "not enough disk space" in refused.stderr, refused.stderr
+        assert a.listing()["big"]["state"] == "running"
+    finally:
+        a.kelpie("rm", "-f", "big")
+        small.home.close()
+        subprocess.run(["umount", "-l", str(small.home.state.parent)], capture_output=True,
+                       timeout=30, check=False)
