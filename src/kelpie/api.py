@@ -594,6 +594,16 @@ class TeleportSwitch(_Model):
     blobs: list[TeleportBlob]
     sandbox: dict[str, Any] = Field(description="The sandbox's record as of the pause.")
     image_media_type: str | None = None
+    live: bool = Field(False, description="The VM came live (see TeleportLive): finish the "
+                                          "migration instead of restoring from blobs.")
+
+
+class TeleportLive(_Model):
+    """Start a live teleport's target: a VM waiting for the migration, reached through
+    ``/v1/teleports/{id}/live/{channel}`` (``nbd``: the disk mirror, ``migration``)."""
+
+    sandbox: dict[str, Any] = Field(description="The sandbox's record.")
+    plan: dict[str, Any] = Field(description="The source backend's live migration plan.")
 
 
 class TeleportState(_Model):

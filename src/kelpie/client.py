@@ -52,6 +52,7 @@ from kelpie.api import (
     SnapshotCreate,
     TeleportAccepted,
     TeleportBody,
+    TeleportLive,
     TeleportMode,
     TeleportOffer,
     TeleportProgress,
@@ -346,12 +347,27 @@ class DaemonClient:
         return int(reply.json()["received"])
 
     async def teleport_step(self, teleport_id: str, step: str,
-                            body: TeleportSwitch | None = None) -> TeleportState:
-        """``switch``, ``commit`` or ``abort`` a teleport on this (target) daemon."""
+                            body: TeleportSwitch | TeleportLive | None = None) -> TeleportState:
+        """``live`` (start the waiting VM), ``switch``, ``commit`` or ``abort`` a teleport
+        on this (target) daemon."""
         reply = await self._peer("POST", f"/teleports/{teleport_id}/{step}",
                                  json=None if body is None else _wire(body),
                                  timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT))
         return TeleportState.model_validate(reply.json())
+
+    @contextlib.asynccontextmanager
+    async def teleport_channel(self, teleport_id: str,
+                               name: str) -> AsyncIterator[ClientConnection]:
+        """A byte channel (binary WebSocket messages) to this (target) daemon's side of a
+        live teleport: ``nbd`` or ``migration``."""
+        try:
+            async with self._websocket(f"/teleports/{teleport_id}/live/{name}") as ws:
+                yield ws
+        except DaemonUnreachable as exc:
+            raise PeerUnreachable(str(exc)) from None
+        except OSError as exc:
+            raise PeerUnreachable(f"the daemon at {self.url} did not answer the {name} "
+                                  f"channel: {exc}") from None
 
     async def teleport_state(self, teleport_id: str) -> TeleportState:
         """Where a teleport stands on this (target) daemon."""

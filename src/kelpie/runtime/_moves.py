@@ -17,16 +17,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kelpie.images import rootfs_ext4
+from kelpie.images import StoredImage, rootfs_ext4
 from kelpie.runtime import _arguments as args
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._db import IdInUse
-from kelpie.runtime._errors import SandboxNameInUse, SandboxStateError
+from kelpie.runtime._errors import SandboxStateError
 from kelpie.runtime._info import SandboxInfo
 from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.vm import (
+    BackendSpec,
     ConfigError,
+    LiveEndpoints,
+    LiveMigratable,
+    LiveProgressCallback,
+    LiveStats,
     SnapshotKind,
     VmConfig,
     VmSnapshot,
@@ -135,6 +140,69 @@ class Moves:
                 await vm.pause()
         return ctx.info(sandbox_id)
 
+    def live_ready(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's VM can be moved live now (running, on a backend that can)."""
+        vm = self._ctx.vms.get(sandbox_id)
+        return vm is not None and vm.state is VmState.RUNNING and _live(vm) is not None
+
+    def _live_vm(self, sandbox_id: str) -> LiveMigratable:
+        ctx = self._ctx
+        vm = _live(ctx.vms.get(sandbox_id))
+        if vm is None:
+            info = ctx.info(sandbox_id)
+            raise ConfigError([f"sandbox {args.label(info)} runs on backend {info.backend}, "
+                               "which cannot move a running VM live"], what="live teleport")
+        return vm
+
+    async def live_plan(self, sandbox_id: str) -> dict[str, Any]:
+        """What a target must know to receive the held sandbox's VM live."""
+        return await self._live_vm(sandbox_id).live_plan_document()
+
+    async def send_live(self, sandbox_id: str, endpoints: LiveEndpoints, *,
+                        converge_timeout: float,
+                        progress: LiveProgressCallback | None = None) -> LiveStats:
+        """Move the held sandbox's VM live to the target behind ``endpoints``; it ends paused
+        here (or running as before, if the migration fails)."""
+        vm = self._live_vm(sandbox_id)
+        async with self._ctx.lock_for(sandbox_id):
+            return await vm.send_live(endpoints.nbd_socket, endpoints.migration_socket,
+                                      converge_timeout=converge_timeout, progress=progress)
+
+    async def arrive_live(self, record: dict[str, Any],
+                          plan: dict[str, Any]) -> tuple[SandboxInfo, LiveEndpoints]:
+        """Take in a sandbox whose VM comes live: its record under its own id and name, and
+        a new VM waiting for the migration (see :meth:`finish_live_arrival`)."""
+        ctx = self._ctx
+        info, spec, stored = await self._insert_arrival(record)
+        async with ctx.lock_for(info.id):
+            vm = _live(self._sandboxes.new_vm(spec, info, stored))
+            if vm is None:
+                ctx.fail(info.id, VmState.STOPPED, "the backend cannot receive a live VM")
+                raise ConfigError([f"backend {spec.name} cannot receive a VM live"],
+                                  what="live teleport")
+            try:
+                endpoints = await vm.receive_live_document(plan)
+            except Exception as exc:
+                ctx.db.set_error(info.id, f"live teleport failed: {exc}", ctx.clock())
+                raise
+        return ctx.info(info.id), endpoints
+
+    async def finish_live_arrival(self, sandbox_id: str, timeout: float) -> SandboxInfo:
+        """Run the sandbox whose VM came live, once the migration completed."""
+        ctx = self._ctx
+        vm = self._live_vm(sandbox_id)
+        async with ctx.lock_for(sandbox_id):
+            await vm.finish_live(timeout)
+            self._mains.follow(sandbox_id, ctx.vms[sandbox_id])
+        return ctx.info(sandbox_id)
+
+    async def abort_live_arrival(self, sandbox_id: str) -> None:
+        """Give up a VM waiting for a live migration (no-op for any other)."""
+        vm = self._ctx.vms.get(sandbox_id)
+        live = _live(vm)
+        if vm is not None and live is not None and vm.state is VmState.STARTING:
+            await live.abort_live()
+
     async def give_back(self, sandbox_id: str, *, was_running: bool) -> SandboxInfo | None:
         """Undo a move that did not happen: resume the sandbox if it ran before, release
         the hold. None if the sandbox is gone (removed by an earlier recovery)."""
@@ -166,26 +234,8 @@ class Moves:
         On failure the record stays (state stopped, with the error): the caller removes it.
         """
         ctx = self._ctx
-        arriving = sandbox_from_record(record)
         snapshot = VmSnapshot.open(snapshot_dir, storage=ctx.storage)
-        spec = ctx.factory.registry.get(arriving.backend)
-        self._sandboxes.check_free_name(arriving.name)
-        stored = None
-        config = arriving.config
-        if arriving.image_digest is not None:
-            stored = ctx.images.get(arriving.image_digest)
-            root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored)
-            config = config.evolve(root_disk=root_disk)
-        now = ctx.clock()
-        info = dataclasses.replace(arriving, config=config, updated_at=now,
-                                   created_at=arriving.created_at or now)
-        try:
-            ctx.db.insert(info)
-        except IdInUse:
-            raise ConfigError([f"a sandbox with id {info.id} already exists here"],
-                              what="teleported sandbox") from None
-        except SandboxNameInUse:
-            raise
+        info, spec, stored = await self._insert_arrival(record)
         if main_log is not None:
             ctx.storage.mkdir(ctx.sandbox_dir(info.id))
             ctx.storage.rename(main_log, ctx.output_log(info.id))
@@ -204,3 +254,33 @@ class Moves:
                 elif snapshot.manifest.kind is not SnapshotKind.FULL:
                     self._mains.start(ctx.info(info.id), vm)
         return ctx.info(info.id)
+
+    async def _insert_arrival(
+        self, record: dict[str, Any],
+    ) -> tuple[SandboxInfo, BackendSpec, StoredImage | None]:
+        """Record an arriving sandbox (state created) with this host's root disk for its
+        image; its backend and the image it uses."""
+        ctx = self._ctx
+        arriving = sandbox_from_record(record)
+        spec = ctx.factory.registry.get(arriving.backend)
+        self._sandboxes.check_free_name(arriving.name)
+        stored = None
+        config = arriving.config
+        if arriving.image_digest is not None:
+            stored = ctx.images.get(arriving.image_digest)
+            root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored)
+            config = config.evolve(root_disk=root_disk)
+        now = ctx.clock()
+        info = dataclasses.replace(arriving, config=config, updated_at=now,
+                                   created_at=arriving.created_at or now)
+        try:
+            ctx.db.insert(info)
+        except IdInUse:
+            raise ConfigError([f"a sandbox with id {info.id} already exists here"],
+                              what="teleported sandbox") from None
+        return info, spec, stored
+
+
+def _live(vm: object) -> LiveMigratable | None:
+    """The VM as one that can move live, if its backend can."""
+    return vm if isinstance(vm, LiveMigratable) else None

@@ -58,6 +58,9 @@ from kelpie.vm import (
     ExecProcess,
     ExecResult,
     FileInfo,
+    LiveEndpoints,
+    LiveProgressCallback,
+    LiveStats,
     LocalStorage,
     SnapshotKind,
     Storage,
@@ -459,6 +462,34 @@ class Runtime:
     async def pause_for_move(self, sandbox_id: str) -> SandboxInfo:
         """Pause a held sandbox."""
         return await self._moves.pause(sandbox_id)
+
+    def live_ready(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's VM can be moved live now."""
+        return self._moves.live_ready(sandbox_id)
+
+    async def live_plan(self, sandbox_id: str) -> dict[str, Any]:
+        """What a target must know to receive the held sandbox's VM live."""
+        return await self._moves.live_plan(sandbox_id)
+
+    async def send_live(self, sandbox_id: str, endpoints: LiveEndpoints, *,
+                        converge_timeout: float,
+                        progress: LiveProgressCallback | None = None) -> LiveStats:
+        """Move the held sandbox's VM live to the target behind ``endpoints``."""
+        return await self._moves.send_live(sandbox_id, endpoints,
+                                           converge_timeout=converge_timeout, progress=progress)
+
+    async def arrive_live(self, record: dict[str, Any], plan: dict[str, Any],
+                          ) -> tuple[SandboxInfo, LiveEndpoints]:
+        """Take in a sandbox whose VM comes live (it waits for the migration)."""
+        return await self._moves.arrive_live(record, plan)
+
+    async def finish_live_arrival(self, sandbox_id: str, timeout: float) -> SandboxInfo:
+        """Run a sandbox whose VM came live, once the migration completed."""
+        return await self._moves.finish_live_arrival(sandbox_id, timeout)
+
+    async def abort_live_arrival(self, sandbox_id: str) -> None:
+        """Give up a VM waiting for a live migration (a no-op for any other)."""
+        await self._moves.abort_live_arrival(sandbox_id)
 
     async def give_back(self, sandbox_id: str, *, was_running: bool) -> SandboxInfo | None:
         """Undo a move that did not happen: resume the sandbox if it ran, release it."""

@@ -7,17 +7,20 @@ raise :class:`~kelpie.PeerUnreachable`, as a dropped connection does over HTTP).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from kelpie.api import (
     HostFacts,
     TeleportAccepted,
+    TeleportLive,
     TeleportOffer,
     TeleportState,
     TeleportSwitch,
 )
+from kelpie.teleport._relay import Channel, unix_channel
 from kelpie.teleport._target import TeleportReceiver
 
 T = TypeVar("T")
@@ -67,6 +70,16 @@ class LocalPeer:
 
     async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState:
         return await self._call("switch", lambda: self._receiver.switch(teleport_id, body))
+
+    async def live_start(self, teleport_id: str, body: TeleportLive) -> TeleportState:
+        return await self._call("live_start", lambda: self._receiver.live_start(teleport_id,
+                                                                                body))
+
+    @contextlib.asynccontextmanager
+    async def open_channel(self, teleport_id: str, name: str) -> AsyncIterator[Channel]:
+        await self._link("open_channel", False)
+        async with unix_channel(self._receiver.live_socket(teleport_id, name)) as channel:
+            yield channel
 
     async def commit(self, teleport_id: str) -> TeleportState:
         return await self._call("commit", lambda: self._receiver.commit(teleport_id))

@@ -9,16 +9,24 @@ why every step is idempotent and can be asked about (:meth:`TeleportPeer.state`)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from kelpie.api import (
     HostFacts,
     TeleportAccepted,
+    TeleportLive,
     TeleportOffer,
     TeleportState,
     TeleportSwitch,
 )
 from kelpie.client import DaemonClient
+from kelpie.teleport._relay import Channel
 
 
 class TeleportPeer(Protocol):
@@ -37,6 +45,11 @@ class TeleportPeer(Protocol):
                         size: int, sha256: str) -> int: ...
 
     async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState: ...
+
+    async def live_start(self, teleport_id: str, body: TeleportLive) -> TeleportState: ...
+
+    def open_channel(self, teleport_id: str,
+                     name: str) -> AbstractAsyncContextManager[Channel]: ...
 
     async def commit(self, teleport_id: str) -> TeleportState: ...
 
@@ -72,6 +85,14 @@ class DaemonPeer:
     async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState:
         return await self._client.teleport_step(teleport_id, "switch", body)
 
+    async def live_start(self, teleport_id: str, body: TeleportLive) -> TeleportState:
+        return await self._client.teleport_step(teleport_id, "live", body)
+
+    @contextlib.asynccontextmanager
+    async def open_channel(self, teleport_id: str, name: str) -> AsyncIterator[Channel]:
+        async with self._client.teleport_channel(teleport_id, name) as ws:
+            yield _WebSocketChannel(ws)
+
     async def commit(self, teleport_id: str) -> TeleportState:
         return await self._client.teleport_step(teleport_id, "commit")
 
@@ -80,3 +101,20 @@ class DaemonPeer:
 
     async def state(self, teleport_id: str) -> TeleportState:
         return await self._client.teleport_state(teleport_id)
+
+
+class _WebSocketChannel:
+    """A :class:`Channel` over a WebSocket of binary messages."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    async def send(self, data: bytes) -> None:
+        await self._ws.send(data)
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._ws.recv()
+        except ConnectionClosed:
+            return b""
+        return message if isinstance(message, bytes) else message.encode()

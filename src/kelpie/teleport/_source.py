@@ -31,8 +31,8 @@ from kelpie._exceptions import (
     TransferOffsetMismatch,
 )
 from kelpie.api import (
-    HostFacts,
     TeleportBlob,
+    TeleportLive,
     TeleportMode,
     TeleportOffer,
     TeleportProgress,
@@ -44,8 +44,9 @@ from kelpie.runtime import Runtime, SandboxInfo
 from kelpie.teleport._journal import Outgoing, SourcePhase, TeleportJournal
 from kelpie.teleport._modes import ModeChoice, choose_mode
 from kelpie.teleport._peer import TeleportPeer
+from kelpie.teleport._relay import relayed
 from kelpie.teleport._target import Offload, _to_thread
-from kelpie.vm import SnapshotKind, Storage, VmState
+from kelpie.vm import LiveMigrationDidNotConverge, LiveProgress, SnapshotKind, Storage, VmState
 
 T = TypeVar("T")
 
@@ -54,6 +55,8 @@ CHUNK_SIZE = 16 << 20
 ATTEMPTS = 5
 """Tries of one request before the target counts as unreachable (the steps are idempotent)."""
 RETRY_DELAY = 0.5
+CONVERGE_TIMEOUT = 60.0
+"""Seconds a live migration may take to converge before the teleport falls back to full."""
 
 Progress = Callable[[TeleportProgress], None]
 Connect = Callable[[str, str | None], TeleportPeer]
@@ -80,6 +83,7 @@ class Teleporter:
         clock: Callable[[], float], new_id: Callable[[], str],
         sleep: Callable[[float], Any] = asyncio.sleep, offload: Offload[Any] = _to_thread,
         chunk_size: int = CHUNK_SIZE, attempts: int = ATTEMPTS,
+        converge_timeout: float = CONVERGE_TIMEOUT,
     ) -> None:
         self._runtime = runtime
         self._journal = journal
@@ -90,6 +94,7 @@ class Teleporter:
         self._offload = offload
         self._chunk_size = chunk_size
         self._attempts = attempts
+        self._converge_timeout = converge_timeout
 
     @property
     def _storage(self) -> Storage:
@@ -138,8 +143,21 @@ class Teleporter:
             source=await self._runtime.host_facts(), target=target_facts,
             without_volumes=without_volumes,
             guestkit_digest=self._runtime.guestkit_of(info.id),
-            live_ready=False, target_label=to,
+            live_ready=self._runtime.live_ready(info.id), target_label=to,
         )
+        try:
+            return await self._attempt(info, peer, to, token, choice, say, started)
+        except LiveMigrationDidNotConverge as exc:
+            # The attempt was rolled back (the guest never stopped running here): move it
+            # in full mode instead, and say so.
+            fallback = ModeChoice(TeleportMode.FULL, f"live did not converge within "
+                                  f"{self._converge_timeout:g} s ({exc}); fell back to full",
+                                  choice.target_backend)
+            return await self._attempt(info, peer, to, token, fallback, say, started)
+
+    async def _attempt(self, info: SandboxInfo, peer: TeleportPeer, to: str,
+                       token: str | None, choice: ModeChoice, say: Progress,
+                       started: float) -> TeleportReport:
         say(TeleportProgress(phase="prepare", message=f"mode {choice.mode.value}: "
                                                       f"{choice.reason}"))
         teleport_id = self._new_id()
@@ -155,7 +173,7 @@ class Teleporter:
             raise
         run = _Run(record, peer, choice, say)
         try:
-            return await self._run(run, info, target_facts, started)
+            return await self._run(run, info, started)
         except TeleportInDoubt:
             raise
         except BaseException as exc:
@@ -164,15 +182,15 @@ class Teleporter:
                                                                SourcePhase.DONE):
                 raise  # past the commit point: the target owns it; recovery tidies up
             await self._roll_back(run, exc)
-            if isinstance(exc, KelpieError) and not run.paused:
+            if isinstance(exc, LiveMigrationDidNotConverge) or \
+                    (isinstance(exc, KelpieError) and not run.paused):
                 raise  # nothing was paused: the error as it is
             raise TeleportAborted(
                 f"teleport of {info.name} to {to} was rolled back ({type(exc).__name__}: "
                 f"{exc}); the sandbox runs here as before") from exc
 
-    async def _run(self, run: _Run, info: SandboxInfo, target_facts: HostFacts,
-                   started: float) -> TeleportReport:
-        runtime, journal = self._runtime, self._journal
+    async def _run(self, run: _Run, info: SandboxInfo, started: float) -> TeleportReport:
+        runtime = self._runtime
         tid, peer, say = run.record.id, run.peer, run.say
         offer_record = self._record_for_target(info, run.choice)
         base_digest = await self._base_digest(info, run.choice)
@@ -190,6 +208,28 @@ class Teleporter:
             early.append(await self._blob("base-disk.ext4", info.config.root_disk))
         await self._send_all(run, early)
 
+        if run.choice.mode is TeleportMode.LIVE:
+            paused_at, state = await self._move_live(run, info)
+        else:
+            paused_at, state = await self._move_captured(run, info, early,
+                                                         accepted.needs_image)
+        running_at = self._clock()
+        state = await self._commit(run.record, peer, state)
+        say(TeleportProgress(phase="commit", message="the target owns the sandbox"))
+        await self._finish(run.record)
+        assert state.sandbox is not None
+        return TeleportReport(
+            id=tid, mode=run.choice.mode, reason=run.choice.reason, target=peer.address,
+            downtime_s=running_at - paused_at, total_s=self._clock() - started,
+            bytes_sent=run.bytes_sent, sandbox=state.sandbox,
+        )
+
+    async def _move_captured(self, run: _Run, info: SandboxInfo, early: list[_Blob],
+                             needs_image: bool) -> tuple[float, TeleportState]:
+        """Full and checkpoint modes: pause and capture, send, restore on the target.
+        When the guest paused, and the target's answer to the switch."""
+        runtime, journal = self._runtime, self._journal
+        tid, peer, say = run.record.id, run.peer, run.say
         journal.set_outgoing(tid, SourcePhase.CAPTURING, self._clock())
         say(TeleportProgress(phase="capture", message="pausing and capturing the sandbox"))
         kind = SnapshotKind.CHECKPOINT if run.choice.mode is TeleportMode.CHECKPOINT \
@@ -216,22 +256,48 @@ class Teleporter:
             blobs=[TeleportBlob(name=b.name, size=b.size, sha256=b.sha256)
                    for b in [*early, *blobs]],
             sandbox=self._record_for_target(capture.info, run.choice),
-            image_media_type=self._image_media_type(info) if accepted.needs_image else None,
+            image_media_type=self._image_media_type(info) if needs_image else None,
         )
         try:
             state = await self._retry(lambda: peer.switch(tid, switch))
         except PeerUnreachable:
             state = await self._settle(run.record, peer)
-        running_at = self._clock()
-        state = await self._commit(run.record, peer, state)
-        say(TeleportProgress(phase="commit", message="the target owns the sandbox"))
-        await self._finish(run.record)
-        assert state.sandbox is not None
-        return TeleportReport(
-            id=tid, mode=run.choice.mode, reason=run.choice.reason, target=peer.address,
-            downtime_s=running_at - paused_at, total_s=self._clock() - started,
-            bytes_sent=run.bytes_sent, sandbox=state.sandbox,
-        )
+        return paused_at, state
+
+    async def _move_live(self, run: _Run, info: SandboxInfo) -> tuple[float, TeleportState]:
+        """Live mode: the target's VM waits, the source's QEMU migrates to it through the
+        relay while the guest runs, then pauses for the last dirty pages. When the guest
+        paused, and the target's answer to the switch."""
+        runtime, journal = self._runtime, self._journal
+        tid, peer, say = run.record.id, run.peer, run.say
+        journal.set_outgoing(tid, SourcePhase.SENDING, self._clock())
+        plan = await runtime.live_plan(info.id)
+        record = self._record_for_target(info, run.choice)
+        say(TeleportProgress(phase="live", message="starting the target's VM"))
+        await self._retry(lambda: peer.live_start(tid, TeleportLive(sandbox=record, plan=plan)))
+
+        def progress(step: LiveProgress) -> None:
+            say(TeleportProgress(phase="live", message=step.phase, done=step.done,
+                                 total=step.done + step.remaining))
+
+        directory = self.dir(tid)
+        self._storage.mkdir(directory)
+        async with relayed(lambda name: peer.open_channel(tid, name), directory) as endpoints:
+            stats = await runtime.send_live(info.id, endpoints,
+                                            converge_timeout=self._converge_timeout,
+                                            progress=progress)
+        run.paused = True
+        paused_at = self._clock() - stats.switchover_ms / 1000
+        run.bytes_sent += stats.ram_transferred + stats.disk_mirrored
+        journal.set_outgoing(tid, SourcePhase.SWITCHING, self._clock())
+        say(TeleportProgress(phase="switch", message="running the guest on the target"))
+        switch = TeleportSwitch(blobs=[], sandbox=self._record_for_target(
+            await runtime.inspect(info.id), run.choice), live=True)
+        try:
+            state = await self._retry(lambda: peer.switch(tid, switch))
+        except PeerUnreachable:
+            state = await self._settle(run.record, peer)
+        return paused_at, state
 
     # ---- the commit point and its two ways out ------------------------------------------
     async def _commit(self, record: Outgoing, peer: TeleportPeer,

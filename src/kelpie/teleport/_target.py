@@ -37,6 +37,7 @@ from kelpie._exceptions import (
 from kelpie.api import (
     HostFacts,
     TeleportAccepted,
+    TeleportLive,
     TeleportMode,
     TeleportOffer,
     TeleportState,
@@ -46,7 +47,7 @@ from kelpie.images import parse_manifest_document
 from kelpie.runtime import Runtime, SandboxNotFound
 from kelpie.service import sandbox_record
 from kelpie.teleport._journal import Incoming, TargetPhase, TeleportJournal
-from kelpie.vm import PortMapping, Storage, VmConfig
+from kelpie.vm import LiveEndpoints, PortMapping, Storage, VmConfig
 
 T = TypeVar("T")
 
@@ -56,6 +57,8 @@ DEFAULT_LEASE = 300.0
 DEFAULT_IDLE = 1800.0
 """Seconds a reservation may go without a chunk before it is discarded."""
 SPACE_MARGIN = 1.1
+LIVE_FINISH_TIMEOUT = 120.0
+"""Seconds the switch of a live teleport waits for the migration into the VM to complete."""
 
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
 
@@ -86,6 +89,7 @@ class TeleportReceiver:
         self._offload = offload
         self._check_ports = check_ports or unbindable_ports
         self._locks: dict[str, asyncio.Lock] = {}
+        self._live: dict[str, LiveEndpoints] = {}
 
     @property
     def _storage(self) -> Storage:
@@ -217,21 +221,70 @@ class TeleportReceiver:
     async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState:
         """Restore the sandbox from the received blobs and prove its agent answers."""
         async with self._lock(teleport_id):
-            incoming = self._require(teleport_id, {TargetPhase.RESERVED, TargetPhase.RESTORED,
-                                                   TargetPhase.OWNED})
-            if incoming.phase is not TargetPhase.RESERVED:
+            incoming = self._require(teleport_id, {TargetPhase.RESERVED, TargetPhase.RESTORING,
+                                                   TargetPhase.RESTORED, TargetPhase.OWNED})
+            if incoming.phase in (TargetPhase.RESTORED, TargetPhase.OWNED):
                 return await self._state(incoming)  # a repeated switch: it is restored
-            self._check_blobs(teleport_id, body)
-            self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESERVED}),
-                                        TargetPhase.RESTORING, self._clock())
+            if body.live != (incoming.phase is TargetPhase.RESTORING):
+                raise ConfigError([f"teleport {teleport_id} is {incoming.phase.value}: a "
+                                   f"{'live ' if body.live else ''}switch does not apply"],
+                                  what="teleport switch")
+            if not body.live:
+                self._check_blobs(teleport_id, body)
+                self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESERVED}),
+                                            TargetPhase.RESTORING, self._clock())
             try:
-                await self._restore(teleport_id, incoming, body)
+                if body.live:
+                    await self._finish_live(teleport_id, incoming)
+                else:
+                    await self._restore(teleport_id, incoming, body)
             except BaseException as exc:
                 await self._discard(teleport_id, f"the restore failed: {exc}")
                 raise
             self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESTORING}),
                                         TargetPhase.RESTORED, self._clock())
             return await self.state(teleport_id)
+
+    async def live_start(self, teleport_id: str, body: TeleportLive) -> TeleportState:
+        """Start a VM that waits for the source's live migration (phase ``restoring``);
+        the source then reaches it through :meth:`live_socket`."""
+        async with self._lock(teleport_id):
+            incoming = self._require(teleport_id, {TargetPhase.RESERVED, TargetPhase.RESTORING})
+            if incoming.phase is TargetPhase.RESTORING:
+                if teleport_id in self._live:
+                    return await self._state(incoming)  # a repeated start
+                raise ConfigError([f"teleport {teleport_id} is restoring from blobs"],
+                                  what="live teleport")
+            self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESERVED}),
+                                        TargetPhase.RESTORING, self._clock())
+            try:
+                _, endpoints = await self._runtime.arrive_live(body.sandbox, body.plan)
+            except BaseException as exc:
+                await self._discard(teleport_id, f"the live target could not start: {exc}")
+                raise
+            self._live[teleport_id] = endpoints
+            return await self.state(teleport_id)
+
+    def live_socket(self, teleport_id: str, channel: str) -> Path:
+        """The unix socket of a live teleport's channel (``nbd`` or ``migration``)."""
+        endpoints = self._live.get(teleport_id)
+        if endpoints is None:
+            raise ConfigError([f"teleport {teleport_id} has no live VM waiting here"],
+                              what="live teleport channel")
+        sockets = {"nbd": endpoints.nbd_socket, "migration": endpoints.migration_socket}
+        if channel not in sockets:
+            raise ConfigError([f"channel {channel!r} is not one of {sorted(sockets)}"],
+                              what="live teleport channel")
+        return sockets[channel]
+
+    async def _finish_live(self, teleport_id: str, incoming: Incoming) -> None:
+        if teleport_id not in self._live:
+            raise ConfigError([f"teleport {teleport_id} has no live VM waiting here (the "
+                               "target restarted?)"], what="live teleport")
+        info = await self._runtime.finish_live_arrival(incoming.sandbox_id,
+                                                       LIVE_FINISH_TIMEOUT)
+        self._live.pop(teleport_id, None)
+        await self._runtime.exec(info.id, ["true"], timeout=60.0)  # the agent answers
 
     def _check_blobs(self, teleport_id: str, body: TeleportSwitch) -> None:
         storage = self._storage
@@ -331,12 +384,14 @@ class TeleportReceiver:
             teleport_id, frozenset({TargetPhase.RESERVED, TargetPhase.RESTORING,
                                     TargetPhase.RESTORED}),
             TargetPhase.DISCARDED, self._clock(), error=why)
+        self._live.pop(teleport_id, None)
         if was in (TargetPhase.RESTORING, TargetPhase.RESTORED):
             incoming = self._journal.incoming(teleport_id)
             assert incoming is not None
             with contextlib.suppress(SandboxNotFound):
                 info = await self._runtime.inspect(incoming.sandbox_id)
                 if info.id == incoming.sandbox_id:
+                    await self._runtime.abort_live_arrival(info.id)
                     await self._runtime.remove(info.id, force=True)
         with contextlib.suppress(Exception):
             self._storage.remove_tree(self.dir(teleport_id))

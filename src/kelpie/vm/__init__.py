@@ -74,6 +74,15 @@ from kelpie.vm._instance import (
     StreamName,
     VmInstance,
 )
+from kelpie.vm._live import (
+    LiveEndpoints,
+    LiveMigratable,
+    LiveMigrationDidNotConverge,
+    LiveMigrationFailed,
+    LiveProgress,
+    LiveProgressCallback,
+    LiveStats,
+)
 from kelpie.vm._snapshot import (
     MANIFEST_NAME,
     PARTIAL_SUFFIX,
@@ -135,6 +144,13 @@ __all__ = [
     "HostInfo",
     "InvalidStateError",
     "KelpieError",
+    "LiveEndpoints",
+    "LiveMigratable",
+    "LiveMigrationDidNotConverge",
+    "LiveMigrationFailed",
+    "LiveProgress",
+    "LiveProgressCallback",
+    "LiveStats",
     "LocalStorage",
     "ManifestCorrupted",
     "Mount",
