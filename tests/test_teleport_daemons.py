@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 import waiting
+from conftest import real_part_missing
 from daemon_env import KELPIE, KelpieHome
 from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT, ok
 
@@ -309,10 +311,16 @@ def test_port_the_target_cannot_bind_is_refused_before_the_pause(
         a.kelpie("rm", "-f", "served")
 
 
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        real_part_missing(f"{what} needs root and iproute2 (`ip`)")
+
+
 class Namespace:
     """A network namespace joined to this one by a veth pair (this side .1, there .2)."""
 
     def __init__(self) -> None:
+        _need_root("a network namespace")
         tag = os.getpid() % 10000
         self.name = f"kelpie-tp-{tag}"
         self.here, self.there = f"ktp{tag}a", f"ktp{tag}b"
@@ -411,6 +419,7 @@ def test_target_killed_mid_transfer_then_back_resumes(pair: tuple[Daemon, Daemon
 
 def test_target_out_of_space_is_refused_before_the_pause(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
+    _need_root("a small tmpfs for the target's state")
     small = Daemon(KelpieHome(), "small")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs",
                               str(small.home.state.parent)], capture_output=True, text=True,

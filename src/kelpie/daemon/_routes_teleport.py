@@ -9,11 +9,12 @@ target's token. See :mod:`kelpie.teleport` for the steps and their guarantees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -25,6 +26,7 @@ from kelpie.api import (
     TeleportAccepted,
     TeleportBody,
     TeleportDone,
+    TeleportLive,
     TeleportOffer,
     TeleportProgress,
     TeleportReport,
@@ -34,8 +36,8 @@ from kelpie.api import (
     model_json,
 )
 from kelpie.daemon._routes_system import runtime_of
-from kelpie.teleport import TeleportHost
-from kelpie.vm import ConfigError
+from kelpie.teleport import TeleportHost, pipe, unix_channel
+from kelpie.vm import ConfigError, KelpieError
 
 router = APIRouter(tags=["teleport"])
 
@@ -168,3 +170,51 @@ async def commit(request: Request, teleport_id: TeleportId) -> TeleportState:
 async def abort(request: Request, teleport_id: TeleportId) -> TeleportState:
     """Discard what arrived and the restored copy (a no-op once owned)."""
     return await teleports_of(request).receiver.abort(teleport_id)
+
+
+@router.post("/teleports/{teleport_id}/live")
+async def live_start(request: Request, teleport_id: TeleportId,
+                     body: TeleportLive) -> TeleportState:
+    """Start a VM that waits for the source's live migration (over ``.../live/{channel}``)."""
+    return await teleports_of(request).receiver.live_start(teleport_id, body)
+
+
+@router.websocket("/teleports/{teleport_id}/live/{channel}")
+async def live_channel(websocket: WebSocket, teleport_id: str, channel: str) -> None:
+    """Carry one byte stream of a live migration (binary messages both ways) to the
+    waiting VM's ``channel`` (``nbd`` or ``migration``)."""
+    teleports: TeleportHost = websocket.app.state.teleports
+    try:
+        path = teleports.receiver.live_socket(teleport_id, channel)
+    except KelpieError as exc:
+        await websocket.close(code=1008, reason=str(exc)[:120])
+        return
+    await websocket.accept()
+    try:
+        async with unix_channel(path) as local:
+            await pipe(_ServerChannel(websocket), local)
+    except OSError:
+        pass  # the VM went away: the source's side sees the channel end
+    finally:
+        with contextlib.suppress(Exception):
+            await websocket.close()
+
+
+class _ServerChannel:
+    """The daemon's end of a channel WebSocket as a :class:`kelpie.teleport.Channel`."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+
+    async def send(self, data: bytes) -> None:
+        await self._ws.send_bytes(data)
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._ws.receive()
+        except WebSocketDisconnect:
+            return b""
+        if message.get("type") == "websocket.disconnect":
+            return b""
+        data = message.get("bytes")
+        return data if isinstance(data, bytes) else b""

@@ -19,11 +19,13 @@ from kelpie.teleport._journal import (
 from kelpie.teleport._local import LocalPeer
 from kelpie.teleport._modes import ModeChoice, choose_mode
 from kelpie.teleport._peer import DaemonPeer, TeleportPeer
+from kelpie.teleport._relay import Channel, pipe, relayed, unix_channel
 from kelpie.teleport._source import Teleporter
 from kelpie.teleport._target import TeleportReceiver, unbindable_ports
 
 __all__ = [
     "JOURNAL_FILENAME",
+    "Channel",
     "DaemonPeer",
     "Incoming",
     "LocalPeer",
@@ -37,5 +39,8 @@ __all__ = [
     "TeleportReceiver",
     "Teleporter",
     "choose_mode",
+    "pipe",
+    "relayed",
     "unbindable_ports",
+    "unix_channel",
 ]
