@@ -5,6 +5,14 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
+from kelpie.backends.qemu._liveplan import (
+    LiveEndpoints,
+    LiveMigrationDidNotConverge,
+    LiveMigrationFailed,
+    LivePlan,
+    LiveProgress,
+    LiveStats,
+)
 from kelpie.vm import BackendSpec, Capabilities, ProbeResult, SnapshotKind, VmConfig, VmInstance
 
 # Declared here, not imported from _vm, so probing the host does not import qemu.qmp.
@@ -63,4 +71,16 @@ SPEC = BackendSpec(
     attach=attach,
 )
 
-__all__ = ["CAPABILITIES", "SPEC", "attach", "create", "probe"]
+__all__ = [
+    "CAPABILITIES",
+    "SPEC",
+    "LiveEndpoints",
+    "LiveMigrationDidNotConverge",
+    "LiveMigrationFailed",
+    "LivePlan",
+    "LiveProgress",
+    "LiveStats",
+    "attach",
+    "create",
+    "probe",
+]
