@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from kelpie import VmConfig, VmState
+from kelpie import BootError, SnapshotIncompatible, VmConfig, VmState
 from kelpie.backends.qemu import (
     LiveMigrationDidNotConverge,
     LiveMigrationFailed,
@@ -164,6 +164,18 @@ async def no_live_leftovers(vm: QemuVm) -> None:
     assert {c["capability"]: c["state"] for c in caps}["pause-before-switchover"] is False
 
 
+async def test_a_plan_the_target_cannot_take_is_refused_before_anything_starts(
+    guestkit: GuestKit, state_dir: Path, root_disk: Path, source: QemuVm
+) -> None:
+    plan = await source.live_plan()
+    wrong = dataclasses.replace(plan, base_image_digest="sha256:" + "0" * 64)
+    target = new_vm(guestkit, state_dir, root_disk)
+    with pytest.raises(SnapshotIncompatible, match="base image sha256:0000"):
+        await target.receive_live(wrong)
+    assert target.state is VmState.CREATED
+    assert not target.workdir.exists()
+
+
 async def test_a_migration_that_cannot_converge_is_cancelled_and_the_source_runs_on(
     guestkit: GuestKit, state_dir: Path, root_disk: Path, source: QemuVm
 ) -> None:
@@ -188,6 +200,7 @@ async def test_a_target_that_dies_midway_fails_the_migration_and_the_source_runs
     async with target_behind_relays(guestkit, state_dir, root_disk, source) as (
         target, nbd, migration
     ):
+        finishing = asyncio.ensure_future(target.finish_live(timeout=60))
         aborted: list[asyncio.Task[None]] = []
 
         def abort_once_memory_moves(report: LiveProgress) -> None:
@@ -200,6 +213,9 @@ async def test_a_target_that_dies_midway_fails_the_migration_and_the_source_runs
                 progress=abort_once_memory_moves,
             )
         await aborted[0]
+        with pytest.raises(BootError, match="exited"):  # abort_live ended its wait
+            await finishing
+        assert target.state is VmState.STOPPED
     assert source.state is VmState.RUNNING
     last = (await counter_lines(source))[-1]
     await wait_until(counts_past(source, last), 10, "the source's counter to go on")
@@ -211,6 +227,7 @@ class Moved:
     target: QemuVm
     stats: LiveStats
     pid: str
+    hostname: str
     during: bytes
     """What the guest wrote to its disk while the migration ran."""
 
@@ -220,6 +237,7 @@ async def moved(
     guestkit: GuestKit, state_dir: Path, root_disk: Path, source: QemuVm
 ) -> AsyncIterator[Moved]:
     pid = (await sh(source, "cat /root/counter.pid")).strip()
+    hostname = await sh(source, "hostname")
     async with target_behind_relays(guestkit, state_dir, root_disk, source) as (
         target, nbd, migration
     ):
@@ -245,7 +263,7 @@ async def moved(
         assert nbd.copied > 0 and migration.copied > 0
         print(f"\nlive migration: {stats}; from the switchover to the target's agent "
               f"resynced: {(resumed - switchover[0]) * 1000:.0f} ms")
-        yield Moved(target, stats, pid, during)
+        yield Moved(target, stats, pid, hostname, during)
 
 
 async def test_the_guest_moves_with_its_memory_and_disk(moved: Moved, source: QemuVm) -> None:
@@ -253,6 +271,7 @@ async def test_the_guest_moves_with_its_memory_and_disk(moved: Moved, source: Qe
     assert target.state is VmState.RUNNING
     assert source.state is VmState.PAUSED
     assert (await sh(target, "cat /root/counter.pid")).strip() == moved.pid
+    assert await sh(target, "hostname") == moved.hostname
     lines = await counter_lines(target)
     assert lines == list(range(1, len(lines) + 1)), "the counter restarted or lost a step"
     await wait_until(counts_past(target, lines[-1]), 10, "the counter to go on")

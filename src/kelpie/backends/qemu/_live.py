@@ -357,6 +357,8 @@ class LiveReceiver:
                 _snapshot.find_base_image, plan.base_image_digest, candidates
             )
         config = _snapshot.restored_config(record.config, vm.config, SnapshotKind.FULL, base)
+        if config.hostname is None:  # the guest moves, so its name goes with it
+            config = config.evolve(hostname=record.hostname)
         launch = await vm._prepare_launch(config, incoming=True)
         plan.manifest().check_restorable(vm.host_info())
         signature = tuple(device_signature(dataclasses.replace(

@@ -134,7 +134,13 @@ class QemuVm(QemuAttach):
             self._set_state(VmState.RUNNING)
 
     async def abort_live(self) -> None:
-        """Give up a live migration into this VM: its QEMU is killed, the VM is STOPPED."""
+        """Give up a live migration into this VM: its QEMU is killed, the VM is STOPPED.
+
+        Also while :meth:`finish_live` waits: that wait then fails at once (and stops the VM).
+        """
+        process = self._process
+        if self._state is VmState.STARTING and process is not None and process.running:
+            process.kill_group()  # no lock: finish_live may hold it, waiting for QEMU
         async with self._lifecycle:
             if self._state is VmState.STARTING:
                 try:
