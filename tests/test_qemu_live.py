@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +32,7 @@ from kelpie.backends.qemu import (
     LiveProgress,
     LiveStats,
 )
+from kelpie.backends.qemu._live import SEND_MARKER, _SendRun, _set_capabilities, write_send_marker
 from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
 from vm_fixtures import busybox_root_disk, short_state_dir
@@ -297,3 +299,37 @@ async def test_the_source_runs_again_after_a_completed_migration(
     await wait_until(counts_past(source, last), 10, "the source's counter to go on")
     assert (await sh(source, "cat /root/counter.pid")).strip() == moved.pid
     await no_live_leftovers(source)
+
+
+async def test_an_attach_undoes_a_live_send_whose_process_died(
+    guestkit: GuestKit, state_dir: Path, root_disk: Path, source: QemuVm, moved: Moved
+) -> None:
+    """QEMU holds the guest at the switchover for the sender; a sender that died would
+    leave it paused for good, were it not for the marker an attach finds."""
+    qmp = source._qmp
+    assert qmp is not None and source.state is VmState.RUNNING
+    async with target_behind_relays(guestkit, state_dir, root_disk, source) as (
+        _, nbd, migration
+    ):
+        # send_live's first steps, then its process "dies" (lets go of QEMU, undoes nothing)
+        write_send_marker(source.workdir / SEND_MARKER, nbd.path, migration.path)
+        run = _SendRun(source.id, qmp, lambda _: None, math.inf, 0.0)
+        await _set_capabilities(qmp, switchover_pause=True)
+        await run.start_mirror(nbd.path)
+        await qmp.execute("migrate", {"uri": f"unix:{migration.path}"})
+
+        async def at_switchover() -> bool:
+            info = await qmp.execute("query-migrate")
+            return isinstance(info, dict) and info.get("status") == "pre-switchover"
+
+        await wait_until(at_switchover, 30, "QEMU to pause the guest for the switchover")
+        await source.detach()
+        attached = await QemuVm.attach(source.id, workdir=source.workdir, kit=guestkit)
+    try:
+        assert attached.state is VmState.RUNNING
+        assert not (source.workdir / SEND_MARKER).exists()
+        last = (await counter_lines(attached))[-1]
+        await wait_until(counts_past(attached, last), 10, "the counter to go on")
+        await no_live_leftovers(attached)
+    finally:
+        await attached.stop(force=True)

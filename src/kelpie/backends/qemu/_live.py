@@ -15,6 +15,10 @@ Everything crosses the two sockets as plain byte streams, so a relay may carry t
 The source ends paused (``postmigrate``; ``cont`` runs it again); a failed or unconverged
 migration is undone and leaves it running. The target resumes its guest, reconnects the
 agent and resyncs the guest's clock and RNG like a restore.
+
+While the source sends, ``live-send-in-progress.json`` in its VM directory says so: should
+the sending process die, QEMU would hold the guest at the switchover forever. An attach
+finding the marker (:func:`recover_send`) undoes the migration unless it completed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,10 +62,13 @@ DEFAULT_DOWNTIME_LIMIT_MS = 300
 """QEMU's own default: it switches over once the rest fits in this pause at the measured rate."""
 SETTLE_TIMEOUT = 10.0
 """Seconds for a mirror job to end once cancelled, and for QEMU to leave a migration."""
+SEND_MARKER = "live-send-in-progress.json"
+"""In a source's VM directory while it sends (see :func:`recover_send`)."""
 _POLL = 0.05
 _JOB_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
 Progress = Callable[[LiveProgress], None]
+_log = logging.getLogger(__name__)
 
 
 class LiveSender:
@@ -102,10 +111,22 @@ class LiveSender:
         if qmp is None or not vm._vmm_running():
             raise vm._vmm_gone_error("live migration")
         report = progress or (lambda _: None)
-        has_disk = vm.config.root_disk is not None
-        started = time.monotonic()
-        deadline = started + converge_timeout
+        deadline = time.monotonic() + converge_timeout
         run = _SendRun(vm.id, qmp, report, deadline, converge_timeout)
+        marker = vm.workdir / SEND_MARKER
+        write_send_marker(marker, nbd_socket, migration_socket)
+        try:
+            return await self._send(run, nbd_socket, migration_socket, bandwidth,
+                                    downtime_limit_ms, has_disk=vm.config.root_disk is not None)
+        finally:
+            marker.unlink(missing_ok=True)  # the outcome is settled either way
+
+    async def _send(
+        self, run: _SendRun, nbd_socket: Path, migration_socket: Path, bandwidth: int,
+        downtime_limit_ms: int, *, has_disk: bool,
+    ) -> LiveStats:
+        vm, qmp, report = self._vm, run.qmp, run.report
+        started = time.monotonic()
         listener = EventListener(names=_JOB_EVENTS)
         migration_events = EventListener(names=("MIGRATION",))
         with qmp.listen(listener, migration_events):
@@ -281,13 +302,19 @@ class _SendRun:
             await asyncio.sleep(_POLL / 5)
 
     async def undo(self) -> None:
-        """Cancel the migration and the mirror, drop the NBD node, run the guest again."""
+        """Cancel the migration and the mirror, drop the NBD node, run the guest again.
+
+        Each step is tried even when an earlier one failed (best effort: this runs while
+        an error or a cancellation propagates).
+        """
         qmp = self.qmp
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            if self.migrating:
+        errors = (QMPError, OSError, EOFError)
+        if self.migrating:
+            with contextlib.suppress(*errors):
                 await _migration._cancel(qmp)
                 await _migration._settled(qmp)
-            if self.mirroring:
+        if self.mirroring:
+            with contextlib.suppress(*errors):
                 with contextlib.suppress(QMPError):  # it may have ended since
                     await qmp.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
                 settle = time.monotonic() + SETTLE_TIMEOUT
@@ -295,13 +322,47 @@ class _SendRun:
                     if not await _has_job(qmp, MIRROR_JOB):
                         break
                     await asyncio.sleep(_POLL / 5)
-            if self.node_added:
+        if self.node_added:
+            with contextlib.suppress(*errors):
                 await qmp.execute("blockdev-del", {"node-name": NBD_NODE})
+        with contextlib.suppress(*errors):
             # A migration cancelled at its switchover restarts the guest itself; if it did
             # not (or the switchover had passed), cont re-activates the disks and runs it.
             status = await qmp.execute("query-status")
             if isinstance(status, dict) and status.get("status") in ("paused", "postmigrate"):
                 await qmp.execute("cont")
+
+
+def write_send_marker(path: Path, nbd_socket: Path, migration_socket: Path) -> None:
+    """Say that this process sends the VM live (not fsynced: it guards against the death
+    of this process, not of the host, which QEMU would not survive either)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps({
+        "pid": os.getpid(), "nbd": str(nbd_socket), "migration": str(migration_socket),
+    }) + "\n")
+    temporary.replace(path)
+
+
+async def recover_send(vm_id: str, qmp: QMPClient, marker: Path) -> None:
+    """Undo a live send whose process died (found by an attach); the marker goes last.
+
+    A migration that completed is left so: the target may run the guest now, and only
+    the coordinator knows (the source stays paused; ``resume`` runs it). Anything else is
+    cancelled with its mirror and NBD node, and the guest runs again.
+    """
+    info = await qmp.execute("query-migrate")
+    status = str(info.get("status", "none")) if isinstance(info, dict) else "none"
+    if status != "completed":
+        await _SendRun(vm_id, qmp, lambda _: None, 0.0, 0.0, node_added=True, mirroring=True,
+                       migrating=True).undo()
+    with contextlib.suppress(QMPError):
+        await _set_capabilities(qmp, switchover_pause=False)
+    _log.warning(
+        "VM %s: the process sending it live exited before the end; its migration was %r "
+        "(%s)", vm_id, status,
+        "the source stays paused" if status == "completed" else "undone, the guest runs again",
+    )
+    await asyncio.to_thread(marker.unlink, True)  # missing_ok
 
 
 async def _status_event(events: EventListener, wanted: tuple[str, ...]) -> None:
