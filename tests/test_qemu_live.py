@@ -245,17 +245,23 @@ async def moved(
     ):
         writes: list[asyncio.Task[None]] = []
         during = os.urandom(64 * 1024)
-
         switchover: list[float] = []
+
+        async def write_then_speed_up() -> None:
+            await source.write_file("/root/during", during)
+            await source._qmp_execute("migrate-set-parameters", **{"max-bandwidth": 2**50})
 
         def write_while_memory_moves(report: LiveProgress) -> None:
             if report.phase == "memory" and not writes:
-                writes.append(asyncio.ensure_future(source.write_file("/root/during", during)))
+                writes.append(asyncio.ensure_future(write_then_speed_up()))
             if report.phase == "switchover":
                 switchover.append(time.monotonic())
 
+        # 8 MiB/s cannot converge (~95 MB of RAM to send): the write is certain to land
+        # while the guest still runs here; then the migration goes at full speed.
         send = asyncio.ensure_future(source.send_live(
             nbd.path, migration.path, converge_timeout=60, progress=write_while_memory_moves,
+            bandwidth=8 * 1024 * 1024,
         ))
         await target.finish_live(timeout=60)
         resumed = time.monotonic()
