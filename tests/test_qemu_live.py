@@ -339,3 +339,31 @@ async def test_an_attach_undoes_a_live_send_whose_process_died(
         await no_live_leftovers(attached)
     finally:
         await attached.stop(force=True)
+
+
+async def test_a_vm_without_a_root_disk_moves_without_a_mirror(
+    guestkit: GuestKit, state_dir: Path
+) -> None:
+    source = QemuVm(VmConfig(memory_mib=MEMORY_MIB), kit=guestkit)
+    source.workdir = state_dir / source.id
+    target = QemuVm(VmConfig(memory_mib=MEMORY_MIB), kit=guestkit)
+    target.workdir = state_dir / target.id
+    try:
+        await source.start()
+        await sh(source, "i=0; while :; do i=$((i+1)); echo $i >> /tmp/n; sleep 0.05; done "
+                         ">/dev/null 2>&1 & echo $! > /tmp/pid")
+        pid = await sh(source, "cat /tmp/pid")
+        endpoints = await target.receive_live(await source.live_plan())
+        assert endpoints.nbd_socket is None
+        send = asyncio.ensure_future(
+            source.send_live(None, endpoints.migration_socket, converge_timeout=60)
+        )
+        await target.finish_live(timeout=60)
+        stats = await send
+        assert stats.disk_mirrored == 0 and source.state is VmState.PAUSED
+        assert await sh(target, "cat /tmp/pid") == pid
+        lines = [int(n) for n in (await target.read_file("/tmp/n")).split()]
+        assert lines == list(range(1, len(lines) + 1))
+    finally:
+        await target.abort_live()
+        await source.stop(force=True)

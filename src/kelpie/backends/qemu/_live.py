@@ -50,7 +50,7 @@ from kelpie.backends.qemu._liveplan import (
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
 from kelpie.backends.qemu._restore import QemuRestorer, _signature_mismatch
 from kelpie.backends.qemu._snapshot import SnapshotRecord
-from kelpie.vm import SnapshotIncompatible, SnapshotKind
+from kelpie.vm import ConfigError, SnapshotIncompatible, SnapshotKind
 
 ROOT_DEVICE = "root"
 """The root disk's drive id on the command line (see ``_cmdline``), also the NBD export."""
@@ -96,7 +96,7 @@ class LiveSender:
         )
 
     async def send(
-        self, nbd_socket: Path, migration_socket: Path, *, converge_timeout: float,
+        self, nbd_socket: Path | None, migration_socket: Path, *, converge_timeout: float,
         progress: Progress | None, bandwidth: int, downtime_limit_ms: int,
     ) -> LiveStats:
         """Mirror the disk, migrate, complete the mirror at switchover; the source ends paused.
@@ -110,6 +110,11 @@ class LiveSender:
         qmp = vm._qmp
         if qmp is None or not vm._vmm_running():
             raise vm._vmm_gone_error("live migration")
+        if nbd_socket is None and vm.config.root_disk is not None:
+            raise ConfigError([
+                f"VM {vm.id} has a root disk: a live migration needs the target's NBD socket "
+                f"to mirror it to (LiveEndpoints.nbd_socket of a target with the same disk)"
+            ], what="live migration")
         report = progress or (lambda _: None)
         deadline = time.monotonic() + converge_timeout
         run = _SendRun(vm.id, qmp, report, deadline, converge_timeout)
@@ -122,7 +127,7 @@ class LiveSender:
             marker.unlink(missing_ok=True)  # the outcome is settled either way
 
     async def _send(
-        self, run: _SendRun, nbd_socket: Path, migration_socket: Path, bandwidth: int,
+        self, run: _SendRun, nbd_socket: Path | None, migration_socket: Path, bandwidth: int,
         downtime_limit_ms: int, *, has_disk: bool,
     ) -> LiveStats:
         vm, qmp, report = self._vm, run.qmp, run.report
@@ -135,7 +140,7 @@ class LiveSender:
                 await qmp.execute("migrate-set-parameters", {
                     "max-bandwidth": bandwidth, "downtime-limit": downtime_limit_ms,
                 })
-                if has_disk:
+                if nbd_socket is not None and has_disk:
                     await run.start_mirror(nbd_socket)
                     await run.mirror_ready(listener)
                 run.migrating = True
@@ -333,12 +338,13 @@ class _SendRun:
                 await qmp.execute("cont")
 
 
-def write_send_marker(path: Path, nbd_socket: Path, migration_socket: Path) -> None:
+def write_send_marker(path: Path, nbd_socket: Path | None, migration_socket: Path) -> None:
     """Say that this process sends the VM live (not fsynced: it guards against the death
     of this process, not of the host, which QEMU would not survive either)."""
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps({
-        "pid": os.getpid(), "nbd": str(nbd_socket), "migration": str(migration_socket),
+        "pid": os.getpid(), "nbd": None if nbd_socket is None else str(nbd_socket),
+        "migration": str(migration_socket),
     }) + "\n")
     temporary.replace(path)
 
@@ -434,16 +440,19 @@ class LiveReceiver:
         vm = self._vm
         vm._prepare_workdir(launch)
         vm._config = launch.config
-        endpoints = LiveEndpoints(vm.workdir / NBD_SOCKET, vm.workdir / MIGRATION_SOCKET)
-        for path in (endpoints.nbd_socket, endpoints.migration_socket):
-            path.unlink(missing_ok=True)
+        for name in (NBD_SOCKET, MIGRATION_SOCKET):
+            (vm.workdir / name).unlink(missing_ok=True)
         (vm.workdir / OVERLAY).unlink(missing_ok=True)  # sync top needs an empty overlay
         launch = dataclasses.replace(launch, overlay=await vm._prepare_overlay())
+        endpoints = LiveEndpoints(
+            None if launch.overlay is None else vm.workdir / NBD_SOCKET,
+            vm.workdir / MIGRATION_SOCKET,
+        )
         vm._spawn_qemu(launch)
         deadline = time.monotonic() + vm.boot_timeout
         qmp = await vm._before_exit(vm._connect_qmp(), "the QMP socket", deadline)
         vm._qmp = qmp
-        if launch.overlay is not None:
+        if endpoints.nbd_socket is not None:
             await vm._before_exit(_export_disk(qmp, endpoints.nbd_socket),
                                   "the NBD export of the root disk", deadline)
         await vm._before_exit(

@@ -97,8 +97,9 @@ class LivePlan:
 class LiveEndpoints:
     """Where the target listens (unix sockets in its VM directory)."""
 
-    nbd_socket: Path
-    """QEMU's NBD server: the source mirrors its disk here (export ``root``, writable)."""
+    nbd_socket: Path | None
+    """QEMU's NBD server: the source mirrors its disk here (export ``root``, writable);
+    None when the VM has no root disk."""
     migration_socket: Path
     """QEMU's incoming migration: the source's ``migrate`` connects here."""
 

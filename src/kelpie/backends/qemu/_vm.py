@@ -75,7 +75,7 @@ class QemuVm(QemuAttach):
         return await LiveSender(self).plan(await self._saver._snapshot_record(SnapshotKind.FULL))
 
     async def send_live(
-        self, nbd_socket: Path, migration_socket: Path, *, converge_timeout: float,
+        self, nbd_socket: Path | None, migration_socket: Path, *, converge_timeout: float,
         progress: Progress | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
         downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
     ) -> LiveStats:
