@@ -120,16 +120,18 @@ class LiveSender:
         run = _SendRun(vm.id, qmp, report, deadline, converge_timeout)
         marker = vm.workdir / SEND_MARKER
         write_send_marker(marker, nbd_socket, migration_socket)
+        mirror_to = None if vm.config.root_disk is None else nbd_socket
         try:
-            return await self._send(run, nbd_socket, migration_socket, bandwidth,
-                                    downtime_limit_ms, has_disk=vm.config.root_disk is not None)
+            return await self._send(run, mirror_to, migration_socket, bandwidth,
+                                    downtime_limit_ms)
         finally:
             marker.unlink(missing_ok=True)  # the outcome is settled either way
 
     async def _send(
-        self, run: _SendRun, nbd_socket: Path | None, migration_socket: Path, bandwidth: int,
-        downtime_limit_ms: int, *, has_disk: bool,
+        self, run: _SendRun, mirror_to: Path | None, migration_socket: Path, bandwidth: int,
+        downtime_limit_ms: int,
     ) -> LiveStats:
+        """The steps of :meth:`send`; ``mirror_to``: the NBD socket (None: no disk)."""
         vm, qmp, report = self._vm, run.qmp, run.report
         started = time.monotonic()
         listener = EventListener(names=_JOB_EVENTS)
@@ -140,15 +142,15 @@ class LiveSender:
                 await qmp.execute("migrate-set-parameters", {
                     "max-bandwidth": bandwidth, "downtime-limit": downtime_limit_ms,
                 })
-                if nbd_socket is not None and has_disk:
-                    await run.start_mirror(nbd_socket)
+                if mirror_to is not None:
+                    await run.start_mirror(mirror_to)
                     await run.mirror_ready(listener)
                 run.migrating = True
                 await qmp.execute("migrate", {"uri": f"unix:{migration_socket}"})
-                await run.until_switchover(migration_events, listener if has_disk else None)
+                await run.until_switchover(migration_events, listener if mirror_to else None)
                 paused_at = time.monotonic()
-                disk_bytes = await run.complete_mirror(listener) if has_disk else 0
-                report(LiveProgress("switchover", 0, 0))
+                report(LiveProgress("switchover", 0, 0))  # the guest is paused from here
+                disk_bytes = await run.complete_mirror(listener) if mirror_to else 0
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
                 info = await run.until_completed()
             except BaseException as exc:
