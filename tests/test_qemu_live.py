@@ -25,16 +25,10 @@ import pytest
 import pytest_asyncio
 
 from kelpie import BootError, SnapshotIncompatible, VmConfig, VmState
-from kelpie.backends.qemu import (
-    LiveMigrationDidNotConverge,
-    LiveMigrationFailed,
-    LivePlan,
-    LiveProgress,
-    LiveStats,
-)
 from kelpie.backends.qemu._live import SEND_MARKER, _SendRun, _set_capabilities, write_send_marker
 from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
+from kelpie.vm import LiveMigrationDidNotConverge, LiveMigrationFailed, LiveProgress, LiveStats
 from vm_fixtures import busybox_root_disk, short_state_dir
 from waiting import wait_until
 
@@ -139,9 +133,9 @@ async def target_behind_relays(
 ) -> AsyncIterator[tuple[QemuVm, Relay, Relay]]:
     """A target VM receiving ``source``'s plan (passed through JSON, as between hosts),
     its two sockets each behind a relay; stopped at the end."""
-    plan = LivePlan.from_dict(json.loads(json.dumps((await source.live_plan()).to_dict())))
+    plan = json.loads(json.dumps(await source.live_plan_document()))
     target = new_vm(guestkit, state_dir, root_disk)
-    endpoints = await target.receive_live(plan)
+    endpoints = await target.receive_live_document(plan)
     assert target.state is VmState.STARTING
     relays = (
         await Relay(state_dir / f"{target.id}-nbd", endpoints.nbd_socket).start(),
@@ -354,10 +348,10 @@ async def test_a_vm_without_a_root_disk_moves_without_a_mirror(
                          ">/dev/null 2>&1 & echo $! > /tmp/pid")
         pid = await sh(source, "cat /tmp/pid")
         endpoints = await target.receive_live(await source.live_plan())
-        assert endpoints.nbd_socket is None
-        send = asyncio.ensure_future(
-            source.send_live(None, endpoints.migration_socket, converge_timeout=60)
-        )
+        assert not endpoints.nbd_socket.exists()  # no disk: nothing to mirror
+        send = asyncio.ensure_future(source.send_live(
+            endpoints.nbd_socket, endpoints.migration_socket, converge_timeout=60
+        ))
         await target.finish_live(timeout=60)
         stats = await send
         assert stats.disk_mirrored == 0 and source.state is VmState.PAUSED

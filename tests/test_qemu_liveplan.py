@@ -11,7 +11,8 @@ import pytest
 from kelpie import SnapshotCorrupted, VmConfig
 from kelpie.backends.qemu import LivePlan
 from kelpie.backends.qemu._snapshot import SnapshotRecord
-from kelpie.vm import HostInfo
+from kelpie.backends.qemu._vm import QemuVm
+from kelpie.vm import HostInfo, LiveMigratable
 
 
 def a_plan() -> LivePlan:
@@ -53,3 +54,8 @@ def test_the_target_checks_a_plan_like_a_full_snapshot() -> None:
     other = dataclasses.replace(host, cpu_model="host", guestkit_digest="sha256:" + "c" * 64)
     reasons = plan.manifest().incompatibilities(other)
     assert any("CPU model" in r for r in reasons) and any("guest kit" in r for r in reasons)
+
+
+def test_a_qemu_vm_is_live_migratable() -> None:
+    assert isinstance(QemuVm(VmConfig()), LiveMigratable)
+    assert QemuVm.capabilities.live_migration

@@ -5,14 +5,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from kelpie.backends.qemu._liveplan import (
-    LiveEndpoints,
-    LiveMigrationDidNotConverge,
-    LiveMigrationFailed,
-    LivePlan,
-    LiveProgress,
-    LiveStats,
-)
+from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.vm import BackendSpec, Capabilities, ProbeResult, SnapshotKind, VmConfig, VmInstance
 
 # Declared here, not imported from _vm, so probing the host does not import qemu.qmp.
@@ -25,6 +18,7 @@ CAPABILITIES = Capabilities(
     shared_dirs=True,
     networking=True,
     pty=True,
+    live_migration=True,
 )
 
 
@@ -74,12 +68,7 @@ SPEC = BackendSpec(
 __all__ = [
     "CAPABILITIES",
     "SPEC",
-    "LiveEndpoints",
-    "LiveMigrationDidNotConverge",
-    "LiveMigrationFailed",
     "LivePlan",
-    "LiveProgress",
-    "LiveStats",
     "attach",
     "create",
     "probe",

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +38,21 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from kelpie.backends.qemu import _migration, _snapshot
 from kelpie.backends.qemu._cmdline import QemuLaunch, device_signature
 from kelpie.backends.qemu._host import cpu_model
-from kelpie.backends.qemu._liveplan import (
-    LiveEndpoints,
-    LiveMigrationDidNotConverge,
-    LiveMigrationFailed,
-    LivePlan,
-    LiveProgress,
-    LiveStats,
-)
+from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
 from kelpie.backends.qemu._restore import QemuRestorer, _signature_mismatch
 from kelpie.backends.qemu._snapshot import SnapshotRecord
-from kelpie.vm import ConfigError, SnapshotIncompatible, SnapshotKind
+from kelpie.vm import (
+    ConfigError,
+    LiveEndpoints,
+    LiveMigrationDidNotConverge,
+    LiveMigrationFailed,
+    LiveProgress,
+    LiveProgressCallback,
+    LiveStats,
+    SnapshotIncompatible,
+    SnapshotKind,
+)
 
 ROOT_DEVICE = "root"
 """The root disk's drive id on the command line (see ``_cmdline``), also the NBD export."""
@@ -67,7 +69,7 @@ SEND_MARKER = "live-send-in-progress.json"
 _POLL = 0.05
 _JOB_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
-Progress = Callable[[LiveProgress], None]
+Progress = LiveProgressCallback
 _log = logging.getLogger(__name__)
 
 
@@ -446,15 +448,14 @@ class LiveReceiver:
             (vm.workdir / name).unlink(missing_ok=True)
         (vm.workdir / OVERLAY).unlink(missing_ok=True)  # sync top needs an empty overlay
         launch = dataclasses.replace(launch, overlay=await vm._prepare_overlay())
-        endpoints = LiveEndpoints(
-            None if launch.overlay is None else vm.workdir / NBD_SOCKET,
-            vm.workdir / MIGRATION_SOCKET,
-        )
+        # Without a root disk nothing listens on the NBD socket, and the source never
+        # connects to it.
+        endpoints = LiveEndpoints(vm.workdir / NBD_SOCKET, vm.workdir / MIGRATION_SOCKET)
         vm._spawn_qemu(launch)
         deadline = time.monotonic() + vm.boot_timeout
         qmp = await vm._before_exit(vm._connect_qmp(), "the QMP socket", deadline)
         vm._qmp = qmp
-        if endpoints.nbd_socket is not None:
+        if launch.overlay is not None:
             await vm._before_exit(_export_disk(qmp, endpoints.nbd_socket),
                                   "the NBD export of the root disk", deadline)
         await vm._before_exit(

@@ -1,32 +1,22 @@
-"""What the two halves of a live migration exchange and report (no QMP, no I/O).
+"""What the source of a QEMU live migration tells its target (no QMP, no I/O).
 
-The source describes its VM in a :class:`LivePlan` (JSON-able: it crosses hosts), the
-target answers with the :class:`LiveEndpoints` it listens on; the source's
-:class:`LiveProgress` reports and :class:`LiveStats` sum the transfer up. The plan is the
-record a full snapshot would carry (:class:`SnapshotRecord`), plus what a snapshot's
-manifest says about the host, so the target refuses it with the same checks a restore does.
+The source describes its VM in a :class:`LivePlan` (JSON-able: it crosses hosts); the
+target answers with the :class:`~kelpie.vm.LiveEndpoints` it listens on (the VM layer's
+types, see :mod:`kelpie.vm._live`). The plan is the record a full snapshot would carry
+(:class:`SnapshotRecord`), plus what a snapshot's manifest says about the host, so the
+target refuses it with the same checks a restore does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from kelpie.backends.qemu._snapshot import RECORD_KEY, SnapshotRecord
-from kelpie.vm import SnapshotCorrupted, SnapshotError, SnapshotKind, SnapshotManifest
+from kelpie.vm import SnapshotCorrupted, SnapshotKind, SnapshotManifest
 
 PLAN_VERSION = 1
-
-
-class LiveMigrationFailed(SnapshotError):
-    """A live migration did not complete; the source VM runs on as it was."""
-
-
-class LiveMigrationDidNotConverge(LiveMigrationFailed):
-    """The guest dirtied memory (or disk) faster than the link carried it: the migration
-    was cancelled at its deadline and the source VM runs on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,45 +81,3 @@ class LivePlan:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotCorrupted(f"the live migration plan is malformed: {exc}") from exc
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveEndpoints:
-    """Where the target listens (unix sockets in its VM directory)."""
-
-    nbd_socket: Path | None
-    """QEMU's NBD server: the source mirrors its disk here (export ``root``, writable);
-    None when the VM has no root disk."""
-    migration_socket: Path
-    """QEMU's incoming migration: the source's ``migrate`` connects here."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveProgress:
-    """One report of a running live migration."""
-
-    phase: str
-    """``disk`` (the mirror's first copy), ``memory`` (RAM passes) or ``switchover``."""
-    done: int
-    """Bytes copied so far in this phase."""
-    remaining: int
-    """Bytes QEMU still has to copy in this phase (it may grow: the guest keeps writing)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveStats:
-    """How a completed live migration went."""
-
-    total_seconds: float
-    """From the mirror's start to the migration's completion."""
-    downtime_ms: int | None
-    """The source's pause as QEMU reports it (``downtime`` of ``query-migrate``); QEMU 7.2
-    sometimes says 0 here after a ``pause-before-switchover``: :attr:`switchover_ms` is
-    measured."""
-    switchover_ms: float
-    """Measured here: from the guest's pause for the switchover (QEMU's event) to the
-    migration's end on the source; the target then still has to resume the guest."""
-    ram_transferred: int
-    """Bytes of RAM sent (``ram.transferred``), zero pages counted small."""
-    disk_mirrored: int
-    """Bytes the disk mirror wrote to the target (its first copy and every re-copy)."""

@@ -21,15 +21,25 @@ QEMU's own parts are split by concern, one class per module:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kelpie.backends.qemu._attach import QemuAttach
-from kelpie.backends.qemu._live import DEFAULT_DOWNTIME_LIMIT_MS, LiveReceiver, LiveSender, Progress
-from kelpie.backends.qemu._liveplan import LiveEndpoints, LivePlan, LiveStats
+from kelpie.backends.qemu._live import DEFAULT_DOWNTIME_LIMIT_MS, LiveReceiver, LiveSender
+from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.backends.qemu._migration import UNLIMITED_BANDWIDTH
 from kelpie.backends.qemu._restore import QemuRestorer
 from kelpie.backends.qemu._save import QemuSaver
-from kelpie.vm import InvalidStateError, SnapshotKind, VmSnapshot, VmState
+from kelpie.vm import (
+    InvalidStateError,
+    LiveEndpoints,
+    LiveProgressCallback,
+    LiveStats,
+    SnapshotKind,
+    VmSnapshot,
+    VmState,
+)
 
 
 class QemuVm(QemuAttach):
@@ -69,14 +79,23 @@ class QemuVm(QemuAttach):
     async def _do_restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
         await self._restorer.restore(snapshot, paused=paused)
 
-    # ---- live migration (see _live) -----------------------------------------------------
+    # ---- live migration (see _live; kelpie.vm.LiveMigratable) ---------------------------
     async def live_plan(self) -> LivePlan:
         """What the target of a live migration of this (running) VM must be told."""
         return await LiveSender(self).plan(await self._saver._snapshot_record(SnapshotKind.FULL))
 
+    async def live_plan_document(self) -> dict[str, Any]:
+        """:meth:`live_plan` as JSON-able data (for :meth:`receive_live_document`)."""
+        return (await self.live_plan()).to_dict()
+
+    async def receive_live_document(self, plan: Mapping[str, Any]) -> LiveEndpoints:
+        """:meth:`receive_live` of a plan in its JSON-able form (``SnapshotCorrupted`` if
+        it is not one)."""
+        return await self.receive_live(LivePlan.from_dict(plan))
+
     async def send_live(
         self, nbd_socket: Path | None, migration_socket: Path, *, converge_timeout: float,
-        progress: Progress | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
+        progress: LiveProgressCallback | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
         downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
     ) -> LiveStats:
         """Move this running VM live to the target listening behind the two unix sockets
