@@ -361,3 +361,17 @@ async def test_a_vm_without_a_root_disk_moves_without_a_mirror(
     finally:
         await target.abort_live()
         await source.stop(force=True)
+
+
+async def test_a_target_whose_process_died_is_found_crashed_by_an_attach(
+    guestkit: GuestKit, state_dir: Path, root_disk: Path, source: QemuVm
+) -> None:
+    """A target's QEMU waits for a migration nobody will send once its daemon died."""
+    target = new_vm(guestkit, state_dir, root_disk)
+    await target.receive_live_document(await source.live_plan_document())
+    await target.detach()
+    found = await QemuVm.attach(target.id, workdir=target.workdir, kit=guestkit)
+    assert found.state is VmState.CRASHED
+    assert "inmigrate" in (found.crash_reason or "")
+    await found.stop()
+    assert found.state is VmState.STOPPED and not (target.workdir / "qemu.pid").exists()
