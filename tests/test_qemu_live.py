@@ -5,7 +5,8 @@ Migrations that cannot converge, or whose target dies midway, must leave it runn
 one that completes must move the guest (same process, counter unbroken, the disk with
 every write made during the migration) while the source ends paused and can still run.
 Both of the target's sockets are reached through a relay that only copies bytes, as the
-coordinator's link between two hosts will.
+coordinator's link between two hosts will. A sender or a target whose process died is
+found again by an attach: the sender's migration undone, the target reported crashed.
 """
 
 from __future__ import annotations
