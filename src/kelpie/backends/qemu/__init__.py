@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
+from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.vm import BackendSpec, Capabilities, ProbeResult, SnapshotKind, VmConfig, VmInstance
 
 # Declared here, not imported from _vm, so probing the host does not import qemu.qmp.
@@ -17,6 +18,7 @@ CAPABILITIES = Capabilities(
     shared_dirs=True,
     networking=True,
     pty=True,
+    live_migration=True,
 )
 
 
@@ -63,4 +65,11 @@ SPEC = BackendSpec(
     attach=attach,
 )
 
-__all__ = ["CAPABILITIES", "SPEC", "attach", "create", "probe"]
+__all__ = [
+    "CAPABILITIES",
+    "SPEC",
+    "LivePlan",
+    "attach",
+    "create",
+    "probe",
+]

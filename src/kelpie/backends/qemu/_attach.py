@@ -7,7 +7,8 @@ ran, whether to resume it, the snapshot's partial directory), removed once the g
 back as it should be. An attach finding that marker (the process died mid-snapshot: a
 daemon SIGKILLed, say) cancels the migration QEMU may still be writing, waits until QEMU
 has left it, resumes the guest if the snapshot would have, and removes the partial snapshot
-and the marker: the snapshot was never published, and the VM is as before it.
+and the marker: the snapshot was never published, and the VM is as before it. A live
+migration's sender leaves ``live-send-in-progress.json`` the same way (see ``_live``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kelpie.agent import ProcessWatch, VmmGone, check_vm_id, read_vm_record
 from kelpie.backends.qemu import _migration
 from kelpie.backends.qemu._accel import AccelChoice
 from kelpie.backends.qemu._host import QMP_DEAD, QMP_RUNNING, is_qemu_of, state_for_qmp_status
+from kelpie.backends.qemu._live import SEND_MARKER, recover_send
 from kelpie.backends.qemu._machine import ATTACH_TIMEOUT, SNAPSHOT_MARKER, QemuMachine
 from kelpie.guestkit import GuestKit
 from kelpie.vm import PARTIAL_SUFFIX, VmError, VmState
@@ -126,6 +128,13 @@ class QemuAttach(QemuMachine):
         status = await self._before_exit(
             self._qmp_status(), "QMP query-status", deadline, timeout
         )
+        if (self.workdir / SEND_MARKER).exists():
+            await self._before_exit(
+                recover_send(self.id, self._qmp, self.workdir / SEND_MARKER),
+                "recovering from an interrupted live migration", deadline, timeout,
+            )
+            status = await self._before_exit(self._qmp_status(), "QMP query-status",
+                                             deadline, timeout)
         if (self.workdir / SNAPSHOT_MARKER).exists():
             status = await self._before_exit(
                 self._recover_snapshot(), "recovering from an interrupted snapshot", deadline,

@@ -11,8 +11,10 @@ from pathlib import Path
 from kelpie.vm import VmState
 
 QMP_RUNNING = "running"
-QMP_DEAD = frozenset({"guest-panicked", "internal-error", "shutdown"})
-"""QMP run states of a guest that will not run again; any other non-running one is paused."""
+QMP_DEAD = frozenset({"guest-panicked", "internal-error", "shutdown", "inmigrate"})
+"""QMP run states of a guest that will not run again; any other non-running one is paused.
+An attach finding ``inmigrate`` found a QEMU still waiting for the VM state of a restore or
+live migration whose process died: nobody will send it."""
 _HOSTFWD_FAILED = re.compile(
     r"could not set up host forwarding rule '(tcp|udp)?:([^:']*):([0-9]+)-[^']*'", re.IGNORECASE
 )

@@ -5,7 +5,9 @@ virtio-serial agent port), ``console.log``, ``qemu.log`` (QEMU's own stderr), ``
 ``config.json`` (the config, and the accelerator, host name and guest kit it booted with)
 and, with a root disk, ``overlay.qcow2`` on top of the read-only base; after a restore
 that left the guest paused, ``pending-resync.json`` until it first runs again; while a full
-snapshot is taken, ``snapshot-in-progress.json``. QEMU runs in its own session (see
+snapshot is taken, ``snapshot-in-progress.json``; while it is sent live,
+``live-send-in-progress.json``, and while it receives one, ``nbd.sock`` and
+``migration.sock`` (see ``_live``). QEMU runs in its own session (see
 :class:`kelpie.agent.ProcessVm`), so it does not die with the process that started it.
 """
 

@@ -83,7 +83,12 @@ class SnapshotRecord:
     @classmethod
     def from_manifest(cls, manifest: SnapshotManifest) -> SnapshotRecord:
         """Read the record; :class:`SnapshotCorrupted` says what is missing or wrong."""
-        data = manifest.extra.get(RECORD_KEY)
+        return cls.from_extra(manifest.extra)
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> SnapshotRecord:
+        """Read the record from a manifest's ``extra`` (or a live migration's plan)."""
+        data = extra.get(RECORD_KEY)
         if not isinstance(data, dict):
             raise SnapshotCorrupted(
                 f"the manifest has no extra[{RECORD_KEY!r}] record: not a QEMU snapshot made "

@@ -11,6 +11,8 @@ QEMU's own parts are split by concern, one class per module:
   (:class:`QemuSaver`, which a QemuVm holds);
 * :mod:`._restore`: restoring full, disk and checkpoint snapshots (:class:`QemuRestorer`,
   which a QemuVm holds);
+* :mod:`._live`: live migration to another QEMU, the sending and the receiving half
+  (:class:`LiveSender`, :class:`LiveReceiver`; what they exchange is in :mod:`._liveplan`);
 * :mod:`._host`, :mod:`._cmdline`, :mod:`._migration`, :mod:`._snapshot`: what the classes
   use (QEMU's version and identity, its command line, the QMP sequences, the snapshot
   record).
@@ -19,12 +21,25 @@ QEMU's own parts are split by concern, one class per module:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kelpie.backends.qemu._attach import QemuAttach
+from kelpie.backends.qemu._live import DEFAULT_DOWNTIME_LIMIT_MS, LiveReceiver, LiveSender
+from kelpie.backends.qemu._liveplan import LivePlan
+from kelpie.backends.qemu._migration import UNLIMITED_BANDWIDTH
 from kelpie.backends.qemu._restore import QemuRestorer
 from kelpie.backends.qemu._save import QemuSaver
-from kelpie.vm import SnapshotKind, VmSnapshot
+from kelpie.vm import (
+    InvalidStateError,
+    LiveEndpoints,
+    LiveProgressCallback,
+    LiveStats,
+    SnapshotKind,
+    VmSnapshot,
+    VmState,
+)
 
 
 class QemuVm(QemuAttach):
@@ -63,3 +78,93 @@ class QemuVm(QemuAttach):
 
     async def _do_restore(self, snapshot: VmSnapshot, *, paused: bool) -> None:
         await self._restorer.restore(snapshot, paused=paused)
+
+    # ---- live migration (see _live; kelpie.vm.LiveMigratable) ---------------------------
+    async def live_plan(self) -> LivePlan:
+        """What the target of a live migration of this (running) VM must be told."""
+        return await LiveSender(self).plan(await self._saver._snapshot_record(SnapshotKind.FULL))
+
+    async def live_plan_document(self) -> dict[str, Any]:
+        """:meth:`live_plan` as JSON-able data (for :meth:`receive_live_document`)."""
+        return (await self.live_plan()).to_dict()
+
+    async def receive_live_document(self, plan: Mapping[str, Any]) -> LiveEndpoints:
+        """:meth:`receive_live` of a plan in its JSON-able form (``SnapshotCorrupted`` if
+        it is not one)."""
+        return await self.receive_live(LivePlan.from_dict(plan))
+
+    async def send_live(
+        self, nbd_socket: Path | None, migration_socket: Path, *, converge_timeout: float,
+        progress: LiveProgressCallback | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
+        downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
+    ) -> LiveStats:
+        """Move this running VM live to the target listening behind the two unix sockets
+        (see :meth:`receive_live`); the VM ends PAUSED, the target holding the guest.
+
+        :meth:`resume` runs it here again (the coordinator's abort), :meth:`stop` ends it
+        (once the target committed). A failure, or no switchover within
+        ``converge_timeout`` seconds (:class:`LiveMigrationDidNotConverge`), leaves it
+        RUNNING as before. ``bandwidth`` is in bytes per second.
+        """
+        async with self._lifecycle:
+            if self._state is not VmState.RUNNING:
+                raise InvalidStateError(self.id, "send a live migration", self._state,
+                                        [VmState.RUNNING])
+            with self._crash_guard():
+                stats = await self._unless_gone(LiveSender(self).send(
+                    nbd_socket, migration_socket, converge_timeout=converge_timeout,
+                    progress=progress, bandwidth=bandwidth, downtime_limit_ms=downtime_limit_ms,
+                ), "live migration")
+            self._set_state(VmState.PAUSED)
+            return stats
+
+    async def receive_live(self, plan: LivePlan) -> LiveEndpoints:
+        """Make this new VM the target of a live migration described by ``plan``: QEMU
+        waits for it (state STARTING) on the returned sockets. Then :meth:`finish_live`,
+        or :meth:`abort_live`.
+
+        Everything that can refuse the plan (base image by digest, host, devices) is
+        checked before anything starts; the VM then stays CREATED.
+        """
+        async with self._lifecycle:
+            if self._state is not VmState.CREATED:
+                raise InvalidStateError(self.id, "receive a live migration", self._state,
+                                        [VmState.CREATED])
+            receiver = LiveReceiver(self)
+            launch = await receiver.prepare(plan)
+            self._set_state(VmState.STARTING)
+            endpoints: list[LiveEndpoints] = []
+
+            async def listen() -> None:
+                endpoints.append(await receiver.listen(launch, plan))
+
+            await self._run_startup(listen(), "receiving a live migration")
+            return endpoints[0]
+
+    async def finish_live(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) for the migration into this VM to complete,
+        then run the guest and resync it: the VM ends RUNNING, its agent answering. If
+        that fails the VM is stopped (STOPPED)."""
+        async with self._lifecycle:
+            if self._state is not VmState.STARTING:
+                raise InvalidStateError(self.id, "finish a live migration", self._state,
+                                        [VmState.STARTING])
+            await self._run_startup(LiveReceiver(self).finish(timeout), "live migration")
+            self._set_state(VmState.RUNNING)
+
+    async def abort_live(self) -> None:
+        """Give up a live migration into this VM: its QEMU is killed, the VM is STOPPED.
+
+        Also while :meth:`finish_live` waits: that wait then fails at once (and stops the VM).
+        """
+        process = self._process
+        if self._state is VmState.STARTING and process is not None and process.running:
+            process.kill_group()  # no lock: finish_live may hold it, waiting for QEMU
+        async with self._lifecycle:
+            if self._state is VmState.STARTING:
+                try:
+                    await self._do_stop(force=True)
+                finally:
+                    self._set_state(VmState.STOPPED)
+                return
+        await self.stop(force=True)
