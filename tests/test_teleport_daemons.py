@@ -33,7 +33,7 @@ from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT, ok
 pytestmark = [pytest.mark.vm]
 
 COUNTER = ("echo pid $$; i=0; while :; do i=$((i+1)); echo n $i; "
-           "echo $i > /root/counter; sleep 0.2; done")
+           "echo $i >> /root/trail; sleep 0.2; done")
 WAIT = 120.0
 
 
@@ -137,6 +137,49 @@ def test_full_then_checkpoint_teleport_and_back(pair: tuple[Daemon, Daemon]) -> 
     log = a.logs("tp")
     assert set(range(1, counts[-1] + 1)) <= set(_counts(log)), "the log lost lines"
     ok(a.kelpie("rm", "-f", "tp"))
+
+
+def test_live_teleport_keeps_the_guest_and_its_disk_writes(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "lively", "--memory", "256", DEMO, "--", "sh", "-c",
+                COUNTER))
+    try:
+        waiting.wait_for(lambda: _counting_past(a, "lively", 3), WAIT, "the counter on A")
+        out = ok(_teleport(a, b, "lively"))  # auto: both run QEMU alike, so live
+        assert "mode: live" in out, out
+        assert "lively" not in a.listing() and b.listing()["lively"]["state"] == "running"
+        before = _counts(b.logs("lively"))
+        counts = waiting.wait_for(lambda: _counting_past(b, "lively", before[-1] + 3), WAIT,
+                                  "the counter going on on B")
+        assert counts == list(range(1, counts[-1] + 1)), "a gap or a restart in the counter"
+        assert len(_pids(b.logs("lively"))) == 1, "the main command restarted"
+        # every line the guest appended to its disk, during the migration too, is there
+        trail = [int(n) for n in ok(b.kelpie("exec", "lively", "--", "cat",
+                                             "/root/trail")).split()]
+        assert trail == list(range(1, trail[-1] + 1)) and trail[-1] >= counts[-1]
+    finally:
+        b.kelpie("rm", "-f", "lively")
+        a.kelpie("rm", "-f", "lively")
+
+
+def test_live_that_does_not_converge_falls_back_to_full(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    ok(a.kelpie("run", "-d", "--name", "sluggish", "--memory", "256", DEMO, "--", "sh", "-c",
+                COUNTER))
+    try:
+        waiting.wait_for(lambda: _counting_past(a, "sluggish", 2), WAIT, "the counter on A")
+        out = ok(_teleport(a, b, "sluggish", "--converge-timeout", "0.001"))
+        assert "mode: full (live did not converge within 0.001 s" in out, out
+        assert "sluggish" not in a.listing()
+        before = _counts(b.logs("sluggish"))
+        counts = waiting.wait_for(lambda: _counting_past(b, "sluggish", before[-1] + 2), WAIT,
+                                  "the counter going on on B")
+        assert counts == list(range(1, counts[-1] + 1))
+    finally:
+        b.kelpie("rm", "-f", "sluggish")
+        a.kelpie("rm", "-f", "sluggish")
 
 
 def test_unreachable_target_or_wrong_token_leave_the_sandbox_running(
@@ -367,8 +410,8 @@ def test_published_port_is_bound_again_on_a_target_in_another_namespace(
         assert started.returncode == 0, started.stderr
         ok(a.kelpie("run", "-d", "--name", "web", "--memory", "256", "-p", f"{port}:8080",
                     DEMO, "--", "sh", "-c", GUEST_SERVER))
-        out = ok(_teleport(a, far, "web"))
-        assert "mode: full" in out, out
+        out = ok(_teleport(a, far, "web"))  # far lacks the image: it goes along
+        assert "mode: live" in out, out
         assert "web" not in a.listing()
         probe = ("import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1])),"
                  " 10); s.settimeout(10); print(s.recv(100).decode().strip())")

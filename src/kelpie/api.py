@@ -476,7 +476,8 @@ class BackendFacts(_Model):
     version: str | None = None
     arches: dict[str, str] = Field(
         default_factory=dict,
-        description="Guest architectures it runs here, each with its accelerator (kvm, tcg...).")
+        description="Guest architectures it runs here, each with its accelerator (kvm, tcg; "
+                    "empty while undecided: QEMU proves KVM with a boot probe on first use).")
     capabilities: list[str] = Field(default_factory=list,
                                     description="e.g. pause, snapshot:full, live_migration")
 
@@ -522,6 +523,10 @@ class TeleportBody(_Model):
                     "best the pair supports.")
     without_volumes: bool = Field(
         False, description="Move a sandbox with host volumes in checkpoint mode, without them.")
+    converge_timeout: float = Field(
+        60.0, gt=0, le=3600,
+        description="Seconds a live migration may take to reach its final pause; past them "
+                    "the teleport falls back to full mode.")
 
 
 class TeleportProgress(_Model):
@@ -604,6 +609,8 @@ class TeleportLive(_Model):
 
     sandbox: dict[str, Any] = Field(description="The sandbox's record.")
     plan: dict[str, Any] = Field(description="The source backend's live migration plan.")
+    image_media_type: str | None = Field(
+        None, description="The media type of the image manifest sent, if one was.")
 
 
 class TeleportState(_Model):

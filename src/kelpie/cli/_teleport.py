@@ -28,11 +28,15 @@ from kelpie.client import read_token_file
                    "two hosts support.")
 @click.option("--without-volumes", is_flag=True,
               help="Leave host volumes behind (checkpoint mode only).")
+@click.option("--converge-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=60.0, show_default=True, metavar="SECONDS",
+              help="How long a live migration may take before it falls back to full mode.")
 def teleport(sandbox: str, to: str, to_token_file: Path | None, mode: str,
-             without_volumes: bool) -> int:
+             without_volumes: bool, converge_timeout: float) -> int:
     """Move SANDBOX from this daemon to the daemon at --to, with nothing lost."""
     token = read_token_file(to_token_file) if to_token_file else None
-    report = asyncio.run(_teleport(sandbox, to, token, mode, without_volumes))
+    report = asyncio.run(_teleport(sandbox, to, token, mode, without_volumes,
+                                   converge_timeout))
     sandbox_info = report.sandbox
     click.echo(f"teleported {sandbox_info.name} ({sandbox_info.short_id}) to {report.target}")
     click.echo(f"mode: {report.mode.value} ({report.reason})")
@@ -42,7 +46,7 @@ def teleport(sandbox: str, to: str, to_token_file: Path | None, mode: str,
 
 
 async def _teleport(sandbox: str, to: str, token: str | None, mode: str,
-                    without_volumes: bool) -> TeleportReport:
+                    without_volumes: bool, converge_timeout: float) -> TeleportReport:
     client = await connect()
     console = Console(stderr=True)
     try:
@@ -63,7 +67,8 @@ async def _teleport(sandbox: str, to: str, token: str | None, mode: str,
                                 completed=step.done, total=step.total or None)
 
             return await client.teleport(sandbox, to, token=token, mode=mode,
-                                         without_volumes=without_volumes, progress=progress)
+                                         without_volumes=without_volumes, progress=progress,
+                                         converge_timeout=converge_timeout)
     finally:
         await client.close()
 

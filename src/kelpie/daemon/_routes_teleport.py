@@ -75,7 +75,8 @@ async def teleport(request: Request, ref: str, body: TeleportBody) -> Response:
     queue: asyncio.Queue[TeleportProgress] = asyncio.Queue()
     task = asyncio.create_task(teleports_of(request).teleporter.teleport(
         info.id, to=body.to, token=body.token, mode=body.mode,
-        without_volumes=body.without_volumes, progress=queue.put_nowait))
+        without_volumes=body.without_volumes, progress=queue.put_nowait,
+        converge_timeout=body.converge_timeout))
     background: set[asyncio.Task[TeleportReport]] = request.app.state.background
     background.add(task)
     task.add_done_callback(background.discard)

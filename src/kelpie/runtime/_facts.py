@@ -26,12 +26,12 @@ def host_facts(ctx: RuntimeContext) -> HostFacts:
     for name in registry.names():
         spec = registry.get(name)
         probe = registry.probe(name)
-        accel = probe.details.get("accel", "")
+        # "" while undecided (e.g. QEMU proves KVM with a boot probe on its first start)
+        accel = probe.details.get("accel_choice", "" if spec.real else "none")
         backends.append(BackendFacts(
             name=spec.name, available=probe.available, reason=probe.reason,
             version=probe.details.get("version") or (__version__ if not spec.real else None),
-            arches={arch: accel.split()[0] if accel else ("none" if not spec.real else "")}
-            if probe.available else {},
+            arches={arch: accel} if probe.available else {},
             capabilities=spec.capabilities.names(),
         ))
     cpus = os.cpu_count() or 1

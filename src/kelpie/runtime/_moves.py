@@ -187,10 +187,15 @@ class Moves:
                 raise
         return ctx.info(info.id), endpoints
 
-    async def finish_live_arrival(self, sandbox_id: str, timeout: float) -> SandboxInfo:
-        """Run the sandbox whose VM came live, once the migration completed."""
+    async def finish_live_arrival(self, sandbox_id: str, timeout: float, *,
+                                  main_log: Path | None = None) -> SandboxInfo:
+        """Run the sandbox whose VM came live, once the migration completed, with its main
+        command's log so far (moved from ``main_log``)."""
         ctx = self._ctx
         vm = self._live_vm(sandbox_id)
+        if main_log is not None:
+            ctx.storage.mkdir(ctx.sandbox_dir(sandbox_id))
+            ctx.storage.rename(main_log, ctx.output_log(sandbox_id))
         async with ctx.lock_for(sandbox_id):
             await vm.finish_live(timeout)
             self._mains.follow(sandbox_id, ctx.vms[sandbox_id])

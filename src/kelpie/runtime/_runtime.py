@@ -483,9 +483,10 @@ class Runtime:
         """Take in a sandbox whose VM comes live (it waits for the migration)."""
         return await self._moves.arrive_live(record, plan)
 
-    async def finish_live_arrival(self, sandbox_id: str, timeout: float) -> SandboxInfo:
+    async def finish_live_arrival(self, sandbox_id: str, timeout: float, *,
+                                  main_log: Path | None = None) -> SandboxInfo:
         """Run a sandbox whose VM came live, once the migration completed."""
-        return await self._moves.finish_live_arrival(sandbox_id, timeout)
+        return await self._moves.finish_live_arrival(sandbox_id, timeout, main_log=main_log)
 
     async def abort_live_arrival(self, sandbox_id: str) -> None:
         """Give up a VM waiting for a live migration (a no-op for any other)."""

@@ -129,7 +129,8 @@ def _same_machine_problems(
     if here is not None and there is not None:
         accel_here = here.arches.get(source.arch)
         accel_there = there.arches.get(target.arch)
-        if accel_here != accel_there:
+        # "" is undecided (proven on the first boot there): the restore checks it then
+        if accel_here and accel_there and accel_here != accel_there:
             problems.append(f"the accelerator differs ({accel_here} here, {accel_there} on "
                             "the target)")
     if guestkit_digest is not None and guestkit_digest not in target.guestkits:

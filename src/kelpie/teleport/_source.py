@@ -107,7 +107,7 @@ class Teleporter:
     async def teleport(
         self, ref: str, *, to: str, token: str | None = None,
         mode: TeleportMode | str = TeleportMode.AUTO, without_volumes: bool = False,
-        progress: Progress | None = None,
+        progress: Progress | None = None, converge_timeout: float | None = None,
     ) -> TeleportReport:
         """Move sandbox ``ref`` to the daemon at ``to``; the report says which mode ran, why,
         the downtime and the bytes sent.
@@ -120,6 +120,7 @@ class Teleporter:
         """
         say = progress or (lambda _: None)
         started = self._clock()
+        converge = self._converge_timeout if converge_timeout is None else converge_timeout
         info = await self._runtime.inspect(ref)
         if info.state not in (VmState.RUNNING, VmState.PAUSED):
             from kelpie.runtime import SandboxStateError
@@ -129,13 +130,13 @@ class Teleporter:
         peer = self._connect(to, token)
         try:
             return await self._teleport(info, peer, to, token, TeleportMode(mode),
-                                        without_volumes, say, started)
+                                        without_volumes, say, started, converge)
         finally:
             await _close(peer)
 
     async def _teleport(self, info: SandboxInfo, peer: TeleportPeer, to: str,
                         token: str | None, mode: TeleportMode, without_volumes: bool,
-                        say: Progress, started: float) -> TeleportReport:
+                        say: Progress, started: float, converge: float) -> TeleportReport:
         say(TeleportProgress(phase="prepare", message=f"asking {to} what it offers"))
         target_facts = await self._retry(peer.facts)
         choice = choose_mode(
@@ -146,18 +147,18 @@ class Teleporter:
             live_ready=self._runtime.live_ready(info.id), target_label=to,
         )
         try:
-            return await self._attempt(info, peer, to, token, choice, say, started)
+            return await self._attempt(info, peer, to, token, choice, say, started, converge)
         except LiveMigrationDidNotConverge as exc:
             # The attempt was rolled back (the guest never stopped running here): move it
             # in full mode instead, and say so.
             fallback = ModeChoice(TeleportMode.FULL, f"live did not converge within "
-                                  f"{self._converge_timeout:g} s ({exc}); fell back to full",
+                                  f"{converge:g} s ({exc}); fell back to full",
                                   choice.target_backend)
-            return await self._attempt(info, peer, to, token, fallback, say, started)
+            return await self._attempt(info, peer, to, token, fallback, say, started, converge)
 
     async def _attempt(self, info: SandboxInfo, peer: TeleportPeer, to: str,
                        token: str | None, choice: ModeChoice, say: Progress,
-                       started: float) -> TeleportReport:
+                       started: float, converge: float) -> TeleportReport:
         say(TeleportProgress(phase="prepare", message=f"mode {choice.mode.value}: "
                                                       f"{choice.reason}"))
         teleport_id = self._new_id()
@@ -171,7 +172,7 @@ class Teleporter:
         except BaseException:
             self._runtime.unhold(info.id)
             raise
-        run = _Run(record, peer, choice, say)
+        run = _Run(record, peer, choice, say, converge)
         try:
             return await self._run(run, info, started)
         except TeleportInDoubt:
@@ -209,7 +210,8 @@ class Teleporter:
         await self._send_all(run, early)
 
         if run.choice.mode is TeleportMode.LIVE:
-            paused_at, state = await self._move_live(run, info)
+            media_type = self._image_media_type(info) if accepted.needs_image else None
+            paused_at, state = await self._move_live(run, info, media_type)
         else:
             paused_at, state = await self._move_captured(run, info, early,
                                                          accepted.needs_image)
@@ -264,7 +266,8 @@ class Teleporter:
             state = await self._settle(run.record, peer)
         return paused_at, state
 
-    async def _move_live(self, run: _Run, info: SandboxInfo) -> tuple[float, TeleportState]:
+    async def _move_live(self, run: _Run, info: SandboxInfo,
+                         media_type: str | None) -> tuple[float, TeleportState]:
         """Live mode: the target's VM waits, the source's QEMU migrates to it through the
         relay while the guest runs, then pauses for the last dirty pages. When the guest
         paused, and the target's answer to the switch."""
@@ -274,7 +277,8 @@ class Teleporter:
         plan = await runtime.live_plan(info.id)
         record = self._record_for_target(info, run.choice)
         say(TeleportProgress(phase="live", message="starting the target's VM"))
-        await self._retry(lambda: peer.live_start(tid, TeleportLive(sandbox=record, plan=plan)))
+        start = TeleportLive(sandbox=record, plan=plan, image_media_type=media_type)
+        await self._retry(lambda: peer.live_start(tid, start))
 
         def progress(step: LiveProgress) -> None:
             say(TeleportProgress(phase="live", message=step.phase, done=step.done,
@@ -284,15 +288,20 @@ class Teleporter:
         self._storage.mkdir(directory)
         async with relayed(lambda name: peer.open_channel(tid, name), directory) as endpoints:
             stats = await runtime.send_live(info.id, endpoints,
-                                            converge_timeout=self._converge_timeout,
+                                            converge_timeout=run.converge_timeout,
                                             progress=progress)
         run.paused = True
         paused_at = self._clock() - stats.switchover_ms / 1000
         run.bytes_sent += stats.ram_transferred + stats.disk_mirrored
+        log = runtime.output_log(info.id)  # complete now: the guest is paused
+        logs = [await self._blob("log-output.log", log)] if self._storage.exists(log) else []
+        await self._send_all(run, logs)
         journal.set_outgoing(tid, SourcePhase.SWITCHING, self._clock())
         say(TeleportProgress(phase="switch", message="running the guest on the target"))
-        switch = TeleportSwitch(blobs=[], sandbox=self._record_for_target(
-            await runtime.inspect(info.id), run.choice), live=True)
+        switch = TeleportSwitch(
+            blobs=[TeleportBlob(name=b.name, size=b.size, sha256=b.sha256) for b in logs],
+            sandbox=self._record_for_target(await runtime.inspect(info.id), run.choice),
+            live=True)
         try:
             state = await self._retry(lambda: peer.switch(tid, switch))
         except PeerUnreachable:
@@ -512,6 +521,7 @@ class _Run:
     peer: TeleportPeer
     choice: ModeChoice
     say: Progress
+    converge_timeout: float
     paused: bool = False
     bytes_sent: int = 0
 

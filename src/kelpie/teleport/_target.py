@@ -172,7 +172,7 @@ class TeleportReceiver:
 
     # ---- transfer -----------------------------------------------------------------------
     async def received(self, teleport_id: str, name: str) -> int:
-        self._require(teleport_id, {TargetPhase.RESERVED})
+        self._require(teleport_id, {TargetPhase.RESERVED, TargetPhase.RESTORING})
         final, part = self._blob_paths(teleport_id, name)
         if self._storage.exists(final):
             return self._storage.size(final)
@@ -182,7 +182,8 @@ class TeleportReceiver:
                         size: int, sha256: str, chunk_sha256: str | None = None) -> int:
         """Append ``data`` at ``offset`` of blob ``name`` (``size`` bytes, ``sha256`` whole)."""
         async with self._lock(teleport_id):
-            self._require(teleport_id, {TargetPhase.RESERVED})
+            # (restoring: a live teleport's VM waits while the main command's log comes)
+            self._require(teleport_id, {TargetPhase.RESERVED, TargetPhase.RESTORING})
             storage = self._storage
             final, part = self._blob_paths(teleport_id, name)
             if storage.exists(final):
@@ -235,7 +236,8 @@ class TeleportReceiver:
                                             TargetPhase.RESTORING, self._clock())
             try:
                 if body.live:
-                    await self._finish_live(teleport_id, incoming)
+                    self._check_blobs(teleport_id, body)
+                    await self._finish_live(teleport_id, incoming, body)
                 else:
                     await self._restore(teleport_id, incoming, body)
             except BaseException as exc:
@@ -258,6 +260,8 @@ class TeleportReceiver:
             self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESERVED}),
                                         TargetPhase.RESTORING, self._clock())
             try:
+                offer = TeleportOffer.model_validate(incoming.offer)
+                await self._install_sent_image(teleport_id, offer, body.image_media_type)
                 _, endpoints = await self._runtime.arrive_live(body.sandbox, body.plan)
             except BaseException as exc:
                 await self._discard(teleport_id, f"the live target could not start: {exc}")
@@ -277,12 +281,14 @@ class TeleportReceiver:
                               what="live teleport channel")
         return sockets[channel]
 
-    async def _finish_live(self, teleport_id: str, incoming: Incoming) -> None:
+    async def _finish_live(self, teleport_id: str, incoming: Incoming,
+                           body: TeleportSwitch) -> None:
         if teleport_id not in self._live:
             raise ConfigError([f"teleport {teleport_id} has no live VM waiting here (the "
                                "target restarted?)"], what="live teleport")
-        info = await self._runtime.finish_live_arrival(incoming.sandbox_id,
-                                                       LIVE_FINISH_TIMEOUT)
+        logs = [self.dir(teleport_id) / b.name for b in body.blobs if b.name.startswith("log-")]
+        info = await self._runtime.finish_live_arrival(
+            incoming.sandbox_id, LIVE_FINISH_TIMEOUT, main_log=logs[0] if logs else None)
         self._live.pop(teleport_id, None)
         await self._runtime.exec(info.id, ["true"], timeout=60.0)  # the agent answers
 
@@ -307,8 +313,6 @@ class TeleportReceiver:
         snapshot_dir = directory / "snapshot"
         storage.mkdir(snapshot_dir)
         main_log = None
-        image_blobs: dict[str, Path] = {}
-        base_disk = None
         for blob in body.blobs:
             kind, _, rest = blob.name.partition("-")
             path = directory / blob.name
@@ -316,20 +320,26 @@ class TeleportReceiver:
                 storage.rename(path, snapshot_dir / rest)
             elif kind == "log":
                 main_log = path
-            elif kind == "image":
-                image_blobs[rest] = path
-            elif kind == "base":
-                base_disk = path
+        await self._install_sent_image(teleport_id, offer, body.image_media_type)
+        info = await runtime.arrive(body.sandbox, snapshot_dir, main_log=main_log)
+        await runtime.exec(info.id, ["true"], timeout=60.0)  # the agent answers
+
+    async def _install_sent_image(self, teleport_id: str, offer: TeleportOffer,
+                                  media_type: str | None) -> None:
+        """Put the image and base disk the source sent (if it did) into the image store."""
+        directory = self.dir(teleport_id)
+        storage = self._storage
+        names = storage.list_dir(directory) if storage.is_dir(directory) else []
+        image_blobs = {name.removeprefix("image-"): directory / name for name in names
+                       if name.startswith("image-")}
         if image_blobs:
-            await self._offload(lambda: self._install_image(offer, image_blobs,
-                                                            body.image_media_type))
-        if base_disk is not None and offer.image_digest is not None:
-            cache = runtime.images.ext4_cache(offer.image_digest)
+            await self._offload(lambda: self._install_image(offer, image_blobs, media_type))
+        base_disk = directory / "base-disk.ext4"
+        if "base-disk.ext4" in names and offer.image_digest is not None:
+            cache = self._runtime.images.ext4_cache(offer.image_digest)
             if not cache.exists():
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 base_disk.replace(cache)
-        info = await runtime.arrive(body.sandbox, snapshot_dir, main_log=main_log)
-        await runtime.exec(info.id, ["true"], timeout=60.0)  # the agent answers
 
     def _install_image(self, offer: TeleportOffer, blobs: dict[str, Path],
                        media_type: str | None) -> None:

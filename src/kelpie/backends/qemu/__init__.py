@@ -37,8 +37,10 @@ def probe() -> ProbeResult:
     from kelpie.backends.qemu._host import qemu_version
 
     accel = cached_accel_summary(qemu)
+    decided = accel.split()[0] if accel.startswith(("kvm (", "tcg (")) else ""
     return ProbeResult(True, f"{qemu}; accel: {accel}",
-                       {"qemu": qemu, "accel": accel, "version": qemu_version(qemu)})
+                       {"qemu": qemu, "accel": accel, "accel_choice": decided,
+                        "version": qemu_version(qemu)})
 
 
 def create(config: VmConfig, **options: Any) -> VmInstance:
