@@ -90,6 +90,10 @@ class TeleportReceiver:
         self._check_ports = check_ports or unbindable_ports
         self._locks: dict[str, asyncio.Lock] = {}
         self._live: dict[str, LiveEndpoints] = {}
+        self._hashing: dict[tuple[str, str], tuple[int, Any]] = {}
+        """(teleport, blob) -> (bytes hashed, sha256 so far) of the blobs being received:
+        a blob's whole digest is ready when its last chunk lands (after a restart the
+        partial file is hashed once, on its next chunk)."""
 
     @property
     def _storage(self) -> Storage:
@@ -197,11 +201,18 @@ class TeleportReceiver:
             if chunk_sha256 is not None and hashlib.sha256(data).hexdigest() != chunk_sha256:
                 raise SnapshotCorrupted(f"blob {name}: the chunk at offset {offset} does not "
                                         "match its sha256 (damaged in transit): send it again")
+            key = (teleport_id, name)
+            hashed, digest = self._hashing.get(key, (-1, None))
+            if hashed != offset:
+                digest = await self._offload(lambda: _stored_hash(storage, part, offset))
             with storage.open_append(part) as out:
                 out.write(data)
+            digest.update(data)
             received += len(data)
+            self._hashing[key] = (received, digest)
             if received == size:
-                actual = await self._offload(lambda: _stored_sha256(storage, part))
+                del self._hashing[key]
+                actual = digest.hexdigest()
                 if actual != sha256:
                     storage.remove_tree(part)
                     raise SnapshotCorrupted(f"blob {name}: its {size} bytes hash to {actual}, "
@@ -287,10 +298,10 @@ class TeleportReceiver:
             raise ConfigError([f"teleport {teleport_id} has no live VM waiting here (the "
                                "target restarted?)"], what="live teleport")
         logs = [self.dir(teleport_id) / b.name for b in body.blobs if b.name.startswith("log-")]
-        info = await self._runtime.finish_live_arrival(
+        # finish_live ends with the guest's agent answering the resync: proof it runs
+        await self._runtime.finish_live_arrival(
             incoming.sandbox_id, LIVE_FINISH_TIMEOUT, main_log=logs[0] if logs else None)
         self._live.pop(teleport_id, None)
-        await self._runtime.exec(info.id, ["true"], timeout=60.0)  # the agent answers
 
     def _check_blobs(self, teleport_id: str, body: TeleportSwitch) -> None:
         storage = self._storage
@@ -321,8 +332,9 @@ class TeleportReceiver:
             elif kind == "log":
                 main_log = path
         await self._install_sent_image(teleport_id, offer, body.image_media_type)
-        info = await runtime.arrive(body.sandbox, snapshot_dir, main_log=main_log)
-        await runtime.exec(info.id, ["true"], timeout=60.0)  # the agent answers
+        # a restore ends with the guest's agent answering (its resync, or the checkpoint
+        # written back through it): proof the sandbox runs
+        await runtime.arrive(body.sandbox, snapshot_dir, main_log=main_log)
 
     async def _install_sent_image(self, teleport_id: str, offer: TeleportOffer,
                                   media_type: str | None) -> None:
@@ -475,9 +487,13 @@ def _file_sha256(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _stored_sha256(storage: Storage, path: Path) -> str:
+def _stored_hash(storage: Storage, path: Path, size: int) -> Any:
+    """The sha256 object of the first ``size`` bytes of ``path`` (none: nothing yet)."""
     digest = hashlib.sha256()
-    with storage.open_read(path) as data:
-        while chunk := data.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    if size:
+        with storage.open_read(path) as data:
+            remaining = size
+            while remaining > 0 and (chunk := data.read(min(1 << 20, remaining))):
+                digest.update(chunk)
+                remaining -= len(chunk)
+    return digest
