@@ -115,7 +115,8 @@ class SandboxMoving(InvalidStateError):
         self.move = move
         KelpieError.__init__(
             self, f"cannot {operation} sandbox {sandbox}: it is being moved ({move}); wait "
-                  f"for the move to finish or be rolled back (`kelpie teleport --status`)")
+                  "for the move to finish or be rolled back (a daemon asks the target of a "
+                  "move in doubt again every 30 s)")
 
     def __reduce__(self) -> tuple[type[SandboxMoving], tuple[str, str, str]]:
         return (type(self), (self.sandbox, self.operation, self.move))

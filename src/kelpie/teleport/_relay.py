@@ -20,6 +20,9 @@ from kelpie.vm import LiveEndpoints
 CHANNELS = ("nbd", "migration")
 """The byte streams of a live migration: the disk mirror (NBD) and the VM state."""
 READ_SIZE = 1 << 18
+LINGER_SECONDS = 10.0
+"""How long a relay leaving its block without an error waits for its connections to drain
+(the hypervisor has written its last bytes; they may still be on their way)."""
 
 
 class Channel(Protocol):
@@ -104,6 +107,7 @@ async def relayed(open_channel: OpenChannel, directory: Path) -> AsyncIterator[L
             local.close()
 
     servers = []
+    failed = True
     try:
         for name in CHANNELS:
             path = directory / f"{name}.sock"
@@ -111,9 +115,12 @@ async def relayed(open_channel: OpenChannel, directory: Path) -> AsyncIterator[L
             servers.append(await asyncio.start_unix_server(serve(name), path=str(path)))
         yield LiveEndpoints(nbd_socket=directory / "nbd.sock",
                             migration_socket=directory / "migration.sock")
+        failed = False
     finally:
         for server in servers:
             server.close()
+        if connections and not failed:  # let the last bytes reach the target
+            await asyncio.wait(list(connections), timeout=LINGER_SECONDS)
         for task in list(connections):
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
