@@ -94,7 +94,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host, Link]]:
     yield source, target, Link()
     for host in (source, target):
         for info in await host.runtime.list_sandboxes(all=True):
-            host.runtime.unhold(info.id)
+            host.runtime.moves.unhold(info.id)
             await host.runtime.remove(info.id, force=True)
         await host.runtime.close()
         host.journal.close()
@@ -273,7 +273,7 @@ async def test_source_restart_before_switch_rolls_back(pair: tuple[Host, Host, L
     sandbox_id = await _sandbox(source)
     link.lose = {("switch", False): 99}
     teleporter = source.teleporter(_connect(target, link))
-    teleporter._attempts = 1
+    teleporter._retry.attempts = 1
     # the switch never arrives: a definite failure before the commit point rolls back
     with pytest.raises((TeleportAborted, TeleportInDoubt)):
         await teleporter.teleport("box", to="b")

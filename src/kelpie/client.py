@@ -285,6 +285,11 @@ class DaemonClient:
         await self._request("POST", "/shutdown", params={"stop_sandboxes": stop_sandboxes})
 
     # ---- teleport -----------------------------------------------------------------------
+    @property
+    def teleport_target(self) -> TeleportTarget:
+        """This daemon as the target of another daemon's teleport."""
+        return TeleportTarget(self)
+
     async def host_facts(self) -> HostFacts:
         """What the daemon's host offers (arch, backends, free resources, images, kits)."""
         return HostFacts.model_validate((await self._request("GET", "/host")).json())
@@ -314,65 +319,6 @@ class DaemonClient:
                     raise _error_from(None, message)
         raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
                                          message="the daemon ended the teleport stream early"))
-
-    async def _peer(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """A daemon-to-daemon request: no answer is :class:`PeerUnreachable` (it may have
-        been carried out), never a plain transport error."""
-        try:
-            return await self._request(method, path, **kwargs)
-        except DaemonUnreachable as exc:
-            raise PeerUnreachable(str(exc)) from None
-        except httpx.TransportError as exc:
-            raise PeerUnreachable(f"the daemon at {self.url} did not answer {method} "
-                                  f"{path}: {type(exc).__name__}: {exc}") from None
-
-    async def teleport_prepare(self, offer: TeleportOffer) -> TeleportAccepted:
-        """Offer a sandbox to this (target) daemon; it reserves and says what it lacks."""
-        reply = await self._peer("POST", "/teleports", json=_wire(offer))
-        return TeleportAccepted.model_validate(reply.json())
-
-    async def teleport_received(self, teleport_id: str, name: str) -> int:
-        """How many bytes of a teleport's blob this (target) daemon holds."""
-        reply = await self._peer("GET", f"/teleports/{teleport_id}/blobs/{name}")
-        return int(reply.json()["received"])
-
-    async def teleport_put_chunk(self, teleport_id: str, name: str, offset: int, data: bytes,
-                                 *, size: int, sha256: str) -> int:
-        """Send one chunk of a blob (its sha256 goes along and is checked on arrival)."""
-        reply = await self._peer(
-            "PUT", f"/teleports/{teleport_id}/blobs/{name}", content=data,
-            params={"offset": offset, "size": size, "sha256": sha256},
-            headers={"Content-Type": "application/octet-stream",
-                     CHUNK_SHA256_HEADER: hashlib.sha256(data).hexdigest()})
-        return int(reply.json()["received"])
-
-    async def teleport_step(self, teleport_id: str, step: str,
-                            body: TeleportSwitch | TeleportLive | None = None) -> TeleportState:
-        """``live`` (start the waiting VM), ``switch``, ``commit`` or ``abort`` a teleport
-        on this (target) daemon."""
-        reply = await self._peer("POST", f"/teleports/{teleport_id}/{step}",
-                                 json=None if body is None else _wire(body),
-                                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT))
-        return TeleportState.model_validate(reply.json())
-
-    @contextlib.asynccontextmanager
-    async def teleport_channel(self, teleport_id: str,
-                               name: str) -> AsyncIterator[ClientConnection]:
-        """A byte channel (binary WebSocket messages) to this (target) daemon's side of a
-        live teleport: ``nbd`` or ``migration``."""
-        try:
-            async with self._websocket(f"/teleports/{teleport_id}/live/{name}") as ws:
-                yield ws
-        except DaemonUnreachable as exc:
-            raise PeerUnreachable(str(exc)) from None
-        except OSError as exc:
-            raise PeerUnreachable(f"the daemon at {self.url} did not answer the {name} "
-                                  f"channel: {exc}") from None
-
-    async def teleport_state(self, teleport_id: str) -> TeleportState:
-        """Where a teleport stands on this (target) daemon."""
-        reply = await self._peer("GET", f"/teleports/{teleport_id}")
-        return TeleportState.model_validate(reply.json())
 
     # ---- sandboxes ----------------------------------------------------------------------
     async def create(self, request: SandboxCreate, /, *,
@@ -646,6 +592,74 @@ class DaemonClient:
         """Remove a file (``recursive``: a directory tree)."""
         await self._request("DELETE", f"{_sb(ref)}/files",
                             params={"path": path, "recursive": recursive})
+
+
+class TeleportTarget:
+    """A daemon as the target of a teleport: the steps another daemon drives on it
+    (``/v1/teleports``). Any request that gets no answer raises :class:`PeerUnreachable`
+    (it may have been carried out), never a plain transport error."""
+
+    def __init__(self, client: DaemonClient) -> None:
+        self._client = client
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A daemon-to-daemon request: no answer is :class:`PeerUnreachable` (it may have
+        been carried out), never a plain transport error."""
+        try:
+            return await self._client._request(method, path, **kwargs)
+        except DaemonUnreachable as exc:
+            raise PeerUnreachable(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise PeerUnreachable(f"the daemon at {self._client.url} did not answer {method} "
+                                  f"{path}: {type(exc).__name__}: {exc}") from None
+
+    async def prepare(self, offer: TeleportOffer) -> TeleportAccepted:
+        """Offer a sandbox to this (target) daemon; it reserves and says what it lacks."""
+        reply = await self._call("POST", "/teleports", json=_wire(offer))
+        return TeleportAccepted.model_validate(reply.json())
+
+    async def received(self, teleport_id: str, name: str) -> int:
+        """How many bytes of a teleport's blob this (target) daemon holds."""
+        reply = await self._call("GET", f"/teleports/{teleport_id}/blobs/{name}")
+        return int(reply.json()["received"])
+
+    async def put_chunk(self, teleport_id: str, name: str, offset: int, data: bytes,
+                                 *, size: int, sha256: str) -> int:
+        """Send one chunk of a blob (its sha256 goes along and is checked on arrival)."""
+        reply = await self._call(
+            "PUT", f"/teleports/{teleport_id}/blobs/{name}", content=data,
+            params={"offset": offset, "size": size, "sha256": sha256},
+            headers={"Content-Type": "application/octet-stream",
+                     CHUNK_SHA256_HEADER: hashlib.sha256(data).hexdigest()})
+        return int(reply.json()["received"])
+
+    async def step(self, teleport_id: str, step: str,
+                            body: TeleportSwitch | TeleportLive | None = None) -> TeleportState:
+        """``live`` (start the waiting VM), ``switch``, ``commit`` or ``abort`` a teleport
+        on this (target) daemon."""
+        reply = await self._call("POST", f"/teleports/{teleport_id}/{step}",
+                                 json=None if body is None else _wire(body),
+                                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT))
+        return TeleportState.model_validate(reply.json())
+
+    @contextlib.asynccontextmanager
+    async def channel(self, teleport_id: str,
+                               name: str) -> AsyncIterator[ClientConnection]:
+        """A byte channel (binary WebSocket messages) to this (target) daemon's side of a
+        live teleport: ``nbd`` or ``migration``."""
+        try:
+            async with self._client._websocket(f"/teleports/{teleport_id}/live/{name}") as ws:
+                yield ws
+        except DaemonUnreachable as exc:
+            raise PeerUnreachable(str(exc)) from None
+        except OSError as exc:
+            raise PeerUnreachable(f"the daemon at {self._client.url} did not answer the {name} "
+                                  f"channel: {exc}") from None
+
+    async def state(self, teleport_id: str) -> TeleportState:
+        """Where a teleport stands on this (target) daemon."""
+        reply = await self._call("GET", f"/teleports/{teleport_id}")
+        return TeleportState.model_validate(reply.json())
 
 
 class RemoteProcess(ExecProcess):

@@ -97,6 +97,15 @@ class Moves:
         self._sandboxes = sandboxes
         self._mains = mains
 
+    def record(self, sandbox_id: str) -> dict[str, Any]:
+        """The whole record of a sandbox as JSON, as another host takes it in."""
+        return sandbox_record(self._ctx.info(sandbox_id))
+
+    def guestkit_of(self, sandbox_id: str) -> str | None:
+        """The digest of the guest kit the sandbox's VM booted (None: unknown or none)."""
+        vm = self._ctx.vms.get(sandbox_id)
+        return None if vm is None else vm.host_info().guestkit_digest
+
     # ---- holds --------------------------------------------------------------------------
     def hold(self, sandbox_id: str, why: str) -> None:
         """Refuse lifecycle operations on the sandbox until :meth:`unhold` (``why`` says
@@ -130,15 +139,6 @@ class Moves:
             if vm.state is VmState.RUNNING:
                 await vm.pause()
         return Capture(ctx.info(sandbox_id), snapshot, was_running)
-
-    async def pause(self, sandbox_id: str) -> SandboxInfo:
-        """Pause the held sandbox (a live move's final phase pauses it by itself)."""
-        ctx = self._ctx
-        async with ctx.lock_for(sandbox_id):
-            vm = ctx.vms.get(sandbox_id)
-            if vm is not None and vm.state is VmState.RUNNING:
-                await vm.pause()
-        return ctx.info(sandbox_id)
 
     def live_ready(self, sandbox_id: str) -> bool:
         """Whether the sandbox's VM can be moved live now (running, on a backend that can)."""

@@ -51,16 +51,13 @@ from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
 from kelpie.runtime._lock import lock_data_dir
 from kelpie.runtime._logs import FOLLOW_POLL_SECONDS, Logs
 from kelpie.runtime._mains import MainCommands
-from kelpie.runtime._moves import Capture, Moves, sandbox_record
+from kelpie.runtime._moves import Moves
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.runtime._snapshots import Snapshots
 from kelpie.vm import (
     ExecProcess,
     ExecResult,
     FileInfo,
-    LiveEndpoints,
-    LiveProgressCallback,
-    LiveStats,
     LocalStorage,
     SnapshotKind,
     Storage,
@@ -437,74 +434,11 @@ class Runtime:
         """What this host offers: arch, backends, free resources, images, guest kits."""
         return host_facts(self._ctx)
 
-    def sandbox_record(self, sandbox_id: str) -> dict[str, Any]:
-        """The whole record of a sandbox as JSON, as another host takes it in."""
-        return sandbox_record(self._ctx.info(sandbox_id))
-
-    def guestkit_of(self, sandbox_id: str) -> str | None:
-        """The digest of the guest kit the sandbox's VM booted (None: unknown or none)."""
-        vm = self._ctx.vms.get(sandbox_id)
-        return None if vm is None else vm.host_info().guestkit_digest
-
-    def hold(self, sandbox_id: str, why: str) -> None:
-        """Refuse lifecycle operations on a sandbox while a move holds it (``why``)."""
-        self._moves.hold(sandbox_id, why)
-
-    def unhold(self, sandbox_id: str) -> None:
-        """Release a hold (see :meth:`hold`)."""
-        self._moves.unhold(sandbox_id)
-
-    async def capture_for_move(self, sandbox_id: str, dest: Path, kind: SnapshotKind, *,
-                               workspace: str | None = None) -> Capture:
-        """Snapshot a held sandbox into ``dest`` (unrecorded) and leave it paused."""
-        return await self._moves.capture(sandbox_id, dest, kind, workspace=workspace)
-
-    async def pause_for_move(self, sandbox_id: str) -> SandboxInfo:
-        """Pause a held sandbox."""
-        return await self._moves.pause(sandbox_id)
-
-    def live_ready(self, sandbox_id: str) -> bool:
-        """Whether the sandbox's VM can be moved live now."""
-        return self._moves.live_ready(sandbox_id)
-
-    async def live_plan(self, sandbox_id: str) -> dict[str, Any]:
-        """What a target must know to receive the held sandbox's VM live."""
-        return await self._moves.live_plan(sandbox_id)
-
-    async def send_live(self, sandbox_id: str, endpoints: LiveEndpoints, *,
-                        converge_timeout: float,
-                        progress: LiveProgressCallback | None = None) -> LiveStats:
-        """Move the held sandbox's VM live to the target behind ``endpoints``."""
-        return await self._moves.send_live(sandbox_id, endpoints,
-                                           converge_timeout=converge_timeout, progress=progress)
-
-    async def arrive_live(self, record: dict[str, Any], plan: dict[str, Any],
-                          ) -> tuple[SandboxInfo, LiveEndpoints]:
-        """Take in a sandbox whose VM comes live (it waits for the migration)."""
-        return await self._moves.arrive_live(record, plan)
-
-    async def finish_live_arrival(self, sandbox_id: str, timeout: float, *,
-                                  main_log: Path | None = None) -> SandboxInfo:
-        """Run a sandbox whose VM came live, once the migration completed."""
-        return await self._moves.finish_live_arrival(sandbox_id, timeout, main_log=main_log)
-
-    async def abort_live_arrival(self, sandbox_id: str) -> None:
-        """Give up a VM waiting for a live migration (a no-op for any other)."""
-        await self._moves.abort_live_arrival(sandbox_id)
-
-    async def give_back(self, sandbox_id: str, *, was_running: bool) -> SandboxInfo | None:
-        """Undo a move that did not happen: resume the sandbox if it ran, release it."""
-        return await self._moves.give_back(sandbox_id, was_running=was_running)
-
-    async def let_go(self, sandbox_id: str) -> None:
-        """Remove the local copy of a sandbox another host now owns."""
-        await self._moves.let_go(sandbox_id)
-
-    async def arrive(self, record: dict[str, Any], snapshot_dir: Path, *,
-                     main_log: Path | None = None) -> SandboxInfo:
-        """Take in a sandbox from another host under its own id and name (see
-        :meth:`kelpie.runtime._moves.Moves.arrive`)."""
-        return await self._moves.arrive(record, snapshot_dir, main_log=main_log)
+    @property
+    def moves(self) -> Moves:
+        """The runtime's half of a teleport (see :mod:`kelpie.runtime._moves`): capture
+        and hold a leaving sandbox, give it back or let it go; take an arriving one in."""
+        return self._moves
 
     async def events(self, ref: str) -> builtins.list[SandboxEvent]:
         """The recorded state changes of a sandbox, oldest first."""

@@ -64,6 +64,7 @@ class DaemonPeer:
     def __init__(self, url: str, *, token: str | None = None) -> None:
         self.address = url
         self._client = DaemonClient(url, token=token)
+        self._target = self._client.teleport_target
 
     async def close(self) -> None:
         await self._client.close()
@@ -72,35 +73,35 @@ class DaemonPeer:
         return await self._client.host_facts()
 
     async def prepare(self, offer: TeleportOffer) -> TeleportAccepted:
-        return await self._client.teleport_prepare(offer)
+        return await self._target.prepare(offer)
 
     async def received(self, teleport_id: str, name: str) -> int:
-        return await self._client.teleport_received(teleport_id, name)
+        return await self._target.received(teleport_id, name)
 
     async def put_chunk(self, teleport_id: str, name: str, offset: int, data: bytes, *,
                         size: int, sha256: str) -> int:
-        return await self._client.teleport_put_chunk(teleport_id, name, offset, data,
+        return await self._target.put_chunk(teleport_id, name, offset, data,
                                                       size=size, sha256=sha256)
 
     async def switch(self, teleport_id: str, body: TeleportSwitch) -> TeleportState:
-        return await self._client.teleport_step(teleport_id, "switch", body)
+        return await self._target.step(teleport_id, "switch", body)
 
     async def live_start(self, teleport_id: str, body: TeleportLive) -> TeleportState:
-        return await self._client.teleport_step(teleport_id, "live", body)
+        return await self._target.step(teleport_id, "live", body)
 
     @contextlib.asynccontextmanager
     async def open_channel(self, teleport_id: str, name: str) -> AsyncIterator[Channel]:
-        async with self._client.teleport_channel(teleport_id, name) as ws:
+        async with self._target.channel(teleport_id, name) as ws:
             yield _WebSocketChannel(ws)
 
     async def commit(self, teleport_id: str) -> TeleportState:
-        return await self._client.teleport_step(teleport_id, "commit")
+        return await self._target.step(teleport_id, "commit")
 
     async def abort(self, teleport_id: str) -> TeleportState:
-        return await self._client.teleport_step(teleport_id, "abort")
+        return await self._target.step(teleport_id, "abort")
 
     async def state(self, teleport_id: str) -> TeleportState:
-        return await self._client.teleport_state(teleport_id)
+        return await self._target.state(teleport_id)
 
 
 class _WebSocketChannel:

@@ -17,18 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kelpie._exceptions import (
     KelpieError,
     PeerUnreachable,
-    SnapshotCorrupted,
     TeleportAborted,
     TeleportInDoubt,
-    TransferOffsetMismatch,
 )
 from kelpie.api import (
     TeleportBlob,
@@ -46,28 +43,16 @@ from kelpie.teleport._modes import ModeChoice, choose_mode
 from kelpie.teleport._peer import TeleportPeer
 from kelpie.teleport._relay import relayed
 from kelpie.teleport._target import Offload, _to_thread
+from kelpie.teleport._transfer import ATTEMPTS, CHUNK_SIZE, Blob, BlobSender, Retry, sha256_of
 from kelpie.vm import LiveMigrationDidNotConverge, LiveProgress, SnapshotKind, Storage, VmState
 
 T = TypeVar("T")
 
-CHUNK_SIZE = 16 << 20
-"""Bytes per chunk: each is one request, checked by its sha256 on arrival."""
-ATTEMPTS = 5
-"""Tries of one request before the target counts as unreachable (the steps are idempotent)."""
-RETRY_DELAY = 0.5
 CONVERGE_TIMEOUT = 60.0
 """Seconds a live migration may take to converge before the teleport falls back to full."""
 
 Progress = Callable[[TeleportProgress], None]
 Connect = Callable[[str, str | None], TeleportPeer]
-
-
-@dataclasses.dataclass
-class _Blob:
-    name: str
-    path: Path
-    size: int
-    sha256: str
 
 
 class Teleporter:
@@ -90,10 +75,9 @@ class Teleporter:
         self._connect = connect
         self._clock = clock
         self._new_id = new_id
-        self._sleep = sleep
         self._offload = offload
         self._chunk_size = chunk_size
-        self._attempts = attempts
+        self._retry = Retry(attempts, sleep)
         self._converge_timeout = converge_timeout
 
     @property
@@ -143,8 +127,8 @@ class Teleporter:
             mode, backend=info.backend, config=info.config,
             source=await self._runtime.host_facts(), target=target_facts,
             without_volumes=without_volumes,
-            guestkit_digest=self._runtime.guestkit_of(info.id),
-            live_ready=self._runtime.live_ready(info.id), target_label=to,
+            guestkit_digest=self._runtime.moves.guestkit_of(info.id),
+            live_ready=self._runtime.moves.live_ready(info.id), target_label=to,
         )
         try:
             return await self._attempt(info, peer, to, token, choice, say, started, converge)
@@ -163,16 +147,18 @@ class Teleporter:
                                                       f"{choice.reason}"))
         teleport_id = self._new_id()
         now = self._clock()
-        self._runtime.hold(info.id, f"teleport {teleport_id} to {to}")
+        self._runtime.moves.hold(info.id, f"teleport {teleport_id} to {to}")
         record = Outgoing(teleport_id, info.id, info.name, to, token, choice.mode.value,
                           choice.reason, SourcePhase.PREPARING,
                           info.state is VmState.RUNNING, None, now, now)
         try:
             self._journal.begin_outgoing(record)
         except BaseException:
-            self._runtime.unhold(info.id)
+            self._runtime.moves.unhold(info.id)
             raise
-        run = _Run(record, peer, choice, say, converge)
+        sender = BlobSender(self._storage, peer, teleport_id, retry=self._retry,
+                            chunk_size=self._chunk_size, progress=say)
+        run = _Run(record, peer, choice, say, converge, sender)
         try:
             return await self._run(run, info, started)
         except TeleportInDoubt:
@@ -198,7 +184,7 @@ class Teleporter:
         offer = TeleportOffer(
             id=tid, mode=run.choice.mode, sandbox=offer_record, image_digest=info.image_digest,
             base_disk_digest=base_digest, arch=(await runtime.host_facts()).arch,
-            guestkit_digest=self._runtime.guestkit_of(info.id),
+            guestkit_digest=self._runtime.moves.guestkit_of(info.id),
             size_bytes=info.config.memory_mib * (1 << 20) * 2,
         )
         say(TeleportProgress(phase="prepare", message=f"reserving on {peer.address}"))
@@ -207,7 +193,7 @@ class Teleporter:
         early = self._image_blobs(info, accepted.needs_image)
         if accepted.needs_base_disk and info.config.root_disk is not None:
             early.append(await self._blob("base-disk.ext4", info.config.root_disk))
-        await self._send_all(run, early)
+        await run.sender.send(early)
 
         if run.choice.mode is TeleportMode.LIVE:
             media_type = self._image_media_type(info) if accepted.needs_image else None
@@ -223,10 +209,10 @@ class Teleporter:
         return TeleportReport(
             id=tid, mode=run.choice.mode, reason=run.choice.reason, target=peer.address,
             downtime_s=running_at - paused_at, total_s=self._clock() - started,
-            bytes_sent=run.bytes_sent, sandbox=state.sandbox,
+            bytes_sent=run.sender.bytes_sent, sandbox=state.sandbox,
         )
 
-    async def _move_captured(self, run: _Run, info: SandboxInfo, early: list[_Blob],
+    async def _move_captured(self, run: _Run, info: SandboxInfo, early: list[Blob],
                              needs_image: bool) -> tuple[float, TeleportState]:
         """Full and checkpoint modes: pause and capture, send, restore on the target.
         When the guest paused, and the target's answer to the switch."""
@@ -240,17 +226,17 @@ class Teleporter:
         self._storage.mkdir(snapshot_dir.parent)
         run.paused = True
         paused_at = self._clock()
-        capture = await runtime.capture_for_move(info.id, snapshot_dir, kind)
+        capture = await runtime.moves.capture(info.id, snapshot_dir, kind)
         journal.set_outgoing(tid, SourcePhase.SENDING, self._clock())
         vouched = capture.snapshot.manifest.blobs  # their sha256 was taken as written
-        blobs = [_Blob(f"snapshot-{name}", snapshot_dir / name, vouched[name].size,
+        blobs = [Blob(f"snapshot-{name}", snapshot_dir / name, vouched[name].size,
                        vouched[name].sha256) if name in vouched
                  else await self._blob(f"snapshot-{name}", snapshot_dir / name)
                  for name in sorted(self._storage.list_dir(snapshot_dir))]
         log = runtime.output_log(info.id)
         if self._storage.exists(log):
             blobs.append(await self._blob("log-output.log", log))
-        await self._send_all(run, blobs)
+        await run.sender.send(blobs)
 
         journal.set_outgoing(tid, SourcePhase.SWITCHING, self._clock())
         say(TeleportProgress(phase="switch", message="restoring on the target"))
@@ -274,7 +260,7 @@ class Teleporter:
         runtime, journal = self._runtime, self._journal
         tid, peer, say = run.record.id, run.peer, run.say
         journal.set_outgoing(tid, SourcePhase.SENDING, self._clock())
-        plan = await runtime.live_plan(info.id)
+        plan = await runtime.moves.live_plan(info.id)
         record = self._record_for_target(info, run.choice)
         say(TeleportProgress(phase="live", message="starting the target's VM"))
         start = TeleportLive(sandbox=record, plan=plan, image_media_type=media_type)
@@ -287,15 +273,15 @@ class Teleporter:
         directory = self.dir(tid)
         self._storage.mkdir(directory)
         async with relayed(lambda name: peer.open_channel(tid, name), directory) as endpoints:
-            stats = await runtime.send_live(info.id, endpoints,
+            stats = await runtime.moves.send_live(info.id, endpoints,
                                             converge_timeout=run.converge_timeout,
                                             progress=progress)
         run.paused = True
         paused_at = self._clock() - stats.switchover_ms / 1000
-        run.bytes_sent += stats.ram_transferred + stats.disk_mirrored
+        run.sender.bytes_sent += stats.ram_transferred + stats.disk_mirrored
         log = runtime.output_log(info.id)  # complete now: the guest is paused
         logs = [await self._blob("log-output.log", log)] if self._storage.exists(log) else []
-        await self._send_all(run, logs)
+        await run.sender.send(logs)
         journal.set_outgoing(tid, SourcePhase.SWITCHING, self._clock())
         say(TeleportProgress(phase="switch", message="running the guest on the target"))
         switch = TeleportSwitch(
@@ -344,7 +330,7 @@ class Teleporter:
 
     async def _finish(self, record: Outgoing) -> None:
         """After the commit point: let the local copy go, then close the record."""
-        await self._runtime.let_go(record.sandbox_id)
+        await self._runtime.moves.let_go(record.sandbox_id)
         self._journal.set_outgoing(record.id, SourcePhase.DONE, self._clock())
         with contextlib.suppress(Exception):
             self._storage.remove_tree(self.dir(record.id))
@@ -374,7 +360,7 @@ class Teleporter:
         await self._give_back(record, f"{type(cause).__name__}: {cause}")
 
     async def _give_back(self, record: Outgoing, why: str) -> None:
-        await self._runtime.give_back(record.sandbox_id, was_running=record.was_running)
+        await self._runtime.moves.give_back(record.sandbox_id, was_running=record.was_running)
         self._journal.set_outgoing(record.id, SourcePhase.ABORTED, self._clock(), error=why)
         with contextlib.suppress(Exception):
             self._storage.remove_tree(self.dir(record.id))
@@ -385,7 +371,7 @@ class Teleporter:
         teleports still in doubt (their sandboxes stay held and paused)."""
         doubtful = []
         for record in self._journal.unfinished_outgoing():
-            self._runtime.hold(record.sandbox_id, f"teleport {record.id} to {record.target}")
+            self._runtime.moves.hold(record.sandbox_id, f"teleport {record.id} to {record.target}")
             try:
                 await self.settle(record)
             except TeleportInDoubt:
@@ -423,50 +409,13 @@ class Teleporter:
         """Teleports not finished (in doubt, or in progress)."""
         return self._journal.unfinished_outgoing()
 
-    # ---- transfer -----------------------------------------------------------------------
-    async def _send_all(self, run: _Run, blobs: list[_Blob]) -> None:
-        total = sum(b.size for b in blobs)
-        for blob in blobs:
-            await self._send(run, blob, total)
-
-    async def _send(self, run: _Run, blob: _Blob, total: int) -> None:
-        """Send one blob in chunks, resuming where the target stands after a drop."""
-        tid, peer = run.record.id, run.peer
-        offset = await self._retry(lambda: peer.received(tid, blob.name))
-        corrupted = 0
-        with self._storage.open_read(blob.path) as source:
-            while offset < blob.size or blob.size == 0:
-                source.seek(offset)
-                data = source.read(self._chunk_size)
-                try:
-                    sent = await peer.put_chunk(tid, blob.name, offset, data, size=blob.size,
-                                                sha256=blob.sha256)
-                except TransferOffsetMismatch as exc:
-                    offset = exc.received
-                    continue
-                except SnapshotCorrupted:
-                    corrupted += 1
-                    if corrupted >= self._attempts:
-                        raise
-                    offset = await self._retry(lambda: peer.received(tid, blob.name))
-                    continue
-                except PeerUnreachable:
-                    await self._sleep(RETRY_DELAY)
-                    offset = await self._retry(lambda: peer.received(tid, blob.name))
-                    continue
-                run.bytes_sent += sent - offset
-                offset = sent
-                run.say(TeleportProgress(phase="transfer", message=blob.name,
-                                         done=run.bytes_sent, total=total))
-                if blob.size == 0:
-                    break
-
-    async def _blob(self, name: str, path: Path) -> _Blob:
+    # ---- what is sent ---------------------------------------------------------------------
+    async def _blob(self, name: str, path: Path) -> Blob:
         storage = self._storage
-        sha = await self._offload(lambda: _sha256(storage, path))
-        return _Blob(name, path, storage.size(path), sha)
+        sha: str = await self._offload(lambda: sha256_of(storage, path))
+        return Blob(name, path, storage.size(path), sha)
 
-    def _image_blobs(self, info: SandboxInfo, needed: bool) -> list[_Blob]:
+    def _image_blobs(self, info: SandboxInfo, needed: bool) -> list[Blob]:
         if not needed or info.image_digest is None:
             return []
         store = self._runtime.images
@@ -477,7 +426,7 @@ class Teleporter:
         for digest in digests:
             path = store.blobs.path(digest)
             hex_digest = digest.removeprefix("sha256:")
-            blobs.append(_Blob(f"image-{hex_digest}", path, path.stat().st_size, hex_digest))
+            blobs.append(Blob(f"image-{hex_digest}", path, path.stat().st_size, hex_digest))
         return blobs
 
     def _image_media_type(self, info: SandboxInfo) -> str | None:
@@ -489,28 +438,17 @@ class Teleporter:
         disk = info.config.root_disk
         if disk is None or choice.mode is TeleportMode.CHECKPOINT:
             return None
-        digest: str = await self._offload(lambda: _sha256(self._storage, disk))
+        digest: str = await self._offload(lambda: sha256_of(self._storage, disk))
         return f"sha256:{digest}"
 
     def _record_for_target(self, info: SandboxInfo, choice: ModeChoice) -> dict[str, Any]:
         """The sandbox's record as the target keeps it (a checkpoint may change backend
         and leaves host volumes behind)."""
-        record = self._runtime.sandbox_record(info.id)
+        record = self._runtime.moves.record(info.id)
         if choice.mode is TeleportMode.CHECKPOINT:
             record["backend"] = choice.target_backend
             record["vm"] = {**record["vm"], "mounts": []}
         return record
-
-    async def _retry(self, step: Callable[[], Awaitable[T]]) -> T:
-        """Run an idempotent request, trying again while the target does not answer."""
-        for attempt in range(self._attempts):
-            try:
-                return await step()
-            except PeerUnreachable:
-                if attempt == self._attempts - 1:
-                    raise
-                await self._sleep(RETRY_DELAY * (2 ** attempt))
-        raise AssertionError("unreachable")
 
 
 @dataclasses.dataclass
@@ -522,8 +460,8 @@ class _Run:
     choice: ModeChoice
     say: Progress
     converge_timeout: float
+    sender: BlobSender
     paused: bool = False
-    bytes_sent: int = 0
 
 
 async def _close(peer: TeleportPeer) -> None:
@@ -533,12 +471,6 @@ async def _close(peer: TeleportPeer) -> None:
             await close()
 
 
-def _sha256(storage: Storage, path: Path) -> str:
-    digest = hashlib.sha256()
-    with storage.open_read(path) as data:
-        while chunk := data.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 

@@ -273,7 +273,7 @@ class TeleportReceiver:
             try:
                 offer = TeleportOffer.model_validate(incoming.offer)
                 await self._install_sent_image(teleport_id, offer, body.image_media_type)
-                _, endpoints = await self._runtime.arrive_live(body.sandbox, body.plan)
+                _, endpoints = await self._runtime.moves.arrive_live(body.sandbox, body.plan)
             except BaseException as exc:
                 await self._discard(teleport_id, f"the live target could not start: {exc}")
                 raise
@@ -299,7 +299,7 @@ class TeleportReceiver:
                                "target restarted?)"], what="live teleport")
         logs = [self.dir(teleport_id) / b.name for b in body.blobs if b.name.startswith("log-")]
         # finish_live ends with the guest's agent answering the resync: proof it runs
-        await self._runtime.finish_live_arrival(
+        await self._runtime.moves.finish_live_arrival(
             incoming.sandbox_id, LIVE_FINISH_TIMEOUT, main_log=logs[0] if logs else None)
         self._live.pop(teleport_id, None)
 
@@ -334,7 +334,7 @@ class TeleportReceiver:
         await self._install_sent_image(teleport_id, offer, body.image_media_type)
         # a restore ends with the guest's agent answering (its resync, or the checkpoint
         # written back through it): proof the sandbox runs
-        await runtime.arrive(body.sandbox, snapshot_dir, main_log=main_log)
+        await runtime.moves.arrive(body.sandbox, snapshot_dir, main_log=main_log)
 
     async def _install_sent_image(self, teleport_id: str, offer: TeleportOffer,
                                   media_type: str | None) -> None:
@@ -413,7 +413,7 @@ class TeleportReceiver:
             with contextlib.suppress(SandboxNotFound):
                 info = await self._runtime.inspect(incoming.sandbox_id)
                 if info.id == incoming.sandbox_id:
-                    await self._runtime.abort_live_arrival(info.id)
+                    await self._runtime.moves.abort_live_arrival(info.id)
                     await self._runtime.remove(info.id, force=True)
         with contextlib.suppress(Exception):
             self._storage.remove_tree(self.dir(teleport_id))
