@@ -7,13 +7,16 @@ are in test_teleport_daemons.py.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kelpie import (
+    KelpieError,
     PeerUnreachable,
     TeleportAborted,
     TeleportInDoubt,
@@ -27,10 +30,11 @@ from kelpie.teleport import (
     SourcePhase,
     TargetPhase,
     Teleporter,
+    TeleportHost,
     TeleportJournal,
     TeleportReceiver,
 )
-from kelpie.vm import BackendRegistry, Mount, VmFactory, VmState
+from kelpie.vm import BackendRegistry, Mount, VmError, VmFactory, VmState
 
 
 class Clock:
@@ -282,3 +286,109 @@ async def test_source_restart_before_switch_rolls_back(pair: tuple[Host, Host, L
     assert (await source.runtime.inspect(sandbox_id)).state is VmState.RUNNING
     with pytest.raises(SandboxNotFound):
         await target.runtime.inspect(sandbox_id)
+
+
+async def test_two_teleports_of_one_sandbox_cannot_both_start(
+    pair: tuple[Host, Host, Link],
+) -> None:
+    source, target, link = pair
+    sandbox_id = await _sandbox(source)
+    teleporter = source.teleporter(_connect(target, link))
+    results = await asyncio.gather(teleporter.teleport("box", to="b"),
+                                   teleporter.teleport("box", to="b"), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["SandboxMoving", "TeleportReport"]
+    assert (await target.runtime.inspect(sandbox_id)).state is VmState.RUNNING
+    with pytest.raises(SandboxNotFound):
+        await source.runtime.inspect(sandbox_id)
+
+
+async def test_the_arriving_copy_is_held_until_the_commit(pair: tuple[Host, Host, Link]) -> None:
+    source, target, link = pair
+    sandbox_id = await _sandbox(source)
+    link.lose = {("commit", False): 99, ("state", False): 99, ("abort", False): 99}
+    with pytest.raises(TeleportInDoubt):
+        await source.teleporter(_connect(target, link)).teleport("box", to="b")
+    # restored on the target, not yet its own: nobody there may remove it meanwhile
+    with pytest.raises(SandboxMoving):
+        await target.runtime.remove(sandbox_id, force=True)
+    link.lose = {}
+    assert await source.teleporter(_connect(target, link)).recover() == []
+    await target.runtime.pause(sandbox_id)  # owned now: released
+    with pytest.raises(SandboxNotFound):
+        await source.runtime.inspect(sandbox_id)
+
+
+async def test_a_blob_whole_but_not_finished_is_finished_by_an_empty_chunk(
+    pair: tuple[Host, Host, Link],
+) -> None:
+    source, target, link = pair
+    await _sandbox(source)
+    receiver = target.receiver
+    real_put = receiver.put_chunk
+    cut: list[str] = []
+
+    async def put_without_finishing(teleport_id: str, name: str, offset: int, data: bytes,
+                                    **kw: Any) -> int:
+        if name not in cut and offset + len(data) == kw["size"] and data:
+            # every byte lands, then the target dies before it checks and renames the blob
+            cut.append(name)
+            part = receiver.dir(teleport_id) / f".{name}.part"
+            with part.open("ab") as out:
+                out.write(data)
+            raise PeerUnreachable("the target died after the last chunk landed")
+        return await real_put(teleport_id, name, offset, data, **kw)
+
+    receiver.put_chunk = put_without_finishing  # type: ignore[method-assign]
+    report = await source.teleporter(_connect(target, link)).teleport("box", to="b")
+    assert cut and report.mode is TeleportMode.FULL
+    assert await target.runtime.read_file("box", "/workspace/note.txt") == b"written before"
+
+
+async def test_recovery_removes_a_copy_a_crashed_discard_left(
+    pair: tuple[Host, Host, Link], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, target, link = pair
+    sandbox_id = await _sandbox(source)
+    link.lose = {("commit", False): 99, ("state", False): 99, ("abort", False): 99}
+    with pytest.raises(TeleportInDoubt):
+        await source.teleporter(_connect(target, link)).teleport("box", to="b")
+    record = source.journal.all_outgoing()[0]
+    # the target marks the teleport discarded, then dies before its copy is removed
+    target.journal.move_incoming(record.id, frozenset({TargetPhase.RESTORED}),
+                                 TargetPhase.DISCARDED, target.clock())
+    await target.receiver.recover()
+    with pytest.raises(SandboxNotFound):
+        await target.runtime.inspect(sandbox_id)
+    link.lose = {}
+    await source.teleporter(_connect(target, link)).recover()
+    assert (await source.runtime.inspect(sandbox_id)).state is VmState.RUNNING
+
+
+async def test_the_upkeep_settles_a_roll_back_that_failed_part_way(
+    pair: tuple[Host, Host, Link], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, target, link = pair
+    sandbox_id = await _sandbox(source)
+    host = TeleportHost(source.runtime, connect=_connect(target, link), clock=source.clock,
+                        sleep=_no_sleep, journal=source.journal,
+                        check_ports=lambda ports: [])
+    link.lose = {("switch", False): 99}
+    failing = {"left": 1}
+    real_give_back = source.runtime.moves.give_back
+
+    async def give_back_once_failing(sandbox: str, *, was_running: bool) -> Any:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise VmError("resume failed (injected)")
+        return await real_give_back(sandbox, was_running=was_running)
+
+    monkeypatch.setattr(source.runtime.moves, "give_back", give_back_once_failing)
+    with pytest.raises(KelpieError):
+        await host.teleporter.teleport("box", to="b")
+    stuck = host.teleporter.stuck()
+    assert [r.sandbox_id for r in stuck] == [sandbox_id]
+    link.lose = {}
+    await host.upkeep_once()
+    assert host.teleporter.stuck() == []
+    assert (await source.runtime.inspect(sandbox_id)).state is VmState.RUNNING
+    await source.runtime.pause(sandbox_id)  # released

@@ -139,7 +139,11 @@ class ProcessVm(AgentVm):
             try:
                 return task.result()
             except failures as exc:
-                raise BootError(f"VM {self.id}: {what} failed: {exc}\n{self._log_tail()}") from exc
+                # The VMM's control socket may close a moment before its exit is seen: if
+                # it is exiting, that is the cause to report.
+                if isinstance(exc, AgentClientError) or not await _ends_soon(exited):
+                    raise BootError(
+                        f"VM {self.id}: {what} failed: {exc}\n{self._log_tail()}") from exc
         await cancel_and_wait(task)
         if exited.done():
             status = exited.result()
@@ -242,3 +246,13 @@ class ProcessVm(AgentVm):
             self.mark_crashed(f"{reason}\n{self._log_tail()}")
         else:
             self._set_state(state)
+
+
+EXIT_GRACE = 1.0
+"""Seconds a failed control step waits to see whether the VMM is exiting."""
+
+
+async def _ends_soon(exited: asyncio.Future[Any]) -> bool:
+    """Whether ``exited`` completes within :data:`EXIT_GRACE` (it is not cancelled)."""
+    done, _ = await asyncio.wait({exited}, timeout=EXIT_GRACE)
+    return bool(done)

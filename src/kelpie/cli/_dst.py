@@ -16,7 +16,8 @@ from kelpie.dst._cli import (
 @click.command()
 @click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default=DEFAULT_SCENARIO,
               show_default=True,
-              help="vm: VMs driven directly; runtime: the runtime, crashed at every storage step.")
+              help="vm: VMs driven directly; runtime: the runtime, crashed at every storage "
+              "step; teleport: two hosts moving sandboxes, crashed at every teleport step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the (first) run.")
 @click.option("--steps", type=int, default=100, show_default=True, help="Operations per run.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Consecutive seeds to run.")
@@ -27,6 +28,6 @@ from kelpie.dst._cli import (
 @click.option("--trace", is_flag=True, help="Print every step.")
 def dst(scenario: str, seed: int, steps: int, seeds: int, faults: str, probability: float,
         trace: bool) -> int:
-    """Run seeded simulations of Kelpie VMs (or of the runtime) with injected faults and
-    check invariants."""
+    """Run seeded simulations of Kelpie VMs (or of the runtime, or of teleports between two
+    hosts) with injected faults and check invariants."""
     return run_cli(seed, steps, faults, seeds, trace, probability, scenario)

@@ -103,18 +103,27 @@ class _PlannedFaults(FaultInjector):
         return super().check(fault, operation)
 
 
-class _DurableMock:
-    """The mock backend with VMs that outlive the runtime, as detached VM processes do."""
+class DurableMock:
+    """The mock backend with VMs that outlive the runtime, as detached VM processes do.
 
-    def __init__(self, sim: RuntimeSimulation) -> None:
-        self._sim = sim
+    ``make_vm`` builds each VM (default :class:`MockVm`) with the simulation's faults,
+    storage, link and wall clock.
+    """
+
+    def __init__(self, *, faults: FaultInjector, storage: SimStorage, link: SimLink,
+                 clock: VirtualClock, make_vm: Callable[..., MockVm] = MockVm) -> None:
+        self._parts: dict[str, Any] = dict(faults=faults, storage=storage, link=link,
+                                           wall_clock=clock.wall, boot_seconds=0.5)
+        self._make_vm = make_vm
         self.vms: dict[str, MockVm] = {}
+        """The latest VM of each sandbox."""
+        self.created: list[MockVm] = []
+        """Every VM made, in order (an older one of a sandbox may still run: a leak)."""
 
     def create(self, config: VmConfig, **options: Any) -> VmInstance:
-        sim = self._sim
-        vm = MockVm(config, faults=sim.faults, storage=sim.storage, link=sim.link,
-                    wall_clock=sim.clock.wall, boot_seconds=0.5, **options)
-        self.vms[vm.id] = vm  # the latest VM of each sandbox
+        vm = self._make_vm(config, **self._parts, **options)
+        self.vms[vm.id] = vm
+        self.created.append(vm)
         return vm
 
     async def attach(self, vm_id: str) -> VmInstance:
@@ -150,7 +159,8 @@ class RuntimeSimulation:
         self.storage.step_hook = self._on_step
         self.storage.on_crash = self._freeze_database
         self.link = SimLink(self.rng.fork("link"), self.faults)
-        self.backend = _DurableMock(self)
+        self.backend = DurableMock(faults=self.faults, storage=self.storage,
+                                   link=self.link, clock=self.clock)
         self.registry = BackendRegistry()
         self.registry.register(self.backend.spec())
         self.crash_point = crash_point_for(seed) if crash_point is None else crash_point

@@ -109,8 +109,18 @@ class Moves:
     # ---- holds --------------------------------------------------------------------------
     def hold(self, sandbox_id: str, why: str) -> None:
         """Refuse lifecycle operations on the sandbox until :meth:`unhold` (``why`` says
-        which move holds it)."""
-        self._ctx.held[sandbox_id] = why
+        which move holds it). Raises :class:`SandboxMoving` if another move holds it: the
+        check and the hold are one step, so two moves of one sandbox cannot both start.
+        Holding again for the same move is a no-op."""
+        ctx = self._ctx
+        info = ctx.db.get(sandbox_id)  # (None: let go already, e.g. before a crash)
+        if info is not None and ctx.held.get(sandbox_id, why) != why:
+            ctx.check_not_held(info, "move")
+        ctx.held[sandbox_id] = why
+
+    def holder(self, sandbox_id: str) -> str | None:
+        """Which move holds the sandbox (None: none)."""
+        return self._ctx.held.get(sandbox_id)
 
     def unhold(self, sandbox_id: str) -> None:
         self._ctx.held.pop(sandbox_id, None)

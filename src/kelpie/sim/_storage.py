@@ -100,6 +100,11 @@ class SimStorage(Storage):
         parts = Path(path).parents
         return [str(p) for p in parts]
 
+    def crash(self, why: str) -> SimulatedCrash:
+        """The host dies now, away from any storage step (say, at a database write): the
+        error to raise. Storage refuses every call until :meth:`restart`."""
+        return self._crash(f"host crashed: {why}")
+
     def restart(self) -> None:
         """The host process came back: storage works again (contents as the crash left them)."""
         self.crashed = False

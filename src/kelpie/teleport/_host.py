@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from kelpie._exceptions import KelpieError
 from kelpie.runtime import Runtime
 from kelpie.teleport._journal import TeleportJournal
 from kelpie.teleport._peer import DaemonPeer, TeleportPeer
 from kelpie.teleport._source import Teleporter
-from kelpie.teleport._target import TeleportReceiver
+from kelpie.teleport._target import Offload, TeleportReceiver, _to_thread
+from kelpie.teleport._transfer import ATTEMPTS, CHUNK_SIZE
+from kelpie.vm import PortMapping
 
 JOURNAL_FILENAME = "teleports.db"
 """The journal's file name in a daemon's data directory."""
@@ -35,20 +39,43 @@ def _daemon_peer(url: str, token: str | None) -> TeleportPeer:
 
 
 class TeleportHost:
-    """The teleport journal, coordinator and receiver of one daemon's runtime."""
+    """The teleport journal, coordinator and receiver of one daemon's runtime.
+
+    Everything the two sides act through is a parameter, so the simulator drives this very
+    code: ``connect`` (the transport), ``clock``, ``new_id``, ``sleep``, ``offload``
+    (blocking work), ``journal`` (default: ``teleports.db`` in the runtime's directory),
+    ``check_ports``; ``chunk_size`` and ``attempts`` tune the transfer.
+    """
 
     def __init__(self, runtime: Runtime, *,
                  connect: Callable[[str, str | None], TeleportPeer] = _daemon_peer,
                  clock: Callable[[], float] = time.time,
+                 new_id: Callable[[], str] = lambda: secrets.token_hex(8),
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 offload: Offload[Any] = _to_thread,
+                 journal: TeleportJournal | None = None,
+                 check_ports: Callable[[list[PortMapping]], list[str]] | None = None,
+                 chunk_size: int = CHUNK_SIZE, attempts: int = ATTEMPTS,
                  upkeep_seconds: float = UPKEEP_SECONDS) -> None:
         self._runtime = runtime
-        self._connect = connect
-        self._clock = clock
         self._upkeep_seconds = upkeep_seconds
-        self._journal: TeleportJournal | None = None
-        self._teleporter: Teleporter | None = None
-        self._receiver: TeleportReceiver | None = None
+        self._sleep = sleep
+        self._journal = journal
+        self._make_teleporter: Callable[[], Teleporter] = lambda: Teleporter(
+            runtime, self.journal, connect=connect, clock=clock, new_id=new_id, sleep=sleep,
+            offload=offload, chunk_size=chunk_size, attempts=attempts)
+        self._make_receiver: Callable[[], TeleportReceiver] = lambda: TeleportReceiver(
+            runtime, self.journal, clock=clock, offload=offload, check_ports=check_ports)
         self._upkeep: asyncio.Task[None] | None = None
+
+    # (made on first use: a daemon that never teleports opens no journal)
+    @functools.cached_property
+    def teleporter(self) -> Teleporter:
+        return self._make_teleporter()
+
+    @functools.cached_property
+    def receiver(self) -> TeleportReceiver:
+        return self._make_receiver()
 
     @property
     def journal(self) -> TeleportJournal:
@@ -56,38 +83,32 @@ class TeleportHost:
             self._journal = TeleportJournal(self._runtime.data_dir / JOURNAL_FILENAME)
         return self._journal
 
-    @property
-    def teleporter(self) -> Teleporter:
-        if self._teleporter is None:
-            self._teleporter = Teleporter(
-                self._runtime, self.journal, connect=self._connect, clock=self._clock,
-                new_id=lambda: secrets.token_hex(8))
-        return self._teleporter
-
-    @property
-    def receiver(self) -> TeleportReceiver:
-        if self._receiver is None:
-            self._receiver = TeleportReceiver(self._runtime, self.journal, clock=self._clock)
-        return self._receiver
-
-    async def open(self) -> None:
-        """Finish or roll back what a crash interrupted, then start the upkeep."""
-        await self.receiver.recover()
+    async def open(self, *, upkeep: bool = True) -> None:
+        """Finish or roll back what a crash interrupted, then (``upkeep``) keep it up every
+        ``upkeep_seconds``."""
+        try:
+            await self.receiver.recover()
+        except KelpieError as exc:
+            log.warning("teleport recovery (target side) is not complete: %s", exc)
         doubtful = await self.teleporter.recover()
         for teleport_id in doubtful:
-            log.warning("teleport %s is in doubt: its sandbox stays paused here until the "
+            log.warning("teleport %s is in doubt: its sandbox stays held here until the "
                         "target answers", teleport_id)
-        self._upkeep = asyncio.create_task(self._keep_up(), name="kelpie-teleport-upkeep")
+        if upkeep:
+            self._upkeep = asyncio.create_task(self._keep_up(), name="kelpie-teleport-upkeep")
+
+    async def upkeep_once(self) -> None:
+        """One round: end the receiver's expired leases, settle stuck teleports."""
+        await self.receiver.expire()
+        for record in self.teleporter.stuck():
+            with contextlib.suppress(KelpieError):  # still in doubt: next round
+                await self.teleporter.settle(record)
 
     async def _keep_up(self) -> None:
         while True:
-            await asyncio.sleep(self._upkeep_seconds)
+            await self._sleep(self._upkeep_seconds)
             try:
-                await self.receiver.expire()
-                for record in self.teleporter.pending():
-                    if record.error is not None:  # in doubt (one in progress has none)
-                        with contextlib.suppress(KelpieError):
-                            await self.teleporter.settle(record)
+                await self.upkeep_once()
             except Exception:  # the upkeep must outlive one bad round
                 log.exception("teleport upkeep failed; trying again in %s s",
                               self._upkeep_seconds)

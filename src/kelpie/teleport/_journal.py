@@ -209,6 +209,13 @@ class TeleportJournal:
                                  (teleport_id,)).fetchone()
         return None if row is None else _incoming(row)
 
+    def last_incoming(self, sandbox_id: str) -> Incoming | None:
+        """The latest teleport that brought (or tried to bring) ``sandbox_id`` here."""
+        row = self._conn.execute(
+            "SELECT * FROM incoming WHERE sandbox_id = ? ORDER BY created_at DESC, rowid DESC "
+            "LIMIT 1", (sandbox_id,)).fetchone()
+        return None if row is None else _incoming(row)
+
     def unfinished_incoming(self) -> list[Incoming]:
         rows = self._conn.execute(
             "SELECT * FROM incoming WHERE phase NOT IN (?, ?) ORDER BY created_at",

@@ -35,15 +35,24 @@ async def _perfect(step: str, delivered: bool) -> None:
 
 
 class LocalPeer:
-    """A :class:`TeleportReceiver` in this process, behind ``link``."""
+    """A :class:`TeleportReceiver` in this process, behind ``link``.
 
-    def __init__(self, receiver: TeleportReceiver, *, address: str = "local",
-                 link: Link = _perfect,
+    ``receiver`` may be a function giving the receiver of the moment (a simulated host
+    that restarts gets a new one). Every request goes through :meth:`_call`, which a
+    subclass may wrap (the simulator turns the target's crash into a dropped connection).
+    """
+
+    def __init__(self, receiver: TeleportReceiver | Callable[[], TeleportReceiver], *,
+                 address: str = "local", link: Link = _perfect,
                  corrupt: Callable[[bytes], bytes] | None = None) -> None:
         self.address = address
-        self._receiver = receiver
+        self._receiver_of = receiver if callable(receiver) else lambda: receiver
         self._link = link
         self._corrupt = corrupt
+
+    @property
+    def _receiver(self) -> TeleportReceiver:
+        return self._receiver_of()
 
     async def _call(self, step: str, request: Callable[[], Awaitable[T]]) -> T:
         await self._link(step, False)

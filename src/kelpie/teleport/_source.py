@@ -79,6 +79,8 @@ class Teleporter:
         self._chunk_size = chunk_size
         self._retry = Retry(attempts, sleep)
         self._converge_timeout = converge_timeout
+        self._active: set[str] = set()
+        """Teleports this process is running now (the others unfinished are stuck)."""
 
     @property
     def _storage(self) -> Storage:
@@ -147,6 +149,8 @@ class Teleporter:
                                                       f"{choice.reason}"))
         teleport_id = self._new_id()
         now = self._clock()
+        # no await between the hold (refused if another move holds the sandbox) and the
+        # record: two teleports of one sandbox cannot both start
         self._runtime.moves.hold(info.id, f"teleport {teleport_id} to {to}")
         record = Outgoing(teleport_id, info.id, info.name, to, token, choice.mode.value,
                           choice.reason, SourcePhase.PREPARING,
@@ -159,6 +163,7 @@ class Teleporter:
         sender = BlobSender(self._storage, peer, teleport_id, retry=self._retry,
                             chunk_size=self._chunk_size, progress=say)
         run = _Run(record, peer, choice, say, converge, sender)
+        self._active.add(teleport_id)
         try:
             return await self._run(run, info, started)
         except TeleportInDoubt:
@@ -175,6 +180,8 @@ class Teleporter:
             raise TeleportAborted(
                 f"teleport of {info.name} to {to} was rolled back ({type(exc).__name__}: "
                 f"{exc}); the sandbox runs here as before") from exc
+        finally:
+            self._active.discard(teleport_id)
 
     async def _run(self, run: _Run, info: SandboxInfo, started: float) -> TeleportReport:
         runtime = self._runtime
@@ -371,10 +378,11 @@ class Teleporter:
         teleports still in doubt (their sandboxes stay held and paused)."""
         doubtful = []
         for record in self._journal.unfinished_outgoing():
-            self._runtime.moves.hold(record.sandbox_id, f"teleport {record.id} to {record.target}")
             try:
+                self._runtime.moves.hold(record.sandbox_id,
+                                         f"teleport {record.id} to {record.target}")
                 await self.settle(record)
-            except TeleportInDoubt:
+            except KelpieError:  # in doubt, or failed this time: the upkeep tries again
                 doubtful.append(record.id)
         return doubtful
 
@@ -405,9 +413,10 @@ class Teleporter:
             await self._retry(lambda: peer.abort(record.id))
         await self._give_back(record, "the source restarted before the switch")
 
-    def pending(self) -> list[Outgoing]:
-        """Teleports not finished (in doubt, or in progress)."""
-        return self._journal.unfinished_outgoing()
+    def stuck(self) -> list[Outgoing]:
+        """Teleports not finished and not in progress here: in doubt, or whose roll-back
+        failed part-way (their sandboxes stay held until :meth:`settle` ends them)."""
+        return [r for r in self._journal.unfinished_outgoing() if r.id not in self._active]
 
     # ---- what is sent ---------------------------------------------------------------------
     async def _blob(self, name: str, path: Path) -> Blob:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from kelpie._exceptions import (
     ConfigError,
+    KelpieError,
     SnapshotCorrupted,
     TeleportAborted,
     TeleportRefused,
@@ -245,6 +246,7 @@ class TeleportReceiver:
                 self._check_blobs(teleport_id, body)
                 self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESERVED}),
                                             TargetPhase.RESTORING, self._clock())
+                self._hold(incoming)
             try:
                 if body.live:
                     self._check_blobs(teleport_id, body)
@@ -270,6 +272,7 @@ class TeleportReceiver:
                                   what="live teleport")
             self._journal.move_incoming(teleport_id, frozenset({TargetPhase.RESERVED}),
                                         TargetPhase.RESTORING, self._clock())
+            self._hold(incoming)
             try:
                 offer = TeleportOffer.model_validate(incoming.offer)
                 await self._install_sent_image(teleport_id, offer, body.image_media_type)
@@ -310,7 +313,8 @@ class TeleportReceiver:
             final, _ = self._blob_paths(teleport_id, blob.name)
             checked = final.with_name(f".{blob.name}.sha256")
             if not storage.exists(final) or storage.size(final) != blob.size or \
-                    storage.read_bytes(checked).decode() != blob.sha256:
+                    not storage.exists(checked) or \
+                    storage.read_bytes(checked) != blob.sha256.encode():
                 missing.append(blob.name)
         if missing:
             raise ConfigError([f"blob {name} has not arrived whole" for name in missing],
@@ -382,6 +386,9 @@ class TeleportReceiver:
             if was not in (TargetPhase.RESTORED, TargetPhase.OWNED):
                 raise ConfigError([f"teleport {teleport_id} is {was.value}: switch first"],
                                   what="teleport commit")
+            incoming = self._journal.incoming(teleport_id)
+            assert incoming is not None
+            self._runtime.moves.unhold(incoming.sandbox_id)  # ours now
             with contextlib.suppress(Exception):
                 self._storage.remove_tree(self.dir(teleport_id))
             return await self.state(teleport_id)
@@ -410,6 +417,7 @@ class TeleportReceiver:
         if was in (TargetPhase.RESTORING, TargetPhase.RESTORED):
             incoming = self._journal.incoming(teleport_id)
             assert incoming is not None
+            self._runtime.moves.unhold(incoming.sandbox_id)
             with contextlib.suppress(SandboxNotFound):
                 info = await self._runtime.inspect(incoming.sandbox_id)
                 if info.id == incoming.sandbox_id:
@@ -432,6 +440,11 @@ class TeleportReceiver:
                 sandbox = sandbox_record(await self._runtime.inspect(incoming.sandbox_id))
         return TeleportState(id=incoming.id, phase=incoming.phase.value, sandbox=sandbox)
 
+    def _hold(self, incoming: Incoming) -> None:
+        """Until the commit point the arriving copy is not this host's: nothing may stop,
+        remove or snapshot it here (its source may still take it back)."""
+        self._runtime.moves.hold(incoming.sandbox_id, f"teleport {incoming.id} arriving")
+
     def _require(self, teleport_id: str, phases: set[TargetPhase]) -> Incoming:
         incoming = self._journal.incoming(teleport_id)
         if incoming is None:
@@ -446,12 +459,30 @@ class TeleportReceiver:
 
     # ---- recovery and leases ------------------------------------------------------------
     async def recover(self) -> None:
-        """After a restart: a copy restored (or being restored) but not owned is discarded;
-        reservations stay (the source may resume sending); owned ones are tidied."""
+        """After a restart: a copy restored (or being restored) but not owned is discarded,
+        and so is a copy left by a discard that a crash cut short; reservations stay (the
+        source may resume sending). Goes on past a copy it cannot discard now."""
+        failed: list[str] = []
         for incoming in self._journal.unfinished_incoming():
             if incoming.phase in (TargetPhase.RESTORING, TargetPhase.RESTORED):
-                await self._discard(incoming.id, "the target restarted before the commit")
+                try:
+                    await self._discard(incoming.id, "the target restarted before the commit")
+                except KelpieError as exc:
+                    failed.append(f"{incoming.id}: {exc}")
+        for info in await self._runtime.list_sandboxes(all=True):
+            latest = self._journal.last_incoming(info.id)
+            if latest is not None and latest.phase is TargetPhase.DISCARDED:
+                try:  # discarded, then the host died before the copy went
+                    self._runtime.moves.unhold(info.id)
+                    await self._runtime.moves.abort_live_arrival(info.id)
+                    await self._runtime.remove(info.id, force=True)
+                except KelpieError as exc:
+                    failed.append(f"{latest.id}: {exc}")
         await self.expire()
+        if failed:
+            raise TeleportAborted("could not discard the copies of teleports that did not "
+                                  "complete (the next recovery tries again): " +
+                                  "; ".join(failed))
 
     async def expire(self) -> None:
         """Discard restored copies past their lease and reservations idle too long."""

@@ -79,16 +79,19 @@ class BlobSender:
             await self._send(blob, total)
 
     async def _send(self, blob: Blob, total: int) -> None:
-        """Send one blob in chunks, resuming where the target stands after a drop."""
+        """Send one blob in chunks, resuming where the target stands after a drop, until
+        the target answers that it holds all of it (a blob the target has every byte of but
+        had not yet checked and put in place, say after a crash, gets an empty last chunk:
+        that finishes it)."""
         peer, tid = self._peer, self._id
         offset = await self._retry(lambda: peer.received(tid, blob.name))
-        damaged = 0
+        damaged = dropped = 0
         with self._storage.open_read(blob.path) as source:
-            while offset < blob.size or blob.size == 0:
+            while True:
                 source.seek(offset)
-                data = source.read(self._chunk_size)
+                data = source.read(self._chunk_size) if offset < blob.size else b""
                 try:
-                    sent = await peer.put_chunk(tid, blob.name, offset, data, size=blob.size,
+                    held = await peer.put_chunk(tid, blob.name, offset, data, size=blob.size,
                                                 sha256=blob.sha256)
                 except TransferOffsetMismatch as exc:
                     offset = exc.received
@@ -100,15 +103,22 @@ class BlobSender:
                     offset = await self._retry(lambda: peer.received(tid, blob.name))
                     continue
                 except PeerUnreachable:
-                    await self._retry.sleep(RETRY_DELAY)
-                    offset = await self._retry(lambda: peer.received(tid, blob.name))
+                    dropped += 1  # in a row, without the target getting further
+                    if dropped >= self._retry.attempts:
+                        raise
+                    await self._retry.sleep(RETRY_DELAY * dropped)
+                    now_at = await self._retry(lambda: peer.received(tid, blob.name))
+                    if now_at > offset:
+                        dropped = 0
+                    offset = now_at
                     continue
-                self.bytes_sent += sent - offset
-                offset = sent
+                dropped = 0
+                self.bytes_sent += len(data)
+                offset = held
                 self._progress(TeleportProgress(phase="transfer", message=blob.name,
                                                 done=self.bytes_sent, total=total))
-                if blob.size == 0:
-                    break
+                if held >= blob.size:
+                    return
 
 
 def sha256_of(storage: Storage, path: Path) -> str:
