@@ -40,6 +40,7 @@ CHUNK_SHA256_HEADER = "X-Kelpie-Chunk-Sha256"
 
 MAX_ARGV = 4096
 MAX_NAME = 253
+MAX_EGRESS_RULES = 256
 SANDBOX_NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
 """A sandbox name, as the runtime checks it (kelpie.runtime.NAME_PATTERN); documented here
 for the OpenAPI document, enforced by the runtime (which says what is wrong)."""
@@ -162,7 +163,15 @@ class SandboxCreate(_Request):
                                            "daemon's host.")
     ports: list[str] = Field(default_factory=list, max_length=64,
                              description="[IP:]HOST:GUEST[/tcp|udp]; IP 127.0.0.1 by default.")
-    network: Literal["none", "nat"] = "none"
+    network: Literal["none", "nat", "policy"] = Field(
+        "none", description="none: no NIC; nat: the internet, never the host or private "
+                            "networks; policy: only what allow names.")
+    allow: list[str] = Field(
+        default_factory=list, max_length=MAX_EGRESS_RULES,
+        description="Egress rules TARGET[:PORT]: an address, CIDR, NAME, *.NAME or 'host'. "
+                    "In nat an exception to what is denied; in policy the whole list.")
+    deny: list[str] = Field(default_factory=list, max_length=MAX_EGRESS_RULES,
+                            description="Egress rules as for allow; a deny wins.")
     backend: str | None = Field(None, max_length=64)
     hostname: str | None = Field(None, max_length=64)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -175,6 +184,14 @@ class SandboxCreate(_Request):
         description="Start by restoring this template instead of booting; then only name, "
                     "env and labels may be given.")
 
+
+
+class NetworkChange(_Request):
+    """New egress rules for a sandbox (they replace its rules), and optionally its mode."""
+
+    network: Literal["nat", "policy"] | None = None
+    allow: list[str] = Field(default_factory=list, max_length=MAX_EGRESS_RULES)
+    deny: list[str] = Field(default_factory=list, max_length=MAX_EGRESS_RULES)
 
 
 class Volume(_Model):
@@ -203,6 +220,8 @@ class Sandbox(_Model):
     cpus: int
     memory_mib: int
     network: str
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
     env: dict[str, str]
     volumes: list[Volume]
     ports: list[Port]

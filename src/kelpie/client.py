@@ -44,6 +44,7 @@ from kelpie.api import (
     HostFacts,
     Image,
     ImageDetails,
+    NetworkChange,
     PullBody,
     RestoreBody,
     Sandbox,
@@ -377,6 +378,15 @@ class DaemonClient:
     async def pause(self, ref: str) -> Sandbox:
         """Freeze a running sandbox."""
         return await self._lifecycle(ref, "pause")
+
+    async def set_network(self, ref: str, *, allow: Sequence[str] = (),
+                          deny: Sequence[str] = (), network: str | None = None) -> Sandbox:
+        """Replace a sandbox's egress rules (and switch between nat and policy)."""
+        body = NetworkChange(network=network, allow=list(allow),
+                             deny=list(deny))
+        reply = await self._request("PUT", f"{_sb(ref)}/network",
+                                    json=body.model_dump(mode="json"))
+        return Sandbox.model_validate(reply.json())
 
     async def resume(self, ref: str) -> Sandbox:
         """Resume a paused sandbox."""

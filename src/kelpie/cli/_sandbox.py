@@ -88,8 +88,15 @@ class _RunCommand(click.Command):
               help="Share a host directory (repeatable); ':ro' makes it read-only.")
 @click.option("-p", "--publish", "ports", multiple=True, metavar="[IP:]HOST:GUEST",
               help="Publish a guest port on the host (127.0.0.1 unless IP given).")
-@click.option("--network", type=click.Choice(["none", "nat"]), default="none",
-              show_default=True, help="Guest networking.")
+@click.option("--network", type=click.Choice(["none", "nat", "policy"]), default=None,
+              help="Guest networking: none (no NIC), nat (the internet, never the host or "
+                   "private networks) or policy (only what --allow names). Default: none, "
+                   "or nat when --allow/--deny is given.")
+@click.option("--allow", multiple=True, metavar="TARGET[:PORT]",
+              help="Egress rule (repeatable): an address, CIDR, NAME, *.NAME or 'host' "
+                   "(this host), e.g. --allow pypi.org:443 --allow host:5432.")
+@click.option("--deny", multiple=True, metavar="TARGET[:PORT]",
+              help="Egress rule that wins over --allow (repeatable).")
 @click.option("--cpus", type=int, default=None, help="Virtual CPUs.")
 @click.option("--memory", type=int, default=None, help="Memory in MiB.")
 @click.option("--backend", help="Backend (default: KELPIE_BACKEND or the best for this host).")
@@ -102,9 +109,9 @@ class _RunCommand(click.Command):
 @click.pass_context
 def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, tty: bool,
         remove: bool, env: tuple[str, ...], volumes: tuple[str, ...], ports: tuple[str, ...],
-        network: str, cpus: int | None, memory: int | None, backend: str | None,
-        workdir: str | None, timeout: float | None, template: str | None, pull: str,
-        args: tuple[str, ...]) -> int:
+        network: str | None, allow: tuple[str, ...], deny: tuple[str, ...], cpus: int | None,
+        memory: int | None, backend: str | None, workdir: str | None, timeout: float | None,
+        template: str | None, pull: str, args: tuple[str, ...]) -> int:
     """Create a sandbox and run a command in it: ``kelpie run [IMAGE] [--] [CMD...]``.
 
     Without an image (``kelpie run -- echo hi``) the command runs in the guest kit's own
@@ -124,8 +131,9 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
         _pull_if_missing(image)
     body = SandboxCreate(
         image=image, name=name, cpus=cpus, memory_mib=memory, env=parse_env(env),
-        volumes=[_volume(v) for v in volumes], ports=list(ports), network=network,
-        backend=backend,
+        volumes=[_volume(v) for v in volumes], ports=list(ports),
+        network=network or ("nat" if allow or deny else "none"),
+        allow=list(allow), deny=list(deny), backend=backend,
         command=(command if command or image is not None else None) if detach else None,
         template=template,
     )

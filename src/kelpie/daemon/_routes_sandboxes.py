@@ -16,6 +16,7 @@ from kelpie.api import (
     CreateDone,
     ErrorResponse,
     Event,
+    NetworkChange,
     Progress,
     Sandbox,
     SandboxCreate,
@@ -142,6 +143,14 @@ async def stop_sandbox(
 async def kill_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Stop a sandbox at once (its VM is killed)."""
     return sandbox_record(await runtime_of(request).kill(ref))
+
+
+@router.put("/sandboxes/{ref}/network")
+async def set_sandbox_network(request: Request, ref: Ref, body: NetworkChange) -> Sandbox:
+    """Replace the sandbox's egress rules (and switch between nat and policy); a running
+    sandbox obeys them from its next packet."""
+    return sandbox_record(await runtime_of(request).set_network(
+        ref, allow=body.allow, deny=body.deny, network=body.network))
 
 
 @router.post("/sandboxes/{ref}/pause")

@@ -222,6 +222,14 @@ class StateDb:
                 (error, at, sandbox_id),
             )
 
+    def set_config(self, info: SandboxInfo, at: float) -> None:
+        """Replace the recorded settings of a sandbox (its VM config, workdir, command...)
+        with those of ``info``."""
+        config = _row_values(info)[5]
+        with _transaction(self._conn):
+            self._conn.execute("UPDATE sandboxes SET config = ?, updated_at = ? WHERE id = ?",
+                               (config, at, info.id))
+
     def set_vm_dir(self, sandbox_id: str, vm_dir: Path) -> None:
         """Remember where the backend keeps this sandbox's VM directory."""
         with _transaction(self._conn):

@@ -52,6 +52,7 @@ from kelpie.runtime._lock import lock_data_dir
 from kelpie.runtime._logs import FOLLOW_POLL_SECONDS, Logs
 from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._moves import Moves
+from kelpie.runtime._network import change_egress
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.runtime._snapshots import Snapshots
 from kelpie.vm import (
@@ -424,6 +425,14 @@ class Runtime:
     async def list_sandboxes(self, *, all: bool = False) -> builtins.list[SandboxInfo]:
         """Sandboxes, oldest first: the active ones, or with ``all`` also those at rest."""
         return self._ctx.list(all=all)
+
+    async def set_network(self, ref: str, *, allow: Sequence[str] = (),
+                          deny: Sequence[str] = (), network: str | None = None,
+                          ) -> SandboxInfo:
+        """Replace the sandbox's egress rules (``allow``/``deny``: ``TARGET[:PORT]``, see
+        :class:`kelpie.vm.EgressPolicy`) and, between ``nat`` and ``policy``, its network
+        mode; a running sandbox obeys them from its next packet."""
+        return await change_egress(self._ctx, ref, allow=allow, deny=deny, network=network)
 
     async def kill(self, ref: str) -> SandboxInfo:
         """Stop a sandbox at once (its VM is killed)."""

@@ -26,6 +26,7 @@ from kelpie.vm import (
     DEFAULT_VCPUS,
     BackendSpec,
     ConfigError,
+    EgressPolicy,
     KelpieError,
     VmConfig,
     VmInstance,
@@ -109,6 +110,7 @@ class Sandboxes:
             ports=config_ports,
             env={**(stored.config.environment() if stored else {}), **(req.env or {})},
             network=args.network(req.network),
+            egress=EgressPolicy.parse(req.allow, req.deny),
             hostname=req.hostname,
         )
         info = self.insert(spec, req.name, config, stored, req.labels or {}, main)

@@ -98,6 +98,8 @@ class AsyncSandbox:
         volumes: Sequence[str] = (),
         ports: Sequence[str] = (),
         network: str = "none",
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
         backend: str | None = None,
         command: Sequence[str] | None = None,
         template: str | None = None,
@@ -108,8 +110,10 @@ class AsyncSandbox:
 
         ``image``: a stored image (tag, digest, id prefix); None runs the guest kit's own
         userland. ``memory`` in MiB. ``volumes``: ``HOST:GUEST[:ro]``; ``ports``:
-        ``[IP:]HOST:GUEST``; ``network``: ``none`` or ``nat``; ``command``: a main command
-        whose output becomes the logs. ``template``: start by restoring this template
+        ``[IP:]HOST:GUEST``; ``network``: ``none``, ``nat`` (the internet, never the host or
+        private networks) or ``policy`` (only what ``allow`` names); ``allow``/``deny``:
+        egress rules ``TARGET[:PORT]`` (see :class:`kelpie.vm.EgressPolicy`); ``command``: a
+        main command whose output becomes the logs. ``template``: start by restoring this template
         (then only ``name`` and ``env`` may be given). ``daemon``: the daemon's URL
         (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it
         in this process.
@@ -117,7 +121,7 @@ class AsyncSandbox:
         request = validated(SandboxCreate, {
             "image": image, "name": name, "cpus": cpus, "memory_mib": memory,
             "env": dict(env or {}), "volumes": list(volumes), "ports": list(ports),
-            "network": network, "backend": backend,
+            "network": network, "allow": list(allow), "deny": list(deny), "backend": backend,
             "command": None if command is None else list(command), "template": template,
         }, "sandbox")
         connection = await connect(daemon, token)
@@ -264,6 +268,13 @@ class AsyncSandbox:
     async def kill(self) -> None:
         """Stop the sandbox at once (its VM is killed)."""
         await self._service.kill(self.id)
+
+    async def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
+                          network: str | None = None) -> None:
+        """Replace the sandbox's egress rules (and switch between ``nat`` and ``policy``);
+        a running sandbox obeys them from its next packet."""
+        self._record = sandbox_record(await self._service.set_network(
+            self.id, allow=allow, deny=deny, network=network))
 
     async def remove(self) -> None:
         """Kill the sandbox if it runs and delete it; releases the connection."""

@@ -177,6 +177,8 @@ class Sandbox:
         volumes: Sequence[str] = (),
         ports: Sequence[str] = (),
         network: str = "none",
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
         backend: str | None = None,
         command: Sequence[str] | None = None,
         template: str | None = None,
@@ -187,8 +189,8 @@ class Sandbox:
         loop = _LoopThread.get()
         sandbox = loop.run(AsyncSandbox.create(
             image, name=name, cpus=cpus, memory=memory, env=env, volumes=volumes, ports=ports,
-            network=network, backend=backend, command=command, template=template,
-            daemon=daemon, token=token))
+            network=network, allow=allow, deny=deny, backend=backend, command=command,
+            template=template, daemon=daemon, token=token))
         return cls(sandbox, loop)
 
     @classmethod
@@ -292,6 +294,11 @@ class Sandbox:
     def kill(self) -> None:
         """Stop the sandbox at once."""
         self._loop.run(self._async.kill())
+
+    def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
+                    network: str | None = None) -> None:
+        """Replace the sandbox's egress rules (see :meth:`AsyncSandbox.set_network`)."""
+        self._loop.run(self._async.set_network(allow=allow, deny=deny, network=network))
 
     def remove(self) -> None:
         """Kill the sandbox if it runs and delete it."""

@@ -151,6 +151,12 @@ class SandboxService(Protocol):
         """Stop a sandbox at once."""
         ...
 
+    async def set_network(self, ref: str, *, allow: Sequence[str] = (),
+                          deny: Sequence[str] = (), network: str | None = None,
+                          ) -> SandboxView:
+        """Replace a sandbox's egress rules (and switch between nat and policy)."""
+        ...
+
     async def pause(self, ref: str) -> SandboxView:
         """Freeze a running sandbox."""
         ...

@@ -27,6 +27,7 @@ def sandbox_record(view: SandboxView) -> Sandbox:
         id=info.id, short_id=info.short_id, name=info.name, backend=info.backend,
         state=info.state.value, image=info.image, image_digest=info.image_digest,
         cpus=config.vcpus, memory_mib=config.memory_mib, network=config.network.value,
+        allow=[str(r) for r in config.egress.allow], deny=[str(r) for r in config.egress.deny],
         env=dict(config.env),
         volumes=[Volume(host_path=str(m.host_path), guest_path=m.guest_path,
                         read_only=m.read_only) for m in config.mounts],

@@ -52,6 +52,7 @@ from kelpie.vm._config import (
     VmConfig,
     VmConfigBuilder,
 )
+from kelpie.vm._egress import ALWAYS_DENIED, EgressPolicy, EgressRule
 from kelpie.vm._factory import (
     BACKEND_ENV,
     BUILTIN_BACKENDS,
@@ -71,6 +72,7 @@ from kelpie.vm._instance import (
     ExecRequest,
     ExecResult,
     FileInfo,
+    NetworkChangeable,
     StreamName,
     VmInstance,
 )
@@ -102,6 +104,7 @@ from kelpie.vm._storage import LocalStorage, Storage
 
 __all__ = [
     "ALLOWED",
+    "ALWAYS_DENIED",
     "BACKEND_ENV",
     "BUILTIN_BACKENDS",
     "DEFAULT_MEMORY_MIB",
@@ -131,6 +134,8 @@ __all__ = [
     "Capabilities",
     "CheckpointContent",
     "ConfigError",
+    "EgressPolicy",
+    "EgressRule",
     "ExecError",
     "ExecEvent",
     "ExecExit",
@@ -154,6 +159,7 @@ __all__ = [
     "LocalStorage",
     "ManifestCorrupted",
     "Mount",
+    "NetworkChangeable",
     "NetworkError",
     "NetworkMode",
     "Operation",

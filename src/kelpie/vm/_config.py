@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any, Self
 
 from kelpie._exceptions import ConfigError
+from kelpie.vm._egress import EgressPolicy
 
 MIN_VCPUS = 1
 MAX_VCPUS = 32
@@ -39,10 +40,12 @@ _PORT_SPEC_FORMS = "HOST:GUEST or IP:HOST:GUEST, optionally with /tcp or /udp (e
 
 
 class NetworkMode(enum.StrEnum):
-    """Guest networking: ``none`` (no NIC) or ``nat`` (outbound through the host)."""
+    """Guest networking: ``none`` (no NIC), ``nat`` (the internet, never the host or private
+    networks) or ``policy`` (nat narrowed to what the egress rules allow)."""
 
     NONE = "none"
     NAT = "nat"
+    POLICY = "policy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +237,8 @@ class VmConfig:
     network: NetworkMode = NetworkMode.NONE
     hostname: str | None = None
     ports: tuple[PortMapping, ...] = ()
+    egress: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)
+    """Where the guest may connect (``nat`` and ``policy``; see :class:`EgressPolicy`)."""
 
     def __post_init__(self) -> None:
         # Normalise containers so the config is really immutable and hashable-free of lists.
@@ -270,6 +275,12 @@ class VmConfig:
         if self.network not in NetworkMode._value2member_map_:
             allowed = ", ".join(m.value for m in NetworkMode)
             problems.append(f"network is {self.network!r}; allowed: {allowed}")
+        elif not isinstance(self.egress, EgressPolicy):
+            problems.append(  # type: ignore[unreachable]  # untyped callers
+                f"egress must be an EgressPolicy, got {type(self.egress).__name__}")
+        elif not self.egress.empty and self.network == NetworkMode.NONE:
+            problems.append(f"egress rules ({self.egress}) need network nat or policy; "
+                            "network none has no NIC to apply them to")
         if self.hostname is not None and (
             len(self.hostname) > MAX_HOSTNAME_LENGTH or not _HOSTNAME.match(self.hostname)
         ):
@@ -419,6 +430,7 @@ class VmConfig:
             "network": self.network.value,
             "hostname": self.hostname,
             "ports": [p.to_dict() for p in self.ports],
+            "egress": self.egress.to_dict(),
         }
 
     @classmethod
@@ -460,6 +472,13 @@ class VmConfig:
                 values["kernel_args"] = tuple(values["kernel_args"])
         except TypeError as exc:
             problems.append(f"kernel_args: expected a list ({exc})")
+        if "egress" in values:  # absent from configs saved before egress rules existed
+            try:
+                values["egress"] = EgressPolicy.from_dict(values["egress"])
+            except ConfigError as exc:
+                problems += [f"egress: {p}" for p in exc.problems]
+            except (TypeError, AttributeError) as exc:
+                problems.append(f"egress: expected an object with allow and deny ({exc})")
         if problems:
             raise ConfigError(problems)
         return cls(**values)
@@ -518,6 +537,10 @@ class VmConfigBuilder:
 
     def network(self, mode: NetworkMode | str) -> Self:
         self._values["network"] = mode
+        return self
+
+    def egress(self, policy: EgressPolicy) -> Self:
+        self._values["egress"] = policy
         return self
 
     def hostname(self, name: str) -> Self:

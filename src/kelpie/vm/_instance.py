@@ -24,7 +24,7 @@ from collections.abc import (
     Sequence,
 )
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from kelpie._exceptions import (
     BootError,
@@ -37,7 +37,7 @@ from kelpie._exceptions import (
     VmCrashed,
 )
 from kelpie.protocol import MAX_FRAME_PAYLOAD
-from kelpie.vm._config import VmConfig
+from kelpie.vm._config import NetworkMode, VmConfig
 from kelpie.vm._snapshot import HostInfo, SnapshotKind, VmSnapshot
 from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
 
@@ -63,16 +63,27 @@ class Capabilities:
     pty: bool = False
     live_migration: bool = False
     """A running VM can be moved to another host while it runs (``send_live``)."""
+    egress_policy: bool = False
+    """The backend enforces network ``policy`` and egress rules (host-side)."""
 
     def names(self) -> list[str]:
         """The capability names this backend has, e.g. ``["pause", "snapshot:full"]``."""
         names = [
             name
-            for name in ("pause", "shared_dirs", "vsock", "networking", "pty", "live_migration")
+            for name in ("pause", "shared_dirs", "vsock", "networking", "pty", "live_migration",
+                         "egress_policy")
             if getattr(self, name)
         ]
         names += [f"snapshot:{k.value}" for k in SnapshotKind if k in self.snapshot_kinds]
         return names
+
+
+@runtime_checkable
+class NetworkChangeable(Protocol):
+    """A VM whose network rules can change while it runs (backends with ``egress_policy``)."""
+
+    async def change_network(self, config: VmConfig) -> None:
+        """Apply ``config``'s network mode (nat or policy) and egress rules now."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +282,12 @@ class VmInstance(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config: VmConfig, *, vm_id: str | None = None) -> None:
+        if (config.network is NetworkMode.POLICY or not config.egress.empty) \
+                and not self.capabilities.egress_policy:
+            # never run a sandbox whose rules would not be enforced: refuse it
+            raise ConfigError([f"backend {self.backend_name} cannot enforce egress rules "
+                               f"(network {config.network.value}, {config.egress}); use "
+                               "network nat without rules or none, or a backend that can"])
         self._config = config
         self._id = vm_id or uuid.uuid4().hex[:12]
         self._state = VmState.CREATED

@@ -19,6 +19,7 @@ CAPABILITIES = Capabilities(
     networking=True,
     pty=True,
     live_migration=True,
+    egress_policy=True,
 )
 
 

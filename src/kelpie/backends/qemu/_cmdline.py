@@ -36,6 +36,11 @@ class QemuLaunch:
     overlay: Path | None = None
     incoming: bool = False
     """Start paused, waiting for the VM state from QMP ``migrate-incoming`` (a restore)."""
+    prefix: tuple[str, ...] = ()
+    """What runs QEMU (``ip netns exec NAME``: in the sandbox's network namespace)."""
+    forward_from: str | None = None
+    """The address published ports are forwarded from (in the namespace; the host's relay
+    listens where the user asked); None: each port's own host address."""
 
 
 def _opt(value: str | Path) -> str:
@@ -45,25 +50,28 @@ def _opt(value: str | Path) -> str:
 
 def guest_network(config: VmConfig) -> GuestNetwork | None:
     """How init sets up the guest's eth0, or None when the VM has no NIC."""
-    if config.network is NetworkMode.NAT:
+    if config.network is not NetworkMode.NONE:
         return USER_NET
     return ISOLATED_NET if config.ports else None
 
 
-def netdev_arg(config: VmConfig) -> str | None:
+def netdev_arg(config: VmConfig, forward_from: str | None = None) -> str | None:
     """The ``-netdev`` value of the VM's user-mode NIC, or None when it has none.
 
     Network ``none`` with published ports gets ``restrict=on``: the guest can reach
     neither the host nor the outside, but the ``hostfwd`` rules still forward inbound
-    connections to it.
+    connections to it. ``nat`` and ``policy`` run QEMU in the sandbox's namespace, whose
+    rules decide where the guest's connections may go; their ports are forwarded from
+    ``forward_from`` (the namespace's address).
     """
-    if config.network is not NetworkMode.NAT and not config.ports:
+    if config.network is NetworkMode.NONE and not config.ports:
         return None
     parts = ["user", "id=net0"]
     if config.network is NetworkMode.NONE:
         parts.append("restrict=on")
     parts += [
-        f"hostfwd={p.protocol}:{p.host_ip}:{p.host_port}-{GUEST_ADDRESS}:{p.guest_port}"
+        f"hostfwd={p.protocol}:{forward_from or p.host_ip}:{p.host_port}-"
+        f"{GUEST_ADDRESS}:{p.guest_port}"
         for p in config.ports
     ]
     return ",".join(parts)
@@ -92,6 +100,7 @@ def build_command(launch: QemuLaunch) -> list[str]:
     """The full argv that starts this VM."""
     config, workdir = launch.config, launch.workdir
     command = [
+        *launch.prefix,
         launch.qemu,
         "-M", f"microvm,accel={launch.accel}",
         *(["-cpu", "host"] if launch.accel == "kvm" else []),
@@ -121,7 +130,7 @@ def build_command(launch: QemuLaunch) -> list[str]:
             f"local,id=fs{i},path={_opt(mount.host_path)},security_model=none{readonly}",
             "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={config.mount_tag(i)}",
         ]  # fmt: skip
-    netdev = netdev_arg(config)
+    netdev = netdev_arg(config, launch.forward_from)
     if netdev is not None:
         command += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if launch.incoming:
@@ -151,6 +160,7 @@ def device_signature(launch: QemuLaunch) -> list[str]:
         launch, qemu="qemu-system-x86_64", config=config, kernel=Path("/kernel"),
         initrd=Path("/initrd"), workdir=Path("/vm"), hostname="guest",
         overlay=None if launch.overlay is None else Path("/vm/overlay.qcow2"), incoming=False,
+        prefix=(), forward_from=None,
     )
     command = build_command(canonical)
     append = command.index("-append")

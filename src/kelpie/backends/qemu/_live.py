@@ -451,7 +451,7 @@ class LiveReceiver:
         # Without a root disk nothing listens on the NBD socket, and the source never
         # connects to it.
         endpoints = LiveEndpoints(vm.workdir / NBD_SOCKET, vm.workdir / MIGRATION_SOCKET)
-        vm._spawn_qemu(launch)
+        await vm._spawn_qemu(launch)
         deadline = time.monotonic() + vm.boot_timeout
         qmp = await vm._before_exit(vm._connect_qmp(), "the QMP socket", deadline)
         vm._qmp = qmp

@@ -45,6 +45,7 @@ from kelpie.backends.qemu._host import (
 )
 from kelpie.backends.qemu._migration import UNLIMITED_BANDWIDTH
 from kelpie.guestkit import GuestKit, GuestKitError, build_guestkit
+from kelpie.hostnet import HostNetworkError, SandboxNetwork
 from kelpie.vm import BootError, ConfigError, HostInfo, VmConfig, VmError, VmState
 
 _log = logging.getLogger(__name__)
@@ -103,8 +104,16 @@ class QemuMachine(ProcessVm):
         self.recovered_snapshot: str | None = None
         """Set by ``attach`` when it undid a full snapshot whose process had died: where
         that snapshot was going (it was never published)."""
+        self._network: SandboxNetwork | None = None
 
     # ---- paths and host -----------------------------------------------------------------
+    @property
+    def network(self) -> SandboxNetwork:
+        """The host side of the guest's network (nat and policy: its own namespace)."""
+        if self._network is None or self._network.vm_dir != self.workdir:
+            self._network = SandboxNetwork(self.workdir)
+        return self._network
+
     @property
     def qmp_socket(self) -> Path:
         return self.workdir / "qmp.sock"
@@ -182,7 +191,7 @@ class QemuMachine(ProcessVm):
 
     async def _boot(self, launch: QemuLaunch) -> None:
         """Start QEMU and wait for the guest agent's hello."""
-        self._spawn_qemu(launch)
+        await self._spawn_qemu(launch)
         deadline = time.monotonic() + self.boot_timeout
         self._qmp = await self._before_exit(self._connect_qmp(), "the QMP socket", deadline)
         await self._before_exit(
@@ -190,8 +199,23 @@ class QemuMachine(ProcessVm):
         )
         await self._before_exit(self.agent.hello(), "the guest agent's hello", deadline)
 
-    def _spawn_qemu(self, launch: QemuLaunch) -> None:
+    async def _spawn_qemu(self, launch: QemuLaunch) -> None:
+        """Start QEMU; with network nat or policy in the sandbox's own namespace, whose
+        rules, DNS forwarder and port relays are up before it."""
+        if SandboxNetwork.needed(launch.config):
+            self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                netns = await self.network.up(launch.config)
+            except HostNetworkError as exc:
+                raise BootError(f"VM {self.id}: {exc}") from exc
+            launch = dataclasses.replace(launch, prefix=tuple(netns.exec_prefix()),
+                                         forward_from=str(netns.address))
         self._spawn(build_command(launch), self.workdir / "qemu.log", self.workdir / "qemu.pid")
+
+    async def change_network(self, config: VmConfig) -> None:
+        """Apply ``config``'s network rules to the running VM (its mode stays)."""
+        await self.network.change(config.network, config.egress, config)
+        self._config = config
 
     def _prepare_workdir(self, launch: QemuLaunch) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -304,6 +328,8 @@ class QemuMachine(ProcessVm):
             # disconnect() re-raises what ended the connection (EOFError once QEMU is gone)
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await qmp.disconnect()
+        if not keep_vmm and (self._process is None or not self._process.running):
+            await self.network.down()  # QEMU is gone: its namespace and helper go too
 
     # ---- pause / resume -----------------------------------------------------------------
     async def _qmp_execute(self, command: str, **arguments: Any) -> object:

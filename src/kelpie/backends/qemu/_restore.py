@@ -145,7 +145,7 @@ class QemuRestorer:
         self, snapshot: VmSnapshot, launch: QemuLaunch, *, paused: bool, same_vm: bool
     ) -> None:
         """Start QEMU waiting for a migration, load the snapshot's VM state into it."""
-        self._vm._spawn_qemu(launch)
+        await self._vm._spawn_qemu(launch)
         deadline = time.monotonic() + self._vm.boot_timeout
         qmp = await self._vm._before_exit(self._vm._connect_qmp(), "the QMP socket", deadline)
         self._vm._qmp = qmp

@@ -197,7 +197,7 @@ def restored_config(
     if own.env:
         changes["env"] = {**recorded.env, **own.env}
     if own.ports:
-        had_nic = recorded.network is NetworkMode.NAT or bool(recorded.ports)
+        had_nic = recorded.network is not NetworkMode.NONE or bool(recorded.ports)
         if kind is SnapshotKind.FULL and not had_nic:
             raise ConfigError([
                 "ports: the snapshot's VM had no network device (network none, no published "
