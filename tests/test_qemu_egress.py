@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -259,3 +260,21 @@ async def test_a_restored_sandbox_keeps_its_rules(vm: QemuVm, guestkit: GuestKit
         assert "hello" not in await connect(restored, FAR, WEB)
     finally:
         await restored.stop(force=True)
+
+
+async def test_an_attach_brings_a_dead_helper_back(world: None, guestkit: GuestKit,
+                                                   state_dir: Path) -> None:
+    machine = QemuVm(VmConfig(network=NetworkMode.NAT, ports=(PortMapping(free_port(), 8000),)),
+                     kit=guestkit)
+    machine.workdir = state_dir / machine.id
+    await machine.start()
+    again = machine
+    try:
+        os.killpg(int((machine.workdir / "net.pid").read_text()), signal.SIGKILL)
+        await machine.detach()  # as a daemon does when it exits
+        again = await QemuVm.attach(machine.id, workdir=machine.workdir, kit=guestkit)
+        assert await connect(again, "other.test", WEB) == f"hello from {FAR}"  # DNS again
+        assert "hello" not in await connect(again, "10.0.2.2", LOOPBACK_PORT)
+        await test_published_ports_still_come_in(again)
+    finally:
+        await again.stop(force=True)

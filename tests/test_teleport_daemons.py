@@ -483,3 +483,53 @@ def test_target_out_of_space_is_refused_before_the_pause(pair: tuple[Daemon, Dae
         small.home.close()
         subprocess.run(["umount", "-l", str(small.home.state.parent)], capture_output=True,
                        timeout=30, check=False)
+
+
+@contextlib.contextmanager
+def _host_service() -> Iterator[int]:
+    """A TCP server on every address of this host that says hi; its port."""
+    server = socket.create_server(("0.0.0.0", 0))
+    port: int = server.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"hi\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield port
+    finally:
+        server.close()
+
+
+def _a_host_address() -> str:
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return next(a["local"] for i in json.loads(out) for a in i.get("addr_info", [])
+                if not a["local"].startswith("127.") and not a["local"].startswith("10.254."))
+
+
+def test_egress_rules_travel_with_the_sandbox(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    host = _a_host_address()
+    with _host_service() as allowed, _host_service() as other:
+        ok(a.kelpie("run", "-d", "--name", "fenced", "--memory", "256", "--network", "policy",
+                    "--allow", f"host:{allowed}", DEMO, "--", "sleep", "100000"))
+        try:
+            for daemon in (a, b):
+                reach = ok(daemon.kelpie("exec", "fenced", "--", "sh", "-c",
+                                         f"nc -w 3 {host} {allowed} </dev/null"))
+                assert reach.strip() == "hi", reach
+                denied = daemon.kelpie("exec", "fenced", "--", "sh", "-c",
+                                       f"nc -w 3 {host} {other} </dev/null")
+                assert "hi" not in denied.stdout, denied
+                if daemon is a:
+                    ok(_teleport(a, b, "fenced", "--mode", "full"))
+            record = json.loads(ok(b.kelpie("inspect", "fenced")))[0]
+            assert record["network"] == "policy" and record["allow"] == [f"host:{allowed}"]
+        finally:
+            a.kelpie("rm", "-f", "fenced")
+            b.kelpie("rm", "-f", "fenced")

@@ -84,12 +84,14 @@ def key_of(vm_dir: Path) -> str:
     return hashlib.sha256(str(vm_dir.resolve()).encode()).hexdigest()[:12]
 
 
-def create(vm_dir: Path, mode: NetworkMode, policy: EgressPolicy) -> SandboxNetns:
-    """Make (or find, after a restart) the namespace of the VM in ``vm_dir`` with its rules."""
+def create(vm_dir: Path, mode: NetworkMode, policy: EgressPolicy,
+           pinned: dict[str, list[Address]] | None = None) -> SandboxNetns:
+    """Make (or find, after a restart) the namespace of the VM in ``vm_dir`` with its rules
+    (``pinned``: the addresses its name sets hold already)."""
     key = key_of(vm_dir)
     existing = find(key)
     if existing is not None:
-        existing.apply(mode, policy)
+        existing.apply(mode, policy, pinned)
         return existing
     ensure_host_forwarding()
     with _pool_lock():

@@ -42,7 +42,7 @@ class SandboxNetwork:
         """Make (or find again) the namespace with its rules; start the helper unless it
         runs. Raises :class:`HostNetworkError` saying what failed."""
         netns = await asyncio.to_thread(_netns.create, self.vm_dir, config.network,
-                                        config.egress)
+                                        config.egress, read_pinned(self.vm_dir))
         self.netns = netns
         write_settings(self.vm_dir, netns, config.network, config.egress, config.ports)
         if self._helper_pid() is None:
@@ -89,6 +89,8 @@ class SandboxNetwork:
         return pid if str(self.vm_dir).encode() in cmdline else None
 
     async def _start_helper(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a helper of ours that died: reap it
+            _reap(int((self.vm_dir / HELPER_PID).read_text()))
         read_end, write_end = os.pipe()
         log = self.vm_dir / HELPER_LOG
         try:
@@ -130,3 +132,9 @@ def _spawn_helper(vm_dir: Path, log: Path, ready: int) -> int:
                 (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
                 (os.POSIX_SPAWN_DUP2, ready, READY_FD),
             ])
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is a child of this process that has exited (else nothing)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

@@ -29,6 +29,7 @@ from kelpie.backends.qemu._host import QMP_DEAD, QMP_RUNNING, is_qemu_of, state_
 from kelpie.backends.qemu._live import SEND_MARKER, recover_send
 from kelpie.backends.qemu._machine import ATTACH_TIMEOUT, SNAPSHOT_MARKER, QemuMachine
 from kelpie.guestkit import GuestKit
+from kelpie.hostnet import HostNetworkError, SandboxNetwork
 from kelpie.vm import PARTIAL_SUFFIX, VmError, VmState
 
 _log = logging.getLogger(__name__)
@@ -76,6 +77,13 @@ class QemuAttach(QemuMachine):
         if isinstance(launch.get("guestkit_digest"), str):
             vm._kit_digest = launch["guestkit_digest"]
         await vm._reattach(timeout)
+        if vm.state in (VmState.RUNNING, VmState.PAUSED) and SandboxNetwork.needed(config):
+            # its namespace outlived the process that started it; its helper may not have
+            try:
+                await vm.network.up(config)
+            except HostNetworkError as exc:
+                _log.warning("VM %s: %s (its DNS and published ports may not answer)",
+                             vm_id, exc)
         return vm
 
     def _find_vmm(self) -> ProcessWatch:

@@ -213,9 +213,12 @@ class QemuMachine(ProcessVm):
         self._spawn(build_command(launch), self.workdir / "qemu.log", self.workdir / "qemu.pid")
 
     async def change_network(self, config: VmConfig) -> None:
-        """Apply ``config``'s network rules to the running VM (its mode stays)."""
+        """Apply ``config``'s network mode and rules to the running VM (and to its record,
+        which an attach and a snapshot read)."""
         await self.network.change(config.network, config.egress, config)
         self._config = config
+        write_vm_record(self.workdir, self.id, self.backend_name, config,
+                        self._launch_record())
 
     def _prepare_workdir(self, launch: QemuLaunch) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
