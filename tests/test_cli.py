@@ -159,3 +159,31 @@ def test_a_daemons_error_exits_as_its_class_would(cls: type[BaseException], code
                                     and c.__module__.startswith("kelpie")]
     error = remote_error(500, ErrorBody(type=types[0], types=types, message="remote"))
     assert exit_code_for(error) == code
+
+
+def test_network_rules_are_shown_checked_and_refused_where_unenforced(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # the mock backend enforces no egress rules: a sandbox asking for some is refused
+    assert main(["run", "--backend", "mock", "--network", "policy", "--allow", "pypi.org",
+                 "--", "true"]) == 2
+    assert "backend mock cannot enforce egress rules" in capfd.readouterr().err
+    assert main(["run", "--backend", "mock", "--allow", "pypi.org:http", "--", "true"]) == 2
+    assert "port 'http' is not a number" in capfd.readouterr().err
+    assert main(["run", "-d", "--name", "netbox", "--backend", "mock", "--network", "nat",
+                 "--", "sleep", "1000"]) == 0
+    capfd.readouterr()
+    try:
+        assert main(["network", "netbox"]) == 0
+        assert capfd.readouterr().out == "netbox: network nat\n  (no rules)\n"
+        assert main(["network", "netbox", "--allow", "198.51.100.7:443"]) == 2
+        assert "cannot change the network of a running sandbox" in capfd.readouterr().err
+        assert main(["stop", "netbox"]) == 0
+        assert main(["network", "netbox", "--mode", "policy", "--allow",
+                     "198.51.100.7:443", "--deny", "*.example.org"]) == 0
+        out = capfd.readouterr().out
+        assert "netbox: network policy\n  allow 198.51.100.7/32:443\n" in out
+        assert "  deny *.example.org\n" in out
+        assert main(["network", "netbox", "--mode", "none"]) == 2
+    finally:
+        main(["rm", "-f", "netbox"])
