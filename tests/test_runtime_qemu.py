@@ -119,3 +119,29 @@ async def test_main_command_output_is_followed_after_a_restart(
             assert (await second.inspect("svc")).main_exec_id is None
         finally:
             await second.remove(info.id, force=True)
+
+
+async def test_template_clones_keep_their_egress_rules(guestkit: GuestKit,
+                                                       state_dir: Path) -> None:
+    """A template made with rules gives them to its clones, enforced in each one's own
+    network namespace (test_qemu_egress.py shows what the rules do to traffic)."""
+    from kelpie.hostnet._netns import find, key_of
+
+    async with Runtime(data_dir=state_dir, backend_options={"qemu": {"kit": guestkit}}) as rt:
+        await rt.create_template(name="fenced", backend="qemu", memory_mib=256,
+                                 network="policy", allow=["198.51.100.9:80"])
+        clone = await rt.create(template="fenced", name="clone")
+        try:
+            assert clone.config.network.value == "policy"
+            assert [str(r) for r in clone.config.egress.allow] == ["198.51.100.9/32:80"]
+            assert clone.vm_dir is not None
+            netns = find(key_of(clone.vm_dir))
+            assert netns is not None
+            listing = await asyncio.create_subprocess_exec(
+                *netns.exec_prefix(), "nft", "list", "ruleset", stdout=asyncio.subprocess.PIPE)
+            rules = (await listing.communicate())[0].decode()
+            assert "ip daddr 198.51.100.9 meta l4proto { tcp, udp } th dport 80 accept" in rules
+        finally:
+            await rt.remove("clone", force=True)
+            await rt.delete_snapshot("fenced", template=True)
+        assert find(key_of(clone.vm_dir)) is None

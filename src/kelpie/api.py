@@ -310,7 +310,10 @@ class TemplateCreate(_Request):
     memory_mib: int | None = None
     env: dict[str, str] = Field(default_factory=dict,
                                 json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
-    network: Literal["none", "nat"] = "none"
+    network: Literal["none", "nat", "policy"] = "none"
+    allow: list[str] = Field(default_factory=list, max_length=MAX_EGRESS_RULES,
+                             description="Egress rules, as for a sandbox: its clones keep them.")
+    deny: list[str] = Field(default_factory=list, max_length=MAX_EGRESS_RULES)
     backend: str | None = Field(None, max_length=64)
 
 

@@ -198,19 +198,24 @@ def template() -> None:
 @click.option("--memory", type=int, default=None, help="Memory in MiB.")
 @click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable (repeatable).")
-@click.option("--network", type=click.Choice(["none", "nat"]), default="none",
-              show_default=True)
+@click.option("--network", type=click.Choice(["none", "nat", "policy"]), default=None,
+              help="As for run (default: none, or nat with --allow/--deny); its clones "
+                   "keep it.")
+@click.option("--allow", multiple=True, metavar="TARGET[:PORT]", help="Egress rule (as for run).")
+@click.option("--deny", multiple=True, metavar="TARGET[:PORT]", help="Egress rule (as for run).")
 @click.option("--backend", help="Backend (default: the best for this host).")
 @click.argument("image", required=False)
 def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[str, ...],
-                    network: str, backend: str | None, image: str | None) -> int:
+                    network: str | None, allow: tuple[str, ...], deny: tuple[str, ...],
+                    backend: str | None, image: str | None) -> int:
     """Boot IMAGE once (none: the guest kit), wait for its agent, keep its snapshot."""
     variables = parse_env(env)
 
     async def call(client: DaemonClient) -> int:
         made = await client.create_template(TemplateCreate(
             name=name, image=image, cpus=cpus, memory_mib=memory, env=variables,
-            network=network, backend=backend))
+            network=network or ("nat" if allow or deny else "none"), allow=list(allow),
+            deny=list(deny), backend=backend))
         click.echo(f"{made.id} {made.name} ({_size(made.size)})")
         return 0
 

@@ -198,7 +198,8 @@ class Snapshots:
         fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
                  "volumes": req.volumes or None, "ports": req.ports or None,
                  "backend": req.backend, "hostname": req.hostname, "command": req.command,
-                 "network": None if req.network == "none" else req.network}
+                 "network": None if req.network == "none" else req.network,
+                 "allow": req.allow or None, "deny": req.deny or None}
         given = sorted(k for k, v in fixed.items() if v is not None)
         if given:
             raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "

@@ -146,14 +146,15 @@ class AsyncSandbox:
     async def create_template(
         name: str, image: str | None = None, *, cpus: int | None = None,
         memory: int | None = None, env: Mapping[str, str] | None = None,
-        network: str = "none", backend: str | None = None, daemon: str | None = None,
-        token: str | None = None,
+        network: str = "none", allow: Sequence[str] = (), deny: Sequence[str] = (),
+        backend: str | None = None, daemon: str | None = None, token: str | None = None,
     ) -> SnapshotRecord:
         """Boot ``image`` once and keep its snapshot as template ``name`` (for
-        ``create(template=name)``)."""
+        ``create(template=name)``); its clones keep its network and egress rules."""
         request = validated(TemplateCreate, {
             "name": name, "image": image, "cpus": cpus, "memory_mib": memory,
-            "env": dict(env or {}), "network": network, "backend": backend}, "template")
+            "env": dict(env or {}), "network": network, "allow": list(allow),
+            "deny": list(deny), "backend": backend}, "template")
         connection = await connect(daemon, token)
         try:
             return snapshot_record(await connection.service.create_template(request))

@@ -205,13 +205,13 @@ class Sandbox:
     def create_template(
         name: str, image: str | None = None, *, cpus: int | None = None,
         memory: int | None = None, env: Mapping[str, str] | None = None,
-        network: str = "none", backend: str | None = None, daemon: str | None = None,
-        token: str | None = None,
+        network: str = "none", allow: Sequence[str] = (), deny: Sequence[str] = (),
+        backend: str | None = None, daemon: str | None = None, token: str | None = None,
     ) -> SnapshotRecord:
         """Make a template (see :meth:`AsyncSandbox.create_template`)."""
         return _LoopThread.get().run(AsyncSandbox.create_template(
-            name, image, cpus=cpus, memory=memory, env=env, network=network, backend=backend,
-            daemon=daemon, token=token))
+            name, image, cpus=cpus, memory=memory, env=env, network=network, allow=allow,
+            deny=deny, backend=backend, daemon=daemon, token=token))
 
     @classmethod
     def attach(cls, ref: str, *, daemon: str | None = None, token: str | None = None,
