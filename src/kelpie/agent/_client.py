@@ -91,6 +91,46 @@ class AgentClient(AgentConnection):
                 return cls(reader, writer)
 
     @classmethod
+    async def connect_hybrid_vsock(
+        cls,
+        path: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        retry_interval: float = 0.05,
+    ) -> AgentClient:
+        """Connect to the guest's vsock ``port`` through a VMM's hybrid-vsock unix socket
+        (Firecracker, Cloud Hypervisor): send ``CONNECT <port>``, expect ``OK <n>``.
+
+        Retried until ``timeout`` seconds passed: the socket may not exist yet, and the VMM
+        closes the connection while nothing listens on the port in the guest (it boots).
+        """
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                async with asyncio.timeout(remaining):
+                    reader, writer = await asyncio.open_unix_connection(path, limit=READ_SIZE)
+                    writer.write(f"CONNECT {port}\n".encode())
+                    await writer.drain()
+                    reply = await reader.readline()
+            except (OSError, TimeoutError) as exc:
+                last = exc
+            else:
+                if reply.startswith(b"OK ") and reply.endswith(b"\n"):
+                    return cls(reader, writer)
+                writer.close()
+                if reply:  # an answer that is not OK: the VMM refused, not a boot race
+                    raise AgentConnectError(
+                        f"the hybrid vsock {path} answered CONNECT {port} with {reply[:80]!r},"
+                        " not OK")
+                last = "closed before OK (nothing listens on the port yet)"
+            await asyncio.sleep(retry_interval)
+        raise AgentConnectError(f"could not reach vsock port {port} through {path} within "
+                                f"{timeout:g}s: {last!r}; is the VM running?")
+
+    @classmethod
     def from_streams(
         cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> AgentClient:
