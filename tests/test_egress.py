@@ -114,3 +114,17 @@ def test_nat_denies_exactly_the_always_denied_ranges(address: object) -> None:
     parsed = ipaddress.ip_address(str(address))
     expected = not any(parsed in network for network in ALWAYS_DENIED)
     assert EgressPolicy().allows(parsed, 443, narrowed=False) is expected
+
+
+def test_name_rules_keep_dns_to_the_forwarder() -> None:
+    from kelpie.hostnet import render_rules
+    from kelpie.vm import NetworkMode
+
+    gateway = ipaddress.ip_address("10.254.0.1")
+    with_names = render_rules(NetworkMode.NAT, EgressPolicy.parse(deny=["evil.example"]),
+                              gateway=gateway, host=[])
+    assert "meta l4proto { tcp, udp } th dport { 53, 853 } meta l4proto tcp reject with tcp " \
+           "reset" in with_names
+    assert with_names.index("dport 53 accept") < with_names.index("dport { 53, 853 }")
+    plain = render_rules(NetworkMode.NAT, EgressPolicy(), gateway=gateway, host=[])
+    assert "dport { 53, 853 }" not in plain

@@ -219,13 +219,17 @@ async def test_an_allowed_host_service_is_an_exception_in_nat(vm: QemuVm) -> Non
     try:
         await vm.change_network(vm.config.evolve(
             egress=EgressPolicy.parse(allow=[f"host:{ANY_PORT}"],
-                                      deny=[f"{FAR}:{WEB}"])))
+                                      deny=[f"{FAR}:{WEB}", "other.test"])))
         assert vm.network.netns is not None
         gateway = str(vm.network.netns.gateway)
         assert (await connect(vm, gateway, ANY_PORT)).startswith("hello from")
         assert "hello" not in await connect(vm, DUMMY_V4, DUMMY_PORT)  # another port
         assert "hello" not in await connect(vm, FAR, WEB)  # denied
         assert await connect(vm, NEAR, WEB) == f"hello from {NEAR}"
+        # a denied name: refused by the forwarder, and no other DNS server may be asked
+        for server in ("", NEAR):
+            lookup = await vm.exec(["sh", "-c", f"nslookup other.test {server}"], timeout=60)
+            assert FAR.encode() not in lookup.stdout, (server, lookup)
     finally:
         await vm.change_network(vm.config.evolve(egress=EgressPolicy()))
 

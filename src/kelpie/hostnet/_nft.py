@@ -71,6 +71,10 @@ def render(mode: NetworkMode, policy: EgressPolicy, *, gateway: Address,
         "    ct direction reply accept",  # answers to inbound connections (published ports)
         f"    ip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept",
     ]
+    if any(r.is_name for r in (*policy.allow, *policy.deny)):
+        # name rules hold only if names are asked of the forwarder: no other DNS server
+        lines += [f"    meta l4proto {{ tcp, udp }} th dport {{ 53, 853 }} {verdict}"
+                  for verdict in REJECTS]
     for rules, verdicts in ((policy.deny, REJECTS), (policy.allow, ("accept",))):
         for rule in rules:
             if rule.is_name and verdicts is REJECTS:
