@@ -15,7 +15,6 @@ from kelpie.dst._cli import parse_faults, run_cli
 from kelpie.dst._teleport_points import TELEPORT_CRASH_POINTS, teleport_crash_point_for
 from kelpie.dst._teleport_sim import TeleportSimulation, run_teleport_seed
 from kelpie.teleport import Outgoing, Teleporter
-from kelpie.teleport._source import Teleporter as SourceTeleporter
 
 STEPS = 40
 
@@ -51,7 +50,7 @@ def test_the_invariants_catch_a_roll_back_past_the_commit_point(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # a source that, after a restart, gives its copy back without asking the target
-    async def settle_blindly(self: SourceTeleporter, record: Outgoing, peer: object) -> None:
+    async def settle_blindly(self: Teleporter, record: Outgoing, peer: object) -> None:
         await self._give_back(record, "rolled back without asking")
 
     monkeypatch.setattr(Teleporter, "_settle_with", settle_blindly)

@@ -54,7 +54,7 @@ from kelpie.sim import (
     VirtualClock,
     run_simulated,
 )
-from kelpie.teleport._target import DEFAULT_IDLE
+from kelpie.teleport import DEFAULT_IDLE
 from kelpie.vm import SnapshotKind, VmState
 
 MAX_SANDBOXES = 4

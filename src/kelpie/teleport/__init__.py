@@ -21,9 +21,16 @@ from kelpie.teleport._modes import ModeChoice, choose_mode
 from kelpie.teleport._peer import DaemonPeer, TeleportPeer
 from kelpie.teleport._relay import Channel, pipe, relayed, unix_channel
 from kelpie.teleport._source import Teleporter
-from kelpie.teleport._target import TeleportReceiver, unbindable_ports
+from kelpie.teleport._target import (
+    DEFAULT_IDLE,
+    DEFAULT_LEASE,
+    TeleportReceiver,
+    unbindable_ports,
+)
 
 __all__ = [
+    "DEFAULT_IDLE",
+    "DEFAULT_LEASE",
     "JOURNAL_FILENAME",
     "Channel",
     "DaemonPeer",
