@@ -36,6 +36,7 @@ from kelpie.vm import (
     VmConfig,
     VmSnapshot,
 )
+from test_qemu_ports import free_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -126,15 +127,6 @@ async def vm(world: None, guestkit: GuestKit, state_dir: Path) -> AsyncIterator[
     await machine.stop(force=True)
     assert machine.network.netns is None
     assert find(key_of(machine.workdir)) is None  # the namespace went with QEMU
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def connect(machine: QemuVm, host: str, port: int) -> str:

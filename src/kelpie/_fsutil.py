@@ -1,11 +1,26 @@
-"""Durable file writes shared by every layer: write a temp file, fsync, rename, fsync dir."""
+"""File helpers shared by every layer: durable writes (temp file, fsync, rename, fsync dir)
+and an exclusive lock file."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block, waiting
+    for any other process (or thread) that holds it."""
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def fsync_dir(path: Path) -> None:

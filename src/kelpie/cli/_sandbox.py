@@ -40,6 +40,12 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def network_mode(network: str | None, allow: Sequence[str], deny: Sequence[str]) -> str:
+    """``--network`` as given, else ``nat`` when egress rules are given (they need a NIC),
+    else ``none``."""
+    return network or ("nat" if allow or deny else "none")
+
+
 def _client_call(call: Callable[[DaemonClient], Awaitable[int]]) -> int:
     """Run ``call`` with a connected client on a fresh event loop."""
     async def main() -> int:
@@ -132,8 +138,8 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
     body = SandboxCreate(
         image=image, name=name, cpus=cpus, memory_mib=memory, env=parse_env(env),
         volumes=[_volume(v) for v in volumes], ports=list(ports),
-        network=network or ("nat" if allow or deny else "none"),
-        allow=list(allow), deny=list(deny), backend=backend,
+        network=network_mode(network, allow, deny), allow=list(allow), deny=list(deny),
+        backend=backend,
         command=(command if command or image is not None else None) if detach else None,
         template=template,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from kelpie.api import Snapshot, TemplateCreate
-from kelpie.cli._sandbox import _client_call, _each, parse_env
+from kelpie.cli._sandbox import _client_call, _each, network_mode, parse_env
 from kelpie.client import DaemonClient
 from kelpie.vm import ConfigError
 
@@ -214,8 +214,8 @@ def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[
     async def call(client: DaemonClient) -> int:
         made = await client.create_template(TemplateCreate(
             name=name, image=image, cpus=cpus, memory_mib=memory, env=variables,
-            network=network or ("nat" if allow or deny else "none"), allow=list(allow),
-            deny=list(deny), backend=backend))
+            network=network_mode(network, allow, deny), allow=list(allow), deny=list(deny),
+            backend=backend))
         click.echo(f"{made.id} {made.name} ({_size(made.size)})")
         return 0
 

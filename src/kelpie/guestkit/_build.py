@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from kelpie._exceptions import KelpieError
-from kelpie._fsutil import write_atomic
+from kelpie._fsutil import exclusive_lock, write_atomic
 from kelpie.guestkit import _apt, _cpio, _python
 from kelpie.guestkit._kernel import KernelImageError, extract_vmlinux
 from kelpie.guestkit._modules import MODULE_GROUPS, ModuleError, ModuleTree, plan_groups
@@ -254,12 +253,8 @@ def _read_kit(directory: Path) -> GuestKit | None:
 @contextlib.contextmanager
 def _build_lock(cache_dir: Path) -> Iterator[None]:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with (cache_dir / ".build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(cache_dir / ".build.lock"):
+        yield
 
 
 def load_guestkit(

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kelpie._fsutil import write_atomic
 from kelpie.hostnet._dns import DnsForwarder, upstream_servers
 from kelpie.hostnet._netns import SandboxNetns, run
 from kelpie.hostnet._nft import TABLE, name_sets
@@ -41,9 +42,7 @@ def write_settings(vm_dir: Path, netns: SandboxNetns, mode: NetworkMode,
     data = {"netns": {"key": netns.key, "slot": netns.slot}, "mode": mode.value,
             "egress": policy.to_dict(), "ports": [p.to_dict() for p in ports],
             "upstream": os.environ.get("KELPIE_DNS_UPSTREAM")}
-    tmp = vm_dir / f".{SETTINGS}.tmp"
-    tmp.write_text(json.dumps(data))
-    tmp.replace(vm_dir / SETTINGS)
+    write_atomic(vm_dir / SETTINGS, json.dumps(data).encode())
 
 
 def read_pinned(vm_dir: Path) -> dict[str, list[Address]]:
@@ -79,6 +78,7 @@ class Helper:
 
     async def pin(self, name: str, addresses: list[Address]) -> None:
         """Add what ``name`` resolved to, to the sets of the allow rules naming it."""
+        added = False
         for named in name_sets(self.policy):
             if not named.rule.matches_name(name):
                 continue
@@ -92,9 +92,10 @@ class Helper:
                     run, [*self.netns.exec_prefix(), "nft", "add", "element", "inet", TABLE,
                            set_name, f"{{ {elements} }}"])
                 self._pinned.setdefault(set_name, []).extend(new)
-        tmp = self._vm_dir / f".{PINNED}.tmp"
-        tmp.write_text(json.dumps({k: [str(a) for a in v] for k, v in self._pinned.items()}))
-        tmp.replace(self._vm_dir / PINNED)
+                added = True
+        if added:
+            pinned = json.dumps({k: [str(a) for a in v] for k, v in self._pinned.items()})
+            await asyncio.to_thread(write_atomic, self._vm_dir / PINNED, pinned.encode())
 
     async def serve(self, resolv_conf: str) -> None:
         forwarder = DnsForwarder(lambda: (self.mode, self.policy),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kelpie._exceptions import KelpieError
+from kelpie._fsutil import exclusive_lock
 from kelpie.hostnet._nft import render
 from kelpie.vm import EgressPolicy, NetworkMode
 from kelpie.vm._egress import Address
@@ -212,12 +212,8 @@ def _claim_slot(name: str) -> int:
 @contextlib.contextmanager
 def _pool_lock() -> Iterator[None]:
     RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with (RUN_DIR / ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(RUN_DIR / ".lock"):
+        yield
 
 
 def run(command: list[str], stdin: str | None = None) -> str:

@@ -66,31 +66,40 @@ class SandboxNetwork:
 
     async def down(self) -> None:
         """Stop the helper and remove the namespace (after the VMM has exited)."""
-        pid = self._helper_pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError, ValueError):
-            spawned = int((self.vm_dir / HELPER_PID).read_text())
+        recorded = self._recorded_pid()
+        if recorded is not None:
+            if self._helper_pid() is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(recorded, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):  # ours (not a restarted daemon's)
-                await asyncio.to_thread(os.waitpid, spawned, 0)
+                await asyncio.to_thread(os.waitpid, recorded, 0)
         with contextlib.suppress(FileNotFoundError):
             (self.vm_dir / HELPER_PID).unlink()
         await asyncio.to_thread(_netns.destroy, self.vm_dir)
         self.netns = None
 
+    def _recorded_pid(self) -> int | None:
+        """The pid the helper's pid file names (running or not)."""
+        try:
+            return int((self.vm_dir / HELPER_PID).read_text())
+        except (OSError, ValueError):
+            return None
+
     def _helper_pid(self) -> int | None:
         """The pid of this VM's helper, if it runs."""
+        pid = self._recorded_pid()
+        if pid is None:
+            return None
         try:
-            pid = int((self.vm_dir / HELPER_PID).read_text())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
+        except OSError:
             return None
         return pid if str(self.vm_dir).encode() in cmdline else None
 
     async def _start_helper(self) -> None:
-        with contextlib.suppress(OSError, ValueError):  # a helper of ours that died: reap it
-            _reap(int((self.vm_dir / HELPER_PID).read_text()))
+        died = self._recorded_pid()
+        if died is not None:  # a helper of ours that died: reap it
+            _reap(died)
         read_end, write_end = os.pipe()
         log = self.vm_dir / HELPER_LOG
         try:

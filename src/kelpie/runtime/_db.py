@@ -225,10 +225,9 @@ class StateDb:
     def set_config(self, info: SandboxInfo, at: float) -> None:
         """Replace the recorded settings of a sandbox (its VM config, workdir, command...)
         with those of ``info``."""
-        config = _row_values(info)[5]
         with _transaction(self._conn):
             self._conn.execute("UPDATE sandboxes SET config = ?, updated_at = ? WHERE id = ?",
-                               (config, at, info.id))
+                               (_config_json(info), at, info.id))
 
     def set_vm_dir(self, sandbox_id: str, vm_dir: Path) -> None:
         """Remember where the backend keeps this sandbox's VM directory."""
@@ -395,14 +394,19 @@ def _sandbox_from_json(
     )
 
 
-def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
+def _config_json(info: SandboxInfo) -> str:
+    """The ``config`` column of a sandbox: its VM config and how commands run in it."""
     config = {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user,
               "command": None if info.command is None else list(info.command),
               "image_command": None if info.image_command is None else list(info.image_command),
               "image_entrypoint": list(info.image_entrypoint)}
+    return json.dumps(config, sort_keys=True)
+
+
+def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
     return (
         info.id, info.name, info.backend, info.image, info.image_digest,
-        json.dumps(config, sort_keys=True), info.state.value, info.crash_reason,
+        _config_json(info), info.state.value, info.crash_reason,
         info.last_error, None if info.vm_dir is None else str(info.vm_dir),
         json.dumps(dict(info.labels), sort_keys=True), info.created_at, info.updated_at,
         info.main_exit_code, info.main_exec_id,

@@ -417,14 +417,18 @@ class TeleportReceiver:
         if was in (TargetPhase.RESTORING, TargetPhase.RESTORED):
             incoming = self._journal.incoming(teleport_id)
             assert incoming is not None
-            self._runtime.moves.unhold(incoming.sandbox_id)
-            with contextlib.suppress(SandboxNotFound):
-                info = await self._runtime.inspect(incoming.sandbox_id)
-                if info.id == incoming.sandbox_id:
-                    await self._runtime.moves.abort_live_arrival(info.id)
-                    await self._runtime.remove(info.id, force=True)
+            await self._remove_arrival(incoming.sandbox_id)
         with contextlib.suppress(Exception):
             self._storage.remove_tree(self.dir(teleport_id))
+
+    async def _remove_arrival(self, sandbox_id: str) -> None:
+        """Remove the copy a teleport that did not complete brought here (if it is here)."""
+        self._runtime.moves.unhold(sandbox_id)
+        with contextlib.suppress(SandboxNotFound):
+            info = await self._runtime.inspect(sandbox_id)
+            if info.id == sandbox_id:
+                await self._runtime.moves.abort_live_arrival(info.id)
+                await self._runtime.remove(info.id, force=True)
 
     # ---- asking -------------------------------------------------------------------------
     async def state(self, teleport_id: str) -> TeleportState:
@@ -473,9 +477,7 @@ class TeleportReceiver:
             latest = self._journal.last_incoming(info.id)
             if latest is not None and latest.phase is TargetPhase.DISCARDED:
                 try:  # discarded, then the host died before the copy went
-                    self._runtime.moves.unhold(info.id)
-                    await self._runtime.moves.abort_live_arrival(info.id)
-                    await self._runtime.remove(info.id, force=True)
+                    await self._remove_arrival(info.id)
                 except KelpieError as exc:
                     failed.append(f"{latest.id}: {exc}")
         await self.expire()
