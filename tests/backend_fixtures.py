@@ -8,7 +8,10 @@ and the crash test skips for it until the table says how to kill one of its VMs.
 
 ``SUITE_DOUBLES`` adds backends that only this suite runs: a mock that declares no optional
 capability, so that the suite's own "assert UnsupportedOperation instead" branches run on
-every host, not only once a backend lacking something is registered.
+every host, not only once a backend lacking something is registered; and the backends whose
+hypervisor this host lacks, each driven through its real VM class against a stand-in of its
+VMM that runs Kelpie's real guest agent on the host (``firecracker-fake``: see
+``fake_firecracker.py``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kelpie.backends.firecracker import CAPABILITIES as FIRECRACKER_CAPABILITIES
+from kelpie.backends.firecracker._vm import FirecrackerVm
 from kelpie.backends.mock import MockVm
+from kelpie.guestkit import GuestKit
 from kelpie.sim import Fault, FaultInjector, SimRng
 from kelpie.vm import (
     BackendSpec,
@@ -105,7 +112,7 @@ def _mock(spec: BackendSpec, request: pytest.FixtureRequest, where: Path) -> Bac
 GUEST_APPLETS = (*BASE_APPLETS, "env", "printf", "rm", "true", "false", "tty", "stty", "pwd")
 
 
-def _qemu(spec: BackendSpec, request: pytest.FixtureRequest, where: Path) -> BackendUnderTest:
+def _kit_booted(spec: BackendSpec, request: pytest.FixtureRequest, where: Path) -> BackendUnderTest:
     kit = request.getfixturevalue("guestkit")
     disk_dir = where / "disk"
     disk_dir.mkdir(exist_ok=True)
@@ -131,6 +138,39 @@ class _BareMockVm(MockVm):
     capabilities = Capabilities()
 
 
+class _FakeFirecrackerVm(FirecrackerVm):
+    """FirecrackerVm itself, under its own name, for the stand-in Firecracker."""
+
+    backend_name = "firecracker-fake"
+
+
+def _firecracker_fake(spec: BackendSpec, request: pytest.FixtureRequest,
+                      where: Path) -> BackendUnderTest:
+    """FirecrackerVm driving ``fake_firecracker.py`` (the guest kernel is all it lacks)."""
+    tests = Path(__file__).resolve().parent
+    binary = where / "firecracker"
+    binary.write_text(f"#!/bin/sh\nPYTHONPATH={tests.parent / 'src'}:{tests} exec "
+                      f"{sys.executable} {tests / 'fake_firecracker.py'} \"$@\"\n")
+    binary.chmod(0o755)
+    for name in ("vmlinux", "initrd.img", "image.ext4"):
+        (where / name).write_bytes(b"not booted by the stand-in\n")
+    kit = GuestKit(kernel=where / "vmlinux", initrd=where / "initrd.img", digest="stand-in",
+                   versions={}, sizes={})
+
+    def place(vm: VmInstance) -> None:
+        vm.workdir = where / vm.id  # type: ignore[attr-defined]  # socket paths stay short
+
+    async def kill(vm: VmInstance) -> str:
+        pid = vm.pid  # type: ignore[attr-defined]
+        assert pid is not None, "the VM has no Firecracker process to kill"
+        os.kill(pid, signal.SIGKILL)
+        return f"status -{signal.SIGKILL}"
+
+    return BackendUnderTest(spec, config={"root_disk": where / "image.ext4"},
+                            options=lambda: {"kit": kit, "firecracker": str(binary)},
+                            kill=kill, place=place)
+
+
 SUITE_DOUBLES = {
     "bare-mock": BackendSpec(
         name="bare-mock", description="a mock declaring no optional capability (suite only)",
@@ -138,13 +178,22 @@ SUITE_DOUBLES = {
         probe=lambda: ProbeResult(True, "a test double, always available"),
         create=_BareMockVm, real=False,
     ),
+    "firecracker-fake": BackendSpec(
+        name="firecracker-fake",
+        description="FirecrackerVm against a stand-in Firecracker (suite only)",
+        capabilities=FIRECRACKER_CAPABILITIES,
+        probe=lambda: ProbeResult(True, "a test double, always available"),
+        create=_FakeFirecrackerVm, real=False,
+    ),
 }
 """Backends the suite runs besides the registered ones; never registered anywhere."""
 
 BUILDERS: dict[str, Callable[[BackendSpec, pytest.FixtureRequest, Path], BackendUnderTest]] = {
     "mock": _mock,
     "bare-mock": _mock,
-    "qemu": _qemu,
+    "qemu": _kit_booted,
+    "firecracker": _kit_booted,
+    "firecracker-fake": _firecracker_fake,
 }
 """Per backend: how to build VMs of it in this suite. ``where`` is a short directory (unix
 socket paths are limited to 107 bytes) that lives as long as the test module."""

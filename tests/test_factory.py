@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kelpie import (
@@ -12,7 +14,7 @@ from kelpie import (
     VmConfig,
     VmFactory,
 )
-from kelpie.vm import BackendRegistry, BackendSpec, ProbeResult, VmInstance
+from kelpie.vm import DEFAULT_REGISTRY, BackendRegistry, BackendSpec, ProbeResult, VmInstance
 
 NO_CAPS = Capabilities()
 
@@ -54,6 +56,25 @@ def test_nothing_fits_lists_every_rejection() -> None:
         ("mock", "simulated; used only when asked for by name"),
     )
     assert "qemu: qemu missing" in str(info.value)
+
+
+def test_a_backend_not_auto_selected_runs_only_when_named() -> None:
+    light = dataclasses.replace(spec("libkrun", True, 50), auto_selected=False)
+    reg = registry(light, spec("qemu", True, 10))
+    factory = VmFactory(reg, environ={})
+    assert factory.select().name == "qemu"
+    assert factory.select("libkrun").name == "libkrun"
+    with pytest.raises(BackendUnavailable) as info:
+        VmFactory(registry(light), environ={}).select()
+    assert info.value.rejections == (("libkrun", "used only when asked for by name"),)
+
+
+def test_the_builtin_backends_are_all_registered_and_each_says_why_it_cannot_run() -> None:
+    names = set(DEFAULT_REGISTRY.names())
+    assert {"mock", "qemu", "firecracker"} <= names
+    for name in names:
+        result = DEFAULT_REGISTRY.probe(name)
+        assert result.available or result.reason  # never a silent no
 
 
 def test_explicit_name_wins_over_env() -> None:

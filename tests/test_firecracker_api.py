@@ -13,7 +13,12 @@ import pytest
 import yaml
 
 from fake_firecracker import FakeFirecracker
-from kelpie.backends.firecracker import API_VERSION, SPEC, FirecrackerApi, FirecrackerApiError
+from kelpie.backends.firecracker import (
+    API_DOCUMENT,
+    API_VERSION,
+    FirecrackerApi,
+    FirecrackerApiError,
+)
 from kelpie.vm import VmError
 
 
@@ -37,10 +42,10 @@ async def configure(client: FirecrackerApi, tmp: Path) -> None:
 
 
 def test_the_vendored_document_is_firecrackers_of_the_version_we_name() -> None:
-    document = yaml.safe_load(SPEC.read_text())
+    document = yaml.safe_load(API_DOCUMENT.read_text())
     assert document["swagger"] == "2.0"
     assert document["info"]["version"] == API_VERSION == "1.16.1"
-    assert "github.com/firecracker-microvm/firecracker, tag v1.16.1" in SPEC.read_text()
+    assert "github.com/firecracker-microvm/firecracker, tag v1.16.1" in API_DOCUMENT.read_text()
 
 
 async def test_a_whole_life_is_accepted_in_order(fake: FakeFirecracker, tmp_path: Path) -> None:

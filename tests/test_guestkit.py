@@ -329,6 +329,7 @@ def test_kernel_cmdline_carries_init_settings() -> None:
     assert kernel_cmdline(tsc_khz=0, network=GuestNetwork("10.0.0.2/8")).endswith(
         "kelpie.net=10.0.0.2/8"
     )
+    assert kernel_cmdline(tsc_khz=0, agent_vsock_port=1024).endswith("kelpie.vsock=1024")
 
 
 @pytest.mark.parametrize(
@@ -344,6 +345,8 @@ def test_kernel_cmdline_carries_init_settings() -> None:
         {"network": GuestNetwork("10.0.2.15")},
         {"network": GuestNetwork("10.0.2.15/24", gateway="not-an-ip")},
         {"extra": ["two words"]},
+        {"agent_vsock_port": 0},
+        {"agent_vsock_port": 2**32},
     ],
 )
 def test_kernel_cmdline_rejects_what_cannot_travel(kwargs: dict[str, Any]) -> None:

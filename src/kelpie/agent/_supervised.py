@@ -14,7 +14,7 @@ import abc
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -46,6 +46,8 @@ class ProcessVm(AgentVm):
     """The VM directory's log files whose tails errors quote."""
     vmm_errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
     """What a failed boot step of the VMM's own control channel raises."""
+    pid_file_name: ClassVar[str] = "vmm.pid"
+    """The VM directory's file holding the VMM's pid (written by :meth:`_spawn`)."""
 
     def __init__(
         self, config: VmConfig, *, vm_id: str | None = None, workdir: Path | None,
@@ -78,14 +80,61 @@ class ProcessVm(AgentVm):
         return VmCrashed(f"VM {self.id}: {self.vmm_name} {how} during {doing}")
 
     # ---- the VMM process ----------------------------------------------------------------
-    def _spawn(self, command: list[str], log: Path, pid_file: Path) -> None:
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / self.pid_file_name
+
+    def _spawn(self, command: list[str], log: Path) -> None:
         """Start the VMM detached, write its pid file, and watch it."""
         try:
             pid = spawn_in_new_session(command, log)
         except OSError as exc:
             raise BootError(f"VM {self.id}: cannot run {command[0]}: {exc}") from exc
-        pid_file.write_text(f"{pid}\n")
+        self.pid_file.write_text(f"{pid}\n")
         self._track(ProcessWatch(pid, child=True))
+
+    def _is_own_vmm(self, pid: int) -> bool:
+        """Whether process ``pid`` is this VM's VMM (a pid file can outlive its pid): the
+        backend reads its command line."""
+        return False
+
+    async def _end_vmm(
+        self, asks: Sequence[tuple[Callable[[], Awaitable[object]], float]]
+    ) -> None:
+        """End the VMM: each of ``asks`` in turn (a request, then up to its seconds for the
+        exit), then SIGKILL of its group; then its watcher's end and :meth:`_release`.
+
+        Also a VMM this object does not watch (an attach that failed, e.g. while another
+        process held its control socket): stopping must not leave it running.
+        """
+        process = self._process or self._unwatched_vmm()
+        if process is not None and process.running:
+            for ask, timeout in asks:
+                if process.exited.done():
+                    break
+                with contextlib.suppress(AgentClientError, TimeoutError, *self.vmm_errors):
+                    async with asyncio.timeout(timeout):
+                        await ask()
+                        await process.wait()
+            if process.running:
+                process.kill_group()
+                await process.wait()
+        watcher = self._watcher
+        if watcher is not None:
+            # It ends now that the VMM has exited. asyncio.wait, not suppress(CancelledError)
+            # around 'await watcher', which would also swallow a cancellation of this stop.
+            await asyncio.wait({watcher})
+            if not watcher.cancelled():
+                watcher.result()  # its own error, if any, is this stop's
+        await self._release(keep_vmm=False)
+        self.pid_file.unlink(missing_ok=True)
+        self._process = None
+
+    def _unwatched_vmm(self) -> ProcessWatch | None:
+        """This VM's VMM as named by its pid file, when it runs; else None."""
+        with contextlib.suppress(VmmGone):
+            return self._find_vmm()
+        return None
 
     def _track(self, process: ProcessWatch) -> None:
         """Watch the VMM from now on: its exit while RUNNING or PAUSED marks the VM CRASHED."""
@@ -198,9 +247,32 @@ class ProcessVm(AgentVm):
         await self._release(keep_vmm=True)
 
     # ---- re-attach ----------------------------------------------------------------------
-    @abc.abstractmethod
     def _find_vmm(self) -> ProcessWatch:
-        """A watch on this VM's live VMM, from the VM directory; else :class:`VmmGone`."""
+        """A watch on this VM's live VMM, as named by its pid file; else :class:`VmmGone`."""
+        name, pid_file = self.vmm_name, self.pid_file
+        try:
+            text = pid_file.read_text().strip()
+        except FileNotFoundError:
+            raise VmmGone(f"{name} is not running: {pid_file} is missing") from None
+        if not text.isdigit() or int(text) <= 0:
+            raise VmmGone(f"{name} is not running: {pid_file} holds {text!r}, not a pid")
+        pid = int(text)
+        try:
+            process = ProcessWatch(pid, child=False)
+        except ProcessLookupError:
+            raise VmmGone(f"{name} (pid {pid}) is no longer running") from None
+        gone = VmmGone(f"{name} (pid {pid}) is no longer running")
+        ours = not process.has_exited() and self._is_own_vmm(pid)
+        # The pidfd names one process: alive after the command line was read, it proves the
+        # command line was that process's and not a later holder of the same pid.
+        if process.has_exited():
+            process.close()
+            raise gone
+        if not ours:
+            process.close()
+            raise VmmGone(f"{name} is not running: {pid_file.name} names pid {pid}, which is "
+                          f"not this VM's {name} (the pid was reused after it exited)")
+        return process
 
     @abc.abstractmethod
     async def _reconnect(self, timeout: float) -> tuple[VmState, str]:

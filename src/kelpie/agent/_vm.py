@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
+import os
+import time
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from kelpie.agent._client import AgentClient
@@ -52,6 +56,8 @@ from kelpie.vm import (
 
 T = TypeVar("T")
 
+RESTORE_ENTROPY_BYTES = 64
+"""Fresh random bytes a restored guest mixes into its RNG (clones must not share a state)."""
 REPLAY_LIMIT = 4 * 1024 * 1024
 """Bytes of an upload kept to send it again if a new agent refuses it (a larger upload
 refused that way fails with an AgentError; the next call then goes to the new agent)."""
@@ -81,6 +87,17 @@ class _Replayable:
                 self.complete = False
                 self._seen.clear()
             yield chunk
+
+
+def _read_plan(pending: Path) -> dict[str, Any] | None:
+    """A resync plan; None when there is none, empty when it is unreadable."""
+    try:
+        plan = json.loads(pending.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return plan if isinstance(plan, dict) else {}
 
 
 class AgentVm(VmInstance):
@@ -121,6 +138,27 @@ class AgentVm(VmInstance):
             return
         with self._agent_errors():
             await self.agent.hello(timeout=timeout)
+
+    @staticmethod
+    def _plan_resync(pending: Path, hostname: str | None) -> None:
+        """Note in ``pending`` (a VM directory's file) that a restored guest must be resynced
+        (clock, RNG, and ``hostname`` when it is another VM's image) when it first runs,
+        so that a process attaching to a VM left paused by a restore still does it."""
+        pending.write_text(json.dumps({"hostname": hostname}) + "\n")
+
+    async def _resync_pending(self, pending: Path) -> None:
+        """Resync a restored guest that runs now, as :meth:`_plan_resync` noted: clock, RNG
+        (reseeded), host name; then forget the plan. Nothing to do without one."""
+        plan = _read_plan(pending)
+        if plan is None:
+            return
+        hostname = plan.get("hostname")
+        await self._call(lambda client: client.resync(
+            epoch_ns=time.time_ns(), entropy=os.urandom(RESTORE_ENTROPY_BYTES),
+            hostname=hostname if isinstance(hostname, str) else None,
+        ))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pending)
 
     def _interrupt_commands(self, reason: str) -> None:
         """End the stream of every running command with ``reason`` (e.g. a restore)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -39,17 +40,18 @@ class Agent:
     The agent outlives host connections; its execs keep running between them.
     """
 
-    def __init__(self, channel: Channel, root: str = "/", power_off: bool = False) -> None:
+    def __init__(self, channel: Channel, root: str = "/", in_guest: bool = False) -> None:
+        # Only an agent in a guest powers it off and sets its clock (not one run on a host).
         self.rootfs = RootFS(root)
-        self.power_off_allowed = power_off
+        self.power_off_allowed = in_guest
         self.link = HostLink(channel, on_frame=self.on_frame, on_lost=self.on_host_lost)
         requests: dict[int, Exec | Upload | Download] = {}
         self.execs = ExecManager(self.rootfs, self.link, requests)
         self.files = FileService(self.rootfs, self.link, requests)
-        handlers = {
+        handlers: dict[str, Callable[[int, dict[str, Any]], dict[str, Any] | None]] = {
             **self.execs.handlers(),
             **self.files.handlers(),
-            "resync": op_resync,
+            "resync": functools.partial(op_resync, set_clock=in_guest),
             "shutdown": self.op_shutdown,
         }
         self.session = Session(

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         channel = ListenChannel.unix(options["listen-unix"])
     else:
         channel = ListenChannel.vsock(int(options["listen-vsock"]))
-    agent = Agent(channel, options.get("root", "/"), power_off="device" in options)
+    # --listen-unix is the host test mode: the agent then runs on a host, never powers it
+    # off and never sets its clock. The other two modes run in a guest.
+    agent = Agent(channel, options.get("root", "/"), in_guest="listen-unix" not in options)
     log(f"serving protocol v{protocol.PROTOCOL_VERSION}, root {agent.rootfs.root}")
     try:
         agent.run()

@@ -20,8 +20,9 @@ RNDADDENTROPY: Final = 0x40085203
 RNDRESEEDCRNG: Final = 0x5207
 
 
-def op_resync(rid: int, f: dict[str, Any]) -> dict[str, Any]:
-    """After a snapshot restore: fix the clock, reseed the RNG, rename the host."""
+def op_resync(rid: int, f: dict[str, Any], *, set_clock: bool = True) -> dict[str, Any]:
+    """After a snapshot restore: fix the clock (if ``set_clock``), reseed the RNG, rename
+    the host."""
     reply: dict[str, Any] = {
         "clock_set": False,
         "entropy_bytes": 0,
@@ -29,7 +30,7 @@ def op_resync(rid: int, f: dict[str, Any]) -> dict[str, Any]:
         "hostname": None,
         "rng_reseeded": False,
     }
-    if f["epoch_ns"] is not None:
+    if f["epoch_ns"] is not None and set_clock:
         try:
             time.clock_settime_ns(time.CLOCK_REALTIME, f["epoch_ns"])
         except OSError as exc:

@@ -127,13 +127,16 @@ def kernel_cmdline(
     network: GuestNetwork | None = None,
     tsc_khz: int | None = None,
     debug: bool = False,
+    agent_vsock_port: int | None = None,
     extra: Sequence[str] = (),
 ) -> str:
     """The full kernel command line for a guest booted from a Kelpie guest kit.
 
     `root_device` (e.g. `/dev/vda`) is an ext4 disk the agent chroots into; `shares` are
     mounted below it (or below `/` without one). `tsc_khz` defaults to `host_tsc_khz()`;
-    pass 0 to leave the TSC arguments out. `debug` makes init log each step. Raises
+    pass 0 to leave the TSC arguments out. `debug` makes init log each step.
+    `agent_vsock_port` makes the agent listen on that vsock port (VMMs whose host end is a
+    vsock device, e.g. Firecracker's hybrid vsock) instead of the virtio-serial port. Raises
     ValueError for a value that cannot travel on the command line.
     """
     args = list(BASE_KERNEL_ARGS)
@@ -151,6 +154,10 @@ def kernel_cmdline(
         args.append(f"kelpie.mounts={_share_arg(shares)}")
     if network is not None:
         args.append(f"kelpie.net={_network_arg(network)}")
+    if agent_vsock_port is not None:
+        if not 0 < agent_vsock_port < 2**32 - 1:
+            raise ValueError(f"vsock port {agent_vsock_port} is not a port (1 to 2^32-2)")
+        args.append(f"kelpie.vsock={agent_vsock_port}")
     if debug:
         args.append("kelpie.debug=1")
     for arg in extra:

@@ -21,6 +21,7 @@ MODULE_GROUPS: Mapping[str, tuple[str, ...]] = {
     "blk": ("virtio_blk", "ext4", "crc32c_generic"),
     "9p": ("9pnet_virtio", "9p"),
     "net": ("virtio_net",),
+    "vsock": ("vmw_vsock_virtio_transport",),
 }
 
 

@@ -12,6 +12,11 @@
 #   kelpie.mounts=TAG:PATH:ro|rw,...        virtio-9p shares (QEMU mount_tag TAG) mounted at
 #                                           PATH (below /newroot when there is a root disk)
 #   kelpie.net=ADDR/PREFIX,GATEWAY[,DNS]    static IPv4 set-up of eth0
+#   kelpie.vsock=PORT                       the agent listens on vsock port PORT (VMMs with
+#                                           a vsock device: Firecracker...) instead of the
+#                                           virtio-serial port
+#   virtio_mmio.device=...                  (added by Firecracker) passed on to virtio_mmio,
+#                                           which init loads itself, so no modprobe reads it
 #   kelpie.debug=1                          log every step to the console
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -27,6 +32,8 @@ hostname_arg=
 root_arg=
 mounts_arg=
 net_arg=
+vsock_arg=
+mmio_params=
 debug=0
 
 log() {
@@ -64,6 +71,8 @@ read_cmdline() {
             kelpie.root=*) root_arg=${word#*=} ;;
             kelpie.mounts=*) mounts_arg=${word#*=} ;;
             kelpie.net=*) net_arg=${word#*=} ;;
+            kelpie.vsock=*) vsock_arg=${word#*=} ;;
+            virtio_mmio.device=*) mmio_params="$mmio_params ${word#virtio_mmio.}" ;;
             kelpie.debug=1) debug=1 ;;
         esac
     done
@@ -75,12 +84,16 @@ load_group() {
     [ -f "$MODULE_LISTS/modules.$1" ] || return 0
     while read -r name path; do
         [ -d "/sys/module/$name" ] && continue
-        debug "insmod $name"
-        insmod "$path" || log "could not load kernel module $name ($path)"
+        params=
+        [ "$name" = virtio_mmio ] && params=$mmio_params
+        debug "insmod $name$params"
+        # shellcheck disable=SC2086  # one word per parameter
+        insmod "$path" $params || log "could not load kernel module $name ($path)"
     done <"$MODULE_LISTS/modules.$1"
 }
 
-# Load drivers for the virtio devices that exist (virtio device IDs: 1 net, 2 block, 9 9p).
+# Load drivers for the virtio devices that exist (virtio device IDs: 1 net, 2 block, 9 9p,
+# 19 vsock).
 load_device_drivers() {
     load_group core
     for id_file in /sys/bus/virtio/devices/*/device; do
@@ -89,6 +102,7 @@ load_device_drivers() {
             0x0001) load_group net ;;
             0x0002) load_group blk ;;
             0x0009) load_group 9p ;;
+            0x0013) load_group vsock ;;
         esac
     done
 }
@@ -199,12 +213,17 @@ find_agent_port() {
 }
 
 run_agent_forever() {
-    device=$(find_agent_port)
-    if [ -z "$device" ]; then
-        log "ERROR: no virtio-serial port named $AGENT_PORT after 10 s; using /dev/vport0p1"
-        device=/dev/vport0p1
+    if [ -n "$vsock_arg" ]; then
+        device="vsock port $vsock_arg"
+        set -- --listen-vsock "$vsock_arg"
+    else
+        device=$(find_agent_port)
+        if [ -z "$device" ]; then
+            log "ERROR: no virtio-serial port named $AGENT_PORT after 10 s; using /dev/vport0p1"
+            device=/dev/vport0p1
+        fi
+        set -- --device "$device"
     fi
-    set -- --device "$device"
     # Even when the root disk failed to mount: commands then fail visibly in the empty
     # /newroot instead of silently running in the initramfs (the error is in init.log).
     [ -n "$root_arg" ] && set -- "$@" --root "$NEWROOT"

@@ -40,7 +40,8 @@ class BackendSpec:
     test). ``create(config, **options)`` builds an unstarted :class:`VmInstance`.
     ``attach(vm_id)``, for backends whose VMs outlive the process that started them, finds
     a VM started earlier (by id, in the backend's own VM directory) and reconnects to it;
-    ``None`` means VMs of this backend die with their process.
+    ``None`` means VMs of this backend die with their process. A backend that is not
+    ``auto_selected`` (libkrun, say: lighter isolation) runs only when asked for by name.
     """
 
     name: str
@@ -51,9 +52,14 @@ class BackendSpec:
     priority: int = 0
     real: bool = True
     attach: Callable[[str], Awaitable[VmInstance]] | None = None
+    auto_selected: bool = True
 
 
-BUILTIN_BACKENDS = ("kelpie.backends.mock", "kelpie.backends.qemu")
+BUILTIN_BACKENDS = (
+    "kelpie.backends.mock",
+    "kelpie.backends.qemu",
+    "kelpie.backends.firecracker",
+)
 """Modules of the built-in backends, each with a ``SPEC``. Names, not imports: the VM layer
 never imports a backend; the registry loads these when first asked."""
 
@@ -186,6 +192,9 @@ class VmFactory:
             spec = self.registry.get(candidate)
             if not spec.real:
                 rejections.append((candidate, "simulated; used only when asked for by name"))
+                continue
+            if not spec.auto_selected:
+                rejections.append((candidate, "used only when asked for by name"))
                 continue
             result = self.registry.probe(candidate)
             if result.available:

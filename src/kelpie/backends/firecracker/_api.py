@@ -18,7 +18,7 @@ import httpx
 
 from kelpie._exceptions import VmError
 
-SPEC = Path(__file__).with_name("firecracker-v1.16.1.yaml")
+API_DOCUMENT = Path(__file__).with_name("firecracker-v1.16.1.yaml")
 """The API document this client is written against (and tested with)."""
 API_VERSION = "1.16.1"
 REQUEST_TIMEOUT = 30.0

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Self
 
 from kelpie._paths import vms_dir
-from kelpie.agent import ProcessWatch, VmmGone, check_vm_id, read_vm_record
+from kelpie.agent import check_vm_id, read_vm_record
 from kelpie.backends.qemu import _migration
 from kelpie.backends.qemu._accel import AccelChoice
-from kelpie.backends.qemu._host import QMP_DEAD, QMP_RUNNING, is_qemu_of, state_for_qmp_status
+from kelpie.backends.qemu._host import QMP_DEAD, QMP_RUNNING, state_for_qmp_status
 from kelpie.backends.qemu._live import SEND_MARKER, recover_send
 from kelpie.backends.qemu._machine import ATTACH_TIMEOUT, SNAPSHOT_MARKER, QemuMachine
 from kelpie.guestkit import GuestKit
@@ -85,43 +85,6 @@ class QemuAttach(QemuMachine):
                 _log.warning("VM %s: %s (its DNS and published ports may not answer)",
                              vm_id, exc)
         return vm
-
-    def _find_vmm(self) -> ProcessWatch:
-        """A watch on this VM's live QEMU, as named by ``qemu.pid``; else :class:`VmmGone`."""
-        pid_file = self.workdir / "qemu.pid"
-        try:
-            text = pid_file.read_text().strip()
-        except FileNotFoundError:
-            raise VmmGone(f"QEMU is not running: {pid_file} is missing") from None
-        if not text.isdigit() or int(text) <= 0:
-            raise VmmGone(f"QEMU is not running: {pid_file} holds {text!r}, not a pid")
-        pid = int(text)
-        try:
-            process = ProcessWatch(pid, child=False)
-        except ProcessLookupError:
-            raise VmmGone(f"QEMU (pid {pid}) is no longer running") from None
-        try:
-            self._check_is_own_qemu(process)
-        except VmmGone:
-            process.close()
-            raise
-        return process
-
-    def _check_is_own_qemu(self, process: ProcessWatch) -> None:
-        """Raise :class:`VmmGone` unless ``process`` is alive and serves our QMP socket."""
-        gone = VmmGone(f"QEMU (pid {process.pid}) is no longer running")
-        if process.has_exited():
-            raise gone
-        ours = is_qemu_of(process.pid, self.qmp_socket)
-        # The pidfd names one process: alive after the command line was read, it proves the
-        # command line was that process's and not a later holder of the same pid.
-        if process.has_exited():
-            raise gone
-        if not ours:
-            raise VmmGone(
-                f"QEMU is not running: qemu.pid names pid {process.pid}, which is not this "
-                f"VM's QEMU (the pid was reused after QEMU exited)"
-            )
 
     def _vmm_gone_cleanup(self) -> None:
         self._drop_interrupted_snapshot()  # no QEMU writes it any more

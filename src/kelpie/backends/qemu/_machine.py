@@ -27,10 +27,8 @@ from qemu.qmp import QMPClient, QMPError
 
 from kelpie.agent import (
     AgentClient,
-    AgentClientError,
     BootTimedOut,
     ProcessVm,
-    ProcessWatch,
     launch_record,
     write_vm_record,
 )
@@ -74,6 +72,7 @@ class QemuMachine(ProcessVm):
     vmm_name: ClassVar[str] = "QEMU"
     vmm_logs: ClassVar[tuple[str, ...]] = ("console.log", "qemu.log")
     vmm_errors: ClassVar[tuple[type[Exception], ...]] = (QMPError, OSError)
+    pid_file_name: ClassVar[str] = "qemu.pid"
 
     def __init__(
         self,
@@ -210,7 +209,7 @@ class QemuMachine(ProcessVm):
                 raise BootError(f"VM {self.id}: {exc}") from exc
             launch = dataclasses.replace(launch, prefix=tuple(netns.exec_prefix()),
                                          forward_from=str(netns.address))
-        self._spawn(build_command(launch), self.workdir / "qemu.log", self.workdir / "qemu.pid")
+        self._spawn(build_command(launch), self.workdir / "qemu.log")
 
     async def change_network(self, config: VmConfig) -> None:
         """Apply ``config``'s network mode and rules to the running VM (and to its record,
@@ -278,51 +277,19 @@ class QemuMachine(ProcessVm):
     async def _shut_down(self, force: bool, grace: float = SHUTDOWN_TIMEOUT) -> None:
         """Agent poweroff (``grace`` seconds), else QMP quit, else SIGKILL of QEMU's group;
         then clean up."""
-        process = self._process or self._unwatched_qemu()
-        if process is not None and process.running:
-            if not force and self.agent.ready and self._state is VmState.RUNNING:
-                await self._ask_then_wait(self._agent_poweroff(), process, grace)
-            if process.running and self._qmp is not None:
-                await self._ask_then_wait(self._qmp.execute("quit"), process, QUIT_TIMEOUT)
-            if process.running:
-                process.kill_group()
-                await process.wait()
-        watcher = self._watcher
-        if watcher is not None:
-            # It ends now that QEMU has exited. asyncio.wait, not suppress(CancelledError)
-            # around 'await watcher', which would also swallow a cancellation of this stop.
-            await asyncio.wait({watcher})
-            if not watcher.cancelled():
-                watcher.result()  # its own error, if any, is this stop's
-        await self._release(keep_vmm=False)
-        for name in ("qmp.sock", "agent.sock", "qemu.pid"):
+        asks: list[tuple[Callable[[], Awaitable[object]], float]] = []
+        if not force and self.agent.ready and self._state is VmState.RUNNING:
+            asks.append((self._agent_poweroff, grace))
+        qmp = self._qmp
+        if qmp is not None:
+            asks.append((lambda: qmp.execute("quit"), QUIT_TIMEOUT))
+        await self._end_vmm(asks)
+        for name in ("qmp.sock", "agent.sock"):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
-        self._process = None
 
-    def _unwatched_qemu(self) -> ProcessWatch | None:
-        """The QEMU of this VM directory when this object does not watch it (an attach that
-        failed, e.g. while another process held QMP): stopping must not leave it running."""
-        try:
-            pid = int((self.workdir / "qemu.pid").read_text())
-        except (OSError, ValueError):
-            return None
-        if not is_qemu_of(pid, self.qmp_socket):
-            return None
-        try:
-            return ProcessWatch(pid, child=False)
-        except ProcessLookupError:
-            return None
-
-    @staticmethod
-    async def _ask_then_wait(
-        request: Awaitable[object], process: ProcessWatch, timeout: float
-    ) -> None:
-        """Send one shutdown request and wait for QEMU to exit; give up quietly on timeout."""
-        with contextlib.suppress(AgentClientError, QMPError, OSError, TimeoutError):
-            async with asyncio.timeout(timeout):
-                await request
-                await process.wait()
+    def _is_own_vmm(self, pid: int) -> bool:
+        return is_qemu_of(pid, self.qmp_socket)
 
     async def _release(self, *, keep_vmm: bool) -> None:
         qmp, self._qmp = self._qmp, None

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -30,7 +28,6 @@ from kelpie.vm import (
     replay_checkpoint,
 )
 
-RESTORE_ENTROPY_BYTES = 64
 """Fresh host randomness a restored guest mixes into its kernel RNG (then reseeds)."""
 
 
@@ -158,8 +155,8 @@ class QemuRestorer:
         await self._vm._before_exit(
             self._vm.agent.connect(self._vm.boot_timeout), "the agent socket", deadline
         )
-        plan = {"hostname": None if same_vm else launch.hostname}
-        (self._vm.workdir / PENDING_RESYNC).write_text(json.dumps(plan) + "\n")
+        self._vm._plan_resync(self._vm.workdir / PENDING_RESYNC,
+                              None if same_vm else launch.hostname)
         if paused:
             return  # resume() says hello and resyncs the guest
         await self._vm._before_exit(qmp.execute("cont"), "QMP cont", deadline)
@@ -167,24 +164,8 @@ class QemuRestorer:
         await self._vm._before_exit(self.finish(), "the guest agent's resync", deadline)
 
     async def finish(self) -> None:
-        """Resync a restored guest once it runs: clock, RNG (reseeded), host name.
-
-        The plan is a file in the VM directory, so that a process attaching to a VM left
-        paused by a restore still resyncs it on resume.
-        """
-        pending = self._vm.workdir / PENDING_RESYNC
-        try:
-            plan = json.loads(pending.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError):
-            plan = {}
-        hostname = plan.get("hostname") if isinstance(plan, dict) else None
-        await self._vm._call(lambda client: client.resync(
-            epoch_ns=time.time_ns(), entropy=os.urandom(RESTORE_ENTROPY_BYTES),
-            hostname=hostname if isinstance(hostname, str) else None,
-        ))
-        pending.unlink(missing_ok=True)
+        """Resync a restored guest once it runs: clock, RNG (reseeded), host name."""
+        await self._vm._resync_pending(self._vm.workdir / PENDING_RESYNC)
 
 
 def _signature_mismatch(recorded: Sequence[str], here: Sequence[str]) -> str:
