@@ -113,6 +113,9 @@ def test_backend_ls_json() -> None:
     proc = kelpie("backend", "ls", "--json")
     rows = {row["name"]: row for row in json.loads(proc.stdout)}
     assert rows["mock"]["available"] is True and rows["mock"]["real"] is False
+    assert rows["mock"]["auto_selected"] is False and rows["qemu"]["auto_selected"] is True
+    firecracker = rows["firecracker"]  # listed with why it cannot run here, and what it can do
+    assert firecracker["reason"] and "snapshot:full" in firecracker["capabilities"]
 
 
 def test_dst_prints_summary() -> None:
