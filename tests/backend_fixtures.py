@@ -11,7 +11,7 @@ capability, so that the suite's own "assert UnsupportedOperation instead" branch
 every host, not only once a backend lacking something is registered; and the backends whose
 hypervisor this host lacks, each driven through its real VM class against a stand-in of its
 VMM that runs Kelpie's real guest agent on the host (``firecracker-fake``: see
-``fake_firecracker.py``).
+``fake_firecracker.py``; ``libkrun-standin``: see ``libkrun_standin.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from kelpie.vm import (
     VmCrashed,
     VmInstance,
 )
+from libkrun_standin import LIBKRUN_STANDIN_SPEC, libkrun_standin
 from vm_fixtures import BASE_APPLETS, busybox_root_disk
 
 Kill = Callable[[VmInstance], Awaitable[str]]
@@ -185,6 +186,7 @@ SUITE_DOUBLES = {
         probe=lambda: ProbeResult(True, "a test double, always available"),
         create=_FakeFirecrackerVm, real=False,
     ),
+    "libkrun-standin": LIBKRUN_STANDIN_SPEC,
 }
 """Backends the suite runs besides the registered ones; never registered anywhere."""
 
@@ -194,6 +196,7 @@ BUILDERS: dict[str, Callable[[BackendSpec, pytest.FixtureRequest, Path], Backend
     "qemu": _kit_booted,
     "firecracker": _kit_booted,
     "firecracker-fake": _firecracker_fake,
+    "libkrun-standin": libkrun_standin,
 }
 """Per backend: how to build VMs of it in this suite. ``where`` is a short directory (unix
 socket paths are limited to 107 bytes) that lives as long as the test module."""

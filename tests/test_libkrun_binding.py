@@ -19,7 +19,8 @@ from kelpie.vm import BackendUnavailable
 
 C_TYPES = {
     "int32_t": ctypes.c_int32, "int": ctypes.c_int, "uint32_t": ctypes.c_uint32,
-    "uint8_t": ctypes.c_uint8, "bool": ctypes.c_bool, "const char *": ctypes.c_char_p,
+    "uint8_t": ctypes.c_uint8, "uint64_t": ctypes.c_uint64, "bool": ctypes.c_bool,
+    "const char *": ctypes.c_char_p,
     "char *": ctypes.c_char_p,
     "const char *const []": ctypes.POINTER(ctypes.c_char_p),
 }

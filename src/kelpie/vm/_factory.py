@@ -59,6 +59,7 @@ BUILTIN_BACKENDS = (
     "kelpie.backends.mock",
     "kelpie.backends.qemu",
     "kelpie.backends.firecracker",
+    "kelpie.backends.libkrun",
 )
 """Modules of the built-in backends, each with a ``SPEC``. Names, not imports: the VM layer
 never imports a backend; the registry loads these when first asked."""
