@@ -11,7 +11,8 @@ capability, so that the suite's own "assert UnsupportedOperation instead" branch
 every host, not only once a backend lacking something is registered; and the backends whose
 hypervisor this host lacks, each driven through its real VM class against a stand-in of its
 VMM that runs Kelpie's real guest agent on the host (``firecracker-fake``: see
-``fake_firecracker.py``; ``libkrun-standin``: see ``libkrun_standin.py``).
+``fake_firecracker.py``; ``libkrun-standin``: see ``libkrun_standin.py``; ``vz-fake``:
+see ``fake_virtualization.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from kelpie.vm import (
 )
 from libkrun_standin import LIBKRUN_STANDIN_SPEC, libkrun_standin
 from vm_fixtures import BASE_APPLETS, busybox_root_disk
+from vz_fake_backend import VZ_FAKE_SPEC, vz_fake
 
 Kill = Callable[[VmInstance], Awaitable[str]]
 """Make a running VM die underneath its VM object; return a piece of text the VM's
@@ -187,6 +189,7 @@ SUITE_DOUBLES = {
         create=_FakeFirecrackerVm, real=False,
     ),
     "libkrun-standin": LIBKRUN_STANDIN_SPEC,
+    "vz-fake": VZ_FAKE_SPEC,
 }
 """Backends the suite runs besides the registered ones; never registered anywhere."""
 
@@ -197,6 +200,7 @@ BUILDERS: dict[str, Callable[[BackendSpec, pytest.FixtureRequest, Path], Backend
     "firecracker": _kit_booted,
     "firecracker-fake": _firecracker_fake,
     "libkrun-standin": libkrun_standin,
+    "vz-fake": vz_fake,
 }
 """Per backend: how to build VMs of it in this suite. ``where`` is a short directory (unix
 socket paths are limited to 107 bytes) that lives as long as the test module."""

@@ -22,6 +22,8 @@ MODULE_GROUPS: Mapping[str, tuple[str, ...]] = {
     "9p": ("9pnet_virtio", "9p"),
     "net": ("virtio_net",),
     "vsock": ("vmw_vsock_virtio_transport",),
+    "pci": ("virtio_pci",),
+    "virtiofs": ("virtiofs",),
 }
 
 

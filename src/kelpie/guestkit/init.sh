@@ -11,6 +11,7 @@
 #                                           then runs commands chrooted there
 #   kelpie.mounts=TAG:PATH:ro|rw,...        virtio-9p shares (QEMU mount_tag TAG) mounted at
 #                                           PATH (below /newroot when there is a root disk)
+#   kelpie.sharefs=virtiofs                 the shares are virtio-fs (Virtualization.framework)
 #   kelpie.net=ADDR/PREFIX,GATEWAY[,DNS]    static IPv4 set-up of eth0
 #   kelpie.vsock=PORT                       the agent listens on vsock port PORT (VMMs with
 #                                           a vsock device: Firecracker...) instead of the
@@ -33,6 +34,7 @@ root_arg=
 mounts_arg=
 net_arg=
 vsock_arg=
+sharefs=9p
 mmio_params=
 debug=0
 
@@ -72,6 +74,7 @@ read_cmdline() {
             kelpie.mounts=*) mounts_arg=${word#*=} ;;
             kelpie.net=*) net_arg=${word#*=} ;;
             kelpie.vsock=*) vsock_arg=${word#*=} ;;
+            kelpie.sharefs=virtiofs) sharefs=virtiofs ;;
             virtio_mmio.device=*) mmio_params="$mmio_params ${word#virtio_mmio.}" ;;
             kelpie.debug=1) debug=1 ;;
         esac
@@ -93,9 +96,11 @@ load_group() {
 }
 
 # Load drivers for the virtio devices that exist (virtio device IDs: 1 net, 2 block, 9 9p,
-# 19 vsock).
+# 19 vsock, 26 virtio-fs). Virtio over PCI (Virtualization.framework) needs its transport
+# first; micro-VMs without a PCI bus (QEMU microvm, Firecracker) skip it.
 load_device_drivers() {
     load_group core
+    [ -n "$(ls /sys/bus/pci/devices 2>/dev/null)" ] && load_group pci
     for id_file in /sys/bus/virtio/devices/*/device; do
         [ -f "$id_file" ] || continue
         case "$(cat "$id_file")" in
@@ -103,6 +108,7 @@ load_device_drivers() {
             0x0002) load_group blk ;;
             0x0009) load_group 9p ;;
             0x0013) load_group vsock ;;
+            0x001a) load_group virtiofs ;;
         esac
     done
 }
@@ -180,7 +186,12 @@ mount_shares() {
             continue ;;
         esac
         mkdir -p "$prefix$path"
-        if mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$mode" "$tag" "$prefix$path"; then
+        if [ "$sharefs" = virtiofs ]; then
+            options=$mode
+        else
+            options="trans=virtio,version=9p2000.L,msize=262144,$mode"
+        fi
+        if mount -t "$sharefs" -o "$options" "$tag" "$prefix$path"; then
             debug "share $tag mounted at $prefix$path ($mode)"
         else
             log "ERROR: could not mount share $tag at $prefix$path"

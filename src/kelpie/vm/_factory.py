@@ -60,6 +60,7 @@ BUILTIN_BACKENDS = (
     "kelpie.backends.qemu",
     "kelpie.backends.firecracker",
     "kelpie.backends.libkrun",
+    "kelpie.backends.vz",
 )
 """Modules of the built-in backends, each with a ``SPEC``. Names, not imports: the VM layer
 never imports a backend; the registry loads these when first asked."""
