@@ -25,7 +25,6 @@ from kelpie.guestkit import (
     GuestKitError,
     GuestNetwork,
     GuestShare,
-    _apt,
     _bootcheck,
     _build,
     _cpio,
@@ -369,33 +368,6 @@ def test_init_script_parses() -> None:
     subprocess.run([busybox, "sh", "-n", str(INIT_SH)], check=True)
 
 
-# --- apt ----------------------------------------------------------------------------------
-
-needs_apt = pytest.mark.skipif(
-    shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-    reason="building the guest kit needs apt and dpkg (a Debian-based host)",
-)
-
-
-def test_versioned_kernel_dependency_is_found() -> None:
-    meta = _apt.Package("linux-image-amd64", "1", "0" * 64, "linux-image-6.1.0-9-amd64 (= 1)")
-    with pytest.raises(_apt.AptError, match="does not depend"):
-        _apt.resolve_versioned_dependency(meta, r"linux-image-5\..*")
-
-
-@needs_apt
-def test_unknown_package_is_named() -> None:
-    with pytest.raises(_apt.AptError, match="kelpie-no-such-package"):
-        _apt.show(["busybox-static", "kelpie-no-such-package"])
-
-
-@needs_apt
-def test_failed_download_is_named(tmp_path: Path) -> None:
-    ghost = _apt.Package("kelpie-no-such-package", "1.0", "0" * 64)
-    with pytest.raises(_apt.AptError, match="kelpie-no-such-package"):
-        _apt.download([ghost], tmp_path, lambda _message: None)
-
-
 # --- a real build -------------------------------------------------------------------------
 
 
@@ -411,13 +383,40 @@ def file_hashes(kit: GuestKit) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip("building the guest kit needs apt and dpkg (a Debian-based host)")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    """A kit built from empty caches as on a host without apt: ``apt-get`` and
+    ``apt-cache`` on PATH only record that they were called, and apt is configured for
+    Debian 13 (trixie), which the kit must not follow."""
     cache = tmp_path_factory.mktemp("guestkit-cache")
-    messages: list[str] = []
-    kit = build_guestkit(cache, progress=messages.append)
-    return Built(kit, cache, messages, file_hashes(kit))
+    shadow = tmp_path_factory.mktemp("no-apt")
+    called = shadow / "called"
+    for tool in ("apt-get", "apt-cache"):
+        (shadow / tool).write_text(f"#!/bin/sh\necho {tool} >> {called}\nexit 100\n")
+        (shadow / tool).chmod(0o755)
+    (shadow / "apt.conf").write_text('Dir::Etc::sourcelist "trixie.list";\n')
+    (shadow / "trixie.list").write_text("deb http://deb.debian.org/debian trixie main\n")
+    saved = {k: os.environ.get(k) for k in ("PATH", "APT_CONFIG")}
+    os.environ["PATH"] = f"{shadow}:{saved['PATH']}"
+    os.environ["APT_CONFIG"] = str(shadow / "apt.conf")
+    try:
+        messages: list[str] = []
+        kit = build_guestkit(cache, progress=messages.append)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert not called.exists(), f"the build ran {called.read_text()}"
+    yield Built(kit, cache, messages, file_hashes(kit))
+
+
+def test_the_kit_is_reproducible_across_directories_and_times(built: Built,
+                                                               guestkit: GuestKit) -> None:
+    """The session's kit (the default cache, built earlier or by another process) and this
+    one (an empty cache, no apt) are the same kit, byte for byte."""
+    assert built.kit.digest == guestkit.digest
+    assert built.hashes == file_hashes(guestkit)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,27 +31,18 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from kelpie._exceptions import KelpieError
-from kelpie._fsutil import exclusive_lock, write_atomic
-from kelpie.guestkit import _apt, _cpio, _python
+from kelpie._fsutil import exclusive_lock
+from kelpie.guestkit import _cpio, _python
+from kelpie.guestkit._archive import ArchiveError, DebianArchive, Package
 from kelpie.guestkit._kernel import KernelImageError, extract_vmlinux
+from kelpie.guestkit._lock import DEBIAN_ARCHES, KitLock, read_lock, vouched_packages
 from kelpie.guestkit._modules import MODULE_GROUPS, ModuleError, ModuleTree, plan_groups
 
 #: Bump when the kit's layout or contents change in a way the digest would not notice.
 BUILDER_VERSION = 1
+HOST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(),
+                                                       platform.machine().lower())
 
-KERNEL_METAPACKAGE = "linux-image-amd64"
-KERNEL_PACKAGE_PATTERN = r"linux-image-[0-9][0-9.]*-[0-9]+-amd64"
-#: Userland packages. Their shared-library needs are checked after unpacking (DT_NEEDED),
-#: so a missing package here fails the build instead of the guest.
-USERLAND_PACKAGES = (
-    "busybox-static",
-    "libc6",
-    "libexpat1",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "python3.11-minimal",
-    "zlib1g",
-)
 #: The agent's files keep their paths below the `kelpie` package in the guest's /kelpie:
 #: the wire protocol and every module of the guest package, started as AGENT_SCRIPT.
 AGENT_PROTOCOL = "protocol.py"
@@ -59,7 +52,7 @@ AGENT_DIR = PurePosixPath("kelpie")
 
 #: The modules whose code decides what a kit contains (hashed into every digest).
 _BUILDER_SOURCES = (
-    "_apt.py",
+    "_archive.py",
     "_build.py",
     "_cpio.py",
     "_elf.py",
@@ -107,13 +100,13 @@ class GuestKit:
 class _Inputs:
     """Everything a kit is made from; its digest names the kit."""
 
-    kernel_package: _apt.Package
-    packages: tuple[_apt.Package, ...]
+    kernel_package: Package
+    packages: tuple[Package, ...]
     init_script: bytes
     agent_files: tuple[tuple[str, bytes], ...]
 
     @property
-    def all_packages(self) -> tuple[_apt.Package, ...]:
+    def all_packages(self) -> tuple[Package, ...]:
         return (self.kernel_package, *self.packages)
 
     def digest(self) -> str:
@@ -196,32 +189,23 @@ def _agent_files(overrides: Mapping[str, Path] | None) -> tuple[tuple[str, bytes
     return tuple(files)
 
 
-def _resolve_packages(cache_dir: Path) -> tuple[_apt.Package, tuple[_apt.Package, ...]]:
-    """Kernel and userland package versions, reusing the last answer if apt is unchanged."""
-    fingerprint = _apt.index_fingerprint()
-    memo = cache_dir / "resolved.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        saved = json.loads(memo.read_text())
-        if saved["fingerprint"] == fingerprint and saved["wanted"] == list(USERLAND_PACKAGES):
-            kernel, *rest = (_apt.Package(*p) for p in saved["packages"])
-            return kernel, tuple(rest)
-    _apt.require_tools()
-    found = _apt.show([KERNEL_METAPACKAGE, *USERLAND_PACKAGES])
-    kernel = _apt.resolve_versioned_dependency(found[KERNEL_METAPACKAGE], KERNEL_PACKAGE_PATTERN)
-    userland = tuple(found[name] for name in USERLAND_PACKAGES)
-    packages = [[p.name, p.version, p.sha256] for p in (kernel, *userland)]
-    record = {"fingerprint": fingerprint, "wanted": list(USERLAND_PACKAGES), "packages": packages}
-    write_atomic(memo, json.dumps(record, indent=1).encode())
-    return kernel, userland
-
-
-def _inputs(cache_dir: Path, agent_files: Mapping[str, Path] | None) -> _Inputs:
-    try:
-        kernel, userland = _resolve_packages(cache_dir)
-    except _apt.AptError as exc:
-        raise GuestKitError(str(exc)) from exc
+def _inputs(lock: KitLock, agent_files: Mapping[str, Path] | None,
+            packages: tuple[Package, ...] | None = None) -> _Inputs:
+    """The kit's inputs: the locked packages (or ``packages``), init.sh, the agent."""
+    if packages is None:
+        try:
+            packages = tuple(item.package for item in lock.packages(DEBIAN_ARCHES[HOST_ARCH]))
+        except ArchiveError as exc:
+            raise GuestKitError(str(exc)) from exc
     init_script = resources.files("kelpie.guestkit").joinpath("init.sh").read_bytes()
-    return _Inputs(kernel, userland, init_script, _agent_files(agent_files))
+    return _Inputs(packages[0], packages[1:], init_script, _agent_files(agent_files))
+
+
+def _lock() -> KitLock:
+    try:
+        return read_lock()
+    except ArchiveError as exc:
+        raise GuestKitError(f"{exc}; reinstall kelpie") from exc
 
 
 # --- cache --------------------------------------------------------------------------------
@@ -265,12 +249,12 @@ def load_guestkit(
 ) -> GuestKit | None:
     """The cached kit for `digest` or, by default, for the current inputs; None if not built.
 
-    Without `digest`, the current inputs are resolved (the apt index is read only when it
-    changed since the last call), so a kit built from stale packages is not returned.
+    Without `digest`, the kit of the current inputs (the locked packages), found without
+    the network.
     """
     cache_dir = cache_dir or default_cache_dir()
     if digest is None:
-        digest = _inputs(cache_dir, agent_files).digest()
+        digest = _inputs(_lock(), agent_files).digest()
     elif not _DIGEST.fullmatch(digest):
         raise GuestKitError(f"guest kit digest {digest!r} is not 64 lowercase hex digits")
     return _read_kit(cache_dir / digest)
@@ -293,33 +277,42 @@ def build_guestkit(
     """
     cache_dir = cache_dir or default_cache_dir()
     say = progress or _quiet
-    inputs = _inputs(cache_dir, agent_files)
-    digest = inputs.digest()
-    if not force and (kit := _read_kit(cache_dir / digest)) is not None:
+    lock = _lock()
+    inputs = _inputs(lock, agent_files)
+    if not force and (kit := _read_kit(cache_dir / inputs.digest())) is not None:
         return kit
     with _build_lock(cache_dir):
-        if not force and (kit := _read_kit(cache_dir / digest)) is not None:
+        if not force and (kit := _read_kit(cache_dir / inputs.digest())) is not None:
             return kit
         started = time.monotonic()
+        archive = DebianArchive(lock.sources, DEBIAN_ARCHES[HOST_ARCH], cache_dir, progress=say)
         try:
-            kit = _build(inputs, digest, cache_dir, say)
-        except (_apt.AptError, _python.PythonKitError, ModuleError, KernelImageError) as exc:
+            vouched = vouched_packages(lock, archive, say)
+            if vouched != inputs.all_packages:  # a locked version is gone: another kit
+                inputs = _inputs(lock, agent_files, vouched)
+                if not force and (kit := _read_kit(cache_dir / inputs.digest())) is not None:
+                    return kit
+            kit = _build(inputs, inputs.digest(), archive, cache_dir, say)
+        except (ArchiveError, _python.PythonKitError, ModuleError, KernelImageError) as exc:
             raise GuestKitError(str(exc)) from exc
-        say(f"guest kit {digest[:12]} built in {time.monotonic() - started:.1f} s")
+        finally:
+            archive.close()
+        say(f"guest kit {kit.digest[:12]} built in {time.monotonic() - started:.1f} s")
         return kit
 
 
 # --- building -----------------------------------------------------------------------------
 
 
-def _build(inputs: _Inputs, digest: str, cache_dir: Path, say: Progress) -> GuestKit:
-    debs = _apt.download(inputs.all_packages, cache_dir / "debs", say)
+def _build(inputs: _Inputs, digest: str, archive: DebianArchive, cache_dir: Path,
+           say: Progress) -> GuestKit:
+    debs = {p: archive.download(p, cache_dir / "debs") for p in inputs.all_packages}
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as work_name:
         work = Path(work_name)
         unpacked, stage, out = work / "unpacked", work / "stage", work / digest
         for package in inputs.all_packages:
             say(f"unpacking {package.name}")
-            _apt.unpack(debs[package], unpacked)
+            _unpack(debs[package], unpacked)
         for directory in (stage, out):
             directory.mkdir()
         release, bzimage = _find_kernel(unpacked)
@@ -372,6 +365,24 @@ def _publish(built: Path, final: Path) -> GuestKit:
     if kit is None:
         raise GuestKitError(f"the kit just built in {final} is unreadable; remove it and retry")
     return kit
+
+
+def _unpack(deb: Path, destination: Path) -> None:
+    """Extract a `.deb`'s files into `destination` (no maintainer scripts run): with
+    dpkg-deb where it exists, else with python-debian (hosts without dpkg)."""
+    if shutil.which("dpkg-deb"):
+        done = subprocess.run(["dpkg-deb", "-x", str(deb), str(destination)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise GuestKitError(f"dpkg-deb -x {deb.name} failed: {done.stderr.strip()}")
+        return
+    from debian.debfile import DebError, DebFile
+
+    try:
+        with DebFile(str(deb)) as package:
+            package.data.tgz().extractall(destination, filter="tar")
+    except (DebError, OSError, tarfile.TarError) as exc:
+        raise GuestKitError(f"cannot unpack {deb.name}: {exc}") from exc
 
 
 def _find_kernel(unpacked: Path) -> tuple[str, Path]:
