@@ -8,7 +8,11 @@
 - files: 64 MiB written then read back through the agent (MB/s each way).
 - rss: host RSS of one idle VM's QEMU process (MiB).
 
-    python benchmarks/qemu_vm.py [--runs 5] [--json benchmarks/results/latest.json]
+``--arch aarch64`` measures an emulated guest (QEMU ``virt`` under TCG on an x86_64 host),
+its baseline a raw ``qemu-system-aarch64`` boot of the same kernel and initramfs.
+
+    python benchmarks/qemu_vm.py [--runs 5] [--arch x86_64|aarch64]
+        [--json benchmarks/results/latest.json]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 from kelpie import VmConfig
 from kelpie.backends.qemu._vm import QemuVm
-from kelpie.guestkit import GuestKit, build_guestkit, kernel_cmdline
+from kelpie.guestkit import GuestKit, build_guestkit, guest_arch, kernel_cmdline
 from kelpie.guestkit._bootcheck import boot, qemu_command
 
 SPAWN_PROBE = """
@@ -46,14 +50,17 @@ print(times[len(times) // 2])
 def raw_shell_boot(kit: GuestKit) -> float:
     """Seconds from QEMU start to the busybox prompt, no Kelpie involved."""
     with tempfile.TemporaryDirectory(prefix="kelpie-bench-") as tmp:
-        cmdline = kernel_cmdline(extra=["rdinit=/bin/sh"])  # same kernel arguments as ours
+        arch = guest_arch(kit.arch)
+        cmdline = kernel_cmdline(  # the same kernel arguments as ours
+            console=arch.console, tsc_khz=None if kit.arch == "x86_64" else 0,
+            extra=["rdinit=/bin/sh"])
         command = qemu_command(kit, Path(tmp), cmdline=cmdline)
         with boot(command, Path(tmp)) as run:
             return run.wait_console(" # ", 120)
 
 
 async def kelpie_boot(kit: GuestKit, workdir: Path) -> tuple[float, QemuVm]:
-    vm = QemuVm(VmConfig(), kit=kit, workdir=workdir)
+    vm = QemuVm(VmConfig(arch=kit.arch), kit=kit, workdir=workdir)
     started = time.perf_counter()
     await vm.start()
     await vm.exec(["true"])
@@ -99,8 +106,8 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def main_async(runs: int) -> dict[str, Any]:
-    kit = build_guestkit(progress=lambda m: print(m, file=sys.stderr))
+async def main_async(runs: int, arch: str | None = None) -> dict[str, Any]:
+    kit = build_guestkit(progress=lambda m: print(m, file=sys.stderr), arch=arch)
     raw_times, ours = [], []
     with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as tmp:
         for i in range(runs):
@@ -125,6 +132,7 @@ async def main_async(runs: int) -> dict[str, Any]:
     }
     return {
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "accel": accel},
+        "guest_arch": kit.arch,
         "runs": runs,
         "boot": boot,
         "exec": exec_result,
@@ -152,13 +160,16 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--arch", choices=["x86_64", "aarch64"], default=None,
+                        help="guest architecture (default: the host's)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
-    results = asyncio.run(main_async(args.runs))
+    results = asyncio.run(main_async(args.runs, args.arch))
     print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.json} (accel {results['host']['accel']}, {args.runs} runs, medians)")
+    print(f"\nwrote {args.json} (guest {results['guest_arch']}, accel "
+          f"{results['host']['accel']}, {args.runs} runs, medians)")
 
 
 if __name__ == "__main__":

@@ -533,3 +533,40 @@ def test_egress_rules_travel_with_the_sandbox(pair: tuple[Daemon, Daemon]) -> No
         finally:
             a.kelpie("rm", "-f", "fenced")
             b.kelpie("rm", "-f", "fenced")
+
+
+def test_checkpoint_teleport_across_architectures_and_back(
+        pair: tuple[Daemon, Daemon]) -> None:
+    """x86_64 -> aarch64 -> x86_64 on one machine (each daemon runs both, aarch64 emulated):
+    files, env and the main command arrive; memory modes are refused before any pause."""
+    a, b = pair
+    main = "uname -m; while :; do sleep 1; done"
+    ok(a.kelpie("run", "-d", "--name", "xa", "--memory", "256", "-e", "COLOUR=plum",
+                "--", "sh", "-c", main))  # the guest kit's userland: every arch has one
+    waiting.wait_for(lambda: "x86_64" in a.logs("xa"), WAIT, "the main command on A")
+    ok(a.kelpie("exec", "xa", "--", "sh", "-c",
+                "mkdir -p /workspace; echo from-x86 > /workspace/f"))
+
+    refused = _teleport(a, b, "xa", "--mode", "full", "--arch", "aarch64")
+    assert refused.returncode != 0
+    assert "a memory snapshot resumes only in a guest of its own architecture" in \
+        refused.stderr, refused.stderr
+    assert a.listing()["xa"]["state"] == "running"  # refused before anything paused
+
+    out = ok(_teleport(a, b, "xa", "--arch", "aarch64"))
+    assert "mode: checkpoint" in out and "would be aarch64 there" in out, out
+    assert "arch: aarch64" in out, out
+    moved = b.listing()["xa"]
+    assert (moved["arch"], moved["state"]) == ("aarch64", "running")
+    assert ok(b.kelpie("exec", "xa", "--", "uname", "-m")).strip() == "aarch64"
+    assert ok(b.kelpie("exec", "xa", "--", "cat", "/workspace/f")).strip() == "from-x86"
+    assert ok(b.kelpie("exec", "xa", "--", "sh", "-c", "echo $COLOUR")).strip() == "plum"
+    waiting.wait_for(lambda: "aarch64" in b.logs("xa"), WAIT, "the main command on B")
+
+    ok(b.kelpie("exec", "xa", "--", "sh", "-c", "echo from-arm >> /workspace/f"))
+    out = ok(_teleport(b, a, "xa", "--arch", "x86_64"))
+    assert "mode: checkpoint" in out, out
+    assert ok(a.kelpie("exec", "xa", "--", "uname", "-m")).strip() == "x86_64"
+    assert ok(a.kelpie("exec", "xa", "--", "cat", "/workspace/f")).split() == \
+        ["from-x86", "from-arm"]
+    ok(a.kelpie("rm", "-f", "xa"))

@@ -173,6 +173,9 @@ class SandboxCreate(_Request):
     deny: list[str] = Field(default_factory=list, max_length=MAX_EGRESS_RULES,
                             description="Egress rules as for allow; a deny wins.")
     backend: str | None = Field(None, max_length=64)
+    arch: Literal["x86_64", "aarch64"] | None = Field(
+        None, description="The guest's architecture; None: the host's. Another one is "
+                          "emulated (QEMU TCG); the image is taken for that platform.")
     hostname: str | None = Field(None, max_length=64)
     labels: dict[str, str] = Field(default_factory=dict)
     command: list[str] | None = Field(
@@ -214,6 +217,7 @@ class Sandbox(_Model):
     short_id: str
     name: str
     backend: str
+    arch: str = Field("", description="The guest's architecture (x86_64, aarch64).")
     state: str
     image: str | None
     image_digest: str | None
@@ -549,6 +553,11 @@ class TeleportBody(_Model):
         60.0, gt=0, le=3600,
         description="Seconds a live migration may take to reach its final pause; past them "
                     "the teleport falls back to full mode.")
+    arch: Literal["x86_64", "aarch64"] | None = Field(
+        None, description="The guest architecture the sandbox should have on the target; "
+                          "another one than its own moves it as a checkpoint (the target "
+                          "boots its own variant of the image). None: its own when the "
+                          "target runs it, else one the target runs.")
 
 
 class TeleportProgress(_Model):

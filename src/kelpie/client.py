@@ -298,11 +298,13 @@ class DaemonClient:
     async def teleport(self, ref: str, to: str, *, token: str | None = None,
                        mode: str = "auto", without_volumes: bool = False,
                        progress: Callable[[TeleportProgress], None] | None = None,
-                       converge_timeout: float = 60.0) -> TeleportReport:
+                       converge_timeout: float = 60.0,
+                       arch: str | None = None) -> TeleportReport:
         """Move a sandbox from this daemon to the daemon at ``to`` (see
         :class:`kelpie.api.TeleportBody`); ``progress`` hears each phase and byte count."""
         body = TeleportBody(to=to, token=token, mode=TeleportMode(mode),
-                            without_volumes=without_volumes, converge_timeout=converge_timeout)
+                            without_volumes=without_volumes, converge_timeout=converge_timeout,
+                            arch=arch)
         async with self._stream("POST", f"{_sb(ref)}/teleport", json=_wire(body),
                                 headers={"Accept": NDJSON},
                                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT),

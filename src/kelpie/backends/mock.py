@@ -153,6 +153,7 @@ class MockVm(VmInstance):
     capabilities = Capabilities(
         pause=True,
         snapshot_kinds=frozenset(SnapshotKind),
+        emulation=True,  # any guest architecture, as a simulation
     )
 
     def __init__(
@@ -227,7 +228,7 @@ class MockVm(VmInstance):
 
     def host_info(self) -> HostInfo:
         return HostInfo(
-            arch=HostInfo.current_arch(),
+            arch=self.config.arch or HostInfo.current_arch(),
             backend=self.backend_name,
             backend_version=__version__,
             cpu_model="mock",

@@ -24,10 +24,11 @@ def guestkit() -> None:
     """Build or inspect the guest kit (kernel, initramfs, agent)."""
 
 
-def _describe(as_json: bool, force: bool, quiet: bool) -> int:
-    kit = build_guestkit(force=force, progress=None if quiet else _say)
+def _describe(as_json: bool, force: bool, quiet: bool, arch: str | None = None) -> int:
+    kit = build_guestkit(force=force, progress=None if quiet else _say, arch=arch)
     info = {
         "digest": kit.digest,
+        "arch": kit.arch,
         "directory": str(kit.directory),
         "kernel": str(kit.kernel),
         "initrd": str(kit.initrd),
@@ -38,6 +39,7 @@ def _describe(as_json: bool, force: bool, quiet: bool) -> int:
         click.echo(json.dumps(info, indent=2))
         return 0
     click.echo(f"digest     {kit.digest}")
+    click.echo(f"arch       {kit.arch}")
     click.echo(f"directory  {kit.directory}")
     for name, version in sorted(kit.versions.items()):
         click.echo(f"{name:<10} {version}")
@@ -50,23 +52,29 @@ def _say(message: str) -> None:
     click.echo(f"kelpie: {message}", err=True)
 
 
+ARCH_OPTION = click.option("--arch", type=click.Choice(sorted(DEBIAN_ARCHES)), default=None,
+                           help="Guest architecture (default: the host's).")
+
+
 @guestkit.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached kit matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def build(force: bool, as_json: bool) -> int:
+@ARCH_OPTION
+def build(force: bool, as_json: bool, arch: str | None) -> int:
     """Build the guest kit (cached by the digest of its inputs) and describe it."""
-    return _describe(as_json, force, quiet=False)
+    return _describe(as_json, force, quiet=False, arch=arch)
 
 
 @guestkit.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(as_json: bool) -> int:
+@ARCH_OPTION
+def info(as_json: bool, arch: str | None) -> int:
     """Describe the current guest kit (versions, sizes, digest; building it if needed) and
     the lock it is built from."""
     click.echo(f"cache      {default_cache_dir()}", err=True)
     if not as_json:
         _print_lock(read_lock())
-    return _describe(as_json, force=False, quiet=False)
+    return _describe(as_json, force=False, quiet=False, arch=arch)
 
 
 @guestkit.command("lock")

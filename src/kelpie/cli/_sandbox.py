@@ -19,8 +19,8 @@ from kelpie.api import Sandbox, SandboxCreate, run_argv
 from kelpie.cli._attach import attach, terminal_size
 from kelpie.cli._connect import connect, current_target
 from kelpie.client import DaemonClient, RemoteError
-from kelpie.images import ImageError, ImageNotFound, ImageReference, ImageStore
-from kelpie.vm import ConfigError, InvalidStateError
+from kelpie.images import ImageError, ImageNotFound, ImageReference, ImageStore, Platform
+from kelpie.vm import GUEST_ARCHES, ConfigError, InvalidStateError
 
 COPY_CHUNK = 1 << 20
 
@@ -106,6 +106,9 @@ class _RunCommand(click.Command):
 @click.option("--cpus", type=int, default=None, help="Virtual CPUs.")
 @click.option("--memory", type=int, default=None, help="Memory in MiB.")
 @click.option("--backend", help="Backend (default: KELPIE_BACKEND or the best for this host).")
+@click.option("--arch", type=click.Choice(list(GUEST_ARCHES)), default=None,
+              help="Guest architecture (default: the host's; another one is emulated). The "
+                   "image is taken for that platform.")
 @click.option("-w", "--workdir", default=None, help="Working directory for the command.")
 @click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
 @click.option("--template", help="Start by restoring this template (see `kelpie template`).")
@@ -116,8 +119,8 @@ class _RunCommand(click.Command):
 def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, tty: bool,
         remove: bool, env: tuple[str, ...], volumes: tuple[str, ...], ports: tuple[str, ...],
         network: str | None, allow: tuple[str, ...], deny: tuple[str, ...], cpus: int | None,
-        memory: int | None, backend: str | None, workdir: str | None, timeout: float | None,
-        template: str | None, pull: str, args: tuple[str, ...]) -> int:
+        memory: int | None, backend: str | None, arch: str | None, workdir: str | None,
+        timeout: float | None, template: str | None, pull: str, args: tuple[str, ...]) -> int:
     """Create a sandbox and run a command in it: ``kelpie run [IMAGE] [--] [CMD...]``.
 
     Without an image (``kelpie run -- echo hi``) the command runs in the guest kit's own
@@ -134,12 +137,12 @@ def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, t
     if image is None and not command and not detach and template is None:
         raise click.UsageError("no command given: kelpie run [IMAGE] [--] CMD...")
     if image is not None and current_target().local and pull == "missing":
-        _pull_if_missing(image)
+        _pull_if_missing(image, arch)
     body = SandboxCreate(
         image=image, name=name, cpus=cpus, memory_mib=memory, env=parse_env(env),
         volumes=[_volume(v) for v in volumes], ports=list(ports),
         network=network_mode(network, allow, deny), allow=list(allow), deny=list(deny),
-        backend=backend,
+        backend=backend, arch=arch,
         command=(command if command or image is not None else None) if detach else None,
         template=template,
     )
@@ -190,11 +193,13 @@ def _split_image(args: list[str], no_image: bool) -> tuple[str | None, list[str]
     return None, args
 
 
-def _pull_if_missing(image: str) -> None:
-    """Pull a registry reference the local store lacks (Docker's ``run`` does the same)."""
+def _pull_if_missing(image: str, arch: str | None = None) -> None:
+    """Pull a registry reference the local store lacks for the sandbox's architecture
+    (Docker's ``run`` does the same)."""
     store = ImageStore()
+    platform = Platform.for_arch(arch) if arch else Platform.host()
     try:
-        store.resolve(image)
+        store.resolve(image, architecture=platform.architecture)
         return
     except ImageError:
         pass
@@ -204,8 +209,8 @@ def _pull_if_missing(image: str) -> None:
         return  # not a registry reference: the daemon reports the missing image
     from kelpie.cli._image import pull_reference
 
-    click.echo(f"kelpie: pulling {reference}", err=True)
-    pull_reference(reference)
+    click.echo(f"kelpie: pulling {reference} ({platform})", err=True)
+    pull_reference(reference, platform)
 
 
 def _volume(text: str) -> str:

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from kelpie.api import TeleportMode, TeleportProgress, TeleportReport
 from kelpie.cli._connect import connect
 from kelpie.client import read_token_file
+from kelpie.vm import GUEST_ARCHES
 
 
 @click.command()
@@ -31,22 +32,28 @@ from kelpie.client import read_token_file
 @click.option("--converge-timeout", type=click.FloatRange(min=0, min_open=True),
               default=60.0, show_default=True, metavar="SECONDS",
               help="How long a live migration may take before it falls back to full mode.")
+@click.option("--arch", type=click.Choice(list(GUEST_ARCHES)), default=None,
+              help="The guest architecture it should have there (another one than its own "
+                   "moves it as a checkpoint). Default: its own when the target runs it.")
 def teleport(sandbox: str, to: str, to_token_file: Path | None, mode: str,
-             without_volumes: bool, converge_timeout: float) -> int:
+             without_volumes: bool, converge_timeout: float, arch: str | None) -> int:
     """Move SANDBOX from this daemon to the daemon at --to, with nothing lost."""
     token = read_token_file(to_token_file) if to_token_file else None
     report = asyncio.run(_teleport(sandbox, to, token, mode, without_volumes,
-                                   converge_timeout))
+                                   converge_timeout, arch))
     sandbox_info = report.sandbox
     click.echo(f"teleported {sandbox_info.name} ({sandbox_info.short_id}) to {report.target}")
     click.echo(f"mode: {report.mode.value} ({report.reason})")
+    if report.sandbox.arch:
+        click.echo(f"arch: {report.sandbox.arch}")
     click.echo(f"downtime: {report.downtime_s:.3f} s   total: {report.total_s:.2f} s   "
                f"sent: {_size(report.bytes_sent)}")
     return 0
 
 
 async def _teleport(sandbox: str, to: str, token: str | None, mode: str,
-                    without_volumes: bool, converge_timeout: float) -> TeleportReport:
+                    without_volumes: bool, converge_timeout: float,
+                    arch: str | None) -> TeleportReport:
     client = await connect()
     console = Console(stderr=True)
     try:
@@ -68,7 +75,7 @@ async def _teleport(sandbox: str, to: str, token: str | None, mode: str,
 
             return await client.teleport(sandbox, to, token=token, mode=mode,
                                          without_volumes=without_volumes, progress=progress,
-                                         converge_timeout=converge_timeout)
+                                         converge_timeout=converge_timeout, arch=arch)
     finally:
         await client.close()
 

@@ -76,7 +76,7 @@ async def teleport(request: Request, ref: str, body: TeleportBody) -> Response:
     task = asyncio.create_task(teleports_of(request).teleporter.teleport(
         info.id, to=body.to, token=body.token, mode=body.mode,
         without_volumes=body.without_volumes, progress=queue.put_nowait,
-        converge_timeout=body.converge_timeout))
+        converge_timeout=body.converge_timeout, arch=body.arch))
     background: set[asyncio.Task[TeleportReport]] = request.app.state.background
     background.add(task)
     task.add_done_callback(background.discard)

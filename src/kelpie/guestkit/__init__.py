@@ -6,6 +6,7 @@ a trimmed Python 3.11 and the guest agent) and caches it by the digest of its in
 settings from the kernel command line, which `kernel_cmdline()` writes.
 """
 
+from kelpie.guestkit._arch import ARCHES, ArchError, GuestArch, guest_arch, host_arch
 from kelpie.guestkit._build import (
     GuestKit,
     GuestKitError,
@@ -23,12 +24,17 @@ from kelpie.guestkit._cmdline import (
 
 __all__ = [
     "AGENT_PORT_NAME",
+    "ARCHES",
+    "ArchError",
+    "GuestArch",
     "GuestKit",
     "GuestKitError",
     "GuestNetwork",
     "GuestShare",
     "build_guestkit",
     "default_cache_dir",
+    "guest_arch",
+    "host_arch",
     "host_tsc_khz",
     "kernel_cmdline",
     "load_guestkit",

@@ -22,10 +22,14 @@ from kelpie import protocol
 from kelpie.guestkit._build import GuestKit
 from kelpie.guestkit._cmdline import AGENT_PORT_NAME
 
+_MACHINES = {"x86_64": ["-M", "microvm,accel=tcg"],
+             "aarch64": ["-M", "virt,accel=tcg", "-cpu", "cortex-a72"]}
+"""How QEMU emulates each guest architecture (as the qemu backend does under TCG)."""
 
-def qemu_binary() -> str | None:
-    """Path of qemu-system-x86_64, or None when it is not installed."""
-    return shutil.which("qemu-system-x86_64")
+
+def qemu_binary(arch: str = "x86_64") -> str | None:
+    """Path of qemu-system-ARCH, or None when it is not installed."""
+    return shutil.which(f"qemu-system-{arch}")
 
 
 def qemu_command(
@@ -42,8 +46,8 @@ def qemu_command(
     `cmdline` is the kernel command line (see `kernel_cmdline`).
     """
     return [
-        qemu_binary() or "qemu-system-x86_64",
-        "-M", "microvm,accel=tcg",
+        qemu_binary(kit.arch) or f"qemu-system-{kit.arch}",
+        *_MACHINES[kit.arch],
         "-m", str(memory_mib),
         "-smp", str(vcpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,15 +32,14 @@ from types import MappingProxyType
 from kelpie._exceptions import KelpieError
 from kelpie._fsutil import exclusive_lock
 from kelpie.guestkit import _cpio, _python
+from kelpie.guestkit._arch import ArchError, GuestArch, guest_arch, host_arch
 from kelpie.guestkit._archive import ArchiveError, DebianArchive, Package
 from kelpie.guestkit._kernel import KernelImageError, extract_vmlinux
-from kelpie.guestkit._lock import DEBIAN_ARCHES, KitLock, read_lock, vouched_packages
+from kelpie.guestkit._lock import KitLock, read_lock, vouched_packages
 from kelpie.guestkit._modules import MODULE_GROUPS, ModuleError, ModuleTree, plan_groups
 
 #: Bump when the kit's layout or contents change in a way the digest would not notice.
 BUILDER_VERSION = 1
-HOST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(),
-                                                       platform.machine().lower())
 
 #: The agent's files keep their paths below the `kelpie` package in the guest's /kelpie:
 #: the wire protocol and every module of the guest package, started as AGENT_SCRIPT.
@@ -52,6 +50,7 @@ AGENT_DIR = PurePosixPath("kelpie")
 
 #: The modules whose code decides what a kit contains (hashed into every digest).
 _BUILDER_SOURCES = (
+    "_arch.py",
     "_archive.py",
     "_build.py",
     "_cpio.py",
@@ -85,6 +84,8 @@ class GuestKit:
     digest: str
     versions: Mapping[str, str] = dataclasses.field(hash=False)
     sizes: Mapping[str, int] = dataclasses.field(hash=False)
+    arch: str = dataclasses.field(default_factory=host_arch)
+    """The guest architecture it boots (``x86_64``, ``aarch64``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "versions", MappingProxyType(dict(self.versions)))
@@ -104,6 +105,7 @@ class _Inputs:
     packages: tuple[Package, ...]
     init_script: bytes
     agent_files: tuple[tuple[str, bytes], ...]
+    arch: GuestArch
 
     @property
     def all_packages(self) -> tuple[Package, ...]:
@@ -112,6 +114,7 @@ class _Inputs:
     def digest(self) -> str:
         description = {
             "builder": BUILDER_VERSION,
+            "arch": self.arch.name,
             "builder_sources": _builder_sources_digest(),
             "packages": [[p.name, p.version, p.sha256] for p in self.all_packages],
             "init": _sha256(self.init_script),
@@ -189,16 +192,23 @@ def _agent_files(overrides: Mapping[str, Path] | None) -> tuple[tuple[str, bytes
     return tuple(files)
 
 
-def _inputs(lock: KitLock, agent_files: Mapping[str, Path] | None,
+def _inputs(lock: KitLock, agent_files: Mapping[str, Path] | None, arch: GuestArch,
             packages: tuple[Package, ...] | None = None) -> _Inputs:
     """The kit's inputs: the locked packages (or ``packages``), init.sh, the agent."""
     if packages is None:
         try:
-            packages = tuple(item.package for item in lock.packages(DEBIAN_ARCHES[HOST_ARCH]))
+            packages = tuple(item.package for item in lock.packages(arch.debian))
         except ArchiveError as exc:
             raise GuestKitError(str(exc)) from exc
     init_script = resources.files("kelpie.guestkit").joinpath("init.sh").read_bytes()
-    return _Inputs(packages[0], packages[1:], init_script, _agent_files(agent_files))
+    return _Inputs(packages[0], packages[1:], init_script, _agent_files(agent_files), arch)
+
+
+def _arch(name: str | None) -> GuestArch:
+    try:
+        return guest_arch(name)
+    except ArchError as exc:
+        raise GuestKitError(str(exc)) from exc
 
 
 def _lock() -> KitLock:
@@ -216,12 +226,14 @@ def _read_kit(directory: Path) -> GuestKit | None:
     """The kit stored in `directory`, or None if it is absent or incomplete."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
+        arch = guest_arch(manifest.get("arch"))
         kit = GuestKit(
-            kernel=directory / "vmlinux",
+            kernel=directory / arch.kernel_file,
             initrd=directory / "initrd.img",
             digest=manifest["digest"],
             versions=manifest["versions"],
             sizes=manifest["sizes"],
+            arch=arch.name,
         )
         if (
             kit.digest != directory.name
@@ -229,7 +241,7 @@ def _read_kit(directory: Path) -> GuestKit | None:
             or kit.initrd.stat().st_size != kit.sizes["initrd"]
         ):
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ArchError):
         return None
     return kit
 
@@ -246,6 +258,7 @@ def load_guestkit(
     *,
     digest: str | None = None,
     agent_files: Mapping[str, Path] | None = None,
+    arch: str | None = None,
 ) -> GuestKit | None:
     """The cached kit for `digest` or, by default, for the current inputs; None if not built.
 
@@ -254,7 +267,7 @@ def load_guestkit(
     """
     cache_dir = cache_dir or default_cache_dir()
     if digest is None:
-        digest = _inputs(_lock(), agent_files).digest()
+        digest = _inputs(_lock(), agent_files, _arch(arch)).digest()
     elif not _DIGEST.fullmatch(digest):
         raise GuestKitError(f"guest kit digest {digest!r} is not 64 lowercase hex digits")
     return _read_kit(cache_dir / digest)
@@ -266,34 +279,39 @@ def build_guestkit(
     progress: Progress | None = None,
     force: bool = False,
     agent_files: Mapping[str, Path] | None = None,
+    arch: str | None = None,
 ) -> GuestKit:
     """Return the guest kit for the current inputs, building it first if it is not cached.
 
     `progress` receives one-line messages (downloads, unpacking, packing). `force` rebuilds
     even a cached kit. `agent_files` replaces some of the agent's files (by their path
     below /kelpie: `protocol.py`, `guest/agent.py`, `guest/_link.py`...) for development
-    and tests; normally they come from the installed `kelpie` package. Raises
-    GuestKitError, naming the package or file at fault.
+    and tests; normally they come from the installed `kelpie` package. `arch` is the
+    guest architecture (default: the host's); another one's binaries run under QEMU's
+    user-mode emulator while the kit is built. Raises GuestKitError, naming the package or
+    file at fault.
     """
     cache_dir = cache_dir or default_cache_dir()
     say = progress or _quiet
     lock = _lock()
-    inputs = _inputs(lock, agent_files)
+    guest = _arch(arch)
+    inputs = _inputs(lock, agent_files, guest)
     if not force and (kit := _read_kit(cache_dir / inputs.digest())) is not None:
         return kit
     with _build_lock(cache_dir):
         if not force and (kit := _read_kit(cache_dir / inputs.digest())) is not None:
             return kit
         started = time.monotonic()
-        archive = DebianArchive(lock.sources, DEBIAN_ARCHES[HOST_ARCH], cache_dir, progress=say)
+        archive = DebianArchive(lock.sources, guest.debian, cache_dir, progress=say)
         try:
             vouched = vouched_packages(lock, archive, say)
             if vouched != inputs.all_packages:  # a locked version is gone: another kit
-                inputs = _inputs(lock, agent_files, vouched)
+                inputs = _inputs(lock, agent_files, guest, vouched)
                 if not force and (kit := _read_kit(cache_dir / inputs.digest())) is not None:
                     return kit
             kit = _build(inputs, inputs.digest(), archive, cache_dir, say)
-        except (ArchiveError, _python.PythonKitError, ModuleError, KernelImageError) as exc:
+        except (ArchiveError, ArchError, _python.PythonKitError, ModuleError,
+                KernelImageError) as exc:
             raise GuestKitError(str(exc)) from exc
         finally:
             archive.close()
@@ -315,19 +333,22 @@ def _build(inputs: _Inputs, digest: str, archive: DebianArchive, cache_dir: Path
             _unpack(debs[package], unpacked)
         for directory in (stage, out):
             directory.mkdir()
-        release, bzimage = _find_kernel(unpacked)
+        release, image = _find_kernel(unpacked)
         say("selecting kernel modules, stdlib files and libraries")
         modules = _stage_modules(unpacked, stage, release)
-        busybox_version = _stage_busybox(unpacked, stage)
+        busybox_version = _stage_busybox(unpacked, stage, inputs.arch)
         agent_paths = _stage_agent(stage, inputs.agent_files)
-        python_version = _stage_python(unpacked, stage, agent_paths)
+        python_version = _stage_python(unpacked, stage, agent_paths, inputs.arch)
         versions = {"kernel": release, "busybox": busybox_version, "python": python_version}
         _stage_etc(stage, digest, versions, modules)
         _stage_file(stage, PurePosixPath("init"), inputs.init_script, 0o755)
         say("packing initramfs")
         _pack(stage, out / "initrd.img")
         say("unpacking the kernel image")
-        (out / "vmlinux").write_bytes(extract_vmlinux(bzimage.read_bytes()))
+        kernel = image.read_bytes()
+        if inputs.arch.name == "x86_64":  # a bzImage: booted faster uncompressed (PVH)
+            kernel = extract_vmlinux(kernel)
+        (out / inputs.arch.kernel_file).write_bytes(kernel)
         _write_manifest(out, inputs, digest, versions, modules)
         return _publish(out, cache_dir / digest)
 
@@ -344,12 +365,13 @@ def _write_manifest(
         "digest": digest,
         "versions": dict(versions),
         "sizes": {
-            "kernel": (out / "vmlinux").stat().st_size,
+            "kernel": (out / inputs.arch.kernel_file).stat().st_size,
             "initrd": (out / "initrd.img").stat().st_size,
         },
         "packages": {p.name: p.version for p in inputs.all_packages},
         "modules": dict(modules),
         "builder": BUILDER_VERSION,
+        "arch": inputs.arch.name,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -428,22 +450,20 @@ def _stage_modules(unpacked: Path, stage: Path, release: str) -> dict[str, list[
     return {group: [m.name for m in modules] for group, modules in plan.items()}
 
 
-def _run_busybox(busybox: Path, *args: str) -> str:
+def _run_busybox(busybox: Path, arch: GuestArch, *args: str) -> str:
     try:
-        done = subprocess.run([str(busybox), *args], capture_output=True, text=True, check=False)
+        done = subprocess.run([*arch.runner(), str(busybox), *args], capture_output=True,
+                              text=True, check=False)
     except OSError as exc:
-        raise GuestKitError(
-            f"cannot run the guest's busybox on this host ({exc}); "
-            "building the guest kit needs an x86_64 Linux host"
-        ) from exc
+        raise GuestKitError(f"cannot run the guest's busybox on this host ({exc})") from exc
     return done.stdout
 
 
-def _stage_busybox(unpacked: Path, stage: Path) -> str:
+def _stage_busybox(unpacked: Path, stage: Path, arch: GuestArch) -> str:
     """Busybox with a /bin symlink for every applet; returns its version."""
     busybox = PurePosixPath("bin/busybox")
     _stage_copy(unpacked, stage, busybox)
-    applets = set(_run_busybox(unpacked / busybox, "--list").split()) - {"busybox"}
+    applets = set(_run_busybox(unpacked / busybox, arch, "--list").split()) - {"busybox"}
     if "sh" not in applets:
         raise GuestKitError(f"{unpacked / busybox} --list names no 'sh' applet")
     for applet in sorted(applets):
@@ -451,7 +471,7 @@ def _stage_busybox(unpacked: Path, stage: Path) -> str:
     (stage / "sbin").symlink_to("bin")
     (stage / "usr/bin").mkdir(parents=True, exist_ok=True)
     (stage / "usr/bin/env").symlink_to("../../bin/busybox")
-    words = _run_busybox(unpacked / busybox, "--help").split()
+    words = _run_busybox(unpacked / busybox, arch, "--help").split()
     return words[1].lstrip("v") if len(words) > 1 and words[0] == "BusyBox" else "unknown"
 
 
@@ -464,17 +484,18 @@ def _stage_agent(stage: Path, agent_files: tuple[tuple[str, bytes], ...]) -> lis
     return paths
 
 
-def _stage_python(unpacked: Path, stage: Path, agent_paths: list[Path]) -> str:
+def _stage_python(unpacked: Path, stage: Path, agent_paths: list[Path],
+                  arch: GuestArch) -> str:
     """The interpreter, the stdlib files the agent imports and their shared libraries,
     with bytecode for them and for the agent's modules. Returns the Python version."""
     required, optional = _python.agent_imports(agent_paths)
     required = sorted(set(required) | set(_python.BASE_IMPORTS))
-    interpreter = _python.GuestPython(unpacked)
+    interpreter = _python.GuestPython(unpacked, arch)
     selection = interpreter.discover(required, optional, _python.EXCLUDED)
     binaries = [_python.PYTHON_BIN, *(f for f in selection.files if f.suffix == ".so")]
     for guest in sorted({*binaries, *selection.files}):
         _stage_copy(unpacked, stage, guest)
-    for library in _python.library_closure(unpacked, binaries):
+    for library in _python.library_closure(unpacked, binaries, arch):
         for hop in _python.symlink_chain(unpacked, library):
             if not (stage / hop).exists() and not (stage / hop).is_symlink():
                 _stage_copy(unpacked, stage, hop)
@@ -484,7 +505,7 @@ def _stage_python(unpacked: Path, stage: Path, agent_paths: list[Path]) -> str:
         if path != stage / AGENT_DIR / AGENT_SCRIPT:  # the script itself is never imported
             sources[path] = PurePosixPath(path.relative_to(stage).as_posix())
     interpreter.compile(sources)
-    _python.GuestPython(stage).verify(required)
+    _python.GuestPython(stage, arch).verify(required)
     return selection.version
 
 

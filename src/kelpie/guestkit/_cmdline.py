@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests")
+BASE_KERNEL_ARGS = ("quiet", "panic=-1", "cryptomgr.notests")
 #: The virtio-serial port name the agent listens on (`virtserialport,name=...`).
 AGENT_PORT_NAME = "kelpie.agent"
 
@@ -128,6 +128,7 @@ def kernel_cmdline(
     tsc_khz: int | None = None,
     debug: bool = False,
     agent_vsock_port: int | None = None,
+    console: str = "ttyS0",
     extra: Sequence[str] = (),
 ) -> str:
     """The full kernel command line for a guest booted from a Kelpie guest kit.
@@ -135,11 +136,12 @@ def kernel_cmdline(
     `root_device` (e.g. `/dev/vda`) is an ext4 disk the agent chroots into; `shares` are
     mounted below it (or below `/` without one). `tsc_khz` defaults to `host_tsc_khz()`;
     pass 0 to leave the TSC arguments out. `debug` makes init log each step.
+    `console` is the serial console's device (`ttyAMA0` on aarch64's `virt`).
     `agent_vsock_port` makes the agent listen on that vsock port (VMMs whose host end is a
     vsock device, e.g. Firecracker's hybrid vsock) instead of the virtio-serial port. Raises
     ValueError for a value that cannot travel on the command line.
     """
-    args = list(BASE_KERNEL_ARGS)
+    args = [f"console={console}", *BASE_KERNEL_ARGS]
     khz = host_tsc_khz() if tsc_khz is None else tsc_khz
     if khz:
         args += [f"tsc_early_khz={khz}", "tsc=reliable"]

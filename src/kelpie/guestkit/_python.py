@@ -17,18 +17,12 @@ import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from kelpie.guestkit._arch import GuestArch, guest_arch
 from kelpie.guestkit._elf import needed_libraries
 
 PYTHON_VERSION = "3.11"
 PYTHON_BIN = PurePosixPath("usr/bin/python3.11")
 STDLIB = PurePosixPath("usr/lib/python3.11")
-LOADER = PurePosixPath("lib64/ld-linux-x86-64.so.2")
-LIBRARY_DIRS = (
-    PurePosixPath("lib/x86_64-linux-gnu"),
-    PurePosixPath("usr/lib/x86_64-linux-gnu"),
-    PurePosixPath("lib64"),
-    PurePosixPath("usr/lib"),
-)
 
 #: What the agent needs whatever its sources say, plus the codecs Python may look up.
 BASE_IMPORTS = (
@@ -142,20 +136,22 @@ def resolve_in(root: Path, path: PurePosixPath) -> PurePosixPath:
     return resolved
 
 
-def find_library(root: Path, soname: str) -> PurePosixPath:
+def find_library(root: Path, soname: str, arch: GuestArch | None = None) -> PurePosixPath:
     """The guest path of library `soname` in the tree, searched like the dynamic loader."""
-    for directory in LIBRARY_DIRS:
+    for directory in (arch or guest_arch(None)).library_dirs:
         if (root / directory / soname).exists():
             return directory / soname
     raise PythonKitError(f"shared library {soname} is not in any unpacked package")
 
 
-def library_closure(root: Path, binaries: Iterable[PurePosixPath]) -> list[PurePosixPath]:
+def library_closure(root: Path, binaries: Iterable[PurePosixPath],
+                    arch: GuestArch | None = None) -> list[PurePosixPath]:
     """Guest paths (symlinks included) of every shared library `binaries` need, transitively.
 
     The dynamic loader itself is included.
     """
-    wanted: list[PurePosixPath] = [LOADER]
+    arch = arch or guest_arch(None)
+    wanted: list[PurePosixPath] = [arch.loader]
     queue = list(binaries)
     seen: set[str] = set()
     while queue:
@@ -164,7 +160,7 @@ def library_closure(root: Path, binaries: Iterable[PurePosixPath]) -> list[PureP
             if soname in seen:
                 continue
             seen.add(soname)
-            path = find_library(root, soname)
+            path = find_library(root, soname, arch)
             wanted.append(path)
             queue.append(path)
     return sorted(set(wanted))
@@ -229,19 +225,22 @@ def agent_imports(sources: Iterable[Path]) -> tuple[list[str], list[str]]:
 
 
 class GuestPython:
-    """Runs the interpreter of an unpacked (or staged) tree on the host, via its own loader."""
+    """Runs the interpreter of an unpacked (or staged) tree on the host, via its own loader
+    (under QEMU's user-mode emulator for another architecture)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, arch: GuestArch | None = None) -> None:
         self.root = root
-        self.loader = root / resolve_in(root, LOADER)
+        self.arch = arch or guest_arch(None)
+        self.loader = root / resolve_in(root, self.arch.loader)
         self.binary = root / PYTHON_BIN
         if not self.loader.exists() or not self.binary.exists():
             raise PythonKitError(f"no Python {PYTHON_VERSION} interpreter unpacked in {root}")
 
     def run(self, code: str, argument: str) -> str:
         """Run `code` with `-S` and one argument; return its stdout."""
-        library_path = ":".join(str(self.root / d) for d in LIBRARY_DIRS)
-        argv = [str(self.loader), "--library-path", library_path, str(self.binary), "-S"]
+        library_path = ":".join(str(self.root / d) for d in self.arch.library_dirs)
+        argv = [*self.arch.runner(), str(self.loader), "--library-path", library_path,
+                str(self.binary), "-S"]
         env = {"PYTHONHOME": str(self.root / "usr"), "PYTHONDONTWRITEBYTECODE": "1"}
         try:
             done = subprocess.run(
@@ -254,8 +253,7 @@ class GuestPython:
             )
         except OSError as exc:
             raise PythonKitError(
-                f"cannot run the guest interpreter {self.binary} on this host ({exc}); "
-                "building the guest kit needs an x86_64 Linux host"
+                f"cannot run the guest interpreter {self.binary} on this host ({exc})"
             ) from exc
         if done.returncode != 0:
             raise PythonKitError(

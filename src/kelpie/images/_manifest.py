@@ -97,7 +97,12 @@ class Platform:
     @classmethod
     def host(cls) -> Platform:
         """The platform of this machine as a Linux guest would see it (``linux/amd64``...)."""
-        machine = _platform.machine().lower()
+        return cls.for_arch(_platform.machine())
+
+    @classmethod
+    def for_arch(cls, machine: str) -> Platform:
+        """The Linux platform of a machine architecture (``aarch64`` -> ``linux/arm64/v8``)."""
+        machine = machine.lower()
         architecture = _OCI_ARCHITECTURES.get(machine, machine)
         variant = _ARM_VARIANTS.get(machine) or _DEFAULT_VARIANTS.get(architecture)
         return cls("linux", architecture, variant)

@@ -61,6 +61,7 @@ from kelpie.images._manifest import (
     ImageConfig,
     Index,
     Manifest,
+    Platform,
     parse_image_config,
     parse_manifest_document,
 )
@@ -116,6 +117,9 @@ class _Record:
     tags: list[str] = field(default_factory=list)
     holders: list[str] = field(default_factory=list)
     added: float = 0.0
+    architecture: str = ""
+    """The OCI architecture of the image (``amd64``, ``arm64``); empty in records written
+    before it was kept. A tag names one image per architecture."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +128,7 @@ class _Record:
             "tags": sorted(self.tags),
             "holders": sorted(self.holders),
             "added": self.added,
+            "architecture": self.architecture,
         }
 
 
@@ -181,21 +186,30 @@ class ImageStore:
         with self._locked() as records:
             self._require_present([digest, *blobs])
             record = records.get(digest) or _Record(parsed.media_type, blobs, added=time.time())
+            record.architecture = config.architecture
             records[digest] = record
             if reference is not None and reference.tag is not None:
                 _move_tag(records, _tag_key(reference), digest)
             self._save(records)
             return self._image(digest, record, parsed, config)
 
-    def resolve(self, text: str) -> StoredImage:
+    def resolve(self, text: str, *, architecture: str | None = None) -> StoredImage:
         """Find an image by tag reference, ``name@sha256:...``, ``sha256:...`` or id prefix.
 
-        Raises :class:`ImageNotFound` if nothing matches, :class:`AmbiguousImage` if an id
-        prefix matches several images, :class:`InvalidReference` if ``text`` is neither.
+        A tag names one image per architecture: ``architecture`` (OCI's spelling: ``amd64``,
+        ``arm64``) picks one; without it, this host's, else the only one there is.
+        Raises :class:`ImageNotFound` if nothing matches (for a tag held only for other
+        architectures, naming them), :class:`AmbiguousImage` if an id prefix matches several
+        images, :class:`InvalidReference` if ``text`` is neither.
         """
         with self._locked(shared=True) as records:
-            digest, _ = _find(records, text, self.root)
-            return self._load(digest, records[digest])
+            digest, _ = _find(records, text, self.root, architecture)
+            image = self._load(digest, records[digest])
+        if architecture is not None and image.config.architecture not in ("", architecture):
+            raise ImageNotFound(
+                f"image {text!r} is for {image.config.platform}, not {architecture}: pull it "
+                f"for linux/{architecture} (kelpie pull --platform linux/{architecture} ...)")
+        return image
 
     def get(self, digest: str) -> StoredImage:
         """The image with manifest digest ``digest`` exactly."""
@@ -456,6 +470,7 @@ def _parse_records(document: Any) -> _Records:
             tags=[str(t) for t in entry["tags"]],
             holders=[str(h) for h in entry["holders"]],
             added=float(entry["added"]),
+            architecture=str(entry.get("architecture", "")),
         )
     return records
 
@@ -466,13 +481,35 @@ def _tag_key(reference: ImageReference) -> str:
 
 
 def _move_tag(records: _Records, tag: str, digest: str) -> None:
+    """Tag ``digest``, taking the tag from the image of the same architecture that had it."""
+    architecture = records[digest].architecture
     for other in records.values():
-        if tag in other.tags:
+        if tag in other.tags and other.architecture in ("", architecture):
             other.tags.remove(tag)
-    records[digest].tags.append(tag)
+    if tag not in records[digest].tags:
+        records[digest].tags.append(tag)
 
 
-def _find(records: _Records, text: str, root: Path) -> tuple[str, str | None]:
+def _by_tag(records: _Records, tag: str, architecture: str | None, text: str) -> str | None:
+    """The image ``tag`` names for ``architecture`` (None: this host's, else the only
+    one); None when no image has the tag."""
+    holders = {d: r.architecture for d, r in records.items() if tag in r.tags}
+    if not holders:
+        return None
+    wanted = architecture or Platform.host().architecture
+    for digest, held in holders.items():
+        if held in ("", wanted):
+            return digest
+    if architecture is None and len(holders) == 1:
+        return next(iter(holders))
+    raise ImageNotFound(
+        f"image {text!r} is stored for {', '.join(sorted(f'linux/{a}' for a in holders.values()))}"
+        f", not linux/{wanted}: pull it for that platform (kelpie pull --platform "
+        f"linux/{wanted} ...)")
+
+
+def _find(records: _Records, text: str, root: Path,
+          architecture: str | None = None) -> tuple[str, str | None]:
     """Resolve ``text`` to (manifest digest, matched tag or None)."""
     text = text.strip()
     if text.startswith("sha256:"):
@@ -489,9 +526,9 @@ def _find(records: _Records, text: str, root: Path) -> tuple[str, str | None]:
         raise ImageNotFound(f"no image with digest {reference.digest} in the store at {root}")
     if reference is not None:
         tag = _tag_key(reference)
-        for digest, record in records.items():
-            if tag in record.tags:
-                return digest, tag
+        found = _by_tag(records, tag, architecture, text)
+        if found is not None:
+            return found, tag
     if _HEX.fullmatch(text):
         with contextlib.suppress(ImageNotFound):
             return _by_prefix(records, text, text, root), None

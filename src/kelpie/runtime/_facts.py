@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Mapping
 
 from kelpie._version import __version__
 from kelpie.api import BackendFacts, HostFacts
@@ -26,12 +27,10 @@ def host_facts(ctx: RuntimeContext) -> HostFacts:
     for name in registry.names():
         spec = registry.get(name)
         probe = registry.probe(name)
-        # "" while undecided (e.g. QEMU proves KVM with a boot probe on its first start)
-        accel = probe.details.get("accel_choice", "" if spec.real else "none")
         backends.append(BackendFacts(
             name=spec.name, available=probe.available, reason=probe.reason,
             version=probe.details.get("version") or (__version__ if not spec.real else None),
-            arches={arch: accel} if probe.available else {},
+            arches=_arches(arch, spec.real, probe.details) if probe.available else {},
             capabilities=spec.capabilities.names(),
         ))
     cpus = os.cpu_count() or 1
@@ -45,6 +44,16 @@ def host_facts(ctx: RuntimeContext) -> HostFacts:
         images=sorted(image.digest for image in ctx.images.list()),
         guestkits=_guestkits(),
     )
+
+
+def _arches(host: str, real: bool, details: Mapping[str, str]) -> dict[str, str]:
+    """The guest architectures a backend runs, each with its accelerator: from its probe's
+    ``arches`` (``x86_64:kvm,aarch64:tcg``), else the host's with ``accel_choice`` ("" while
+    undecided: QEMU proves KVM with a boot probe on its first start)."""
+    listed = details.get("arches")
+    if listed:
+        return dict(item.split(":", 1) for item in listed.split(",") if ":" in item)
+    return {host: details.get("accel_choice", "" if real else "none")}
 
 
 def _memory_mib() -> tuple[int, int]:

@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kelpie.images import StoredImage, rootfs_ext4
+from kelpie.guestkit import host_arch
+from kelpie.images import Platform, StoredImage, rootfs_ext4
 from kelpie.runtime import _arguments as args
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._db import IdInUse
@@ -283,6 +284,11 @@ class Moves:
         config = arriving.config
         if arriving.image_digest is not None:
             stored = ctx.images.get(arriving.image_digest)
+        elif arriving.image is not None:  # moved to another arch: its variant of the image
+            stored = ctx.images.resolve(arriving.image, architecture=Platform.for_arch(
+                config.arch or host_arch()).architecture)
+            arriving = dataclasses.replace(arriving, image_digest=stored.digest)
+        if stored is not None:
             root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored)
             config = config.evolve(root_disk=root_disk)
         now = ctx.clock()

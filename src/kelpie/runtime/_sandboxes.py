@@ -13,7 +13,8 @@ from functools import partial
 from pathlib import Path
 
 from kelpie.api import SandboxCreate
-from kelpie.images import StoredImage, rootfs_ext4
+from kelpie.guestkit import host_arch
+from kelpie.images import Platform, StoredImage, rootfs_ext4
 from kelpie.runtime import _arguments as args
 from kelpie.runtime._context import ID_ATTEMPTS, RuntimeContext
 from kelpie.runtime._db import IdInUse
@@ -92,7 +93,9 @@ class Sandboxes:
         spec = ctx.factory.select(req.backend)
         if req.name is not None:
             self.check_free_name(req.name)
-        stored = ctx.images.resolve(req.image) if req.image is not None else None
+        arch = req.arch or host_arch()
+        stored = None if req.image is None else \
+            ctx.images.resolve(req.image, architecture=Platform.for_arch(arch).architecture)
         main = args.main_command(req.command, stored)
         config_mounts = tuple(args.mount(v) for v in req.volumes)
         config_ports = tuple(args.port(p) for p in req.ports)
@@ -112,6 +115,7 @@ class Sandboxes:
             network=args.network(req.network),
             egress=EgressPolicy.parse(req.allow, req.deny),
             hostname=req.hostname,
+            arch=arch,
         )
         info = self.insert(spec, req.name, config, stored, req.labels or {}, main)
         if progress is not None:

@@ -101,6 +101,7 @@ class AsyncSandbox:
         allow: Sequence[str] = (),
         deny: Sequence[str] = (),
         backend: str | None = None,
+        arch: str | None = None,
         command: Sequence[str] | None = None,
         template: str | None = None,
         daemon: str | None = None,
@@ -112,7 +113,9 @@ class AsyncSandbox:
         userland. ``memory`` in MiB. ``volumes``: ``HOST:GUEST[:ro]``; ``ports``:
         ``[IP:]HOST:GUEST``; ``network``: ``none``, ``nat`` (the internet, never the host or
         private networks) or ``policy`` (only what ``allow`` names); ``allow``/``deny``:
-        egress rules ``TARGET[:PORT]`` (see :class:`kelpie.vm.EgressPolicy`); ``command``: a
+        egress rules ``TARGET[:PORT]`` (see :class:`kelpie.vm.EgressPolicy`); ``arch``: the
+        guest's architecture (``x86_64``, ``aarch64``; default the host's, another one is
+        emulated); ``command``: a
         main command whose output becomes the logs. ``template``: start by restoring this template
         (then only ``name`` and ``env`` may be given). ``daemon``: the daemon's URL
         (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it
@@ -122,6 +125,7 @@ class AsyncSandbox:
             "image": image, "name": name, "cpus": cpus, "memory_mib": memory,
             "env": dict(env or {}), "volumes": list(volumes), "ports": list(ports),
             "network": network, "allow": list(allow), "deny": list(deny), "backend": backend,
+            "arch": arch,
             "command": None if command is None else list(command), "template": template,
         }, "sandbox")
         connection = await connect(daemon, token)
@@ -225,10 +229,12 @@ class AsyncSandbox:
     async def teleport(self, to: str, *, token: str | None = None, mode: str = "auto",
                        without_volumes: bool = False,
                        progress: Callable[[TeleportProgress], None] | None = None,
-                       ) -> TeleportReport:
+                       arch: str | None = None) -> TeleportReport:
         """Move the sandbox to the daemon at ``to`` (its token: ``token``); this object then
         drives it there. ``mode``: live, full, checkpoint or auto (the best the two hosts
         support); the report says which ran, why, the downtime and the bytes sent.
+        ``arch``: the guest architecture it should have there (another one than its own
+        moves it as a checkpoint).
 
         A sandbox in a daemon is moved by that daemon; one in this process's runtime by
         this process (a crash part-way is settled the next time a daemon opens its state).
@@ -237,14 +243,14 @@ class AsyncSandbox:
         if isinstance(service, DaemonClient):
             report = await service.teleport(self.id, to, token=token, mode=mode,
                                             without_volumes=without_volumes,
-                                            progress=progress)
+                                            progress=progress, arch=arch)
         else:
             assert isinstance(service, Runtime)
             host = TeleportHost(service)
             try:
                 report = await host.teleporter.teleport(
                     self.id, to=to, token=token, mode=TeleportMode(mode),
-                    without_volumes=without_volumes, progress=progress)
+                    without_volumes=without_volumes, progress=progress, arch=arch)
             finally:
                 await host.close()
         old = self._connection

@@ -180,6 +180,7 @@ class Sandbox:
         allow: Sequence[str] = (),
         deny: Sequence[str] = (),
         backend: str | None = None,
+        arch: str | None = None,
         command: Sequence[str] | None = None,
         template: str | None = None,
         daemon: str | None = None,
@@ -189,8 +190,8 @@ class Sandbox:
         loop = _LoopThread.get()
         sandbox = loop.run(AsyncSandbox.create(
             image, name=name, cpus=cpus, memory=memory, env=env, volumes=volumes, ports=ports,
-            network=network, allow=allow, deny=deny, backend=backend, command=command,
-            template=template, daemon=daemon, token=token))
+            network=network, allow=allow, deny=deny, backend=backend, arch=arch,
+            command=command, template=template, daemon=daemon, token=token))
         return cls(sandbox, loop)
 
     @classmethod
@@ -274,10 +275,11 @@ class Sandbox:
     def teleport(self, to: str, *, token: str | None = None, mode: str = "auto",
                  without_volumes: bool = False,
                  progress: Callable[[TeleportProgress], None] | None = None,
-                 ) -> TeleportReport:
+                 arch: str | None = None) -> TeleportReport:
         """Move the sandbox to the daemon at ``to`` (see :meth:`AsyncSandbox.teleport`)."""
         return self._loop.run(self._async.teleport(
-            to, token=token, mode=mode, without_volumes=without_volumes, progress=progress))
+            to, token=token, mode=mode, without_volumes=without_volumes, progress=progress,
+            arch=arch))
 
     def pause(self) -> None:
         """Freeze the sandbox."""

@@ -25,7 +25,8 @@ def sandbox_record(view: SandboxView) -> Sandbox:
     config = info.config
     return Sandbox(
         id=info.id, short_id=info.short_id, name=info.name, backend=info.backend,
-        state=info.state.value, image=info.image, image_digest=info.image_digest,
+        arch=config.arch or "", state=info.state.value, image=info.image,
+        image_digest=info.image_digest,
         cpus=config.vcpus, memory_mib=config.memory_mib, network=config.network.value,
         allow=[str(r) for r in config.egress.allow], deny=[str(r) for r in config.egress.deny],
         env=dict(config.env),

@@ -44,7 +44,14 @@ from kelpie.teleport._peer import TeleportPeer
 from kelpie.teleport._relay import relayed
 from kelpie.teleport._target import Offload, _to_thread
 from kelpie.teleport._transfer import ATTEMPTS, CHUNK_SIZE, Blob, BlobSender, Retry, sha256_of
-from kelpie.vm import LiveMigrationDidNotConverge, LiveProgress, SnapshotKind, Storage, VmState
+from kelpie.vm import (
+    HostInfo,
+    LiveMigrationDidNotConverge,
+    LiveProgress,
+    SnapshotKind,
+    Storage,
+    VmState,
+)
 
 T = TypeVar("T")
 
@@ -94,9 +101,11 @@ class Teleporter:
         self, ref: str, *, to: str, token: str | None = None,
         mode: TeleportMode | str = TeleportMode.AUTO, without_volumes: bool = False,
         progress: Progress | None = None, converge_timeout: float | None = None,
+        arch: str | None = None,
     ) -> TeleportReport:
         """Move sandbox ``ref`` to the daemon at ``to``; the report says which mode ran, why,
-        the downtime and the bytes sent.
+        the downtime and the bytes sent. ``arch``: the guest architecture it should have
+        there (another one than its own moves it as a checkpoint).
 
         Raises what stopped it before anything paused (:class:`TeleportRefused`, an
         unreachable target...: the sandbox is untouched), :class:`TeleportAborted` when it
@@ -116,13 +125,14 @@ class Teleporter:
         peer = self._connect(to, token)
         try:
             return await self._teleport(info, peer, to, token, TeleportMode(mode),
-                                        without_volumes, say, started, converge)
+                                        without_volumes, say, started, converge, arch)
         finally:
             await _close(peer)
 
     async def _teleport(self, info: SandboxInfo, peer: TeleportPeer, to: str,
                         token: str | None, mode: TeleportMode, without_volumes: bool,
-                        say: Progress, started: float, converge: float) -> TeleportReport:
+                        say: Progress, started: float, converge: float,
+                        arch: str | None = None) -> TeleportReport:
         say(TeleportProgress(phase="prepare", message=f"asking {to} what it offers"))
         target_facts = await self._retry(peer.facts)
         choice = choose_mode(
@@ -130,7 +140,7 @@ class Teleporter:
             source=await self._runtime.host_facts(), target=target_facts,
             without_volumes=without_volumes,
             guestkit_digest=self._runtime.moves.guestkit_of(info.id),
-            live_ready=self._runtime.moves.live_ready(info.id), target_label=to,
+            live_ready=self._runtime.moves.live_ready(info.id), target_label=to, arch=arch,
         )
         try:
             return await self._attempt(info, peer, to, token, choice, say, started, converge)
@@ -139,7 +149,7 @@ class Teleporter:
             # in full mode instead, and say so.
             fallback = ModeChoice(TeleportMode.FULL, f"live did not converge within "
                                   f"{converge:g} s ({exc}); fell back to full",
-                                  choice.target_backend)
+                                  choice.target_backend, choice.target_arch)
             return await self._attempt(info, peer, to, token, fallback, say, started, converge)
 
     async def _attempt(self, info: SandboxInfo, peer: TeleportPeer, to: str,
@@ -189,15 +199,16 @@ class Teleporter:
         offer_record = self._record_for_target(info, run.choice)
         base_digest = await self._base_digest(info, run.choice)
         offer = TeleportOffer(
-            id=tid, mode=run.choice.mode, sandbox=offer_record, image_digest=info.image_digest,
-            base_disk_digest=base_digest, arch=(await runtime.host_facts()).arch,
+            id=tid, mode=run.choice.mode, sandbox=offer_record,
+            image_digest=offer_record.get("image_digest"), base_disk_digest=base_digest,
+            arch=run.choice.target_arch or info.config.arch or (await runtime.host_facts()).arch,
             guestkit_digest=self._runtime.moves.guestkit_of(info.id),
             size_bytes=info.config.memory_mib * (1 << 20) * 2,
         )
         say(TeleportProgress(phase="prepare", message=f"reserving on {peer.address}"))
         accepted = await self._retry(lambda: peer.prepare(offer))
         # What does not change while the guest runs goes first: the image and base disk.
-        early = self._image_blobs(info, accepted.needs_image)
+        early = self._image_blobs(info, accepted.needs_image and offer.image_digest is not None)
         if accepted.needs_base_disk and info.config.root_disk is not None:
             early.append(await self._blob("base-disk.ext4", info.config.root_disk))
         await run.sender.send(early)
@@ -457,6 +468,12 @@ class Teleporter:
         if choice.mode is TeleportMode.CHECKPOINT:
             record["backend"] = choice.target_backend
             record["vm"] = {**record["vm"], "mounts": []}
+            guest = record["vm"].get("arch") or HostInfo.current_arch()
+            if choice.target_arch and choice.target_arch != guest:
+                # another architecture: the target boots its own variant of the image,
+                # found by the image's name (this one's digest names this arch's variant)
+                record["vm"]["arch"] = choice.target_arch
+                record["image_digest"] = None
         return record
 
 

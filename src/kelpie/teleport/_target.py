@@ -39,12 +39,11 @@ from kelpie.api import (
     HostFacts,
     TeleportAccepted,
     TeleportLive,
-    TeleportMode,
     TeleportOffer,
     TeleportState,
     TeleportSwitch,
 )
-from kelpie.images import parse_manifest_document
+from kelpie.images import ImageError, Platform, parse_manifest_document
 from kelpie.runtime import Runtime, SandboxNotFound
 from kelpie.service import sandbox_record
 from kelpie.teleport._journal import Incoming, TargetPhase, TeleportJournal
@@ -159,9 +158,18 @@ class TeleportReceiver:
         if offer.size_bytes * SPACE_MARGIN > facts.free_disk_bytes:
             problems.append(f"not enough disk space: the teleport needs about "
                             f"{offer.size_bytes} bytes, {facts.free_disk_bytes} are free")
-        if offer.mode is not TeleportMode.CHECKPOINT and offer.arch != facts.arch:
-            problems.append(f"{offer.mode.value} mode needs the same architecture: the "
-                            f"sandbox runs on {offer.arch}, this host is {facts.arch}")
+        runs = next((b.arches for b in facts.backends if b.name == backend), {})
+        if offer.arch and offer.arch not in runs:
+            problems.append(f"backend {backend} here runs no {offer.arch} guests (only "
+                            f"{', '.join(sorted(runs)) or 'none'})")
+        image = record.get("image")
+        if offer.image_digest is None and isinstance(image, str) and offer.arch:
+            try:
+                runtime.images.resolve(image, architecture=Platform.for_arch(offer.arch)
+                                       .architecture)
+            except ImageError as exc:
+                problems.append(f"the sandbox's image {image} is needed here for "
+                                f"{offer.arch}: {exc}")
         return problems
 
     async def _accepted(self, offer: TeleportOffer) -> TeleportAccepted:

@@ -37,6 +37,7 @@ from kelpie.vm._checkpoint import (
 from kelpie.vm._config import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_VCPUS,
+    GUEST_ARCHES,
     MAX_ENV_VARS,
     MAX_MEMORY_MIB,
     MAX_MOUNT_TAG_LENGTH,
@@ -110,6 +111,7 @@ __all__ = [
     "DEFAULT_MEMORY_MIB",
     "DEFAULT_REGISTRY",
     "DEFAULT_VCPUS",
+    "GUEST_ARCHES",
     "MANIFEST_NAME",
     "MAX_ENV_VARS",
     "MAX_MEMORY_MIB",

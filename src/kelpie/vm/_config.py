@@ -25,6 +25,8 @@ MAX_MOUNTS = 16
 MAX_MOUNT_TAG_LENGTH = 36
 MAX_ENV_VARS = 1024
 MAX_HOSTNAME_LENGTH = 63
+GUEST_ARCHES = ("x86_64", "aarch64")
+"""Guest architectures a VmConfig may ask for (in the kernel's spelling)."""
 MAX_PORTS = 64
 MIN_PORT = 1
 MAX_PORT = 65535
@@ -239,6 +241,9 @@ class VmConfig:
     ports: tuple[PortMapping, ...] = ()
     egress: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)
     """Where the guest may connect (``nat`` and ``policy``; see :class:`EgressPolicy`)."""
+    arch: str | None = None
+    """The guest's architecture (``x86_64``, ``aarch64``); None: the host's. Another one
+    than the host's is emulated (QEMU TCG)."""
 
     def __post_init__(self) -> None:
         # Normalise containers so the config is really immutable and hashable-free of lists.
@@ -281,6 +286,9 @@ class VmConfig:
         elif not self.egress.empty and self.network == NetworkMode.NONE:
             problems.append(f"egress rules ({self.egress}) need network nat or policy; "
                             "network none has no NIC to apply them to")
+        if self.arch is not None and self.arch not in GUEST_ARCHES:
+            problems.append(f"arch is {self.arch!r}; allowed: {', '.join(GUEST_ARCHES)} "
+                            f"(or unset: the host's)")
         if self.hostname is not None and (
             len(self.hostname) > MAX_HOSTNAME_LENGTH or not _HOSTNAME.match(self.hostname)
         ):
@@ -431,6 +439,7 @@ class VmConfig:
             "hostname": self.hostname,
             "ports": [p.to_dict() for p in self.ports],
             "egress": self.egress.to_dict(),
+            "arch": self.arch,
         }
 
     @classmethod

@@ -65,13 +65,15 @@ class Capabilities:
     """A running VM can be moved to another host while it runs (``send_live``)."""
     egress_policy: bool = False
     """The backend enforces network ``policy`` and egress rules (host-side)."""
+    emulation: bool = False
+    """The backend runs guests of another architecture than the host's (emulated)."""
 
     def names(self) -> list[str]:
         """The capability names this backend has, e.g. ``["pause", "snapshot:full"]``."""
         names = [
             name
             for name in ("pause", "shared_dirs", "vsock", "networking", "pty", "live_migration",
-                         "egress_policy")
+                         "egress_policy", "emulation")
             if getattr(self, name)
         ]
         names += [f"snapshot:{k.value}" for k in SnapshotKind if k in self.snapshot_kinds]
@@ -288,6 +290,11 @@ class VmInstance(abc.ABC):
             raise ConfigError([f"backend {self.backend_name} cannot enforce egress rules "
                                f"(network {config.network.value}, {config.egress}); use "
                                "network nat without rules or none, or a backend that can"])
+        host = HostInfo.current_arch()
+        if config.arch not in (None, host) and not self.capabilities.emulation:
+            raise ConfigError([f"backend {self.backend_name} runs {host} guests only (this "
+                               f"host's); an {config.arch} guest needs a backend that "
+                               f"emulates it, such as qemu"])
         self._config = config
         self._id = vm_id or uuid.uuid4().hex[:12]
         self._state = VmState.CREATED

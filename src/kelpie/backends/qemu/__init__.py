@@ -20,28 +20,48 @@ CAPABILITIES = Capabilities(
     pty=True,
     live_migration=True,
     egress_policy=True,
+    emulation=True,
 )
 
 
+GUEST_ARCHES = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
+"""Guest architectures and the Debian package of their QEMU."""
+
+
 def probe() -> ProbeResult:
-    """Available when qemu-system-x86_64 is installed; reports the cached accelerator."""
+    """Available when QEMU for some guest architecture and qemu-img are installed; reports
+    each architecture it runs with its accelerator (the host's: as last proven; another
+    one: emulated, TCG)."""
     import platform
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ProbeResult(False, f"this backend runs x86_64 guests; host is {platform.machine()}")
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        return ProbeResult(False, "qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    if shutil.which("qemu-img") is None:
-        return ProbeResult(False, "qemu-img not found (apt-get install qemu-utils)")
     from kelpie.backends.qemu._accel import cached_accel_summary
     from kelpie.backends.qemu._host import qemu_version
 
-    accel = cached_accel_summary(qemu)
-    decided = accel.split()[0] if accel.startswith(("kvm (", "tcg (")) else ""
-    return ProbeResult(True, f"{qemu}; accel: {accel}",
-                       {"qemu": qemu, "accel": accel, "accel_choice": decided,
-                        "version": qemu_version(qemu)})
+    machine = platform.machine().lower()
+    host = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    binaries = {arch: shutil.which(f"qemu-system-{arch}") for arch in GUEST_ARCHES}
+    found = {arch: path for arch, path in binaries.items() if path}
+    if not found:
+        packages = " ".join(GUEST_ARCHES.values())
+        return ProbeResult(False, f"no qemu-system-* for any of {', '.join(GUEST_ARCHES)} "
+                                  f"(apt-get install {packages})")
+    if shutil.which("qemu-img") is None:
+        return ProbeResult(False, "qemu-img not found (apt-get install qemu-utils)")
+    arches = {arch: "tcg" for arch in found if arch != host}
+    summary = f"{host}: not installed ({GUEST_ARCHES.get(host, 'no QEMU for it')})"
+    if host in found and host == "x86_64":  # the KVM boot probe is microvm's (x86)
+        summary = cached_accel_summary(found[host])
+        arches[host] = summary.split()[0] if summary.startswith(("kvm (", "tcg (")) else ""
+    elif host in found:
+        summary = "tcg (KVM is proven only for x86_64 hosts so far)"
+        arches[host] = "tcg"
+    qemu = found.get(host) or next(iter(found.values()))
+    emulated = ", ".join(f"{a} (tcg)" for a in found if a != host)
+    return ProbeResult(True, f"{qemu}; accel: {summary}" +
+                       (f"; emulated: {emulated}" if emulated else ""),
+                       {"qemu": qemu, "accel": summary, "accel_choice": arches.get(host, ""),
+                        "version": qemu_version(qemu),
+                        "arches": ",".join(f"{a}:{c}" for a, c in sorted(arches.items()))})
 
 
 def create(config: VmConfig, **options: Any) -> VmInstance:
@@ -70,6 +90,7 @@ SPEC = BackendSpec(
 
 __all__ = [
     "CAPABILITIES",
+    "GUEST_ARCHES",
     "SPEC",
     "LivePlan",
     "attach",

@@ -41,6 +41,19 @@ class QemuLaunch:
     forward_from: str | None = None
     """The address published ports are forwarded from (in the namespace; the host's relay
     listens where the user asked); None: each port's own host address."""
+    arch: str = "x86_64"
+    """The guest's architecture: x86_64 on QEMU's ``microvm``, aarch64 on ``virt``."""
+
+
+MACHINES = {"x86_64": "microvm", "aarch64": "virt"}
+TCG_CPUS = {"x86_64": "qemu64", "aarch64": "cortex-a72"}
+"""The CPU each architecture's guest sees under TCG (under KVM: the host's)."""
+CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
+
+
+def cpu_model(arch: str, accel: str) -> str:
+    """The guest CPU model QEMU gives a guest of ``arch``: the host's under KVM."""
+    return "host" if accel == "kvm" else TCG_CPUS[arch]
 
 
 def _opt(value: str | Path) -> str:
@@ -90,6 +103,8 @@ def kernel_args(launch: QemuLaunch) -> str:
             root_device="/dev/vda" if launch.overlay is not None else None,
             shares=shares,
             network=guest_network(config),
+            console=CONSOLES[launch.arch],
+            tsc_khz=None if launch.arch == "x86_64" else 0,  # the TSC is x86's
             extra=config.kernel_args,
         )
     except ValueError as exc:
@@ -102,8 +117,8 @@ def build_command(launch: QemuLaunch) -> list[str]:
     command = [
         *launch.prefix,
         launch.qemu,
-        "-M", f"microvm,accel={launch.accel}",
-        *(["-cpu", "host"] if launch.accel == "kvm" else []),
+        "-M", f"{MACHINES[launch.arch]},accel={launch.accel}",
+        *_cpu_option(launch),
         "-m", str(config.memory_mib),
         "-smp", str(config.vcpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -138,6 +153,12 @@ def build_command(launch: QemuLaunch) -> list[str]:
     return command
 
 
+def _cpu_option(launch: QemuLaunch) -> list[str]:
+    if launch.accel == "kvm":
+        return ["-cpu", "host"]
+    return [] if launch.arch == "x86_64" else ["-cpu", TCG_CPUS[launch.arch]]  # qemu64: default
+
+
 def device_signature(launch: QemuLaunch) -> list[str]:
     """The command line of ``launch`` with every host-specific value replaced.
 
@@ -157,7 +178,7 @@ def device_signature(launch: QemuLaunch) -> list[str]:
         ),
     )
     canonical = dataclasses.replace(
-        launch, qemu="qemu-system-x86_64", config=config, kernel=Path("/kernel"),
+        launch, qemu=f"qemu-system-{launch.arch}", config=config, kernel=Path("/kernel"),
         initrd=Path("/initrd"), workdir=Path("/vm"), hostname="guest",
         overlay=None if launch.overlay is None else Path("/vm/overlay.qcow2"), incoming=False,
         prefix=(), forward_from=None,

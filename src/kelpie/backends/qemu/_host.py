@@ -80,8 +80,3 @@ def qemu_version(qemu: str) -> str:
         version = words[3] if len(words) > 3 and words[2] == "version" else "unknown"
         _VERSIONS[qemu] = version.split("(")[0]
     return _VERSIONS[qemu]
-
-
-def cpu_model(accel: str) -> str:
-    """The guest CPU model QEMU emulates: the host's under KVM, QEMU's default under TCG."""
-    return "host" if accel == "kvm" else "qemu64"

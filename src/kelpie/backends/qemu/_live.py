@@ -36,8 +36,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient, QMPError
 
 from kelpie.backends.qemu import _migration, _snapshot
-from kelpie.backends.qemu._cmdline import QemuLaunch, device_signature
-from kelpie.backends.qemu._host import cpu_model
+from kelpie.backends.qemu._cmdline import QemuLaunch, cpu_model, device_signature
 from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
 from kelpie.backends.qemu._restore import QemuRestorer, _signature_mismatch
@@ -93,7 +92,7 @@ class LiveSender:
         host = vm.host_info()
         return LivePlan(
             record=record, backend_version=host.backend_version, arch=host.arch,
-            cpu_model=cpu_model(record.accel), machine=host.machine,
+            cpu_model=cpu_model(host.arch, record.accel), machine=host.machine,
             guestkit_digest=vm._kit_digest, base_image_digest=digest, vm_id=vm.id,
         )
 

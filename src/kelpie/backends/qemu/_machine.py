@@ -34,15 +34,14 @@ from kelpie.agent import (
 )
 from kelpie.backends.qemu import CAPABILITIES, _snapshot
 from kelpie.backends.qemu._accel import AccelChoice, choose_accel
-from kelpie.backends.qemu._cmdline import QemuLaunch, build_command
+from kelpie.backends.qemu._cmdline import MACHINES, QemuLaunch, build_command, cpu_model
 from kelpie.backends.qemu._host import (
-    cpu_model,
     is_qemu_of,
     qemu_version,
     start_failure_reason,
 )
 from kelpie.backends.qemu._migration import UNLIMITED_BANDWIDTH
-from kelpie.guestkit import GuestKit, GuestKitError, build_guestkit
+from kelpie.guestkit import GuestKit, GuestKitError, build_guestkit, guest_arch, host_arch
 from kelpie.hostnet import HostNetworkError, SandboxNetwork
 from kelpie.vm import BootError, ConfigError, HostInfo, VmConfig, VmError, VmState
 
@@ -104,6 +103,8 @@ class QemuMachine(ProcessVm):
         """Set by ``attach`` when it undid a full snapshot whose process had died: where
         that snapshot was going (it was never published)."""
         self._network: SandboxNetwork | None = None
+        self.arch = config.arch or host_arch()
+        """The guest's architecture (of the configuration it last started or restored)."""
 
     # ---- paths and host -----------------------------------------------------------------
     @property
@@ -123,21 +124,20 @@ class QemuMachine(ProcessVm):
 
     def host_info(self) -> HostInfo:
         return HostInfo(
-            arch=HostInfo.current_arch(),
+            arch=self.arch,
             backend=self.backend_name,
             backend_version=qemu_version(self._qemu_binary()),
-            cpu_model=cpu_model(self.accel.accel if self.accel else "tcg"),
-            machine="microvm",
+            cpu_model=cpu_model(self.arch, self.accel.accel if self.accel else "tcg"),
+            machine=MACHINES[self.arch],
             guestkit_digest=self._kit_digest,
         )
 
     def _qemu_binary(self) -> str:
-        found = self._qemu or shutil.which("qemu-system-x86_64")
+        name = f"qemu-system-{self.arch}"
+        found = self._qemu or shutil.which(name)
         if found is None:
-            raise BootError(
-                "qemu-system-x86_64 not found; install it (Debian: apt-get install "
-                "qemu-system-x86)"
-            )
+            package = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}[self.arch]
+            raise BootError(f"{name} not found; install it (Debian: apt-get install {package})")
         return found
 
     def _start_failure_reason(self) -> str | None:
@@ -169,23 +169,31 @@ class QemuMachine(ProcessVm):
         problems = config.host_problems()
         if problems:
             raise ConfigError(problems)
+        self.arch = guest_arch(config.arch).name
         qemu = self._qemu_binary()
+        if self._kit is not None and self._kit.arch != self.arch:
+            self._kit = None  # the kit given is another architecture's: this one's is built
         if self._kit is None:
             try:
-                self._kit = await asyncio.to_thread(build_guestkit, progress=self._progress)
+                self._kit = await asyncio.to_thread(build_guestkit, progress=self._progress,
+                                                    arch=self.arch)
             except GuestKitError as exc:
                 raise BootError(f"cannot prepare the guest kit: {exc}") from exc
         kit = self._kit
         kernel = config.kernel or kit.kernel
         initrd = config.initrd or kit.initrd
-        self.accel = await asyncio.to_thread(choose_accel, qemu, kernel, initrd, kit.digest)
+        if self.arch == host_arch():
+            self.accel = await asyncio.to_thread(choose_accel, qemu, kernel, initrd, kit.digest)
+        else:
+            self.accel = AccelChoice("tcg", f"emulated: an {self.arch} guest on an "
+                                            f"{host_arch()} host")
         # The agent comes from the kit's initrd; a VM booted from another initrd has no
         # kit whose version a restore could check.
         self._kit_digest = kit.digest if config.initrd is None else None
         return QemuLaunch(
             qemu=qemu, config=config, kernel=kernel, initrd=initrd, workdir=self.workdir,
             accel=self.accel.accel, hostname=config.hostname or f"kelpie-{self.id[:8]}",
-            incoming=incoming,
+            incoming=incoming, arch=self.arch,
         )
 
     async def _boot(self, launch: QemuLaunch) -> None:

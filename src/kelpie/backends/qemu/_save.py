@@ -21,8 +21,7 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from kelpie.backends.qemu import _migration, _snapshot
-from kelpie.backends.qemu._cmdline import QemuLaunch, device_signature
-from kelpie.backends.qemu._host import cpu_model
+from kelpie.backends.qemu._cmdline import QemuLaunch, cpu_model, device_signature
 from kelpie.backends.qemu._machine import OVERLAY, SNAPSHOT_MARKER, QemuMachine
 from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
 from kelpie.vm import (
@@ -174,7 +173,7 @@ class QemuSaver:
             signature = tuple(device_signature(QemuLaunch(
                 qemu="", config=vm.config, kernel=Path(), initrd=Path(), workdir=vm.workdir,
                 accel=accel, hostname=hostname,
-                overlay=None if base is None else vm.workdir / OVERLAY,
+                overlay=None if base is None else vm.workdir / OVERLAY, arch=vm.arch,
             )))
         return SnapshotRecord(
             config=vm.config, hostname=hostname, accel=accel,
@@ -207,7 +206,7 @@ class QemuSaver:
         host = self._vm.host_info()
         return writer.commit(
             kind=kind, backend=host.backend, backend_version=host.backend_version,
-            arch=host.arch, cpu_model=cpu_model(record.accel), machine=host.machine,
+            arch=host.arch, cpu_model=cpu_model(host.arch, record.accel), machine=host.machine,
             vcpus=self._vm.config.vcpus, memory_mib=self._vm.config.memory_mib,
             guestkit_digest=self._vm._kit_digest, base_image_digest=base_digest, vm_id=self._vm.id,
             extra=record.to_extra(),

@@ -31,6 +31,7 @@ from kelpie._fsutil import write_atomic
 from kelpie._paths import state_dir
 from kelpie.vm import (
     ConfigError,
+    HostInfo,
     NetworkMode,
     SnapshotCorrupted,
     SnapshotError,
@@ -191,6 +192,11 @@ def restored_config(
     configuration may set what only the host sees: the host name (the guest is renamed),
     published ports and extra environment variables for commands.
     """
+    if own.arch is not None and own.arch != (recorded.arch or HostInfo.current_arch()):
+        raise SnapshotIncompatible([
+            f"architecture: the snapshot's guest is {recorded.arch or 'the host arch'}, this VM's "
+            f"is {own.arch}; a full or disk snapshot restores only into a guest of its own "
+            f"architecture (a checkpoint moves across)"])
     changes: dict[str, Any] = {"root_disk": base}
     if own.hostname:
         changes["hostname"] = own.hostname
