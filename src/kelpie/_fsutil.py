@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,3 +51,19 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy ``source`` to the new file ``target``, holes kept and blocks shared where the
+    filesystem can (reflink), then fsync it. Raises ``OSError`` saying why it failed."""
+    done = subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(source), str(target)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise OSError(f"cannot copy {source} to {target}: {done.stderr.strip()}")
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -289,6 +289,20 @@ class SnapshotCreate(_Model):
                     "working directory, else /workspace).")
 
 
+class ForkBody(_Request):
+    """Fork a running (or paused) sandbox into ``count`` children, each a copy of it now."""
+
+    count: int = Field(ge=1, le=100, description="How many children (1 to 100).")
+    name_prefix: Annotated[str, Field(max_length=MAX_NAME - 4,
+                                      json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] \
+        | None = Field(None, description="Children are named PREFIX-1 ... (default: the "
+                                         "parent's name).")
+    names: list[Annotated[str, Field(max_length=MAX_NAME,
+                                     json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})]] \
+        | None = Field(None, max_length=100, description="The children's names (count of "
+                                                          "them), instead of PREFIX-N.")
+
+
 class RestoreBody(_Model):
     """Create a sandbox from a snapshot, or (``into``) roll a stopped sandbox back to it."""
 

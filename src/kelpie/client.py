@@ -41,6 +41,7 @@ from kelpie.api import (
     ExecExitMessage,
     ExecStart,
     FileEntry,
+    ForkBody,
     HostFacts,
     Image,
     ImageDetails,
@@ -380,6 +381,15 @@ class DaemonClient:
     async def pause(self, ref: str) -> Sandbox:
         """Freeze a running sandbox."""
         return await self._lifecycle(ref, "pause")
+
+    async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
+                   names: Sequence[str] | None = None) -> list[Sandbox]:
+        """``count`` children of a running sandbox, each a copy of it now (see
+        :class:`kelpie.api.ForkBody`)."""
+        body = ForkBody(count=count, name_prefix=name_prefix,
+                        names=None if names is None else list(names))
+        reply = await self._request("POST", f"{_sb(ref)}/fork", json=_wire(body))
+        return [Sandbox.model_validate(item) for item in reply.json()]
 
     async def set_network(self, ref: str, *, allow: Sequence[str] = (),
                           deny: Sequence[str] = (), network: str | None = None) -> Sandbox:

@@ -42,7 +42,7 @@ COMMANDS = {
     "snapshot": "_snapshot:snapshot", "restore": "_snapshot:restore",
     "template": "_snapshot:template", "daemon": "_daemon:daemon", "image": "_image:image",
     "backend": "_backend:backend", "dst": "_dst:dst", "guestkit": "_guestkit:guestkit",
-    "teleport": "_teleport:teleport", "network": "_network:network",
+    "teleport": "_teleport:teleport", "network": "_network:network", "fork": "_fork:fork",
 }
 
 

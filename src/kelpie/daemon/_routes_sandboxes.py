@@ -16,6 +16,7 @@ from kelpie.api import (
     CreateDone,
     ErrorResponse,
     Event,
+    ForkBody,
     NetworkChange,
     Progress,
     Sandbox,
@@ -157,6 +158,16 @@ async def set_sandbox_network(request: Request, ref: Ref, body: NetworkChange) -
 async def pause_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Freeze a running sandbox."""
     return sandbox_record(await runtime_of(request).pause(ref))
+
+
+@router.post("/sandboxes/{ref}/fork", status_code=201)
+async def fork_sandbox(request: Request, ref: Ref, body: ForkBody) -> list[Sandbox]:
+    """Fork a running (or paused) sandbox into ``count`` children, each a copy of it now
+    (the parent pauses only while it is captured; children share its memory copy-on-write
+    where the backend can)."""
+    children = await runtime_of(request).fork(ref, body.count, name_prefix=body.name_prefix,
+                                              names=body.names)
+    return [sandbox_record(child) for child in children]
 
 
 @router.post("/sandboxes/{ref}/resume")

@@ -47,6 +47,7 @@ from kelpie.runtime._arguments import Progress
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._db import DB_FILENAME, StateDb
 from kelpie.runtime._facts import host_facts
+from kelpie.runtime._fork import Forks
 from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
 from kelpie.runtime._lock import lock_data_dir
 from kelpie.runtime._logs import FOLLOW_POLL_SECONDS, Logs
@@ -113,6 +114,7 @@ class Runtime:
         self._snapshots = Snapshots(self._ctx, self._sandboxes, self._mains)
         self._logs = Logs(self._ctx)
         self._moves = Moves(self._ctx, self._sandboxes, self._mains)
+        self._forks = Forks(self._ctx, self._sandboxes)
 
     # ---- lifecycle of the runtime itself ------------------------------------------------
     async def open(self) -> None:
@@ -364,6 +366,16 @@ class Runtime:
         """
         return await self._snapshots.restore(ref, name=name, paused=paused, template=template,
                                              labels=labels, env=env)
+
+    async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
+                   names: Sequence[str] | None = None) -> list[SandboxInfo]:
+        """``count`` children of a running (or paused) sandbox, each a copy of it at this
+        moment: named ``names``, else ``PREFIX-1``... (``PREFIX``: ``name_prefix`` or the
+        parent's name). The parent pauses only while it is captured; children get their
+        own id, host name, RNG reseed and disk, no published ports, and (QEMU) share the
+        captured memory copy-on-write. All or none: a child that fails to start removes
+        the others. A sandbox with host volumes is refused, naming them."""
+        return await self._forks.fork(ref, count, name_prefix=name_prefix, names=names)
 
     async def restore_into(self, sandbox: str, snapshot: str, *, paused: bool = False,
                            ) -> SandboxInfo:

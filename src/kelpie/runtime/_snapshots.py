@@ -57,6 +57,9 @@ class Snapshots:
         self._ctx = ctx
         self._sandboxes = sandboxes
         self._mains = mains
+        self._verified: set[str] = set()
+        """Snapshots verified whole in this process (taken or restored here): further
+        restores of them skip hashing (a template's clones)."""
 
     @property
     def dir(self) -> Path:
@@ -137,12 +140,16 @@ class Snapshots:
             if snapshot_kind is SnapshotKind.CHECKPOINT:
                 vm.checkpoint_workspace = workspace or args.workspace_of(info)
             try:
-                taken = await vm.snapshot(dest, kind=snapshot_kind, leave_paused=leave_paused)
+                # a template's memory is shared copy-on-write by its clones (where the
+                # backend can): it is verified here, once, not by every clone
+                taken = await vm.snapshot(dest, kind=snapshot_kind, leave_paused=leave_paused,
+                                          shareable=template)
             except BaseException:
                 # e.g. the VM died while resuming after the snapshot was written: the
                 # directory may be whole, but unrecorded it must not stay
                 _remove_quietly(ctx.storage, dest, only_if_there=True)
                 raise
+        self._verified.add(snapshot_id)  # every blob was hashed as it was written
         record = SnapshotInfo(
             id=snapshot_id, name=name, kind=snapshot_kind, backend=info.backend,
             sandbox=info, template=template, sandbox_id=info.id, sandbox_name=info.name,
@@ -230,7 +237,8 @@ class Snapshots:
         async with ctx.lock_for(info.id):
             vm = self._sandboxes.new_vm(spec, info, stored)
             try:
-                await vm.restore(source, paused=paused)
+                await vm.restore(source, paused=paused, verify=snap.id not in self._verified)
+                self._verified.add(snap.id)
             except Exception as exc:
                 ctx.db.set_error(info.id, f"restore failed: {exc}", ctx.clock())
                 if vm.state is VmState.CREATED:

@@ -264,6 +264,26 @@ class AsyncSandbox:
         """Freeze the sandbox."""
         await self._service.pause(self.id)
 
+    async def fork(self, count: int, *, name_prefix: str | None = None,
+                   names: Sequence[str] | None = None) -> list[AsyncSandbox]:
+        """``count`` children of this (running) sandbox, each a copy of it now: named
+        ``names``, else ``PREFIX-1``... (``PREFIX``: ``name_prefix`` or this sandbox's
+        name). This sandbox pauses only while it is captured; the children have their own
+        id, host name, RNG and disk, no published ports, and share its captured memory
+        copy-on-write where the backend can."""
+        children = await self._service.fork(self.id, count, name_prefix=name_prefix,
+                                             names=names)
+        return [AsyncSandbox(self._child_connection(), sandbox_record(child))
+                for child in children]
+
+    def _child_connection(self) -> Connection:
+        """A connection of its own for a sandbox made through this one's (one each, so
+        that removing one releases only its own)."""
+        service = self._service
+        if isinstance(service, DaemonClient):
+            return attach(service.url, service.token)
+        return Connection(service, self._connection.close)
+
     async def resume(self) -> None:
         """Let a paused sandbox run again."""
         await self._service.resume(self.id)

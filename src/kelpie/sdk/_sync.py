@@ -285,6 +285,14 @@ class Sandbox:
         """Freeze the sandbox."""
         self._loop.run(self._async.pause())
 
+    def fork(self, count: int, *, name_prefix: str | None = None,
+             names: Sequence[str] | None = None) -> list[Sandbox]:
+        """``count`` children of this sandbox, each a copy of it now (see
+        :meth:`AsyncSandbox.fork`)."""
+        children = self._loop.run(self._async.fork(count, name_prefix=name_prefix,
+                                                   names=names))
+        return [Sandbox(child, self._loop) for child in children]
+
     def resume(self) -> None:
         """Let a paused sandbox run again."""
         self._loop.run(self._async.resume())

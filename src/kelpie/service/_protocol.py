@@ -161,6 +161,11 @@ class SandboxService(Protocol):
         """Freeze a running sandbox."""
         ...
 
+    async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
+                   names: Sequence[str] | None = None) -> Sequence[SandboxView]:
+        """``count`` children of a running sandbox, each a copy of it now."""
+        ...
+
     async def resume(self, ref: str) -> SandboxView:
         """Let a paused sandbox run again."""
         ...

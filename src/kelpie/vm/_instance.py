@@ -67,13 +67,16 @@ class Capabilities:
     """The backend enforces network ``policy`` and egress rules (host-side)."""
     emulation: bool = False
     """The backend runs guests of another architecture than the host's (emulated)."""
+    shared_memory: bool = False
+    """A ``shareable`` full snapshot keeps the RAM so that every restore of it maps it
+    copy-on-write: N clones cost the pages they write, not N times the memory."""
 
     def names(self) -> list[str]:
         """The capability names this backend has, e.g. ``["pause", "snapshot:full"]``."""
         names = [
             name
             for name in ("pause", "shared_dirs", "vsock", "networking", "pty", "live_migration",
-                         "egress_policy", "emulation")
+                         "egress_policy", "emulation", "shared_memory")
             if getattr(self, name)
         ]
         names += [f"snapshot:{k.value}" for k in SnapshotKind if k in self.snapshot_kinds]
@@ -548,14 +551,17 @@ class VmInstance(abc.ABC):
 
     # ---- snapshots ----------------------------------------------------------------------
     async def snapshot(
-        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
+        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False,
+        shareable: bool = False,
     ) -> VmSnapshot:
         """Write a snapshot of this VM to the new directory ``dest``.
 
         A full snapshot pauses a running VM while it is taken and resumes it afterwards
         (unless ``leave_paused``), also when the snapshot fails. A checkpoint (the
         workspace directory, env and agent state; see :attr:`checkpoint_workspace`) is
-        taken from the running guest without pausing it.
+        taken from the running guest without pausing it. ``shareable``: a full snapshot
+        that restores share copy-on-write, where the backend can (``shared_memory`` in its
+        capabilities; others ignore it): for templates and forks.
         """
         async with self._lifecycle:
             self._require(Operation.SNAPSHOT)
@@ -583,11 +589,13 @@ class VmInstance(abc.ABC):
                         await self._do_resume()
                     self._set_state(VmState.RUNNING)
 
-    async def restore(self, snapshot: VmSnapshot, *, paused: bool = False) -> None:
+    async def restore(self, snapshot: VmSnapshot, *, paused: bool = False,
+                      verify: bool = True) -> None:
         """Bring this (created or stopped) VM to the state captured in ``snapshot``.
 
-        Every blob is verified and the snapshot's compatibility checked before anything
-        starts; a corrupted or incompatible snapshot raises before the VM changes.
+        Every blob is verified (unless ``verify`` is False: a capture verified when it was
+        taken, restored many times) and the snapshot's compatibility checked before
+        anything starts; a corrupted or incompatible snapshot raises before the VM changes.
         """
         async with self._lifecycle:
             self._require(Operation.RESTORE)
@@ -597,7 +605,8 @@ class VmInstance(abc.ABC):
                 f"snapshot:{kind.value}",
             )
             snapshot.manifest.check_restorable(self.host_info())
-            snapshot.verify()
+            if verify:
+                snapshot.verify()
             self._set_state(VmState.STARTING)
             await self._run_startup(self._do_restore(snapshot, paused=paused), "restore")
             if paused:

@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kelpie import _fsutil as fsutil
 from kelpie.agent import (
     AgentClient,
     ProcessVm,
@@ -299,11 +299,7 @@ class FirecrackerMachine(ProcessVm):
 
 async def copy_sparse(source: Path, target: Path) -> None:
     """Copy a disk image, holes kept and blocks shared where the filesystem can (reflink)."""
-    process = await asyncio.create_subprocess_exec(
-        "cp", "--reflink=auto", "--sparse=always", str(source), str(target),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await process.communicate()
-    if process.returncode != 0:
-        with contextlib.suppress(OSError):
-            os.unlink(target)
-        raise BootError(f"cannot copy the disk {source} to {target}: {err.decode().strip()}")
+    try:
+        await asyncio.to_thread(fsutil.copy_sparse, source, target)
+    except OSError as exc:
+        raise BootError(str(exc)) from exc

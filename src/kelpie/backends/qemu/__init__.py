@@ -21,6 +21,7 @@ CAPABILITIES = Capabilities(
     live_migration=True,
     egress_policy=True,
     emulation=True,
+    shared_memory=True,
 )
 
 

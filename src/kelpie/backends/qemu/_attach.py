@@ -88,6 +88,7 @@ class QemuAttach(QemuMachine):
 
     def _vmm_gone_cleanup(self) -> None:
         self._drop_interrupted_snapshot()  # no QEMU writes it any more
+        self._drop_ram_file()  # nor uses its memory
 
     async def _reconnect(self, timeout: float) -> tuple[VmState, str]:
         """Connect QMP, read the run status, connect the agent; hello if the guest runs."""

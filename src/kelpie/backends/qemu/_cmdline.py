@@ -43,6 +43,11 @@ class QemuLaunch:
     listens where the user asked); None: each port's own host address."""
     arch: str = "x86_64"
     """The guest's architecture: x86_64 on QEMU's ``microvm``, aarch64 on ``virt``."""
+    ram: Path | None = None
+    """A file holding the guest's RAM (``memory-backend-file``), or None: anonymous memory.
+    Shared (``share=on``: the file is the RAM, so a capture can copy it), or a private
+    copy-on-write mapping of a snapshot's RAM file (clones sharing its pages)."""
+    ram_shared: bool = True
 
 
 MACHINES = {"x86_64": "microvm", "aarch64": "virt"}
@@ -114,11 +119,16 @@ def kernel_args(launch: QemuLaunch) -> str:
 def build_command(launch: QemuLaunch) -> list[str]:
     """The full argv that starts this VM."""
     config, workdir = launch.config, launch.workdir
+    memory = [] if launch.ram is None else [
+        "-object", f"memory-backend-file,id=ram,size={config.memory_mib}M,"
+                   f"mem-path={_opt(launch.ram)},share={'on' if launch.ram_shared else 'off'}"]
     command = [
         *launch.prefix,
         launch.qemu,
-        "-M", f"{MACHINES[launch.arch]},accel={launch.accel}",
+        "-M", f"{MACHINES[launch.arch]},accel={launch.accel}"
+              + (",memory-backend=ram" if launch.ram is not None else ""),
         *_cpu_option(launch),
+        *memory,
         "-m", str(config.memory_mib),
         "-smp", str(config.vcpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -181,7 +191,8 @@ def device_signature(launch: QemuLaunch) -> list[str]:
         launch, qemu=f"qemu-system-{launch.arch}", config=config, kernel=Path("/kernel"),
         initrd=Path("/initrd"), workdir=Path("/vm"), hostname="guest",
         overlay=None if launch.overlay is None else Path("/vm/overlay.qcow2"), incoming=False,
-        prefix=(), forward_from=None,
+        prefix=(), forward_from=None, ram=None if launch.ram is None else Path("/ram"),
+        ram_shared=True,
     )
     command = build_command(canonical)
     append = command.index("-append")

@@ -61,6 +61,10 @@ PENDING_RESYNC = "pending-resync.json"
 SNAPSHOT_MARKER = "snapshot-in-progress.json"
 """In a VM directory: a full snapshot is (or was, if its process died) being taken."""
 OVERLAY = "overlay.qcow2"
+SHM = Path("/dev/shm")
+SHM_MARGIN = 2
+"""/dev/shm must have this many times a guest's memory free for its RAM to be a file
+there (other guests' files grow too)."""
 
 
 class QemuMachine(ProcessVm):
@@ -121,6 +125,27 @@ class QemuMachine(ProcessVm):
     @property
     def agent_socket(self) -> Path:
         return self.workdir / "agent.sock"
+
+    @property
+    def ram_file(self) -> Path:
+        """Where a booted guest's RAM lives when it is a file (in /dev/shm, shared with
+        QEMU: a capture for clones copies it)."""
+        return SHM / f"kelpie-{self.id}.ram"
+
+    def _ram_for(self, config: VmConfig) -> Path | None:
+        """The RAM file for a guest of ``config``, or None (anonymous memory, no sharing
+        for its clones) where /dev/shm is missing or too small to hold it: a guest whose
+        file-backed RAM cannot grow would die of SIGBUS."""
+        try:
+            free = shutil.disk_usage(SHM).free
+        except OSError:
+            return None
+        return self.ram_file if free >= config.memory_mib * SHM_MARGIN * (1 << 20) else None
+
+    def owns_ram_file(self) -> bool:
+        """Whether the running guest's RAM is its own shared file (not anonymous memory,
+        nor a copy-on-write mapping of a snapshot's)."""
+        return self._launch_record().get("ram") == "shared" and self.ram_file.exists()
 
     def host_info(self) -> HostInfo:
         return HostInfo(
@@ -193,8 +218,21 @@ class QemuMachine(ProcessVm):
         return QemuLaunch(
             qemu=qemu, config=config, kernel=kernel, initrd=initrd, workdir=self.workdir,
             accel=self.accel.accel, hostname=config.hostname or f"kelpie-{self.id[:8]}",
-            incoming=incoming, arch=self.arch,
+            incoming=incoming, arch=self.arch, ram=self._ram_for(config),
         )
+
+    async def _boot_retrying(self, launch: QemuLaunch) -> None:
+        """:meth:`_boot`, once more if the guest never answered (see :meth:`_do_start`)."""
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                await self._boot(launch)
+                return
+            except BootTimedOut as exc:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                _log.warning("%s\n(booting it again)", exc)
+                await self._do_stop(force=True)
+                self._prepare_workdir(launch)
 
     async def _boot(self, launch: QemuLaunch) -> None:
         """Start QEMU and wait for the guest agent's hello."""
@@ -233,13 +271,15 @@ class QemuMachine(ProcessVm):
                      PENDING_RESYNC, SNAPSHOT_MARKER):
             with contextlib.suppress(FileNotFoundError):
                 (self.workdir / name).unlink()
+        self._drop_ram_file()  # a crashed QEMU's: a new guest must not start on old memory
         self._write_record(launch)
 
     def _write_record(self, launch: QemuLaunch) -> None:
         """``config.json``: the VM's config and how it was launched (for attach, snapshots)."""
+        ram = None if launch.ram is None else "shared" if launch.ram_shared else "private"
         write_vm_record(self.workdir, self.id, self.backend_name, launch.config, {
             "accel": launch.accel, "hostname": launch.hostname,
-            "guestkit_digest": self._kit_digest,
+            "guestkit_digest": self._kit_digest, "ram": ram,
         })
 
     def _launch_record(self) -> dict[str, Any]:
@@ -308,6 +348,11 @@ class QemuMachine(ProcessVm):
                 await qmp.disconnect()
         if not keep_vmm and (self._process is None or not self._process.running):
             await self.network.down()  # QEMU is gone: its namespace and helper go too
+            self._drop_ram_file()
+
+    def _drop_ram_file(self) -> None:
+        with contextlib.suppress(OSError):
+            self.ram_file.unlink()
 
     # ---- pause / resume -----------------------------------------------------------------
     async def _qmp_execute(self, command: str, **arguments: Any) -> object:

@@ -49,30 +49,41 @@ class MigrationFailed(Exception):
     """QEMU could not save or load the VM state; the message is QEMU's reason."""
 
 
-async def save_state(qmp: QMPClient, path: Path, *, bandwidth: int) -> dict[str, Any]:
-    """Write the paused VM's device state and RAM to the new file ``path``.
+async def save_state(qmp: QMPClient, path: Path, *, bandwidth: int,
+                     ignore_shared: bool = False) -> dict[str, Any]:
+    """Write the paused VM's device state and RAM to the new file ``path``; with
+    ``ignore_shared``, the device state only (RAM in a shared file is left out: QEMU's
+    ``x-ignore-shared``; the capability is switched off again afterwards).
 
     Returns QEMU's ``query-migrate`` statistics. Raises :class:`MigrationFailed` (e.g. a
     migration blocker such as a mounted virtio-9p share). When cancelled, the migration
     is cancelled in QEMU before this returns: the VM is then as it was, still paused.
     """
-    await _enable_events(qmp)
+    await _set_capabilities(qmp, ignore_shared)
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    return await _migrate(qmp, fd, "migrate", SAVE_FD_NAME)
+    try:
+        return await _migrate(qmp, fd, "migrate", SAVE_FD_NAME)
+    finally:
+        if ignore_shared:  # a later snapshot or live migration must carry the RAM again
+            with contextlib.suppress(QMPError):
+                await _set_capabilities(qmp, False)
 
 
-async def load_state(qmp: QMPClient, path: Path) -> dict[str, Any]:
-    """Load the VM state saved in ``path`` into a QEMU started with ``-incoming defer``."""
-    await _enable_events(qmp)
+async def load_state(qmp: QMPClient, path: Path, *, ignore_shared: bool = False
+                     ) -> dict[str, Any]:
+    """Load the VM state saved in ``path`` into a QEMU started with ``-incoming defer``
+    (``ignore_shared``: a device state saved with it; the RAM is the file QEMU maps)."""
+    await _set_capabilities(qmp, ignore_shared)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     return await _migrate(qmp, fd, "migrate-incoming", LOAD_FD_NAME)
 
 
-async def _enable_events(qmp: QMPClient) -> None:
-    await qmp.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
-    )
+async def _set_capabilities(qmp: QMPClient, ignore_shared: bool = False) -> None:
+    await qmp.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True},
+        {"capability": "x-ignore-shared", "state": ignore_shared},
+    ]})
 
 
 async def _migrate(qmp: QMPClient, fd: int, command: str, fd_name: str) -> dict[str, Any]:

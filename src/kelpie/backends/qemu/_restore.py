@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from kelpie.backends.qemu import _migration, _snapshot
 from kelpie.backends.qemu._cmdline import QemuLaunch, device_signature
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
-from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
+from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, RAM_BLOB, SnapshotRecord
 from kelpie.vm import (
     SnapshotIncompatible,
     SnapshotKind,
@@ -66,6 +66,7 @@ class QemuRestorer:
         launch = await self._vm._prepare_launch(config, incoming=kind is SnapshotKind.FULL)
         manifest.check_restorable(self._vm.host_info())
         if kind is SnapshotKind.FULL:
+            launch = _memory_of(launch, record, snapshot)
             signature = tuple(device_signature(dataclasses.replace(
                 launch, overlay=None if base is None else self._vm.workdir / OVERLAY,
             )))
@@ -133,7 +134,7 @@ class QemuRestorer:
         launch = await self._vm._prepare_launch(config)
         async with self._disk_replaced(launch, config):
             overlay = await self._vm._prepare_overlay()
-            await self._vm._boot(dataclasses.replace(launch, overlay=overlay))
+            await self._vm._boot_retrying(dataclasses.replace(launch, overlay=overlay))
             await replay_checkpoint(self._vm, content)
             if paused:
                 await self._vm._qmp_execute("stop")
@@ -147,7 +148,8 @@ class QemuRestorer:
         qmp = await self._vm._before_exit(self._vm._connect_qmp(), "the QMP socket", deadline)
         self._vm._qmp = qmp
         await self._vm._before_exit(
-            _migration.load_state(qmp, snapshot.blob_path(MEMORY_BLOB)),
+            _migration.load_state(qmp, snapshot.blob_path(MEMORY_BLOB),
+                                  ignore_shared=launch.ram is not None and not launch.ram_shared),
             "loading the snapshot's VM state", deadline,
         )
         # Connected before the guest runs: it then sees its host as still connected and
@@ -166,6 +168,18 @@ class QemuRestorer:
     async def finish(self) -> None:
         """Resync a restored guest once it runs: clock, RNG (reseeded), host name."""
         await self._vm._resync_pending(self._vm.workdir / PENDING_RESYNC)
+
+
+def _memory_of(launch: QemuLaunch, record: SnapshotRecord, snapshot: VmSnapshot) -> QemuLaunch:
+    """Where a full restore's RAM comes from: a private copy-on-write mapping of the
+    snapshot's RAM file (every clone of it shares the pages it has not written), or the
+    migration stream into a RAM file of the VM's own (anonymous memory for a snapshot of a
+    VM that had it, so its device signature still matches)."""
+    if record.memory == "file":
+        return dataclasses.replace(launch, ram=snapshot.blob_path(RAM_BLOB), ram_shared=False)
+    if not any("memory-backend" in arg for arg in record.signature):
+        return dataclasses.replace(launch, ram=None)
+    return launch
 
 
 def _signature_mismatch(recorded: Sequence[str], here: Sequence[str]) -> str:

@@ -20,10 +20,11 @@ from typing import Any
 
 from qemu.qmp import QMPError
 
+from kelpie._fsutil import copy_sparse
 from kelpie.backends.qemu import _migration, _snapshot
 from kelpie.backends.qemu._cmdline import QemuLaunch, cpu_model, device_signature
 from kelpie.backends.qemu._machine import OVERLAY, SNAPSHOT_MARKER, QemuMachine
-from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, SnapshotRecord
+from kelpie.backends.qemu._snapshot import DISK_BLOB, MEMORY_BLOB, RAM_BLOB, SnapshotRecord
 from kelpie.vm import (
     PARTIAL_SUFFIX,
     SnapshotError,
@@ -42,6 +43,8 @@ class _SnapshotPlan:
     saver: QemuSaver
     dest: Path
     leave_paused: bool
+    shareable: bool = False
+    """Keep the RAM as a file that restores map copy-on-write (clones share its pages)."""
     marked: bool = False
     """Whether this snapshot has written its marker (and must remove it)."""
 
@@ -67,7 +70,8 @@ class QemuSaver:
         self._vm = vm
 
     @contextlib.contextmanager
-    def taking(self, dest: Path, kind: SnapshotKind, leave_paused: bool) -> Iterator[None]:
+    def taking(self, dest: Path, kind: SnapshotKind, leave_paused: bool,
+               shareable: bool = False) -> Iterator[None]:
         """Around the base class's ``snapshot()``: the plan of a full snapshot, for
         :meth:`mark`; the marker it wrote is removed at the end.
 
@@ -78,7 +82,7 @@ class QemuSaver:
         if kind is not SnapshotKind.FULL:
             yield
             return
-        plan = _SnapshotPlan(self, dest, leave_paused)
+        plan = _SnapshotPlan(self, dest, leave_paused, shareable)
         token = _SNAPSHOT_PLAN.set(plan)
         try:
             yield
@@ -139,11 +143,15 @@ class QemuSaver:
             await self._vm._qmp_execute("cont")
             await self._vm._qmp_execute("stop")
         record = await self._snapshot_record(SnapshotKind.FULL)
+        plan = _SNAPSHOT_PLAN.get()
+        ram = self._vm.ram_file if plan is not None and plan.shareable and \
+            self._vm.owns_ram_file() else None
         with SnapshotWriter(dest) as writer:
             memory = writer.blob_path(MEMORY_BLOB)
             try:
                 stats = await self._vm._unless_gone(
-                    _migration.save_state(qmp, memory, bandwidth=self._vm.snapshot_bandwidth),
+                    _migration.save_state(qmp, memory, bandwidth=self._vm.snapshot_bandwidth,
+                                          ignore_shared=ram is not None),
                     "snapshot",
                 )
             except (_migration.MigrationFailed, QMPError, OSError) as exc:
@@ -154,6 +162,11 @@ class QemuSaver:
             with _storage_errors(f"the snapshot's memory blob {memory}"):
                 await asyncio.to_thread(_snapshot.sync_file, memory)
                 await asyncio.to_thread(writer.adopt_blob, MEMORY_BLOB)
+            if ram is not None:  # the guest is paused: its RAM file holds the frozen state
+                with _storage_errors(f"copying the guest's RAM {ram} into the snapshot"):
+                    await asyncio.to_thread(copy_sparse, ram, writer.blob_path(RAM_BLOB))
+                    await asyncio.to_thread(writer.adopt_blob, RAM_BLOB)
+                record = dataclasses.replace(record, memory="file")
             return await self._finish_snapshot(writer, record, SnapshotKind.FULL)
 
     async def _disk_snapshot(self, dest: Path) -> VmSnapshot:
@@ -174,6 +187,7 @@ class QemuSaver:
                 qemu="", config=vm.config, kernel=Path(), initrd=Path(), workdir=vm.workdir,
                 accel=accel, hostname=hostname,
                 overlay=None if base is None else vm.workdir / OVERLAY, arch=vm.arch,
+                ram=Path("/ram") if launch.get("ram") else None,  # file-backed RAM, or not
             )))
         return SnapshotRecord(
             config=vm.config, hostname=hostname, accel=accel,

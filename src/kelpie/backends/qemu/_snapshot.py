@@ -44,6 +44,7 @@ from kelpie.vm import (
 RECORD_KEY = "qemu"
 RECORD_VERSION = 1
 MEMORY_BLOB = "memory"
+RAM_BLOB = "ram"
 DISK_BLOB = "disk.qcow2"
 _CHUNK = 1024 * 1024
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -65,6 +66,10 @@ class SnapshotRecord:
     """The device signature of the VM's command line (full snapshots)."""
     migration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """QEMU's statistics of the save (``query-migrate``), for the curious."""
+    memory: str = "stream"
+    """Where a full snapshot keeps the guest's RAM: ``stream`` (in the migration stream,
+    blob ``memory``) or ``file`` (a raw file, blob ``ram``, that restores map copy-on-write
+    and share; ``memory`` then holds the device state only)."""
 
     def to_extra(self) -> dict[str, Any]:
         return {
@@ -78,6 +83,7 @@ class SnapshotRecord:
                 },
                 "signature": list(self.signature),
                 "migration": dict(self.migration),
+                "memory": self.memory,
             }
         }
 
@@ -110,6 +116,7 @@ class SnapshotRecord:
                 base_format=None if base is None else str(base["format"]),
                 signature=tuple(str(arg) for arg in data["signature"]),
                 migration=dict(data.get("migration") or {}),
+                memory=str(data.get("memory") or "stream"),
             )
         except (ConfigError, KeyError, TypeError, ValueError) as exc:
             raise SnapshotCorrupted(f"the QEMU snapshot record is malformed: {exc}") from exc

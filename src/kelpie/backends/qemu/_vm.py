@@ -54,15 +54,18 @@ class QemuVm(QemuAttach):
         return QemuRestorer(self)
 
     async def snapshot(
-        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
+        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False,
+        shareable: bool = False,
     ) -> VmSnapshot:
         """Write a snapshot of this VM to the new directory ``dest`` (see the base class).
 
         While a full snapshot is taken, ``snapshot-in-progress.json`` in the VM directory
         says so, written before the guest pauses and removed once it is back as it should
         be: if this process dies in between, :meth:`attach` undoes the snapshot.
+        ``shareable``: the guest's RAM file is copied into the snapshot as a file (blob
+        ``ram``, next to the device state) that every restore maps copy-on-write.
         """
-        with self._saver.taking(dest, kind, leave_paused):
+        with self._saver.taking(dest, kind, leave_paused, shareable):
             return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
 
     async def _do_pause(self) -> None:

@@ -299,7 +299,8 @@ class VzVm(AgentVm):
 
     # ---- snapshots ----------------------------------------------------------------------
     async def snapshot(
-        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False
+        self, dest: Path, *, kind: SnapshotKind = SnapshotKind.FULL, leave_paused: bool = False,
+        shareable: bool = False,
     ) -> VmSnapshot:
         """Write a snapshot of this VM to the new directory ``dest`` (see the base class).
 
@@ -310,9 +311,11 @@ class VzVm(AgentVm):
             refusal = self.save_restore_refusal("full snapshots")
             if refusal is not None:
                 raise refusal
-        return await super().snapshot(dest, kind=kind, leave_paused=leave_paused)
+        return await super().snapshot(dest, kind=kind, leave_paused=leave_paused,
+                                      shareable=shareable)
 
-    async def restore(self, snapshot: VmSnapshot, *, paused: bool = False) -> None:
+    async def restore(self, snapshot: VmSnapshot, *, paused: bool = False,
+                      verify: bool = True) -> None:
         """Bring this VM to the snapshot's state (see the base class); restoring a full
         snapshot needs macOS 14 (on Apple silicon), like taking one."""
         if snapshot.manifest.kind is SnapshotKind.FULL \
@@ -320,7 +323,7 @@ class VzVm(AgentVm):
             refusal = self.save_restore_refusal("restoring full snapshots")
             if refusal is not None:
                 raise refusal
-        await super().restore(snapshot, paused=paused)
+        await super().restore(snapshot, paused=paused, verify=verify)
 
     async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
         return await self._snapshots.take(dest, kind)
