@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -190,3 +191,31 @@ def test_network_rules_are_shown_checked_and_refused_where_unenforced(
         assert main(["network", "netbox", "--mode", "none"]) == 2
     finally:
         main(["rm", "-f", "netbox"])
+
+
+def test_exec_streams_output_exit_codes_and_errors(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-d", "--name", "lines", "--backend", "mock"]) == 0
+    capfd.readouterr()
+    script = "echo out; echo err >&2; exit 3"
+    assert main(["exec", "-e", "A=b", "lines", "--", "sh", "-c", script]) == 3
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("out\n", "err\n")
+    assert main(["exec", "--timeout", "0.1", "lines", "sleep", "5"]) == 124
+    assert main(["exec", "nope", "true"]) == 125
+    assert "no sandbox 'nope'" in capfd.readouterr().err
+
+
+def test_exec_forwards_sigterm_to_the_command() -> None:
+    assert main(["run", "-d", "--name", "signals", "--backend", "mock"]) == 0
+    child = subprocess.Popen([sys.executable, "-m", "kelpie", "exec", "signals", "--", "sh",
+                              "-c", "echo ready; sleep 30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"  # the command runs: its output came
+        child.send_signal(signal.SIGTERM)
+        # forwarded, the command ends by the signal and the CLI exits with its code; not
+        # forwarded, SIGTERM would have ended the CLI itself (returncode -15)
+        assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()

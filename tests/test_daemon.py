@@ -690,6 +690,79 @@ async def test_exec_stream_hang_up_kills_the_command(served: Served) -> None:
     assert (await served.client.exec("box", ["true"])).exit_code == 0  # still serving
 
 
+@contextlib.asynccontextmanager
+async def _ndjson_exec(served: Served, body: dict[str, Any],
+                       ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.Response]]:
+    transport = httpx.AsyncHTTPTransport(uds=str(served.socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kelpie/v1") as http, \
+            http.stream("POST", "/sandboxes/box/exec", json=body,
+                        headers={"Accept": "application/x-ndjson"}) as response:
+        yield http, response
+
+
+async def test_ndjson_exec_streams_output_then_the_exit(served: Served) -> None:
+    script = "echo out; echo err >&2; exit 3"
+    async with _ndjson_exec(served, {"argv": ["sh", "-c", script], "env": {"X": "y"}}) as (
+            _, response):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) async for line in response.aiter_lines()]
+    assert lines[0]["type"] == "started" and len(lines[0]["exec_id"]) == 16
+    output = {(m["stream"], base64.b64decode(m["data"])) for m in lines[1:-1]}
+    assert output == {("stdout", b"out\n"), ("stderr", b"err\n")}
+    assert lines[-1]["type"] == "exit" and lines[-1]["exit_code"] == 3
+
+
+async def test_ndjson_exec_takes_stdin_and_signals(served: Served) -> None:
+    stdin = base64.b64encode(b"in \x00\xff").decode()
+    async with _ndjson_exec(served, {"argv": ["cat"], "stdin": stdin}) as (_, response):
+        lines = [json.loads(line) async for line in response.aiter_lines()]
+    assert base64.b64decode(lines[1]["data"]) == b"in \x00\xff"
+    async with _ndjson_exec(served, {"argv": ["sleep", "30"]}) as (http, response):
+        reader = response.aiter_lines()
+        exec_id = json.loads(await anext(reader))["exec_id"]
+        signal_path = f"/sandboxes/box/exec/{exec_id}/signal"
+        assert (await http.post(signal_path, json={"signal": 99})).status_code == 422
+        other = await served.client.create(SandboxCreate(name="other"))
+        wrong_box = await http.post(f"/sandboxes/{other.id}/exec/{exec_id}/signal",
+                                    json={"signal": int(signal.SIGTERM)})
+        assert wrong_box.status_code == 404 and wrong_box.json()["error"]["type"] == "ExecNotFound"
+        sent = await http.post(signal_path, json={"signal": int(signal.SIGTERM)})
+        assert sent.status_code == 204
+        end = json.loads(await anext(reader))
+    assert (end["exit_code"], end["signal"]) == (128 + signal.SIGTERM, signal.SIGTERM)
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(served.socket)),
+                                 base_url="http://kelpie/v1") as http:
+        gone = await http.post(signal_path, json={"signal": int(signal.SIGTERM)})
+    assert gone.status_code == 404 and exec_id in gone.json()["error"]["message"]
+
+
+async def test_ndjson_exec_errors_and_timeouts(served: Served) -> None:
+    transport = httpx.AsyncHTTPTransport(uds=str(served.socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kelpie/v1") as http:
+        unknown = await http.post("/sandboxes/nope/exec", json={"argv": ["true"]},
+                                  headers={"Accept": "application/x-ndjson"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "SandboxNotFound"
+    async with _ndjson_exec(served, {"argv": ["sleep", "30"], "timeout": 0.1}) as (_, response):
+        end = [json.loads(line) async for line in response.aiter_lines()][-1]
+    assert end["type"] == "exit" and end["timed_out"] is True
+    await served.client.stop("box")
+    async with _ndjson_exec(served, {"argv": ["true"]}) as (_, response):
+        await response.aread()
+    assert response.status_code == 409 and "InvalidStateError" in response.json()["error"]["types"]
+
+
+async def test_ndjson_exec_hang_up_kills_the_command(served: Served) -> None:
+    box = await served.runtime.inspect("box")
+    vm = served.runtime._vms[box.id]
+    assert isinstance(vm, MockVm)
+    async with _ndjson_exec(served, {"argv": ["sleep", "30"]}) as (_, response):
+        await anext(response.aiter_lines())  # started: the command runs
+        assert vm.running_processes == 1
+    await wait_until(lambda: vm.running_processes == 0, 10, "the hung-up command to be killed")
+    assert (await served.client.exec("box", ["true"])).exit_code == 0  # still serving
+
+
 async def test_client_over_the_socket(served: Served) -> None:
     client = served.client
     progress: list[str] = []

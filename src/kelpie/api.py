@@ -13,6 +13,12 @@ The exec WebSocket (``/v1/sandboxes/{ref}/exec/ws``) speaks this protocol:
   :data:`CHANNEL_STDOUT` or :data:`CHANNEL_STDERR` followed by the data, and ends with a
   text :class:`ExecExitMessage` (``type: "exit"``) or an error
   ``{"type": "error", "error": ErrorBody}``; then it closes the socket.
+
+``POST /v1/sandboxes/{ref}/exec`` with ``Accept: application/x-ndjson`` streams a command
+without stdin as JSON lines: :class:`ExecStarted` (its ``exec_id`` takes signals at
+``POST /v1/sandboxes/{ref}/exec/{exec_id}/signal``), :class:`ExecOutputLine` as output
+comes, then :class:`ExecExitMessage` or :class:`StreamError`. A client that hangs up
+kills the command.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class ErrorResponse(_Model):
 ERROR_STATUS: tuple[tuple[str, int], ...] = (
     # most specific first: the first class name in an error's ``types`` that is listed wins
     ("SandboxNotFound", 404),
+    ("ExecNotFound", 404),
     ("SnapshotNotFound", 404),
     ("ImageNotFound", 404),
     ("GuestFileError", 400),
@@ -408,8 +415,29 @@ class StreamControl(_Model):
     signal: int | None = Field(None, ge=1, le=64)
 
 
+class ExecStarted(_Model):
+    """The first line of a streamed exec: the command runs."""
+
+    type: Literal["started"] = "started"
+    exec_id: str = Field(description="Where signals go: POST .../exec/{exec_id}/signal.")
+
+
+class ExecOutputLine(_Model):
+    """Output of a streamed exec, base64, in the order the command wrote it."""
+
+    type: Literal["output"] = "output"
+    stream: Literal["stdout", "stderr"]
+    data: Annotated[str, Field(json_schema_extra={"format": "byte"})]
+
+
+class ExecSignal(_Model):
+    """A signal for a streamed exec's command."""
+
+    signal: int = Field(ge=1, le=64)
+
+
 class ExecExitMessage(_Model):
-    """The last message of the exec WebSocket when the command ended."""
+    """The last message of an exec stream (WebSocket or NDJSON) when the command ended."""
 
     type: Literal["exit"] = "exit"
     exit_code: int

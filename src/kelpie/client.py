@@ -18,9 +18,7 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
@@ -30,8 +28,8 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from kelpie._address import DaemonAddress, token_from_env
 from kelpie._exceptions import PeerUnreachable
-from kelpie._paths import daemon_socket
 from kelpie.api import (
     CHANNEL_STDOUT,
     CHUNK_SHA256_HEADER,
@@ -83,8 +81,6 @@ from kelpie.vm import (
 if TYPE_CHECKING:
     from kelpie.images import BlobProgress
 
-HOST_ENV = "KELPIE_HOST"
-TOKEN_ENV = "KELPIE_TOKEN"
 REQUEST_TIMEOUT = httpx.Timeout(30.0, read=None)
 CONNECT_TIMEOUT = 10.0
 WS_MAX_MESSAGE = 4 << 20
@@ -179,7 +175,7 @@ class DaemonUnreachable(KelpieError):
     retriable = True
 
 
-def _error_from(status: int | None, payload: Any) -> RemoteError:
+def error_from_payload(status: int | None, payload: Any) -> RemoteError:
     """The error in a response body (``status`` None: an error line inside a stream)."""
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         with contextlib.suppress(ValueError):
@@ -198,21 +194,6 @@ def _error_from(status: int | None, payload: Any) -> RemoteError:
                                          message=f"daemon answered HTTP {status}: {payload}"))
 
 
-def read_token_file(path: Path) -> str:
-    """A bearer token from a file: its first non-blank line, at least 16 characters."""
-    from kelpie._exceptions import ConfigError
-
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read the token file {path}: {exc}"], what="token") from None
-    token = next((line.strip() for line in lines if line.strip()), "")
-    if len(token) < 16:
-        raise ConfigError([f"the token in {path} is {len(token)} characters; give at least 16 "
-                           "(e.g. `openssl rand -hex 32 > FILE`)"], what="token")
-    return token
-
-
 class DaemonClient:
     """Async client of one daemon.
 
@@ -222,23 +203,18 @@ class DaemonClient:
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None) -> None:
-        url = url or os.environ.get(HOST_ENV) or f"unix://{daemon_socket()}"
-        self.url = url
-        self.token = token or os.environ.get(TOKEN_ENV) or None
+        address = DaemonAddress.parse(url)
+        self.url = address.url
+        self.token = token_from_env(token)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if url.startswith("unix://"):
-            self.socket_path: Path | None = Path(url[len("unix://"):])
-            transport = httpx.AsyncHTTPTransport(uds=str(self.socket_path))
+        self.socket_path = address.socket_path
+        if address.socket_path is not None:
+            transport = httpx.AsyncHTTPTransport(uds=str(address.socket_path))
             base = "http://kelpie"
-        elif url.startswith(("http://", "https://")):
-            self.socket_path = None
-            transport = httpx.AsyncHTTPTransport()
-            base = url.rstrip("/")
         else:
-            from kelpie._exceptions import ConfigError
-
-            raise ConfigError([f"daemon address {url!r}: expected unix:///PATH or "
-                               "http(s)://HOST:PORT"], what="daemon address")
+            assert address.base is not None
+            transport = httpx.AsyncHTTPTransport()
+            base = address.base
         self._base = base
         self._headers = headers
         self._http = httpx.AsyncClient(transport=transport, base_url=f"{base}/v1",
@@ -262,7 +238,7 @@ class DaemonClient:
         except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
         if response.status_code >= 400:
-            raise _error_from(response.status_code, _json_or_text(response))
+            raise error_from_payload(response.status_code, _json_or_text(response))
         return response
 
     @contextlib.asynccontextmanager
@@ -272,7 +248,7 @@ class DaemonClient:
             async with self._http.stream(method, path, **kwargs) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise _error_from(response.status_code, _json_or_text(response))
+                    raise error_from_payload(response.status_code, _json_or_text(response))
                 yield response
         except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
@@ -320,7 +296,7 @@ class DaemonClient:
                 elif message.get("type") == "result":
                     return TeleportReport.model_validate(message["report"])
                 elif message.get("type") == "error":
-                    raise _error_from(None, message)
+                    raise error_from_payload(None, message)
         raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
                                          message="the daemon ended the teleport stream early"))
 
@@ -343,7 +319,7 @@ class DaemonClient:
                 elif message.get("type") == "result":
                     return Sandbox.model_validate(message["sandbox"])
                 elif message.get("type") == "error":
-                    raise _error_from(None, message)
+                    raise error_from_payload(None, message)
         raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
                                          message="the daemon ended the create stream early"))
 
@@ -452,7 +428,7 @@ class DaemonClient:
             await ws.send(start.model_dump_json())
             first = await _receive(ws)
             if isinstance(first, dict) and first.get("type") == "error":
-                raise _error_from(None, first)
+                raise error_from_payload(None, first)
             yield RemoteProcess(request, ws)
 
     @contextlib.asynccontextmanager
@@ -513,7 +489,7 @@ class DaemonClient:
                 elif message.get("type") == "result":
                     return Image.model_validate(message["image"])
                 elif message.get("type") == "error":
-                    raise _error_from(None, message)
+                    raise error_from_payload(None, message)
         raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
                                          message="the daemon ended the pull stream early"))
 
@@ -722,7 +698,7 @@ class RemoteProcess(ExecProcess):
                 yield ExecExit(end.exit_code, end.duration, end.signal, end.timed_out)
                 return
             elif message.get("type") == "error":
-                raise _error_from(None, message)
+                raise error_from_payload(None, message)
 
 
 async def _receive(ws: ClientConnection) -> bytes | dict[str, Any] | None:

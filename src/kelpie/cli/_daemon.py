@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from kelpie._paths import runtime_dir
-from kelpie.cli._connect import current_target
+from kelpie.cli._target import current_target
 from kelpie.client import DaemonClient, DaemonUnreachable
 from kelpie.vm import ConfigError
 
@@ -42,7 +42,7 @@ def daemon() -> None:
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 def run(tcp: str | None, token_file: Path | None, ready_fd: int | None) -> int:
     """Serve in the foreground until SIGTERM/SIGINT (sandboxes keep running)."""
-    from kelpie.client import read_token_file
+    from kelpie._address import read_token_file
     from kelpie.daemon import DaemonOptions, serve
 
     logging.getLogger("kelpie").setLevel(logging.INFO)

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from kelpie.api import ImageDetails
-from kelpie.cli._connect import connect, current_target
+from kelpie.cli._connect import connect
+from kelpie.cli._target import current_target
 from kelpie.client import DaemonClient
 from kelpie.images._auth import Credentials, RegistryAuth
 from kelpie.images._import import import_docker_archive, import_oci_layout

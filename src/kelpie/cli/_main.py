@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
-from pydantic import ValidationError
 
+from kelpie._exceptions import (
+    BackendUnavailable,
+    ConfigError,
+    ExecError,
+    ExecTimeout,
+    KelpieError,
+)
 from kelpie._version import __version__
-from kelpie.cli._connect import target_from
-from kelpie.vm import BackendUnavailable, ConfigError, ExecError, ExecTimeout, KelpieError
+from kelpie.cli._target import target_from
 
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
@@ -35,7 +38,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 # Each command's module is imported only when the command runs (or help lists it), so a
 # command pays for its own imports only.
 COMMANDS = {
-    "run": "_sandbox:run", "exec": "_sandbox:exec_", "ps": "_sandbox:ps",
+    "run": "_sandbox:run", "exec": "_exec:exec_", "ps": "_sandbox:ps",
     "inspect": "_sandbox:inspect", "logs": "_sandbox:logs", "start": "_sandbox:start",
     "stop": "_sandbox:stop", "kill": "_sandbox:kill", "pause": "_sandbox:pause",
     "resume": "_sandbox:resume", "rm": "_sandbox:rm", "cp": "_sandbox:cp",
@@ -77,6 +80,8 @@ def cli(ctx: click.Context, debug: bool, host: str | None, token_file: Path | No
     Sandbox commands talk to the Kelpie daemon, starting a local one in the background
     when none runs (see `kelpie daemon`).
     """
+    import logging  # here, not at the top: `kelpie --version` never gets this far
+
     ctx.obj = {"debug": debug, "target": target_from(host, token_file, not no_autostart)}
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("kelpie: %(message)s"))
@@ -95,6 +100,12 @@ def exit_code_for(exc: BaseException) -> int:
     return 1
 
 
+def _is_validation_error(exc: BaseException) -> bool:
+    # pydantic is imported only by commands that build request models: not for --version.
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(exc, pydantic.ValidationError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -111,17 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except ValidationError as exc:  # a request model refused the input before sending it
-        if debug:
-            traceback.print_exc()
-        click.echo("kelpie: error: invalid input:", err=True)
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            click.echo(f"  - {where}: {error['msg']}", err=True)
-        return EXIT_USAGE
     except Exception as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
+        if _is_validation_error(exc):  # a request model refused the input before sending it
+            click.echo("kelpie: error: invalid input:", err=True)
+            for error in exc.errors():  # type: ignore[attr-defined]
+                where = ".".join(str(p) for p in error["loc"])
+                click.echo(f"  - {where}: {error['msg']}", err=True)
+            return EXIT_USAGE
         message = str(exc) or type(exc).__name__
         first, *rest = message.splitlines()
         click.echo(f"kelpie: error: {first}", err=True)

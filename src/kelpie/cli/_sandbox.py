@@ -17,27 +17,14 @@ import click
 
 from kelpie.api import Sandbox, SandboxCreate, run_argv
 from kelpie.cli._attach import attach, terminal_size
-from kelpie.cli._connect import connect, current_target
+from kelpie.cli._connect import connect
+from kelpie.cli._exec import exec_, parse_env
+from kelpie.cli._target import current_target
 from kelpie.client import DaemonClient, RemoteError
 from kelpie.images import ImageError, ImageNotFound, ImageReference, ImageStore, Platform
 from kelpie.vm import GUEST_ARCHES, ConfigError, InvalidStateError
 
 COPY_CHUNK = 1 << 20
-
-
-def parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    """``K=V`` strings to a dict; a clear error names each malformed one."""
-    env: dict[str, str] = {}
-    bad = []
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            bad.append(f"-e {pair!r}: expected NAME=VALUE")
-        else:
-            env[name] = value
-    if bad:
-        raise ConfigError(bad, what="environment")
-    return env
 
 
 def network_mode(network: str | None, allow: Sequence[str], deny: Sequence[str]) -> str:
@@ -236,30 +223,6 @@ async def _exec_attached(client: DaemonClient, ref: str, argv: Sequence[str], *,
     async with client.exec_stream(ref, argv, env=env, cwd=cwd, user=user, timeout=timeout,
                                   pty=tty, rows=rows, cols=cols) as process:
         return await attach(process, stdin=interactive, tty=tty)
-
-
-# ---- exec -------------------------------------------------------------------------------
-@click.command("exec", context_settings={"allow_interspersed_args": False})
-@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
-@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal.")
-@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
-              help="Environment variable (repeatable).")
-@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
-@click.option("-u", "--user", default=None, help="User (name or uid) to run as.")
-@click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
-@click.argument("sandbox")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | None,
-          user: str | None, timeout: float | None, sandbox: str,
-          command: tuple[str, ...]) -> int:
-    """Run a command in a running sandbox: ``kelpie exec SANDBOX [--] CMD...``."""
-    argv = list(command[1:] if command[0] == "--" else command)
-    if not argv:
-        raise click.UsageError("no command given: kelpie exec SANDBOX [--] CMD...")
-    variables = parse_env(env)
-    return _client_call(lambda client: _exec_attached(
-        client, sandbox, argv, env=variables, cwd=workdir, user=user, timeout=timeout,
-        interactive=interactive, tty=tty))
 
 
 # ---- listing and inspecting -------------------------------------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from kelpie.api import Snapshot, TemplateCreate
-from kelpie.cli._sandbox import _client_call, _each, network_mode, parse_env
+from kelpie.cli._exec import parse_env
+from kelpie.cli._sandbox import _client_call, _each, network_mode
 from kelpie.client import DaemonClient
 from kelpie.vm import ConfigError
 

@@ -10,9 +10,9 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from kelpie._address import read_token_file
 from kelpie.api import TeleportMode, TeleportProgress, TeleportReport
 from kelpie.cli._connect import connect
-from kelpie.client import read_token_file
 from kelpie.vm import GUEST_ARCHES
 
 

@@ -65,6 +65,7 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.runtime = runtime
     app.state.on_shutdown = on_shutdown
     app.state.background = set()
+    app.state.exec_streams = {}  # exec_id -> the streamed exec (_routes_exec)
     app.state.teleports = teleports or TeleportHost(runtime)
     for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
                    _routes_snapshots, _routes_images, _routes_teleport):

@@ -10,6 +10,7 @@ from kelpie.runtime._db import SCHEMA_VERSION
 from kelpie.runtime._errors import (
     AmbiguousSandbox,
     AmbiguousSnapshot,
+    ExecNotFound,
     RuntimeLocked,
     RuntimeNotOpen,
     SandboxError,
@@ -30,6 +31,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AmbiguousSandbox",
     "AmbiguousSnapshot",
+    "ExecNotFound",
     "Runtime",
     "RuntimeLocked",
     "RuntimeNotOpen",

@@ -39,6 +39,18 @@ class SandboxNotFound(SandboxError, LookupError):
         )
 
 
+class ExecNotFound(SandboxError, LookupError):
+    """No streamed command with this id runs in the sandbox (it ended, or never was)."""
+
+    def __init__(self, ref: str, exec_id: str) -> None:
+        self.ref = ref
+        self.exec_id = exec_id
+        super().__init__(
+            f"no running command {exec_id!r} in sandbox {ref!r}: it has ended, or the id "
+            "is not the one its exec stream started with"
+        )
+
+
 class AmbiguousSandbox(SandboxError, LookupError):
     """An id prefix matches more than one sandbox; ``matches`` lists ``(id, name)``."""
 
