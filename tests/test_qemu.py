@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -64,6 +65,15 @@ async def test_timeout_kills_the_process_tree(vm: QemuVm) -> None:
     assert child.isdigit()
     alive = await vm.exec(["sh", "-c", f"kill -0 {child}"])
     assert alive.exit_code != 0, "the background child survived the timeout"
+
+
+async def test_commands_start_with_sigint_and_sigquit_at_default(vm: QemuVm) -> None:
+    # init starts the first agent in the background, where sh ignores SIGINT and SIGQUIT;
+    # a command must not inherit that (Ctrl-C and forwarded signals would do nothing)
+    status = (await vm.exec(["cat", "/proc/self/status"])).stdout.decode()
+    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn"))
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        assert not int(ignored, 16) & (1 << (signum - 1)), signum.name
 
 
 async def test_garbage_frame_gets_an_error_and_the_next_exec_works(vm: QemuVm) -> None:

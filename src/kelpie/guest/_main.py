@@ -15,9 +15,12 @@ if TYPE_CHECKING:
     from typing import Final
 
 USAGE: Final = """\
-usage: agent.py (--device PATH | --listen-unix PATH | --listen-vsock PORT) [--root DIR]
+usage: agent.py (--device PATH | --device-from FIFO | --listen-unix PATH |
+                 --listen-vsock PORT) [--root DIR]
 
   --device PATH        serve a virtio-serial port (guest mode; shutdown powers off)
+  --device-from FIFO   the same, its path read from FIFO: init starts the agent early and
+                       writes the path once the guest is set up (start-up overlaps init)
   --listen-unix PATH   listen on a unix socket (host test mode)
   --listen-vsock PORT  listen on a vsock port
   --root DIR           run commands chrooted into DIR; file paths resolve inside it
@@ -26,7 +29,7 @@ usage: agent.py (--device PATH | --listen-unix PATH | --listen-vsock PORT) [--ro
 
 def parse_args(argv: list[str]) -> dict[str, str]:
     """Parse ``--name value`` options (argparse is kept out of the guest)."""
-    known = {"--device", "--listen-unix", "--listen-vsock", "--root"}
+    known = {"--device", "--device-from", "--listen-unix", "--listen-vsock", "--root"}
     options: dict[str, str] = {}
     args = list(argv)
     while args:
@@ -37,12 +40,22 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         if name not in known or not args:
             raise SystemExit(f"agent.py: bad argument {name!r}\n{USAGE}")
         options[name.lstrip("-")] = args.pop(0)
-    modes = [m for m in ("device", "listen-unix", "listen-vsock") if m in options]
+    modes = [m for m in ("device", "device-from", "listen-unix", "listen-vsock")
+             if m in options]
     if len(modes) != 1:
-        raise SystemExit(
-            f"agent.py: give exactly one of --device, --listen-unix, --listen-vsock\n{USAGE}"
-        )
+        raise SystemExit(f"agent.py: give exactly one of --device, --device-from, "
+                         f"--listen-unix, --listen-vsock\n{USAGE}")
     return options
+
+
+def device_from(fifo: str) -> str:
+    """The device path init writes to ``fifo`` when the guest is ready to be served (it
+    keeps the FIFO open until this agent exits, so the line waits for a late reader)."""
+    with open(fifo) as lines:
+        device = lines.readline().strip()
+    if not device.startswith("/dev/"):
+        raise SystemExit(f"agent.py: {fifo} gave {device!r}, expected a /dev path")
+    return device
 
 
 def ensure_std_fds() -> None:
@@ -63,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_std_fds()
     os.umask(0o022)
     channel: Channel
-    if "device" in options:
+    if "device-from" in options:
+        channel = DeviceChannel(device_from(options["device-from"]))
+    elif "device" in options:
         channel = DeviceChannel(options["device"])
     elif "listen-unix" in options:
         channel = ListenChannel.unix(options["listen-unix"])

@@ -61,7 +61,7 @@ def _child_main(plan: SpawnPlan, child_fds: list[int], errpipe: int) -> NoReturn
     stage = "setup"
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGCHLD):
+        for signum in CHILD_DEFAULT_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         os.setsid()
         if plan.pty:
@@ -123,8 +123,10 @@ def _spawn_error(plan: SpawnPlan, report: bytes) -> OpError:
     return OpError(code, f"{what}: {detail}")
 
 
-#: Signals the agent ignores or handles that a command must start with at default.
-CHILD_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGCHLD)
+#: Signals the agent ignores or handles that a command must start with at default; SIGINT
+#: and SIGQUIT too: init starts the agent in the background, where the shell ignores them.
+CHILD_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGCHLD,
+                                signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 
 def spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols: int) -> Exec:

@@ -28,6 +28,7 @@ AGENT_PORT=kelpie.agent
 NEWROOT=/newroot
 MODULE_LISTS=/etc/kelpie
 INIT_LOG=/run/kelpie/init.log
+AGENT_FIFO=/run/kelpie/agent-device
 
 hostname_arg=
 root_arg=
@@ -37,6 +38,7 @@ vsock_arg=
 sharefs=9p
 mmio_params=
 debug=0
+early_agent=
 
 log() {
     uptime=?
@@ -47,6 +49,17 @@ log() {
 
 debug() {
     [ "$debug" = 1 ] && log "$@"
+}
+
+# A step's time in init.log only (no console: under TCG each console byte is an exit to
+# QEMU), for benchmarks/qemu_vm.py's phase table; with kelpie.debug=1 on the console too.
+mark() {
+    if [ "$debug" = 1 ]; then
+        log "$@"
+    elif [ -r /proc/uptime ]; then
+        IFS=' ' read -r uptime _ </proc/uptime
+        echo "[$uptime] $*" >>"$INIT_LOG"
+    fi
 }
 
 mount_kernel_filesystems() {
@@ -223,6 +236,23 @@ find_agent_port() {
     return 1
 }
 
+agent_args() {
+    # Even when the root disk failed to mount: commands then fail visibly in the empty
+    # /newroot instead of silently running in the initramfs (the error is in init.log).
+    [ -n "$root_arg" ] && echo --root "$NEWROOT"
+}
+
+# Python's start-up is most of a boot's agent time under TCG: start the agent now, so it
+# imports while init loads modules and mounts disks on the other vCPU. It waits on a FIFO
+# for the path of its port, written when the guest is ready (vsock agents start later).
+start_agent_early() {
+    [ -z "$vsock_arg" ] || return 0
+    mkfifo "$AGENT_FIFO" || return 0
+    # shellcheck disable=SC2046  # one word per argument
+    python3 -E -S /kelpie/guest/agent.py --device-from "$AGENT_FIFO" $(agent_args) </dev/null &
+    early_agent=$!
+}
+
 run_agent_forever() {
     if [ -n "$vsock_arg" ]; then
         device="vsock port $vsock_arg"
@@ -235,14 +265,24 @@ run_agent_forever() {
         fi
         set -- --device "$device"
     fi
-    # Even when the root disk failed to mount: commands then fail visibly in the empty
-    # /newroot instead of silently running in the initramfs (the error is in init.log).
-    [ -n "$root_arg" ] && set -- "$@" --root "$NEWROOT"
+    # shellcheck disable=SC2046
+    set -- "$@" $(agent_args)
     while :; do
         started=$(date +%s)
         log "agent starting on $device"
-        python3 -E -S /kelpie/guest/agent.py "$@" </dev/null
-        status=$?
+        if [ -n "$early_agent" ]; then
+            # Held open (read-write never blocks) until the agent exits: the line waits
+            # in the FIFO however late the agent opens it.
+            exec 3<>"$AGENT_FIFO"
+            echo "$device" >&3
+            wait "$early_agent"
+            status=$?
+            exec 3>&-
+            early_agent=
+        else
+            python3 -E -S /kelpie/guest/agent.py "$@" </dev/null
+            status=$?
+        fi
         # Restart at once after a long run, but do not spin if the agent cannot start.
         if [ $(($(date +%s) - started)) -lt 2 ]; then
             log "agent exited with status $status; restarting in 1 s"
@@ -255,11 +295,14 @@ run_agent_forever() {
 
 mount_kernel_filesystems
 read_cmdline
-debug "kernel filesystems mounted"
+mark "init started"
+start_agent_early
 load_device_drivers
-debug "kernel modules loaded"
+mark "kernel modules loaded"
 set_hostname
 set_up_network
+mark "host name and network set"
 mount_root
 mount_shares
+mark "disks mounted"
 run_agent_forever
