@@ -11,7 +11,7 @@ import signal
 import struct
 import termios
 
-from ._common import DEFAULT_PATH, OpError
+from ._common import DEFAULT_PATH, OpError, log
 from ._exec import Exec
 
 TYPE_CHECKING = False
@@ -134,44 +134,56 @@ def spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols: int)
 
     posix_spawn (a vfork-style clone: no copy of the agent's page tables,
     no copy-on-write faults afterwards) is ~3x faster than fork under TCG;
-    it is used whenever it can do all the child's setup. A chroot, another
-    user or a terminal need code between fork and exec: fork then.
+    it is used whenever it can do all the child's setup, the agent taking the
+    command's root and directory for the moment of the spawn. Another user or
+    a terminal need code between fork and exec: fork then.
     """
-    if plan.root == "/" and plan.user is None and not plan.pty:
+    if plan.user is None and not plan.pty:
         return _posix_spawn(plan, exec_id, want_stdin)
     return _fork_spawn(plan, exec_id, want_stdin, rows, cols)
 
 
-class _AgentCwd:
-    """The agent's own working directory, restored after a spawn in another one."""
+class _AgentPlace:
+    """The agent's own root and working directory, held open so that they can be taken
+    back after a spawn in a command's (fds: a chroot cannot be undone by path)."""
 
-    path: str | None = None
-    fd: int | None = None
-
-    @classmethod
-    def enter(cls, cwd: str) -> bool:
-        """chdir to ``cwd`` unless already there; True if ``leave`` must follow."""
-        if cls.fd is None:
-            cls.fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                cls.path = os.getcwd()
-            except OSError:
-                cls.path = None
-        if cwd == cls.path == "/":  # other directories may be replaced under the same name
-            return False
-        os.chdir(cwd)
-        return True
+    root_fd: int | None = None
+    cwd_fd: int | None = None
 
     @classmethod
-    def leave(cls) -> None:
-        """Return to the agent's own directory."""
-        assert cls.fd is not None
-        os.fchdir(cls.fd)
+    def take(cls, plan: SpawnPlan) -> None:
+        """Make ``plan.root`` the agent's root and ``plan.cwd`` its directory; on an error
+        (an OpError for the command) the agent's own are back."""
+        if cls.cwd_fd is None:
+            cls.cwd_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            cls.root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stage = "chroot"
+        try:
+            if plan.root != "/":
+                os.chroot(plan.root)
+            stage = "chdir"
+            os.chdir(plan.cwd)
+        except OSError as exc:
+            cls.give_back(plan)
+            raise _spawn_error_os(plan, stage, exc) from None
+
+    @classmethod
+    def give_back(cls, plan: SpawnPlan) -> None:
+        """The agent's own root and directory again."""
+        assert cls.root_fd is not None and cls.cwd_fd is not None
+        try:
+            if plan.root != "/":
+                os.fchdir(cls.root_fd)
+                os.chroot(".")
+            os.fchdir(cls.cwd_fd)
+        except OSError as exc:  # never serve on from a command's root: init restarts us
+            log(f"cannot return to the agent's own root and directory: {exc}; exiting")
+            os._exit(70)
 
 
 def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
-    """Start a command with posix_spawn in ``plan.cwd`` (the agent is single-threaded:
-    it changes its own directory for the spawn and changes back)."""
+    """Start a command with posix_spawn in ``plan.root`` and ``plan.cwd`` (the agent is
+    single-threaded: it takes them for the spawn and then takes its own back)."""
     child_fds, parent_fds = _open_stdio(plan, want_stdin)
     if min(child_fds) <= 2:  # the agent's own stdio was closed: dup2 order would matter
         for fd in {*child_fds, *parent_fds}:
@@ -179,15 +191,11 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
                 os.close(fd)
         return _fork_spawn(plan, exec_id, want_stdin, 24, 80)
     try:
-        try:
-            moved = _AgentCwd.enter(plan.cwd)
-        except OSError as exc:
-            raise _spawn_error_os(plan, "chdir", exc) from None
+        _AgentPlace.take(plan)
         try:
             pid = _posix_spawn_search(plan, child_fds)
         finally:
-            if moved:
-                _AgentCwd.leave()
+            _AgentPlace.give_back(plan)
     except BaseException:
         for fd in {*child_fds, *parent_fds}:
             if fd is not None:
