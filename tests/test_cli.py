@@ -46,9 +46,9 @@ def test_help() -> None:
 
 
 def test_every_command_loads_and_has_help(capfd: pytest.CaptureFixture[str]) -> None:
-    from kelpie.cli import _main, _sandbox, _snapshot
+    from kelpie.cli import _main, _run, _sandbox, _snapshot
 
-    listed = {c.name for c in (*_sandbox.COMMANDS, *_snapshot.COMMANDS)}
+    listed = {c.name for c in (*_run.COMMANDS, *_sandbox.COMMANDS, *_snapshot.COMMANDS)}
     assert listed <= set(_main.COMMANDS)
     for name in _main.COMMANDS:
         assert main([name, "--help"]) == 0, name
@@ -219,3 +219,64 @@ def test_exec_forwards_sigterm_to_the_command() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_run_flags_shape_the_sandbox_as_docker_does(capfd: pytest.CaptureFixture[str],
+                                                    tmp_path: Path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("# settings\nFROM_FILE=1\nBOTH=file\n\nFROM_SHELL\n")
+    os.environ["FROM_SHELL"] = "shell"
+    try:
+        assert main(["run", "-d", "--name", "shaped", "--backend", "mock", "--hostname", "web1",
+                     "--label", "team=ml", "-l", "tier=gpu", "--env-file", str(env_file),
+                     "-e", "BOTH=flag", "-w", "/tmp", "--user", "root", "--memory", "1g"]) == 0
+    finally:
+        del os.environ["FROM_SHELL"]
+    capfd.readouterr()
+    assert main(["inspect", "shaped"]) == 0
+    record = json.loads(capfd.readouterr().out)[0]
+    assert record["labels"] == {"team": "ml", "tier": "gpu"}
+    assert (record["workdir"], record["user"], record["memory_mib"]) == ("/tmp", "root", 1024)
+    assert record["env"] == {"FROM_FILE": "1", "BOTH": "flag", "FROM_SHELL": "shell"}
+    assert main(["exec", "shaped", "--", "sh", "-c", "pwd; hostname"]) == 0
+    assert capfd.readouterr().out == "/tmp\nweb1\n"
+
+    assert main(["run", "-d", "--name", "plain", "--backend", "mock", "-l", "team=web"]) == 0
+    capfd.readouterr()
+    for filters, names in ((["label=team"], {"shaped", "plain"}),
+                           (["label=team=ml"], {"shaped"}),
+                           (["label=team", "label=tier"], {"shaped"}),
+                           (["name=pla", "name=sha"], {"shaped", "plain"}),
+                           (["name=plain", "label=tier"], set())):
+        args = [a for f in filters for a in ("--filter", f)]
+        assert main(["ps", "-q", *args]) == 0
+        listed = set(capfd.readouterr().out.split())
+        assert listed == {json.loads(_inspect(n))["id"] for n in names}, filters
+    assert main(["ps", "--filter", "colour=red"]) == 2
+    assert "expected label=KEY" in capfd.readouterr().err
+    assert main(["run", "-d", "--backend", "mock", "--env-file", str(tmp_path / "none")]) == 2
+    assert "cannot read it" in capfd.readouterr().err
+    assert main(["run", "-d", "--backend", "mock", "--memory", "lots"]) == 2
+    assert "not a size" in capfd.readouterr().err
+    assert main(["rm", "-f", "shaped", "plain"]) == 0
+
+
+def _inspect(name: str) -> str:
+    done = kelpie("inspect", name)
+    assert done.returncode == 0, done.stderr
+    return json.dumps(json.loads(done.stdout)[0])
+
+
+def test_create_records_then_start_boots_with_the_main_command(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["create", "--name", "later", "--backend", "mock", "--", "echo", "hi"]) == 0
+    capfd.readouterr()
+    assert main(["inspect", "later"]) == 0
+    assert json.loads(capfd.readouterr().out)[0]["state"] == "created"
+    assert main(["start", "later"]) == 0
+    capfd.readouterr()
+    assert main(["inspect", "later"]) == 0
+    record = json.loads(capfd.readouterr().out)[0]
+    assert record["state"] == "running" and record["command"] == ["echo", "hi"]
+    assert main(["rm", "-f", "later"]) == 0

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import real_part_missing
 from fixtures.images.tarbuild import directory, file, opaque, whiteout
-from kelpie.images import DigestMismatch
+from kelpie.images import DigestMismatch, ImageError
 from kelpie.images._rootfs_build import (
     BuildProgress,
     ensure_essentials,
@@ -172,6 +172,26 @@ def test_ext4_image_contents(store: ImageStore) -> None:
     assert e2fsck is not None
     subprocess.run([e2fsck, "-fn", str(disk)], capture_output=True, check=True)
     assert rootfs_ext4(store, image) == disk  # cached
+
+
+def test_ext4_of_a_chosen_size_is_sparse_checked_and_cached_apart(store: ImageStore) -> None:
+    image = put_image(store, LAYERS)
+    small = rootfs_ext4(store, image)
+    disk = rootfs_ext4(store, image, size_mib=2048)
+    assert disk == store.ext4_cache(image.digest, 2048) != small
+    assert disk.stat().st_size == 2048 << 20
+    assert disk.stat().st_blocks * 512 < 16 << 20  # free space and inode tables unwritten
+    stats = _debugfs(disk, "stats")
+    assert "Block count:              524288" in stats, stats
+    assert _debugfs(disk, "cat /etc/motd") == "hello\n"
+    e2fsck = shutil.which("e2fsck") or shutil.which("e2fsck", path="/usr/sbin:/sbin")
+    assert e2fsck is not None
+    subprocess.run([e2fsck, "-fn", str(disk)], capture_output=True, check=True)
+    assert set(store.ext4_caches(image.digest)) == {small, disk}
+    with pytest.raises(ImageError, match=r"needs a disk of at least \d+ MiB.*asked for 64 MiB"):
+        rootfs_ext4(store, image, size_mib=64)
+    store.remove(image.digest)
+    assert not small.exists() and not disk.exists()  # every size goes with its image
 
 
 def test_ext4_is_reproducible_in_its_identity(store: ImageStore, tmp_path: Path) -> None:

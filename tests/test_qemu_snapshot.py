@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ from kelpie.backends.qemu import CAPABILITIES
 from kelpie.backends.qemu._host import qemu_version
 from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit
+from test_qemu_base_digest import sparse_sha256
 from vm_fixtures import busybox_root_disk, short_state_dir
 from waiting import wait_until
 
@@ -141,8 +141,7 @@ async def test_full_snapshot_manifest_and_source_keeps_running(
     assert manifest.arch == "x86_64" and manifest.cpu_model in ("qemu64", "host")
     assert (manifest.vcpus, manifest.memory_mib) == (source.config.vcpus, 512)
     assert manifest.guestkit_digest == guestkit.digest
-    base_digest = hashlib.sha256(root_disk.read_bytes()).hexdigest()
-    assert manifest.base_image_digest == f"sha256:{base_digest}"
+    assert manifest.base_image_digest == sparse_sha256(root_disk.read_bytes())
     record = manifest.extra["qemu"]
     assert record["config"]["root_disk"] == str(root_disk)
     assert record["base_image"] == {"path": str(root_disk.resolve()), "format": "raw"}

@@ -35,6 +35,7 @@ from kelpie.runtime import (
 from kelpie.runtime._db import DB_FILENAME, StateDb, migrate, schema_version
 from kelpie.sim import Fault, FaultInjector, FaultSpec, SimRng
 from kelpie.vm import (
+    DEFAULT_DISK_MIB,
     BackendRegistry,
     BackendSpec,
     BootError,
@@ -320,9 +321,13 @@ async def test_restart_keeps_every_record_and_marks_mock_crashed(
         await rt.pause("paused")
         await rt.create(name="stopped", backend="mock")
         stopped = await rt.stop("stopped")
+        later = await rt.create(name="later", backend="mock", start=False)
+        assert later.state is VmState.CREATED
     async with make_runtime() as rt:
         by_name = {i.name: i for i in (await rt.list_sandboxes(all=True))}
-        assert set(by_name) == {"running", "paused", "stopped"}
+        assert set(by_name) == {"running", "paused", "stopped", "later"}
+        assert by_name["later"].state is VmState.CREATED  # never started: nothing crashed
+        assert (await rt.start("later")).state is VmState.RUNNING
         for info in (running, paused):
             again = by_name[info.name]
             assert again.state is VmState.CRASHED and again.crash_reason == MOCK_GONE
@@ -395,6 +400,23 @@ async def test_image_is_held_while_the_sandbox_exists(runtime: Runtime) -> None:
     assert runtime.images.holders(image.digest) == (f"sandbox:{info.id}",)
     await runtime.remove("img", force=True)
     assert runtime.images.holders(image.digest) == ()
+
+
+async def test_root_disk_size_defaults_to_10_gib_and_is_checked(runtime: Runtime) -> None:
+    put_image(runtime.images, [[file("etc/motd", "hello")]], tag="example.com/app:1")
+    info = await runtime.create(image="example.com/app:1", name="big", backend="mock")
+    assert info.config.disk_mib == DEFAULT_DISK_MIB == 10240
+    assert info.config.root_disk is not None
+    assert info.config.root_disk.stat().st_size == 10240 << 20
+    sized = await runtime.create(image="example.com/app:1", name="two", backend="mock",
+                                 disk_mib=2048)
+    assert sized.config.root_disk is not None
+    assert sized.config.root_disk.stat().st_size == 2048 << 20
+    with pytest.raises(ConfigError, match="no root disk to size"):
+        await runtime.create(name="bare", backend="mock", disk_mib=2048)
+    with pytest.raises(ConfigError, match="disk_mib is 1; allowed range is 64"):
+        await runtime.create(image="example.com/app:1", backend="mock", disk_mib=1)
+    assert {s.name for s in await runtime.list_sandboxes(all=True)} == {"big", "two"}
 
 
 # -- logs -------------------------------------------------------------------------------

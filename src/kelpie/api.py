@@ -163,6 +163,9 @@ class SandboxCreate(_Request):
                                json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})] | None = None
     cpus: int | None = Field(None, description="Virtual CPUs (the VM config's limits apply).")
     memory_mib: int | None = Field(None, description="Memory in MiB (limits as for cpus).")
+    disk_mib: int | None = Field(None, description="The root disk's size in MiB (default "
+                                 "10240; sparse: free space costs the host nothing). Only "
+                                 "with an image.")
     env: dict[str, str] = Field(default_factory=dict,
                                 json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
     volumes: list[str] = Field(default_factory=list, max_length=16,
@@ -185,6 +188,16 @@ class SandboxCreate(_Request):
                           "emulated (QEMU TCG); the image is taken for that platform.")
     hostname: str | None = Field(None, max_length=64)
     labels: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = Field(None, max_length=4096,
+                                description="Where commands run (absolute); None: the "
+                                            "image's WorkingDir.")
+    user: str | None = Field(None, max_length=256,
+                             description="Who commands run as (name or uid); None: "
+                                         "the image's User.")
+    entrypoint: list[str] | None = Field(
+        None, max_length=MAX_ARGV,
+        description="Replaces the image's Entrypoint and drops its Cmd, as Docker's "
+                    "--entrypoint; [] clears it. None: the image's.")
     command: list[str] | None = Field(
         None, max_length=MAX_ARGV,
         description="The main command, run at every start, its output the sandbox's logs. "
@@ -193,6 +206,8 @@ class SandboxCreate(_Request):
         None, max_length=MAX_NAME,
         description="Start by restoring this template instead of booting; then only name, "
                     "env and labels may be given.")
+    start: bool = Field(True, description="Boot it now; false: record it (state created, "
+                                          "its root disk built) for a later start.")
 
 
 
@@ -230,6 +245,8 @@ class Sandbox(_Model):
     image_digest: str | None
     cpus: int
     memory_mib: int
+    disk_mib: int | None = Field(None, description="The root disk's size (None: no image, "
+                                 "or sized to the image before disks had a size).")
     network: str
     allow: list[str] = Field(default_factory=list)
     deny: list[str] = Field(default_factory=list)
@@ -333,6 +350,8 @@ class TemplateCreate(_Request):
     image: str | None = Field(None, max_length=MAX_NAME * 2)
     cpus: int | None = None
     memory_mib: int | None = None
+    disk_mib: int | None = Field(None, description="The root disk's size, as for a sandbox: "
+                                 "its clones keep it.")
     env: dict[str, str] = Field(default_factory=dict,
                                 json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
     network: Literal["none", "nat", "policy"] = "none"

@@ -38,7 +38,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 # Each command's module is imported only when the command runs (or help lists it), so a
 # command pays for its own imports only.
 COMMANDS = {
-    "run": "_sandbox:run", "exec": "_exec:exec_", "ps": "_sandbox:ps",
+    "run": "_run:run", "create": "_run:create", "exec": "_exec:exec_", "ps": "_sandbox:ps",
     "inspect": "_sandbox:inspect", "logs": "_sandbox:logs", "start": "_sandbox:start",
     "stop": "_sandbox:stop", "kill": "_sandbox:kill", "pause": "_sandbox:pause",
     "resume": "_sandbox:resume", "rm": "_sandbox:rm", "cp": "_sandbox:cp",

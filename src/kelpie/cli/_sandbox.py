@@ -15,14 +15,12 @@ from typing import Any
 
 import click
 
-from kelpie.api import Sandbox, SandboxCreate, run_argv
+from kelpie.api import Sandbox
 from kelpie.cli._attach import attach, terminal_size
 from kelpie.cli._connect import connect
-from kelpie.cli._exec import exec_, parse_env
-from kelpie.cli._target import current_target
+from kelpie.cli._exec import exec_
 from kelpie.client import DaemonClient, RemoteError
-from kelpie.images import ImageError, ImageNotFound, ImageReference, ImageStore, Platform
-from kelpie.vm import GUEST_ARCHES, ConfigError, InvalidStateError
+from kelpie.vm import ConfigError, InvalidStateError
 
 COPY_CHUNK = 1 << 20
 
@@ -51,170 +49,6 @@ def _progress_printer() -> Callable[[str], None] | None:
     return lambda line: click.echo(f"kelpie: {line}", err=True)
 
 
-# ---- run --------------------------------------------------------------------------------
-class _RunCommand(click.Command):
-    """Remembers whether ``--`` came before any positional argument (then there is no image)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        takes_value = {
-            opt for p in self.params if isinstance(p, click.Option) and not p.is_flag
-            for opt in p.opts
-        }
-        i = 0
-        while i < len(args) and args[i].startswith("-") and args[i] != "--":
-            i += 2 if args[i] in takes_value else 1
-        ctx.meta["kelpie.no_image"] = i < len(args) and args[i] == "--"
-        return super().parse_args(ctx, args)
-
-
-@click.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
-@click.option("--name", help="Name of the sandbox (default: generated).")
-@click.option("-d", "--detach", is_flag=True,
-              help="Leave the sandbox running; the command (or the image's default) runs as "
-                   "its main command, its output in `kelpie logs`.")
-@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
-@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal.")
-@click.option("--rm", "remove", is_flag=True, help="Remove the sandbox when the command ends.")
-@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
-              help="Environment variable for the sandbox (repeatable).")
-@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:GUEST[:ro]",
-              help="Share a host directory (repeatable); ':ro' makes it read-only.")
-@click.option("-p", "--publish", "ports", multiple=True, metavar="[IP:]HOST:GUEST",
-              help="Publish a guest port on the host (127.0.0.1 unless IP given).")
-@click.option("--network", type=click.Choice(["none", "nat", "policy"]), default=None,
-              help="Guest networking: none (no NIC), nat (the internet, never the host or "
-                   "private networks) or policy (only what --allow names). Default: none, "
-                   "or nat when --allow/--deny is given.")
-@click.option("--allow", multiple=True, metavar="TARGET[:PORT]",
-              help="Egress rule (repeatable): an address, CIDR, NAME, *.NAME or 'host' "
-                   "(this host), e.g. --allow pypi.org:443 --allow host:5432.")
-@click.option("--deny", multiple=True, metavar="TARGET[:PORT]",
-              help="Egress rule that wins over --allow (repeatable).")
-@click.option("--cpus", type=int, default=None, help="Virtual CPUs.")
-@click.option("--memory", type=int, default=None, help="Memory in MiB.")
-@click.option("--backend", help="Backend (default: KELPIE_BACKEND or the best for this host).")
-@click.option("--arch", type=click.Choice(list(GUEST_ARCHES)), default=None,
-              help="Guest architecture (default: the host's; another one is emulated). The "
-                   "image is taken for that platform.")
-@click.option("-w", "--workdir", default=None, help="Working directory for the command.")
-@click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
-@click.option("--template", help="Start by restoring this template (see `kelpie template`).")
-@click.option("--pull", type=click.Choice(["missing", "never"]), default="missing",
-              show_default=True, help="Pull an image the local store lacks, or never.")
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def run(ctx: click.Context, name: str | None, detach: bool, interactive: bool, tty: bool,
-        remove: bool, env: tuple[str, ...], volumes: tuple[str, ...], ports: tuple[str, ...],
-        network: str | None, allow: tuple[str, ...], deny: tuple[str, ...], cpus: int | None,
-        memory: int | None, backend: str | None, arch: str | None, workdir: str | None,
-        timeout: float | None, template: str | None, pull: str, args: tuple[str, ...]) -> int:
-    """Create a sandbox and run a command in it: ``kelpie run [IMAGE] [--] [CMD...]``.
-
-    Without an image (``kelpie run -- echo hi``) the command runs in the guest kit's own
-    userland. With an image (a stored tag, digest or id; a registry reference is pulled
-    first) it runs in the image's root filesystem with its environment, working directory
-    and user; without a command the image's default runs. The exit code is the command's.
-    The sandbox is stopped when the command ends (removed with --rm), or left running
-    with -d.
-    """
-    if detach and (remove or interactive or tty):
-        raise click.UsageError("-d cannot be combined with --rm, -i or -t")
-    no_image = bool(ctx.meta.get("kelpie.no_image")) or template is not None
-    image, command = _split_image(list(args), no_image)
-    if image is None and not command and not detach and template is None:
-        raise click.UsageError("no command given: kelpie run [IMAGE] [--] CMD...")
-    if image is not None and current_target().local and pull == "missing":
-        _pull_if_missing(image, arch)
-    body = SandboxCreate(
-        image=image, name=name, cpus=cpus, memory_mib=memory, env=parse_env(env),
-        volumes=[_volume(v) for v in volumes], ports=list(ports),
-        network=network_mode(network, allow, deny), allow=list(allow), deny=list(deny),
-        backend=backend, arch=arch,
-        command=(command if command or image is not None else None) if detach else None,
-        template=template,
-    )
-
-    async def call(client: DaemonClient) -> int:
-        try:
-            sandbox = await client.create(body, progress=_progress_printer())
-        except ImageNotFound:  # a remote daemon lacks the image: it pulls, like docker
-            if not (image is not None and pull == "missing" and not current_target().local):
-                raise
-            click.echo(f"kelpie: the daemon is pulling {image}", err=True)
-            await client.pull_image(image)
-            sandbox = await client.create(body, progress=_progress_printer())
-        if detach:
-            click.echo(sandbox.id)
-            return 0
-        try:
-            argv = run_argv(sandbox, command) if sandbox.image else command
-            return await _exec_attached(
-                client, sandbox.id, argv,
-                cwd=workdir, timeout=timeout, interactive=interactive, tty=tty)
-        finally:
-            with contextlib.suppress(RemoteError):
-                if remove:
-                    await client.remove(sandbox.id, force=True)
-                else:
-                    await client.stop(sandbox.id)
-
-    return _client_call(call)
-
-
-def _split_image(args: list[str], no_image: bool) -> tuple[str | None, list[str]]:
-    """Separate ``[IMAGE] [--] CMD...``: the first of several arguments is the image.
-
-    A lone argument is an image if the local store has one by that name or it names a
-    registry (has a '/' or ':'), otherwise a command.
-    """
-    if no_image or not args:
-        return None, args
-    if len(args) > 1:
-        rest = args[2:] if args[1] == "--" else args[1:]
-        return args[0], rest
-    if not current_target().local or any(c in args[0] for c in "/:@"):
-        return args[0], []
-    with contextlib.suppress(ImageError):
-        ImageStore().resolve(args[0])
-        return args[0], []
-    return None, args
-
-
-def _pull_if_missing(image: str, arch: str | None = None) -> None:
-    """Pull a registry reference the local store lacks for the sandbox's architecture
-    (Docker's ``run`` does the same)."""
-    store = ImageStore()
-    platform = Platform.for_arch(arch) if arch else Platform.host()
-    try:
-        store.resolve(image, architecture=platform.architecture)
-        return
-    except ImageError:
-        pass
-    try:
-        reference = ImageReference.parse(image)
-    except ImageError:
-        return  # not a registry reference: the daemon reports the missing image
-    from kelpie.cli._image import pull_reference
-
-    click.echo(f"kelpie: pulling {reference} ({platform})", err=True)
-    pull_reference(reference, platform)
-
-
-def _volume(text: str) -> str:
-    """``HOST:GUEST[:ro]`` with HOST checked and made absolute here, where it is typed."""
-    host, sep, rest = text.partition(":")
-    if not sep or not host or not rest:
-        raise ConfigError([f"-v {text!r}: expected HOST:GUEST or HOST:GUEST:ro"],
-                          what="volume")
-    if current_target().local:
-        path = Path(host).expanduser()
-        if not path.is_dir():
-            raise ConfigError([f"-v {text!r}: host directory {path} does not exist "
-                               "or is not a directory"], what="volume")
-        host = str(path.resolve())
-    return f"{host}:{rest}"
-
-
 async def _exec_attached(client: DaemonClient, ref: str, argv: Sequence[str], *,
                          env: dict[str, str] | None = None, cwd: str | None = None,
                          user: str | None = None, timeout: float | None,
@@ -230,10 +64,16 @@ async def _exec_attached(client: DaemonClient, ref: str, argv: Sequence[str], *,
 @click.option("-a", "--all", "show_all", is_flag=True, help="Also stopped and crashed ones.")
 @click.option("-q", "--quiet", is_flag=True, help="Print ids only.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ps(show_all: bool, quiet: bool, as_json: bool) -> int:
+@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only sandboxes matching: label=KEY or label=KEY=VALUE, name=TEXT (part "
+                   "of the name), id=PREFIX, status=STATE (repeatable: one key given twice "
+                   "matches either value; labels and different keys must all match).")
+def ps(show_all: bool, quiet: bool, as_json: bool, filters: tuple[str, ...]) -> int:
     """List sandboxes (running and paused; -a: all)."""
+    matches = sandbox_filter(filters)
+
     async def call(client: DaemonClient) -> int:
-        sandboxes = await client.list_sandboxes(all=show_all)
+        sandboxes = [s for s in await client.list_sandboxes(all=show_all) if matches(s)]
         if as_json:
             click.echo(json.dumps([s.model_dump(mode="json") for s in sandboxes], indent=2))
         elif quiet:
@@ -244,6 +84,29 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> int:
         return 0
 
     return _client_call(call)
+
+
+def sandbox_filter(filters: Sequence[str]) -> Callable[[Sandbox], bool]:
+    """Docker's ``ps --filter`` rules for ``label``, ``name``, ``id`` and ``status``."""
+    wanted: dict[str, list[str]] = {}
+    for text in filters:
+        key, sep, value = text.partition("=")
+        if key not in ("label", "name", "id", "status") or not sep or not value:
+            raise ConfigError([f"--filter {text!r}: expected label=KEY[=VALUE], name=TEXT, "
+                               "id=PREFIX or status=STATE"], what="filter")
+        wanted.setdefault(key, []).append(value)
+
+    def labelled(sandbox: Sandbox, spec: str) -> bool:
+        key, sep, value = spec.partition("=")
+        return key in sandbox.labels and (not sep or sandbox.labels[key] == value)
+
+    def matches(sandbox: Sandbox) -> bool:
+        return (all(labelled(sandbox, spec) for spec in wanted.get("label", ()))
+                and any(n in sandbox.name for n in wanted.get("name", [""]))
+                and any(sandbox.id.startswith(i) for i in wanted.get("id", [""]))
+                and ("status" not in wanted or sandbox.state in wanted["status"]))
+
+    return matches
 
 
 def _table(sandboxes: list[Sandbox]) -> None:
@@ -519,4 +382,4 @@ def _new_file_mode(host: Path) -> int:
     return 0o666 & ~umask
 
 
-COMMANDS = (run, exec_, ps, inspect, logs, start, stop, kill, pause, resume, rm, cp)
+COMMANDS = (exec_, ps, inspect, logs, start, stop, kill, pause, resume, rm, cp)

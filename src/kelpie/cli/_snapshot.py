@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from kelpie._units import optional_mib
 from kelpie.api import Snapshot, TemplateCreate
 from kelpie.cli._exec import parse_env
 from kelpie.cli._sandbox import _client_call, _each, network_mode
@@ -196,7 +197,9 @@ def template() -> None:
 @template.command("create")
 @click.option("--name", required=True, help="Name of the template.")
 @click.option("--cpus", type=int, default=None, help="Virtual CPUs.")
-@click.option("--memory", type=int, default=None, help="Memory in MiB.")
+@click.option("--memory", default=None, metavar="SIZE", help="Memory (as for run).")
+@click.option("--disk", default=None, metavar="SIZE",
+              help="Root disk size (as for run); its clones keep it.")
 @click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable (repeatable).")
 @click.option("--network", type=click.Choice(["none", "nat", "policy"]), default=None,
@@ -206,7 +209,8 @@ def template() -> None:
 @click.option("--deny", multiple=True, metavar="TARGET[:PORT]", help="Egress rule (as for run).")
 @click.option("--backend", help="Backend (default: the best for this host).")
 @click.argument("image", required=False)
-def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[str, ...],
+def template_create(name: str, cpus: int | None, memory: str | None, disk: str | None,
+                    env: tuple[str, ...],
                     network: str | None, allow: tuple[str, ...], deny: tuple[str, ...],
                     backend: str | None, image: str | None) -> int:
     """Boot IMAGE once (none: the guest kit), wait for its agent, keep its snapshot."""
@@ -214,7 +218,8 @@ def template_create(name: str, cpus: int | None, memory: int | None, env: tuple[
 
     async def call(client: DaemonClient) -> int:
         made = await client.create_template(TemplateCreate(
-            name=name, image=image, cpus=cpus, memory_mib=memory, env=variables,
+            name=name, image=image, cpus=cpus, memory_mib=optional_mib(memory, "memory"),
+            disk_mib=optional_mib(disk, "disk"), env=variables,
             network=network_mode(network, allow, deny), allow=list(allow), deny=list(deny),
             backend=backend))
         click.echo(f"{made.id} {made.name} ({_size(made.size)})")

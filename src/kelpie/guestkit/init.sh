@@ -167,7 +167,9 @@ mount_root() {
         log "ERROR: root disk $root_arg did not appear"
         return 1
     fi
-    if ! mount -t ext4 "$root_arg" "$NEWROOT"; then
+    # noinit_itable: the disk's inode tables were left unwritten (sparse, see
+    # kelpie.images.make_ext4); zeroing them in the background would write them all.
+    if ! mount -t ext4 -o noinit_itable "$root_arg" "$NEWROOT"; then
         log "ERROR: could not mount root disk $root_arg (ext4) at $NEWROOT"
         return 1
     fi

@@ -114,15 +114,18 @@ def rootfs_dir(
 
 
 def rootfs_ext4(
-    store: ImageStore, image: StoredImage, *, progress: ProgressCallback | None = None
+    store: ImageStore, image: StoredImage, *, size_mib: int | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
-    """The image as an ext4 disk image (read-only file), cached by image digest.
+    """The image as an ext4 disk image (read-only file), cached by image digest and size.
 
-    Sized to the content plus :data:`EXT4_HEADROOM` and :data:`EXT4_EXTRA_BYTES`, so the
-    guest has room to write (through its copy-on-write overlay).
+    ``size_mib``: a filesystem of that size (sparse: its free space costs nothing on the
+    host until the guest writes it, through its copy-on-write overlay); :class:`ImageError`
+    if the image does not fit. None: sized to the content plus :data:`EXT4_HEADROOM` and
+    :data:`EXT4_EXTRA_BYTES`.
     """
     report = progress or _ignore
-    final = store.ext4_cache(image.digest)
+    final = store.ext4_cache(image.digest, size_mib)
     if final.is_file():
         report(BuildProgress("cached", 1, 1, str(final)))
         return final
@@ -134,30 +137,46 @@ def rootfs_ext4(
         report(BuildProgress("ext4", 0, 1, str(final)))
         with _scratch(store, image.digest) as scratch:
             target = scratch / "root.ext4"
-            make_ext4(directory, target, label="kelpie-root", seed=image.digest)
+            make_ext4(directory, target, label="kelpie-root", seed=image.digest,
+                      size_mib=size_mib)
             target.chmod(0o444)
             _publish(target, final)
     report(BuildProgress("ext4", 1, 1, str(final)))
     return final
 
 
-def make_ext4(directory: Path, target: Path, *, label: str = "", seed: str = "") -> None:
+def make_ext4(directory: Path, target: Path, *, label: str = "", seed: str = "",
+              size_mib: int | None = None) -> None:
     """Write an ext4 image of ``directory`` to ``target`` with ``mke2fs -d``.
 
-    ``seed`` makes the filesystem UUID and directory hash seed reproducible.
+    ``seed`` makes the filesystem UUID and directory hash seed reproducible. ``size_mib``:
+    the filesystem's size (else the content's plus headroom); its inode tables and journal
+    are left unwritten (sparse; the guest mounts it with ``noinit_itable``).
     """
     content, inodes = measure_tree(directory)
-    size = _round_up(int(content * (1 + EXT4_HEADROOM)) + EXT4_EXTRA_BYTES, 1 << 20)
-    command = [
-        _mke2fs(), "-q", "-t", "ext4", "-F", "-m", "0", "-b", str(_BLOCK),
-        "-N", str(int(inodes * (1 + EXT4_HEADROOM)) + 4096),
-        "-d", str(directory),
-    ]
+    needed = _round_up(int(content * (1 + EXT4_HEADROOM)) + EXT4_EXTRA_BYTES, 1 << 20)
+    command = [_mke2fs(), "-q", "-t", "ext4", "-F", "-m", "0", "-b", str(_BLOCK)]
+    extended = []  # mke2fs reads one -E: every extended option goes in it
+    if size_mib is None:
+        size = needed
+        command += ["-N", str(int(inodes * (1 + EXT4_HEADROOM)) + 4096)]
+    else:
+        size = size_mib << 20
+        if size < needed:
+            raise ImageError(
+                f"the image needs a disk of at least {needed >> 20} MiB (its files are "
+                f"{content >> 20} MiB, with room to write); asked for {size_mib} MiB: give "
+                f"a larger disk (e.g. --disk {_round_up(needed, 1 << 30) >> 30}g)")
+        extended += ["lazy_itable_init=1", "lazy_journal_init=1"]
+    command += ["-d", str(directory)]
     if label:
         command += ["-L", label]
     if seed:
         fs_uuid = str(uuid.uuid5(_UUID_NAMESPACE, seed))
-        command += ["-U", fs_uuid, "-E", f"hash_seed={fs_uuid}"]
+        command += ["-U", fs_uuid]
+        extended.append(f"hash_seed={fs_uuid}")
+    if extended:
+        command += ["-E", ",".join(extended)]
     command += [str(target), f"{size // 1024}k"]
     if os.geteuid() != 0:
         log.warning("building %s as a non-root user: files will not keep their owners", target)

@@ -7,6 +7,7 @@ Layout under ``root`` (default :func:`kelpie._paths.images_dir`)::
     images.json            image records: tags, holders, the blobs each image uses
     rootfs/<hex>/          unpacked root directory of image <hex> (see rootfs_dir)
     ext4/<hex>.ext4        ext4 disk image of image <hex> (see rootfs_ext4)
+    ext4/<hex>-<N>m.ext4   the same filling a disk of N MiB
     build/                 root filesystems being built
     .lock                  flock(2) serialising changes to images.json and deletions
 
@@ -149,9 +150,18 @@ class ImageStore:
         """Where the unpacked root directory of image ``digest`` is cached."""
         return self.root / "rootfs" / validate_digest(digest).removeprefix("sha256:")
 
-    def ext4_cache(self, digest: str) -> Path:
-        """Where the ext4 disk image of image ``digest`` is cached."""
-        return self.root / "ext4" / (validate_digest(digest).removeprefix("sha256:") + ".ext4")
+    def ext4_cache(self, digest: str, size_mib: int | None = None) -> Path:
+        """Where the ext4 disk image of image ``digest`` is cached (``size_mib``: the one
+        that fills a disk of that size; else the one sized to the content)."""
+        name = validate_digest(digest).removeprefix("sha256:")
+        return self.root / "ext4" / (name + ("" if size_mib is None else f"-{size_mib}m")
+                                     + ".ext4")
+
+    def ext4_caches(self, digest: str) -> list[Path]:
+        """Every cached ext4 disk image of image ``digest`` (any size)."""
+        name = validate_digest(digest).removeprefix("sha256:")
+        return sorted(set((self.root / "ext4").glob(f"{name}.ext4"))
+                      | set((self.root / "ext4").glob(f"{name}-*m.ext4")))
 
     @property
     def build_dir(self) -> Path:
@@ -393,7 +403,8 @@ class ImageStore:
                     self.blobs.delete(blob)
         for digest, _ in victims:
             remove_tree(self.rootfs_cache(digest))
-            remove_tree(self.ext4_cache(digest))
+            for cached in self.ext4_caches(digest):
+                remove_tree(cached)
         if orphan_age is not None:
             self._collect_orphans(used, orphan_age)
 
@@ -406,7 +417,7 @@ class ImageStore:
                 self.blobs.delete(digest)
         for cache in (self.root / "rootfs", self.root / "ext4"):
             for path in _entries(cache):
-                digest = "sha256:" + path.name.removesuffix(".ext4")
+                digest = "sha256:" + path.name.removesuffix(".ext4").split("-")[0]
                 if digest not in used and _older_than(path, cutoff):
                     remove_tree(path)
         for scratch in (self.build_dir, self.root / "tmp"):

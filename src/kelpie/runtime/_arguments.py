@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,29 +37,61 @@ def port(mapping: PortMapping | str) -> PortMapping:
     return mapping if isinstance(mapping, PortMapping) else PortMapping.parse(mapping)
 
 
-def main_command(
-    command: Sequence[str] | None, stored: StoredImage | None,
-) -> tuple[str, ...] | None:
-    """The main command to record: None for none; with an image, Docker's rule
-    (entrypoint + the command, or + the image's cmd when the command is empty)."""
-    if command is None:
-        return None
-    if stored is not None:
-        return tuple(stored.config.command(command or None))
-    if not command:
-        raise ConfigError(["an empty main command needs an image with a default command; "
-                           "give a command"], what="sandbox command")
-    return tuple(command)
+@dataclasses.dataclass(frozen=True)
+class CommandDefaults:
+    """Where and as whom a sandbox's commands run and what runs by default: the image's
+    settings, or what the sandbox was created with instead (Docker's ``--workdir``,
+    ``--user``, ``--entrypoint``; a new entrypoint drops the image's ``Cmd``, as there)."""
 
+    workdir: str | None = None
+    user: str | None = None
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    image: bool = False
 
-def image_command(stored: StoredImage | None) -> tuple[str, ...] | None:
-    """The image's default command, or None when it has none."""
-    if stored is None:
-        return None
-    try:
-        return tuple(stored.config.command(None))
-    except NoDefaultCommand:
-        return None
+    @classmethod
+    def of(cls, stored: StoredImage | None, *, workdir: str | None = None,
+           user: str | None = None, entrypoint: Sequence[str] | None = None,
+           ) -> CommandDefaults:
+        """The image's defaults with the overrides given (None: keep the image's)."""
+        config = stored.config if stored is not None else None
+        if workdir is not None and not workdir.startswith("/"):
+            raise ConfigError([f"workdir {workdir!r} must be an absolute guest path"],
+                              what="sandbox")
+        return cls(
+            workdir=workdir or (config.working_dir or None if config else None),
+            user=user or (config.exec_user() if config else None),
+            entrypoint=tuple(entrypoint) if entrypoint is not None else
+            tuple(config.entrypoint) if config else (),
+            cmd=() if entrypoint is not None or config is None else tuple(config.cmd),
+            image=stored is not None,
+        )
+
+    @classmethod
+    def of_sandbox(cls, info: SandboxInfo) -> CommandDefaults:
+        """A sandbox's own (a fork or a restore keeps them)."""
+        full = info.image_command or ()
+        entrypoint = tuple(info.image_entrypoint)
+        return cls(info.workdir, info.user, entrypoint, tuple(full[len(entrypoint):]),
+                   image=info.image_digest is not None)
+
+    @property
+    def image_command(self) -> tuple[str, ...] | None:
+        """What runs when no command is given, or None when nothing does."""
+        return (*self.entrypoint, *self.cmd) or None
+
+    def main_command(self, command: Sequence[str] | None) -> tuple[str, ...] | None:
+        """The main command to record: None for none; else Docker's rule, the entrypoint +
+        the command, or + the default command when the command is empty."""
+        if command is None:
+            return None
+        argv = (*self.entrypoint, *(command or self.cmd))
+        if not argv:
+            if self.image:
+                raise NoDefaultCommand()
+            raise ConfigError(["an empty main command needs an image with a default command; "
+                               "give a command"], what="sandbox command")
+        return argv
 
 
 def build_reporter(progress: Progress | None) -> Callable[[BuildProgress], None] | None:

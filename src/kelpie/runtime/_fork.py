@@ -103,7 +103,7 @@ class Forks:
         for name in names:
             made.append(self._sandboxes.insert(spec, name, config, stored,
                                                {**parent.labels, "kelpie.fork-of": parent.id},
-                                               None))
+                                               None, args.CommandDefaults.of_sandbox(parent)))
         try:
             await asyncio.gather(*(self._start(spec, info, stored, capture) for info in made))
         except BaseException:

@@ -289,7 +289,8 @@ class Moves:
                 config.arch or host_arch()).architecture)
             arriving = dataclasses.replace(arriving, image_digest=stored.digest)
         if stored is not None:
-            root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored)
+            root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored,
+                                                size_mib=config.disk_mib)
             config = config.evolve(root_disk=root_disk)
         now = ctx.clock()
         info = dataclasses.replace(arriving, config=config, updated_at=now,

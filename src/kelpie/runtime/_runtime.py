@@ -402,8 +402,8 @@ class Runtime:
         name = req.name
         self._snapshots.check_free_name(name)
         info = await self.create(image=req.image, cpus=req.cpus, memory_mib=req.memory_mib,
-                                 env=req.env, network=req.network, allow=req.allow,
-                                 deny=req.deny, backend=req.backend,
+                                 disk_mib=req.disk_mib, env=req.env, network=req.network,
+                                 allow=req.allow, deny=req.deny, backend=req.backend,
                                  progress=progress, labels={"kelpie.template-build": name})
         try:
             if progress is not None:

@@ -23,8 +23,11 @@ from kelpie.runtime._info import SandboxInfo
 from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._names import check_name, generated_name
 from kelpie.vm import (
+    DEFAULT_DISK_MIB,
     DEFAULT_MEMORY_MIB,
     DEFAULT_VCPUS,
+    MAX_DISK_MIB,
+    MIN_DISK_MIB,
     BackendSpec,
     ConfigError,
     EgressPolicy,
@@ -61,8 +64,8 @@ class Sandboxes:
                 path = ctx.sandbox_dir(entry)
                 ctx.tidy(f"remove the leftover {path}", partial(ctx.storage.remove_tree, path))
         for info in records:
-            if info.state in AT_REST:
-                continue
+            if info.state in AT_REST or info.state is VmState.CREATED:
+                continue  # CREATED: never started (created to start later, or cut short)
             reason = await self._reattach(info)
             if reason is not None:
                 ctx.db.set_state(info.id, VmState.CRASHED, ctx.clock(), reason=reason)
@@ -96,18 +99,29 @@ class Sandboxes:
         arch = req.arch or host_arch()
         stored = None if req.image is None else \
             ctx.images.resolve(req.image, architecture=Platform.for_arch(arch).architecture)
-        main = args.main_command(req.command, stored)
+        defaults = args.CommandDefaults.of(stored, workdir=req.workdir, user=req.user,
+                                           entrypoint=req.entrypoint)
+        main = defaults.main_command(req.command)
         config_mounts = tuple(args.mount(v) for v in req.volumes)
         config_ports = tuple(args.port(p) for p in req.ports)
-        root_disk = None
+        root_disk = disk_mib = None
         if stored is not None:
+            disk_mib = DEFAULT_DISK_MIB if req.disk_mib is None else req.disk_mib
+            if not MIN_DISK_MIB <= disk_mib <= MAX_DISK_MIB:  # before building a disk
+                raise ConfigError([f"disk_mib is {disk_mib}; allowed range is "
+                                   f"{MIN_DISK_MIB}..{MAX_DISK_MIB}"], what="sandbox")
             root_disk = await asyncio.to_thread(
-                rootfs_ext4, ctx.images, stored, progress=args.build_reporter(progress),
+                rootfs_ext4, ctx.images, stored, size_mib=disk_mib,
+                progress=args.build_reporter(progress),
             )
+        elif req.disk_mib is not None:
+            raise ConfigError(["disk_mib: a sandbox without an image has no root disk to "
+                               "size; give an image"], what="sandbox")
         config = VmConfig(
             vcpus=DEFAULT_VCPUS if req.cpus is None else req.cpus,
             memory_mib=DEFAULT_MEMORY_MIB if req.memory_mib is None else req.memory_mib,
             root_disk=root_disk,
+            disk_mib=disk_mib,
             image=None if stored is None else args.image_label(stored),
             mounts=config_mounts,
             ports=config_ports,
@@ -117,12 +131,13 @@ class Sandboxes:
             hostname=req.hostname,
             arch=arch,
         )
-        info = self.insert(spec, req.name, config, stored, req.labels or {}, main)
-        if progress is not None:
+        info = self.insert(spec, req.name, config, stored, req.labels or {}, main, defaults)
+        if progress is not None and req.start:
             progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")
         async with ctx.lock_for(info.id):
             vm = self.new_vm(spec, info, stored)
-            await self.start_vm(info.id, vm)
+            if req.start:
+                await self.start_vm(info.id, vm)
         return ctx.info(info.id)
 
     def check_free_name(self, name: str) -> None:
@@ -134,14 +149,13 @@ class Sandboxes:
     def insert(
         self, spec: BackendSpec, name: str | None, config: VmConfig,
         stored: StoredImage | None, labels: Mapping[str, str],
-        command: tuple[str, ...] | None,
+        command: tuple[str, ...] | None, defaults: args.CommandDefaults,
     ) -> SandboxInfo:
         """Write the new record (state ``created``), retrying an id that is taken."""
         ctx = self._ctx
         now = ctx.clock()
         for _ in range(ID_ATTEMPTS):
             sandbox_id = ctx.fresh_id()
-            image_config = stored.config if stored is not None else None
             info = SandboxInfo(
                 id=sandbox_id,
                 name=name if name is not None else generated_name(sandbox_id),
@@ -150,14 +164,14 @@ class Sandboxes:
                 config=config,
                 image=config.image,
                 image_digest=None if stored is None else stored.digest,
-                workdir=(image_config.working_dir or None) if image_config else None,
-                user=image_config.exec_user() if image_config else None,
+                workdir=defaults.workdir,
+                user=defaults.user,
                 labels=dict(labels),
                 created_at=now,
                 updated_at=now,
                 command=command,
-                image_command=args.image_command(stored),
-                image_entrypoint=tuple(image_config.entrypoint or ()) if image_config else (),
+                image_command=defaults.image_command,
+                image_entrypoint=defaults.entrypoint,
             )
             try:
                 ctx.db.insert(info)

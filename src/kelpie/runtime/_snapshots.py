@@ -203,6 +203,8 @@ class Snapshots:
         labels may be given, the template fixes everything else."""
         assert req.template is not None
         fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
+                 "disk_mib": req.disk_mib, "workdir": req.workdir, "user": req.user,
+                 "entrypoint": req.entrypoint, "start": None if req.start else False,
                  "volumes": req.volumes or None, "ports": req.ports or None,
                  "backend": req.backend, "hostname": req.hostname, "command": req.command,
                  "network": None if req.network == "none" else req.network,
@@ -233,7 +235,8 @@ class Snapshots:
             base.config
         info = self._sandboxes.insert(
             spec, name, config, stored, {**base.labels, **(labels or {})},
-            base.command if snap.kind is SnapshotKind.DISK else None)
+            base.command if snap.kind is SnapshotKind.DISK else None,
+            args.CommandDefaults.of_sandbox(base))
         async with ctx.lock_for(info.id):
             vm = self._sandboxes.new_vm(spec, info, stored)
             try:

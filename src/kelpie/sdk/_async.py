@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Seq
 from types import TracebackType
 from typing import Self
 
+from kelpie._units import optional_mib
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import (
     SandboxCreate,
@@ -93,7 +94,8 @@ class AsyncSandbox:
         *,
         name: str | None = None,
         cpus: int | None = None,
-        memory: int | None = None,
+        memory: int | str | None = None,
+        disk: int | str | None = None,
         env: Mapping[str, str] | None = None,
         volumes: Sequence[str] = (),
         ports: Sequence[str] = (),
@@ -110,19 +112,21 @@ class AsyncSandbox:
         """Create and start a sandbox; returns once it runs.
 
         ``image``: a stored image (tag, digest, id prefix); None runs the guest kit's own
-        userland. ``memory`` in MiB. ``volumes``: ``HOST:GUEST[:ro]``; ``ports``:
-        ``[IP:]HOST:GUEST``; ``network``: ``none``, ``nat`` (the internet, never the host or
-        private networks) or ``policy`` (only what ``allow`` names); ``allow``/``deny``:
-        egress rules ``TARGET[:PORT]`` (see :class:`kelpie.vm.EgressPolicy`); ``arch``: the
-        guest's architecture (``x86_64``, ``aarch64``; default the host's, another one is
-        emulated); ``command``: a
+        userland. ``memory`` and ``disk`` (the root disk, with an image; default 10 GiB,
+        sparse) in MiB or with a unit (``"512m"``, ``"2g"``). ``volumes``:
+        ``HOST:GUEST[:ro]``; ``ports``: ``[IP:]HOST:GUEST``; ``network``: ``none``,
+        ``nat`` (the internet, never the host or private networks) or ``policy`` (only
+        what ``allow`` names); ``allow``/``deny``: egress rules ``TARGET[:PORT]`` (see
+        :class:`kelpie.vm.EgressPolicy`); ``arch``: the guest's architecture (``x86_64``,
+        ``aarch64``; default the host's, another one is emulated); ``command``: a
         main command whose output becomes the logs. ``template``: start by restoring this template
         (then only ``name`` and ``env`` may be given). ``daemon``: the daemon's URL
         (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it
         in this process.
         """
         request = validated(SandboxCreate, {
-            "image": image, "name": name, "cpus": cpus, "memory_mib": memory,
+            "image": image, "name": name, "cpus": cpus,
+            "memory_mib": optional_mib(memory, "memory"), "disk_mib": optional_mib(disk, "disk"),
             "env": dict(env or {}), "volumes": list(volumes), "ports": list(ports),
             "network": network, "allow": list(allow), "deny": list(deny), "backend": backend,
             "arch": arch,
@@ -149,14 +153,16 @@ class AsyncSandbox:
     @staticmethod
     async def create_template(
         name: str, image: str | None = None, *, cpus: int | None = None,
-        memory: int | None = None, env: Mapping[str, str] | None = None,
+        memory: int | str | None = None, disk: int | str | None = None,
+        env: Mapping[str, str] | None = None,
         network: str = "none", allow: Sequence[str] = (), deny: Sequence[str] = (),
         backend: str | None = None, daemon: str | None = None, token: str | None = None,
     ) -> SnapshotRecord:
         """Boot ``image`` once and keep its snapshot as template ``name`` (for
         ``create(template=name)``); its clones keep its network and egress rules."""
         request = validated(TemplateCreate, {
-            "name": name, "image": image, "cpus": cpus, "memory_mib": memory,
+            "name": name, "image": image, "cpus": cpus,
+            "memory_mib": optional_mib(memory, "memory"), "disk_mib": optional_mib(disk, "disk"),
             "env": dict(env or {}), "network": network, "allow": list(allow),
             "deny": list(deny), "backend": backend}, "template")
         connection = await connect(daemon, token)

@@ -172,7 +172,8 @@ class Sandbox:
         *,
         name: str | None = None,
         cpus: int | None = None,
-        memory: int | None = None,
+        memory: int | str | None = None,
+        disk: int | str | None = None,
         env: Mapping[str, str] | None = None,
         volumes: Sequence[str] = (),
         ports: Sequence[str] = (),
@@ -189,7 +190,8 @@ class Sandbox:
         """Create and start a sandbox (see :meth:`AsyncSandbox.create`)."""
         loop = _LoopThread.get()
         sandbox = loop.run(AsyncSandbox.create(
-            image, name=name, cpus=cpus, memory=memory, env=env, volumes=volumes, ports=ports,
+            image, name=name, cpus=cpus, memory=memory, disk=disk, env=env, volumes=volumes,
+            ports=ports,
             network=network, allow=allow, deny=deny, backend=backend, arch=arch,
             command=command, template=template, daemon=daemon, token=token))
         return cls(sandbox, loop)
@@ -205,13 +207,15 @@ class Sandbox:
     @staticmethod
     def create_template(
         name: str, image: str | None = None, *, cpus: int | None = None,
-        memory: int | None = None, env: Mapping[str, str] | None = None,
+        memory: int | str | None = None, disk: int | str | None = None,
+        env: Mapping[str, str] | None = None,
         network: str = "none", allow: Sequence[str] = (), deny: Sequence[str] = (),
         backend: str | None = None, daemon: str | None = None, token: str | None = None,
     ) -> SnapshotRecord:
         """Make a template (see :meth:`AsyncSandbox.create_template`)."""
         return _LoopThread.get().run(AsyncSandbox.create_template(
-            name, image, cpus=cpus, memory=memory, env=env, network=network, allow=allow,
+            name, image, cpus=cpus, memory=memory, disk=disk, env=env, network=network,
+            allow=allow,
             deny=deny, backend=backend, daemon=daemon, token=token))
 
     @classmethod

@@ -20,6 +20,11 @@ DEFAULT_VCPUS = 2
 MIN_MEMORY_MIB = 128
 MAX_MEMORY_MIB = 16384
 DEFAULT_MEMORY_MIB = 512
+MIN_DISK_MIB = 64
+MAX_DISK_MIB = 1 << 20  # 1 TiB
+DEFAULT_DISK_MIB = 10240
+"""The root disk of a sandbox made from an image, unless asked otherwise (sparse: its free
+space costs the host nothing until written)."""
 MAX_PATH_LENGTH = 4096
 MAX_MOUNTS = 16
 MAX_MOUNT_TAG_LENGTH = 36
@@ -244,6 +249,10 @@ class VmConfig:
     arch: str | None = None
     """The guest's architecture (``x86_64``, ``aarch64``); None: the host's. Another one
     than the host's is emulated (QEMU TCG)."""
+    disk_mib: int | None = None
+    """The root disk's size in MiB, its filesystem made to fill it (the runtime builds the
+    image's ext4 at this size; QEMU sizes the disk to it and refuses a larger image); None:
+    the size of ``root_disk``."""
 
     def __post_init__(self) -> None:
         # Normalise containers so the config is really immutable and hashable-free of lists.
@@ -267,6 +276,8 @@ class VmConfig:
         problems += _int_problems("memory_mib", self.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
         for field in ("kernel", "initrd", "root_disk"):
             problems += _path_problems(field, getattr(self, field))
+        if self.disk_mib is not None:
+            problems += _int_problems("disk_mib", self.disk_mib, MIN_DISK_MIB, MAX_DISK_MIB)
         if self.initrd is not None and self.kernel is None:
             problems.append("initrd is set but kernel is not; an initrd needs a kernel")
         if self.image is not None and not self.image.strip():
@@ -440,6 +451,7 @@ class VmConfig:
             "ports": [p.to_dict() for p in self.ports],
             "egress": self.egress.to_dict(),
             "arch": self.arch,
+            "disk_mib": self.disk_mib,
         }
 
     @classmethod

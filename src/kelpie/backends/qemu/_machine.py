@@ -296,9 +296,19 @@ class QemuMachine(ProcessVm):
         if overlay.exists():
             return overlay  # the disk persists across stop/start, like a real disk
         fmt = _snapshot.image_format(base)
+        size: list[str] = []  # none: the base's size
+        if self.config.disk_mib is not None:
+            base_mib = -(-base.stat().st_size // (1 << 20))
+            if base_mib > self.config.disk_mib:
+                raise BootError(f"root disk {base} is {base_mib} MiB, larger than the disk of "
+                                f"{self.config.disk_mib} MiB asked for (disk_mib)")
+            size = [f"{self.config.disk_mib}M"]
+        # The overlay never grows past its virtual size (plus qcow2's metadata): a guest
+        # that fills its disk gets ENOSPC, the host's disk is not touched.
         process = await asyncio.create_subprocess_exec(
             "qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base.resolve()),
-            str(overlay), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            str(overlay), *size, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         _, err = await process.communicate()
         if process.returncode != 0:

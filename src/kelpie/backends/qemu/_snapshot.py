@@ -8,10 +8,11 @@ A QEMU snapshot (a :class:`~kelpie.vm.VmSnapshot` directory) has these blobs::
                  disk (absent when the VM has no root disk)
 
 The read-only base image under the overlay is not copied: the manifest names it by
-sha256 (``base_image_digest``) and ``extra["qemu"]`` (:class:`SnapshotRecord`) says where
-it was, with everything else a restore needs to rebuild the same QEMU command line: the
-VM's configuration, its accelerator and host name, and the device signature of its
-command line (:func:`~kelpie.backends.qemu._cmdline.device_signature`).
+digest (``base_image_digest``, see :data:`SPARSE`) and ``extra["qemu"]``
+(:class:`SnapshotRecord`) says where it was, with everything else a restore needs to
+rebuild the same QEMU command line: the VM's configuration, its accelerator and host
+name, and the device signature of its command line
+(:func:`~kelpie.backends.qemu._cmdline.device_signature`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ MEMORY_BLOB = "memory"
 RAM_BLOB = "ram"
 DISK_BLOB = "disk.qcow2"
 _CHUNK = 1024 * 1024
+_SPARSE_CHUNK = 1024 * 1024
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -135,15 +138,20 @@ def _digest_cache() -> Path:
     return state_dir() / "qemu-base-digests.json"
 
 
-def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a (read-only, large) base image, cached on disk.
+SPARSE = "sparse-sha256"
+"""A base image's digest: sha256 over its size and each 1 MiB chunk that is not all zeros
+(with its offset). Holes are never read: a 10 GiB disk with 60 MiB of files hashes in
+milliseconds, and copies that differ only in which zeros are holes get the same digest.
+Manifests from before it carry ``sha256:`` (of every byte), still understood."""
 
-    The cache key is the file's real path, inode, size and modification time, so a base
-    image is hashed once per change, not on every snapshot.
-    """
+
+def file_digest(path: Path, algorithm: str = SPARSE) -> str:
+    """``sparse-sha256:<hex>`` (or ``sha256:<hex>``) of a read-only base image, cached on
+    disk by the file's real path, inode, size and modification time: a base image is
+    hashed once per change, not on every snapshot."""
     real = path.resolve()
     stat = real.stat()
-    key = f"{real}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{real}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{algorithm}"
     cache_file = _digest_cache()
     try:
         cache = json.loads(cache_file.read_text())
@@ -154,12 +162,10 @@ def file_digest(path: Path) -> str:
     cached = cache.get(key)
     if isinstance(cached, str):
         return cached
-    digest = hashlib.sha256()
-    with real.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    value = f"sha256:{digest.hexdigest()}"
-    cache = {k: v for k, v in cache.items() if not k.startswith(f"{real}|")}
+    value = _sparse_digest(real, stat.st_size) if algorithm == SPARSE else _full_digest(real)
+    stale = f"|{algorithm}"  # this file's older entries of the same algorithm
+    cache = {k: v for k, v in cache.items()
+             if not (k.startswith(f"{real}|") and k.endswith(stale))}
     cache[key] = value
     with contextlib.suppress(OSError):  # a cache, not a record: losing it costs a rehash
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -167,14 +173,55 @@ def file_digest(path: Path) -> str:
     return value
 
 
+def _full_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _sparse_digest(path: Path, size: int) -> str:
+    digest = hashlib.sha256(f"size {size}\n".encode())
+    zeros = bytes(_SPARSE_CHUNK)
+    with path.open("rb") as f:
+        for index in _data_chunks(f.fileno(), size):
+            f.seek(index * _SPARSE_CHUNK)
+            chunk = f.read(_SPARSE_CHUNK)
+            if chunk != zeros[:len(chunk)]:
+                digest.update(index.to_bytes(8, "big") + chunk)
+    return f"{SPARSE}:{digest.hexdigest()}"
+
+
+def _data_chunks(fd: int, size: int) -> Iterator[int]:
+    """Indexes of the chunks that hold data (all of them where holes cannot be found)."""
+    last = -1
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                return
+            start, end = offset, size  # no hole support here: read it all
+        for index in range(max(start // _SPARSE_CHUNK, last + 1),
+                           (end - 1) // _SPARSE_CHUNK + 1):
+            yield index
+            last = index
+        offset = end
+
+
 def find_base_image(digest: str, candidates: Sequence[Path]) -> Path:
-    """The first candidate whose sha256 is ``digest``; else :class:`SnapshotIncompatible`."""
+    """The first candidate whose digest is ``digest`` (see :data:`SPARSE`); else
+    :class:`SnapshotIncompatible`."""
     tried = []
     for path in dict.fromkeys(candidates):
         if not path.is_file():
             tried.append(f"{path} does not exist")
             continue
-        actual = file_digest(path)
+        algorithm = digest.partition(":")[0]
+        actual = file_digest(path, SPARSE if algorithm == SPARSE else "sha256")
         if actual == digest:
             return path
         tried.append(f"{path} has {actual}")

@@ -1,0 +1,102 @@
+"""Root disks of a chosen size, for real: a QEMU sandbox from the demo image with a 1 GiB
+disk. Its filesystem fills the disk; the host pays only for what the guest writes; a guest
+that fills the disk gets ENOSPC and the host file stops at the disk's size."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from conftest import real_part_missing
+from kelpie.guestkit import GuestKit
+from kelpie.images import ImageStore, import_oci_layout
+from kelpie.runtime import Runtime
+from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT
+
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
+
+MIB = 1 << 20
+DISK_MIB = 1024
+
+
+@pytest.fixture(scope="module")
+def state_dir() -> Iterator[Path]:
+    path = Path(f"/tmp/kelpie-disk-{os.getpid()}")
+    path.mkdir(exist_ok=True)
+    saved = os.environ.get("KELPIE_STATE_DIR")
+    os.environ["KELPIE_STATE_DIR"] = str(path)  # the QEMU backend's VM directories
+    yield path
+    if saved is None:
+        os.environ.pop("KELPIE_STATE_DIR", None)
+    else:
+        os.environ["KELPIE_STATE_DIR"] = saved
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(state_dir: Path) -> ImageStore:
+    """The image store, holding the demo image (busybox, with a disk of its own)."""
+    if shutil.which("busybox") is None:
+        real_part_missing("busybox is not installed (the demo image needs it)")
+    store = ImageStore(state_dir / "images")
+    layout = state_dir / "demo-layout"
+    subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(layout)], check=True,
+                   timeout=60)
+    import_oci_layout(layout, store, reference=f"{DEMO}:latest")
+    return store
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def runtime(guestkit: GuestKit, state_dir: Path, store: ImageStore,
+                  ) -> AsyncIterator[Runtime]:
+    async with Runtime(data_dir=state_dir, images=store,
+                       backend_options={"qemu": {"kit": guestkit}}) as rt:
+        yield rt
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+async def _sh(rt: Runtime, script: str) -> tuple[int, str, str]:
+    result = await rt.exec("disk", ["sh", "-c", script], timeout=300)
+    return result.exit_code, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_a_disk_of_a_chosen_size_costs_what_is_written_and_no_more(
+    runtime: Runtime,
+) -> None:
+    rt = runtime
+    info = await rt.create(name="disk", backend="qemu", image=DEMO, disk_mib=DISK_MIB)
+    assert info.config.disk_mib == DISK_MIB
+    base = info.config.root_disk
+    assert base is not None and base.stat().st_size == DISK_MIB * MIB
+    assert _allocated(base) < 64 * MIB  # the image's files, not the disk's free space
+    overlay = Path(info.vm_dir) / "overlay.qcow2"
+    base_before = base.read_bytes()
+
+    code, out, err = await _sh(rt, "df -k / | tail -1")
+    assert code == 0, err
+    total_kib = int(out.split()[1])
+    assert 0.9 * DISK_MIB * 1024 < total_kib <= DISK_MIB * 1024  # the fs fills the disk
+
+    before = _allocated(overlay)
+    code, _, err = await _sh(rt, "dd if=/dev/zero of=/root/half bs=1M count=400 && sync")
+    assert code == 0, err
+    grown = _allocated(overlay) - before
+    assert 400 * MIB <= grown < 440 * MIB  # what was written, plus qcow2's tables
+
+    code, _, err = await _sh(rt, "dd if=/dev/zero of=/root/fill bs=1M; s=$?; sync; exit $s")
+    assert code != 0 and "No space left on device" in err
+    assert _allocated(overlay) < (DISK_MIB + 64) * MIB  # never past the disk's size
+    assert base.read_bytes() == base_before  # the image's disk is read-only to the guest
+    code, _, err = await _sh(rt, "rm /root/fill && echo ok > /root/after")
+    assert code == 0, err  # a full disk is not a broken sandbox
+    await rt.remove("disk", force=True)
