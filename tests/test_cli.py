@@ -280,3 +280,29 @@ def test_create_records_then_start_boots_with_the_main_command(
     record = json.loads(capfd.readouterr().out)[0]
     assert record["state"] == "running" and record["command"] == ["echo", "hi"]
     assert main(["rm", "-f", "later"]) == 0
+
+
+def test_wait_rename_port_and_exec_detached(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-d", "--name", "waiter", "--backend", "mock", "-p", "127.0.0.1:18080:80",
+                 "--", "sh", "-c", "sleep 0.2; exit 3"]) == 0
+    capfd.readouterr()
+    assert main(["wait", "waiter"]) == 0
+    assert capfd.readouterr().out == "3\n"  # the main command's exit code
+    assert main(["rename", "waiter", "waited"]) == 0
+    assert main(["inspect", "waiter"]) == 125
+    assert "no sandbox 'waiter'" in capfd.readouterr().err
+    assert main(["port", "waited"]) == 0
+    assert capfd.readouterr().out == "80/tcp -> 127.0.0.1:18080\n"
+    assert main(["port", "waited", "80"]) == 0
+    assert capfd.readouterr().out == "127.0.0.1:18080\n"
+    assert main(["port", "waited", "81/udp"]) == 2
+    assert "publishes no port 81/udp" in capfd.readouterr().err
+    assert main(["run", "-d", "--name", "taken", "--backend", "mock"]) == 0
+    assert main(["rename", "waited", "taken"]) == 125
+    assert "already in use" in capfd.readouterr().err
+    assert main(["exec", "-d", "waited", "--", "sh", "-c", "echo late > /tmp/detached"]) == 0
+    capfd.readouterr()
+    assert main(["exec", "waited", "cat", "/tmp/detached"]) == 0
+    assert capfd.readouterr().out == "late\n"
+    assert main(["exec", "-d", "-t", "waited", "true"]) == 2
+    assert main(["rm", "-f", "waited", "taken"]) == 0

@@ -40,7 +40,8 @@ def test_the_service_covers_the_sandbox_api() -> None:
             "set_network", "remove", "events", "read_logs", "follow_logs", "exec", "exec_stream",
             "read_file", "read_file_stream", "write_file", "list_dir", "mkdir", "remove_path",
             "snapshot", "list_snapshots", "inspect_snapshot", "delete_snapshot", "restore",
-            "restore_into", "create_template", "fork", "list_images", "inspect_image",
+            "restore_into", "create_template", "fork", "rename", "wait_main", "exec_detached",
+            "list_images", "inspect_image",
             "remove_image", "pull_image"} == set(SERVICE_CALLS)
 
 

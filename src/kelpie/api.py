@@ -313,6 +313,26 @@ class SnapshotCreate(_Model):
                     "working directory, else /workspace).")
 
 
+class RenameBody(_Request):
+    """A sandbox's new name."""
+
+    name: Annotated[str, Field(max_length=MAX_NAME,
+                               json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})]
+
+
+class MainExit(_Model):
+    """How a sandbox's main command ended."""
+
+    exit_code: int | None = Field(description="None: it has no main command, or its end "
+                                              "was not seen (e.g. the sandbox was stopped).")
+
+
+class ExecDetached(_Model):
+    """A command started and left running unobserved."""
+
+    exec_id: str | None = Field(description="The backend's id of the command, if it has one.")
+
+
 class ForkBody(_Request):
     """Fork a running (or paused) sandbox into ``count`` children, each a copy of it now."""
 

@@ -36,6 +36,8 @@ from kelpie.api import (
     NDJSON,
     ErrorBody,
     Event,
+    ExecBody,
+    ExecDetached,
     ExecExitMessage,
     ExecStart,
     FileEntry,
@@ -43,8 +45,10 @@ from kelpie.api import (
     HostFacts,
     Image,
     ImageDetails,
+    MainExit,
     NetworkChange,
     PullBody,
+    RenameBody,
     RestoreBody,
     Sandbox,
     SandboxCreate,
@@ -358,6 +362,17 @@ class DaemonClient:
         """Freeze a running sandbox."""
         return await self._lifecycle(ref, "pause")
 
+    async def rename(self, ref: str, name: str) -> Sandbox:
+        """Give a sandbox another name."""
+        reply = await self._request("POST", f"{_sb(ref)}/rename",
+                                    json=_wire(RenameBody(name=name)))
+        return Sandbox.model_validate(reply.json())
+
+    async def wait_main(self, ref: str) -> int | None:
+        """Wait for the sandbox's main command to end; its exit code."""
+        reply = await self._request("POST", f"{_sb(ref)}/wait")
+        return MainExit.model_validate(reply.json()).exit_code
+
     async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
                    names: Sequence[str] | None = None) -> list[Sandbox]:
         """``count`` children of a running sandbox, each a copy of it now (see
@@ -412,6 +427,15 @@ class DaemonClient:
         reply = (await self._request("POST", f"{_sb(ref)}/exec", json=body)).json()
         return ExecResult(reply["exit_code"], unb64(reply["stdout"], "stdout"),
                           unb64(reply["stderr"], "stderr"), reply["duration"], reply["signal"])
+
+    async def exec_detached(
+        self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+        cwd: str | None = None, user: str | None = None,
+    ) -> str | None:
+        """Start a command and leave it running, its output dropped; its exec id."""
+        body = ExecBody(argv=list(argv), env=dict(env or {}), cwd=cwd, user=user)
+        reply = await self._request("POST", f"{_sb(ref)}/exec/detached", json=_wire(body))
+        return ExecDetached.model_validate(reply.json()).exec_id
 
     @contextlib.asynccontextmanager
     async def exec_stream(

@@ -29,6 +29,9 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
 @click.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Give the command a terminal.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Leave the command running in the sandbox, its output dropped; prints "
+                   "its exec id.")
 @click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable (repeatable).")
 @click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
@@ -36,7 +39,7 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
 @click.option("--timeout", type=float, default=None, help="Kill the command after SECONDS.")
 @click.argument("sandbox")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | None,
+def exec_(interactive: bool, tty: bool, detach: bool, env: tuple[str, ...], workdir: str | None,
           user: str | None, timeout: float | None, sandbox: str,
           command: tuple[str, ...]) -> int:
     """Run a command in a running sandbox: ``kelpie exec SANDBOX [--] CMD...``."""
@@ -44,6 +47,10 @@ def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | Non
     if not argv:
         raise click.UsageError("no command given: kelpie exec SANDBOX [--] CMD...")
     variables = parse_env(env)
+    if detach:
+        if interactive or tty or timeout is not None:
+            raise click.UsageError("-d cannot be combined with -i, -t or --timeout")
+        return _detached(sandbox, argv, variables, workdir, user)
     if not interactive and not tty:
         from kelpie.cli._exec_lines import exec_lines
 
@@ -57,3 +64,16 @@ def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | Non
     return _client_call(lambda client: _exec_attached(
         client, sandbox, argv, env=variables, cwd=workdir, user=user, timeout=timeout,
         interactive=interactive, tty=tty))
+
+
+def _detached(sandbox: str, argv: list[str], env: dict[str, str], cwd: str | None,
+              user: str | None) -> int:
+    from kelpie.cli._sandbox import _client_call
+    from kelpie.client import DaemonClient
+
+    async def call(client: DaemonClient) -> int:
+        exec_id = await client.exec_detached(sandbox, argv, env=env, cwd=cwd, user=user)
+        click.echo(exec_id or "")
+        return 0
+
+    return _client_call(call)

@@ -46,6 +46,7 @@ COMMANDS = {
     "template": "_snapshot:template", "daemon": "_daemon:daemon", "image": "_image:image",
     "backend": "_backend:backend", "dst": "_dst:dst", "guestkit": "_guestkit:guestkit",
     "teleport": "_teleport:teleport", "network": "_network:network", "fork": "_fork:fork",
+    "wait": "_sandbox:wait", "rename": "_sandbox:rename", "port": "_sandbox:port",
 }
 
 

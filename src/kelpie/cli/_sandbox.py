@@ -229,6 +229,54 @@ def resume(sandboxes: tuple[str, ...]) -> int:
     return _each(sandboxes, lambda c, ref: c.resume(ref))
 
 
+@click.command("wait")
+@click.argument("sandboxes", nargs=-1, required=True)
+def wait(sandboxes: tuple[str, ...]) -> int:
+    """Wait until each sandbox's main command ends and print its exit code (as docker
+    wait; "none" when it has no main command or its end was not seen)."""
+    async def call(client: DaemonClient) -> int:
+        for ref in sandboxes:
+            code = await client.wait_main(ref)
+            click.echo("none" if code is None else code)
+        return 0
+
+    return _client_call(call)
+
+
+@click.command("rename")
+@click.argument("sandbox")
+@click.argument("new_name")
+def rename(sandbox: str, new_name: str) -> int:
+    """Give a sandbox another name."""
+    async def call(client: DaemonClient) -> int:
+        await client.rename(sandbox, new_name)
+        return 0
+
+    return _client_call(call)
+
+
+@click.command("port")
+@click.argument("sandbox")
+@click.argument("guest_port", required=False, metavar="PORT[/PROTOCOL]")
+def port(sandbox: str, guest_port: str | None) -> int:
+    """List a sandbox's published ports (``GUEST/PROTO -> IP:HOST``), or where one goes."""
+    async def call(client: DaemonClient) -> int:
+        ports = (await client.inspect(sandbox)).ports
+        number, _, protocol = (guest_port or "").partition("/")
+        chosen = [p for p in ports if guest_port is None or (
+            str(p.guest_port) == number and p.protocol == (protocol or "tcp"))]
+        if guest_port is not None and not chosen:
+            raise ConfigError([f"sandbox {sandbox} publishes no port {guest_port} (it "
+                               f"publishes {len(ports)}; see `kelpie port {sandbox}`)"],
+                              what="port")
+        for p in chosen:
+            target = f"{p.host_ip}:{p.host_port}"
+            click.echo(target if guest_port else f"{p.guest_port}/{p.protocol} -> {target}")
+        return 0
+
+    return _client_call(call)
+
+
 @click.command("rm")
 @click.option("-f", "--force", is_flag=True, help="Remove running sandboxes too (killed).")
 @click.argument("sandboxes", nargs=-1, required=True)
@@ -382,4 +430,4 @@ def _new_file_mode(host: Path) -> int:
     return 0o666 & ~umask
 
 
-COMMANDS = (exec_, ps, inspect, logs, start, stop, kill, pause, resume, rm, cp)
+COMMANDS = (exec_, wait, rename, port, ps, inspect, logs, start, stop, kill, pause, resume, rm, cp)

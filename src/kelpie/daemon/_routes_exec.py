@@ -21,6 +21,7 @@ from kelpie.api import (
     NDJSON,
     ErrorResponse,
     ExecBody,
+    ExecDetached,
     ExecExitMessage,
     ExecOutcome,
     ExecOutputLine,
@@ -68,6 +69,17 @@ async def exec_command(request: Request, ref: Ref, body: ExecBody) -> Response |
         stdin=stdin, timeout=body.timeout,
     )
     return ExecOutcome.from_result(result)
+
+
+@router.post("/sandboxes/{ref}/exec/detached", status_code=202)
+async def exec_detached(request: Request, ref: Ref, body: ExecBody) -> ExecDetached:
+    """Start a command and leave it running, its output dropped (``docker exec -d``)."""
+    if body.stdin or body.timeout is not None:
+        raise ConfigError(["a detached command takes no stdin and no timeout"],
+                          what="exec request")
+    exec_id = await runtime_of(request).exec_detached(ref, body.argv, env=body.env,
+                                                      cwd=body.cwd, user=body.user)
+    return ExecDetached(exec_id=exec_id)
 
 
 @router.post("/sandboxes/{ref}/exec/{exec_id}/signal", status_code=204)

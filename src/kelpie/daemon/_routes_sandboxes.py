@@ -17,8 +17,10 @@ from kelpie.api import (
     ErrorResponse,
     Event,
     ForkBody,
+    MainExit,
     NetworkChange,
     Progress,
+    RenameBody,
     Sandbox,
     SandboxCreate,
     StreamError,
@@ -158,6 +160,18 @@ async def set_sandbox_network(request: Request, ref: Ref, body: NetworkChange) -
 async def pause_sandbox(request: Request, ref: Ref) -> Sandbox:
     """Freeze a running sandbox."""
     return sandbox_record(await runtime_of(request).pause(ref))
+
+
+@router.post("/sandboxes/{ref}/rename")
+async def rename_sandbox(request: Request, ref: Ref, body: RenameBody) -> Sandbox:
+    """Give a sandbox another name (409 SandboxNameInUse when it is taken)."""
+    return sandbox_record(await runtime_of(request).rename(ref, body.name))
+
+
+@router.post("/sandboxes/{ref}/wait")
+async def wait_sandbox(request: Request, ref: Ref) -> MainExit:
+    """Wait until the sandbox's main command ends; its exit code."""
+    return MainExit(exit_code=await runtime_of(request).wait_main(ref))
 
 
 @router.post("/sandboxes/{ref}/fork", status_code=201)

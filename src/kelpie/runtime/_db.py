@@ -229,6 +229,18 @@ class StateDb:
             self._conn.execute("UPDATE sandboxes SET config = ?, updated_at = ? WHERE id = ?",
                                (_config_json(info), at, info.id))
 
+    def set_name(self, sandbox_id: str, name: str, at: float) -> None:
+        """Rename a sandbox; :class:`SandboxNameInUse` if the name is taken."""
+        try:
+            with _transaction(self._conn):
+                self._conn.execute("UPDATE sandboxes SET name = ?, updated_at = ? WHERE id = ?",
+                                   (name, at, sandbox_id))
+        except sqlite3.IntegrityError as exc:
+            if "sandboxes.name" in str(exc):
+                owner = self.find_by_name(name)
+                raise SandboxNameInUse(name, owner.id if owner else None) from None
+            raise
+
     def set_vm_dir(self, sandbox_id: str, vm_dir: Path) -> None:
         """Remember where the backend keeps this sandbox's VM directory."""
         with _transaction(self._conn):

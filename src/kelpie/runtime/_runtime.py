@@ -53,6 +53,7 @@ from kelpie.runtime._lock import lock_data_dir
 from kelpie.runtime._logs import FOLLOW_POLL_SECONDS, Logs
 from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._moves import Moves
+from kelpie.runtime._names import check_name
 from kelpie.runtime._network import change_egress
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.runtime._snapshots import Snapshots
@@ -245,6 +246,24 @@ class Runtime:
         return await vm.exec(argv, env=env, cwd=cwd or info.workdir, stdin=stdin,
                              timeout=timeout, user=user or info.user)
 
+    async def exec_detached(
+        self,
+        ref: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> str | None:
+        """Start a command and leave it running unobserved (its output is dropped), as
+        ``docker exec -d``; its exec id (None where the backend gives none)."""
+        info = self._ctx.find(ref)
+        vm = self._ctx.live_vm(info, "exec in")
+        async with vm.exec_stream(argv, env=env, cwd=cwd or info.workdir,
+                                  user=user or info.user, keep_running=True) as process:
+            await process.close_stdin()
+            return process.exec_id
+
     @contextlib.asynccontextmanager
     async def exec_stream(
         self,
@@ -314,6 +333,13 @@ class Runtime:
     async def start(self, ref: str) -> SandboxInfo:
         """Start a sandbox that is stopped or crashed (with a fresh VM if it has none)."""
         return await self._sandboxes.start(ref)
+
+    async def rename(self, ref: str, name: str) -> SandboxInfo:
+        """Give a sandbox another name (its id stays)."""
+        info = self._ctx.find(ref)
+        check_name(name)
+        self._ctx.db.set_name(info.id, name, self._ctx.clock())
+        return self._ctx.info(info.id)
 
     async def remove(self, ref: str, *, force: bool = False) -> None:
         """Delete a sandbox: its VM (killed with ``force``), VM directory, image hold, record.

@@ -161,6 +161,22 @@ class SandboxService(Protocol):
         """Freeze a running sandbox."""
         ...
 
+    async def rename(self, ref: str, name: str) -> SandboxView:
+        """Give a sandbox another name (its id stays)."""
+        ...
+
+    async def wait_main(self, ref: str) -> int | None:
+        """Wait for the sandbox's main command to end; its exit code (None: it has none,
+        or its end was not seen)."""
+        ...
+
+    async def exec_detached(
+        self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+        cwd: str | None = None, user: str | None = None,
+    ) -> str | None:
+        """Start a command and leave it running unobserved; its exec id."""
+        ...
+
     async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
                    names: Sequence[str] | None = None) -> Sequence[SandboxView]:
         """``count`` children of a running sandbox, each a copy of it now."""
