@@ -4,7 +4,9 @@ and an exclusive lock file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -67,3 +69,44 @@ def copy_sparse(source: Path, target: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+SPARSE = "sparse-sha256"
+"""A disk image's digest: sha256 over its size and each 1 MiB chunk that is not all zeros
+(with its index). Holes are never read: a 10 GiB disk with 60 MiB of files hashes in
+milliseconds, and copies that differ only in which zeros are holes get the same digest."""
+
+_SPARSE_CHUNK = 1 << 20
+
+
+def sparse_digest(path: Path) -> str:
+    """``sparse-sha256:<hex>`` of the file at ``path`` (see :data:`SPARSE`)."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = hashlib.sha256(f"size {size}\n".encode())
+        zeros = bytes(_SPARSE_CHUNK)
+        for index in _data_chunks(f.fileno(), size):
+            f.seek(index * _SPARSE_CHUNK)
+            chunk = f.read(_SPARSE_CHUNK)
+            if chunk != zeros[:len(chunk)]:
+                digest.update(index.to_bytes(8, "big") + chunk)
+    return f"{SPARSE}:{digest.hexdigest()}"
+
+
+def _data_chunks(fd: int, size: int) -> Iterator[int]:
+    """Indexes of the chunks that hold data (all of them where holes cannot be found)."""
+    last = -1
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                return
+            start, end = offset, size  # no hole support here: read it all
+        for index in range(max(start // _SPARSE_CHUNK, last + 1),
+                           (end - 1) // _SPARSE_CHUNK + 1):
+            yield index
+            last = index
+        offset = end

@@ -681,8 +681,8 @@ class TeleportOffer(_Model):
     image_digest: str | None = None
     image_tags: list[str] = Field(default_factory=list)
     base_disk_digest: str | None = Field(
-        None, description="sha256 of the base disk image a full or live snapshot's disk "
-                          "overlay sits on.")
+        None, description="Digest (sparse-sha256) of the base disk image a full or live "
+                          "snapshot's disk overlay sits on.")
     arch: str
     backend_version: str | None = None
     guestkit_digest: str | None = None

@@ -27,6 +27,7 @@ from kelpie._exceptions import (
     TeleportAborted,
     TeleportInDoubt,
 )
+from kelpie._fsutil import sparse_digest
 from kelpie.api import (
     TeleportBlob,
     TeleportLive,
@@ -38,6 +39,7 @@ from kelpie.api import (
     TeleportSwitch,
 )
 from kelpie.runtime import Runtime, SandboxInfo
+from kelpie.teleport import _basedisk as basedisk
 from kelpie.teleport._journal import Outgoing, SourcePhase, TeleportJournal
 from kelpie.teleport._modes import ModeChoice, choose_mode
 from kelpie.teleport._peer import TeleportPeer
@@ -210,7 +212,10 @@ class Teleporter:
         # What does not change while the guest runs goes first: the image and base disk.
         early = self._image_blobs(info, accepted.needs_image and offer.image_digest is not None)
         if accepted.needs_base_disk and info.config.root_disk is not None:
-            early.append(await self._blob("base-disk.ext4", info.config.root_disk))
+            base, packed = info.config.root_disk, self.dir(tid) / basedisk.PACKED_NAME
+            self._storage.mkdir(packed.parent)
+            await self._offload(lambda: basedisk.pack(base, packed))
+            early.append(await self._blob(basedisk.PACKED_NAME, packed))
         await run.sender.send(early)
 
         if run.choice.mode is TeleportMode.LIVE:
@@ -458,8 +463,8 @@ class Teleporter:
         disk = info.config.root_disk
         if disk is None or choice.mode is TeleportMode.CHECKPOINT:
             return None
-        digest: str = await self._offload(lambda: sha256_of(self._storage, disk))
-        return f"sha256:{digest}"
+        digest: str = await self._offload(lambda: sparse_digest(disk))
+        return digest
 
     def _record_for_target(self, info: SandboxInfo, choice: ModeChoice) -> dict[str, Any]:
         """The sandbox's record as the target keeps it (a checkpoint may change backend

@@ -35,6 +35,7 @@ from kelpie._exceptions import (
     TeleportRefused,
     TransferOffsetMismatch,
 )
+from kelpie._fsutil import sparse_digest
 from kelpie.api import (
     HostFacts,
     TeleportAccepted,
@@ -46,6 +47,7 @@ from kelpie.api import (
 from kelpie.images import ImageError, Platform, parse_manifest_document
 from kelpie.runtime import Runtime, SandboxNotFound
 from kelpie.service import sandbox_record
+from kelpie.teleport import _basedisk as basedisk
 from kelpie.teleport._journal import Incoming, TargetPhase, TeleportJournal
 from kelpie.vm import LiveEndpoints, PortMapping, Storage, VmConfig
 
@@ -178,9 +180,9 @@ class TeleportReceiver:
             offer.image_digest not in {i.digest for i in images.list()}
         needs_base = False
         if offer.base_disk_digest is not None and offer.image_digest is not None:
-            cached = images.ext4_cache(offer.image_digest)
+            cached = images.ext4_cache(offer.image_digest, _disk_mib(offer))
             needs_base = needs_image or not cached.exists() or \
-                await self._offload(lambda: _file_sha256(cached)) != offer.base_disk_digest
+                await self._offload(lambda: sparse_digest(cached)) != offer.base_disk_digest
         return TeleportAccepted(id=offer.id, needs_image=needs_image, needs_base_disk=needs_base)
 
     # ---- transfer -----------------------------------------------------------------------
@@ -358,12 +360,13 @@ class TeleportReceiver:
                        if name.startswith("image-")}
         if image_blobs:
             await self._offload(lambda: self._install_image(offer, image_blobs, media_type))
-        base_disk = directory / "base-disk.ext4"
-        if "base-disk.ext4" in names and offer.image_digest is not None:
-            cache = self._runtime.images.ext4_cache(offer.image_digest)
+        if basedisk.PACKED_NAME in names and offer.image_digest is not None \
+                and offer.base_disk_digest is not None:
+            cache = self._runtime.images.ext4_cache(offer.image_digest, _disk_mib(offer))
             if not cache.exists():
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                base_disk.replace(cache)
+                packed, digest = directory / basedisk.PACKED_NAME, offer.base_disk_digest
+                await self._offload(lambda: basedisk.unpack(packed, cache, digest))
 
     def _install_image(self, offer: TeleportOffer, blobs: dict[str, Path],
                        media_type: str | None) -> None:
@@ -520,12 +523,11 @@ def unbindable_ports(ports: list[PortMapping]) -> list[str]:
     return problems
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        while chunk := data.read(1 << 20):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+def _disk_mib(offer: TeleportOffer) -> int | None:
+    """The root disk's size the offered sandbox has (None: sized to its image)."""
+    vm = offer.sandbox.get("vm")
+    size = vm.get("disk_mib") if isinstance(vm, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _stored_hash(storage: Storage, path: Path, size: int) -> Any:

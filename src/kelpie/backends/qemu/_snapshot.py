@@ -20,16 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kelpie._fsutil import write_atomic
+from kelpie._fsutil import SPARSE, sparse_digest, write_atomic
 from kelpie._paths import state_dir
 from kelpie.vm import (
     ConfigError,
@@ -49,7 +48,6 @@ MEMORY_BLOB = "memory"
 RAM_BLOB = "ram"
 DISK_BLOB = "disk.qcow2"
 _CHUNK = 1024 * 1024
-_SPARSE_CHUNK = 1024 * 1024
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -138,13 +136,6 @@ def _digest_cache() -> Path:
     return state_dir() / "qemu-base-digests.json"
 
 
-SPARSE = "sparse-sha256"
-"""A base image's digest: sha256 over its size and each 1 MiB chunk that is not all zeros
-(with its offset). Holes are never read: a 10 GiB disk with 60 MiB of files hashes in
-milliseconds, and copies that differ only in which zeros are holes get the same digest.
-Manifests from before it carry ``sha256:`` (of every byte), still understood."""
-
-
 def file_digest(path: Path, algorithm: str = SPARSE) -> str:
     """``sparse-sha256:<hex>`` (or ``sha256:<hex>``) of a read-only base image, cached on
     disk by the file's real path, inode, size and modification time: a base image is
@@ -162,7 +153,7 @@ def file_digest(path: Path, algorithm: str = SPARSE) -> str:
     cached = cache.get(key)
     if isinstance(cached, str):
         return cached
-    value = _sparse_digest(real, stat.st_size) if algorithm == SPARSE else _full_digest(real)
+    value = sparse_digest(real) if algorithm == SPARSE else _full_digest(real)
     stale = f"|{algorithm}"  # this file's older entries of the same algorithm
     cache = {k: v for k, v in cache.items()
              if not (k.startswith(f"{real}|") and k.endswith(stale))}
@@ -179,37 +170,6 @@ def _full_digest(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
-
-
-def _sparse_digest(path: Path, size: int) -> str:
-    digest = hashlib.sha256(f"size {size}\n".encode())
-    zeros = bytes(_SPARSE_CHUNK)
-    with path.open("rb") as f:
-        for index in _data_chunks(f.fileno(), size):
-            f.seek(index * _SPARSE_CHUNK)
-            chunk = f.read(_SPARSE_CHUNK)
-            if chunk != zeros[:len(chunk)]:
-                digest.update(index.to_bytes(8, "big") + chunk)
-    return f"{SPARSE}:{digest.hexdigest()}"
-
-
-def _data_chunks(fd: int, size: int) -> Iterator[int]:
-    """Indexes of the chunks that hold data (all of them where holes cannot be found)."""
-    last = -1
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after offset
-                return
-            start, end = offset, size  # no hole support here: read it all
-        for index in range(max(start // _SPARSE_CHUNK, last + 1),
-                           (end - 1) // _SPARSE_CHUNK + 1):
-            yield index
-            last = index
-        offset = end
 
 
 def find_base_image(digest: str, candidates: Sequence[Path]) -> Path:
