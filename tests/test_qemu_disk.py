@@ -58,7 +58,11 @@ async def runtime(guestkit: GuestKit, state_dir: Path, store: ImageStore,
                   ) -> AsyncIterator[Runtime]:
     async with Runtime(data_dir=state_dir, images=store,
                        backend_options={"qemu": {"kit": guestkit}}) as rt:
-        yield rt
+        try:
+            yield rt
+        finally:  # a runtime leaves VMs running when it closes (a daemon restart keeps them)
+            for info in await rt.list_sandboxes(all=True):
+                await rt.remove(info.id, force=True)
 
 
 def _allocated(path: Path) -> int:
@@ -99,4 +103,3 @@ async def test_a_disk_of_a_chosen_size_costs_what_is_written_and_no_more(
     assert base.read_bytes() == base_before  # the image's disk is read-only to the guest
     code, _, err = await _sh(rt, "rm /root/fill && echo ok > /root/after")
     assert code == 0, err  # a full disk is not a broken sandbox
-    await rt.remove("disk", force=True)
