@@ -23,6 +23,7 @@ from kelpie.cli import main
 from kelpie.guestkit import GuestKit
 from kelpie.images._rootfs_build import rootfs_ext4
 from kelpie.images._store import ImageStore, StoredImage
+from kelpie.vm import DEFAULT_DISK_MIB
 from test_images_store import put_image
 
 APPLETS = ("sh", "echo", "cat", "id", "pwd", "env", "ls")
@@ -88,7 +89,7 @@ def test_run_image_with_mock_backend(state: Path, capfd: pytest.CaptureFixture[s
     assert "A=2" in capfd.readouterr().out.splitlines()
     store = ImageStore()
     image = store.resolve("example.com/x:1")
-    assert store.ext4_cache(image.digest).is_file()
+    assert store.ext4_cache(image.digest, DEFAULT_DISK_MIB).is_file()  # the default disk
     assert store.holders(image.digest) == ()  # released when the sandboxes were removed
     assert main(["run", "--name", "kept", "--backend", "mock", "example.com/x:1"]) == 0
     assert len(store.holders(image.digest)) == 1  # a stopped sandbox still holds its image
