@@ -4,21 +4,17 @@ that fills the disk gets ENOSPC and the host file stops at the disk's size."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from conftest import real_part_missing
 from kelpie.guestkit import GuestKit
-from kelpie.images import ImageStore, import_oci_layout
+from kelpie.images import ImageStore
 from kelpie.runtime import Runtime
-from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT
+from test_cli_e2e import DEMO
+from vm_fixtures import demo_image_store, kelpie_state_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -28,29 +24,12 @@ DISK_MIB = 1024
 
 @pytest.fixture(scope="module")
 def state_dir() -> Iterator[Path]:
-    path = Path(f"/tmp/kelpie-disk-{os.getpid()}")
-    path.mkdir(exist_ok=True)
-    saved = os.environ.get("KELPIE_STATE_DIR")
-    os.environ["KELPIE_STATE_DIR"] = str(path)  # the QEMU backend's VM directories
-    yield path
-    if saved is None:
-        os.environ.pop("KELPIE_STATE_DIR", None)
-    else:
-        os.environ["KELPIE_STATE_DIR"] = saved
-    shutil.rmtree(path, ignore_errors=True)
+    yield from kelpie_state_dir("disk")
 
 
 @pytest.fixture(scope="module")
 def store(state_dir: Path) -> ImageStore:
-    """The image store, holding the demo image (busybox, with a disk of its own)."""
-    if shutil.which("busybox") is None:
-        real_part_missing("busybox is not installed (the demo image needs it)")
-    store = ImageStore(state_dir / "images")
-    layout = state_dir / "demo-layout"
-    subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(layout)], check=True,
-                   timeout=60)
-    import_oci_layout(layout, store, reference=f"{DEMO}:latest")
-    return store
+    return demo_image_store(state_dir)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

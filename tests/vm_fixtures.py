@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from conftest import real_part_missing
+from kelpie.images import ImageStore, import_oci_layout
 
 BASE_APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "hostname", "sleep", "head", "od", "date",
                 "kill", "mv", "ln", "readlink", "mkfifo", "mknod", "chmod", "touch", "test",
@@ -40,3 +42,32 @@ def busybox_root_disk(where: Path, applets: Iterable[str] = BASE_APPLETS) -> Pat
     subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(image), "32M"],
                    check=True)
     return image
+
+
+def kelpie_state_dir(prefix: str) -> Iterator[Path]:
+    """:func:`short_state_dir`, also ``KELPIE_STATE_DIR`` meanwhile (where the QEMU backend
+    makes its VM directories). Use from a fixture."""
+    saved = os.environ.get("KELPIE_STATE_DIR")
+    for path in short_state_dir(prefix):
+        os.environ["KELPIE_STATE_DIR"] = str(path)
+        try:
+            yield path
+        finally:
+            if saved is None:
+                os.environ.pop("KELPIE_STATE_DIR", None)
+            else:
+                os.environ["KELPIE_STATE_DIR"] = saved
+
+
+def demo_image_store(state_dir: Path) -> ImageStore:
+    """An image store in ``state_dir`` holding the demo image (busybox, with a disk)."""
+    from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT
+
+    if shutil.which("busybox") is None:
+        real_part_missing("busybox is not installed (the demo image needs it)")
+    store = ImageStore(state_dir / "images")
+    layout = state_dir / "demo-layout"
+    subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(layout)], check=True,
+                   timeout=60)
+    import_oci_layout(layout, store, reference=f"{DEMO}:latest")
+    return store
