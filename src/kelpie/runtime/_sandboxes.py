@@ -26,8 +26,6 @@ from kelpie.vm import (
     DEFAULT_DISK_MIB,
     DEFAULT_MEMORY_MIB,
     DEFAULT_VCPUS,
-    MAX_DISK_MIB,
-    MIN_DISK_MIB,
     BackendSpec,
     ConfigError,
     EgressPolicy,
@@ -104,23 +102,15 @@ class Sandboxes:
         main = defaults.main_command(req.command)
         config_mounts = tuple(args.mount(v) for v in req.volumes)
         config_ports = tuple(args.port(p) for p in req.ports)
-        root_disk = disk_mib = None
-        if stored is not None:
-            disk_mib = DEFAULT_DISK_MIB if req.disk_mib is None else req.disk_mib
-            if not MIN_DISK_MIB <= disk_mib <= MAX_DISK_MIB:  # before building a disk
-                raise ConfigError([f"disk_mib is {disk_mib}; allowed range is "
-                                   f"{MIN_DISK_MIB}..{MAX_DISK_MIB}"], what="sandbox")
-            root_disk = await asyncio.to_thread(
-                rootfs_ext4, ctx.images, stored, size_mib=disk_mib,
-                progress=args.build_reporter(progress),
-            )
-        elif req.disk_mib is not None:
+        if stored is None and req.disk_mib is not None:
             raise ConfigError(["disk_mib: a sandbox without an image has no root disk to "
                                "size; give an image"], what="sandbox")
+        disk_mib = None if stored is None else \
+            DEFAULT_DISK_MIB if req.disk_mib is None else req.disk_mib
+        # Checked whole before the root disk is built (which can take a while).
         config = VmConfig(
             vcpus=DEFAULT_VCPUS if req.cpus is None else req.cpus,
             memory_mib=DEFAULT_MEMORY_MIB if req.memory_mib is None else req.memory_mib,
-            root_disk=root_disk,
             disk_mib=disk_mib,
             image=None if stored is None else args.image_label(stored),
             mounts=config_mounts,
@@ -131,6 +121,11 @@ class Sandboxes:
             hostname=req.hostname,
             arch=arch,
         )
+        if stored is not None:
+            config = config.evolve(root_disk=await asyncio.to_thread(
+                rootfs_ext4, ctx.images, stored, size_mib=disk_mib,
+                progress=args.build_reporter(progress),
+            ))
         info = self.insert(spec, req.name, config, stored, req.labels or {}, main, defaults)
         if progress is not None and req.start:
             progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")

@@ -524,10 +524,9 @@ def unbindable_ports(ports: list[PortMapping]) -> list[str]:
 
 
 def _disk_mib(offer: TeleportOffer) -> int | None:
-    """The root disk's size the offered sandbox has (None: sized to its image)."""
-    vm = offer.sandbox.get("vm")
-    size = vm.get("disk_mib") if isinstance(vm, dict) else None
-    return size if isinstance(size, int) and not isinstance(size, bool) else None
+    """The root disk's size the offered sandbox has (None: sized to its image); its
+    configuration was checked when the offer was first prepared (see _problems)."""
+    return VmConfig.from_dict(offer.sandbox["vm"]).disk_mib
 
 
 def _stored_hash(storage: Storage, path: Path, size: int) -> Any:

@@ -174,20 +174,9 @@ class QemuMachine(ProcessVm):
     # ---- start --------------------------------------------------------------------------
     async def _do_start(self) -> None:
         launch = await self._prepare_launch(self.config)
-        for attempt in range(1, BOOT_ATTEMPTS + 1):
-            self._prepare_workdir(launch)
-            booting = dataclasses.replace(launch, overlay=await self._prepare_overlay())
-            try:
-                await self._boot(booting)
-                return
-            except BootTimedOut as exc:
-                if attempt == BOOT_ATTEMPTS:
-                    raise
-                # A guest that never reaches its agent (seen rarely under TCG on a loaded
-                # host: the kernel stalls early in boot) gets a second boot; a QEMU that
-                # exits or refuses its arguments does not.
-                _log.warning("%s\n(booting it again)", exc)
-                await self._do_stop(force=True)
+        self._prepare_workdir(launch)
+        await self._boot_retrying(dataclasses.replace(launch,
+                                                      overlay=await self._prepare_overlay()))
 
     async def _prepare_launch(self, config: VmConfig, *, incoming: bool = False) -> QemuLaunch:
         """Check ``config`` on this host, get the guest kit and accelerator: no VM yet."""
@@ -222,7 +211,12 @@ class QemuMachine(ProcessVm):
         )
 
     async def _boot_retrying(self, launch: QemuLaunch) -> None:
-        """:meth:`_boot`, once more if the guest never answered (see :meth:`_do_start`)."""
+        """:meth:`_boot` in a prepared VM directory, once more if the guest never answered.
+
+        A guest that never reaches its agent (seen rarely under TCG on a loaded host: the
+        kernel stalls early in boot) gets a second boot; a QEMU that exits or refuses its
+        arguments does not. The disk overlay stays as it is between the two.
+        """
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             try:
                 await self._boot(launch)
