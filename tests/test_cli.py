@@ -306,3 +306,65 @@ def test_wait_rename_port_and_exec_detached(capfd: pytest.CaptureFixture[str]) -
     assert capfd.readouterr().out == "late\n"
     assert main(["exec", "-d", "-t", "waited", "true"]) == 2
     assert main(["rm", "-f", "waited", "taken"]) == 0
+
+
+def test_restart_stop_timeout_and_events(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-d", "--name", "flaky", "--backend", "mock", "--restart", "on-failure:2",
+                 "--stop-timeout", "5", "--", "sh", "-c", "echo go; exit 4"]) == 0
+    capfd.readouterr()
+    assert main(["wait", "flaky"]) == 0
+    assert capfd.readouterr().out == "4\n"
+    assert main(["inspect", "flaky"]) == 0
+    record = json.loads(capfd.readouterr().out)[0]
+    assert (record["restart"], record["restart_count"], record["stop_timeout"]) == (
+        "on-failure:2", 2, 5.0)
+    assert main(["logs", "flaky"]) == 0
+    assert capfd.readouterr().out == "go\n" * 3
+    assert main(["events", "--since", "1h", "--until", "0s", "--filter", "sandbox=flaky",
+                 "--filter", "kind=restarted", "--json"]) == 0
+    lines = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert [(e["name"], e["kind"]) for e in lines] == [("flaky", "restarted")] * 2
+    assert main(["events", "--since", "1h", "--until", "0s", "-f", "sandbox=flaky",
+                 "-f", "kind=main-exited"]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert len(out) == 3 and all("main-exited flaky" in line and "exit code 4" in line
+                                 for line in out)
+    assert main(["events", "--filter", "colour=red"]) == 2
+    assert "KEY one of sandbox, kind, state" in capfd.readouterr().err
+    assert main(["events", "--since", "yesterday"]) == 2
+    assert "expected Unix seconds" in capfd.readouterr().err
+    assert main(["run", "--backend", "mock", "--restart", "always", "--", "true"]) == 2
+    assert "use it with -d" in capfd.readouterr().err
+    assert main(["run", "-d", "--backend", "mock", "--restart", "sometimes", "--", "true"]) == 2
+    assert "allowed: no, always, on-failure" in capfd.readouterr().err
+    assert main(["rm", "-f", "flaky"]) == 0
+
+
+def test_stats_top_and_attach(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-d", "--name", "watched", "--backend", "mock", "--memory", "256m",
+                 "--", "sh", "-c", "sleep 0.5; echo late; exit 5"]) == 0
+    capfd.readouterr()
+    assert main(["attach", "watched"]) == 5  # the main command's exit code
+    assert capfd.readouterr().out == "late\n"  # its output from the attach on
+    assert main(["exec", "-d", "watched", "--", "sleep", "30"]) == 0
+    capfd.readouterr()
+    assert main(["stats", "--no-stream", "--json", "watched"]) == 0
+    (sample,) = json.loads(capfd.readouterr().out)
+    assert (sample["name"], sample["memory_limit_bytes"]) == ("watched", 256 << 20)
+    assert sample["guest"]["processes"] == 2  # the mock's init and the sleep
+    assert main(["stats", "--no-stream"]) == 0
+    table = capfd.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["NAME", "ID", "STATE"]
+    assert any(line.startswith("watched ") for line in table[1:])
+    assert main(["top", "watched"]) == 0
+    listing = capfd.readouterr().out.splitlines()
+    assert listing[0].split() == ["UID", "PID", "PPID", "S", "STIME", "TIME", "RSS", "CMD"]
+    assert [line.split()[-2:] for line in listing[1:]] == [["0B", "/sbin/init"],
+                                                            ["sleep", "30"]]
+    assert main(["stop", "watched"]) == 0
+    assert main(["top", "watched"]) == 125
+    assert "start it first" in capfd.readouterr().err
+    assert main(["run", "-d", "--name", "nomain", "--backend", "mock"]) == 0
+    assert main(["attach", "nomain"]) == 2
+    assert "has no main command" in capfd.readouterr().err
+    assert main(["rm", "-f", "watched", "nomain"]) == 0

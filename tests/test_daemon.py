@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -1182,5 +1183,40 @@ fuzz_schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/v1/i
 def test_fuzz_every_operation(case: Any) -> None:
     if case.operation.path.endswith("/logs") and case.query:
         case.query.pop("follow", None)  # following a running sandbox's logs never ends
+    if case.operation.path == "/v1/events":  # a live stream: end it at once, after the backlog
+        case.query = {**(case.query or {}), "until": 1.0}
     case.call_and_validate(timeout=30)
     _heal(case.operation.app)
+
+
+async def test_events_stream_every_sandbox_live_and_refuse_bad_filters(served: Served) -> None:
+    client = served.client
+    seen: list[Any] = []
+
+    async def watch() -> None:
+        async for event in client.watch_events(kinds=["state", "restarted", "removed"]):
+            seen.append(event)
+
+    watcher = asyncio.create_task(watch())
+    await wait_until(lambda: served.runtime._feed._recorded is not None, 10,
+                     "the watcher to wait for events")
+    made = await client.create(SandboxCreate(name="ev", command=["false"],
+                                             restart="on-failure:1"))
+    assert (made.restart, made.stop_timeout) == ("on-failure:1", None)
+    assert await client.wait_main("ev") == 1
+    await client.remove("ev", force=True)
+    await wait_until(lambda: any(e.kind == "removed" for e in seen), 10, "the removal")
+    watcher.cancel()
+    assert [(e.name, e.kind, e.state) for e in seen] == [
+        ("ev", "state", "created"), ("ev", "state", "starting"), ("ev", "state", "running"),
+        ("ev", "restarted", "running"), ("ev", "state", "stopped"),
+        ("ev", "removed", "stopped")]
+    assert {e.sandbox_id for e in seen} == {made.id}
+    past = [e async for e in client.watch_events(since=0, until=time.time() - 3600)]
+    assert past == []
+    backlog = [e async for e in client.watch_events(since=0, until=time.time(),
+                                                    sandboxes=["box"])]
+    assert [e.state for e in backlog][:3] == ["created", "starting", "running"]
+    with pytest.raises(ConfigError, match="event kind 'boom' is not known"):
+        async for _ in client.watch_events(kinds=["boom"]):
+            pass

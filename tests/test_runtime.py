@@ -22,6 +22,7 @@ from kelpie.images import ImageStore
 from kelpie.runtime import (
     SCHEMA_VERSION,
     AmbiguousSandbox,
+    EventKind,
     Runtime,
     RuntimeLocked,
     RuntimeNotOpen,
@@ -475,7 +476,7 @@ def test_schema_created_from_an_empty_file(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"sandboxes", "sandbox_events"} <= tables
+    assert {"sandboxes", "events"} <= tables
     conn.close()
 
 
@@ -508,14 +509,17 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_foreign_keys_remove_history_with_the_sandbox(tmp_path: Path) -> None:
+def test_a_removed_sandbox_keeps_its_history_with_a_last_event(tmp_path: Path) -> None:
     db = StateDb(tmp_path / DB_FILENAME)
     db.insert(SandboxInfo(id="abc000", name="x", backend="mock", state=VmState.CREATED,
                           config=VmConfig()))
     db.set_state("abc000", VmState.STOPPED, 2.0)
     assert len(db.events("abc000")) == 2
-    db.delete("abc000")
-    assert db.events("abc000") == []
+    db.delete("abc000", 3.0)
+    assert db.get("abc000") is None
+    *_, last = db.events("abc000")
+    assert (last.kind, last.state, last.name, last.at) == (EventKind.REMOVED, VmState.STOPPED,
+                                                          "x", 3.0)
     db.close()
 
 

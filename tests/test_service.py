@@ -41,7 +41,7 @@ def test_the_service_covers_the_sandbox_api() -> None:
             "read_file", "read_file_stream", "write_file", "list_dir", "mkdir", "remove_path",
             "snapshot", "list_snapshots", "inspect_snapshot", "delete_snapshot", "restore",
             "restore_into", "create_template", "fork", "rename", "wait_main", "exec_detached",
-            "list_images", "inspect_image",
+            "list_images", "inspect_image", "watch_events", "stats", "stats_all", "processes",
             "remove_image", "pull_image"} == set(SERVICE_CALLS)
 
 

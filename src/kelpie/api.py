@@ -208,6 +208,15 @@ class SandboxCreate(_Request):
                     "env and labels may be given.")
     start: bool = Field(True, description="Boot it now; false: record it (state created, "
                                           "its root disk built) for a later start.")
+    restart: str | None = Field(
+        None, max_length=32,
+        description="When the main command is started again after it ends: no (default), "
+                    "on-failure[:N] (non-zero exit, at most N times), always. Back-off 0.1 s "
+                    "doubling to 60 s.")
+    stop_timeout: Annotated[float, Field(strict=True)] | None = Field(
+        None, ge=0, le=3600,
+        description="Seconds a stop waits for the guest to shut down before the VM is "
+                    "killed; None: the backend's default.")
 
 
 
@@ -259,6 +268,9 @@ class Sandbox(_Model):
     image_command: list[str] | None
     image_entrypoint: list[str]
     main_exit_code: int | None
+    restart: str = Field("no", description="The main command's restart policy.")
+    restart_count: int = Field(0, description="Restarts by the policy since the last start.")
+    stop_timeout: float | None = None
     crash_reason: str | None
     last_error: str | None
     labels: dict[str, str]
@@ -267,11 +279,16 @@ class Sandbox(_Model):
 
 
 class Event(_Model):
-    """One recorded state change of a sandbox."""
+    """One recorded event of a sandbox: ``kind`` says what happened (state: its state
+    changed; main-exited, restarted, renamed, removed), ``state`` is its state after it."""
 
     at: float
     state: str
     reason: str | None
+    seq: int = Field(0, description="Orders every event of a daemon; only grows.")
+    sandbox_id: str = ""
+    name: str = Field("", description="The sandbox's name when it happened.")
+    kind: str = "state"
 
 
 class Progress(_Model):
@@ -325,6 +342,71 @@ class MainExit(_Model):
 
     exit_code: int | None = Field(description="None: it has no main command, or its end "
                                               "was not seen (e.g. the sandbox was stopped).")
+
+
+class HostUsageStats(_Model):
+    """The host's view of a sandbox's VM: its VMM process and the files it writes."""
+
+    cpu_seconds: float = Field(description="CPU time of the VMM process since it started "
+                                           "(the guest's work and its emulation).")
+    memory_bytes: int = Field(description="Resident memory of the VMM process.")
+    disk_bytes: int = Field(description="Bytes the VM's directory takes on the host (its "
+                                        "writable disk layer, logs).")
+
+
+class GuestUsageStats(_Model):
+    """The guest kernel's own counters (reported by the guest: informative, not trusted)."""
+
+    cpu_seconds: float = Field(description="Busy CPU time of all guest CPUs since boot.")
+    cpus: int
+    memory_used_bytes: int
+    memory_total_bytes: int
+    disk_used_bytes: int = Field(description="Used bytes of the root file system.")
+    disk_total_bytes: int
+    disk_available_bytes: int
+    net_rx_bytes: int = Field(description="Received by every interface but loopback.")
+    net_tx_bytes: int
+    processes: int
+    uptime_seconds: float
+
+
+class SandboxStats(_Model):
+    """What a sandbox uses now: counters since it started, for rates take two samples."""
+
+    id: str
+    name: str
+    state: str
+    at: float = Field(description="When the sample was taken (Unix time).")
+    memory_limit_bytes: int
+    disk_limit_bytes: int | None = Field(description="The root disk's size (None: no image).")
+    disk_full: bool = Field(description="The guest's root file system has under 1 MiB "
+                                        "left: writes fail with ENOSPC.")
+    host: HostUsageStats | None = Field(description="None: the backend has no VMM process "
+                                                    "of its own, or the VM is not running.")
+    guest: GuestUsageStats | None = Field(description="None: the guest did not answer (see "
+                                                      "guest_error) or is not running.")
+    guest_error: str | None = None
+
+
+class GuestProcessInfo(_Model):
+    """One process in a sandbox's guest."""
+
+    pid: int
+    ppid: int
+    uid: int
+    state: str = Field(description="The kernel's one-letter state (R, S, D, Z, T...).")
+    cpu_seconds: float
+    memory_bytes: int = Field(description="Resident memory.")
+    started_at: float = Field(description="When it started (Unix time, host clock).")
+    command: list[str]
+
+
+class ProcessList(_Model):
+    """The processes of a sandbox's guest (``kelpie top``)."""
+
+    sandbox_id: str
+    processes: list[GuestProcessInfo]
+    truncated: bool = Field(description="More processes ran than one reply lists (4096).")
 
 
 class ExecDetached(_Model):
@@ -413,7 +495,7 @@ class ExecBody(_Model):
     user: str | None = Field(None, max_length=256)
     stdin: Annotated[str, Field(json_schema_extra={"format": "byte"})] | None = Field(
         None, description="Standard input, base64.")
-    timeout: float | None = Field(None, gt=0, le=86400)
+    timeout: Annotated[float, Field(strict=True)] | None = Field(None, gt=0, le=86400)
 
 
 class ExecOutcome(_Model):
@@ -439,7 +521,7 @@ class ExecStart(_Model):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = Field(None, max_length=4096)
     user: str | None = Field(None, max_length=256)
-    timeout: float | None = Field(None, gt=0, le=86400)
+    timeout: Annotated[float, Field(strict=True)] | None = Field(None, gt=0, le=86400)
     tty: bool = False
     rows: int = Field(24, ge=1, le=4096)
     cols: int = Field(80, ge=1, le=4096)
@@ -483,6 +565,8 @@ class ExecExitMessage(_Model):
     signal: int | None = None
     timed_out: bool = False
     duration: float = 0.0
+    warning: str | None = Field(None, description="What may explain a failure, e.g. the "
+                                                  "sandbox's root disk is full.")
 
 
 # ---- files ------------------------------------------------------------------------------

@@ -47,11 +47,13 @@ from kelpie.api import (
     ImageDetails,
     MainExit,
     NetworkChange,
+    ProcessList,
     PullBody,
     RenameBody,
     RestoreBody,
     Sandbox,
     SandboxCreate,
+    SandboxStats,
     Snapshot,
     SnapshotCreate,
     TeleportAccepted,
@@ -340,6 +342,36 @@ class DaemonClient:
         """The sandbox's recorded state changes, oldest first."""
         reply = await self._request("GET", f"{_sb(ref)}/events")
         return [Event.model_validate(e) for e in reply.json()]
+
+    async def watch_events(self, *, since: float | None = None, until: float | None = None,
+                           sandboxes: Sequence[str] = (), kinds: Sequence[str] = (),
+                           states: Sequence[str] = ()) -> AsyncIterator[Event]:
+        """Every sandbox's events as the daemon records them (see ``GET /v1/events``)."""
+        params: dict[str, Any] = {"sandbox": list(sandboxes), "kind": list(kinds),
+                                  "state": list(states)}
+        if since is not None:
+            params["since"] = since
+        if until is not None:
+            params["until"] = until
+        async with self._stream("GET", "/events", params=params) as response:
+            async for line in response.aiter_lines():
+                if line:
+                    yield Event.model_validate_json(line)
+
+    async def stats(self, ref: str) -> SandboxStats:
+        """A sample of what the sandbox uses (see :meth:`kelpie.Runtime.stats`)."""
+        return SandboxStats.model_validate((await self._request(
+            "GET", f"{_sb(ref)}/stats")).json())
+
+    async def stats_all(self) -> builtins.list[SandboxStats]:
+        """A sample of every running or paused sandbox."""
+        return [SandboxStats.model_validate(s)
+                for s in (await self._request("GET", "/stats")).json()]
+
+    async def processes(self, ref: str) -> ProcessList:
+        """The processes in the sandbox's guest."""
+        return ProcessList.model_validate((await self._request(
+            "GET", f"{_sb(ref)}/processes")).json())
 
     async def _lifecycle(self, ref: str, action: str, **params: Any) -> Sandbox:
         reply = await self._request("POST", f"{_sb(ref)}/{action}",
@@ -719,7 +751,8 @@ class RemoteProcess(ExecProcess):
                 yield ExecOutput(stream, message[1:])
             elif message.get("type") == "exit":
                 end = ExecExitMessage.model_validate(message)
-                yield ExecExit(end.exit_code, end.duration, end.signal, end.timed_out)
+                yield ExecExit(end.exit_code, end.duration, end.signal, end.timed_out,
+                               end.warning)
                 return
             elif message.get("type") == "error":
                 raise error_from_payload(None, message)

@@ -124,6 +124,15 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
                 After a snapshot restore: set the clock, mix in (and credit)
                 the entropy, then make the kernel CRNG reseed at once so that
                 clones of one snapshot stop sharing RNG output; rename the host.
+``usage``       -> REPLY {clk_tck, cpus, cpu_busy_ticks, cpu_idle_ticks,
+                          memory_total, memory_available, disk_total, disk_used,
+                          disk_available, net_rx, net_tx, processes, uptime}
+                The guest kernel's counters (bytes; ticks since boot; the disk is
+                the file system of the agent's root; the network every interface
+                but loopback).
+``processes``   -> REPLY {clk_tck, uptime, truncated, processes: [{pid, ppid, uid,
+                          state, cpu_ticks, start_ticks, rss, argv}]}
+                At most 4096 processes, argv cut at 4096 bytes.
 ``shutdown``    poweroff?=true -> REPLY {poweroff: bool} then the agent kills
                 its commands and exits (and powers the VM off, but only when
                 it serves a virtio-serial device)
@@ -527,6 +536,8 @@ REQUEST_FIELDS: Final[dict[str, dict[str, tuple[Callable[[object], bool], object
         "hostname": (_is_str_or_none, None),
     },
     "shutdown": {"poweroff": (_is_bool, True)},
+    "usage": {},
+    "processes": {},
 }
 
 

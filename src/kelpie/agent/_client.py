@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from kelpie import protocol
 from kelpie.agent._connection import READ_SIZE, AgentConnection
@@ -47,6 +47,9 @@ from kelpie.agent._types import (
     ResyncResult,
 )
 from kelpie.protocol import FrameType
+from kelpie.vm import GuestProcesses, GuestUsage
+
+R = TypeVar("R")
 
 
 class AgentClient(AgentConnection):
@@ -212,6 +215,14 @@ class AgentClient(AgentConnection):
             hostname=body["hostname"],
         )
 
+    async def usage(self) -> GuestUsage:
+        """The guest kernel's counters (CPU, memory, root disk, network, processes)."""
+        return _checked("usage", GuestUsage.from_reply, await self._call("usage"))
+
+    async def processes(self) -> GuestProcesses:
+        """The guest's processes."""
+        return _checked("processes", GuestProcesses.from_reply, await self._call("processes"))
+
     # -- exec ------------------------------------------------------------------------
 
     async def exec(
@@ -367,3 +378,11 @@ class AgentClient(AgentConnection):
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a guest file, symlink or directory."""
         await self._call("remove", path=path, recursive=recursive)
+
+
+def _checked(op: str, parse: Callable[[dict[str, Any]], R], body: dict[str, Any]) -> R:
+    """A reply the guest sent, parsed; a malformed one is the agent's protocol error."""
+    try:
+        return parse(body)
+    except ValueError as exc:
+        raise AgentProtocolError(f"{op}: the agent's reply is malformed: {exc}") from None

@@ -24,7 +24,7 @@ from kelpie.agent._tasks import cancel_and_wait
 from kelpie.agent._vm import AgentVm
 from kelpie.agent._vmdir import log_tail
 from kelpie.agent._vmm import ProcessWatch, spawn_in_new_session
-from kelpie.vm import BootError, VmConfig, VmCrashed, VmState
+from kelpie.vm import BootError, HostUsage, VmConfig, VmCrashed, VmState
 
 T = TypeVar("T")
 
@@ -70,6 +70,11 @@ class ProcessVm(AgentVm):
 
     def _vmm_running(self) -> bool:
         return self._process is not None and self._process.running
+
+    def host_usage(self) -> HostUsage | None:
+        """The VMM process's CPU time and resident memory, the VM directory's bytes."""
+        pid = self.pid
+        return None if pid is None else HostUsage.of_process(pid, self.workdir)
 
     def _log_tail(self) -> str:
         return log_tail(self.workdir, self.vmm_logs)

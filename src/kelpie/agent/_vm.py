@@ -47,6 +47,8 @@ from kelpie.vm import (
     ExecRequest,
     FileInfo,
     GuestFileError,
+    GuestProcesses,
+    GuestUsage,
     VmConfig,
     VmCrashed,
     VmError,
@@ -306,6 +308,12 @@ class AgentVm(VmInstance):
         if info.target is None:
             raise GuestFileError(path, "EINVAL", f"not a symbolic link (a {info.type})")
         return info.target
+
+    async def _do_guest_usage(self) -> GuestUsage:
+        return await self._call(lambda client: client.usage())
+
+    async def _do_guest_processes(self) -> GuestProcesses:
+        return await self._call(lambda client: client.processes())
 
     async def _do_agent_state(self) -> dict[str, Any]:
         info = self.agent_info

@@ -33,6 +33,9 @@ from kelpie.vm import (
     ExecRequest,
     FileInfo,
     GuestFileError,
+    GuestProcess,
+    GuestProcesses,
+    GuestUsage,
     HostInfo,
     LocalStorage,
     ProbeResult,
@@ -70,7 +73,8 @@ class MockProcess(ExecProcess):
         self._events_q: asyncio.Queue[ExecEvent | BaseException] = asyncio.Queue()
         self._signal: int | None = None
         self._aborted = False
-        self._started = asyncio.get_running_loop().time()
+        self.started = asyncio.get_running_loop().time()
+        """When it started (the event loop's clock)."""
         self._task = asyncio.create_task(self._run(), name=f"mock-exec-{request.argv[0]}")
         self._task.add_done_callback(self._finished)
         vm._processes.add(self)
@@ -111,7 +115,7 @@ class MockProcess(ExecProcess):
             code, timed_out = 128 + (self._signal or SIGKILL), False
         else:
             code, timed_out = task.result()
-        duration = asyncio.get_running_loop().time() - self._started
+        duration = asyncio.get_running_loop().time() - self.started
         self._events_q.put_nowait(ExecExit(code, duration, self._signal, timed_out))
 
     async def _write(self, stream: str, data: bytes) -> None:
@@ -183,6 +187,8 @@ class MockVm(VmInstance):
         self.fs = MockFs()
         self.hostname = config.hostname or f"kelpie-{self.id[:8]}"
         self.boots = 0
+        self.stop_grace: float | None = None
+        self._booted_at = 0.0
         self.exec_count = 0
         self._running = asyncio.Event()
         self._processes: set[MockProcess] = set()
@@ -237,6 +243,7 @@ class MockVm(VmInstance):
 
     # ---- lifecycle hooks ----------------------------------------------------------------
     async def _boot(self, operation: str) -> None:
+        self._booted_at = asyncio.get_running_loop().time()
         if self._boot_seconds:
             await asyncio.sleep(self._boot_seconds)
         if self._faults.check(Fault.BOOT_FAIL, operation):
@@ -249,6 +256,7 @@ class MockVm(VmInstance):
         self.boots += 1
 
     async def _do_stop(self, *, force: bool, grace: float | None = None) -> None:
+        self.stop_grace = grace  # what the caller allowed for a graceful stop (tests read it)
         self._halt(VmError(f"VM {self.id} stopped while the command was running"))
 
     async def _do_pause(self) -> None:
@@ -284,6 +292,29 @@ class MockVm(VmInstance):
         self._maybe_crash("write_file")
         data = b"".join([bytes(c) async for c in chunks])
         self.fs.write(MockFs.resolve("/", path), data, mode)
+
+    # ---- usage: what the mock keeps (its files live in memory, as on a tmpfs) ------------
+    def _uptime(self) -> float:
+        return asyncio.get_running_loop().time() - self._booted_at
+
+    async def _do_guest_usage(self) -> GuestUsage:
+        await self._round_trip("usage")
+        stored = sum(len(data) for data, _ in self.fs.files.values())
+        total = self._config.memory_mib << 20
+        disk = (self._config.disk_mib or self._config.memory_mib) << 20
+        return GuestUsage(cpu_seconds=0.0, cpus=self._config.vcpus, memory_total=total,
+                          memory_used=min(stored, total), disk_total=disk,
+                          disk_used=min(stored, disk), disk_available=max(0, disk - stored),
+                          net_rx=0, net_tx=0, processes=1 + len(self._processes),
+                          uptime=self._uptime())
+
+    async def _do_guest_processes(self) -> GuestProcesses:
+        await self._round_trip("processes")
+        init = GuestProcess(1, 0, 0, "S", 0.0, 0, 0.0, ("/sbin/init",))
+        running = [GuestProcess(2 + n, 1, 0, "S", 0.0, 0, p.started - self._booted_at,
+                                p.request.argv)
+                   for n, p in enumerate(sorted(self._processes, key=lambda p: p.started))]
+        return GuestProcesses((init, *running), self._uptime())
 
     async def _do_list_dir(self, path: str) -> list[FileInfo]:
         await self._round_trip("list_dir")

@@ -63,6 +63,8 @@ async def attach(process: ExecProcess, *, stdin: bool, tty: bool) -> int:
                     await feeder
     end = process.exit
     assert isinstance(end, ExecExit)
+    if end.warning:
+        sys.stderr.write(f"kelpie: warning: {end.warning}\n")
     if end.timed_out:
         raise ExecTimeout(process.request.argv, process.request.timeout or 0.0, b"", b"")
     return end.exit_code

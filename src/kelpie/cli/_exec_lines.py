@@ -141,6 +141,8 @@ def exec_lines(target: Target, ref: str, argv: Sequence[str], *, env: Mapping[st
                     out.buffer.write(base64.b64decode(message["data"]))
                     out.flush()
                 elif kind == "exit":
+                    if message.get("warning"):
+                        sys.stderr.write(f"kelpie: warning: {message['warning']}\n")
                     if message.get("timed_out"):
                         raise ExecTimeout(tuple(argv), timeout or 0.0, b"", b"")
                     return int(message["exit_code"])

@@ -47,6 +47,8 @@ COMMANDS = {
     "backend": "_backend:backend", "dst": "_dst:dst", "guestkit": "_guestkit:guestkit",
     "teleport": "_teleport:teleport", "network": "_network:network", "fork": "_fork:fork",
     "wait": "_sandbox:wait", "rename": "_sandbox:rename", "port": "_sandbox:port",
+    "events": "_monitor:events", "stats": "_monitor:stats", "top": "_monitor:top",
+    "attach": "_monitor:attach",
 }
 
 

@@ -63,6 +63,14 @@ def _shape_options(command: F) -> F:
         click.option("--entrypoint", default=None,
                      help="Replace the image's entrypoint (and drop its default command); "
                           "'' clears it."),
+        click.option("--restart", default=None, metavar="POLICY",
+                     help="Restart the main command when it ends: no (default), "
+                          "on-failure[:N] (non-zero exit, at most N times) or always; "
+                          "the daemon backs off 0.1 s doubling to 60 s."),
+        click.option("--stop-timeout", type=click.FloatRange(0, 3600), default=None,
+                     metavar="SECONDS",
+                     help="How long a stop waits for the guest to shut down before the "
+                          "VM is killed (default: the backend's)."),
         click.option("--backend",
                      help="Backend (default: KELPIE_BACKEND or the best for this host)."),
         click.option("--arch", type=click.Choice(list(GUEST_ARCHES)), default=None,
@@ -93,7 +101,8 @@ def _body(image: str | None, command: list[str] | None, shape: dict[str, Any], *
         arch=shape["arch"], hostname=shape["hostname"], labels=labels, user=shape["user"],
         workdir=shape["workdir"],
         entrypoint=None if entrypoint is None else [entrypoint] if entrypoint else [],
-        command=command, template=template, start=start,
+        command=command, template=template, start=start, restart=shape["restart"],
+        stop_timeout=shape["stop_timeout"],
     )
 
 
@@ -150,6 +159,9 @@ def run(ctx: click.Context, /, detach: bool, interactive: bool, tty: bool, remov
     """
     if detach and (remove or interactive or tty):
         raise click.UsageError("-d cannot be combined with --rm, -i or -t")
+    if shape["restart"] not in (None, "no") and not detach:
+        raise click.UsageError("--restart restarts a main command: use it with -d (or with "
+                               "`kelpie create`)")
     no_image = bool(ctx.meta.get("kelpie.no_image")) or template is not None
     image, command = _split_image(list(args), no_image)
     if image is None and not command and not detach and template is None:

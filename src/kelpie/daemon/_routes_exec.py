@@ -137,7 +137,7 @@ class _ExecStream:
                 if stdin:
                     await process.write_stdin(stdin)
                 await process.close_stdin()
-                await _until_disconnect(self._request, self._pump(process))
+                await _until_disconnect(self._request, self._pump(runtime, process))
         except Exception as exc:
             if not self._up.done():
                 self._up.set_exception(exc)
@@ -149,16 +149,22 @@ class _ExecStream:
             streams.pop(self.exec_id, None)
             self._queue.put_nowait(None)
 
-    async def _pump(self, process: ExecProcess) -> None:
+    async def _pump(self, runtime: Runtime, process: ExecProcess) -> None:
         async for event in process:
             if isinstance(event, ExecOutput):
                 self._put(ExecOutputLine(stream=event.stream.value, data=b64(event.data)))
             elif isinstance(event, ExecExit):
-                self._put(ExecExitMessage(exit_code=event.exit_code, signal=event.signal,
-                                          timed_out=event.timed_out, duration=event.duration))
+                self._put(await _exit_message(runtime, self.sandbox_id, event))
 
     def _put(self, model: BaseModel) -> None:
         self._queue.put_nowait(json.dumps(model_json(model)).encode() + b"\n")
+
+
+async def _exit_message(runtime: Runtime, ref: str, end: ExecExit) -> ExecExitMessage:
+    """How a command ended; a failed one says so when the sandbox's disk is full."""
+    warning = None if end.exit_code == 0 else await runtime.disk_full(ref)
+    return ExecExitMessage(exit_code=end.exit_code, signal=end.signal, timed_out=end.timed_out,
+                           duration=end.duration, warning=warning)
 
 
 async def _until_disconnect(request: Request, work: Coroutine[Any, Any, None]) -> None:
@@ -230,9 +236,8 @@ async def _serve_exec(websocket: WebSocket, runtime: Runtime, ref: str, start: E
                         else CHANNEL_STDERR
                     await websocket.send_bytes(bytes([channel]) + event.data)
                 elif isinstance(event, ExecExit):
-                    await websocket.send_json(model_json(ExecExitMessage(
-                        exit_code=event.exit_code, signal=event.signal,
-                        timed_out=event.timed_out, duration=event.duration)))
+                    await websocket.send_json(model_json(
+                        await _exit_message(runtime, ref, event)))
         finally:
             feeder.cancel()
             with contextlib.suppress(BaseException):

@@ -15,6 +15,7 @@ from ._link import HostLink
 from ._rootfs import RootFS
 from ._session import Session
 from ._system import op_resync
+from ._usage import op_processes, op_usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ class Agent:
             **self.execs.handlers(),
             **self.files.handlers(),
             "resync": functools.partial(op_resync, set_clock=in_guest),
+            "usage": functools.partial(op_usage, self.rootfs.root),
+            "processes": op_processes,
             "shutdown": self.op_shutdown,
         }
         self.session = Session(

@@ -22,8 +22,10 @@ from kelpie.runtime._errors import (
     SnapshotNotFound,
     StateDatabaseError,
 )
-from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
+from kelpie.runtime._events import EventFilter
+from kelpie.runtime._info import EventKind, SandboxEvent, SandboxInfo, SnapshotInfo
 from kelpie.runtime._names import NAME_PATTERN, check_name, generated_name
+from kelpie.runtime._restart import RestartMode, RestartPolicy
 from kelpie.runtime._runtime import Runtime
 
 __all__ = [
@@ -31,7 +33,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "AmbiguousSandbox",
     "AmbiguousSnapshot",
+    "EventFilter",
+    "EventKind",
     "ExecNotFound",
+    "RestartMode",
+    "RestartPolicy",
     "Runtime",
     "RuntimeLocked",
     "RuntimeNotOpen",

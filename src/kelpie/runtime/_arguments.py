@@ -12,6 +12,7 @@ from typing import TypeVar
 from kelpie.images import NoDefaultCommand, StoredImage
 from kelpie.images._rootfs_build import BuildProgress
 from kelpie.runtime._info import SandboxInfo
+from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import ConfigError, Mount, NetworkMode, PortMapping, SnapshotKind
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -110,6 +111,27 @@ def build_reporter(progress: Progress | None) -> Callable[[BuildProgress], None]
         loop.call_soon_threadsafe(progress, line)
 
     return report
+
+
+MAX_STOP_TIMEOUT_SECONDS = 3600.0
+
+
+def stop_timeout(seconds: object) -> float | None:
+    """A checked stop timeout: None (the backend's default) or 0 to an hour in seconds."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+            or not 0 <= seconds <= MAX_STOP_TIMEOUT_SECONDS:
+        raise ConfigError([f"stop timeout {seconds!r} must be a number of seconds from 0 to "
+                           f"{MAX_STOP_TIMEOUT_SECONDS:g}"], what="sandbox")
+    return float(seconds)
+
+
+def restart_policy(policy: RestartPolicy | str | None) -> RestartPolicy:
+    """A :class:`RestartPolicy` from itself or its text (None: ``no``)."""
+    if isinstance(policy, RestartPolicy):
+        return policy
+    return RestartPolicy.parse(policy or "no")
 
 
 def network(mode: NetworkMode | str) -> NetworkMode:

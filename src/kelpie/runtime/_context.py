@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,14 @@ class RuntimeContext:
 
     ``db`` is the state database (set by :meth:`Runtime.open`); ``vms`` the live VM of
     each sandbox that has one. Every directory change goes through ``storage``, every
-    timestamp comes from ``clock``.
+    timestamp comes from ``clock``, every wait (a restart's back-off) from ``sleep``.
     """
 
     def __init__(
         self, *, data_dir: Path, factory: VmFactory,
         backend_options: Mapping[str, Mapping[str, Any]], images: ImageStore | None,
         storage: Storage, clock: Callable[[], float], new_id: Callable[[], str],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.data_dir = data_dir
         self.factory = factory
@@ -51,6 +52,7 @@ class RuntimeContext:
         self._images = images
         self.storage = storage
         self.clock = clock
+        self.sleep = sleep
         self.new_id = new_id
         self.open_db: StateDb | None = None
         self.vms: dict[str, VmInstance] = {}

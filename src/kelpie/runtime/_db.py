@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kelpie.runtime._errors import SandboxNameInUse, SnapshotNameInUse, StateDatabaseError
-from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
+from kelpie.runtime._info import EventKind, SandboxEvent, SandboxInfo, SnapshotInfo
+from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import ConfigError, SnapshotKind, VmConfig, VmState
 
 DB_FILENAME = "runtime.db"
@@ -89,6 +90,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE sandboxes ADD COLUMN main_exec_id TEXT",
     ),
+    # 6: how often the restart policy restarted the main command; one event log for every
+    # sandbox that outlives them (a removal is an event too), each event with its kind
+    (
+        "ALTER TABLE sandboxes ADD COLUMN restart_count INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE events (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            sandbox_id TEXT NOT NULL,
+            name       TEXT NOT NULL,
+            at         REAL NOT NULL,
+            kind       TEXT NOT NULL,
+            state      TEXT NOT NULL,
+            reason     TEXT
+        )
+        """,
+        """
+        INSERT INTO events (seq, sandbox_id, name, at, kind, state, reason)
+        SELECT e.seq, e.sandbox_id, s.name, e.at, 'state', e.state, e.reason
+        FROM sandbox_events e JOIN sandboxes s ON s.id = e.sandbox_id
+        """,
+        "DROP TABLE sandbox_events",
+        "CREATE INDEX events_by_sandbox ON events (sandbox_id, seq)",
+    ),
 )
 """Schema migrations, in order; append new ones, never edit a released one."""
 
@@ -96,8 +120,13 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, name, backend, image, image_digest, config, state, crash_reason, last_error, "
-    "vm_dir, labels, created_at, updated_at, main_exit_code, main_exec_id"
+    "vm_dir, labels, created_at, updated_at, main_exit_code, main_exec_id, restart_count"
 )
+
+_EVENT_COLUMNS = "seq, sandbox_id, name, at, kind, state, reason"
+
+MAX_EVENTS = 100_000
+"""The event log keeps this many of the newest events (older ones go at each removal)."""
 
 
 _SNAPSHOT_COLUMNS = (
@@ -160,6 +189,8 @@ class StateDb:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.on_event: Callable[[], None] | None = None
+        """Called (in the writing transaction) whenever an event is recorded."""
         self._conn = connect(path)
         try:
             migrate(self._conn)
@@ -187,10 +218,10 @@ class StateDb:
             with _transaction(self._conn):
                 self._conn.execute(
                     f"INSERT INTO sandboxes ({_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _row_values(info),
                 )
-                self._event(info.id, info.created_at, info.state, None)
+                self._event(info.id, info.created_at, EventKind.STATE, info.state, None)
         except sqlite3.IntegrityError as exc:
             if "sandboxes.name" in str(exc):
                 owner = self.find_by_name(info.name)
@@ -212,7 +243,7 @@ class StateDb:
                 (state.value, crash_reason, at, clear_error, sandbox_id),
             )
             if cursor.rowcount:
-                self._event(sandbox_id, at, state, reason)
+                self._event(sandbox_id, at, EventKind.STATE, state, reason)
 
     def set_error(self, sandbox_id: str, error: str, at: float) -> None:
         """Remember the last failed operation of a sandbox."""
@@ -233,8 +264,13 @@ class StateDb:
         """Rename a sandbox; :class:`SandboxNameInUse` if the name is taken."""
         try:
             with _transaction(self._conn):
+                old = self._conn.execute("SELECT name, state FROM sandboxes WHERE id = ?",
+                                         (sandbox_id,)).fetchone()
                 self._conn.execute("UPDATE sandboxes SET name = ?, updated_at = ? WHERE id = ?",
                                    (name, at, sandbox_id))
+                if old is not None and old[0] != name:
+                    self._event(sandbox_id, at, EventKind.RENAMED, VmState(old[1]),
+                                f"renamed from {old[0]}")
         except sqlite3.IntegrityError as exc:
             if "sandboxes.name" in str(exc):
                 owner = self.find_by_name(name)
@@ -248,15 +284,6 @@ class StateDb:
                 "UPDATE sandboxes SET vm_dir = ? WHERE id = ?", (str(vm_dir), sandbox_id)
             )
 
-    def set_main_exit(self, sandbox_id: str, exit_code: int | None, at: float) -> None:
-        """Record how the sandbox's main command ended (None: it is running again)."""
-        with _transaction(self._conn):
-            self._conn.execute(
-                "UPDATE sandboxes SET main_exit_code = ?, main_exec_id = NULL, updated_at = ?"
-                " WHERE id = ?",
-                (exit_code, at, sandbox_id),
-            )
-
     def set_main_exec(self, sandbox_id: str, exec_id: str | None) -> None:
         """Remember the backend's id of the running main command."""
         with _transaction(self._conn):
@@ -264,16 +291,51 @@ class StateDb:
                 "UPDATE sandboxes SET main_exec_id = ? WHERE id = ?", (exec_id, sandbox_id),
             )
 
-    def delete(self, sandbox_id: str) -> None:
-        """Forget a sandbox (its events go with it)."""
+    def main_started(self, sandbox_id: str, at: float, *, restart: str | None = None) -> None:
+        """Record that the main command runs (again): by a start (its restart count back to
+        0), or by the restart policy (``restart`` says why; counted, and an event)."""
         with _transaction(self._conn):
-            self._conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+            row = self._conn.execute(
+                "UPDATE sandboxes SET main_exit_code = NULL, main_exec_id = NULL, updated_at = ?,"
+                " restart_count = CASE WHEN ? THEN restart_count + 1 ELSE 0 END"
+                " WHERE id = ? RETURNING state", (at, restart is not None, sandbox_id),
+            ).fetchone()
+            if row is not None and restart is not None:
+                self._event(sandbox_id, at, EventKind.RESTARTED, VmState(row[0]), restart)
 
-    def _event(self, sandbox_id: str, at: float, state: VmState, reason: str | None) -> None:
+    def main_exited(self, sandbox_id: str, exit_code: int | None, at: float) -> None:
+        """Record how the main command ended, as its exit code and as an event."""
+        with _transaction(self._conn):
+            row = self._conn.execute(
+                "UPDATE sandboxes SET main_exit_code = ?, main_exec_id = NULL, updated_at = ?"
+                " WHERE id = ? RETURNING state", (exit_code, at, sandbox_id),
+            ).fetchone()
+            if row is not None:
+                how = "unknown" if exit_code is None else str(exit_code)
+                self._event(sandbox_id, at, EventKind.MAIN_EXITED, VmState(row[0]),
+                            f"exit code {how}")
+
+    def delete(self, sandbox_id: str, at: float) -> None:
+        """Forget a sandbox; its events stay in the log, with a last one saying so."""
+        with _transaction(self._conn):
+            row = self._conn.execute("SELECT state FROM sandboxes WHERE id = ?",
+                                     (sandbox_id,)).fetchone()
+            if row is None:
+                return
+            self._event(sandbox_id, at, EventKind.REMOVED, VmState(row[0]), None)
+            self._conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+            self._conn.execute("DELETE FROM events WHERE seq <= "
+                               "(SELECT max(seq) FROM events) - ?", (MAX_EVENTS,))
+
+    def _event(self, sandbox_id: str, at: float, kind: EventKind, state: VmState,
+               reason: str | None) -> None:
         self._conn.execute(
-            "INSERT INTO sandbox_events (sandbox_id, at, state, reason) VALUES (?, ?, ?, ?)",
-            (sandbox_id, at, state.value, reason),
+            "INSERT INTO events (sandbox_id, name, at, kind, state, reason) "
+            "SELECT id, name, ?, ?, ?, ? FROM sandboxes WHERE id = ?",
+            (at, kind.value, state.value, reason, sandbox_id),
         )
+        if self.on_event is not None:
+            self.on_event()
 
     # ---- reads --------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxInfo | None:
@@ -295,13 +357,25 @@ class StateDb:
         return self._many("ORDER BY created_at, id", ())
 
     def events(self, sandbox_id: str) -> list[SandboxEvent]:
-        """The recorded state changes of a sandbox, oldest first."""
-        rows = self._conn.execute(
-            "SELECT sandbox_id, at, state, reason FROM sandbox_events"
-            " WHERE sandbox_id = ? ORDER BY seq",
-            (sandbox_id,),
-        ).fetchall()
-        return [SandboxEvent(r[0], r[1], VmState(r[2]), r[3]) for r in rows]
+        """The recorded events of a sandbox, oldest first."""
+        return self._events("WHERE sandbox_id = ? ORDER BY seq", (sandbox_id,))
+
+    def events_after(self, seq: int, *, since: float | None = None,
+                     limit: int = 1000) -> list[SandboxEvent]:
+        """Every sandbox's events after event ``seq`` (and at or after ``since``), oldest
+        first, at most ``limit``."""
+        return self._events("WHERE seq > ? AND at >= ? ORDER BY seq LIMIT ?",
+                            (seq, -1.0 if since is None else since, limit))
+
+    def last_event_seq(self) -> int:
+        """The sequence number of the newest event (0 when there is none)."""
+        return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+    def _events(self, where: str, params: Sequence[Any]) -> list[SandboxEvent]:
+        rows = self._conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events {where}", params)
+        return [SandboxEvent(sandbox_id=r[1], at=r[3], state=VmState(r[5]), reason=r[6],
+                             seq=r[0], name=r[2], kind=EventKind(r[4]))
+                for r in rows.fetchall()]
 
     def _one(self, where: str, params: Sequence[Any]) -> SandboxInfo | None:
         rows = self._many(where, params)
@@ -387,7 +461,8 @@ def _sandbox_json(info: SandboxInfo) -> dict[str, Any]:
     return {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user,
             "command": None if info.command is None else list(info.command),
             "image_command": None if info.image_command is None else list(info.image_command),
-            "image_entrypoint": list(info.image_entrypoint), "labels": dict(info.labels)}
+            "image_entrypoint": list(info.image_entrypoint), "labels": dict(info.labels),
+            **_main_settings(info)}
 
 
 def _sandbox_from_json(
@@ -403,6 +478,8 @@ def _sandbox_from_json(
         image_command=None if image_command is None else tuple(image_command),
         image_entrypoint=tuple(data.get("image_entrypoint") or ()),
         labels=dict(data.get("labels") or {}),
+        restart=RestartPolicy.parse(data.get("restart") or "no"),
+        stop_timeout=data.get("stop_timeout"),
     )
 
 
@@ -411,8 +488,13 @@ def _config_json(info: SandboxInfo) -> str:
     config = {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user,
               "command": None if info.command is None else list(info.command),
               "image_command": None if info.image_command is None else list(info.image_command),
-              "image_entrypoint": list(info.image_entrypoint)}
+              "image_entrypoint": list(info.image_entrypoint), **_main_settings(info)}
     return json.dumps(config, sort_keys=True)
+
+
+def _main_settings(info: SandboxInfo) -> dict[str, Any]:
+    """The restart policy and stop timeout, as records keep them."""
+    return {"restart": str(info.restart), "stop_timeout": info.stop_timeout}
 
 
 def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
@@ -421,13 +503,14 @@ def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
         _config_json(info), info.state.value, info.crash_reason,
         info.last_error, None if info.vm_dir is None else str(info.vm_dir),
         json.dumps(dict(info.labels), sort_keys=True), info.created_at, info.updated_at,
-        info.main_exit_code, info.main_exec_id,
+        info.main_exit_code, info.main_exec_id, info.restart_count,
     )
 
 
 def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
     (sid, name, backend, image, digest, config_json, state, crash_reason, last_error,
-     vm_dir, labels_json, created_at, updated_at, main_exit_code, main_exec_id) = row
+     vm_dir, labels_json, created_at, updated_at, main_exit_code, main_exec_id,
+     restart_count) = row
     try:
         config = json.loads(config_json)
         vm_config = VmConfig.from_dict(config["vm"])
@@ -437,6 +520,10 @@ def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
         image_command = config.get("image_command")
         image_command = None if image_command is None else tuple(str(a) for a in image_command)
         image_entrypoint = tuple(str(a) for a in config.get("image_entrypoint") or ())
+        restart = RestartPolicy.parse(config.get("restart") or "no")
+        stop_timeout = config.get("stop_timeout")
+        if stop_timeout is not None:
+            stop_timeout = float(stop_timeout)
     except (ValueError, KeyError, TypeError, ConfigError) as exc:
         raise StateDatabaseError(
             f"sandbox {sid} ({name}) has an unreadable record in {path}: {exc}"
@@ -449,4 +536,5 @@ def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
         created_at=created_at, updated_at=updated_at, command=command,
         main_exit_code=main_exit_code, image_command=image_command,
         image_entrypoint=image_entrypoint, main_exec_id=main_exec_id,
+        restart=restart, restart_count=restart_count, stop_timeout=stop_timeout,
     )

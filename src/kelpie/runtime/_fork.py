@@ -103,7 +103,8 @@ class Forks:
         for name in names:
             made.append(self._sandboxes.insert(spec, name, config, stored,
                                                {**parent.labels, "kelpie.fork-of": parent.id},
-                                               None, args.CommandDefaults.of_sandbox(parent)))
+                                               None, args.CommandDefaults.of_sandbox(parent),
+                                               stop_timeout=parent.stop_timeout))
         try:
             await asyncio.gather(*(self._start(spec, info, stored, capture) for info in made))
         except BaseException:

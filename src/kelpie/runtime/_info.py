@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from pathlib import Path
 
+from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import SnapshotKind, VmConfig, VmState
 
 SHORT_ID_LENGTH = 12
@@ -46,6 +48,9 @@ class SandboxInfo:
     image_command: tuple[str, ...] | None = None
     image_entrypoint: tuple[str, ...] = ()
     main_exec_id: str | None = None
+    restart: RestartPolicy = dataclasses.field(default_factory=RestartPolicy)
+    restart_count: int = 0
+    stop_timeout: float | None = None
 
     @property
     def short_id(self) -> str:
@@ -62,14 +67,32 @@ ACTIVE_STATES = frozenset({VmState.CREATED, VmState.STARTING, VmState.RUNNING, V
 """States in which a sandbox has (or is getting) a VM; the others are at rest."""
 
 
+class EventKind(enum.StrEnum):
+    """What an event says happened to a sandbox."""
+
+    STATE = "state"
+    """Its state changed to the event's state."""
+    MAIN_EXITED = "main-exited"
+    """Its main command ended (the reason gives the exit code)."""
+    RESTARTED = "restarted"
+    """Its restart policy started the main command again."""
+    RENAMED = "renamed"
+    REMOVED = "removed"
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxEvent:
-    """One recorded state change of a sandbox."""
+    """One recorded event of a sandbox: ``kind`` says what happened; ``state`` is the
+    sandbox's state after it; ``name`` its name then; ``seq`` orders every event of the
+    runtime (it only grows)."""
 
     sandbox_id: str
     at: float
     state: VmState
     reason: str | None = None
+    seq: int = 0
+    name: str = ""
+    kind: EventKind = EventKind.STATE
 
 
 @dataclasses.dataclass(frozen=True)

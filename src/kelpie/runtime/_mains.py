@@ -1,4 +1,5 @@
-"""Main commands: a sandbox's own command, run whenever it starts, its output kept as logs."""
+"""Main commands: a sandbox's own command, run whenever it starts, its output kept as logs,
+started again when it ends as its restart policy says."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import IO
 
 from kelpie.runtime._context import RuntimeContext, logger
 from kelpie.runtime._info import SandboxInfo
+from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import (
     ExecExit,
     ExecOutput,
@@ -33,7 +35,7 @@ class MainCommands:
         """Run the sandbox's main command in the background, its output into the log
         (``follow``: take over the one an earlier runtime started, by its exec id)."""
         if not follow:
-            self._ctx.db.set_main_exit(info.id, None, self._ctx.clock())
+            self._ctx.db.main_started(info.id, self._ctx.clock())
         task = asyncio.create_task(self._run(info, vm, follow=follow),
                                    name=f"kelpie-main-{info.id}")
         self._tasks[info.id] = task
@@ -48,25 +50,50 @@ class MainCommands:
             self.start(info, vm, follow=True)
 
     async def _run(self, info: SandboxInfo, vm: VmInstance, *, follow: bool) -> None:
-        """Pump the main command's output into the sandbox's output log; record its exit.
+        """Run (or follow) the main command until it ends and its restart policy says it
+        is done; record each end.
 
         Cancelled when the sandbox stops or the runtime closes: the command itself is left
         running in the guest (``keep_running``), and its exec id is recorded so that the
         next runtime (e.g. a restarted daemon) takes its output over where it stopped.
         """
+        ctx = self._ctx
+        delay: float | None = None
+        while True:
+            started = ctx.clock()
+            exit_code = await self._run_once(info, vm, follow=follow)
+            if ctx.open_db is None or ctx.vms.get(info.id) is not vm:
+                return  # no longer this runtime's VM: nothing to record, nothing to restart
+            ctx.db.main_exited(info.id, exit_code, ctx.clock())
+            info = ctx.info(info.id)
+            if vm.state is not VmState.RUNNING \
+                    or not info.restart.should_restart(exit_code, info.restart_count):
+                return
+            delay = RestartPolicy.delay(delay, ctx.clock() - started)
+            await ctx.sleep(delay)
+            if ctx.open_db is None or ctx.vms.get(info.id) is not vm \
+                    or vm.state is not VmState.RUNNING:
+                return
+            ctx.db.main_started(info.id, ctx.clock(), restart=(
+                f"exit code {exit_code}; restart {info.restart_count + 1} "
+                f"({info.restart}) after {delay:g} s"))
+            info = ctx.info(info.id)
+            follow = False
+
+    async def _run_once(self, info: SandboxInfo, vm: VmInstance, *,
+                        follow: bool) -> int | None:
+        """Pump the main command's output into the sandbox's output log; its exit code."""
         assert info.command is not None
         ctx = self._ctx
         path = ctx.output_log(info.id)
         try:
             ctx.storage.mkdir(path.parent)
             with ctx.storage.open_append(path) as log:
-                exit_code = await self._pump(info, vm, follow, log)
+                return await self._pump(info, vm, follow, log)
         except (StorageError, OSError) as exc:  # this task is never awaited: record, not raise
             logger.warning("main command of sandbox %s: its log %s failed: %s", info.id, path,
                            exc)
-            exit_code = None  # unknown: its output (and exit) could not be collected
-        if ctx.open_db is not None and ctx.vms.get(info.id) is vm:
-            ctx.db.set_main_exit(info.id, exit_code, ctx.clock())
+            return None  # unknown: its output (and exit) could not be collected
 
     async def _pump(self, info: SandboxInfo, vm: VmInstance, follow: bool,
                     log: IO[bytes]) -> int | None:

@@ -53,6 +53,8 @@ def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
         "image_command": None if info.image_command is None else list(info.image_command),
         "image_entrypoint": list(info.image_entrypoint),
         "main_exit_code": info.main_exit_code, "main_exec_id": info.main_exec_id,
+        "restart": str(info.restart), "restart_count": info.restart_count,
+        "stop_timeout": info.stop_timeout,
     }
 
 
@@ -75,6 +77,9 @@ def sandbox_from_record(data: dict[str, Any]) -> SandboxInfo:
             image_command=None if image_command is None else tuple(str(a) for a in image_command),
             image_entrypoint=tuple(str(a) for a in data.get("image_entrypoint") or ()),
             main_exit_code=data.get("main_exit_code"), main_exec_id=data.get("main_exec_id"),
+            restart=args.restart_policy(data.get("restart")),
+            restart_count=max(0, int(data.get("restart_count") or 0)),
+            stop_timeout=args.stop_timeout(data.get("stop_timeout")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError([f"the sandbox record is malformed: {exc!r}"],

@@ -32,20 +32,22 @@ crashing the host at every storage step of every operation.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from kelpie.api import HostFacts, SandboxCreate, TemplateCreate
+from kelpie.api import HostFacts, ProcessList, SandboxCreate, SandboxStats, TemplateCreate
 from kelpie.images import BlobProgress, ImageStore, StoredImage, pull_image
 from kelpie.runtime._arguments import Progress
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._db import DB_FILENAME, StateDb
+from kelpie.runtime._events import EventFeed, EventFilter
 from kelpie.runtime._facts import host_facts
 from kelpie.runtime._fork import Forks
 from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
@@ -57,6 +59,7 @@ from kelpie.runtime._names import check_name
 from kelpie.runtime._network import change_egress
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.runtime._snapshots import Snapshots
+from kelpie.runtime._usage import Usage
 from kelpie.vm import (
     ExecProcess,
     ExecResult,
@@ -84,7 +87,7 @@ class Runtime:
     kit}}``). ``images`` is the image store (default: ``<data_dir>/images``). ``clock``
     gives Unix time for the records; ``new_id`` gives fresh lowercase-hex sandbox ids;
     ``storage`` carries every change to the runtime's directories (default: the host file
-    system).
+    system); ``sleep`` waits (the restart policy's back-off).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = _new_id,
         storage: Storage | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if data_dir is None:
             from kelpie._paths import state_dir
@@ -107,7 +111,7 @@ class Runtime:
         self._ctx = RuntimeContext(
             data_dir=self.data_dir, factory=self.factory, backend_options=backend_options or {},
             images=images, storage=LocalStorage() if storage is None else storage,
-            clock=clock, new_id=new_id,
+            clock=clock, new_id=new_id, sleep=sleep,
         )
         self._lock_file: IO[str] | None = None
         self._mains = MainCommands(self._ctx)
@@ -116,6 +120,8 @@ class Runtime:
         self._logs = Logs(self._ctx)
         self._moves = Moves(self._ctx, self._sandboxes, self._mains)
         self._forks = Forks(self._ctx, self._sandboxes)
+        self._feed = EventFeed(lambda: self._ctx.db, clock)
+        self._usage = Usage(self._ctx)
 
     # ---- lifecycle of the runtime itself ------------------------------------------------
     async def open(self) -> None:
@@ -127,6 +133,7 @@ class Runtime:
         self._lock_file = lock_data_dir(self.data_dir)
         try:
             self._ctx.open_db = StateDb(self.data_dir / DB_FILENAME)
+            self._ctx.open_db.on_event = self._feed.notify
             self._snapshots.recover()
             await self._sandboxes.recover()
         except BaseException:
@@ -489,8 +496,40 @@ class Runtime:
         return self._moves
 
     async def events(self, ref: str) -> builtins.list[SandboxEvent]:
-        """The recorded state changes of a sandbox, oldest first."""
+        """The recorded events of a sandbox, oldest first."""
         return self.db.events(self._ctx.find(ref).id)
+
+    def watch_events(
+        self, *, since: float | None = None, until: float | None = None,
+        sandboxes: Sequence[str] = (), kinds: Sequence[str] = (), states: Sequence[str] = (),
+    ) -> AsyncIterator[SandboxEvent]:
+        """Every sandbox's events as they are recorded (Docker's ``events``): from
+        ``since`` (Unix time; None: from now on), until ``until`` (None: until the caller
+        stops), narrowed to the given sandboxes (id, prefix or name), kinds
+        (:class:`EventKind` values) and states. Removed sandboxes' events stay in the log
+        (the newest 100,000 events are kept)."""
+        where = EventFilter.of(sandboxes=sandboxes, kinds=kinds, states=states)
+        _ = self.db  # RuntimeNotOpen now rather than at the first iteration
+        return self._feed.watch(since=since, until=until, where=where)
+
+    async def stats(self, ref: str) -> SandboxStats:
+        """One sample of what the sandbox uses: the host's view of its VM (CPU time,
+        resident memory, disk bytes) and the guest's own counters (CPU, memory, root
+        disk, network, processes). Counters run from the VM's start: for rates, take two
+        samples."""
+        return await self._usage.stats(self._ctx.find(ref))
+
+    async def stats_all(self) -> builtins.list[SandboxStats]:
+        """A sample of every running or paused sandbox."""
+        return await self._usage.stats_all(await self.list_sandboxes())
+
+    async def processes(self, ref: str) -> ProcessList:
+        """The processes in the sandbox's guest (Docker's ``top``)."""
+        return await self._usage.processes(self._ctx.find(ref))
+
+    async def disk_full(self, ref: str) -> str | None:
+        """Why the sandbox's writes fail when its root disk is full, else None."""
+        return await self._usage.disk_full(self._ctx.find(ref))
 
     async def read_logs(self, ref: str, *, tail: int | None = None,
                         console: bool = False) -> bytes:

@@ -22,6 +22,7 @@ from kelpie.runtime._errors import SandboxNameInUse, SandboxStateError
 from kelpie.runtime._info import SandboxInfo
 from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._names import check_name, generated_name
+from kelpie.runtime._restart import RestartMode, RestartPolicy
 from kelpie.vm import (
     DEFAULT_DISK_MIB,
     DEFAULT_MEMORY_MIB,
@@ -126,7 +127,14 @@ class Sandboxes:
                 rootfs_ext4, ctx.images, stored, size_mib=disk_mib,
                 progress=args.build_reporter(progress),
             ))
-        info = self.insert(spec, req.name, config, stored, req.labels or {}, main, defaults)
+        restart = args.restart_policy(req.restart)
+        stop_timeout = args.stop_timeout(req.stop_timeout)
+        if restart.mode is not RestartMode.NO and main is None:
+            raise ConfigError([f"restart policy {str(restart)!r} needs a main command to "
+                               "restart; give a command (or [] for the image's)"],
+                              what="sandbox")
+        info = self.insert(spec, req.name, config, stored, req.labels or {}, main, defaults,
+                           restart=restart, stop_timeout=stop_timeout)
         if progress is not None and req.start:
             progress(f"booting sandbox {info.name} ({info.short_id}) with {spec.name}")
         async with ctx.lock_for(info.id):
@@ -144,7 +152,8 @@ class Sandboxes:
     def insert(
         self, spec: BackendSpec, name: str | None, config: VmConfig,
         stored: StoredImage | None, labels: Mapping[str, str],
-        command: tuple[str, ...] | None, defaults: args.CommandDefaults,
+        command: tuple[str, ...] | None, defaults: args.CommandDefaults, *,
+        restart: RestartPolicy | None = None, stop_timeout: float | None = None,
     ) -> SandboxInfo:
         """Write the new record (state ``created``), retrying an id that is taken."""
         ctx = self._ctx
@@ -167,6 +176,8 @@ class Sandboxes:
                 command=command,
                 image_command=defaults.image_command,
                 image_entrypoint=defaults.entrypoint,
+                restart=restart or RestartPolicy(),
+                stop_timeout=stop_timeout,
             )
             try:
                 ctx.db.insert(info)
@@ -238,6 +249,8 @@ class Sandboxes:
             self._mains.stop(info.id)
             vm = ctx.vms.get(info.id)
             if vm is not None:
+                if timeout is None:
+                    timeout = info.stop_timeout
                 await vm.stop(grace=None if timeout is None else max(timeout, 0.0))
             elif info.state not in AT_REST:  # pragma: no cover - recovery settles these
                 ctx.db.set_state(info.id, VmState.STOPPED, ctx.clock())
@@ -280,7 +293,7 @@ class Sandboxes:
                 await vm.stop(force=True)
             ctx.vms.pop(info.id, None)
             self._delete_leftovers(info)
-            ctx.db.delete(info.id)
+            ctx.db.delete(info.id, ctx.clock())
         ctx.locks.pop(info.id, None)
 
     def _delete_leftovers(self, info: SandboxInfo) -> None:

@@ -208,7 +208,8 @@ class Snapshots:
                  "volumes": req.volumes or None, "ports": req.ports or None,
                  "backend": req.backend, "hostname": req.hostname, "command": req.command,
                  "network": None if req.network == "none" else req.network,
-                 "allow": req.allow or None, "deny": req.deny or None}
+                 "allow": req.allow or None, "deny": req.deny or None,
+                 "restart": req.restart, "stop_timeout": req.stop_timeout}
         given = sorted(k for k, v in fixed.items() if v is not None)
         if given:
             raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "
@@ -233,10 +234,11 @@ class Snapshots:
         base = snap.sandbox
         config = base.config.evolve(env={**base.config.env, **(env or {})}) if env else \
             base.config
+        boots = snap.kind is SnapshotKind.DISK  # a fresh boot runs the main command again
         info = self._sandboxes.insert(
             spec, name, config, stored, {**base.labels, **(labels or {})},
-            base.command if snap.kind is SnapshotKind.DISK else None,
-            args.CommandDefaults.of_sandbox(base))
+            base.command if boots else None, args.CommandDefaults.of_sandbox(base),
+            restart=base.restart if boots else None, stop_timeout=base.stop_timeout)
         async with ctx.lock_for(info.id):
             vm = self._sandboxes.new_vm(spec, info, stored)
             try:

@@ -13,15 +13,17 @@ from types import TracebackType
 from typing import Self
 
 from kelpie._units import optional_mib
-from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import (
+    ProcessList,
     SandboxCreate,
+    SandboxStats,
     TeleportMode,
     TeleportProgress,
     TeleportReport,
     TemplateCreate,
     validated,
 )
+from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import Snapshot as SnapshotRecord
 from kelpie.client import DaemonClient
 from kelpie.runtime import Runtime
@@ -106,6 +108,12 @@ class AsyncSandbox:
         arch: str | None = None,
         command: Sequence[str] | None = None,
         template: str | None = None,
+        hostname: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        restart: str | None = None,
+        stop_timeout: float | None = None,
         daemon: str | None = None,
         token: str | None = None,
     ) -> AsyncSandbox:
@@ -119,10 +127,13 @@ class AsyncSandbox:
         what ``allow`` names); ``allow``/``deny``: egress rules ``TARGET[:PORT]`` (see
         :class:`kelpie.vm.EgressPolicy`); ``arch``: the guest's architecture (``x86_64``,
         ``aarch64``; default the host's, another one is emulated); ``command``: a
-        main command whose output becomes the logs. ``template``: start by restoring this template
-        (then only ``name`` and ``env`` may be given). ``daemon``: the daemon's URL
-        (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None creates it
-        in this process.
+        main command whose output becomes the logs, started again when it ends as
+        ``restart`` says (``no``, ``on-failure[:N]``, ``always``); ``stop_timeout``: seconds
+        a stop waits for the guest before the VM is killed; ``hostname``, ``labels``,
+        ``workdir``, ``user``: as Docker's flags. ``template``: start by restoring this
+        template (then only ``name``, ``env`` and ``labels`` may be given). ``daemon``: the
+        daemon's URL (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None
+        creates it in this process.
         """
         request = validated(SandboxCreate, {
             "image": image, "name": name, "cpus": cpus,
@@ -131,6 +142,8 @@ class AsyncSandbox:
             "network": network, "allow": list(allow), "deny": list(deny), "backend": backend,
             "arch": arch,
             "command": None if command is None else list(command), "template": template,
+            "hostname": hostname, "labels": dict(labels or {}), "workdir": workdir,
+            "user": user, "restart": restart, "stop_timeout": stop_timeout,
         }, "sandbox")
         connection = await connect(daemon, token)
         async with _closed_on_error(connection):
@@ -212,6 +225,16 @@ class AsyncSandbox:
         resize its terminal (``tty``), iterate its output events. Leaving early kills it."""
         return self._service.exec_stream(self.id, argv, env=env, cwd=cwd, user=user,
                                          timeout=timeout, pty=tty)
+
+    async def stats(self) -> SandboxStats:
+        """A sample of what the sandbox uses: the host's view of its VM (CPU time, resident
+        memory, disk bytes) and the guest's own counters (CPU, memory, root disk, network,
+        processes); ``disk_full`` says whether writes fail for want of space."""
+        return await self._service.stats(self.id)
+
+    async def processes(self) -> ProcessList:
+        """The processes in the sandbox's guest (``kelpie top``)."""
+        return await self._service.processes(self.id)
 
     async def logs(self, *, tail: int | None = None) -> bytes:
         """The main command's output (else the console), the last ``tail`` lines if given."""

@@ -21,9 +21,9 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from kelpie.api import ProcessList, SandboxStats, TeleportProgress, TeleportReport
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import Snapshot as SnapshotRecord
-from kelpie.api import TeleportProgress, TeleportReport
 from kelpie.sdk._async import AsyncFiles, AsyncSandbox, BytesLike
 from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
 
@@ -184,6 +184,12 @@ class Sandbox:
         arch: str | None = None,
         command: Sequence[str] | None = None,
         template: str | None = None,
+        hostname: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        restart: str | None = None,
+        stop_timeout: float | None = None,
         daemon: str | None = None,
         token: str | None = None,
     ) -> Sandbox:
@@ -193,7 +199,9 @@ class Sandbox:
             image, name=name, cpus=cpus, memory=memory, disk=disk, env=env, volumes=volumes,
             ports=ports,
             network=network, allow=allow, deny=deny, backend=backend, arch=arch,
-            command=command, template=template, daemon=daemon, token=token))
+            command=command, template=template, hostname=hostname, labels=labels,
+            workdir=workdir, user=user, restart=restart, stop_timeout=stop_timeout,
+            daemon=daemon, token=token))
         return cls(sandbox, loop)
 
     @classmethod
@@ -261,6 +269,14 @@ class Sandbox:
                 raise
         else:
             self._loop.run(manager.__aexit__(None, None, None))
+
+    def stats(self) -> SandboxStats:
+        """A sample of what the sandbox uses (see :meth:`AsyncSandbox.stats`)."""
+        return self._loop.run(self._async.stats())
+
+    def processes(self) -> ProcessList:
+        """The processes in the sandbox's guest."""
+        return self._loop.run(self._async.processes())
 
     def logs(self, *, tail: int | None = None) -> bytes:
         """The main command's output (else the console)."""

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Seq
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
-from kelpie.api import SandboxCreate, TemplateCreate
+from kelpie.api import ProcessList, SandboxCreate, SandboxStats, TemplateCreate
 from kelpie.vm import ExecProcess, ExecResult, FileInfo
 
 if TYPE_CHECKING:
@@ -191,7 +191,26 @@ class SandboxService(Protocol):
         ...
 
     async def events(self, ref: str) -> Sequence[EventView]:
-        """The sandbox's recorded state changes, oldest first."""
+        """The sandbox's recorded events, oldest first."""
+        ...
+
+    def watch_events(self, *, since: float | None = None, until: float | None = None,
+                     sandboxes: Sequence[str] = (), kinds: Sequence[str] = (),
+                     states: Sequence[str] = ()) -> AsyncIterator[EventView]:
+        """Every sandbox's events as they are recorded, from ``since`` (None: now) until
+        ``until`` (None: until the caller stops), narrowed by sandbox, kind and state."""
+        ...
+
+    async def stats(self, ref: str) -> SandboxStats:
+        """A sample of what the sandbox uses (host's view and the guest's counters)."""
+        ...
+
+    async def stats_all(self) -> Sequence[SandboxStats]:
+        """A sample of every running or paused sandbox."""
+        ...
+
+    async def processes(self, ref: str) -> ProcessList:
+        """The processes in the sandbox's guest."""
         ...
 
     async def read_logs(self, ref: str, *, tail: int | None = None,

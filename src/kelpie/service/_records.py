@@ -39,7 +39,9 @@ def sandbox_record(view: SandboxView) -> Sandbox:
         command=None if info.command is None else list(info.command),
         image_command=None if info.image_command is None else list(info.image_command),
         image_entrypoint=list(info.image_entrypoint),
-        main_exit_code=info.main_exit_code, crash_reason=info.crash_reason,
+        main_exit_code=info.main_exit_code, restart=str(info.restart),
+        restart_count=info.restart_count, stop_timeout=info.stop_timeout,
+        crash_reason=info.crash_reason,
         last_error=info.last_error, labels=dict(info.labels),
         created_at=info.created_at, updated_at=info.updated_at,
     )
@@ -50,7 +52,8 @@ def event_record(view: EventView) -> Event:
     if isinstance(view, Event):
         return view
     event = _expect(view, SandboxEvent)
-    return Event(at=event.at, state=event.state.value, reason=event.reason)
+    return Event(at=event.at, state=event.state.value, reason=event.reason, seq=event.seq,
+                 sandbox_id=event.sandbox_id, name=event.name, kind=event.kind.value)
 
 
 def snapshot_record(view: SnapshotView) -> Snapshot:

@@ -105,6 +105,7 @@ from kelpie.vm._snapshot import (
 )
 from kelpie.vm._state import ALLOWED, TRANSITIONS, Operation, VmState, allowed_states, is_legal
 from kelpie.vm._storage import LocalStorage, Storage
+from kelpie.vm._usage import GuestProcess, GuestProcesses, GuestUsage, HostUsage
 
 __all__ = [
     "ALLOWED",
@@ -154,7 +155,11 @@ __all__ = [
     "ExecTimeout",
     "FileInfo",
     "GuestFileError",
+    "GuestProcess",
+    "GuestProcesses",
+    "GuestUsage",
     "HostInfo",
+    "HostUsage",
     "InvalidStateError",
     "KelpieError",
     "LiveEndpoints",

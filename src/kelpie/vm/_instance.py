@@ -40,6 +40,7 @@ from kelpie.protocol import MAX_FRAME_PAYLOAD
 from kelpie.vm._config import NetworkMode, VmConfig
 from kelpie.vm._snapshot import HostInfo, SnapshotKind, VmSnapshot
 from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
+from kelpie.vm._usage import GuestProcesses, GuestUsage, HostUsage
 
 MAX_ARGV = 4096
 MAX_ARG_LENGTH = 128 * 1024
@@ -126,12 +127,14 @@ class ExecOutput:
 
 @dataclasses.dataclass(frozen=True)
 class ExecExit:
-    """The last event of a command: how it ended."""
+    """The last event of a command: how it ended (``warning``: what may explain a failure,
+    e.g. a full root disk, when the runtime knows)."""
 
     exit_code: int
     duration: float
     signal: int | None = None
     timed_out: bool = False
+    warning: str | None = None
 
 
 ExecEvent = ExecOutput | ExecExit
@@ -503,6 +506,24 @@ class VmInstance(abc.ABC):
         with self._crash_guard():
             return await self._do_reattach_exec(exec_id)
 
+    # ---- what it uses -------------------------------------------------------------------
+    def host_usage(self) -> HostUsage | None:
+        """The host's view of the VM (its VMM process, its files); None when the backend
+        has no process of its own or the VM is not running."""
+        return None
+
+    async def guest_usage(self) -> GuestUsage:
+        """The guest kernel's own counters: CPU, memory, root disk, network, processes."""
+        self._require(Operation.EXEC)
+        with self._crash_guard():
+            return await self._do_guest_usage()
+
+    async def guest_processes(self) -> GuestProcesses:
+        """The guest's processes (``ps``)."""
+        self._require(Operation.EXEC)
+        with self._crash_guard():
+            return await self._do_guest_processes()
+
     # ---- files --------------------------------------------------------------------------
     async def read_file(self, path: str) -> bytes:
         """Read a whole file from the guest."""
@@ -691,6 +712,12 @@ class VmInstance(abc.ABC):
             code = "ENOSYS" if result.exit_code == 127 else "EIO"
             raise GuestFileError(path, code, f"{' '.join(argv[:2])}: {message}")
         return result.stdout
+
+    async def _do_guest_usage(self) -> GuestUsage:
+        raise UnsupportedOperation(self.backend_name, "report the guest's usage")
+
+    async def _do_guest_processes(self) -> GuestProcesses:
+        raise UnsupportedOperation(self.backend_name, "list the guest's processes")
 
     async def _do_detach(self) -> None:
         return None

@@ -1,0 +1,128 @@
+"""Docker's flags and commands against a real QEMU sandbox (the demo image): hostname,
+workdir and labels as given, a failing main command restarted by on-failure:3 (the guest
+counts each run), stats checked against a known load (MiB written, seconds of CPU burned),
+the guest's processes, and the event log. One VM for the module."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from kelpie.api import SandboxStats
+from kelpie.guestkit import GuestKit
+from kelpie.images import ImageStore
+from kelpie.runtime import EventKind, Runtime
+from test_cli_e2e import DEMO
+from vm_fixtures import demo_image_store, kelpie_state_dir
+
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
+
+MIB = 1 << 20
+BURN_SECONDS = 2.0
+
+
+@pytest.fixture(scope="module")
+def state_dir() -> Iterator[Path]:
+    yield from kelpie_state_dir("docker")
+
+
+@pytest.fixture(scope="module")
+def store(state_dir: Path) -> ImageStore:
+    return demo_image_store(state_dir)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def runtime(guestkit: GuestKit, state_dir: Path, store: ImageStore,
+                  ) -> AsyncIterator[Runtime]:
+    async with Runtime(data_dir=state_dir, images=store,
+                       backend_options={"qemu": {"kit": guestkit}}) as rt:
+        try:
+            await rt.create(name="dock", backend="qemu", image=DEMO, disk_mib=1024,
+                            hostname="web1", workdir="/tmp", labels={"team": "ml"},
+                            restart="on-failure:3",
+                            command=["sh", "-c", "echo run >> runs; exit 3"])
+            yield rt
+        finally:  # a runtime leaves VMs running when it closes (a daemon restart keeps them)
+            for info in await rt.list_sandboxes(all=True):
+                await rt.remove(info.id, force=True)
+
+
+async def _sh(rt: Runtime, script: str) -> str:
+    result = await rt.exec("dock", ["sh", "-c", script], timeout=120)
+    assert result.exit_code == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+async def test_flags_shape_the_guest(runtime: Runtime) -> None:
+    assert await _sh(runtime, "hostname; pwd") == "web1\n/tmp\n"
+    info = await runtime.inspect("dock")
+    assert (dict(info.labels), info.workdir) == ({"team": "ml"}, "/tmp")
+
+
+async def test_on_failure_3_runs_a_failing_main_command_four_times(runtime: Runtime) -> None:
+    assert await runtime.wait_main("dock") == 3
+    info = await runtime.inspect("dock")
+    assert (info.restart_count, info.main_exit_code) == (3, 3)
+    assert await _sh(runtime, "cat /tmp/runs") == "run\n" * 4  # counted by the guest itself
+    restarts = [e for e in await runtime.events("dock") if e.kind is EventKind.RESTARTED]
+    assert [e.reason for e in restarts] == [
+        f"exit code 3; restart {n} (on-failure:3) after {delay:g} s"
+        for n, delay in ((1, 0.1), (2, 0.2), (3, 0.4))]
+    watched = [e async for e in runtime.watch_events(since=0, until=time.time(),
+                                                       sandboxes=["dock"],
+                                                       kinds=["main-exited"])]
+    assert [e.reason for e in watched] == ["exit code 3"] * 4
+
+
+async def test_stats_follow_a_known_load(runtime: Runtime) -> None:
+    before = await runtime.stats("dock")
+    assert before.guest is not None and before.host is not None, before.guest_error
+    assert before.disk_limit_bytes == 1024 * MIB and not before.disk_full
+    assert 900 * MIB < before.guest.disk_total_bytes <= 1024 * MIB
+    await _sh(runtime, "dd if=/dev/zero of=/root/blob bs=1M count=64 2>/dev/null && sync")
+    # Busy for BURN_SECONDS of the guest's own clock (date is the guest's).
+    await _sh(runtime, f"end=$(( $(date +%s) + {int(BURN_SECONDS)} + 1 )); "
+                       "while [ $(date +%s) -lt $end ]; do :; done")
+    after = await runtime.stats("dock")
+    assert after.guest is not None and after.host is not None, after.guest_error
+
+    written = after.guest.disk_used_bytes - before.guest.disk_used_bytes
+    assert 64 * MIB <= written < 72 * MIB  # the file, plus the file system's own blocks
+    host_written = after.host.disk_bytes - before.host.disk_bytes
+    assert 64 * MIB <= host_written < 80 * MIB  # the overlay grew by what was written
+    burned = after.guest.cpu_seconds - before.guest.cpu_seconds
+    elapsed = after.guest.uptime_seconds - before.guest.uptime_seconds
+    assert BURN_SECONDS <= burned <= elapsed * after.guest.cpus
+    assert after.host.cpu_seconds - before.host.cpu_seconds >= BURN_SECONDS  # QEMU's own
+    assert after.host.memory_bytes > 64 * MIB  # the guest's touched RAM lives in QEMU
+    assert 0 < after.guest.memory_used_bytes < after.guest.memory_total_bytes
+    (listed,) = [s for s in await runtime.stats_all() if s.name == "dock"]
+    assert isinstance(listed, SandboxStats) and listed.guest is not None
+
+
+async def test_top_lists_the_guests_processes(runtime: Runtime) -> None:
+    await runtime.exec_detached("dock", ["sleep", "300"])
+    listing = await runtime.processes("dock")
+    sleeps = [p for p in listing.processes if p.command == ["sleep", "300"]]
+    assert len(sleeps) == 1 and sleeps[0].state in "RS"
+    assert abs(sleeps[0].started_at - time.time()) < 120
+    assert any(p.pid == 1 for p in listing.processes)
+    assert not listing.truncated
+    await _sh(runtime, "kill $(pidof sleep)")
+
+
+async def test_a_full_disk_is_reported(runtime: Runtime) -> None:
+    filled = await runtime.exec("dock", ["sh", "-c", "dd if=/dev/zero of=/root/fill bs=1M"],
+                                timeout=300)
+    assert filled.exit_code != 0 and b"No space left on device" in filled.stderr
+    stats = await runtime.stats("dock")
+    assert stats.disk_full
+    warning = await runtime.disk_full("dock")
+    assert warning is not None and "root disk of sandbox dock" in warning
+    await _sh(runtime, "rm /root/fill")
+    assert await runtime.disk_full("dock") is None
+    assert not (await runtime.stats("dock")).disk_full
