@@ -195,6 +195,8 @@ def test_every_op_has_a_schema_with_known_checks() -> None:
         "mkdir",
         "remove",
         "resync",
+        "usage",
+        "processes",
         "shutdown",
     }
     for fields in protocol.REQUEST_FIELDS.values():

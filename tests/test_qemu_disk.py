@@ -14,7 +14,7 @@ from kelpie.guestkit import GuestKit
 from kelpie.images import ImageStore
 from kelpie.runtime import Runtime
 from test_cli_e2e import DEMO
-from vm_fixtures import demo_image_store, kelpie_state_dir
+from vm_fixtures import demo_image_store, kelpie_state_dir, qemu_runtime
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -35,13 +35,8 @@ def store(state_dir: Path) -> ImageStore:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def runtime(guestkit: GuestKit, state_dir: Path, store: ImageStore,
                   ) -> AsyncIterator[Runtime]:
-    async with Runtime(data_dir=state_dir, images=store,
-                       backend_options={"qemu": {"kit": guestkit}}) as rt:
-        try:
-            yield rt
-        finally:  # a runtime leaves VMs running when it closes (a daemon restart keeps them)
-            for info in await rt.list_sandboxes(all=True):
-                await rt.remove(info.id, force=True)
+    async with qemu_runtime(state_dir, store, guestkit) as rt:
+        yield rt
 
 
 def _allocated(path: Path) -> int:

@@ -20,7 +20,7 @@ from kelpie.images import ImageStore
 from kelpie.runtime import Runtime
 from kelpie.vm import GuestFileError, VmState
 from test_cli_e2e import DEMO
-from vm_fixtures import demo_image_store, kelpie_state_dir
+from vm_fixtures import demo_image_store, kelpie_state_dir, qemu_runtime
 from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
@@ -41,8 +41,7 @@ def store(state_dir: Path) -> ImageStore:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def runtime(guestkit: GuestKit, state_dir: Path, store: ImageStore,
                   ) -> AsyncIterator[Runtime]:
-    async with Runtime(data_dir=state_dir, images=store,
-                       backend_options={"qemu": {"kit": guestkit}}) as rt:
+    async with qemu_runtime(state_dir, store, guestkit) as rt:
         yield rt
 
 

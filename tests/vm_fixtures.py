@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 from conftest import real_part_missing
+from kelpie.guestkit import GuestKit
 from kelpie.images import ImageStore, import_oci_layout
+from kelpie.runtime import Runtime
 
 BASE_APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "hostname", "sleep", "head", "od", "date",
                 "kill", "mv", "ln", "readlink", "mkfifo", "mknod", "chmod", "touch", "test",
@@ -71,3 +74,18 @@ def demo_image_store(state_dir: Path) -> ImageStore:
                    timeout=60)
     import_oci_layout(layout, store, reference=f"{DEMO}:latest")
     return store
+
+
+@contextlib.asynccontextmanager
+async def qemu_runtime(state_dir: Path, store: ImageStore,
+                       guestkit: GuestKit) -> AsyncIterator[Runtime]:
+    """A runtime over ``state_dir`` and ``store`` with QEMU on ``guestkit``; it removes its
+    sandboxes at the end (a runtime that closes leaves VMs running, as a daemon restart
+    wants)."""
+    async with Runtime(data_dir=state_dir, images=store,
+                       backend_options={"qemu": {"kit": guestkit}}) as rt:
+        try:
+            yield rt
+        finally:
+            for info in await rt.list_sandboxes(all=True):
+                await rt.remove(info.id, force=True)
