@@ -16,7 +16,7 @@ from kelpie.runtime._arguments import label
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._errors import SandboxStateError
 from kelpie.runtime._info import SandboxInfo
-from kelpie.vm import GuestUsage, KelpieError, VmInstance, VmState
+from kelpie.vm import GuestUsage, HostUsage, KelpieError, VmInstance, VmState
 
 GUEST_TIMEOUT_SECONDS = 5.0
 """How long a sample waits for the guest's counters (a busy TCG guest answers slowly)."""
@@ -33,11 +33,14 @@ class Usage:
         """One sample of a sandbox (host figures from its VMM, guest figures from its
         agent; either is None when it cannot be had, and ``guest_error`` says why)."""
         vm = self._ctx.vms.get(info.id)
-        running = vm is not None and vm.state is VmState.RUNNING
-        host = vm.host_usage() if vm is not None and vm.state in (
-            VmState.RUNNING, VmState.PAUSED) else None
-        guest, error = (await self._guest(vm)) if running and vm is not None else \
-            (None, f"the sandbox is {info.state.value}")
+        host: HostUsage | None = None
+        guest: GuestUsage | None = None
+        error: str | None = f"the sandbox is {info.state.value}"
+        if vm is not None and vm.state in (VmState.RUNNING, VmState.PAUSED):
+            # /proc reads and a walk of the VM directory: off the event loop
+            host = await asyncio.to_thread(vm.host_usage)
+        if vm is not None and vm.state is VmState.RUNNING:
+            guest, error = await self._guest(vm)
         config = info.config
         return SandboxStats(
             id=info.id, name=info.name, state=info.state.value, at=self._ctx.clock(),
