@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from kelpie.api import ErrorBody
 from kelpie.cli import main
 from kelpie.cli._main import EXIT_CODES, exit_code_for
 from kelpie.client import remote_error
+from waiting import wait_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -338,6 +340,35 @@ def test_restart_stop_timeout_and_events(capfd: pytest.CaptureFixture[str]) -> N
     assert main(["run", "-d", "--backend", "mock", "--restart", "sometimes", "--", "true"]) == 2
     assert "allowed: no, always, on-failure" in capfd.readouterr().err
     assert main(["rm", "-f", "flaky"]) == 0
+
+
+def test_kill_signal_and_attach_forwarding_ctrl_c(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-d", "--name", "sig", "--backend", "mock", "--", "sleep", "1e6"]) == 0
+    assert main(["kill", "-s", "TERM", "sig"]) == 0
+    assert main(["wait", "sig"]) == 0
+    assert capfd.readouterr().out.splitlines()[-1] == "143"  # 128 + SIGTERM, as sh reports
+    assert main(["kill", "--signal", "TERM", "sig"]) == 1  # nothing running to signal
+    assert "no main command running (it ended with exit code 143)" in capfd.readouterr().err
+    assert main(["kill", "-s", "BOGUS", "sig"]) == 2
+    assert "signal 'BOGUS' is not known" in capfd.readouterr().err
+
+    assert main(["run", "-d", "--name", "ctrlc", "--backend", "mock", "--", "sleep", "1e6"]) == 0
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt_once_attached() -> None:
+        wait_for(lambda: signal.getsignal(signal.SIGINT) is not before, 60,
+                 "kelpie attach to take SIGINT")
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at the attached terminal
+
+    interrupter = threading.Thread(target=interrupt_once_attached)
+    interrupter.start()
+    assert main(["attach", "ctrlc"]) == 128 + signal.SIGINT  # it reached the main command
+    interrupter.join()
+    assert signal.getsignal(signal.SIGINT) is before  # the terminal's Ctrl-C is back
+    capfd.readouterr()
+    assert main(["inspect", "ctrlc"]) == 0
+    assert json.loads(capfd.readouterr().out)[0]["state"] == "running"  # the sandbox runs on
+    assert main(["rm", "-f", "sig", "ctrlc"]) == 0
 
 
 def test_stats_top_and_attach(capfd: pytest.CaptureFixture[str]) -> None:

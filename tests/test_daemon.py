@@ -1183,9 +1183,12 @@ fuzz_schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/v1/i
 def test_fuzz_every_operation(case: Any) -> None:
     if case.operation.path.endswith("/logs") and case.query:
         case.query.pop("follow", None)  # following a running sandbox's logs never ends
+    excluded = []
     if case.operation.path == "/v1/events":  # a live stream: end it at once, after the backlog
         case.query = {**(case.query or {}), "until": 1.0}
-    case.call_and_validate(timeout=30)
+        # ``until`` replaced may have been the one bad part of a negative case
+        excluded.append(schemathesis.checks.negative_data_rejection)
+    case.call_and_validate(timeout=30, excluded_checks=excluded)
     _heal(case.operation.app)
 
 

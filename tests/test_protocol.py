@@ -197,6 +197,7 @@ def test_every_op_has_a_schema_with_known_checks() -> None:
         "resync",
         "usage",
         "processes",
+        "grow_fs",
         "shutdown",
     }
     for fields in protocol.REQUEST_FIELDS.values():

@@ -1,10 +1,15 @@
 """Docker's flags and commands against a real QEMU sandbox (the demo image): hostname,
 workdir and labels as given, a failing main command restarted by on-failure:3 (the guest
-counts each run), stats checked against a known load (MiB written, seconds of CPU burned),
-the guest's processes, and the event log. One VM for the module."""
+counts each run), stats checked against a known load (MiB written, seconds of CPU burned,
+MiB sent to a published port), the guest's processes, and the event log; a signal to a
+main command, and a VM killed under its sandbox booted again by its restart policy."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,13 +21,18 @@ from kelpie.api import SandboxStats
 from kelpie.guestkit import GuestKit
 from kelpie.images import ImageStore
 from kelpie.runtime import EventKind, Runtime
+from kelpie.vm import VmState
 from test_cli_e2e import DEMO
+from test_qemu_ports import free_port
 from vm_fixtures import demo_image_store, kelpie_state_dir, qemu_runtime
+from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
 MIB = 1 << 20
 BURN_SECONDS = 2.0
+SENT_MIB = 8
+HOST_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +51,7 @@ async def runtime(guestkit: GuestKit, state_dir: Path, store: ImageStore,
     async with qemu_runtime(state_dir, store, guestkit) as rt:
         await rt.create(name="dock", backend="qemu", image=DEMO, disk_mib=1024,
                         hostname="web1", workdir="/tmp", labels={"team": "ml"},
-                        restart="on-failure:3",
+                        restart="on-failure:3", ports=[f"127.0.0.1:{HOST_PORT}:8000"],
                         command=["sh", "-c", "echo run >> runs; exit 3"])
         yield rt
 
@@ -121,3 +131,55 @@ async def test_a_full_disk_is_reported(runtime: Runtime) -> None:
     await _sh(runtime, "rm /root/fill")
     assert await runtime.disk_full("dock") is None
     assert not (await runtime.stats("dock")).disk_full
+
+
+def _send(size: int) -> None:
+    with socket.create_connection(("127.0.0.1", HOST_PORT), timeout=60) as sock:
+        sock.sendall(b"x" * size)
+
+
+async def test_network_counters_follow_real_traffic(runtime: Runtime) -> None:
+    await runtime.exec_detached("dock", ["sh", "-c", "nc -l -p 8000 > /dev/null"])
+    await _sh(runtime, "while ! netstat -ltn | grep -q ':8000 '; do sleep 0.05; done")
+    before = await runtime.stats("dock")
+    await asyncio.to_thread(_send, SENT_MIB * MIB)
+    await _sh(runtime, "while pidof nc > /dev/null; do sleep 0.05; done")  # all received
+    after = await runtime.stats("dock")
+    assert before.guest is not None and after.guest is not None
+    received = after.guest.net_rx_bytes - before.guest.net_rx_bytes
+    assert SENT_MIB * MIB <= received < SENT_MIB * MIB * 1.15  # the bytes, plus headers
+    assert 0 < after.guest.net_tx_bytes - before.guest.net_tx_bytes < MIB  # ACKs
+
+
+async def test_a_signal_and_a_killed_vm_restart_as_the_policy_says(runtime: Runtime) -> None:
+    rt = runtime
+    info = await rt.create(name="phoenix", backend="qemu", image=DEMO, restart="always",
+                           command=["sh", "-c", "echo up >> /root/boots; sync; "
+                                                "exec sleep 100000"])
+    restarted = rt.watch_events(sandboxes=["phoenix"], kinds=["restarted"])
+
+    async def started(times: int) -> bool:
+        """The main command has started ``times`` times (each start writes a line)."""
+        boots = await rt.exec("phoenix", ["cat", "/root/boots"])
+        return boots.stdout == b"up\n" * times and bool(rt._mains._running.get(info.id))
+
+    await wait_until(lambda: started(1), 120, "the main command to start")
+    await rt.kill("phoenix", signal="TERM")  # to the main command: it ends, always restarts
+    event = await asyncio.wait_for(anext(restarted), 120)
+    assert event.reason is not None and event.reason.startswith("exit code 143; restart 1")
+    assert (await rt.inspect("phoenix")).state is VmState.RUNNING
+    await wait_until(lambda: started(2), 120, "the main command to start again")
+
+    assert info.vm_dir is not None
+    qemu = int((Path(info.vm_dir) / "qemu.pid").read_text())
+    os.kill(qemu, signal.SIGKILL)  # the VM dies under the sandbox
+    event = await asyncio.wait_for(anext(restarted), 120)
+    assert event.reason is not None and event.reason.startswith("VM crashed (")
+    again = await rt.inspect("phoenix")
+    assert (again.state, again.restart_count) == (VmState.RUNNING, 2)
+    states = [e.state for e in await rt.events("phoenix") if e.kind is EventKind.STATE]
+    assert VmState.CRASHED in states
+    # booted again, its main command too; the disk (synced lines) outlived the killed VM
+    await wait_until(lambda: started(3), 120, "the main command after the crash")
+    await restarted.aclose()
+    await rt.remove("phoenix", force=True)

@@ -31,6 +31,7 @@ from kelpie.runtime import (
     SandboxNotFound,
     SandboxStateError,
     StateDatabaseError,
+    base_disk_mib,
     generated_name,
 )
 from kelpie.runtime._db import DB_FILENAME, StateDb, migrate, schema_version
@@ -418,6 +419,40 @@ async def test_root_disk_size_defaults_to_10_gib_and_is_checked(runtime: Runtime
     with pytest.raises(ConfigError, match="disk_mib is 1; allowed range is 64"):
         await runtime.create(image="example.com/app:1", backend="mock", disk_mib=1)
     assert {s.name for s in await runtime.list_sandboxes(all=True)} == {"big", "two"}
+
+
+async def test_forks_and_template_sandboxes_grow_their_disk_never_shrink_it(
+    runtime: Runtime,
+) -> None:
+    put_image(runtime.images, [[file("etc/motd", "hello")]], tag="example.com/app:1")
+    parent = await runtime.create(image="example.com/app:1", name="p", backend="mock",
+                                  disk_mib=1024)
+    (child,) = await runtime.fork("p", 1, disk_mib=4096)
+    assert child.config.disk_mib == 4096 and child.state is VmState.RUNNING
+    assert runtime._vms[child.id].config.disk_mib == 4096
+    assert (await runtime.stats(child.id)).disk_limit_bytes == 4096 << 20
+    # its base disk stays the parent's: a teleport builds the base at that size
+    assert runtime.moves.record(child.id)["base_disk_mib"] == 1024
+    assert base_disk_mib(runtime.moves.record(child.id)) == 1024
+    assert base_disk_mib(runtime.moves.record(parent.id)) == 1024
+    with pytest.raises(ConfigError, match=r"smaller than the 1024 MiB disk of p \("):
+        await runtime.fork("p", 1, name_prefix="q", disk_mib=512)
+    with pytest.raises(ConfigError, match="disk_mib is 99999999"):
+        await runtime.fork("p", 1, name_prefix="q", disk_mib=99_999_999)
+    await runtime.create(name="bare", backend="mock")
+    with pytest.raises(ConfigError, match="no root disk to grow"):
+        await runtime.fork("bare", 1, disk_mib=4096)
+
+    await runtime.create_template(name="t", image="example.com/app:1", backend="mock",
+                                  disk_mib=1024)
+    grown = await runtime.create(template="t", name="from-t", disk_mib=2048)
+    assert grown.config.disk_mib == 2048 and grown.state is VmState.RUNNING
+    with pytest.raises(ConfigError, match="smaller than the 1024 MiB disk"):
+        await runtime.create(template="t", name="small", disk_mib=100)
+    with pytest.raises(ConfigError, match="cpus cannot be given with a template"):
+        await runtime.create(template="t", name="cpus", cpus=2)
+    names = {s.name for s in await runtime.list_sandboxes(all=True)}
+    assert names == {"p", "p-1", "bare", "from-t"}  # nothing half made by a refusal
 
 
 # -- logs -------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ import pytest
 
 from kelpie.backends import MOCK
 from kelpie.backends.mock import MockVm
-from kelpie.runtime import EventKind, RestartMode, RestartPolicy, Runtime, SandboxEvent
+from kelpie.runtime import (
+    EventKind,
+    MainCommandNotRunning,
+    RestartMode,
+    RestartPolicy,
+    Runtime,
+    SandboxEvent,
+)
 from kelpie.runtime._db import DB_FILENAME, StateDb, migrate
 from kelpie.runtime._restart import FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS, STEADY_SECONDS
 from kelpie.vm import BackendRegistry, ConfigError, VmFactory, VmState
@@ -188,6 +195,76 @@ async def test_policy_and_timeout_survive_a_runtime_restart(
         info = await rt.inspect("svc")
         assert (str(info.restart), info.stop_timeout) == ("on-failure:2", 7.5)
         await rt.remove("svc")
+
+
+async def test_a_crashed_vm_boots_again_as_its_policy_says_and_counts(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    sleeps = Sleeps()
+    async with make_runtime(sleep=sleeps) as rt:
+        info = await rt.create(name="svc", backend="mock", restart="on-failure:2",
+                               command=["sleep", "100000"])
+        restarted = rt.watch_events(sandboxes=["svc"], kinds=["restarted"])
+        for count in (1, 2):
+            vm = rt._vms[info.id]
+            assert isinstance(vm, MockVm)
+            vm.crash("guest kernel panic")
+            event = await anext(restarted)
+            assert event.reason == (f"VM crashed (guest kernel panic); restart {count} "
+                                    f"(on-failure:2) after {sleeps.delays[-1]:g} s")
+            now = await rt.inspect("svc")
+            assert (now.state, now.restart_count) == (VmState.RUNNING, count)
+            assert rt._vms[info.id].state is VmState.RUNNING  # booted again
+        assert sleeps.delays == pytest.approx([0.1, 0.2])
+        rt._vms[info.id].crash("again")  # type: ignore[attr-defined]
+        assert (await rt.inspect("svc")).state is VmState.CRASHED  # its 2 restarts used up
+        assert len(sleeps.delays) == 2
+        await restarted.aclose()
+
+        await rt.create(name="plain", backend="mock", command=["sleep", "100000"])
+        rt._vms[(await rt.inspect("plain")).id].crash("no policy")  # type: ignore[attr-defined]
+        assert (await rt.inspect("plain")).state is VmState.CRASHED  # restart "no": stays
+
+
+async def test_a_vm_that_died_while_no_runtime_watched_boots_again_at_open(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    async with make_runtime() as rt:
+        await rt.create(name="always", backend="mock", restart="always",
+                        command=["sleep", "100000"])
+        await rt.create(name="never", backend="mock", command=["sleep", "100000"])
+    # mock VMs do not outlive their runtime: the next open finds them gone (crashed)
+    async with make_runtime() as rt:
+        restarted = rt.watch_events(since=0, sandboxes=["always"], kinds=["restarted"])
+        event = await anext(restarted)
+        assert event.reason is not None and event.reason.startswith("VM crashed (")
+        assert (await rt.inspect("always")).state is VmState.RUNNING
+        assert (await rt.inspect("never")).state is VmState.CRASHED
+        await restarted.aclose()
+
+
+async def test_kill_with_a_signal_reaches_the_main_command_not_the_vm(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    async with make_runtime() as rt:
+        await rt.create(name="svc", backend="mock", command=["sleep", "100000"])
+        main = asyncio.create_task(rt.wait_main("svc"))
+        await wait_until(lambda: rt._mains._running.get((rt.db.find_by_name("svc")
+                                                         or pytest.fail("gone")).id),
+                         5, "the main command to run")
+        info = await rt.kill("svc", signal="SIGTERM")
+        assert await main == 128 + 15  # ended by SIGTERM
+        assert info.state is VmState.RUNNING  # the sandbox runs on
+        assert (await rt.inspect("svc")).state is VmState.RUNNING
+        with pytest.raises(MainCommandNotRunning, match=r"no main command running \(it "
+                                                        r"ended with exit code 143\)"):
+            await rt.kill("svc", signal=15)
+        with pytest.raises(ConfigError, match="signal 'SIGNOPE' is not known"):
+            await rt.kill("svc", signal="SIGNOPE")
+        await rt.create(name="plain", backend="mock")
+        with pytest.raises(MainCommandNotRunning, match="has no main command, so"):
+            await rt.kill("plain", signal="INT")
+        assert (await rt.kill("plain")).state is VmState.STOPPED  # no signal: the VM dies
 
 
 # -- the event log ----------------------------------------------------------------------

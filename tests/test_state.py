@@ -32,7 +32,7 @@ def test_table_covers_every_state() -> None:
 
 
 async def vm_in(state: VmState) -> MockVm:
-    vm = MockVm(VmConfig(), vm_id="t1")
+    vm = MockVm(VmConfig(disk_mib=1024), vm_id="t1")
     if state is VmState.CREATED:
         return vm
     await vm.start()
@@ -72,6 +72,9 @@ async def call(vm: MockVm, operation: Operation, tmp: object) -> None:
             await other.start()
             snap = await other.snapshot(path.with_name(path.name + "-src"))
             await vm.restore(snap)
+        case Operation.GROW_DISK:
+            await vm.grow_disk(2048)
+            assert vm.config.disk_mib == 2048
 
 
 STATES = [VmState.CREATED, VmState.RUNNING, VmState.PAUSED, VmState.STOPPED, VmState.CRASHED]

@@ -1,9 +1,11 @@
-"""Sizes as typed on the command line and in the SDK: units, and bare numbers as MiB."""
+"""Sizes and signals as typed on the command line and in the SDK: units, bare numbers as
+MiB; signal names with or without SIG, as Linux numbers."""
 
 from __future__ import annotations
 
 import pytest
 
+from kelpie._signals import signal_number
 from kelpie._units import mib, optional_mib
 from kelpie.vm import ConfigError
 
@@ -24,3 +26,17 @@ def test_what_is_not_a_size_is_refused_naming_the_forms(text: str) -> None:
 
 def test_none_stays_none() -> None:
     assert optional_mib(None, "memory") is None and optional_mib("1g", "memory") == 1024
+
+
+@pytest.mark.parametrize(("typed", "number"), [
+    ("TERM", 15), ("SIGTERM", 15), ("sigint", 2), ("15", 15), (9, 9), ("USR1", 10),
+    ("WINCH", 28), ("64", 64),
+])
+def test_signals_are_read_as_linux_numbers(typed: int | str, number: int) -> None:
+    assert signal_number(typed) == number
+
+
+@pytest.mark.parametrize("typed", ["0", "65", "", "SIG", "NOPE", "-1", "1.5"])
+def test_unknown_signals_are_refused_naming_the_forms(typed: str) -> None:
+    with pytest.raises(ConfigError, match="a number from 1 to 64 or a name such as TERM"):
+        signal_number(typed)

@@ -92,6 +92,7 @@ ERROR_STATUS: tuple[tuple[str, int], ...] = (
     ("AmbiguousSandbox", 409),
     ("AmbiguousImage", 409),
     ("SandboxNameInUse", 409),
+    ("MainCommandNotRunning", 409),
     ("SnapshotNameInUse", 409),
     ("AmbiguousSnapshot", 409),
     ("SnapshotIncompatible", 409),
@@ -165,7 +166,8 @@ class SandboxCreate(_Request):
     memory_mib: int | None = Field(None, description="Memory in MiB (limits as for cpus).")
     disk_mib: int | None = Field(None, description="The root disk's size in MiB (default "
                                  "10240; sparse: free space costs the host nothing). Only "
-                                 "with an image.")
+                                 "with an image; with a template, at least the template's "
+                                 "(the disk grows to it once the sandbox runs).")
     env: dict[str, str] = Field(default_factory=dict,
                                 json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}})
     volumes: list[str] = Field(default_factory=list, max_length=16,
@@ -427,6 +429,9 @@ class ForkBody(_Request):
                                      json_schema_extra={"pattern": SANDBOX_NAME_PATTERN})]] \
         | None = Field(None, max_length=100, description="The children's names (count of "
                                                           "them), instead of PREFIX-N.")
+    disk_mib: int | None = Field(None, description="The children's root disk in MiB: at "
+                                 "least the parent's (default: the parent's); it grows while "
+                                 "they run.")
 
 
 class RestoreBody(_Model):

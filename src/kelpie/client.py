@@ -386,9 +386,9 @@ class DaemonClient:
         """Stop a sandbox (``timeout=0``: kill it at once)."""
         return await self._lifecycle(ref, "stop", timeout=timeout)
 
-    async def kill(self, ref: str) -> Sandbox:
-        """Stop a sandbox at once."""
-        return await self._lifecycle(ref, "kill")
+    async def kill(self, ref: str, *, signal: int | str | None = None) -> Sandbox:
+        """Stop a sandbox at once; with ``signal``, send that to its main command."""
+        return await self._lifecycle(ref, "kill", signal=signal)
 
     async def pause(self, ref: str) -> Sandbox:
         """Freeze a running sandbox."""
@@ -406,11 +406,12 @@ class DaemonClient:
         return MainExit.model_validate(reply.json()).exit_code
 
     async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
-                   names: Sequence[str] | None = None) -> list[Sandbox]:
+                   names: Sequence[str] | None = None,
+                   disk_mib: int | None = None) -> list[Sandbox]:
         """``count`` children of a running sandbox, each a copy of it now (see
         :class:`kelpie.api.ForkBody`)."""
         body = ForkBody(count=count, name_prefix=name_prefix,
-                        names=None if names is None else list(names))
+                        names=None if names is None else list(names), disk_mib=disk_mib)
         reply = await self._request("POST", f"{_sb(ref)}/fork", json=_wire(body))
         return [Sandbox.model_validate(item) for item in reply.json()]
 

@@ -133,6 +133,10 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
 ``processes``   -> REPLY {clk_tck, uptime, truncated, processes: [{pid, ppid, uid,
                           state, cpu_ticks, start_ticks, rss, argv}]}
                 At most 4096 processes, argv cut at 4096 bytes.
+``grow_fs``     size -> REPLY {size, device_size}
+                Grow the (ext4) file system of the agent's root online to
+                ``size`` bytes, after the host made its disk bigger; EAGAIN
+                while the guest kernel has not seen the new disk size yet.
 ``shutdown``    poweroff?=true -> REPLY {poweroff: bool} then the agent kills
                 its commands and exits (and powers the VM off, but only when
                 it serves a virtio-serial device)
@@ -538,6 +542,7 @@ REQUEST_FIELDS: Final[dict[str, dict[str, tuple[Callable[[object], bool], object
     "shutdown": {"poweroff": (_is_bool, True)},
     "usage": {},
     "processes": {},
+    "grow_fs": {"size": (_is_uint, REQUIRED)},
 }
 
 

@@ -223,6 +223,12 @@ class AgentClient(AgentConnection):
         """The guest's processes."""
         return _checked("processes", GuestProcesses.from_reply, await self._call("processes"))
 
+    async def grow_fs(self, size: int) -> int:
+        """Grow the file system of the agent's root to ``size`` bytes (its disk must be
+        that big already); the file system's new size, as the guest reports it."""
+        body = await self._call("grow_fs", size=size)
+        return _checked("grow_fs", _fs_size, body)
+
     # -- exec ------------------------------------------------------------------------
 
     async def exec(
@@ -378,6 +384,13 @@ class AgentClient(AgentConnection):
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a guest file, symlink or directory."""
         await self._call("remove", path=path, recursive=recursive)
+
+
+def _fs_size(body: dict[str, Any]) -> int:
+    size = body.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"size is {size!r}, expected a number of bytes")
+    return size
 
 
 def _checked(op: str, parse: Callable[[dict[str, Any]], R], body: dict[str, Any]) -> R:

@@ -20,6 +20,7 @@ with an :class:`~kelpie.AgentError` that says so.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import json
 import os
@@ -61,6 +62,8 @@ T = TypeVar("T")
 RESTORE_ENTROPY_BYTES = 64
 """Fresh random bytes a restored guest mixes into its RNG (clones must not share a state)."""
 REPLAY_LIMIT = 4 * 1024 * 1024
+GROW_FS_TIMEOUT = 10.0
+"""How long the guest may take to see its disk's new size (a config interrupt)."""
 """Bytes of an upload kept to send it again if a new agent refuses it (a larger upload
 refused that way fails with an AgentError; the next call then goes to the new agent)."""
 
@@ -311,6 +314,24 @@ class AgentVm(VmInstance):
 
     async def _do_guest_usage(self) -> GuestUsage:
         return await self._call(lambda client: client.usage())
+
+    async def _grow_guest_fs(self, size: int) -> None:
+        """Grow the guest's root file system to ``size`` bytes, once its kernel has seen
+        the disk that big (the host's resize reaches it as an interrupt, handled later)."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + GROW_FS_TIMEOUT, 0.005
+        while True:
+            client = await self._ready_client()
+            try:
+                await client.grow_fs(size)
+                return
+            except AgentRemoteError as exc:
+                if exc.code != "EAGAIN" or loop.time() >= deadline:
+                    raise self._translate(exc) from exc
+            except AgentClientError as exc:
+                raise self._translate(exc) from exc
+            await asyncio.sleep(delay)  # no event tells the host the guest saw the size
+            delay = min(delay * 2, 0.2)
 
     async def _do_guest_processes(self) -> GuestProcesses:
         return await self._call(lambda client: client.processes())

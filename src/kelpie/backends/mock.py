@@ -158,6 +158,7 @@ class MockVm(VmInstance):
         pause=True,
         snapshot_kinds=frozenset(SnapshotKind),
         emulation=True,  # any guest architecture, as a simulation
+        grow_disk=True,
     )
 
     def __init__(
@@ -213,6 +214,11 @@ class MockVm(VmInstance):
             self.exec_count = int(state["exec_count"])
 
     # ---- helpers ------------------------------------------------------------------------
+    def crash(self, reason: str) -> None:
+        """Die now, as a VM whose process was killed: its commands end with VmCrashed."""
+        self._halt(VmCrashed(f"VM {self.id} crashed: {reason}"))
+        self.mark_crashed(reason)
+
     def _maybe_crash(self, operation: str) -> None:
         if self._faults.check(Fault.CRASH, operation):
             self._halt(VmCrashed(f"VM {self.id} crashed during {operation} (injected)"))
@@ -307,6 +313,10 @@ class MockVm(VmInstance):
                           disk_used=min(stored, disk), disk_available=max(0, disk - stored),
                           net_rx=0, net_tx=0, processes=1 + len(self._processes),
                           uptime=self._uptime())
+
+    async def _do_grow_disk(self, disk_mib: int) -> None:
+        await self._round_trip("grow_disk")
+        self._maybe_crash("grow_disk")
 
     async def _do_guest_processes(self) -> GuestProcesses:
         await self._round_trip("processes")

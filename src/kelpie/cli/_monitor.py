@@ -7,9 +7,10 @@ import contextlib
 import datetime
 import json
 import re
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import click
 
@@ -213,41 +214,75 @@ def top(as_json: bool, sandbox: str) -> int:
 
 # ---- attach -----------------------------------------------------------------------------
 @click.command("attach")
+@click.option("--sig-proxy/--no-sig-proxy", default=True, show_default=True,
+              help="Forward SIGINT (Ctrl-C) and SIGTERM to the main command (Docker's "
+                   "default); without, Ctrl-C detaches and leaves it running.")
 @click.argument("sandbox")
-def attach(sandbox: str) -> int:
+def attach(sig_proxy: bool, sandbox: str) -> int:
     """Follow a sandbox's main command: its output from now on, until it ends (after any
-    restarts its policy makes); exits with its exit code. Ctrl-C detaches and leaves it
-    running. (Kelpie runs main commands without stdin: use ``exec -i`` to type into one.)"""
+    restarts its policy makes); exits with its exit code. Ctrl-C reaches the command as
+    SIGINT (see --sig-proxy). (Kelpie runs main commands without stdin: use ``exec -i``
+    to type into one.)"""
     async def call(client: DaemonClient) -> int:
         record = await client.inspect(sandbox)
         if record.command is None:
             raise ConfigError([f"sandbox {record.name} has no main command to attach to; "
                                "use `kelpie exec -it` to run one"], what="attach")
-        skip = len(await client.read_logs(record.id))
-        seen = 0
-        progressed = asyncio.Event()
-
-        async def pump() -> None:
-            nonlocal seen
-            async for chunk in client.follow_logs(record.id):  # the whole log, in order
-                new = chunk[max(0, skip - seen):]
-                seen += len(chunk)
-                if new:
-                    sys.stdout.buffer.write(new)
-                    sys.stdout.flush()
-                progressed.set()
-
-        pumping = asyncio.create_task(pump())
-        try:
-            code = await client.wait_main(record.id)
-            total = len(await client.read_logs(record.id))  # final: the command has ended
-            while seen < total and not pumping.done():
-                progressed.clear()
-                await progressed.wait()
-        finally:
-            pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pumping
-        return 0 if code is None else code
+        with contextlib.ExitStack() as stack:
+            if sig_proxy:
+                stack.enter_context(_signals_to_main(client, record.id))
+            return await _follow_main(client, record.id)
 
     return _client_call(call)
+
+
+@contextlib.contextmanager
+def _signals_to_main(client: DaemonClient, sandbox_id: str) -> Iterator[None]:
+    """While attached: SIGINT and SIGTERM go to the sandbox's main command."""
+    loop = asyncio.get_running_loop()
+    sent: set[asyncio.Task[object]] = set()
+
+    def forward(signum: int) -> None:
+        task = loop.create_task(client.kill(sandbox_id, signal=signum))
+        sent.add(task)
+        task.add_done_callback(sent.discard)  # the command may have ended: nothing to do
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    forwarded = (signal.SIGINT, signal.SIGTERM)
+    for signum in forwarded:
+        loop.add_signal_handler(signum, forward, signum)
+    try:
+        yield
+    finally:
+        for signum in forwarded:
+            loop.remove_signal_handler(signum)
+
+
+async def _follow_main(client: DaemonClient, sandbox_id: str) -> int:
+    """Print the main command's output from now until it ends; its exit code."""
+    skip = len(await client.read_logs(sandbox_id))
+    seen = 0
+    progressed = asyncio.Event()
+
+    async def pump() -> None:
+        nonlocal seen
+        async for chunk in client.follow_logs(sandbox_id):  # the whole log, in order
+            new = chunk[max(0, skip - seen):]
+            seen += len(chunk)
+            if new:
+                sys.stdout.buffer.write(new)
+                sys.stdout.flush()
+            progressed.set()
+
+    pumping = asyncio.create_task(pump())
+    try:
+        code = await client.wait_main(sandbox_id)
+        total = len(await client.read_logs(sandbox_id))  # final: the command has ended
+        while seen < total and not pumping.done():
+            progressed.clear()
+            await progressed.wait()
+    finally:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping
+    return 0 if code is None else code

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from kelpie._signals import signal_number
 from kelpie.api import Sandbox
 from kelpie.cli._attach import attach, terminal_size
 from kelpie.cli._connect import connect
@@ -209,10 +210,14 @@ def stop(timeout: float | None, sandboxes: tuple[str, ...]) -> int:
 
 
 @click.command("kill")
+@click.option("-s", "--signal", "signal", default=None, metavar="SIGNAL",
+              help="Send SIGNAL (TERM, SIGINT, 15...) to each main command instead; the "
+                   "sandboxes run on.")
 @click.argument("sandboxes", nargs=-1, required=True)
-def kill(sandboxes: tuple[str, ...]) -> int:
-    """Stop sandboxes at once (their VMs are killed)."""
-    return _each(sandboxes, lambda c, ref: c.kill(ref))
+def kill(signal: str | None, sandboxes: tuple[str, ...]) -> int:
+    """Stop sandboxes at once (their VMs are killed), or signal their main commands."""
+    signum = None if signal is None else signal_number(signal)  # refused before any call
+    return _each(sandboxes, lambda c, ref: c.kill(ref, signal=signum))
 
 
 @click.command("pause")

@@ -143,9 +143,14 @@ async def stop_sandbox(
 
 
 @router.post("/sandboxes/{ref}/kill")
-async def kill_sandbox(request: Request, ref: Ref) -> Sandbox:
-    """Stop a sandbox at once (its VM is killed)."""
-    return sandbox_record(await runtime_of(request).kill(ref))
+async def kill_sandbox(
+    request: Request, ref: Ref,
+    signal: Annotated[str | None, Query(max_length=16, description=(
+        "Send this signal (a number, or a name such as TERM or SIGINT) to the main "
+        "command instead; the sandbox runs on (Docker's kill --signal)."))] = None,
+) -> Sandbox:
+    """Stop a sandbox at once (its VM is killed), or signal its main command."""
+    return sandbox_record(await runtime_of(request).kill(ref, signal=signal))
 
 
 @router.put("/sandboxes/{ref}/network")
@@ -180,7 +185,7 @@ async def fork_sandbox(request: Request, ref: Ref, body: ForkBody) -> list[Sandb
     (the parent pauses only while it is captured; children share its memory copy-on-write
     where the backend can)."""
     children = await runtime_of(request).fork(ref, body.count, name_prefix=body.name_prefix,
-                                              names=body.names)
+                                              names=body.names, disk_mib=body.disk_mib)
     return [sandbox_record(child) for child in children]
 
 

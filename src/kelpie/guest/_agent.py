@@ -11,6 +11,7 @@ import time
 from ._common import HIGH_WATER, log
 from ._execs import ExecManager
 from ._files import FileService
+from ._grow import op_grow_fs
 from ._link import HostLink
 from ._rootfs import RootFS
 from ._session import Session
@@ -55,6 +56,7 @@ class Agent:
             "resync": functools.partial(op_resync, set_clock=in_guest),
             "usage": functools.partial(op_usage, self.rootfs.root),
             "processes": op_processes,
+            "grow_fs": functools.partial(op_grow_fs, self.rootfs.root),
             "shutdown": self.op_shutdown,
         }
         self.session = Session(

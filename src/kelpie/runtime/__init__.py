@@ -11,6 +11,7 @@ from kelpie.runtime._errors import (
     AmbiguousSandbox,
     AmbiguousSnapshot,
     ExecNotFound,
+    MainCommandNotRunning,
     RuntimeLocked,
     RuntimeNotOpen,
     SandboxError,
@@ -24,6 +25,7 @@ from kelpie.runtime._errors import (
 )
 from kelpie.runtime._events import EventFilter
 from kelpie.runtime._info import EventKind, SandboxEvent, SandboxInfo, SnapshotInfo
+from kelpie.runtime._moves import base_disk_mib
 from kelpie.runtime._names import NAME_PATTERN, check_name, generated_name
 from kelpie.runtime._restart import RestartMode, RestartPolicy
 from kelpie.runtime._runtime import Runtime
@@ -36,6 +38,7 @@ __all__ = [
     "EventFilter",
     "EventKind",
     "ExecNotFound",
+    "MainCommandNotRunning",
     "RestartMode",
     "RestartPolicy",
     "Runtime",
@@ -52,6 +55,7 @@ __all__ = [
     "SnapshotNameInUse",
     "SnapshotNotFound",
     "StateDatabaseError",
+    "base_disk_mib",
     "check_name",
     "generated_name",
 ]

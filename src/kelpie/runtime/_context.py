@@ -59,6 +59,8 @@ class RuntimeContext:
         self.locks: dict[str, asyncio.Lock] = {}
         self.held: dict[str, str] = {}
         """Sandboxes a move holds (id -> which move): see :mod:`kelpie.runtime._moves`."""
+        self.on_crash: Callable[[str], None] = lambda sandbox_id: None
+        """Told the id of each sandbox whose VM crashed (once recorded)."""
 
     def tidy(self, what: str, step: Callable[[], object]) -> None:
         """Run one clean-up step of recovery, best effort: a leftover that cannot be
@@ -179,6 +181,8 @@ class RuntimeContext:
         if self.open_db is None or self.vms.get(vm.id) is not vm:
             return  # a VM this runtime no longer owns (closed, or removed)
         self.record_state(vm, new)
+        if new is VmState.CRASHED:
+            self.on_crash(vm.id)
 
     def record_state(self, vm: VmInstance, state: VmState) -> None:
         reason = vm.crash_reason if state is VmState.CRASHED else None

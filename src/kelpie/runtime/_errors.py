@@ -12,6 +12,7 @@
         ├── SandboxNotFound          no sandbox by that name, id or id prefix
         ├── AmbiguousSandbox         an id prefix matches several sandboxes
         ├── SandboxNameInUse         another sandbox already has the name
+        ├── MainCommandNotRunning    a sandbox's main command does not run (to signal it)
         ├── RuntimeNotOpen           the Runtime was used before open() or after close()
         └── RuntimeLocked            another runtime process owns this data directory
 """
@@ -49,6 +50,15 @@ class ExecNotFound(SandboxError, LookupError):
             f"no running command {exec_id!r} in sandbox {ref!r}: it has ended, or the id "
             "is not the one its exec stream started with"
         )
+
+
+class MainCommandNotRunning(SandboxError):
+    """The sandbox has no main command running now (none given, or it ended)."""
+
+    def __init__(self, sandbox: str, why: str) -> None:
+        self.sandbox = sandbox
+        super().__init__(f"sandbox {sandbox} {why}, so there is nothing to signal; kill "
+                         "without a signal stops the sandbox itself")
 
 
 class AmbiguousSandbox(SandboxError, LookupError):

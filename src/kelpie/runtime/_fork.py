@@ -43,12 +43,15 @@ class Forks:
         self._sandboxes = sandboxes
 
     async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
-                   names: Sequence[str] | None = None) -> list[SandboxInfo]:
+                   names: Sequence[str] | None = None,
+                   disk_mib: int | None = None) -> list[SandboxInfo]:
         """``count`` children of sandbox ``ref`` (running or paused), named ``names`` or
-        ``PREFIX-1`` ... (``PREFIX`` defaults to the parent's name); they run."""
+        ``PREFIX-1`` ... (``PREFIX`` defaults to the parent's name); they run, with a root
+        disk of ``disk_mib`` (default: the parent's size; never smaller)."""
         ctx = self._ctx
         parent = ctx.find(ref)
         child_names = self._names(parent, count, name_prefix, names)
+        self._sandboxes.check_disk_growth(parent, disk_mib, "fork")
         if parent.config.mounts:
             volumes = ", ".join(f"{m.host_path}:{m.guest_path}" for m in parent.config.mounts)
             raise ConfigError([f"sandbox {args.label(parent)} has host volumes ({volumes}), "
@@ -59,7 +62,7 @@ class Forks:
         ctx.storage.mkdir(capture_dir.parent)
         try:
             capture = await self._capture(parent, capture_dir)
-            return await self._children(parent, capture, child_names)
+            return await self._children(parent, capture, child_names, disk_mib)
         finally:
             with contextlib.suppress(Exception):
                 ctx.storage.remove_tree(capture_dir)
@@ -94,7 +97,7 @@ class Forks:
                                      leave_paused=vm.state is VmState.PAUSED, shareable=True)
 
     async def _children(self, parent: SandboxInfo, capture: VmSnapshot,
-                        names: list[str]) -> list[SandboxInfo]:
+                        names: list[str], disk_mib: int | None) -> list[SandboxInfo]:
         ctx = self._ctx
         spec = ctx.factory.registry.get(parent.backend)
         stored = None if parent.image_digest is None else ctx.images.get(parent.image_digest)
@@ -106,7 +109,8 @@ class Forks:
                                                None, args.CommandDefaults.of_sandbox(parent),
                                                stop_timeout=parent.stop_timeout))
         try:
-            await asyncio.gather(*(self._start(spec, info, stored, capture) for info in made))
+            await asyncio.gather(*(self._start(spec, info, stored, capture, disk_mib)
+                                   for info in made))
         except BaseException:
             for info in made:
                 with contextlib.suppress(Exception):
@@ -115,7 +119,7 @@ class Forks:
         return [ctx.info(info.id) for info in made]
 
     async def _start(self, spec: BackendSpec, info: SandboxInfo, stored: StoredImage | None,
-                     capture: VmSnapshot) -> None:
+                     capture: VmSnapshot, disk_mib: int | None) -> None:
         ctx = self._ctx
         async with ctx.lock_for(info.id):
             vm = self._sandboxes.new_vm(spec, info, stored)
@@ -126,3 +130,4 @@ class Forks:
                 if vm.state is VmState.CREATED:
                     ctx.fail(info.id, VmState.STOPPED, f"fork failed: {exc}")
                 raise
+            await self._sandboxes.grow_disk(info.id, vm, disk_mib)

@@ -8,7 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import IO
 
+from kelpie.runtime._arguments import label
 from kelpie.runtime._context import RuntimeContext, logger
+from kelpie.runtime._errors import MainCommandNotRunning
 from kelpie.runtime._info import SandboxInfo
 from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import (
@@ -30,12 +32,16 @@ class MainCommands:
     def __init__(self, ctx: RuntimeContext) -> None:
         self._ctx = ctx
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, ExecProcess] = {}
+        """The main command running now in each sandbox (to signal it)."""
 
-    def start(self, info: SandboxInfo, vm: VmInstance, *, follow: bool = False) -> None:
+    def start(self, info: SandboxInfo, vm: VmInstance, *, follow: bool = False,
+              restart: str | None = None) -> None:
         """Run the sandbox's main command in the background, its output into the log
-        (``follow``: take over the one an earlier runtime started, by its exec id)."""
+        (``follow``: take over the one an earlier runtime started, by its exec id;
+        ``restart``: why the restart policy starts it, counted as a restart)."""
         if not follow:
-            self._ctx.db.main_started(info.id, self._ctx.clock())
+            self._ctx.db.main_started(info.id, self._ctx.clock(), restart=restart)
         task = asyncio.create_task(self._run(info, vm, follow=follow),
                                    name=f"kelpie-main-{info.id}")
         self._tasks[info.id] = task
@@ -104,11 +110,16 @@ class MainCommands:
                 if process.exec_id is not None:
                     self._ctx.db.set_main_exec(info.id, process.exec_id)
                 await process.close_stdin()
-                async for event in process:
-                    if isinstance(event, ExecOutput):
-                        log.write(event.data)
-                    elif isinstance(event, ExecExit):
-                        exit_code = event.exit_code
+                self._running[info.id] = process
+                try:
+                    async for event in process:
+                        if isinstance(event, ExecOutput):
+                            log.write(event.data)
+                        elif isinstance(event, ExecExit):
+                            exit_code = event.exit_code
+                finally:
+                    if self._running.get(info.id) is process:
+                        del self._running[info.id]
         except KelpieError as exc:
             what = "following" if follow else "the main command"
             log.write(f"kelpie: {what} failed: {exc}\n".encode())
@@ -128,6 +139,17 @@ class MainCommands:
         async with vm.exec_stream(info.command, cwd=info.workdir, user=info.user,
                                   keep_running=True) as process:
             yield process
+
+    async def signal(self, info: SandboxInfo, signum: int) -> None:
+        """Send ``signum`` to the sandbox's main command (its process group)."""
+        process = self._running.get(info.id)
+        if process is None:
+            ended = "" if info.main_exit_code is None else \
+                f" (it ended with exit code {info.main_exit_code})"
+            raise MainCommandNotRunning(label(info), "has no main command"
+                                        if info.command is None else
+                                        f"has no main command running{ended}")
+        await process.send_signal(signum)
 
     async def wait(self, sandbox_id: str) -> int | None:
         """Wait for the sandbox's main command to end; its exit code (see Runtime)."""

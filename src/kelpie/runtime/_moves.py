@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from kelpie.runtime._info import SandboxInfo
 from kelpie.runtime._mains import MainCommands
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.vm import (
+    MIN_DISK_MIB,
     BackendSpec,
     ConfigError,
     LiveEndpoints,
@@ -54,8 +56,28 @@ def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
         "image_entrypoint": list(info.image_entrypoint),
         "main_exit_code": info.main_exit_code, "main_exec_id": info.main_exec_id,
         "restart": str(info.restart), "restart_count": info.restart_count,
-        "stop_timeout": info.stop_timeout,
+        "stop_timeout": info.stop_timeout, "base_disk_mib": _base_disk_mib(info),
     }
+
+
+def _base_disk_mib(info: SandboxInfo) -> int | None:
+    """The size the base of the sandbox's root disk was built at: its disk's size, or
+    less when the disk grew since (a fork or a template's sandbox given a bigger disk)."""
+    disk = info.config.root_disk
+    if disk is None or not disk.is_file():
+        return info.config.disk_mib
+    return -(-disk.stat().st_size // (1 << 20))
+
+
+def base_disk_mib(record: Mapping[str, Any]) -> int | None:
+    """The size to build a :func:`sandbox_record`'s base disk at (None: sized to its
+    image), on the host it moves to; its disk's size for records that do not say."""
+    size = record.get("base_disk_mib")
+    disk_mib = VmConfig.from_dict(record["vm"]).disk_mib
+    if isinstance(size, int) and not isinstance(size, bool) and disk_mib is not None \
+            and MIN_DISK_MIB <= size <= disk_mib:
+        return size
+    return disk_mib
 
 
 def sandbox_from_record(data: dict[str, Any]) -> SandboxInfo:
@@ -295,7 +317,7 @@ class Moves:
             arriving = dataclasses.replace(arriving, image_digest=stored.digest)
         if stored is not None:
             root_disk = await asyncio.to_thread(rootfs_ext4, ctx.images, stored,
-                                                size_mib=config.disk_mib)
+                                                size_mib=base_disk_mib(record))
             config = config.evolve(root_disk=root_disk)
         now = ctx.clock()
         info = dataclasses.replace(arriving, config=config, updated_at=now,

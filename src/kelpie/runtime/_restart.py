@@ -24,7 +24,8 @@ class RestartPolicy:
     """When the runtime starts a sandbox's main command again after it ends.
 
     ``no``: never. ``on-failure[:N]``: when it exits non-zero, at most ``N`` times
-    (unbounded without ``N``). ``always``: whenever it ends. A stop by
+    (unbounded without ``N``). ``always``: whenever it ends. A VM that crashes ends its
+    main command as a failure: the sandbox boots again (both modes). A stop by
     the user is never followed by a restart. Between restarts the runtime waits 0.1 s,
     doubling each time up to a minute, so a crash loop costs little; a command that ran
     for ten seconds or more starts that back-off again (Docker's rule).
@@ -65,6 +66,12 @@ class RestartPolicy:
         if self.mode is RestartMode.ON_FAILURE and exit_code == 0:
             return False
         return self.max_retries is None or restarts < self.max_retries
+
+    def restarts_after_crash(self, restarts: int) -> bool:
+        """Whether a sandbox whose VM crashed (its main command's end: a failure) after
+        ``restarts`` restarts boots again."""
+        return self.mode is not RestartMode.NO and \
+            (self.max_retries is None or restarts < self.max_retries)
 
     @staticmethod
     def delay(previous: float | None, ran_for: float) -> float:

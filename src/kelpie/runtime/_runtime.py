@@ -42,10 +42,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from kelpie._signals import signal_number
 from kelpie.api import HostFacts, ProcessList, SandboxCreate, SandboxStats, TemplateCreate
 from kelpie.images import BlobProgress, ImageStore, StoredImage, pull_image
 from kelpie.runtime._arguments import Progress
 from kelpie.runtime._context import RuntimeContext
+from kelpie.runtime._crashes import CrashRestarts
 from kelpie.runtime._db import DB_FILENAME, StateDb
 from kelpie.runtime._events import EventFeed, EventFilter
 from kelpie.runtime._facts import host_facts
@@ -120,6 +122,8 @@ class Runtime:
         self._logs = Logs(self._ctx)
         self._moves = Moves(self._ctx, self._sandboxes, self._mains)
         self._forks = Forks(self._ctx, self._sandboxes)
+        self._crashes = CrashRestarts(self._ctx, self._sandboxes)
+        self._ctx.on_crash = self._crashes.crashed
         self._feed = EventFeed(lambda: self._ctx.db, clock)
         self._usage = Usage(self._ctx)
 
@@ -136,6 +140,7 @@ class Runtime:
             self._ctx.open_db.on_event = self._feed.notify
             self._snapshots.recover()
             await self._sandboxes.recover()
+            self._crashes.resume()
         except BaseException:
             self._release()
             raise
@@ -144,8 +149,10 @@ class Runtime:
         """Close the database and give up the data directory.
 
         Sandboxes are *not* stopped: VMs of backends that survive their runtime keep
-        running (their connections are closed), and the next :meth:`open` re-attaches.
+        running (their connections are closed), and the next :meth:`open` re-attaches
+        (and restarts, as their restart policy says, those whose VMs died meanwhile).
         """
+        self._crashes.cancel_all()
         await self._mains.stop_all()
         for vm in list(self._ctx.vms.values()):
             with contextlib.suppress(Exception):
@@ -153,6 +160,7 @@ class Runtime:
         self._release()
 
     def _release(self) -> None:
+        self._crashes.cancel_all()
         self._mains.cancel_all()
         self._ctx.vms.clear()
         self._ctx.locks.clear()
@@ -401,14 +409,17 @@ class Runtime:
                                              labels=labels, env=env)
 
     async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
-                   names: Sequence[str] | None = None) -> list[SandboxInfo]:
+                   names: Sequence[str] | None = None,
+                   disk_mib: int | None = None) -> list[SandboxInfo]:
         """``count`` children of a running (or paused) sandbox, each a copy of it at this
         moment: named ``names``, else ``PREFIX-1``... (``PREFIX``: ``name_prefix`` or the
         parent's name). The parent pauses only while it is captured; children get their
         own id, host name, RNG reseed and disk, no published ports, and (QEMU) share the
         captured memory copy-on-write. All or none: a child that fails to start removes
-        the others. A sandbox with host volumes is refused, naming them."""
-        return await self._forks.fork(ref, count, name_prefix=name_prefix, names=names)
+        the others. A sandbox with host volumes is refused, naming them. ``disk_mib``: the
+        children's root disk, grown (never shrunk) from the parent's while they run."""
+        return await self._forks.fork(ref, count, name_prefix=name_prefix, names=names,
+                                      disk_mib=disk_mib)
 
     async def restore_into(self, sandbox: str, snapshot: str, *, paused: bool = False,
                            ) -> SandboxInfo:
@@ -480,9 +491,18 @@ class Runtime:
         mode; a running sandbox obeys them from its next packet."""
         return await change_egress(self._ctx, ref, allow=allow, deny=deny, network=network)
 
-    async def kill(self, ref: str) -> SandboxInfo:
-        """Stop a sandbox at once (its VM is killed)."""
-        return await self.stop(ref, timeout=0)
+    async def kill(self, ref: str, *, signal: int | str | None = None) -> SandboxInfo:
+        """Stop a sandbox at once (its VM is killed); with ``signal`` (a Linux number or
+        name: ``TERM``, ``SIGINT``...), send that to its main command instead (Docker's
+        ``kill --signal``): the sandbox runs on, its restart policy deciding after the
+        command ends."""
+        if signal is None:
+            return await self.stop(ref, timeout=0)
+        signum = signal_number(signal)
+        info = self._ctx.find(ref)
+        self._ctx.check_not_held(info, "signal")
+        await self._mains.signal(info, signum)
+        return self._ctx.info(info.id)
 
     # ---- moving to and from other hosts (kelpie.teleport drives these) -------------------
     async def host_facts(self) -> HostFacts:

@@ -8,6 +8,7 @@ what happened, never a VM or directory nobody knows about.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,7 @@ from kelpie.vm import (
     ConfigError,
     EgressPolicy,
     KelpieError,
+    UnsupportedOperation,
     VmConfig,
     VmInstance,
     VmState,
@@ -211,7 +213,10 @@ class Sandboxes:
             ctx.db.set_vm_dir(info.id, workdir)
         return vm
 
-    async def start_vm(self, sandbox_id: str, vm: VmInstance) -> None:
+    async def start_vm(self, sandbox_id: str, vm: VmInstance, *,
+                       restart: str | None = None) -> None:
+        """Boot the sandbox's VM and start its main command (``restart``: why the restart
+        policy boots it)."""
         ctx = self._ctx
         try:
             await vm.start()
@@ -220,7 +225,44 @@ class Sandboxes:
             raise
         info = ctx.info(sandbox_id)
         if info.command is not None:
-            self._mains.start(info, vm)
+            self._mains.start(info, vm, restart=restart)
+
+    # ---- its disk -----------------------------------------------------------------------
+    def check_disk_growth(self, info: SandboxInfo, disk_mib: int | None, what: str) -> None:
+        """Refuse, before anything starts, a ``disk_mib`` that ``info``'s disk cannot grow
+        to (a copy of ``info`` is made: a fork or a template's sandbox)."""
+        if disk_mib is None:
+            return
+        spec = self._ctx.factory.registry.get(info.backend)
+        if disk_mib != info.config.disk_mib and not spec.capabilities.grow_disk:
+            raise UnsupportedOperation(spec.name, "grow a root disk",
+                                       self._ctx.factory.registry.with_capability("grow_disk"))
+        current = info.config.disk_mib
+        if current is None:
+            raise ConfigError([f"disk_mib: {args.label(info)} has no root disk to grow (no "
+                               "image); leave disk_mib out"], what=what)
+        if disk_mib < current:
+            raise ConfigError([f"disk_mib is {disk_mib}, smaller than the {current} MiB "
+                               f"disk of {args.label(info)}; a copy's disk can grow, not "
+                               "shrink"], what=what)
+        info.config.evolve(disk_mib=disk_mib)  # the range (ConfigError names it)
+
+    async def grow_disk(self, sandbox_id: str, vm: VmInstance, disk_mib: int | None) -> None:
+        """Grow the running sandbox's root disk (and file system) to ``disk_mib``, and its
+        record with it (the caller holds its lock, and has checked the size)."""
+        ctx = self._ctx
+        info = ctx.info(sandbox_id)
+        if disk_mib is None or disk_mib == info.config.disk_mib:
+            return
+        try:
+            await vm.grow_disk(disk_mib)
+        except Exception as exc:  # a copy without the disk asked for must not run on
+            ctx.db.set_error(sandbox_id, f"growing its disk to {disk_mib} MiB failed: {exc}",
+                             ctx.clock())
+            await vm.stop(force=True)
+            raise
+        ctx.db.set_config(dataclasses.replace(info, config=info.config.evolve(disk_mib=disk_mib)),
+                          ctx.clock())
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def pause(self, ref: str) -> SandboxInfo:
@@ -270,6 +312,20 @@ class Sandboxes:
             vm = ctx.vm_for(info)
             await self.start_vm(info.id, vm)
         return ctx.info(info.id)
+
+    async def restart_crashed(self, sandbox_id: str, why: str) -> bool:
+        """Boot a sandbox whose VM crashed again (its restart policy's doing); False when
+        it is no longer crashed (started, removed or moved meanwhile)."""
+        ctx = self._ctx
+        async with ctx.lock_for(sandbox_id):
+            info = ctx.db.get(sandbox_id)
+            if info is None or info.state is not VmState.CRASHED or sandbox_id in ctx.held:
+                return False
+            vm = ctx.vms.get(sandbox_id)
+            if vm is not None and vm.state is VmState.CRASHED:
+                await vm.stop(force=True)  # release what the dead VM held; -> STOPPED
+            await self.start_vm(sandbox_id, ctx.vm_for(info), restart=why)
+        return True
 
     async def remove(self, ref: str, *, force: bool, moving: bool = False) -> None:
         """Delete a sandbox: VM, directories, image hold, then the record (see Runtime);

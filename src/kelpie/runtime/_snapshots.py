@@ -203,7 +203,7 @@ class Snapshots:
         labels may be given, the template fixes everything else."""
         assert req.template is not None
         fixed = {"image": req.image, "cpus": req.cpus, "memory_mib": req.memory_mib,
-                 "disk_mib": req.disk_mib, "workdir": req.workdir, "user": req.user,
+                 "workdir": req.workdir, "user": req.user,
                  "entrypoint": req.entrypoint, "start": None if req.start else False,
                  "volumes": req.volumes or None, "ports": req.ports or None,
                  "backend": req.backend, "hostname": req.hostname, "command": req.command,
@@ -213,15 +213,21 @@ class Snapshots:
         given = sorted(k for k, v in fixed.items() if v is not None)
         if given:
             raise ConfigError([f"{', '.join(given)} cannot be given with a template: the "
-                               "template fixes them (only name, env and labels may be)"],
-                              what="sandbox")
+                               "template fixes them (only name, env, labels and a bigger "
+                               "disk_mib may be)"], what="sandbox")
+        if req.disk_mib is not None:
+            self._sandboxes.check_disk_growth(self.get(req.template, template=True).sandbox,
+                                              req.disk_mib, "sandbox")
         return await self.restore(req.template, name=req.name, paused=False, template=True,
-                                  labels=req.labels, env=req.env)
+                                  labels=req.labels, env=req.env, disk_mib=req.disk_mib)
 
     async def restore(
         self, ref: str, *, name: str | None, paused: bool, template: bool | None,
         labels: Mapping[str, str] | None, env: Mapping[str, str] | None,
+        disk_mib: int | None = None,
     ) -> SandboxInfo:
+        """A new sandbox from snapshot ``ref``; ``disk_mib``: its disk grown to that (the
+        caller checked it), once it runs."""
         ctx = self._ctx
         snap = self.get(ref, template=template)
         source = self.open(snap)
@@ -249,6 +255,7 @@ class Snapshots:
                 if vm.state is VmState.CREATED:
                     ctx.fail(info.id, VmState.STOPPED, f"restore failed: {exc}")
                 raise
+            await self._sandboxes.grow_disk(info.id, vm, disk_mib)
         return ctx.info(info.id)
 
     async def restore_into(self, sandbox: str, snapshot: str, *, paused: bool) -> SandboxInfo:

@@ -294,14 +294,16 @@ class AsyncSandbox:
         await self._service.pause(self.id)
 
     async def fork(self, count: int, *, name_prefix: str | None = None,
-                   names: Sequence[str] | None = None) -> list[AsyncSandbox]:
+                   names: Sequence[str] | None = None,
+                   disk_mib: int | None = None) -> list[AsyncSandbox]:
         """``count`` children of this (running) sandbox, each a copy of it now: named
         ``names``, else ``PREFIX-1``... (``PREFIX``: ``name_prefix`` or this sandbox's
         name). This sandbox pauses only while it is captured; the children have their own
         id, host name, RNG and disk, no published ports, and share its captured memory
-        copy-on-write where the backend can."""
+        copy-on-write where the backend can. ``disk_mib``: their root disk, at least this
+        sandbox's (it grows while they run)."""
         children = await self._service.fork(self.id, count, name_prefix=name_prefix,
-                                             names=names)
+                                             names=names, disk_mib=disk_mib)
         return [AsyncSandbox(self._child_connection(), sandbox_record(child))
                 for child in children]
 
@@ -321,9 +323,10 @@ class AsyncSandbox:
         """Shut the sandbox down gracefully (it can be started again by the CLI or API)."""
         await self._service.stop(self.id)
 
-    async def kill(self) -> None:
-        """Stop the sandbox at once (its VM is killed)."""
-        await self._service.kill(self.id)
+    async def kill(self, *, signal: int | str | None = None) -> None:
+        """Stop the sandbox at once (its VM is killed); with ``signal`` (``"TERM"``, 15...),
+        send that to its main command instead."""
+        self._record = sandbox_record(await self._service.kill(self.id, signal=signal))
 
     async def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
                           network: str | None = None) -> None:

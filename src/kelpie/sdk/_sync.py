@@ -306,11 +306,12 @@ class Sandbox:
         self._loop.run(self._async.pause())
 
     def fork(self, count: int, *, name_prefix: str | None = None,
-             names: Sequence[str] | None = None) -> list[Sandbox]:
+             names: Sequence[str] | None = None,
+             disk_mib: int | None = None) -> list[Sandbox]:
         """``count`` children of this sandbox, each a copy of it now (see
         :meth:`AsyncSandbox.fork`)."""
         children = self._loop.run(self._async.fork(count, name_prefix=name_prefix,
-                                                   names=names))
+                                                   names=names, disk_mib=disk_mib))
         return [Sandbox(child, self._loop) for child in children]
 
     def resume(self) -> None:
@@ -321,9 +322,9 @@ class Sandbox:
         """Shut the sandbox down gracefully."""
         self._loop.run(self._async.stop())
 
-    def kill(self) -> None:
-        """Stop the sandbox at once."""
-        self._loop.run(self._async.kill())
+    def kill(self, *, signal: int | str | None = None) -> None:
+        """Stop the sandbox at once; with ``signal``, send that to its main command."""
+        self._loop.run(self._async.kill(signal=signal))
 
     def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
                     network: str | None = None) -> None:

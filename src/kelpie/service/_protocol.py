@@ -147,8 +147,9 @@ class SandboxService(Protocol):
         """Shut a sandbox down (``timeout=0``: at once)."""
         ...
 
-    async def kill(self, ref: str) -> SandboxView:
-        """Stop a sandbox at once."""
+    async def kill(self, ref: str, *, signal: int | str | None = None) -> SandboxView:
+        """Stop a sandbox at once; with ``signal`` (number or name), send that to its
+        main command instead."""
         ...
 
     async def set_network(self, ref: str, *, allow: Sequence[str] = (),
@@ -178,8 +179,10 @@ class SandboxService(Protocol):
         ...
 
     async def fork(self, ref: str, count: int, *, name_prefix: str | None = None,
-                   names: Sequence[str] | None = None) -> Sequence[SandboxView]:
-        """``count`` children of a running sandbox, each a copy of it now."""
+                   names: Sequence[str] | None = None,
+                   disk_mib: int | None = None) -> Sequence[SandboxView]:
+        """``count`` children of a running sandbox, each a copy of it now (``disk_mib``:
+        their root disk, grown from the parent's)."""
         ...
 
     async def resume(self, ref: str) -> SandboxView:

@@ -473,6 +473,7 @@ class Teleporter:
         if choice.mode is TeleportMode.CHECKPOINT:
             record["backend"] = choice.target_backend
             record["vm"] = {**record["vm"], "mounts": []}
+            record["base_disk_mib"] = None  # it boots afresh: a base of the disk's size
             guest = record["vm"].get("arch") or HostInfo.current_arch()
             if choice.target_arch and choice.target_arch != guest:
                 # another architecture: the target boots its own variant of the image,

@@ -45,7 +45,7 @@ from kelpie.api import (
     TeleportSwitch,
 )
 from kelpie.images import ImageError, Platform, parse_manifest_document
-from kelpie.runtime import Runtime, SandboxNotFound
+from kelpie.runtime import Runtime, SandboxNotFound, base_disk_mib
 from kelpie.service import sandbox_record
 from kelpie.teleport import _basedisk as basedisk
 from kelpie.teleport._journal import Incoming, TargetPhase, TeleportJournal
@@ -524,9 +524,9 @@ def unbindable_ports(ports: list[PortMapping]) -> list[str]:
 
 
 def _disk_mib(offer: TeleportOffer) -> int | None:
-    """The root disk's size the offered sandbox has (None: sized to its image); its
-    configuration was checked when the offer was first prepared (see _problems)."""
-    return VmConfig.from_dict(offer.sandbox["vm"]).disk_mib
+    """The size of the base of the offered sandbox's root disk (None: sized to its image);
+    its configuration was checked when the offer was first prepared (see _problems)."""
+    return base_disk_mib(offer.sandbox)
 
 
 def _stored_hash(storage: Storage, path: Path, size: int) -> Any:

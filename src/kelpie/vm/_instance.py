@@ -71,13 +71,15 @@ class Capabilities:
     shared_memory: bool = False
     """A ``shareable`` full snapshot keeps the RAM so that every restore of it maps it
     copy-on-write: N clones cost the pages they write, not N times the memory."""
+    grow_disk: bool = False
+    """The root disk of a running VM can grow, its file system with it (``grow_disk``)."""
 
     def names(self) -> list[str]:
         """The capability names this backend has, e.g. ``["pause", "snapshot:full"]``."""
         names = [
             name
             for name in ("pause", "shared_dirs", "vsock", "networking", "pty", "live_migration",
-                         "egress_policy", "emulation", "shared_memory")
+                         "egress_policy", "emulation", "shared_memory", "grow_disk")
             if getattr(self, name)
         ]
         names += [f"snapshot:{k.value}" for k in SnapshotKind if k in self.snapshot_kinds]
@@ -506,6 +508,30 @@ class VmInstance(abc.ABC):
         with self._crash_guard():
             return await self._do_reattach_exec(exec_id)
 
+    # ---- its disk -----------------------------------------------------------------------
+    async def grow_disk(self, disk_mib: int) -> None:
+        """Grow the running VM's root disk to ``disk_mib`` MiB and its file system with it,
+        while the guest runs (e.g. a fork or a template's sandbox given a bigger disk).
+
+        A disk only grows: ``ConfigError`` for a size below the current one, or for a VM
+        without a root disk of a known size. The config (``disk_mib``) follows.
+        """
+        self._require_capability(self.capabilities.grow_disk, "grow a root disk", "grow_disk")
+        self._require(Operation.GROW_DISK)
+        current = self._config.disk_mib
+        if current is None:
+            raise ConfigError([f"VM {self._id} has no root disk of a known size to grow"],
+                              what="disk_mib")
+        if disk_mib < current:
+            raise ConfigError([f"disk_mib is {disk_mib}, smaller than the disk of {current} MiB "
+                               f"VM {self._id} has; a disk can only grow"], what="disk_mib")
+        self._config.evolve(disk_mib=disk_mib)  # checks the range
+        if disk_mib == current:
+            return
+        with self._crash_guard():
+            await self._do_grow_disk(disk_mib)
+        self._config = self._config.evolve(disk_mib=disk_mib)
+
     # ---- what it uses -------------------------------------------------------------------
     def host_usage(self) -> HostUsage | None:
         """The host's view of the VM (its VMM process, its files); None when the backend
@@ -712,6 +738,10 @@ class VmInstance(abc.ABC):
             code = "ENOSYS" if result.exit_code == 127 else "EIO"
             raise GuestFileError(path, code, f"{' '.join(argv[:2])}: {message}")
         return result.stdout
+
+    async def _do_grow_disk(self, disk_mib: int) -> None:
+        """Make the root disk ``disk_mib`` MiB and grow the guest's file system to it."""
+        raise UnsupportedOperation(self.backend_name, "grow a root disk")
 
     async def _do_guest_usage(self) -> GuestUsage:
         raise UnsupportedOperation(self.backend_name, "report the guest's usage")

@@ -53,6 +53,7 @@ class Operation(enum.StrEnum):
     FILES = "files"
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
+    GROW_DISK = "grow_disk"
 
 
 ALLOWED: Mapping[Operation, frozenset[VmState]] = {
@@ -64,6 +65,7 @@ ALLOWED: Mapping[Operation, frozenset[VmState]] = {
     Operation.FILES: frozenset({_S.RUNNING}),
     Operation.SNAPSHOT: frozenset({_S.RUNNING, _S.PAUSED, _S.STOPPED}),
     Operation.RESTORE: frozenset({_S.CREATED, _S.STOPPED}),
+    Operation.GROW_DISK: frozenset({_S.RUNNING}),
 }
 """The states in which each operation may be called. ``stop`` on a stopped VM is a no-op."""
 

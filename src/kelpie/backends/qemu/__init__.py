@@ -22,6 +22,7 @@ CAPABILITIES = Capabilities(
     egress_policy=True,
     emulation=True,
     shared_memory=True,
+    grow_disk=True,
 )
 
 

@@ -21,6 +21,9 @@ ISOLATED_NET = GuestNetwork(USER_NET.address)
 GUEST_ADDRESS = USER_NET.address.split("/")[0]
 """Where QEMU's ``hostfwd`` rules deliver published ports."""
 
+ROOT_DRIVE = "root"
+"""The root disk's drive id: QMP commands (resize, mirror, NBD export) name it."""
+
 
 @dataclasses.dataclass(frozen=True)
 class QemuLaunch:
@@ -145,8 +148,8 @@ def build_command(launch: QemuLaunch) -> list[str]:
     ]  # fmt: skip
     if launch.overlay is not None:
         command += [
-            "-drive", f"file={_opt(launch.overlay)},if=none,id=root,format=qcow2",
-            "-device", "virtio-blk-device,drive=root",
+            "-drive", f"file={_opt(launch.overlay)},if=none,id={ROOT_DRIVE},format=qcow2",
+            "-device", f"virtio-blk-device,drive={ROOT_DRIVE}",
         ]  # fmt: skip
     for i, mount in enumerate(config.mounts):
         readonly = ",readonly=on" if mount.read_only else ""

@@ -36,7 +36,12 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient, QMPError
 
 from kelpie.backends.qemu import _migration, _snapshot
-from kelpie.backends.qemu._cmdline import QemuLaunch, cpu_model, device_signature
+from kelpie.backends.qemu._cmdline import (
+    ROOT_DRIVE,
+    QemuLaunch,
+    cpu_model,
+    device_signature,
+)
 from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
 from kelpie.backends.qemu._restore import QemuRestorer, _signature_mismatch
@@ -53,7 +58,6 @@ from kelpie.vm import (
     SnapshotKind,
 )
 
-ROOT_DEVICE = "root"
 """The root disk's drive id on the command line (see ``_cmdline``), also the NBD export."""
 NBD_NODE = "kelpie-live-target"
 MIRROR_JOB = "kelpie-live-mirror"
@@ -192,13 +196,13 @@ class _SendRun:
 
     async def start_mirror(self, nbd_socket: Path) -> None:
         await self.qmp.execute("blockdev-add", {
-            "driver": "nbd", "node-name": NBD_NODE, "export": ROOT_DEVICE,
+            "driver": "nbd", "node-name": NBD_NODE, "export": ROOT_DRIVE,
             "server": {"type": "unix", "path": str(nbd_socket)},
         })
         self.node_added = True
         # sync top: only what the overlay holds; the target's overlay has the same base.
         await self.qmp.execute("blockdev-mirror", {
-            "job-id": MIRROR_JOB, "device": ROOT_DEVICE, "target": NBD_NODE, "sync": "top",
+            "job-id": MIRROR_JOB, "device": ROOT_DRIVE, "target": NBD_NODE, "sync": "top",
         })
         self.mirroring = True
 
@@ -493,7 +497,7 @@ async def _export_disk(qmp: QMPClient, socket: Path) -> None:
         "addr": {"type": "unix", "data": {"path": str(socket)}},
     })
     await qmp.execute("nbd-server-add", {
-        "device": ROOT_DEVICE, "name": ROOT_DEVICE, "writable": True,
+        "device": ROOT_DRIVE, "name": ROOT_DRIVE, "writable": True,
     })
 
 

@@ -34,7 +34,13 @@ from kelpie.agent import (
 )
 from kelpie.backends.qemu import CAPABILITIES, _snapshot
 from kelpie.backends.qemu._accel import AccelChoice, choose_accel
-from kelpie.backends.qemu._cmdline import MACHINES, QemuLaunch, build_command, cpu_model
+from kelpie.backends.qemu._cmdline import (
+    MACHINES,
+    ROOT_DRIVE,
+    QemuLaunch,
+    build_command,
+    cpu_model,
+)
 from kelpie.backends.qemu._host import (
     is_qemu_of,
     qemu_version,
@@ -258,6 +264,15 @@ class QemuMachine(ProcessVm):
         self._config = config
         write_vm_record(self.workdir, self.id, self.backend_name, config,
                         self._launch_record())
+
+    async def _do_grow_disk(self, disk_mib: int) -> None:
+        """Grow the overlay's virtual size (QMP ``block_resize``: the guest sees a bigger
+        disk), then the guest's file system; the record follows, for attach and snapshots.
+        The base image keeps its size: the overlay's new blocks read as zeros."""
+        await self._qmp_execute("block_resize", device=ROOT_DRIVE, size=disk_mib << 20)
+        await self._grow_guest_fs(disk_mib << 20)
+        write_vm_record(self.workdir, self.id, self.backend_name,
+                        self._config.evolve(disk_mib=disk_mib), self._launch_record())
 
     def _prepare_workdir(self, launch: QemuLaunch) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
