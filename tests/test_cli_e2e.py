@@ -237,6 +237,8 @@ def test_detached_sandbox_lifecycle(home: KelpieHome, tmp_path: Path) -> None:
     assert (record["workdir"], record["env"]) == ("/root", {"PATH": "/bin"})
     assert (record["crash_reason"], record["last_error"]) == (None, None)
     assert [e["state"] for e in record["events"]] == ["created", "starting", "running"]
+    # the guest's own view of its root disk: the payload copied in is on it
+    assert record["disk_full"] is False and record["disk_used_bytes"] > len(payload)
 
     # stop, then remove
     assert ok(home.kelpie("stop", "e2e-life")) == "e2e-life\n"

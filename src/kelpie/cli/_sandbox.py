@@ -140,11 +140,17 @@ def _ago(seconds: float) -> str:
               help="Print JSON (always).")
 @click.argument("sandboxes", nargs=-1, required=True)
 def inspect(as_json: bool, sandboxes: tuple[str, ...]) -> int:
-    """Show sandboxes' records as JSON, with their state history."""
+    """Show sandboxes' records as JSON, with their state history (and, for a running
+    sandbox with a root disk, ``disk_full`` and ``disk_used_bytes`` from its guest)."""
     async def call(client: DaemonClient) -> int:
         out: list[dict[str, Any]] = []
         for ref in sandboxes:
             record = (await client.inspect(ref)).model_dump(mode="json")
+            if record["state"] == "running" and record.get("disk_mib"):
+                usage = await client.stats(record["id"])
+                if usage.guest is not None:
+                    record["disk_full"] = usage.disk_full
+                    record["disk_used_bytes"] = usage.guest.disk_used_bytes
             record["events"] = [e.model_dump(mode="json") for e in await client.events(ref)]
             out.append(record)
         click.echo(json.dumps(out, indent=2))
