@@ -55,6 +55,23 @@ def test_pull_ls_inspect_rm(registry: RunningRegistry, tmp_path: Path) -> None:
     assert json.loads(kelpie(tmp_path, "image", "ls", "--json").stdout) == []
 
 
+def test_push_a_pulled_image_to_another_repository(registry: RunningRegistry,
+                                                   tmp_path: Path) -> None:
+    ref = f"{registry.address}/cli/hello:v1"
+    assert kelpie(tmp_path, "image", "pull", ref).returncode == 0
+    copy = f"{registry.address}/cli/copy:v2"
+    pushed = kelpie(tmp_path, "image", "push", ref, copy)
+    assert pushed.returncode == 0, pushed.stderr
+    digest = json.loads(kelpie(tmp_path, "image", "inspect", ref).stdout)["digest"]
+    assert pushed.stdout == f"{copy}@{digest}\n"
+    assert "0 blobs sent (0 bytes), 2 mounted, 0 already there" in pushed.stderr
+    again = kelpie(tmp_path, "image", "push", ref)  # to its own name: all there already
+    assert again.returncode == 0 and "2 already there" in again.stderr
+    assert again.stdout == f"{ref}@{digest}\n"
+    unknown = kelpie(tmp_path, "image", "push", "nope:1", copy)
+    assert unknown.returncode == 125 and "nope" in unknown.stderr
+
+
 def test_import_layout_and_clear_errors(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     tarbuild.write_oci_layout(layout, [[tarbuild.file("a", "b")]])
@@ -90,6 +107,10 @@ def test_image_commands_and_run_against_a_daemon(registry: RunningRegistry,
         assert inspected["digest"] == listed[0]["digest"]
         again = kelpie(tmp_path, *host, "image", "pull", ref)
         assert again.returncode == 0 and listed[0]["digest"] in again.stdout
+        pushed = kelpie(tmp_path, *host, "image", "push", ref, f"{registry.address}/d/copy:1")
+        assert pushed.returncode == 0, pushed.stderr  # by the daemon, from its store
+        assert pushed.stdout == f"{registry.address}/d/copy:1@{listed[0]['digest']}\n"
+        assert "2 mounted" in pushed.stderr
         removed = kelpie(tmp_path, *host, "image", "rm", ref)
         assert removed.returncode == 0 and listed[0]["digest"] in removed.stdout
         refused = kelpie(tmp_path, *host, "image", "import", str(tmp_path))

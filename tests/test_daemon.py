@@ -1172,9 +1172,10 @@ def api_schema(tmp_path: Path) -> Iterator[Any]:
         st_asgi.shutdown_lifespans()  # closes the runtime
 
 
-# Pulls reach out to registries on the network: they are tested against a real registry
-# in tests/test_cli_image.py instead.
-fuzz_schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/v1/image-pulls")
+# Pulls and pushes reach out to registries on the network: they are tested against a real
+# registry in tests/test_cli_image.py and tests/test_images_push.py instead.
+fuzz_schema = schemathesis.pytest.from_fixture("api_schema").exclude(
+    path=["/v1/image-pulls", "/v1/image-pushes"])
 
 
 @fuzz_schema.parametrize()

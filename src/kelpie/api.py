@@ -646,8 +646,38 @@ class PullBody(_Model):
     insecure: bool = Field(False, description="Plain HTTP for this registry.")
 
 
+class PushBody(_Model):
+    """Push an image of the daemon's store to a registry."""
+
+    image: str = Field(min_length=1, max_length=MAX_NAME * 2,
+                       description="A stored image: tag, digest or id prefix.")
+    reference: str | None = Field(None, min_length=1, max_length=MAX_NAME * 2,
+                                  description="Where to push it (REGISTRY/REPO:TAG); default: "
+                                              "the name the image is known by.")
+    insecure: bool = Field(False, description="Plain HTTP for this registry.")
+
+
+class PushOutcome(_Model):
+    """What a push did, blob by blob."""
+
+    reference: str = Field(description="Where the image went, by tag and digest.")
+    digest: str
+    uploaded: list[str] = Field(description="Blobs sent.")
+    mounted: list[str] = Field(description="Blobs mounted from another repository of the "
+                                           "registry (not sent).")
+    existing: list[str] = Field(description="Blobs the registry had already (not sent).")
+    bytes_sent: int
+
+
+class PushDone(_Model):
+    """The last line of a push's NDJSON stream when it succeeded."""
+
+    type: Literal["result"] = "result"
+    push: PushOutcome
+
+
 class PullProgress(_Model):
-    """One line of a pull's NDJSON stream: bytes of one blob fetched so far."""
+    """One line of a pull's or push's NDJSON stream: bytes of one blob moved so far."""
 
     type: Literal["progress"] = "progress"
     digest: str

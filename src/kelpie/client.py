@@ -49,6 +49,8 @@ from kelpie.api import (
     NetworkChange,
     ProcessList,
     PullBody,
+    PushBody,
+    PushOutcome,
     RenameBody,
     RestoreBody,
     Sandbox,
@@ -534,8 +536,21 @@ class DaemonClient:
                          ) -> Image:
         """Have the daemon pull an image; ``progress(digest, done, total)`` per blob."""
         body = PullBody(reference=reference, platform=platform, insecure=insecure)
-        payload = _wire(body)
-        async with self._stream("POST", "/image-pulls", json=payload,
+        result = await self._blob_stream("/image-pulls", _wire(body), progress, "pull")
+        return Image.model_validate(result["image"])
+
+    async def push_image(self, image: str, reference: str | None = None, *,
+                         insecure: bool = False, progress: BlobProgress | None = None,
+                         ) -> PushOutcome:
+        """Have the daemon push one of its images; ``progress(digest, done, total)``."""
+        body = PushBody(image=image, reference=reference, insecure=insecure)
+        result = await self._blob_stream("/image-pushes", _wire(body), progress, "push")
+        return PushOutcome.model_validate(result["push"])
+
+    async def _blob_stream(self, path: str, payload: Any, progress: BlobProgress | None,
+                           what: str) -> dict[str, Any]:
+        """POST ``payload`` for an NDJSON stream of per-blob progress; its result line."""
+        async with self._stream("POST", path, json=payload,
                                 headers={"Accept": NDJSON}) as response:
             async for line in response.aiter_lines():
                 if not line.strip():
@@ -544,11 +559,11 @@ class DaemonClient:
                 if message.get("type") == "progress" and progress is not None:
                     progress(message["digest"], message["done"], message["total"])
                 elif message.get("type") == "result":
-                    return Image.model_validate(message["image"])
+                    return dict(message)
                 elif message.get("type") == "error":
                     raise error_from_payload(None, message)
         raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
-                                         message="the daemon ended the pull stream early"))
+                                         message=f"the daemon ended the {what} stream early"))
 
     # ---- snapshots and templates --------------------------------------------------------
     async def snapshot(self, ref: str, *, name: str | None = None, kind: str = "full",

@@ -1,4 +1,4 @@
-"""``kelpie image``: pull, import, list, inspect, remove and prune stored images."""
+"""``kelpie image``: pull, push, import, list, inspect, remove and prune stored images."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from kelpie.client import DaemonClient
 from kelpie.images._auth import Credentials, RegistryAuth
 from kelpie.images._import import import_docker_archive, import_oci_layout
 from kelpie.images._manifest import Platform
-from kelpie.images._pull import pull_image
+from kelpie.images._pull import default_push_reference, pull_image, push_image
+from kelpie.images._push import PushReport
 from kelpie.images._reference import ImageReference
 from kelpie.images._registry import BlobProgress
 from kelpie.images._store import ImageStore, StoredImage
+from kelpie.service import PushView
 
 
 def describe(image: StoredImage) -> dict[str, Any]:
@@ -64,22 +66,31 @@ def pull(reference: str, platform: str | None, insecure: tuple[str, ...], userna
          password_stdin: bool) -> int:
     """Pull an image from an OCI registry into the local store."""
     ref = ImageReference.parse(reference)
-    credentials = None
-    if username:
-        if not password_stdin:
-            raise click.UsageError("--username needs --password-stdin")
-        password = sys.stdin.readline().rstrip("\n")
-        credentials = {ref.registry: Credentials(username, password)}
     wanted = Platform.parse(platform) if platform else None
     if _daemon_target():
-        if credentials:
-            raise click.UsageError("--username is for the local store; a daemon uses the "
-                                   "credentials of its own host (~/.docker/config.json)")
+        _no_credentials_for_a_daemon(username)
         return asyncio.run(_with_client(lambda c: _pull_remote(
             c, str(ref), platform, ref.registry in insecure)))
+    credentials = _credentials(ref.registry, username, password_stdin)
     stored = pull_reference(ref, wanted, insecure, RegistryAuth(credentials))
     click.echo(f"{stored.id} {stored.digest}")
     return 0
+
+
+def _credentials(registry: str, username: str | None,
+                 password_stdin: bool) -> dict[str, Credentials] | None:
+    """``--username`` with the password read from stdin, for ``registry``."""
+    if not username:
+        return None
+    if not password_stdin:
+        raise click.UsageError("--username needs --password-stdin")
+    return {registry: Credentials(username, sys.stdin.readline().rstrip("\n"))}
+
+
+def _no_credentials_for_a_daemon(username: str | None) -> None:
+    if username:
+        raise click.UsageError("--username is for the local store; a daemon uses the "
+                               "credentials of its own host (~/.docker/config.json)")
 
 
 async def _pull_remote(client: DaemonClient, reference: str, platform: str | None,
@@ -90,6 +101,54 @@ async def _pull_remote(client: DaemonClient, reference: str, platform: str | Non
                                          progress=progress)
     click.echo(f"{pulled.id} {pulled.digest}")
     return 0
+
+
+@image.command("push")
+@click.argument("image_ref", metavar="IMAGE")
+@click.argument("reference", required=False)
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Use plain HTTP for this registry (localhost always may).")
+@click.option("--username", help="Registry user (else ~/.docker/config.json).")
+@click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
+def push(image_ref: str, reference: str | None, insecure: tuple[str, ...],
+         username: str | None, password_stdin: bool) -> int:
+    """Push a stored IMAGE (tag, digest or id) to an OCI registry, as REFERENCE
+    (REGISTRY/REPO:TAG; default: the name the image is known by). Blobs the registry has
+    are not sent again; blobs of another of its repositories are mounted; uploads go in
+    chunks that resume after a failure. Prints where the image went, with its digest."""
+    ref = ImageReference.parse(reference) if reference else None
+    if _daemon_target():
+        _no_credentials_for_a_daemon(username)
+        return asyncio.run(_with_client(lambda c: _push_remote(
+            c, image_ref, reference, bool(ref and ref.registry in insecure))))
+    store = ImageStore()
+    target = ref or ImageReference.parse(
+        default_push_reference(image_ref, store.resolve(image_ref).tags))
+    credentials = _credentials(target.registry, username, password_stdin)
+
+    async def run() -> PushReport:
+        with _bars() as (_, progress):
+            return await push_image(store, image_ref, target,
+                                    insecure=target.registry in insecure,
+                                    auth=RegistryAuth(credentials), progress=progress)
+
+    _said_pushed(asyncio.run(run()))
+    return 0
+
+
+async def _push_remote(client: DaemonClient, image_ref: str, reference: str | None,
+                       insecure: bool) -> int:
+    with _bars() as (_, progress):
+        _said_pushed(await client.push_image(image_ref, reference, insecure=insecure,
+                                             progress=progress))
+    return 0
+
+
+def _said_pushed(report: PushView) -> None:
+    click.echo(report.reference)
+    click.echo(f"{len(report.uploaded)} blobs sent ({report.bytes_sent} bytes), "
+               f"{len(report.mounted)} mounted, {len(report.existing)} already there",
+               err=True)
 
 
 @contextlib.contextmanager

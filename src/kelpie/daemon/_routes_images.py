@@ -1,10 +1,13 @@
-"""``/v1/images``: the daemon's image store (list, inspect, remove, pull from a registry)."""
+"""``/v1/images``: the daemon's image store (list, inspect, remove; pull from a registry,
+push to one)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -16,13 +19,15 @@ from kelpie.api import (
     PullBody,
     PullDone,
     PullProgress,
+    PushBody,
+    PushDone,
+    PushOutcome,
     StreamError,
     error_body,
     model_json,
 )
 from kelpie.daemon._routes_system import runtime_of
-from kelpie.images import ImageReference, Platform, StoredImage
-from kelpie.runtime import Runtime
+from kelpie.images import BlobProgress, ImageReference, Platform, StoredImage
 
 router = APIRouter(tags=["images"])
 
@@ -61,25 +66,56 @@ async def pull_image(request: Request, body: PullBody) -> Response:
     if body.platform:
         Platform.parse(body.platform)
     runtime = runtime_of(request)
-    if NDJSON not in request.headers.get("accept", ""):
+
+    async def pull(progress: BlobProgress | None) -> PullDone:
         stored = await runtime.pull_image(body.reference, platform=body.platform,
-                                          insecure=body.insecure)
-        return Response(json.dumps(model_json(_image(stored))), media_type="application/json")
-    return StreamingResponse(_pull_streamed(request, runtime, body), media_type=NDJSON)
+                                          insecure=body.insecure, progress=progress)
+        return PullDone(image=_image(stored))
+
+    if NDJSON not in request.headers.get("accept", ""):
+        done = await pull(None)
+        return Response(json.dumps(model_json(done.image)), media_type="application/json")
+    return StreamingResponse(_streamed(request, pull), media_type=NDJSON)
 
 
-async def _pull_streamed(request: Request, runtime: Runtime, body: PullBody,
-                         ) -> AsyncIterator[bytes]:
-    """Progress lines while the pull runs (its own task: a client that goes away does not
-    cancel it half way), then the result or the error."""
+@router.post(
+    "/image-pushes",
+    responses={200: {"content": {NDJSON: {}}, "description":
+                     "What the push did; or, when the request accepts application/x-ndjson, "
+                     "progress lines per blob then a result or error line."}},
+)
+async def push_image(request: Request, body: PushBody) -> Response:
+    """Push a stored image to a registry: blobs it has are not sent, blobs of another of its
+    repositories are mounted, the rest go up in chunks (HTTPS unless ``insecure`` or
+    loopback)."""
+    if body.reference is not None:
+        ImageReference.parse(body.reference)  # bad input: 400 before any stream
+    runtime = runtime_of(request)
+    runtime.images.resolve(body.image)  # an unknown image: 404 before any stream
+
+    async def push(progress: BlobProgress | None) -> PushDone:
+        report = await runtime.push_image(body.image, body.reference, insecure=body.insecure,
+                                          progress=progress)
+        return PushDone(push=PushOutcome(**dataclasses.asdict(report)))
+
+    if NDJSON not in request.headers.get("accept", ""):
+        done = await push(None)
+        return Response(json.dumps(model_json(done.push)), media_type="application/json")
+    return StreamingResponse(_streamed(request, push), media_type=NDJSON)
+
+
+async def _streamed(request: Request,
+                    work: Callable[[BlobProgress], Coroutine[Any, Any, PullDone | PushDone]],
+                    ) -> AsyncIterator[bytes]:
+    """Progress lines while a pull or push runs (its own task: a client that goes away
+    does not cancel it half way), then the result or the error."""
     queue: asyncio.Queue[PullProgress] = asyncio.Queue()
 
     def progress(digest: str, done: int, total: int) -> None:
         queue.put_nowait(PullProgress(digest=digest, done=done, total=total))
 
-    task = asyncio.create_task(runtime.pull_image(
-        body.reference, platform=body.platform, insecure=body.insecure, progress=progress))
-    background: set[asyncio.Task[StoredImage]] = request.app.state.background
+    task: asyncio.Task[PullDone | PushDone] = asyncio.create_task(work(progress))
+    background: set[asyncio.Task[object]] = request.app.state.background
     background.add(task)
     task.add_done_callback(background.discard)
     while not task.done():
@@ -92,9 +128,8 @@ async def _pull_streamed(request: Request, runtime: Runtime, body: PullBody,
     while not queue.empty():
         yield _line(queue.get_nowait())
     exc = task.exception()
-    yield _line(StreamError(error=error_body(exc)) if exc is not None
-                else PullDone(image=_image(task.result())))
+    yield _line(StreamError(error=error_body(exc)) if exc is not None else task.result())
 
 
-def _line(model: PullProgress | PullDone | StreamError) -> bytes:
+def _line(model: PullProgress | PullDone | PushDone | StreamError) -> bytes:
     return json.dumps(model_json(model)).encode() + b"\n"

@@ -49,7 +49,8 @@ from kelpie.images._manifest import (
     parse_manifest_document,
     select_platform,
 )
-from kelpie.images._pull import pull_image
+from kelpie.images._pull import pull_image, push_image
+from kelpie.images._push import PushReport
 from kelpie.images._reference import DEFAULT_TAG, DOCKER_HUB, ImageReference
 from kelpie.images._registry import BlobProgress, RegistryClient, RetryPolicy
 from kelpie.images._rootfs_build import rootfs_dir, rootfs_ext4
@@ -86,6 +87,7 @@ __all__ = [
     "Manifest",
     "NoDefaultCommand",
     "Platform",
+    "PushReport",
     "RegistryAuth",
     "RegistryClient",
     "RegistryError",
@@ -100,6 +102,7 @@ __all__ = [
     "parse_image_config",
     "parse_manifest_document",
     "pull_image",
+    "push_image",
     "rootfs_dir",
     "rootfs_ext4",
     "select_platform",

@@ -84,6 +84,19 @@ class BlobProgress(Protocol):
         """Report progress of one blob."""
 
 
+class RegistryReply(NamedTuple):
+    """A registry's answer to :meth:`RegistryClient.request`."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    url: str
+
+    def error_detail(self) -> str:
+        """``": CODE: message"`` from a distribution error body, or ``""``."""
+        return _detail_of(self.body)
+
+
 class FetchedManifest(NamedTuple):
     """A manifest document as served: its bytes, media type and (computed) sha256 digest."""
 
@@ -140,6 +153,15 @@ class RegistryClient:
         )
         self._blob_locks: dict[str, asyncio.Lock] = {}
 
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How failed requests are tried again."""
+        return self._retry
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait between attempts (the injected sleep)."""
+        await self._sleep(seconds)
+
     async def __aenter__(self) -> RegistryClient:
         return self
 
@@ -174,7 +196,7 @@ class RegistryClient:
         to the reference's digest or to the server's ``Docker-Content-Digest``), or
         :class:`RegistryError`.
         """
-        return await self._retrying(
+        return await self.retrying(
             f"manifest {reference}", lambda: self._get_manifest_once(reference)
         )
 
@@ -295,7 +317,7 @@ class RegistryClient:
             nonlocal resumed
             resumed = await self._download_once(reference, descriptor, partial, progress)
 
-        await self._retrying(f"blob {descriptor.digest}", attempt)
+        await self.retrying(f"blob {descriptor.digest}", attempt)
         return resumed
 
     async def _download_once(
@@ -412,7 +434,9 @@ class RegistryClient:
 
     # -- HTTP plumbing ---------------------------------------------------------------------
 
-    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()``, tried again after a retriable :class:`RegistryError` with the
+        client's back-off, up to its number of attempts."""
         for number in range(1, self._retry.attempts + 1):
             try:
                 return await attempt()
@@ -445,16 +469,19 @@ class RegistryClient:
             await reply.aclose()
 
     async def _send_authenticated(
-        self, reference: ImageReference, url: str, headers: Mapping[str, str]
+        self, reference: ImageReference, url: str, headers: Mapping[str, str], *,
+        method: str = "GET", content: bytes | None = None, push: bool = False,
     ) -> httpx.Response:
+        """``method url`` answering one auth challenge (scope pull, or pull and push);
+        the response is streamed: close it."""
         registry = reference.registry
-        scope = f"repository:{reference.repository}:pull"
+        scope = f"repository:{reference.repository}:{'pull,push' if push else 'pull'}"
         authorization = self._auth.header_for(registry, scope)
         for answered in (False, True):
             sent = dict(headers)
             if authorization:
                 sent["Authorization"] = authorization
-            reply = await self._send(registry, url, sent)
+            reply = await self._send(registry, url, sent, method=method, content=content)
             if reply.status_code != 401:
                 return reply
             await reply.aclose()
@@ -470,8 +497,28 @@ class RegistryClient:
             "authenticating: check the credentials, and that the repository exists"
         )
 
-    async def _send(self, registry: str, url: str, headers: Mapping[str, str]) -> httpx.Response:
-        request = self._client.build_request("GET", url, headers=headers)
+    async def request(
+        self, reference: ImageReference, method: str, url: str, *,
+        headers: Mapping[str, str] | None = None, content: bytes | None = None,
+        push: bool = False,
+    ) -> RegistryReply:
+        """One authenticated request to ``reference``'s registry, the building block of
+        pushes: its status, headers and body (at most 64 KiB: a registry's answers to
+        these are small). ``url`` may be a path (``/v2/...``) or absolute (an upload's
+        ``Location``, which may be relative to the registry: resolved against it)."""
+        base = self.base_url(reference.registry)
+        url = str(httpx.URL(base).join(url))
+        reply = await self._send_authenticated(reference, url, headers or {}, method=method,
+                                               content=content, push=push)
+        try:
+            body = await _read_limited(reply, 64 << 10, f"the answer to {method} {url}")
+        finally:
+            await reply.aclose()
+        return RegistryReply(reply.status_code, reply.headers, body, url)
+
+    async def _send(self, registry: str, url: str, headers: Mapping[str, str], *,
+                    method: str = "GET", content: bytes | None = None) -> httpx.Response:
+        request = self._client.build_request(method, url, headers=headers, content=content)
         try:
             return await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -589,9 +636,15 @@ async def _status_error(
 async def _error_detail(reply: httpx.Response) -> str:
     """``": CODE: message"`` from a distribution error body, or ``""``."""
     try:
-        body = await _read_limited(reply, 16 << 10, "error body")
+        return _detail_of(await _read_limited(reply, 16 << 10, "error body"))
+    except RegistryError:
+        return ""
+
+
+def _detail_of(body: bytes) -> str:
+    try:
         errors = json.loads(body).get("errors") or []
         first = errors[0]
         return f": {first.get('code', '')}: {first.get('message', '')}"
-    except (RegistryError, ValueError, AttributeError, IndexError, TypeError, KeyError):
+    except (ValueError, AttributeError, IndexError, TypeError, KeyError):
         return ""

@@ -44,7 +44,14 @@ from typing import IO, Any, Self
 
 from kelpie._signals import signal_number
 from kelpie.api import HostFacts, ProcessList, SandboxCreate, SandboxStats, TemplateCreate
-from kelpie.images import BlobProgress, ImageStore, StoredImage, pull_image
+from kelpie.images import (
+    BlobProgress,
+    ImageStore,
+    PushReport,
+    StoredImage,
+    pull_image,
+    push_image,
+)
 from kelpie.runtime._arguments import Progress
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._crashes import CrashRestarts
@@ -596,4 +603,11 @@ class Runtime:
         """Pull an image from a registry into the image store (see
         :func:`kelpie.images.pull_image`)."""
         return await pull_image(self.images, reference, platform=platform, insecure=insecure,
+                                progress=progress)
+
+    async def push_image(self, image: str, reference: str | None = None, *,
+                         insecure: bool = False, progress: BlobProgress | None = None,
+                         ) -> PushReport:
+        """Push a stored image to a registry (see :func:`kelpie.images.push_image`)."""
+        return await push_image(self.images, image, reference, insecure=insecure,
                                 progress=progress)

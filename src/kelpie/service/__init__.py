@@ -9,6 +9,7 @@ turn either side's record into the REST API's model.
 from kelpie.service._protocol import (
     EventView,
     ImageView,
+    PushView,
     SandboxService,
     SandboxView,
     SnapshotView,
@@ -18,6 +19,7 @@ from kelpie.service._records import event_record, sandbox_record, snapshot_recor
 __all__ = [
     "EventView",
     "ImageView",
+    "PushView",
     "SandboxService",
     "SandboxView",
     "SnapshotView",

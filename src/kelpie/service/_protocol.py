@@ -118,6 +118,24 @@ class ImageView(Protocol):
     def size(self) -> int: ...
 
 
+class PushView(Protocol):
+    """What a push did: where the image went, and which blobs were sent, mounted or
+    found there already."""
+
+    @property
+    def reference(self) -> str: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def uploaded(self) -> Sequence[str]: ...
+    @property
+    def mounted(self) -> Sequence[str]: ...
+    @property
+    def existing(self) -> Sequence[str]: ...
+    @property
+    def bytes_sent(self) -> int: ...
+
+
 class SandboxService(Protocol):
     """Sandboxes, their commands and files, snapshots, templates and images.
 
@@ -318,6 +336,12 @@ class SandboxService(Protocol):
                          insecure: bool = False, progress: BlobProgress | None = None,
                          ) -> ImageView:
         """Pull an image from a registry; ``progress(digest, done, total)`` per blob."""
+        ...
+
+    async def push_image(self, image: str, reference: str | None = None, *,
+                         insecure: bool = False, progress: BlobProgress | None = None,
+                         ) -> PushView:
+        """Push a stored image to a registry (``reference``: where; default its name)."""
         ...
 
 
