@@ -368,6 +368,8 @@ def test_kill_signal_and_attach_forwarding_ctrl_c(capfd: pytest.CaptureFixture[s
     capfd.readouterr()
     assert main(["inspect", "ctrlc"]) == 0
     assert json.loads(capfd.readouterr().out)[0]["state"] == "running"  # the sandbox runs on
+    assert main(["commit", "ctrlc", "local/nope:1"]) == 2  # no image to commit over
+    assert "has no image: a commit records the changes over one" in capfd.readouterr().err
     assert main(["rm", "-f", "sig", "ctrlc"]) == 0
 
 

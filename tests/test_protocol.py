@@ -198,6 +198,7 @@ def test_every_op_has_a_schema_with_known_checks() -> None:
         "usage",
         "processes",
         "grow_fs",
+        "walk",
         "shutdown",
     }
     for fields in protocol.REQUEST_FIELDS.values():

@@ -2,14 +2,18 @@
 workdir and labels as given, a failing main command restarted by on-failure:3 (the guest
 counts each run), stats checked against a known load (MiB written, seconds of CPU burned,
 MiB sent to a published port), the guest's processes, and the event log; a signal to a
-main command, and a VM killed under its sandbox booted again by its restart policy."""
+main command, and a VM killed under its sandbox booted again by its restart policy; a
+commit, and a sandbox started from the committed image."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import io
 import os
 import signal
 import socket
+import tarfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -159,9 +163,12 @@ async def test_a_signal_and_a_killed_vm_restart_as_the_policy_says(runtime: Runt
     restarted = rt.watch_events(sandboxes=["phoenix"], kinds=["restarted"])
 
     async def started(times: int) -> bool:
-        """The main command has started ``times`` times (each start writes a line)."""
+        """The main command has started ``times`` times (each start writes a line) and
+        synced its line (it runs sleep only after the sync)."""
         boots = await rt.exec("phoenix", ["cat", "/root/boots"])
-        return boots.stdout == b"up\n" * times and bool(rt._mains._running.get(info.id))
+        listing = await rt.processes("phoenix")
+        synced = any(p.command == ["sleep", "100000"] for p in listing.processes)
+        return boots.stdout == b"up\n" * times and synced
 
     await wait_until(lambda: started(1), 120, "the main command to start")
     await rt.kill("phoenix", signal="TERM")  # to the main command: it ends, always restarts
@@ -183,3 +190,31 @@ async def test_a_signal_and_a_killed_vm_restart_as_the_policy_says(runtime: Runt
     await wait_until(lambda: started(3), 120, "the main command after the crash")
     await restarted.aclose()
     await rt.remove("phoenix", force=True)
+
+
+async def test_commit_then_start_a_sandbox_from_the_image(runtime: Runtime) -> None:
+    rt = runtime
+    await _sh(rt, "rm -f /root/blob; mkdir -p /opt/app && echo 'echo committed' > "
+                  "/opt/app/hello.sh && chmod 750 /opt/app/hello.sh && "
+                  "ln -s hello.sh /opt/app/run && rm /etc/os-release")
+    base = rt.images.get((await rt.inspect("dock")).image_digest or "")
+    made = await rt.commit("dock", "local/committed:1", message="with hello")
+    assert made.tags == ("docker.io/local/committed:1",)
+    assert made.manifest.layers[:-1] == base.manifest.layers  # one layer on top
+    assert (made.config.working_dir, made.config.cmd) == (
+        "/tmp", ("sh", "-c", "echo run >> runs; exit 3"))  # the sandbox's, carried over
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(
+            rt.images.blobs.read_bytes(made.manifest.layers[-1].digest)))) as layer:
+        members = {m.name: m for m in layer.getmembers()}
+    assert members["opt/app/hello.sh"].mode == 0o750
+    assert members["opt/app/run"].issym() and members["opt/app/run"].linkname == "hello.sh"
+    assert "etc/.wh.os-release" in members  # the deletion, as a whiteout
+    assert not {"etc/hosts", "etc/hostname", "etc/resolv.conf"} & set(members)
+    assert not any(name.startswith(("proc/", "dev/", "tmp/")) for name in members)
+
+    await rt.create(name="from-commit", backend="qemu", image="local/committed:1")
+    ran = await rt.exec("from-commit", ["sh", "-c", "sh /opt/app/run; stat -c %a "
+                                        "/opt/app/hello.sh; test -e /etc/os-release || "
+                                        "echo gone"])
+    assert ran.stdout == b"committed\n750\ngone\n", ran.stderr
+    await rt.remove("from-commit", force=True)

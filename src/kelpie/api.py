@@ -332,6 +332,15 @@ class SnapshotCreate(_Model):
                     "working directory, else /workspace).")
 
 
+class CommitBody(_Request):
+    """Commit a sandbox's file system changes over its image as a new image."""
+
+    reference: str = Field(min_length=1, max_length=MAX_NAME * 2,
+                           description="The new image's name (REPO[:TAG]).")
+    message: str | None = Field(None, max_length=1000,
+                                description="Kept in the image's history.")
+
+
 class RenameBody(_Request):
     """A sandbox's new name."""
 
@@ -595,6 +604,8 @@ class VersionInfo(_Model):
 
 
 class Image(_Model):
+    """A stored image: its short id, manifest digest, names and size."""
+
     id: str
     digest: str
     tags: list[str]

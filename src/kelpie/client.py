@@ -34,6 +34,7 @@ from kelpie.api import (
     CHANNEL_STDOUT,
     CHUNK_SHA256_HEADER,
     NDJSON,
+    CommitBody,
     ErrorBody,
     Event,
     ExecBody,
@@ -395,6 +396,12 @@ class DaemonClient:
     async def pause(self, ref: str) -> Sandbox:
         """Freeze a running sandbox."""
         return await self._lifecycle(ref, "pause")
+
+    async def commit(self, ref: str, reference: str, *, message: str | None = None) -> Image:
+        """Have the daemon commit a sandbox's changes as a new image."""
+        reply = await self._request("POST", f"{_sb(ref)}/commit",
+                                    json=_wire(CommitBody(reference=reference, message=message)))
+        return Image.model_validate(reply.json())
 
     async def rename(self, ref: str, name: str) -> Sandbox:
         """Give a sandbox another name."""

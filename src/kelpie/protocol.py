@@ -133,6 +133,12 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
 ``processes``   -> REPLY {clk_tck, uptime, truncated, processes: [{pid, ppid, uid,
                           state, cpu_ticks, start_ticks, rss, argv}]}
                 At most 4096 processes, argv cut at 4096 bytes.
+``walk``        path?="/" -> EVENT {entries: [...]}* -> REPLY {entries: [...]}
+                Every entry below path, depth first, not crossing into other
+                mounted file systems: {path, type, mode, uid, gid, size,
+                mtime_ns, ctime_ns, target?, mount?} (mount: another file
+                system is mounted there, not walked; the listing is the
+                concatenation; a commit compares it with the image).
 ``grow_fs``     size -> REPLY {size, device_size}
                 Grow the (ext4) file system of the agent's root online to
                 ``size`` bytes, after the host made its disk bigger; EAGAIN
@@ -543,6 +549,7 @@ REQUEST_FIELDS: Final[dict[str, dict[str, tuple[Callable[[object], bool], object
     "usage": {},
     "processes": {},
     "grow_fs": {"size": (_is_uint, REQUIRED)},
+    "walk": {"path": (_is_path, "/")},
 }
 
 

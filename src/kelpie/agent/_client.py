@@ -47,9 +47,12 @@ from kelpie.agent._types import (
     ResyncResult,
 )
 from kelpie.protocol import FrameType
-from kelpie.vm import GuestProcesses, GuestUsage
+from kelpie.vm import GuestProcesses, GuestUsage, TreeEntry
 
 R = TypeVar("R")
+
+MAX_WALK_ENTRIES = 2_000_000
+"""The most entries a ``walk`` may report (a guest could make an endless listing)."""
 
 
 class AgentClient(AgentConnection):
@@ -376,6 +379,27 @@ class AgentClient(AgentConnection):
         finally:
             self._abandon(pending, cancel=False)
         return [DirEntry(e["name"], e["type"], e["size"], e["mode"]) for e in entries]
+
+    async def walk(self, path: str = "/", *, limit: int = MAX_WALK_ENTRIES) -> list[TreeEntry]:
+        """Every entry of the guest file system below ``path`` (not into other mounts);
+        AgentProtocolError for a malformed entry or more than ``limit`` of them."""
+        pending = await self._open("walk", {"path": path})
+        entries: list[TreeEntry] = []
+        try:
+            while True:
+                frame = await pending.next()
+                if frame.ftype == FrameType.ERROR:
+                    raise pending.remote_error(frame)
+                batch = decode(frame).get("entries", [])
+                if not isinstance(batch, list) or len(entries) + len(batch) > limit:
+                    raise AgentProtocolError(f"walk: more than {limit} entries, or a batch "
+                                             "that is not a list")
+                entries.extend(_checked("walk", TreeEntry.from_reply, item) for item in batch)
+                if frame.ftype == FrameType.REPLY:
+                    break
+        finally:
+            self._abandon(pending, cancel=False)  # the agent walks in one go: nothing to stop
+        return entries
 
     async def mkdir(self, path: str, *, parents: bool = False, mode: int = 0o755) -> None:
         """Create a guest directory (``parents=True``: like ``mkdir -p``)."""

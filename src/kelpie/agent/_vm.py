@@ -50,6 +50,7 @@ from kelpie.vm import (
     GuestFileError,
     GuestProcesses,
     GuestUsage,
+    TreeEntry,
     VmConfig,
     VmCrashed,
     VmError,
@@ -314,6 +315,9 @@ class AgentVm(VmInstance):
 
     async def _do_guest_usage(self) -> GuestUsage:
         return await self._call(lambda client: client.usage())
+
+    async def _do_walk(self, path: str) -> list[TreeEntry]:
+        return await self._call(lambda client: client.walk(path), path)
 
     async def _grow_guest_fs(self, size: int) -> None:
         """Grow the guest's root file system to ``size`` bytes, once its kernel has seen

@@ -266,6 +266,22 @@ def rename(sandbox: str, new_name: str) -> int:
     return _client_call(call)
 
 
+@click.command("commit")
+@click.option("-m", "--message", default=None, help="Kept in the image's history.")
+@click.argument("sandbox")
+@click.argument("reference", metavar="NAME[:TAG]")
+def commit(message: str | None, sandbox: str, reference: str) -> int:
+    """Store a running SANDBOX's file system changes over its image as image NAME[:TAG]
+    (its env, workdir, user and command carried over); prints the new image's id and
+    digest. Sandboxes and templates can start from it; `kelpie image push` sends it."""
+    async def call(client: DaemonClient) -> int:
+        made = await client.commit(sandbox, reference, message=message)
+        click.echo(f"{made.id} {made.digest}")
+        return 0
+
+    return _client_call(call)
+
+
 @click.command("port")
 @click.argument("sandbox")
 @click.argument("guest_port", required=False, metavar="PORT[/PROTOCOL]")
@@ -441,4 +457,5 @@ def _new_file_mode(host: Path) -> int:
     return 0o666 & ~umask
 
 
-COMMANDS = (exec_, wait, rename, port, ps, inspect, logs, start, stop, kill, pause, resume, rm, cp)
+COMMANDS = (exec_, wait, rename, commit, port, ps, inspect, logs, start, stop, kill, pause,
+            resume, rm, cp)

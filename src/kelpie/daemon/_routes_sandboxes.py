@@ -13,10 +13,12 @@ from fastapi.responses import StreamingResponse
 
 from kelpie.api import (
     NDJSON,
+    CommitBody,
     CreateDone,
     ErrorResponse,
     Event,
     ForkBody,
+    Image,
     MainExit,
     NetworkChange,
     Progress,
@@ -171,6 +173,15 @@ async def pause_sandbox(request: Request, ref: Ref) -> Sandbox:
 async def rename_sandbox(request: Request, ref: Ref, body: RenameBody) -> Sandbox:
     """Give a sandbox another name (409 SandboxNameInUse when it is taken)."""
     return sandbox_record(await runtime_of(request).rename(ref, body.name))
+
+
+@router.post("/sandboxes/{ref}/commit", status_code=201)
+async def commit_sandbox(request: Request, ref: Ref, body: CommitBody) -> Image:
+    """Store a running sandbox's file system changes over its image as a new image
+    (Docker's commit): the new layer made from what the guest reports, checked as
+    untrusted; its config carries the sandbox's env, workdir, user and command."""
+    stored = await runtime_of(request).commit(ref, body.reference, message=body.message)
+    return Image(id=stored.id, digest=stored.digest, tags=list(stored.tags), size=stored.size)
 
 
 @router.post("/sandboxes/{ref}/wait")

@@ -17,6 +17,7 @@ from ._rootfs import RootFS
 from ._session import Session
 from ._system import op_resync
 from ._usage import op_processes, op_usage
+from ._walk import op_walk
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Agent:
             "usage": functools.partial(op_usage, self.rootfs.root),
             "processes": op_processes,
             "grow_fs": functools.partial(op_grow_fs, self.rootfs.root),
+            "walk": functools.partial(op_walk, self.rootfs, self.link),
             "shutdown": self.op_shutdown,
         }
         self.session = Session(

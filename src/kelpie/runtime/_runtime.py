@@ -53,6 +53,7 @@ from kelpie.images import (
     push_image,
 )
 from kelpie.runtime._arguments import Progress
+from kelpie.runtime._commit import Commits
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._crashes import CrashRestarts
 from kelpie.runtime._db import DB_FILENAME, StateDb
@@ -130,6 +131,7 @@ class Runtime:
         self._moves = Moves(self._ctx, self._sandboxes, self._mains)
         self._forks = Forks(self._ctx, self._sandboxes)
         self._crashes = CrashRestarts(self._ctx, self._sandboxes)
+        self._commits = Commits(self._ctx)
         self._ctx.on_crash = self._crashes.crashed
         self._feed = EventFeed(lambda: self._ctx.db, clock)
         self._usage = Usage(self._ctx)
@@ -355,6 +357,12 @@ class Runtime:
     async def start(self, ref: str) -> SandboxInfo:
         """Start a sandbox that is stopped or crashed (with a fresh VM if it has none)."""
         return await self._sandboxes.start(ref)
+
+    async def commit(self, ref: str, reference: str, *,
+                     message: str | None = None) -> StoredImage:
+        """Store a running sandbox's file system changes over its image as a new image
+        named ``reference`` (Docker's ``commit``; see :mod:`kelpie.runtime._commit`)."""
+        return await self._commits.commit(ref, reference, message=message)
 
     async def rename(self, ref: str, name: str) -> SandboxInfo:
         """Give a sandbox another name (its id stays)."""

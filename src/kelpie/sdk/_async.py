@@ -289,6 +289,11 @@ class AsyncSandbox:
         await old.close()
         return report
 
+    async def commit(self, reference: str, *, message: str | None = None) -> str:
+        """Store this sandbox's file system changes over its image as image ``reference``
+        (its env, workdir, user and command carried over); the new image's digest."""
+        return (await self._service.commit(self.id, reference, message=message)).digest
+
     async def pause(self) -> None:
         """Freeze the sandbox."""
         await self._service.pause(self.id)

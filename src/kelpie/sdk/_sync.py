@@ -301,6 +301,11 @@ class Sandbox:
             to, token=token, mode=mode, without_volumes=without_volumes, progress=progress,
             arch=arch))
 
+    def commit(self, reference: str, *, message: str | None = None) -> str:
+        """Store this sandbox's changes as image ``reference``; its digest (see
+        :meth:`AsyncSandbox.commit`)."""
+        return self._loop.run(self._async.commit(reference, message=message))
+
     def pause(self) -> None:
         """Freeze the sandbox."""
         self._loop.run(self._async.pause())

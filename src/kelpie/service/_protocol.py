@@ -338,6 +338,11 @@ class SandboxService(Protocol):
         """Pull an image from a registry; ``progress(digest, done, total)`` per blob."""
         ...
 
+    async def commit(self, ref: str, reference: str, *,
+                     message: str | None = None) -> ImageView:
+        """A sandbox's file system changes over its image, stored as image ``reference``."""
+        ...
+
     async def push_image(self, image: str, reference: str | None = None, *,
                          insecure: bool = False, progress: BlobProgress | None = None,
                          ) -> PushView:

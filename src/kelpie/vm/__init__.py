@@ -105,6 +105,7 @@ from kelpie.vm._snapshot import (
 )
 from kelpie.vm._state import ALLOWED, TRANSITIONS, Operation, VmState, allowed_states, is_legal
 from kelpie.vm._storage import LocalStorage, Storage
+from kelpie.vm._tree import TreeEntry
 from kelpie.vm._usage import GuestProcess, GuestProcesses, GuestUsage, HostUsage
 
 __all__ = [
@@ -188,6 +189,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StreamName",
+    "TreeEntry",
     "UnknownBackend",
     "UnsupportedOperation",
     "VmConfig",

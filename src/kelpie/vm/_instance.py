@@ -40,6 +40,7 @@ from kelpie.protocol import MAX_FRAME_PAYLOAD
 from kelpie.vm._config import NetworkMode, VmConfig
 from kelpie.vm._snapshot import HostInfo, SnapshotKind, VmSnapshot
 from kelpie.vm._state import Operation, VmState, allowed_states, is_legal
+from kelpie.vm._tree import TreeEntry
 from kelpie.vm._usage import GuestProcesses, GuestUsage, HostUsage
 
 MAX_ARGV = 4096
@@ -551,6 +552,14 @@ class VmInstance(abc.ABC):
             return await self._do_guest_processes()
 
     # ---- files --------------------------------------------------------------------------
+    async def walk(self, path: str = "/") -> list[TreeEntry]:
+        """Every entry of the guest's root file system below ``path``, not crossing into
+        other mounts, as its agent reports it (checked as untrusted): what a commit
+        compares with the image."""
+        self._require(Operation.FILES)
+        with self._crash_guard():
+            return await self._do_walk(path)
+
     async def read_file(self, path: str) -> bytes:
         """Read a whole file from the guest."""
         return b"".join([chunk async for chunk in self.read_file_stream(path)])
@@ -742,6 +751,9 @@ class VmInstance(abc.ABC):
     async def _do_grow_disk(self, disk_mib: int) -> None:
         """Make the root disk ``disk_mib`` MiB and grow the guest's file system to it."""
         raise UnsupportedOperation(self.backend_name, "grow a root disk")
+
+    async def _do_walk(self, path: str) -> list[TreeEntry]:
+        raise UnsupportedOperation(self.backend_name, "walk the guest's file system")
 
     async def _do_guest_usage(self) -> GuestUsage:
         raise UnsupportedOperation(self.backend_name, "report the guest's usage")
