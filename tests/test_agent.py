@@ -391,6 +391,13 @@ def test_posix_spawn_matches_fork(tmp_path: Path, argv: list[str], path: str, cw
     assert os.getcwd() == before  # the agent's own directory is restored
 
 
+async def test_sweep_is_refused_outside_a_vm(client: AgentClient) -> None:
+    # on a host it would kill every process of the machine: only a VM's own agent sweeps
+    with pytest.raises(AgentRemoteError, match="sweep runs only in a VM's own agent") as info:
+        await client.sweep()
+    assert info.value.code == "EPERM"
+
+
 async def test_unknown_user(client: AgentClient) -> None:
     with pytest.raises(AgentRemoteError) as info:
         await client.exec(["true"], user="no-such-user-kelpie")
@@ -403,6 +410,13 @@ async def test_user_switch(client: AgentClient) -> None:
     assert out.stdout.split() == [b"65534", b"65534"]
     out = await run(client, ["id", "-un"], user="root")
     assert out.stdout == b"root\n"
+    # Docker's USER user:group: that group only
+    out = await run(client, sh("id -u; id -g; id -G"), user="65534:4242")
+    assert out.stdout.split() == [b"65534", b"4242", b"4242"]
+    out = await run(client, sh("id -u; id -g"), user="root:0")
+    assert out.stdout.split() == [b"0", b"0"]
+    with pytest.raises(AgentRemoteError, match="no group named 'no-such-group-kelpie'"):
+        await client.exec(["true"], user="root:no-such-group-kelpie")
 
 
 async def test_pty_exec_and_resize(client: AgentClient) -> None:

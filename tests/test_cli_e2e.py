@@ -167,6 +167,28 @@ def test_run_streams_exit_code_and_leaves_a_stopped_sandbox(home: KelpieHome) ->
     assert "e2e-run" not in listing(home)
 
 
+def test_build_then_run_the_image(home: KelpieHome, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {DEMO}\nCOPY note.txt /srv/\nRUN echo built > /srv/made && echo in-vm\n"
+        "CMD [\"cat\", \"/srv/note.txt\", \"/srv/made\"]\n")
+    (tmp_path / "note.txt").write_text("from the context\n")
+    (tmp_path / "secret.key").write_text("never sent\n")
+    (tmp_path / ".dockerignore").write_text("*.key\n")
+    built = home.kelpie("build", "-t", "local/cli-built:1", str(tmp_path))
+    assert built.returncode == 0, built.stderr
+    assert "#3/4 [0] RUN echo built" in built.stderr and "in-vm" in built.stderr
+    ran = home.kelpie("run", "--rm", "local/cli-built:1")
+    assert (ran.returncode, ran.stdout) == (0, "from the context\nbuilt\n"), ran.stderr
+    (tmp_path / "Dockerfile").write_text(f"FROM {DEMO}\nCOPY secret.key /\n")
+    refused = home.kelpie("build", str(tmp_path))
+    assert refused.returncode != 0 and "line 2: 'secret.key' is not in the build " \
+        "context" in refused.stderr
+    (tmp_path / "Dockerfile").write_text(f"FROM {DEMO}\nRUN echo oops >&2; exit 7\n")
+    failed = home.kelpie("build", str(tmp_path))
+    assert failed.returncode != 0 and "failed with exit code 7" in failed.stderr
+    assert "oops" in failed.stderr
+
+
 def test_run_without_double_dash_and_rm(home: KelpieHome) -> None:
     result = home.kelpie("run", "--rm", "--name", "e2e-rm", DEMO, "echo", "hi")
     assert (result.returncode, result.stdout, result.stderr) == (0, "hi\n", "")

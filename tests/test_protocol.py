@@ -199,6 +199,9 @@ def test_every_op_has_a_schema_with_known_checks() -> None:
         "processes",
         "grow_fs",
         "walk",
+        "sweep",
+        "mark",
+        "layer",
         "shutdown",
     }
     for fields in protocol.REQUEST_FIELDS.values():

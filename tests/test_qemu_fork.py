@@ -25,7 +25,10 @@ from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+# written by rename, so a fork (or a read) never catches the file empty between truncate
+# and write
+COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /root/count.new; "
+           "mv /root/count.new /root/count; sleep 0.2; done")
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_the_service_covers_the_sandbox_api() -> None:
             "snapshot", "list_snapshots", "inspect_snapshot", "delete_snapshot", "restore",
             "restore_into", "create_template", "fork", "rename", "wait_main", "exec_detached",
             "list_images", "inspect_image", "watch_events", "stats", "stats_all", "processes",
-            "remove_image", "pull_image", "push_image", "commit"} == set(SERVICE_CALLS)
+            "remove_image", "pull_image", "push_image", "commit", "build"} == set(SERVICE_CALLS)
 
 
 def _body(*types: str, message: str = "it went wrong", **extra: object) -> ErrorBody:

@@ -23,7 +23,13 @@ if TYPE_CHECKING:
     from kelpie.api import HostFacts, TeleportReport
     from kelpie.backends.mock import MockVm
     from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
-    from kelpie.runtime import Runtime, SandboxInfo, SandboxNameInUse, SandboxNotFound
+    from kelpie.runtime import (
+        BuildError,
+        Runtime,
+        SandboxInfo,
+        SandboxNameInUse,
+        SandboxNotFound,
+    )
     from kelpie.sdk import AsyncSandbox, Sandbox
     from kelpie.service import SandboxService
     from kelpie.vm import (
@@ -78,6 +84,7 @@ _HOMES = {
     "DaemonUnreachable": "kelpie.client",
     "RemoteError": "kelpie.client",
     "Runtime": "kelpie.runtime",
+    "BuildError": "kelpie.runtime",
     "SandboxInfo": "kelpie.runtime",
     "SandboxNameInUse": "kelpie.runtime",
     "SandboxNotFound": "kelpie.runtime",
@@ -114,6 +121,7 @@ __all__ = [
     "BackendSpec",
     "BackendUnavailable",
     "BootError",
+    "BuildError",
     "Capabilities",
     "ConfigError",
     "DaemonClient",

@@ -105,6 +105,8 @@ ERROR_STATUS: tuple[tuple[str, int], ...] = (
     ("TeleportAborted", 409),
     ("PeerUnreachable", 502),
     ("ConfigError", 400),
+    ("DockerfileError", 400),
+    ("BuildError", 422),
     ("UnsupportedOperation", 501),
     ("BackendUnavailable", 503),
     ("ExecTimeout", 504),
@@ -339,6 +341,48 @@ class CommitBody(_Request):
                            description="The new image's name (REPO[:TAG]).")
     message: str | None = Field(None, max_length=1000,
                                 description="Kept in the image's history.")
+
+
+class BuildOptions(_Request):
+    """How to build an image from a Dockerfile (the REST query of ``POST /v1/builds``,
+    whose body is the build context as a tar)."""
+
+    tag: list[str] = Field(default_factory=list, max_length=16,
+                           description="Names for the image (REPO[:TAG]); none: untagged.")
+    file: str = Field("Dockerfile", min_length=1, max_length=4096,
+                      description="The Dockerfile's path inside the context.")
+    build_arg: list[str] = Field(default_factory=list, max_length=256,
+                                 description="KEY=VALUE for the Dockerfile's ARGs.")
+    target: str | None = Field(None, max_length=MAX_NAME,
+                               description="The stage to build (default: the last).")
+    platform: str | None = Field(None, max_length=64,
+                                 description="os/arch of the image (default: the host's); "
+                                             "another arch runs its RUN steps under TCG.")
+    network: Literal["none", "nat"] = Field(
+        "nat", description="The network of RUN steps: nat (the internet, never the host "
+                           "or private networks) or none.")
+    no_cache: bool = Field(False, description="Run every step again.")
+    step_timeout: float = Field(1800, gt=0, le=86400,
+                                description="Seconds a RUN step may take before it fails.")
+    memory_mib: int | None = Field(None, description="Memory of the build VMs (MiB).")
+    cpus: int | None = Field(None, description="Virtual CPUs of the build VMs.")
+    disk_mib: int | None = Field(None, description="Root disk of the build VMs (MiB).")
+    backend: str | None = Field(None, max_length=64,
+                                description="The backend of the build VMs.")
+
+
+class BuildEvent(_Model):
+    """One line of a build's progress (also a line of its NDJSON stream)."""
+
+    type: Literal["build"] = "build"
+    kind: Literal["step", "output", "note"] = Field(
+        description="step: a step starts (text is its instruction); output: what a RUN "
+                    "step printed; note: anything else (a pull, a VM booting).")
+    text: str
+    step: int | None = Field(None, description="The step's number, from 1.")
+    steps: int | None = Field(None, description="How many steps the build has.")
+    stage: str | None = Field(None, description="The stage's name or number.")
+    cached: bool | None = Field(None, description="The step's result came from the cache.")
 
 
 class RenameBody(_Request):

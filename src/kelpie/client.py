@@ -13,12 +13,15 @@ list, so ``except SandboxNotFound`` works against a daemon as in-process, and
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import functools
 import hashlib
 import json
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
@@ -34,6 +37,8 @@ from kelpie.api import (
     CHANNEL_STDOUT,
     CHUNK_SHA256_HEADER,
     NDJSON,
+    BuildEvent,
+    BuildOptions,
     CommitBody,
     ErrorBody,
     Event,
@@ -553,6 +558,41 @@ class DaemonClient:
         body = PushBody(image=image, reference=reference, insecure=insecure)
         result = await self._blob_stream("/image-pushes", _wire(body), progress, "push")
         return PushOutcome.model_validate(result["push"])
+
+    async def build(self, context: Path | str, options: BuildOptions | None = None, /, *,
+                    progress: Callable[[BuildEvent], None] | None = None, **fields: Any,
+                    ) -> Image:
+        """Have the daemon build the Dockerfile in the local directory ``context``: the
+        context goes up as a tar (without what its ``.dockerignore`` leaves out)."""
+        from kelpie.runtime._build_copy import pack_context  # the CLI's start stays light
+
+        request = BuildOptions.of(options, fields, "build")
+        params = {k: v for k, v in request.model_dump(mode="json").items()
+                  if v is not None and v != []}
+        with tempfile.TemporaryFile() as upload:
+            await asyncio.to_thread(pack_context, Path(context), request.file, upload)
+
+            async def body() -> AsyncIterator[bytes]:
+                upload.seek(0)
+                while chunk := await asyncio.to_thread(upload.read, 1 << 20):
+                    yield chunk
+
+            async with self._stream("POST", "/builds", params=params, content=body(),
+                                    headers={"Accept": NDJSON,
+                                             "Content-Type": "application/x-tar"},
+                                    timeout=None) as response:
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    message = json.loads(line)
+                    if message.get("type") == "build" and progress is not None:
+                        progress(BuildEvent.model_validate(message))
+                    elif message.get("type") == "result":
+                        return Image.model_validate(message["image"])
+                    elif message.get("type") == "error":
+                        raise error_from_payload(None, message)
+        raise RemoteError(502, ErrorBody(type="KelpieError", types=["KelpieError"],
+                                         message="the daemon ended the build stream early"))
 
     async def _blob_stream(self, path: str, payload: Any, progress: BlobProgress | None,
                            what: str) -> dict[str, Any]:

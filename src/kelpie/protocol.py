@@ -139,6 +139,20 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
                 mtime_ns, ctime_ns, target?, mount?} (mount: another file
                 system is mounted there, not walked; the listing is the
                 concatenation; a commit compares it with the image).
+``mark``        -> REPLY {mark, entries}
+                Remember every entry of the root file system (type, mode, owner,
+                size, times, inode, link target) for the next ``layer``.
+``layer``       mark -> FILE_DATA* -> REPLY {size, mark, entries}
+                What changed since ``mark`` (the last one taken) as an OCI layer
+                tar: new or changed entries, ``.wh.`` whiteouts for the topmost
+                paths gone; other mounts and /etc/hostname, hosts, resolv.conf
+                left out. The mark moves to now (REPLY's mark). ESTALE for an
+                older mark.
+``sweep``       keep?=[] -> REPLY {killed, left}
+                SIGSTOP then SIGKILL every process but init, the agent, kernel
+                threads and the pids in keep, in rounds until none is left (a
+                fork bomb cannot outrun it): what a build step left running.
+                left: processes still there after the last round (not zombies).
 ``grow_fs``     size -> REPLY {size, device_size}
                 Grow the (ext4) file system of the agent's root online to
                 ``size`` bytes, after the host made its disk bigger; EAGAIN
@@ -193,6 +207,9 @@ MAX_FRAME_PAYLOAD: Final = 256 * 1024
 #: Preferred size of one data chunk (file transfer, pipe read).
 DATA_CHUNK: Final = 64 * 1024
 MAX_REQUEST_ID: Final = 0xFFFFFFFF
+
+#: The most pids a ``sweep`` request may ask to keep.
+MAX_PIDS: Final = 4096
 
 #: File types reported by ``stat`` and ``list``.
 FILE_TYPES: Final = ("file", "dir", "symlink", "char", "block", "fifo", "socket", "other")
@@ -436,6 +453,11 @@ def _is_number_or_none(value: object) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _is_pid_list(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_PIDS and all(
+        _is_uint(v) for v in value)
+
+
 def _is_uint_or_none(value: object) -> bool:
     return value is None or _is_uint(value)
 
@@ -550,6 +572,9 @@ REQUEST_FIELDS: Final[dict[str, dict[str, tuple[Callable[[object], bool], object
     "processes": {},
     "grow_fs": {"size": (_is_uint, REQUIRED)},
     "walk": {"path": (_is_path, "/")},
+    "sweep": {"keep": (_is_pid_list, [])},
+    "mark": {},
+    "layer": {"mark": (_is_uint, REQUIRED)},
 }
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Collection, Iterable, Mapping
+from typing import Any, BinaryIO, TypeVar
 
 from kelpie import protocol
 from kelpie.agent._connection import READ_SIZE, AgentConnection
@@ -226,6 +226,11 @@ class AgentClient(AgentConnection):
         """The guest's processes."""
         return _checked("processes", GuestProcesses.from_reply, await self._call("processes"))
 
+    async def sweep(self, keep: Collection[int] = ()) -> int:
+        """Kill every guest process but init, the agent, kernel threads and ``keep``; how
+        many are left (none unless they outran every round)."""
+        return _count_field("sweep", await self._call("sweep", keep=sorted(keep)), "left")
+
     async def grow_fs(self, size: int) -> int:
         """Grow the file system of the agent's root to ``size`` bytes (its disk must be
         that big already); the file system's new size, as the guest reports it."""
@@ -323,6 +328,32 @@ class AgentClient(AgentConnection):
         finally:
             self._abandon(pending, cancel=True)  # no-op once the transfer ended
 
+    async def mark(self) -> int:
+        """Have the guest remember its file system now, for :meth:`layer`; the mark."""
+        body = await self._call("mark")
+        return _count_field("mark", body, "mark")
+
+    async def layer(self, mark: int, out: BinaryIO) -> tuple[int, int]:
+        """Write into ``out`` the guest's changes since ``mark`` as a layer tar (made in the
+        guest; untrusted); the new mark and the number of entries."""
+        pending = await self._open("layer", {"mark": mark})
+        try:
+            while True:
+                frame = await pending.next()
+                if frame.ftype == FrameType.FILE_DATA:
+                    out.write(frame.payload)
+                elif frame.ftype == FrameType.REPLY:
+                    body = decode(frame)
+                    return (_count_field("layer", body, "mark"),
+                            _count_field("layer", body, "entries"))
+                elif frame.ftype == FrameType.ERROR:
+                    raise pending.remote_error(frame)
+                else:
+                    raise AgentProtocolError(
+                        f"layer: unexpected {FrameType.name(frame.ftype)} frame")
+        finally:
+            self._abandon(pending, cancel=True)
+
     async def read_bytes(self, path: str) -> bytes:
         """A whole guest file."""
         return b"".join([chunk async for chunk in self.read_file(path)])
@@ -415,6 +446,15 @@ def _fs_size(body: dict[str, Any]) -> int:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"size is {size!r}, expected a number of bytes")
     return size
+
+
+def _count_field(op: str, body: dict[str, Any], name: str) -> int:
+    """A whole number >= 0 the agent's reply must carry."""
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise AgentProtocolError(f"{op}: '{name}' must be a whole number >= 0, got "
+                                 f"{value!r:.40}")
+    return value
 
 
 def _checked(op: str, parse: Callable[[dict[str, Any]], R], body: dict[str, Any]) -> R:

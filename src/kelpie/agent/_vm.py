@@ -26,9 +26,9 @@ import json
 import os
 import time
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from kelpie.agent._client import AgentClient
 from kelpie.agent._errors import (
@@ -339,6 +339,15 @@ class AgentVm(VmInstance):
 
     async def _do_guest_processes(self) -> GuestProcesses:
         return await self._call(lambda client: client.processes())
+
+    async def _do_sweep_processes(self, keep: Collection[int]) -> int:
+        return await self._call(lambda client: client.sweep(keep))
+
+    async def _do_mark_tree(self) -> int:
+        return await self._call(lambda client: client.mark())
+
+    async def _do_layer_since(self, mark: int, out: BinaryIO) -> tuple[int, int]:
+        return await self._call(lambda client: client.layer(mark, out))
 
     async def _do_agent_state(self) -> dict[str, Any]:
         info = self.agent_info

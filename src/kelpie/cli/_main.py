@@ -48,7 +48,7 @@ COMMANDS = {
     "teleport": "_teleport:teleport", "network": "_network:network", "fork": "_fork:fork",
     "wait": "_sandbox:wait", "rename": "_sandbox:rename", "port": "_sandbox:port",
     "events": "_monitor:events", "stats": "_monitor:stats", "top": "_monitor:top",
-    "attach": "_monitor:attach", "commit": "_sandbox:commit",
+    "attach": "_monitor:attach", "commit": "_sandbox:commit", "build": "_build:build",
 }
 
 

@@ -24,6 +24,7 @@ from starlette.routing import Match
 from kelpie._version import __version__
 from kelpie.api import ErrorResponse, error_body, error_status, model_json
 from kelpie.daemon import (
+    _routes_builds,
     _routes_exec,
     _routes_files,
     _routes_images,
@@ -69,7 +70,8 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.exec_streams = {}  # exec_id -> the streamed exec (_routes_exec)
     app.state.teleports = teleports or TeleportHost(runtime)
     for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
-                   _routes_snapshots, _routes_images, _routes_teleport, _routes_monitor):
+                   _routes_snapshots, _routes_images, _routes_builds, _routes_teleport,
+                   _routes_monitor):
         app.include_router(module.router, prefix="/v1")
     app.add_exception_handler(KelpieError, _kelpie_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)

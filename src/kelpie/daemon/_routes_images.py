@@ -3,11 +3,9 @@ push to one)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -22,11 +20,10 @@ from kelpie.api import (
     PushBody,
     PushDone,
     PushOutcome,
-    StreamError,
-    error_body,
     model_json,
 )
 from kelpie.daemon._routes_system import runtime_of
+from kelpie.daemon._streaming import streamed
 from kelpie.images import BlobProgress, ImageReference, Platform, StoredImage
 
 router = APIRouter(tags=["images"])
@@ -75,7 +72,8 @@ async def pull_image(request: Request, body: PullBody) -> Response:
     if NDJSON not in request.headers.get("accept", ""):
         done = await pull(None)
         return Response(json.dumps(model_json(done.image)), media_type="application/json")
-    return StreamingResponse(_streamed(request, pull), media_type=NDJSON)
+    return StreamingResponse(streamed(request, lambda emit: pull(_blob_lines(emit))),
+                             media_type=NDJSON)
 
 
 @router.post(
@@ -101,35 +99,12 @@ async def push_image(request: Request, body: PushBody) -> Response:
     if NDJSON not in request.headers.get("accept", ""):
         done = await push(None)
         return Response(json.dumps(model_json(done.push)), media_type="application/json")
-    return StreamingResponse(_streamed(request, push), media_type=NDJSON)
+    return StreamingResponse(streamed(request, lambda emit: push(_blob_lines(emit))),
+                             media_type=NDJSON)
 
 
-async def _streamed(request: Request,
-                    work: Callable[[BlobProgress], Coroutine[Any, Any, PullDone | PushDone]],
-                    ) -> AsyncIterator[bytes]:
-    """Progress lines while a pull or push runs (its own task: a client that goes away
-    does not cancel it half way), then the result or the error."""
-    queue: asyncio.Queue[PullProgress] = asyncio.Queue()
-
-    def progress(digest: str, done: int, total: int) -> None:
-        queue.put_nowait(PullProgress(digest=digest, done=done, total=total))
-
-    task: asyncio.Task[PullDone | PushDone] = asyncio.create_task(work(progress))
-    background: set[asyncio.Task[object]] = request.app.state.background
-    background.add(task)
-    task.add_done_callback(background.discard)
-    while not task.done():
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield _line(getter.result())
-        else:
-            getter.cancel()
-    while not queue.empty():
-        yield _line(queue.get_nowait())
-    exc = task.exception()
-    yield _line(StreamError(error=error_body(exc)) if exc is not None else task.result())
+def _blob_lines(emit: Callable[[PullProgress], None]) -> BlobProgress:
+    return lambda digest, done, total: emit(PullProgress(digest=digest, done=done, total=total))
 
 
-def _line(model: PullProgress | PullDone | PushDone | StreamError) -> bytes:
-    return json.dumps(model_json(model)).encode() + b"\n"
+

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -22,20 +20,18 @@ from kelpie.api import (
     CHUNK_SHA256_HEADER,
     NDJSON,
     HostFacts,
-    StreamError,
     TeleportAccepted,
     TeleportBody,
     TeleportDone,
     TeleportLive,
     TeleportOffer,
-    TeleportProgress,
     TeleportReport,
     TeleportState,
     TeleportSwitch,
-    error_body,
     model_json,
 )
 from kelpie.daemon._routes_system import runtime_of
+from kelpie.daemon._streaming import Emit, in_background, streamed
 from kelpie.teleport import TeleportHost, pipe, unix_channel
 from kelpie.vm import ConfigError, KelpieError
 
@@ -72,40 +68,18 @@ async def teleport(request: Request, ref: str, body: TeleportBody) -> Response:
     The move runs as its own task: a client that goes away does not cancel it half way."""
     runtime = runtime_of(request)
     info = await runtime.inspect(ref)  # an unknown sandbox: 404 before any stream
-    queue: asyncio.Queue[TeleportProgress] = asyncio.Queue()
-    task = asyncio.create_task(teleports_of(request).teleporter.teleport(
-        info.id, to=body.to, token=body.token, mode=body.mode,
-        without_volumes=body.without_volumes, progress=queue.put_nowait,
-        converge_timeout=body.converge_timeout, arch=body.arch))
-    background: set[asyncio.Task[TeleportReport]] = request.app.state.background
-    background.add(task)
-    task.add_done_callback(background.discard)
+    teleporter = teleports_of(request).teleporter
+
+    async def move(emit: Emit) -> TeleportDone:
+        return TeleportDone(report=await teleporter.teleport(
+            info.id, to=body.to, token=body.token, mode=body.mode,
+            without_volumes=body.without_volumes, progress=emit,
+            converge_timeout=body.converge_timeout, arch=body.arch))
+
     if NDJSON not in request.headers.get("accept", ""):
-        report = await asyncio.shield(task)
-        return JSONResponse(model_json(report))
-    return StreamingResponse(_streamed(task, queue), media_type=NDJSON)
-
-
-async def _streamed(task: asyncio.Task[TeleportReport],
-                    queue: asyncio.Queue[TeleportProgress]) -> AsyncIterator[bytes]:
-    while not task.done():
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield _line(getter.result())
-        else:
-            getter.cancel()
-    while not queue.empty():
-        yield _line(queue.get_nowait())
-    exc = task.exception()
-    if exc is not None:
-        yield _line(StreamError(error=error_body(exc)))
-    else:
-        yield _line(TeleportDone(report=task.result()))
-
-
-def _line(model: TeleportProgress | StreamError | TeleportDone) -> bytes:
-    return (json.dumps(model_json(model)) + "\n").encode()
+        done = await asyncio.shield(in_background(request, move(lambda _: None)))
+        return JSONResponse(model_json(done.report))
+    return StreamingResponse(streamed(request, move), media_type=NDJSON)
 
 
 # ---- the target: another daemon moves a sandbox here ------------------------------------

@@ -15,6 +15,7 @@ from ._grow import op_grow_fs
 from ._link import HostLink
 from ._rootfs import RootFS
 from ._session import Session
+from ._sweep import op_sweep
 from ._system import op_resync
 from ._usage import op_processes, op_usage
 from ._walk import op_walk
@@ -59,6 +60,7 @@ class Agent:
             "processes": op_processes,
             "grow_fs": functools.partial(op_grow_fs, self.rootfs.root),
             "walk": functools.partial(op_walk, self.rootfs, self.link),
+            "sweep": functools.partial(op_sweep, allowed=in_guest),
             "shutdown": self.op_shutdown,
         }
         self.session = Session(

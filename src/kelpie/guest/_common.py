@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 
 TYPE_CHECKING = False
@@ -22,6 +23,7 @@ __all__ = [
     "HIGH_WATER",
     "OpError",
     "ProtocolError",
+    "file_type",
     "log",
     "protocol",
 ]
@@ -63,3 +65,19 @@ class OpError(Exception):
         """Describe an OSError as ``what: strerror`` with its errno name."""
         code = errno.errorcode.get(exc.errno or 0, "EIO")
         return cls(code, f"{what}: {exc.strerror or exc}")
+
+
+def file_type(mode: int) -> str:
+    """Name a file type as in protocol.FILE_TYPES."""
+    for check, name in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISCHR, "char"),
+        (stat.S_ISBLK, "block"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if check(mode):
+            return name
+    return "other"

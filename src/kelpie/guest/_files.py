@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import stat
 
-from ._common import FT, HIGH_WATER, OpError, protocol
+from ._common import FT, HIGH_WATER, OpError, file_type, protocol
+from ._layer import LayerStream, Marks
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,34 +63,31 @@ class Upload:
 
 
 class Download:
-    """A read_file in progress."""
+    """A read_file (or a layer: ``stream``) in progress."""
 
-    def __init__(self, request_id: int, fd: int) -> None:
+    def __init__(self, request_id: int, fd: int, stream: LayerStream | None = None) -> None:
         self.request_id = request_id
         self.fd = fd
+        self.stream = stream
         self.size = 0
+
+    def read(self, size: int) -> bytes:
+        """The next chunk; b"" at the end."""
+        return self.stream.read(size) if self.stream is not None else os.read(self.fd, size)
+
+    def reply(self) -> dict[str, Any]:
+        """The REPLY that ends the transfer."""
+        if self.stream is None:
+            return {"size": self.size}
+        return {"size": self.size, "mark": self.stream.mark, "entries": self.stream.entries}
 
     def abort(self) -> None:
         """Close the file."""
+        if self.stream is not None:
+            self.stream.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def file_type(mode: int) -> str:
-    """Name a file type as in protocol.FILE_TYPES."""
-    for check, name in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISCHR, "char"),
-        (stat.S_ISBLK, "block"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "socket"),
-    ):
-        if check(mode):
-            return name
-    return "other"
 
 
 def remove_tree(top: str) -> None:
@@ -122,6 +120,7 @@ class FileService:
         self.rootfs = rootfs
         self.link = link
         self.requests = requests
+        self.marks = Marks(rootfs)
 
     def handlers(self) -> dict[str, Handler]:
         """The ops this service serves."""
@@ -132,6 +131,8 @@ class FileService:
             "list": self.op_list,
             "mkdir": self.op_mkdir,
             "remove": self.op_remove,
+            "mark": self.marks.op_mark,
+            "layer": self.op_layer,
         }
 
     def op_read_file(self, rid: int, f: dict[str, Any]) -> None:
@@ -150,6 +151,10 @@ class FileService:
         os.set_blocking(fd, True)
         self.requests[rid] = Download(rid, fd)
 
+    def op_layer(self, rid: int, f: dict[str, Any]) -> None:
+        """Start streaming the changes since a mark as a layer tar."""
+        self.requests[rid] = Download(rid, -1, self.marks.open_layer(f["mark"]))
+
     def downloads(self) -> list[Download]:
         """read_file transfers in progress."""
         return [r for r in self.requests.values() if isinstance(r, Download)]
@@ -159,7 +164,7 @@ class FileService:
         for dl in self.downloads():
             while self.link.queued < HIGH_WATER and self.link.connected:
                 try:
-                    chunk = os.read(dl.fd, FILE_CHUNK)
+                    chunk = dl.read(FILE_CHUNK)
                 except OSError as exc:
                     err = OpError.from_os(exc, "read failed")
                     self.end_download(dl)
@@ -167,7 +172,7 @@ class FileService:
                     break
                 if not chunk:
                     self.end_download(dl)
-                    self.link.send_json(FT.REPLY, dl.request_id, {"size": dl.size})
+                    self.link.send_json(FT.REPLY, dl.request_id, dl.reply())
                     break
                 dl.size += len(chunk)
                 self.link.send(protocol.encode_frame(FT.FILE_DATA, dl.request_id, chunk))

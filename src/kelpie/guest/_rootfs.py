@@ -104,7 +104,14 @@ def _read_db(rootfs: RootFS, path: str) -> list[list[str]]:
 
 
 def lookup_user(rootfs: RootFS, user: str | int | None) -> User:
-    """Resolve a user name or uid against the image's /etc/passwd and /etc/group."""
+    """Resolve a user name or uid, with Docker's ``USER user:group`` form too (the group a
+    name or gid; then that is the user's only group), against the image's /etc/passwd and
+    /etc/group."""
+    if isinstance(user, str) and ":" in user:
+        name, _, group = user.partition(":")
+        found = lookup_user(rootfs, name)
+        gid = _lookup_group(rootfs, group)
+        return User(found.name, found.uid, gid, [gid], found.home)
     if user is None:
         user = os.getuid()
     if isinstance(user, str) and user.isdigit():
@@ -118,6 +125,15 @@ def lookup_user(rootfs: RootFS, user: str | int | None) -> User:
     if isinstance(user, int):
         return User(str(user), user, user, [user], "/")
     raise OpError("EINVAL", f"no user named {user!r} in the sandbox's /etc/passwd")
+
+
+def _lookup_group(rootfs: RootFS, group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    for row in _read_db(rootfs, "/etc/group"):
+        if len(row) >= 3 and row[0] == group and row[2].isdigit():
+            return int(row[2])
+    raise OpError("EINVAL", f"no group named {group!r} in the sandbox's /etc/group")
 
 
 def _groups_of(rootfs: RootFS, name: str, gid: int) -> list[int]:

@@ -51,7 +51,7 @@ def _network() -> tuple[int, int]:
     return rx, tx
 
 
-def _pids() -> list[int]:
+def guest_pids() -> list[int]:
     return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
 
 
@@ -63,7 +63,7 @@ def op_usage(root: str, rid: int, f: dict[str, Any]) -> dict[str, Any]:
         disk = os.statvfs(root)
         rx, tx = _network()
         uptime = float(_read("/proc/uptime").split()[0])
-        processes = len(_pids())
+        processes = len(guest_pids())
     except (OSError, ValueError, IndexError) as exc:
         raise OpError("EIO", f"cannot read the guest's counters: {exc}") from None
     return {
@@ -114,7 +114,7 @@ def _process(pid: int, page_size: int) -> dict[str, Any] | None:
 def op_processes(rid: int, f: dict[str, Any]) -> dict[str, Any]:
     """Every process of the guest (at most MAX_PROCESSES), as ``ps`` would show them."""
     try:
-        pids = _pids()
+        pids = guest_pids()
         uptime = float(_read("/proc/uptime").split()[0])
     except (OSError, ValueError, IndexError) as exc:
         raise OpError("EIO", f"cannot list the guest's processes: {exc}") from None

@@ -13,6 +13,16 @@ command the way ``docker run`` would.
 from kelpie.images._auth import Credentials, RegistryAuth, load_docker_credentials
 from kelpie.images._blobs import BlobStore, VerifiedReader
 from kelpie.images._digest import sha256_digest, validate_digest
+from kelpie.images._dockerfile import (
+    Dockerfile,
+    DockerfileError,
+    Instruction,
+    Stage,
+    Words,
+    arg_pairs,
+    key_values,
+    parse_dockerfile,
+)
 from kelpie.images._errors import (
     AmbiguousImage,
     BlobNotFound,
@@ -39,6 +49,7 @@ from kelpie.images._layer import (
     LayerResult,
     apply_layer,
 )
+from kelpie.images._layer_check import check_layer
 from kelpie.images._manifest import (
     Descriptor,
     ImageConfig,
@@ -54,7 +65,7 @@ from kelpie.images._push import PushReport
 from kelpie.images._reference import DEFAULT_TAG, DOCKER_HUB, ImageReference
 from kelpie.images._registry import BlobProgress, RegistryClient, RetryPolicy
 from kelpie.images._rootfs_build import rootfs_dir, rootfs_ext4
-from kelpie.images._store import ImageStore, StoredImage
+from kelpie.images._store import ImageStore, StoredImage, remove_tree
 
 __all__ = [
     "DEFAULT_TAG",
@@ -70,6 +81,8 @@ __all__ = [
     "Credentials",
     "Descriptor",
     "DigestMismatch",
+    "Dockerfile",
+    "DockerfileError",
     "ImageConfig",
     "ImageError",
     "ImageInUse",
@@ -77,6 +90,7 @@ __all__ = [
     "ImageReference",
     "ImageStore",
     "Index",
+    "Instruction",
     "InvalidDigest",
     "InvalidManifest",
     "InvalidPlatform",
@@ -92,17 +106,24 @@ __all__ = [
     "RegistryClient",
     "RegistryError",
     "RetryPolicy",
+    "Stage",
     "StoredImage",
     "UnsafeLayer",
     "VerifiedReader",
+    "Words",
     "apply_layer",
+    "arg_pairs",
+    "check_layer",
     "import_docker_archive",
     "import_oci_layout",
+    "key_values",
     "load_docker_credentials",
+    "parse_dockerfile",
     "parse_image_config",
     "parse_manifest_document",
     "pull_image",
     "push_image",
+    "remove_tree",
     "rootfs_dir",
     "rootfs_ext4",
     "select_platform",

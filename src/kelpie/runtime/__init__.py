@@ -6,6 +6,7 @@ a SQLite database under the data directory. The SDK uses it in-process; the daem
 it over HTTP. Neither is imported here.
 """
 
+from kelpie.runtime._build import BuildError
 from kelpie.runtime._db import SCHEMA_VERSION
 from kelpie.runtime._errors import (
     AmbiguousSandbox,
@@ -35,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AmbiguousSandbox",
     "AmbiguousSnapshot",
+    "BuildError",
     "EventFilter",
     "EventKind",
     "ExecNotFound",

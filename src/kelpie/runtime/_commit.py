@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kelpie.images import ImageReference, StoredImage, rootfs_dir
+from kelpie.images import ImageReference, ImageStore, StoredImage, rootfs_dir
 from kelpie.runtime._arguments import label
 from kelpie.runtime._context import RuntimeContext
 from kelpie.vm import ConfigError, TreeEntry, VmInstance
@@ -89,13 +89,22 @@ def changes(base: Mapping[str, TreeEntry], current: Sequence[TreeEntry],
     for entry in sorted(current, key=lambda e: e.path):
         if entry.mount or entry.path in EXCLUDED:
             continue
-        before = base.get(entry.path)
-        if before is None or entry.ctime_ns > since_ns or _differs(before, entry):
+        old = base.get(entry.path)
+        if old is None or entry.ctime_ns > since_ns or _differs(old, entry):
             result.changed.append(entry)
-    gone = {p for p in base if p not in seen and p not in EXCLUDED
-            and not any(p == m or p.startswith(m + "/") for m in mounts)}
+    gone = {p for p, e in base.items() if p not in seen and p not in EXCLUDED
+            and not e.mount and not any(p == m or p.startswith(m + "/") for m in mounts)}
     result.deleted = sorted(p for p in gone if _parent(p) not in gone)
     return result
+
+
+def refuse_devices(found: Changes, what: str) -> None:
+    """Device nodes cannot go into a layer Kelpie makes: say which the guest has."""
+    devices = [e.path for e in found.changed if e.type in ("char", "block")]
+    if devices:
+        raise ConfigError([f"{what} made device nodes ({', '.join(devices[:5])}), which an "
+                           "image built by Kelpie does not carry; remove them first"],
+                          what="commit")
 
 
 def _differs(before: TreeEntry, now: TreeEntry) -> bool:
@@ -142,39 +151,36 @@ class Commits:
                 lambda: host_tree(rootfs_dir(ctx.images, image)))
             since = info.config.root_disk.stat().st_mtime_ns
             found = changes(base, await vm.walk("/"), since)
-            devices = [e.path for e in found.changed if e.type in ("char", "block")]
-            if devices:
-                raise ConfigError([f"sandbox {label(info)} has device nodes ("
-                                   f"{', '.join(devices[:5])}), which an image built by "
-                                   "Kelpie does not carry; remove them first"], what="commit")
+            refuse_devices(found, f"sandbox {label(info)}")
             scratch = ctx.images.build_dir
             scratch.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=scratch, prefix="commit-") as work:
                 layer = Path(work) / "layer.tar"
-                await self._write_layer(vm, found, layer)
+                await write_layer(vm, found, layer)
                 settings = info_config(info.config.env, info.workdir, info.user, info.command)
                 return await asyncio.to_thread(_store_image, ctx, image, layer, target,
                                                settings, message, f"kelpie commit {info.name}")
 
-    async def _write_layer(self, vm: VmInstance, found: Changes, path: Path) -> None:
-        """The tar of the changes (whiteouts for what is gone), files read from the guest."""
-        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-            for entry in found.changed:
-                if entry.type in {"socket", "other"}:
-                    continue  # nothing an image can hold
-                member = _member(entry)
-                if entry.type != "file":
-                    tar.addfile(member)
-                    continue
-                with tempfile.TemporaryFile(dir=path.parent) as data:
-                    async for chunk in vm.read_file_stream(entry.path):
-                        data.write(chunk)
-                    member.size = data.tell()
-                    data.seek(0)
-                    tar.addfile(member, data)
-            for gone in found.deleted:
-                parent, _, name = gone.rpartition("/")
-                tar.addfile(tarfile.TarInfo(f"{parent.lstrip('/')}/{WHITEOUT}{name}".lstrip("/")))
+
+async def write_layer(vm: VmInstance, found: Changes, path: Path) -> None:
+    """The tar of the changes (whiteouts for what is gone), files read from the guest."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for entry in found.changed:
+            if entry.type in {"socket", "other"}:
+                continue  # nothing an image can hold
+            member = _member(entry)
+            if entry.type != "file":
+                tar.addfile(member)
+                continue
+            with tempfile.TemporaryFile(dir=path.parent) as data:
+                async for chunk in vm.read_file_stream(entry.path):
+                    data.write(chunk)
+                member.size = data.tell()
+                data.seek(0)
+                tar.addfile(member, data)
+        for gone in found.deleted:
+            parent, _, name = gone.rpartition("/")
+            tar.addfile(tarfile.TarInfo(f"{parent.lstrip('/')}/{WHITEOUT}{name}".lstrip("/")))
 
 
 def info_config(env: Mapping[str, str], workdir: str | None, user: str | None,
@@ -209,14 +215,7 @@ def _store_image(ctx: RuntimeContext, image: StoredImage, layer: Path,
                  message: str | None, created_by: str) -> StoredImage:
     """Compress ``layer``, write the new config and manifest, store the image."""
     store = ctx.images
-    diff_id = _sha256_file(layer)
-    packed = layer.with_suffix(".tar.gz")
-    with layer.open("rb") as raw, gzip.GzipFile(packed, "wb", mtime=0) as out:
-        for chunk in iter(lambda: raw.read(COPY_CHUNK), b""):
-            out.write(chunk)
-    layer_digest, layer_size = _sha256_file(packed), packed.stat().st_size
-    with packed.open("rb") as data:
-        store.blobs.put(data, layer_digest, size=layer_size)
+    layer_digest, layer_size, diff_id = pack_layer(store, layer)
 
     now = datetime.datetime.fromtimestamp(ctx.clock(), datetime.UTC).isoformat()
     config = json.loads(store.blobs.read_bytes(image.manifest.config.digest))
@@ -227,7 +226,7 @@ def _store_image(ctx: RuntimeContext, image: StoredImage, layer: Path,
     container = config.setdefault("config", {}) or {}
     container.update(config_changes)
     config["config"] = {k: v for k, v in container.items() if v is not None}
-    config_bytes = _canonical(config)
+    config_bytes = canonical(config)
     config_digest = _sha256(config_bytes)
     store.blobs.put(config_bytes, config_digest)
 
@@ -238,10 +237,25 @@ def _store_image(ctx: RuntimeContext, image: StoredImage, layer: Path,
     manifest["layers"] = [*manifest.get("layers", []),
                           {"mediaType": layer_type, "digest": layer_digest, "size": layer_size}]
     manifest.pop("annotations", None)  # they described the image committed over
-    return store.add_image(target, _canonical(manifest), image.media_type)
+    return store.add_image(target, canonical(manifest), image.media_type)
 
 
-def _canonical(document: Any) -> bytes:
+def pack_layer(store: ImageStore, layer: Path) -> tuple[str, int, str]:
+    """Compress the tar ``layer`` (gzip, no timestamp: the same tar gives the same blob)
+    into the store; its digest, size and diff_id (the digest of the tar itself)."""
+    diff_id = _sha256_file(layer)
+    packed = layer.with_suffix(".tar.gz")
+    with layer.open("rb") as raw, gzip.GzipFile(packed, "wb", mtime=0) as out:
+        for chunk in iter(lambda: raw.read(COPY_CHUNK), b""):
+            out.write(chunk)
+    digest, size = _sha256_file(packed), packed.stat().st_size
+    with packed.open("rb") as data:
+        store.blobs.put(data, digest, size=size)
+    packed.unlink()
+    return digest, size, diff_id
+
+
+def canonical(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 

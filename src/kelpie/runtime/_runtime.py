@@ -43,7 +43,14 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from kelpie._signals import signal_number
-from kelpie.api import HostFacts, ProcessList, SandboxCreate, SandboxStats, TemplateCreate
+from kelpie.api import (
+    BuildOptions,
+    HostFacts,
+    ProcessList,
+    SandboxCreate,
+    SandboxStats,
+    TemplateCreate,
+)
 from kelpie.images import (
     BlobProgress,
     ImageStore,
@@ -53,6 +60,7 @@ from kelpie.images import (
     push_image,
 )
 from kelpie.runtime._arguments import Progress
+from kelpie.runtime._build import BuildProgress, Builds
 from kelpie.runtime._commit import Commits
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._crashes import CrashRestarts
@@ -132,6 +140,7 @@ class Runtime:
         self._forks = Forks(self._ctx, self._sandboxes)
         self._crashes = CrashRestarts(self._ctx, self._sandboxes)
         self._commits = Commits(self._ctx)
+        self._builds = Builds(self._ctx, self._sandboxes)
         self._ctx.on_crash = self._crashes.crashed
         self._feed = EventFeed(lambda: self._ctx.db, clock)
         self._usage = Usage(self._ctx)
@@ -363,6 +372,16 @@ class Runtime:
         """Store a running sandbox's file system changes over its image as a new image
         named ``reference`` (Docker's ``commit``; see :mod:`kelpie.runtime._commit`)."""
         return await self._commits.commit(ref, reference, message=message)
+
+    async def build(self, context: Path | str, options: BuildOptions | None = None, /, *,
+                    progress: BuildProgress | None = None, **fields: Any) -> StoredImage:
+        """Build the Dockerfile in ``context`` (a directory) into a stored image, every
+        ``RUN`` inside a micro-VM (see :mod:`kelpie.runtime._build`). ``options`` (or its
+        fields as keywords: ``tag``, ``file``, ``build_arg``, ``target``, ``platform``,
+        ``network``, ``no_cache``, ``step_timeout`` ...) say how; ``progress`` receives a
+        :class:`kelpie.api.BuildEvent` per step, note and chunk of ``RUN`` output."""
+        request = BuildOptions.of(options, fields, "build")
+        return await self._builds.build(request, Path(context), progress)
 
     async def rename(self, ref: str, name: str) -> SandboxInfo:
         """Give a sandbox another name (its id stays)."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
 from kelpie._units import optional_mib
 from kelpie.api import (
+    BuildEvent,
     ProcessList,
     SandboxCreate,
     SandboxStats,
@@ -181,6 +183,28 @@ class AsyncSandbox:
         connection = await connect(daemon, token)
         try:
             return snapshot_record(await connection.service.create_template(request))
+        finally:
+            await connection.close()
+
+    @staticmethod
+    async def build_image(
+        context: str | os.PathLike[str], *, tag: Sequence[str] = (), file: str = "Dockerfile",
+        build_args: Mapping[str, str] | None = None, target: str | None = None,
+        platform: str | None = None, network: str = "nat", no_cache: bool = False,
+        step_timeout: float = 1800, progress: Callable[[BuildEvent], None] | None = None,
+        daemon: str | None = None, token: str | None = None,
+    ) -> str:
+        """Build the Dockerfile in the directory ``context`` (every RUN in a micro-VM;
+        unchanged steps from the build cache) and store it as ``tag``; the image's digest.
+        ``progress`` receives each step, note and chunk of RUN output."""
+        connection = await connect(daemon, token)
+        try:
+            built = await connection.service.build(
+                os.fspath(context), tag=list(tag), file=file,
+                build_arg=[f"{k}={v}" for k, v in (build_args or {}).items()], target=target,
+                platform=platform, network=network, no_cache=no_cache,
+                step_timeout=step_timeout, progress=progress)
+            return built.digest
         finally:
             await connection.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import os
 import threading
 from collections.abc import (
     AsyncIterator,
@@ -21,7 +22,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from kelpie.api import ProcessList, SandboxStats, TeleportProgress, TeleportReport
+from kelpie.api import BuildEvent, ProcessList, SandboxStats, TeleportProgress, TeleportReport
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import Snapshot as SnapshotRecord
 from kelpie.sdk._async import AsyncFiles, AsyncSandbox, BytesLike
@@ -225,6 +226,21 @@ class Sandbox:
             name, image, cpus=cpus, memory=memory, disk=disk, env=env, network=network,
             allow=allow,
             deny=deny, backend=backend, daemon=daemon, token=token))
+
+    @staticmethod
+    def build_image(
+        context: str | os.PathLike[str], *, tag: Sequence[str] = (), file: str = "Dockerfile",
+        build_args: Mapping[str, str] | None = None, target: str | None = None,
+        platform: str | None = None, network: str = "nat", no_cache: bool = False,
+        step_timeout: float = 1800, progress: Callable[[BuildEvent], None] | None = None,
+        daemon: str | None = None, token: str | None = None,
+    ) -> str:
+        """Build an image from a Dockerfile; its digest (see
+        :meth:`AsyncSandbox.build_image`)."""
+        return _LoopThread.get().run(AsyncSandbox.build_image(
+            context, tag=tag, file=file, build_args=build_args, target=target,
+            platform=platform, network=network, no_cache=no_cache, step_timeout=step_timeout,
+            progress=progress, daemon=daemon, token=token))
 
     @classmethod
     def attach(cls, ref: str, *, daemon: str | None = None, token: str | None = None,

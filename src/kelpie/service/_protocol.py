@@ -21,9 +21,17 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from kelpie.api import ProcessList, SandboxCreate, SandboxStats, TemplateCreate
+from kelpie.api import (
+    BuildEvent,
+    BuildOptions,
+    ProcessList,
+    SandboxCreate,
+    SandboxStats,
+    TemplateCreate,
+)
 from kelpie.vm import ExecProcess, ExecResult, FileInfo
 
 if TYPE_CHECKING:
@@ -341,6 +349,13 @@ class SandboxService(Protocol):
     async def commit(self, ref: str, reference: str, *,
                      message: str | None = None) -> ImageView:
         """A sandbox's file system changes over its image, stored as image ``reference``."""
+        ...
+
+    async def build(self, context: Path | str, options: BuildOptions | None = None, /, *,
+                    progress: Callable[[BuildEvent], None] | None = None, **fields: Any,
+                    ) -> ImageView:
+        """Build the Dockerfile in the directory ``context`` (see :class:`BuildOptions`);
+        ``progress`` gets each step, note and chunk of RUN output."""
         ...
 
     async def push_image(self, image: str, reference: str | None = None, *,

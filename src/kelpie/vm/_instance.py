@@ -18,13 +18,14 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Collection,
     Coroutine,
     Iterator,
     Mapping,
     Sequence,
 )
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, BinaryIO, ClassVar, Protocol, runtime_checkable
 
 from kelpie._exceptions import (
     BootError,
@@ -551,6 +552,28 @@ class VmInstance(abc.ABC):
         with self._crash_guard():
             return await self._do_guest_processes()
 
+    async def sweep_processes(self, keep: Collection[int] = ()) -> int:
+        """Kill every guest process but init, the agent, kernel threads and ``keep`` (what
+        a build step left running); how many would not die."""
+        self._require(Operation.EXEC)
+        with self._crash_guard():
+            return await self._do_sweep_processes(keep)
+
+    async def mark_tree(self) -> int:
+        """Have the guest remember its root file system now; the mark for
+        :meth:`layer_since`."""
+        self._require(Operation.FILES)
+        with self._crash_guard():
+            return await self._do_mark_tree()
+
+    async def layer_since(self, mark: int, out: BinaryIO) -> tuple[int, int]:
+        """Write into ``out`` what changed in the guest's root file system since ``mark``,
+        as an OCI layer tar the guest made (untrusted: check it before use); the next mark
+        and the number of entries."""
+        self._require(Operation.FILES)
+        with self._crash_guard():
+            return await self._do_layer_since(mark, out)
+
     # ---- files --------------------------------------------------------------------------
     async def walk(self, path: str = "/") -> list[TreeEntry]:
         """Every entry of the guest's root file system below ``path``, not crossing into
@@ -760,6 +783,15 @@ class VmInstance(abc.ABC):
 
     async def _do_guest_processes(self) -> GuestProcesses:
         raise UnsupportedOperation(self.backend_name, "list the guest's processes")
+
+    async def _do_sweep_processes(self, keep: Collection[int]) -> int:
+        raise UnsupportedOperation(self.backend_name, "stop the guest's processes")
+
+    async def _do_mark_tree(self) -> int:
+        raise UnsupportedOperation(self.backend_name, "mark the guest's file system")
+
+    async def _do_layer_since(self, mark: int, out: BinaryIO) -> tuple[int, int]:
+        raise UnsupportedOperation(self.backend_name, "make a layer in the guest")
 
     async def _do_detach(self) -> None:
         return None
