@@ -13,10 +13,8 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +24,8 @@ import pexpect
 import pytest
 
 import waiting
-from conftest import real_part_missing
 from daemon_env import KELPIE, KelpieHome
+from vm_fixtures import demo_home
 
 pytestmark = [pytest.mark.vm]
 
@@ -44,19 +42,7 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def home(guestkit: object) -> Iterator[KelpieHome]:
     """An isolated installation with the demo image; its daemon starts with the first run."""
-    if shutil.which("busybox") is None:
-        real_part_missing("busybox is not installed (the demo image needs it)")
-    home = KelpieHome()
-    try:
-        layout = home.root / "demo-layout"
-        subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(layout)], check=True,
-                       timeout=60)
-        imported = home.kelpie("image", "import", str(layout), "--reference",
-                               f"{DEMO}:latest")
-        assert imported.returncode == 0, imported.stderr
-        yield home
-    finally:
-        home.close()
+    yield from demo_home()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 from conftest import real_part_missing
+from daemon_env import KelpieHome
 from kelpie.guestkit import GuestKit
 from kelpie.images import ImageStore, import_oci_layout
 from kelpie.runtime import Runtime
@@ -60,6 +61,26 @@ def kelpie_state_dir(prefix: str) -> Iterator[Path]:
                 os.environ.pop("KELPIE_STATE_DIR", None)
             else:
                 os.environ["KELPIE_STATE_DIR"] = saved
+
+
+def demo_home() -> Iterator[KelpieHome]:
+    """An isolated Kelpie installation holding the demo image; its daemon starts with the
+    first command and stops at the end. Use from a fixture (``yield from``)."""
+    from test_cli_e2e import DEMO, DEMO_IMAGE_SCRIPT
+
+    if shutil.which("busybox") is None:
+        real_part_missing("busybox is not installed (the demo image needs it)")
+    home = KelpieHome()
+    try:
+        layout = home.root / "demo-layout"
+        subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(layout)], check=True,
+                       timeout=60)
+        imported = home.kelpie("image", "import", str(layout), "--reference",
+                               f"{DEMO}:latest")
+        assert imported.returncode == 0, imported.stderr
+        yield home
+    finally:
+        home.close()
 
 
 def demo_image_store(state_dir: Path) -> ImageStore:
