@@ -357,6 +357,9 @@ def test_exit_codes(home: KelpieHome, box: str, tmp_path: Path) -> None:
     missing = home.kelpie("exec", "e2e-box", "no-such-command")
     assert (missing.returncode, missing.stdout, missing.stderr) == (
         127, "", "no-such-command: command not found\n")
+    nowhere = home.kelpie("exec", "-w", "/no/such/dir", "e2e-box", "true")
+    assert nowhere.returncode != 0 and "cannot change directory to '/no/such/dir'" in \
+        nowhere.stderr and "command not found" not in nowhere.stderr
     killed = home.kelpie("exec", "e2e-box", "--", "sh", "-c", "kill -9 $$")
     assert (killed.returncode, killed.stdout, killed.stderr) == (128 + 9, "", "")
 

@@ -229,7 +229,8 @@ class AgentVm(VmInstance):
                 )
             except AgentRemoteError as exc:
                 name = request.argv[0]
-                if exc.code == "ENOENT" and "cwd" not in exc.message:
+                missing_cwd = "cwd" in exc.message or "change directory" in exc.message
+                if exc.code == "ENOENT" and not missing_cwd:
                     return FinishedProcess(request, 127, f"{name}: command not found")
                 if exc.code in ("EACCES", "ENOEXEC"):
                     return FinishedProcess(request, 126, f"{name}: {exc.message}")
