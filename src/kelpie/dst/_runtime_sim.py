@@ -72,6 +72,8 @@ from kelpie.vm import (
 )
 
 MAX_SANDBOXES = 4
+STEER = 4
+"""Extra weight (copies) of the options that lead to the seed's armed crash point."""
 MAX_SNAPSHOTS = 6
 MAX_RECOVERIES = 4
 EXEC_TIMEOUT = 30.0
@@ -354,6 +356,12 @@ class RuntimeSimulation:
         if snaps:
             options += [("delete_snapshot", lambda: self._delete_snapshot(snaps))]
         options += [("restart", self._restart)]
+        # Lean toward the operation the armed crash point is in, so that every seed reaches
+        # its point within its steps (the runtime opens again only through a restart).
+        if self._armed:
+            target = {"open": "restart"}.get(self._armed[0].operation,
+                                             self._armed[0].operation)
+            options += [o for o in options if o[0] == target] * STEER
         return self._choices.choice(options)
 
     async def _ids_now(self) -> set[str]:

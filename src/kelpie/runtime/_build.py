@@ -531,7 +531,7 @@ class _Build:
         env.update({k: v for k, v in self.build_args.items() if k in PROXY_ARGS})
         ended: ExecExit | None = None
         tail = bytearray()
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(self.options.step_timeout + EXEC_GRACE):
                 async with vm.exec_stream(argv, env=env, cwd=workdir, user=user,
                                           timeout=self.options.step_timeout) as process:
@@ -545,10 +545,14 @@ class _Build:
                                 step=self.step, steps=self.steps, stage=state.name))
                         elif isinstance(event, ExecExit):
                             ended = event
+        except TimeoutError:
+            pass  # reported below, as a step that did not finish
+        except KelpieError as exc:  # the guest stopped answering (a fork bomb, a panic)
+            raise BuildError(f"Dockerfile line {ins.line}: {ins.original!r}: the build VM "
+                             f"stopped answering while it ran ({exc})",
+                             output=tail.decode(errors="replace")) from None
         output = tail.decode(errors="replace")
-        if ended is not None and await vm.sweep_processes(state.keep_pids):
-            raise BuildError(f"Dockerfile line {ins.line}: {ins.original!r} left processes "
-                             "running that would not stop (a fork bomb?)", output=output)
+        # a failed step's VM is destroyed with the build; a good one's leftovers are stopped
         if ended is None or ended.timed_out:
             raise BuildError(f"Dockerfile line {ins.line}: {ins.original!r} did not finish "
                              f"within the step timeout of {self.options.step_timeout:g} s "
@@ -558,6 +562,9 @@ class _Build:
             raise BuildError(f"Dockerfile line {ins.line}: {ins.original!r} failed with exit "
                              f"code {ended.exit_code}{why}; its output ended with:\n"
                              f"{output}", exit_code=ended.exit_code, output=output)
+        if await vm.sweep_processes(state.keep_pids):
+            raise BuildError(f"Dockerfile line {ins.line}: {ins.original!r} left processes "
+                             "running that would not stop (a fork bomb?)", output=output)
         entry = await self._guest_layer(state, vm, f"RUN at line {ins.line}")
         self.cache.put(state.key, entry)
         self._history(state, described, entry)
