@@ -53,6 +53,7 @@ from kelpie.images import (
     parse_dockerfile,
     pull_image,
     rootfs_dir,
+    sha256_digest,
 )
 from kelpie.runtime._build_copy import (
     BuildContext,
@@ -647,7 +648,7 @@ class _Build:
         config = dict(state.config)
         config["config"] = {k: v for k, v in state.settings.items() if v is not None}
         config_bytes = canonical(config)
-        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        config_digest = sha256_digest(config_bytes)
         self.store.blobs.put(config_bytes, config_digest)
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                     "config": {"mediaType": OCI_CONFIG, "digest": config_digest,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kelpie.images import ImageReference, ImageStore, StoredImage, rootfs_dir
+from kelpie.images import ImageReference, ImageStore, StoredImage, rootfs_dir, sha256_digest
 from kelpie.runtime._arguments import label
 from kelpie.runtime._context import RuntimeContext
 from kelpie.vm import ConfigError, TreeEntry, VmInstance
@@ -227,7 +227,7 @@ def _store_image(ctx: RuntimeContext, image: StoredImage, layer: Path,
     container.update(config_changes)
     config["config"] = {k: v for k, v in container.items() if v is not None}
     config_bytes = canonical(config)
-    config_digest = _sha256(config_bytes)
+    config_digest = sha256_digest(config_bytes)
     store.blobs.put(config_bytes, config_digest)
 
     manifest = json.loads(store.blobs.read_bytes(image.digest))
@@ -257,10 +257,6 @@ def pack_layer(store: ImageStore, layer: Path) -> tuple[str, int, str]:
 
 def canonical(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
