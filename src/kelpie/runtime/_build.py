@@ -53,7 +53,6 @@ from kelpie.images import (
     parse_dockerfile,
     pull_image,
     rootfs_dir,
-    sha256_digest,
 )
 from kelpie.runtime._build_copy import (
     BuildContext,
@@ -63,7 +62,7 @@ from kelpie.runtime._build_copy import (
     resolve_in_root,
 )
 from kelpie.runtime._build_tree import FsTree
-from kelpie.runtime._commit import canonical, host_tree, pack_layer
+from kelpie.runtime._commit import host_tree, pack_layer, store_image
 from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._sandboxes import Sandboxes
 from kelpie.vm import ExecExit, ExecOutput, VmInstance
@@ -647,15 +646,10 @@ class _Build:
         """The stage as it is, stored (untagged unless ``tags``)."""
         config = dict(state.config)
         config["config"] = {k: v for k, v in state.settings.items() if v is not None}
-        config_bytes = canonical(config)
-        config_digest = sha256_digest(config_bytes)
-        self.store.blobs.put(config_bytes, config_digest)
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": {"mediaType": OCI_CONFIG, "digest": config_digest,
-                               "size": len(config_bytes)},
-                    "layers": state.layers}
-        return self.store.add_image(tags[0] if tags else None, canonical(manifest),
-                                    OCI_MANIFEST)
+                    "config": {"mediaType": OCI_CONFIG}, "layers": state.layers}
+        return store_image(self.store, config, manifest, OCI_MANIFEST,
+                           tags[0] if tags else None)
 
     # ---- progress -------------------------------------------------------------------
 

@@ -226,18 +226,25 @@ def _store_image(ctx: RuntimeContext, image: StoredImage, layer: Path,
     container = config.setdefault("config", {}) or {}
     container.update(config_changes)
     config["config"] = {k: v for k, v in container.items() if v is not None}
-    config_bytes = canonical(config)
-    config_digest = sha256_digest(config_bytes)
-    store.blobs.put(config_bytes, config_digest)
 
     manifest = json.loads(store.blobs.read_bytes(image.digest))
     layer_type = OCI_LAYER_GZIP if image.media_type == OCI_MANIFEST else DOCKER_LAYER_GZIP
-    manifest["config"] = {**manifest["config"], "digest": config_digest,
-                          "size": len(config_bytes)}
     manifest["layers"] = [*manifest.get("layers", []),
                           {"mediaType": layer_type, "digest": layer_digest, "size": layer_size}]
     manifest.pop("annotations", None)  # they described the image committed over
-    return store.add_image(target, canonical(manifest), image.media_type)
+    return store_image(store, config, manifest, image.media_type, target)
+
+
+def store_image(store: ImageStore, config: Mapping[str, Any], manifest: dict[str, Any],
+                media_type: str, reference: ImageReference | None) -> StoredImage:
+    """Store ``config`` as a blob, point ``manifest``'s config descriptor at it, and add
+    the image (tagged ``reference``, if given); both documents in canonical JSON."""
+    config_bytes = canonical(config)
+    config_digest = sha256_digest(config_bytes)
+    store.blobs.put(config_bytes, config_digest)
+    manifest["config"] = {**manifest["config"], "digest": config_digest,
+                          "size": len(config_bytes)}
+    return store.add_image(reference, canonical(manifest), media_type)
 
 
 def pack_layer(store: ImageStore, layer: Path) -> tuple[str, int, str]:
