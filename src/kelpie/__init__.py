@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kelpie.api import HostFacts, TeleportReport
     from kelpie.backends.mock import MockVm
     from kelpie.client import DaemonClient, DaemonUnreachable, RemoteError
+    from kelpie.fleet import AsyncFleet, Fleet
     from kelpie.runtime import (
         BuildError,
         Runtime,
@@ -83,6 +84,8 @@ _HOMES = {
     "DaemonClient": "kelpie.client",
     "DaemonUnreachable": "kelpie.client",
     "RemoteError": "kelpie.client",
+    "AsyncFleet": "kelpie.fleet",
+    "Fleet": "kelpie.fleet",
     "Runtime": "kelpie.runtime",
     "BuildError": "kelpie.runtime",
     "SandboxInfo": "kelpie.runtime",
@@ -116,6 +119,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AgentError",
+    "AsyncFleet",
     "AsyncSandbox",
     "BackendRegistry",
     "BackendSpec",
@@ -133,6 +137,7 @@ __all__ = [
     "ExecResult",
     "ExecTimeout",
     "FileInfo",
+    "Fleet",
     "GuestFileError",
     "HostFacts",
     "HostInfo",

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kelpie.dst._crashpoints import CRASH_POINTS
+from kelpie.dst._fleet_sim import run_fleet_seed
 from kelpie.dst._runtime_sim import run_runtime_seed
 from kelpie.dst._sim import SimReport, run_seed
 from kelpie.dst._teleport_points import TELEPORT_CRASH_POINTS
@@ -24,9 +25,11 @@ SCENARIOS: dict[str, Callable[[int, int, list[FaultSpec]], SimReport]] = {
     "vm": run_seed,
     "runtime": run_runtime_seed,
     "teleport": run_teleport_seed,
+    "fleet": run_fleet_seed,
 }
 """``vm``: MockVms driven directly; ``runtime``: the Runtime, crashed at every storage step;
-``teleport``: two hosts moving sandboxes, either crashed at every durable teleport step."""
+``teleport``: two hosts moving sandboxes, either crashed at every durable teleport step;
+``fleet``: the fleet's coordinator over simulated hosts that die, hang and dawdle."""
 CRASH_POINT_NAMES: dict[str, list[str]] = {
     "runtime": [str(p) for p in CRASH_POINTS],
     "teleport": [str(p) for p in TELEPORT_CRASH_POINTS],

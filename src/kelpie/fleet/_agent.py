@@ -1,0 +1,119 @@
+"""A host's agent in the fleet: runs (or finds) the node's Kelpie daemon and answers the
+coordinator. It knows nothing of Ray; :mod:`kelpie.fleet._ray` makes it an actor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from kelpie._paths import state_dir
+from kelpie.api import Sandbox, SandboxCreate
+from kelpie.client import DaemonClient, DaemonUnreachable
+from kelpie.fleet._coordinator import FleetError
+from kelpie.fleet._model import FLEET_LABEL, GENERATION_LABEL, HostedSandbox, HostReport
+from kelpie.runtime import SandboxNotFound
+
+DAEMON_START_TIMEOUT = 180.0
+
+
+class HostAgent:
+    """The fleet's side of one host: the daemon listening on ``ip:port`` with the fleet's
+    token, reported on and driven for the coordinator.
+
+    ``memory_mib`` caps what the fleet places here (default: what the host has free).
+    """
+
+    def __init__(self, host: str, ip: str, port: int, token: str, *,
+                 memory_mib: int | None = None) -> None:
+        self.host = host
+        self.address = f"http://{ip}:{port}"
+        self._listen = f"{ip}:{port}"
+        self._token = token
+        self._memory_mib = memory_mib
+        self._client = DaemonClient(self.address, token=token)
+
+    async def start(self) -> str:
+        """Make sure the daemon answers at :attr:`address` (start it if none runs here);
+        its URL."""
+        try:
+            await self._client.version()
+            return self.address
+        except DaemonUnreachable:
+            pass
+        token_file = _write_token(self._token)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kelpie", "daemon", "start", "--tcp", self._listen,
+            "--token-file", str(token_file), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(process.communicate(), DAEMON_START_TIMEOUT)
+        if process.returncode != 0:
+            raise FleetError(f"host {self.host}: `kelpie daemon start` failed "
+                             f"(exit {process.returncode}): {output.decode(errors='replace')}")
+        try:
+            await self._client.version()
+        except DaemonUnreachable as exc:
+            raise FleetError(
+                f"host {self.host}: a Kelpie daemon runs here without the fleet's listener "
+                f"{self.address} ({output.decode(errors='replace').strip()}); stop it with "
+                "`kelpie daemon stop` (its sandboxes keep running) and start the fleet "
+                "again") from exc
+        return self.address
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def report(self) -> HostReport:
+        """This host's facts, what the fleet may still place here, and the fleet's
+        sandboxes on it."""
+        facts, sandboxes, templates, images = await asyncio.gather(
+            self._client.host_facts(), self._client.list_sandboxes(all=True),
+            self._client.list_snapshots(templates=True), self._client.list_images())
+        backends = [backend for backend in facts.backends if backend.available]
+        arches = sorted({arch for b in backends for arch in b.arches}) or [facts.arch]
+        hosted = tuple(_hosted(s) for s in sandboxes if FLEET_LABEL in s.labels)
+        free = facts.free_memory_mib
+        if self._memory_mib is not None:
+            used = sum(s.memory_mib for s in sandboxes if s.state in ("running", "paused"))
+            free = min(free, self._memory_mib - used)
+        return HostReport(
+            host=self.host, address=self.address, arches=tuple(arches),
+            backends=tuple(b.name for b in backends),
+            accelerators=tuple(sorted({a for b in backends for a in b.arches.values()})),
+            cpus=facts.cpus, free_vcpus=facts.free_vcpus,
+            memory_mib=self._memory_mib or facts.memory_mib, free_memory_mib=free,
+            free_disk_bytes=facts.free_disk_bytes,
+            images=frozenset(facts.images) | {tag for i in images for tag in i.tags},
+            templates=frozenset({t.name for t in templates} | {t.id for t in templates}),
+            sandboxes=hosted)
+
+    async def create(self, request: SandboxCreate) -> HostedSandbox:
+        return _hosted(await self._client.create(request))
+
+    async def remove(self, name: str) -> None:
+        with contextlib.suppress(SandboxNotFound):
+            await self._client.remove(name, force=True)
+
+    async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
+        report = await self._client.teleport(name, to.address, token=self._token)
+        return _hosted(report.sandbox)
+
+
+def _hosted(sandbox: Sandbox) -> HostedSandbox:
+    generation = sandbox.labels.get(GENERATION_LABEL, "1")
+    return HostedSandbox(id=sandbox.id, name=sandbox.name,
+                         generation=int(generation) if generation.isdigit() else 1,
+                         state=sandbox.state, memory_mib=sandbox.memory_mib,
+                         cpus=sandbox.cpus)
+
+
+def _write_token(token: str) -> Path:
+    """The fleet's token in a file only this user reads (what ``--token-file`` takes)."""
+    path = state_dir() / "fleet" / "token"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return path

@@ -1,0 +1,483 @@
+"""The fleet's coordinator: places sandboxes, keeps the directory of where each one is,
+declares hosts dead, reports what they lost, and drains hosts by teleport.
+
+It takes its clock, randomness and the links to the hosts as parameters: under Ray the
+links are host agent actors; under the DST they are simulated hosts on virtual time, with
+the same code in between. Every decision is made from state it holds; what a host says is
+trusted only when the host was asked after the decision it would contradict (``changed``
+before the report was requested), so a slow report never undoes a newer change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+from kelpie._exceptions import KelpieError
+from kelpie.api import SandboxCreate
+from kelpie.fleet._model import (
+    FLEET_LABEL,
+    GENERATION_LABEL,
+    FleetEvent,
+    FleetHost,
+    FleetSandbox,
+    HostedSandbox,
+    HostReport,
+    HostStatus,
+    Placement,
+    SandboxStatus,
+)
+from kelpie.fleet._placement import Random, choose_host
+from kelpie.vm import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
+
+DEFAULT_LOST_AFTER = 30.0
+"""Seconds without a good report after which a host is declared dead."""
+DEFAULT_CALL_TIMEOUT = 20.0
+DEFAULT_CREATE_TIMEOUT = 300.0
+"""A create boots a VM: under TCG, with others booting beside it, that takes a while."""
+DEFAULT_MOVE_TIMEOUT = 600.0
+MAX_EVENTS = 1000
+
+
+class FleetError(KelpieError):
+    """A fleet operation failed; the message says what the fleet did about it."""
+
+
+class UnknownSandbox(FleetError, LookupError):
+    """No sandbox of the fleet has that name or id."""
+
+
+class HostLink(Protocol):
+    """How the coordinator reaches one host's agent."""
+
+    @property
+    def host(self) -> str: ...
+
+    async def report(self) -> HostReport: ...
+
+    async def create(self, request: SandboxCreate) -> HostedSandbox:
+        """Create (and start) the sandbox named ``request.name``, labels included."""
+        ...
+
+    async def remove(self, name: str) -> None:
+        """Remove the sandbox ``name`` (stopping it first); nothing to do if it is gone."""
+        ...
+
+    async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
+        """Move the sandbox ``name`` to the daemon of ``to``; its copy there."""
+        ...
+
+
+@dataclasses.dataclass
+class _Record:
+    name: str
+    host: str
+    generation: int
+    status: SandboxStatus
+    memory_mib: int
+    cpus: int
+    changed: float
+    id: str | None = None
+    state: str | None = None
+    reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Host:
+    link: HostLink
+    added: float
+    status: HostStatus = HostStatus.UP
+    report: HostReport | None = None
+    last_seen: float | None = None
+    reason: str | None = None
+    draining: bool = False
+
+
+@dataclasses.dataclass
+class _Doomed:
+    """A sandbox the fleet no longer stands behind (removed, or its create failed): removed
+    wherever ``host`` reports it, until a report asked after ``since`` shows it gone."""
+
+    host: str
+    since: float
+    memory_mib: int = 0
+
+
+class FleetCoordinator:
+    """Placement, the directory and failure handling for a set of hosts (see the module)."""
+
+    def __init__(self, *, clock: Callable[[], float], rng: Random,
+                 lost_after: float = DEFAULT_LOST_AFTER,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT,
+                 create_timeout: float = DEFAULT_CREATE_TIMEOUT,
+                 move_timeout: float = DEFAULT_MOVE_TIMEOUT) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.lost_after = lost_after
+        self.call_timeout = call_timeout
+        self.create_timeout = create_timeout
+        self.move_timeout = move_timeout
+        self._hosts: dict[str, _Host] = {}
+        self._records: dict[str, _Record] = {}
+        self._doomed: dict[str, _Doomed] = {}
+        self._events: list[FleetEvent] = []
+
+    # --- hosts ---------------------------------------------------------------------------
+
+    def add_host(self, link: HostLink) -> None:
+        """Take ``link``'s host into the fleet (again: its link is replaced)."""
+        known = self._hosts.get(link.host)
+        if known is None:
+            self._hosts[link.host] = _Host(link, added=self._clock())
+        else:
+            known.link = link
+
+    def hosts(self) -> list[FleetHost]:
+        """Every host with its status and last report."""
+        counts: dict[str, int] = {}
+        for record in self._records.values():
+            counts[record.host] = counts.get(record.host, 0) + 1
+        return [FleetHost(host=name, status=host.status, report=host.report,
+                          last_seen=host.last_seen, reason=host.reason,
+                          sandboxes=counts.get(name, 0))
+                for name, host in sorted(self._hosts.items())]
+
+    def host_died(self, host: str, reason: str) -> None:
+        """Declare ``host`` dead now (Ray saw its node die): its sandboxes are lost."""
+        if host in self._hosts and self._hosts[host].status is not HostStatus.DEAD:
+            self._declare_dead(host, reason)
+
+    async def refresh(self) -> None:
+        """Ask every host for a report (at once, each within the call timeout), reconcile
+        the directory with the answers, then declare dead the hosts silent for too long."""
+        asked = self._clock()
+        hosts = list(self._hosts.values())
+        answers = await asyncio.gather(*(self._ask_report(host) for host in hosts))
+        fresh = [(host, report) for host, report in zip(hosts, answers, strict=True)
+                 if report is not None]
+        for host, report in fresh:  # every report first, so a move shows on both sides
+            self._take_report(host, report, asked)
+        for _, report in fresh:
+            for sandbox in report.sandboxes:
+                self._reconcile_hosted(report.host, sandbox, asked)
+        for _, report in fresh:
+            self._reconcile_missing(report, asked)
+        now = self._clock()
+        for name, host in self._hosts.items():
+            if host.status is HostStatus.DEAD:
+                continue
+            seen = host.last_seen if host.last_seen is not None else host.added
+            if now - seen > self.lost_after:
+                self._declare_dead(name, f"no report from host {name} for {now - seen:.0f} s "
+                                         f"(the bound is {self.lost_after:.0f} s)")
+        await self._clean_doomed()
+
+    async def watch(self, interval: float) -> None:
+        """Refresh every ``interval`` seconds, forever (run it as a task)."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval)
+
+    async def _ask_report(self, host: _Host) -> HostReport | None:
+        try:
+            return await asyncio.wait_for(host.link.report(), self.call_timeout)
+        except (Exception, TimeoutError) as exc:  # any failure is "no report this round"
+            host.reason = f"last report failed: {_describe(exc)}"
+            return None
+
+    def _take_report(self, host: _Host, report: HostReport, asked: float) -> None:
+        host.report = report
+        host.last_seen = asked
+        host.reason = None
+        if host.status is HostStatus.DEAD:
+            host.status = HostStatus.DRAINING if host.draining else HostStatus.UP
+            self._event("host-up", report.host, None, "reports again after being declared dead")
+
+    def _reconcile_missing(self, report: HostReport, asked: float) -> None:
+        """The directory's sandboxes on this host that it no longer reports: moved (another
+        host reports them) or lost."""
+        hosted = {sandbox.name for sandbox in report.sandboxes}
+        for record in list(self._records.values()):
+            if (record.host != report.host or record.name in hosted or record.changed >= asked
+                    or record.status not in (SandboxStatus.RUNNING, SandboxStatus.LOST)):
+                continue
+            if not self._found_elsewhere(record) and record.status is SandboxStatus.RUNNING:
+                self._lose(record, f"host {report.host} no longer has it")
+
+    def _reconcile_hosted(self, host: str, sandbox: HostedSandbox, asked: float) -> None:
+        record = self._records.get(sandbox.name)
+        doomed = self._doomed.get(sandbox.name)
+        if record is None:
+            if doomed is None:
+                # the fleet's label but no record: the coordinator restarted; take it back
+                self._records[sandbox.name] = _Record(
+                    name=sandbox.name, host=host, generation=sandbox.generation,
+                    status=SandboxStatus.RUNNING, memory_mib=sandbox.memory_mib,
+                    cpus=sandbox.cpus, changed=asked, id=sandbox.id, state=sandbox.state)
+                self._event("adopted", host, sandbox.name, "reported by its host, not in "
+                                                           "the directory")
+            return
+        if record.host != host:
+            if record.changed < asked and sandbox.generation < record.generation:
+                self._doomed.setdefault(sandbox.name, _Doomed(host, asked))
+            return
+        if record.changed >= asked:
+            return
+        if record.status is SandboxStatus.LOST:
+            self._event("returned", host, record.name, f"lost ({record.reason}), now "
+                                                        "reported by its host again")
+            record.reason = f"returned after: {record.reason}"
+        if record.status in (SandboxStatus.LOST, SandboxStatus.PLACING):
+            record.status = SandboxStatus.RUNNING
+        record.id = sandbox.id
+        record.state = sandbox.state
+
+    def _found_elsewhere(self, record: _Record) -> bool:
+        """Whether another up host reported ``record`` (same generation) since it changed:
+        a move that looked failed but went through. The directory follows it."""
+        for name, host in self._hosts.items():
+            if name == record.host or host.report is None or host.status is HostStatus.DEAD:
+                continue
+            if host.last_seen is None or host.last_seen <= record.changed:
+                continue
+            for sandbox in host.report.sandboxes:
+                if sandbox.name == record.name and sandbox.generation == record.generation:
+                    self._event("moved", name, record.name,
+                                f"found on {name}; {record.host} no longer has it")
+                    record.host, record.id, record.state = name, sandbox.id, sandbox.state
+                    record.status = SandboxStatus.RUNNING
+                    record.changed = self._clock()
+                    return True
+        return False
+
+    def _declare_dead(self, host: str, reason: str) -> None:
+        state = self._hosts[host]
+        state.status = HostStatus.DEAD
+        state.reason = reason
+        self._event("host-dead", host, None, reason)
+        for record in self._records.values():
+            if record.host == host and record.status is not SandboxStatus.LOST:
+                self._lose(record, f"its host died: {reason}")
+
+    def _lose(self, record: _Record, reason: str) -> None:
+        record.status = SandboxStatus.LOST
+        record.reason = reason
+        record.changed = self._clock()
+        self._event("lost", record.host, record.name, reason)
+
+    async def _clean_doomed(self) -> None:
+        """Remove the doomed copies that up hosts still report; forget the ones gone."""
+        for name, doomed in list(self._doomed.items()):
+            host = self._hosts.get(doomed.host)
+            if host is None or host.status is HostStatus.DEAD or host.report is None:
+                continue
+            if host.last_seen is None or host.last_seen <= doomed.since:
+                continue
+            if not any(s.name == name for s in host.report.sandboxes):
+                del self._doomed[name]
+                continue
+            record = self._records.get(name)
+            if record is not None and record.host == doomed.host:
+                del self._doomed[name]  # it is the directory's copy again (a new create)
+                continue
+            try:
+                await asyncio.wait_for(host.link.remove(name), self.call_timeout)
+            except (Exception, TimeoutError) as exc:
+                host.reason = f"removing {name} failed: {_describe(exc)}"
+                continue
+            self._event("fenced" if record is not None else "removed", doomed.host, name,
+                        "an older copy" if record is not None else "no longer the fleet's")
+
+    # --- sandboxes -------------------------------------------------------------------------
+
+    async def create(self, request: SandboxCreate) -> FleetSandbox:
+        """Place and create a sandbox (its name given or made here, unique in the fleet).
+
+        If the host fails to answer, the sandbox is not the fleet's: should the host have
+        made it after all, the fleet removes it once the host reports it.
+        """
+        name = request.name or self._new_name()
+        if name in self._records:
+            raise FleetError(f"the fleet already has a sandbox named {name!r}; choose "
+                             "another name or remove that one first")
+        if name in self._doomed:
+            raise FleetError(f"a sandbox named {name!r} is still being removed from host "
+                             f"{self._doomed[name].host}; try again after the next refresh")
+        want = Placement(memory_mib=request.memory_mib or DEFAULT_MEMORY_MIB,
+                         cpus=request.cpus or DEFAULT_VCPUS, arch=request.arch,
+                         backend=request.backend, image=request.image,
+                         template=request.template)
+        target = choose_host(self._placeable(), want, self._rng,
+                             pending_mib=self._pending_mib())
+        labels = {**request.labels, FLEET_LABEL: "1", GENERATION_LABEL: "1"}
+        record = _Record(name=name, host=target.host, generation=1,
+                         status=SandboxStatus.PLACING, memory_mib=want.memory_mib,
+                         cpus=want.cpus, changed=self._clock())
+        self._records[name] = record
+        link = self._hosts[target.host].link
+        try:
+            hosted = await asyncio.wait_for(
+                link.create(request.model_copy(update={"name": name, "labels": labels})),
+                self.create_timeout)
+        except (Exception, TimeoutError) as exc:
+            if self._records.get(name) is record:
+                del self._records[name]
+            self._doomed[name] = _Doomed(target.host, self._clock(), want.memory_mib)
+            self._event("abandoned", target.host, name, _describe(exc))
+            raise FleetError(f"creating sandbox {name!r} on host {target.host} failed: "
+                             f"{_describe(exc)}. If the host made it anyway, the fleet removes "
+                             "it when the host next reports") from exc
+        if self._records.get(name) is record:
+            record.status = SandboxStatus.RUNNING
+            record.id, record.state = hosted.id, hosted.state
+            record.changed = self._clock()
+        self._event("placed", target.host, name, f"{want.memory_mib} MiB")
+        return self._view(self._records.get(name, record))
+
+    async def remove(self, ref: str) -> None:
+        """Remove a sandbox; if its host is unreachable, it is removed when it reports."""
+        record = self._find(ref)
+        del self._records[record.name]
+        self._doomed[record.name] = _Doomed(record.host, self._clock(), record.memory_mib)
+        host = self._hosts[record.host]
+        if host.status is HostStatus.DEAD:
+            return
+        try:
+            await asyncio.wait_for(host.link.remove(record.name), self.call_timeout)
+        except (Exception, TimeoutError) as exc:
+            host.reason = f"removing {record.name} failed: {_describe(exc)}"
+            return
+        self._event("removed", record.host, record.name, "on request")
+
+    def sandboxes(self) -> list[FleetSandbox]:
+        """Every sandbox of the fleet, by name."""
+        return [self._view(record) for _, record in sorted(self._records.items())]
+
+    def get(self, ref: str) -> FleetSandbox:
+        """A sandbox by name, id or unique id prefix."""
+        return self._view(self._find(ref))
+
+    def events(self) -> list[FleetEvent]:
+        """What the fleet did and saw, oldest first (the last :data:`MAX_EVENTS`)."""
+        return list(self._events)
+
+    # --- drain -----------------------------------------------------------------------------
+
+    async def drain(self, host: str) -> list[FleetSandbox]:
+        """Place nothing more on ``host`` and teleport its running sandboxes to others.
+
+        Returns the sandboxes as they stand after; one that could not move stays where it
+        is with the reason in ``reason`` (drain again to retry).
+        """
+        state = self._hosts.get(host)
+        if state is None:
+            raise FleetError(f"no host {host!r} in the fleet; known: "
+                             f"{', '.join(sorted(self._hosts)) or 'none'}")
+        state.draining = True
+        if state.status is HostStatus.UP:
+            state.status = HostStatus.DRAINING
+        names = [r.name for r in self._records.values()
+                 if r.host == host and r.status is SandboxStatus.RUNNING]
+        for name in names:
+            record = self._records.get(name)
+            if record is None or record.host != host or record.status is not SandboxStatus.RUNNING:
+                continue
+            await self._move(record, state)
+        return [self._view(r) for r in self._records.values() if r.name in names]
+
+    def undrain(self, host: str) -> None:
+        """Place on ``host`` again."""
+        state = self._hosts[host]
+        state.draining = False
+        if state.status is HostStatus.DRAINING:
+            state.status = HostStatus.UP
+
+    async def _move(self, record: _Record, source: _Host) -> None:
+        want = Placement(memory_mib=record.memory_mib, cpus=record.cpus)
+        try:
+            target = choose_host([r for r in self._placeable() if r.host != record.host], want,
+                                 self._rng, pending_mib=self._pending_mib())
+        except KelpieError as exc:
+            record.reason = f"drain: {exc}"
+            return
+        record.status = SandboxStatus.MOVING
+        record.changed = self._clock()
+        try:
+            hosted = await asyncio.wait_for(source.link.teleport(record.name, target),
+                                            self.move_timeout)
+        except (Exception, TimeoutError) as exc:
+            if record.status is SandboxStatus.MOVING:
+                # the teleport's own protocol leaves it on exactly one side; the next
+                # reports say which (see _found_elsewhere)
+                record.status = SandboxStatus.RUNNING
+                record.changed = self._clock()
+            record.reason = f"move to {target.host} failed: {_describe(exc)}"
+            return
+        self._event("moved", target.host, record.name, f"from {record.host} (drain)")
+        record.host, record.id, record.state = target.host, hosted.id, hosted.state
+        record.status = SandboxStatus.RUNNING
+        record.reason = f"moved from {source.link.host} by a drain"
+        record.changed = self._clock()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _placeable(self) -> list[HostReport]:
+        return [host.report for host in self._hosts.values()
+                if host.status is HostStatus.UP and host.report is not None]
+
+    def _pending_mib(self) -> dict[str, int]:
+        """Memory of sandboxes placed on (or moved to) each host since its last report was
+        asked for, which that report cannot show yet."""
+        pending: dict[str, int] = {}
+        for record in self._records.values():
+            host = self._hosts.get(record.host)
+            if host is None or record.status is SandboxStatus.LOST:
+                continue
+            seen = host.last_seen if host.last_seen is not None else float("-inf")
+            if record.changed >= seen:
+                pending[record.host] = pending.get(record.host, 0) + record.memory_mib
+        for doomed in self._doomed.values():
+            # an abandoned create the host may have made after all, not yet in its report
+            host = self._hosts.get(doomed.host)
+            if host is not None and (host.last_seen is None or doomed.since >= host.last_seen):
+                pending[doomed.host] = pending.get(doomed.host, 0) + doomed.memory_mib
+        return pending
+
+    def _find(self, ref: str) -> _Record:
+        if ref in self._records:
+            return self._records[ref]
+        matches = [r for r in self._records.values() if r.id and r.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise UnknownSandbox(f"{ref!r} is the start of several sandbox ids; give more of it")
+        raise UnknownSandbox(f"the fleet has no sandbox named {ref!r} (nor an id starting "
+                             "so); `kelpie fleet ls` lists them")
+
+    def _view(self, record: _Record) -> FleetSandbox:
+        host = self._hosts.get(record.host)
+        address = host.report.address if host and host.report else None
+        return FleetSandbox(name=record.name, id=record.id, host=record.host,
+                            generation=record.generation, status=record.status,
+                            state=record.state, reason=record.reason,
+                            memory_mib=record.memory_mib, cpus=record.cpus, address=address)
+
+    def _new_name(self) -> str:
+        while True:
+            name = "fleet-" + "".join(f"{int(self._rng.random() * 16):x}" for _ in range(8))
+            if name not in self._records and name not in self._doomed:
+                return name
+
+    def _event(self, kind: str, host: str, name: str | None, detail: str) -> None:
+        self._events.append(FleetEvent(at=self._clock(), kind=kind, host=host, name=name,
+                                       detail=detail))
+        if len(self._events) > MAX_EVENTS:
+            del self._events[: len(self._events) - MAX_EVENTS]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer within the time limit"
+    return str(exc) or type(exc).__name__

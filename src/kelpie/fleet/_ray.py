@@ -1,0 +1,225 @@
+"""The fleet on Ray: a host agent actor per VM host, one controller actor running the
+coordinator, and how they find each other.
+
+A VM host is a Ray node started with the custom resource ``kelpie_host`` (``ray start
+--resources '{"kelpie_host": 1}'``). The controller (detached, named ``kelpie-fleet`` in
+the ``kelpie`` namespace) looks at Ray's node table every interval: it starts a host agent
+pinned to each such live node (which starts that node's daemon with a TCP listener on the
+node's address and the fleet's token), and tells the coordinator at once when Ray
+declares a node dead. Hosts are named by node address, so a raylet restarted on the same
+machine (a new Ray node id) is the same host coming back, with the same daemon and
+sandboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kelpie.api import SandboxCreate
+from kelpie.fleet._agent import HostAgent
+from kelpie.fleet._coordinator import DEFAULT_LOST_AFTER, FleetCoordinator, FleetError
+from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox, HostedSandbox, HostReport
+
+NAMESPACE = "kelpie"
+CONTROLLER = "kelpie-fleet"
+HOST_RESOURCE = "kelpie_host"
+DEFAULT_PORT = 7075
+DEFAULT_INTERVAL = 5.0
+AGENT_START_TIMEOUT = 240.0
+
+log = logging.getLogger("kelpie.fleet")
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class HostAgentActor:
+    """A :class:`HostAgent` as a Ray actor pinned to its node."""
+
+    def __init__(self, host: str, ip: str, port: int, token: str,
+                 memory_mib: int | None) -> None:
+        self._agent = HostAgent(host, ip, port, token, memory_mib=memory_mib)
+
+    async def start(self) -> str:
+        return await self._agent.start()
+
+    async def report(self) -> HostReport:
+        return await self._agent.report()
+
+    async def create(self, request: SandboxCreate) -> HostedSandbox:
+        return await self._agent.create(request)
+
+    async def remove(self, name: str) -> None:
+        await self._agent.remove(name)
+
+    async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
+        return await self._agent.teleport(name, to)
+
+
+class RayHostLink:
+    """The coordinator's link to one host agent actor."""
+
+    def __init__(self, host: str, actor: Any) -> None:
+        self._host = host
+        self._actor = actor
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    async def report(self) -> HostReport:
+        report: HostReport = await self._actor.report.remote()
+        return report
+
+    async def create(self, request: SandboxCreate) -> HostedSandbox:
+        hosted: HostedSandbox = await self._actor.create.remote(request)
+        return hosted
+
+    async def remove(self, name: str) -> None:
+        await self._actor.remove.remote(name)
+
+    async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
+        hosted: HostedSandbox = await self._actor.teleport.remote(name, to)
+        return hosted
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class FleetController:
+    """The coordinator as a detached actor, with the loop that finds hosts and refreshes."""
+
+    def __init__(self, token: str, port: int, interval: float, lost_after: float,
+                 memory_mib: int | None) -> None:
+        self._token = token
+        self._port = port
+        self._interval = interval
+        self._memory_mib = memory_mib
+        self._coordinator = FleetCoordinator(clock=time.monotonic, rng=random.Random(),
+                                             lost_after=lost_after)
+        self._agents: dict[str, tuple[str, Any]] = {}
+        """host -> (Ray node id, its agent actor)."""
+        self._problems: dict[str, str] = {}
+        self._loop: asyncio.Task[None] | None = None
+        self._found = asyncio.Event()
+
+    async def start(self) -> list[FleetHost]:
+        """Find the hosts and start their agents now; keep doing so in the background."""
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._run())
+        await self._found.wait()
+        return self._coordinator.hosts()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._discover()
+                await self._coordinator.refresh()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("fleet refresh failed")
+            self._found.set()
+            await asyncio.sleep(self._interval)
+
+    async def _discover(self) -> None:
+        nodes = await asyncio.to_thread(ray.nodes)
+        alive: dict[str, dict[str, Any]] = {}
+        dead: dict[str, dict[str, Any]] = {}
+        for node in nodes:
+            ip = node["NodeManagerAddress"]
+            if not node["Alive"]:
+                dead[ip] = node
+            elif node.get("Resources", {}).get(HOST_RESOURCE, 0) >= 1:
+                alive[ip] = node
+        for ip, node in dead.items():
+            known = self._agents.get(ip)
+            if ip not in alive and known is not None and known[0] == node["NodeID"]:
+                self._coordinator.host_died(ip, f"Ray declared node {node['NodeID'][:12]} "
+                                                f"({ip}) dead")
+        starts = [self._start_agent(ip, node) for ip, node in alive.items()
+                  if self._agents.get(ip, ("",))[0] != node["NodeID"]]
+        await asyncio.gather(*starts)
+
+    async def _start_agent(self, ip: str, node: dict[str, Any]) -> None:
+        node_id = node["NodeID"]
+        actor = HostAgentActor.options(  # type: ignore[attr-defined]
+            name=f"kelpie-host-{node_id[:16]}", namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True, resources={HOST_RESOURCE: 1},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(ip, ip, self._port, self._token, self._memory_mib)
+        try:
+            await asyncio.wait_for(actor.start.remote(), AGENT_START_TIMEOUT)
+        except (Exception, TimeoutError) as exc:
+            self._problems[ip] = f"its host agent did not start: {exc}"
+            log.warning("host %s: %s", ip, self._problems[ip])
+            return
+        self._problems.pop(ip, None)
+        self._agents[ip] = (node_id, actor)
+        self._coordinator.add_host(RayHostLink(ip, actor))
+
+    # --- the fleet's API (called by Fleet / AsyncFleet) ------------------------------------
+
+    def token(self) -> str:
+        return self._token
+
+    def hosts(self) -> list[FleetHost]:
+        return self._coordinator.hosts()
+
+    def problems(self) -> dict[str, str]:
+        return dict(self._problems)
+
+    def sandboxes(self) -> list[FleetSandbox]:
+        return self._coordinator.sandboxes()
+
+    def get(self, ref: str) -> FleetSandbox:
+        return self._coordinator.get(ref)
+
+    def events(self) -> list[FleetEvent]:
+        return self._coordinator.events()
+
+    async def create(self, request: SandboxCreate) -> FleetSandbox:
+        return await self._coordinator.create(request)
+
+    async def remove(self, ref: str) -> None:
+        await self._coordinator.remove(ref)
+
+    async def drain(self, host: str) -> list[FleetSandbox]:
+        return await self._coordinator.drain(host)
+
+    def undrain(self, host: str) -> None:
+        self._coordinator.undrain(host)
+
+    async def refresh(self) -> list[FleetHost]:
+        await self._discover()
+        await self._coordinator.refresh()
+        return self._coordinator.hosts()
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None: the one this process runs in, or
+    ``auto``), unless this process already has."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False,
+                 logging_level=logging.WARNING)
+
+
+def controller() -> Any:
+    """The fleet's controller actor; FleetError when no fleet runs in this cluster."""
+    try:
+        return ray.get_actor(CONTROLLER, namespace=NAMESPACE)
+    except ValueError as exc:
+        raise FleetError("no Kelpie fleet runs in this Ray cluster; start it with "
+                         "`kelpie fleet up` (or kelpie.fleet.Fleet.up())") from exc
+
+
+def start_controller(*, port: int = DEFAULT_PORT, interval: float = DEFAULT_INTERVAL,
+                     lost_after: float = DEFAULT_LOST_AFTER,
+                     memory_mib: int | None = None) -> Any:
+    """The fleet's controller, started (detached, on the head node) if it is not running."""
+    return FleetController.options(  # type: ignore[attr-defined]
+        name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        resources={"node:__internal_head__": 0.001},
+    ).remote(secrets.token_urlsafe(32), port, interval, lost_after, memory_mib)
