@@ -40,8 +40,9 @@ def fleet() -> None:
 @_ADDRESS
 @click.option("--port", type=click.IntRange(1, 65535), default=7075, show_default=True,
               help="TCP port of each host's daemon (on the node's Ray address).")
-@click.option("--lost-after", type=click.FloatRange(min=1), default=30.0, show_default=True,
-              metavar="SECONDS", help="A host silent this long is declared dead.")
+@click.option("--lost-after", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              metavar="SECONDS",
+              help="A host silent this long is declared dead (Ray reports a dead node sooner).")
 @click.option("--interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
               metavar="SECONDS", help="How often every host is asked for a report.")
 @click.option("--memory", "memory_mib", type=click.IntRange(min=256), default=None,

@@ -104,6 +104,9 @@ def tcp_listener(host: str, port: int) -> socket.socket:
         raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+KEEP_ALIVE_S = 65
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -179,8 +182,12 @@ def _server(options: DaemonOptions, runtime: Runtime,
     app = TokenAuth(create_app(runtime, on_shutdown=shutdown, teleports=teleports),
                     token=options.token,
                     unix_path=str(options.socket_path))
+    # Idle keep-alive connections outlive the client's (httpx drops its own after 5 s): a
+    # server that closed first races a client reusing the connection, which then sees a
+    # reset (httpx.ReadError) on a request the daemon never read.
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            ws="websockets-sansio", timeout_graceful_shutdown=5)
+                            ws="websockets-sansio", timeout_graceful_shutdown=5,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = _Server(config)
     holder.append(server)
     return server

@@ -29,7 +29,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from kelpie.api import SandboxCreate
+from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.dst._sim import SimReport, Violation, attempt
 from kelpie.fleet import (
     FLEET_LABEL,
@@ -117,6 +117,9 @@ class SimFleetHost:
     async def remove(self, name: str) -> None:
         await self._reach()
         self.copies.pop(name, None)
+        await self._reach()
+
+    async def create_template(self, request: TemplateCreate) -> None:
         await self._reach()
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
 
+from kelpie._exceptions import TeleportAborted
 from kelpie._paths import state_dir
-from kelpie.api import Sandbox, SandboxCreate
+from kelpie.api import Sandbox, SandboxCreate, TemplateCreate
 from kelpie.client import DaemonClient, DaemonUnreachable
 from kelpie.fleet._coordinator import FleetError
 from kelpie.fleet._model import FLEET_LABEL, GENERATION_LABEL, HostedSandbox, HostReport
 from kelpie.runtime import SandboxNotFound
+from kelpie.vm import LiveMigrationFailed
 
 DAEMON_START_TIMEOUT = 180.0
+
+log = logging.getLogger("kelpie.fleet")
 
 
 class HostAgent:
@@ -86,18 +91,29 @@ class HostAgent:
             memory_mib=self._memory_mib or facts.memory_mib, free_memory_mib=free,
             free_disk_bytes=facts.free_disk_bytes,
             images=frozenset(facts.images) | {tag for i in images for tag in i.tags},
-            templates=frozenset({t.name for t in templates} | {t.id for t in templates}),
+            templates={key: t.memory_mib for t in templates for key in (t.name, t.id)},
             sandboxes=hosted)
 
     async def create(self, request: SandboxCreate) -> HostedSandbox:
         return _hosted(await self._client.create(request))
+
+    async def create_template(self, request: TemplateCreate) -> None:
+        await self._client.create_template(request)
 
     async def remove(self, name: str) -> None:
         with contextlib.suppress(SandboxNotFound):
             await self._client.remove(name, force=True)
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
-        report = await self._client.teleport(name, to.address, token=self._token)
+        """Move ``name`` to ``to``: live where the pair can, else (or when a live migration
+        was rolled back) paused, with its full memory state."""
+        try:
+            report = await self._client.teleport(name, to.address, token=self._token)
+        except (TeleportAborted, LiveMigrationFailed) as exc:  # rolled back: it runs here
+            log.warning("teleport of %s to %s rolled back (%s); moving it in full mode",
+                        name, to.host, exc)
+            report = await self._client.teleport(name, to.address, token=self._token,
+                                                 mode="full")
         return _hosted(report.sandbox)
 
 

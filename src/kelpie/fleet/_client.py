@@ -8,19 +8,22 @@ from __future__ import annotations
 import builtins
 from typing import Any, NoReturn, Self
 
-import ray
-
-from kelpie.api import SandboxCreate
+from kelpie._units import optional_mib
+from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.fleet._coordinator import DEFAULT_LOST_AFTER, FleetError
 from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox
 from kelpie.fleet._ray import (
     DEFAULT_INTERVAL,
     DEFAULT_PORT,
+    answer,
     connect_ray,
     controller,
+    get,
     start_controller,
 )
 from kelpie.sdk import AsyncSandbox, Sandbox
+
+CONTROLLER_NAME = "the fleet's controller"
 
 
 class AsyncFleet:
@@ -30,12 +33,15 @@ class AsyncFleet:
         self._controller = handle
         self._token = token
 
+    async def _ask(self, method: str, *args: Any) -> Any:
+        return await answer(getattr(self._controller, method).remote(*args), CONTROLLER_NAME)
+
     @classmethod
     async def connect(cls, address: str | None = None) -> Self:
         """The fleet of the Ray cluster at ``address`` (None: this process's, or ``auto``)."""
         connect_ray(address)
         handle = controller()
-        return cls(handle, await handle.token.remote())
+        return cls(handle, await answer(handle.token.remote(), CONTROLLER_NAME))
 
     @classmethod
     async def up(cls, address: str | None = None, *, port: int = DEFAULT_PORT,
@@ -46,15 +52,23 @@ class AsyncFleet:
         connect_ray(address)
         handle = start_controller(port=port, interval=interval, lost_after=lost_after,
                                   memory_mib=memory_mib)
-        await handle.start.remote()
-        return cls(handle, await handle.token.remote())
+        await answer(handle.start.remote(), CONTROLLER_NAME)
+        return cls(handle, await answer(handle.token.remote(), CONTROLLER_NAME))
 
     async def create(self, image: str | None = None, **options: Any) -> AsyncSandbox:
         """Place a sandbox on a host and create it there; ``options`` are
         :class:`~kelpie.api.SandboxCreate`'s fields (template, name, memory_mib, cpus...)."""
-        placed: FleetSandbox = await self._controller.create.remote(
-            SandboxCreate(image=image, **options))
+        placed: FleetSandbox = await self._ask("create", SandboxCreate(image=image, **options))
         return await self._attach(placed)
+
+    async def create_template(self, name: str, image: str | None = None, *,
+                              memory: int | str | None = None, **options: Any,
+                              ) -> list[str]:
+        """Make template ``name`` on every up host (``options``: :class:`TemplateCreate`'s
+        fields); the hosts that have it. FleetError naming each host where it failed."""
+        request = TemplateCreate(name=name, image=image,
+                                 memory_mib=optional_mib(memory, "memory"), **options)
+        return _made(await self._ask("create_template", request), name)
 
     async def get(self, ref: str) -> AsyncSandbox:
         """A sandbox of the fleet by name or id, on whichever host it is now."""
@@ -62,36 +76,36 @@ class AsyncFleet:
 
     async def info(self, ref: str) -> FleetSandbox:
         """Where a sandbox is and how it stands."""
-        found: FleetSandbox = await self._controller.get.remote(ref)
+        found: FleetSandbox = await self._ask("get", ref)
         return found
 
     async def list(self) -> builtins.list[FleetSandbox]:
         """Every sandbox of the fleet."""
-        found: builtins.list[FleetSandbox] = await self._controller.sandboxes.remote()
+        found: builtins.list[FleetSandbox] = await self._ask("sandboxes")
         return found
 
     async def hosts(self) -> builtins.list[FleetHost]:
         """Every host, with its capacity and status."""
-        found: builtins.list[FleetHost] = await self._controller.hosts.remote()
+        found: builtins.list[FleetHost] = await self._ask("hosts")
         return found
 
     async def events(self) -> builtins.list[FleetEvent]:
         """What the fleet did and saw, oldest first."""
-        found: builtins.list[FleetEvent] = await self._controller.events.remote()
+        found: builtins.list[FleetEvent] = await self._ask("events")
         return found
 
     async def remove(self, ref: str) -> None:
         """Remove a sandbox from its host and the fleet."""
-        await self._controller.remove.remote(ref)
+        await self._ask("remove", ref)
 
     async def drain(self, host: str) -> builtins.list[FleetSandbox]:
         """Stop placing on ``host`` and teleport its sandboxes to other hosts."""
-        moved: builtins.list[FleetSandbox] = await self._controller.drain.remote(host)
+        moved: builtins.list[FleetSandbox] = await self._ask("drain", host)
         return moved
 
     async def undrain(self, host: str) -> None:
         """Place on ``host`` again."""
-        await self._controller.undrain.remote(host)
+        await self._ask("undrain", host)
 
     async def _attach(self, placed: FleetSandbox) -> AsyncSandbox:
         if placed.id is None or placed.address is None:
@@ -107,7 +121,10 @@ class Fleet:
     def __init__(self, address: str | None = None) -> None:
         connect_ray(address)
         self._controller = controller()
-        self._token: str = ray.get(self._controller.token.remote())
+        self._token: str = self._ask("token")
+
+    def _ask(self, method: str, *args: Any) -> Any:
+        return get(getattr(self._controller, method).remote(*args))
 
     @classmethod
     def up(cls, address: str | None = None, *, port: int = DEFAULT_PORT,
@@ -117,13 +134,20 @@ class Fleet:
         connect_ray(address)
         handle = start_controller(port=port, interval=interval, lost_after=lost_after,
                                   memory_mib=memory_mib)
-        ray.get(handle.start.remote())
+        get(handle.start.remote())
         return cls(address)
 
     def create(self, image: str | None = None, **options: Any) -> Sandbox:
         """Place and create a sandbox (see :meth:`AsyncFleet.create`)."""
-        placed = ray.get(self._controller.create.remote(SandboxCreate(image=image, **options)))
+        placed = self._ask("create", SandboxCreate(image=image, **options))
         return self._attach(placed)
+
+    def create_template(self, name: str, image: str | None = None, *,
+                        memory: int | str | None = None, **options: Any) -> list[str]:
+        """Make template ``name`` on every host (see :meth:`AsyncFleet.create_template`)."""
+        request = TemplateCreate(name=name, image=image,
+                                 memory_mib=optional_mib(memory, "memory"), **options)
+        return _made(self._ask("create_template", request), name)
 
     def get(self, ref: str) -> Sandbox:
         """A sandbox of the fleet by name or id, on whichever host it is now."""
@@ -131,51 +155,60 @@ class Fleet:
 
     def info(self, ref: str) -> FleetSandbox:
         """Where a sandbox is and how it stands."""
-        found: FleetSandbox = ray.get(self._controller.get.remote(ref))
+        found: FleetSandbox = self._ask("get", ref)
         return found
 
     def list(self) -> builtins.list[FleetSandbox]:
         """Every sandbox of the fleet."""
-        found: builtins.list[FleetSandbox] = ray.get(self._controller.sandboxes.remote())
+        found: builtins.list[FleetSandbox] = self._ask("sandboxes")
         return found
 
     def hosts(self) -> builtins.list[FleetHost]:
         """Every host, with its capacity and status."""
-        found: builtins.list[FleetHost] = ray.get(self._controller.hosts.remote())
+        found: builtins.list[FleetHost] = self._ask("hosts")
         return found
 
     def problems(self) -> dict[str, str]:
         """Nodes whose host agent could not start, with why."""
-        found: dict[str, str] = ray.get(self._controller.problems.remote())
+        found: dict[str, str] = self._ask("problems")
         return found
 
     def events(self) -> builtins.list[FleetEvent]:
         """What the fleet did and saw, oldest first."""
-        found: builtins.list[FleetEvent] = ray.get(self._controller.events.remote())
+        found: builtins.list[FleetEvent] = self._ask("events")
         return found
 
     def refresh(self) -> builtins.list[FleetHost]:
         """Look for hosts and ask each for a report now; the hosts after."""
-        found: builtins.list[FleetHost] = ray.get(self._controller.refresh.remote())
+        found: builtins.list[FleetHost] = self._ask("refresh")
         return found
 
     def remove(self, ref: str) -> None:
         """Remove a sandbox from its host and the fleet."""
-        ray.get(self._controller.remove.remote(ref))
+        self._ask("remove", ref)
 
     def drain(self, host: str) -> builtins.list[FleetSandbox]:
         """Stop placing on ``host`` and teleport its sandboxes to other hosts."""
-        moved: builtins.list[FleetSandbox] = ray.get(self._controller.drain.remote(host))
+        moved: builtins.list[FleetSandbox] = self._ask("drain", host)
         return moved
 
     def undrain(self, host: str) -> None:
         """Place on ``host`` again."""
-        ray.get(self._controller.undrain.remote(host))
+        self._ask("undrain", host)
 
     def _attach(self, placed: FleetSandbox) -> Sandbox:
         if placed.id is None or placed.address is None:
             raise_not_ready(placed)
         return Sandbox.attach(placed.id, daemon=placed.address, token=self._token)
+
+
+def _made(outcomes: dict[str, str | None], name: str) -> list[str]:
+    failed = {host: why for host, why in outcomes.items() if why is not None}
+    if failed or not outcomes:
+        raise FleetError(f"template {name!r} could not be made on every host: " + (
+            "; ".join(f"{host}: {why}" for host, why in sorted(failed.items()))
+            or "no host is up"))
+    return sorted(outcomes)
 
 
 def raise_not_ready(placed: FleetSandbox) -> NoReturn:

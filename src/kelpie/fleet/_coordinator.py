@@ -15,8 +15,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
-from kelpie._exceptions import KelpieError
-from kelpie.api import SandboxCreate
+from kelpie._exceptions import ConfigError, KelpieError
+from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.fleet._model import (
     FLEET_LABEL,
     GENERATION_LABEL,
@@ -32,8 +32,12 @@ from kelpie.fleet._model import (
 from kelpie.fleet._placement import Random, choose_host
 from kelpie.vm import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
 
-DEFAULT_LOST_AFTER = 30.0
-"""Seconds without a good report after which a host is declared dead."""
+DEFAULT_LOST_AFTER = 120.0
+"""Seconds without a good report after which a host is declared dead. Under Ray this is
+the backstop: Ray itself declares a dead or partitioned node dead sooner (~15 s for a
+killed raylet, ~65 s for a partition, measured here) and the controller passes that on at
+once; a host merely slow to report (a busy daemon on a loaded machine: 72 s was seen with
+32 sandboxes starting on 2 cores) must not be taken for dead."""
 DEFAULT_CALL_TIMEOUT = 20.0
 DEFAULT_CREATE_TIMEOUT = 300.0
 """A create boots a VM: under TCG, with others booting beside it, that takes a while."""
@@ -47,6 +51,10 @@ class FleetError(KelpieError):
 
 class UnknownSandbox(FleetError, LookupError):
     """No sandbox of the fleet has that name or id."""
+
+
+class HostUnreachable(FleetError):
+    """A host's agent did not answer (it, or its node, died)."""
 
 
 class HostLink(Protocol):
@@ -67,6 +75,10 @@ class HostLink(Protocol):
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
         """Move the sandbox ``name`` to the daemon of ``to``; its copy there."""
+        ...
+
+    async def create_template(self, request: TemplateCreate) -> None:
+        """Make the template ``request.name`` on this host."""
         ...
 
 
@@ -305,7 +317,8 @@ class FleetCoordinator:
         if name in self._doomed:
             raise FleetError(f"a sandbox named {name!r} is still being removed from host "
                              f"{self._doomed[name].host}; try again after the next refresh")
-        want = Placement(memory_mib=request.memory_mib or DEFAULT_MEMORY_MIB,
+        memory = request.memory_mib or self._template_memory(request.template)
+        want = Placement(memory_mib=memory or DEFAULT_MEMORY_MIB,
                          cpus=request.cpus or DEFAULT_VCPUS, arch=request.arch,
                          backend=request.backend, image=request.image,
                          template=request.template)
@@ -321,6 +334,10 @@ class FleetCoordinator:
             hosted = await asyncio.wait_for(
                 link.create(request.model_copy(update={"name": name, "labels": labels})),
                 self.create_timeout)
+        except ConfigError as exc:  # refused before anything was made
+            if self._records.get(name) is record:
+                del self._records[name]
+            raise FleetError(f"host {target.host} refused sandbox {name!r}: {exc}") from exc
         except (Exception, TimeoutError) as exc:
             if self._records.get(name) is record:
                 del self._records[name]
@@ -362,6 +379,21 @@ class FleetCoordinator:
     def events(self) -> list[FleetEvent]:
         """What the fleet did and saw, oldest first (the last :data:`MAX_EVENTS`)."""
         return list(self._events)
+
+    async def create_template(self, request: TemplateCreate) -> dict[str, str | None]:
+        """Make a template on every up host at once: host -> None, or why it failed there."""
+        hosts = [(name, host) for name, host in sorted(self._hosts.items())
+                 if host.status is not HostStatus.DEAD]
+
+        async def one(host: _Host) -> str | None:
+            try:
+                await asyncio.wait_for(host.link.create_template(request), self.create_timeout)
+            except (Exception, TimeoutError) as exc:
+                return _describe(exc)
+            return None
+
+        outcomes = await asyncio.gather(*(one(host) for _, host in hosts))
+        return {name: outcome for (name, _), outcome in zip(hosts, outcomes, strict=True)}
 
     # --- drain -----------------------------------------------------------------------------
 
@@ -444,6 +476,12 @@ class FleetCoordinator:
             if host is not None and (host.last_seen is None or doomed.since >= host.last_seen):
                 pending[doomed.host] = pending.get(doomed.host, 0) + doomed.memory_mib
         return pending
+
+    def _template_memory(self, template: str | None) -> int | None:
+        """The memory a template's sandboxes have, as the hosts holding it report it."""
+        sizes = [host.report.templates[template] for host in self._hosts.values()
+                 if template and host.report and template in host.report.templates]
+        return max(sizes) if sizes else None
 
     def _find(self, ref: str) -> _Record:
         if ref in self._records:

@@ -64,8 +64,9 @@ class HostReport:
     free_disk_bytes: int
     images: frozenset[str] = frozenset()
     """Image references and manifest digests it holds."""
-    templates: frozenset[str] = frozenset()
-    """Names and ids of the templates it holds."""
+    templates: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The templates it holds, by name and by id: the memory (MiB) each one's sandboxes
+    have (a template fixes it)."""
     sandboxes: tuple[HostedSandbox, ...] = ()
 
 

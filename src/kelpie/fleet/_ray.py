@@ -17,15 +17,21 @@ import asyncio
 import logging
 import random
 import secrets
+import socket
 import time
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kelpie.api import SandboxCreate
+from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.fleet._agent import HostAgent
-from kelpie.fleet._coordinator import DEFAULT_LOST_AFTER, FleetCoordinator, FleetError
+from kelpie.fleet._coordinator import (
+    DEFAULT_LOST_AFTER,
+    FleetCoordinator,
+    FleetError,
+    HostUnreachable,
+)
 from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox, HostedSandbox, HostReport
 
 NAMESPACE = "kelpie"
@@ -61,6 +67,35 @@ class HostAgentActor:
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
         return await self._agent.teleport(name, to)
 
+    async def create_template(self, request: TemplateCreate) -> None:
+        await self._agent.create_template(request)
+
+
+async def answer(ref: Any, what: str) -> Any:
+    """The result of an actor call; the actor's own exception, not Ray's wrapper, when the
+    call raised; :class:`HostUnreachable` when the actor is gone."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as exc:
+        raise _cause(exc) from None
+    except ray.exceptions.RayActorError as exc:
+        raise HostUnreachable(f"{what} is gone: {exc}") from None
+
+
+def get(ref: Any) -> Any:
+    """:func:`answer` for blocking callers."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise _cause(exc) from None
+    except ray.exceptions.RayActorError as exc:
+        raise FleetError(f"the fleet's controller is gone: {exc}") from None
+
+
+def _cause(exc: ray.exceptions.RayTaskError) -> BaseException:
+    cause = exc.cause
+    return cause if isinstance(cause, BaseException) else exc
+
 
 class RayHostLink:
     """The coordinator's link to one host agent actor."""
@@ -68,25 +103,30 @@ class RayHostLink:
     def __init__(self, host: str, actor: Any) -> None:
         self._host = host
         self._actor = actor
+        self._what = f"the host agent of {host}"
 
     @property
     def host(self) -> str:
         return self._host
 
     async def report(self) -> HostReport:
-        report: HostReport = await self._actor.report.remote()
+        report: HostReport = await answer(self._actor.report.remote(), self._what)
         return report
 
     async def create(self, request: SandboxCreate) -> HostedSandbox:
-        hosted: HostedSandbox = await self._actor.create.remote(request)
+        hosted: HostedSandbox = await answer(self._actor.create.remote(request), self._what)
         return hosted
 
     async def remove(self, name: str) -> None:
-        await self._actor.remove.remote(name)
+        await answer(self._actor.remove.remote(name), self._what)
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
-        hosted: HostedSandbox = await self._actor.teleport.remote(name, to)
+        hosted: HostedSandbox = await answer(self._actor.teleport.remote(name, to),
+                                             self._what)
         return hosted
+
+    async def create_template(self, request: TemplateCreate) -> None:
+        await answer(self._actor.create_template.remote(request), self._what)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -151,7 +191,8 @@ class FleetController:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(ip, ip, self._port, self._token, self._memory_mib)
         try:
-            await asyncio.wait_for(actor.start.remote(), AGENT_START_TIMEOUT)
+            await asyncio.wait_for(answer(actor.start.remote(), f"the host agent of {ip}"),
+                                   AGENT_START_TIMEOUT)
         except (Exception, TimeoutError) as exc:
             self._problems[ip] = f"its host agent did not start: {exc}"
             log.warning("host %s: %s", ip, self._problems[ip])
@@ -186,6 +227,11 @@ class FleetController:
     async def remove(self, ref: str) -> None:
         await self._coordinator.remove(ref)
 
+    async def create_template(self, request: TemplateCreate) -> dict[str, str | None]:
+        outcomes = await self._coordinator.create_template(request)
+        await self._coordinator.refresh()  # so placement sees the template at once
+        return outcomes
+
     async def drain(self, host: str) -> list[FleetSandbox]:
         return await self._coordinator.drain(host)
 
@@ -201,9 +247,29 @@ class FleetController:
 def connect_ray(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (None: the one this process runs in, or
     ``auto``), unless this process already has."""
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address and address != "auto" and "://" not in address:
+        _check_reachable(address)  # ray.init retries an unreachable GCS for minutes
+    try:
         ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False,
                  logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise FleetError(f"no Ray cluster answers at {address or 'auto'} ({exc}); start one "
+                         "(`ray start --head --resources '{\"kelpie_host\": 1}'`) or give "
+                         "its address (--address HOST:PORT, or RAY_ADDRESS)") from None
+
+
+def _check_reachable(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise FleetError(f"Ray address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise FleetError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); "
+                         "start one (`ray start --head`) or give its address (--address "
+                         "HOST:PORT, or RAY_ADDRESS)") from None
 
 
 def controller() -> Any:

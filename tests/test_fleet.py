@@ -1,0 +1,233 @@
+"""The fleet's coordinator and placement, over simulated hosts on virtual time (the real
+cluster is in test_fleet_ray.py), and the fleet DST scenario."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from conftest import real_part_missing
+from kelpie.api import SandboxCreate
+from kelpie.dst._cli import parse_faults
+from kelpie.dst._fleet_sim import SimFleetHost, run_fleet_seed
+from kelpie.fleet import (
+    FleetCoordinator,
+    FleetError,
+    HostedSandbox,
+    HostReport,
+    HostStatus,
+    Placement,
+    PlacementError,
+    SandboxStatus,
+    choose_host,
+)
+from kelpie.sim import SimRng, VirtualClock, run_simulated
+
+T = TypeVar("T")
+FAULTS = parse_faults("all")
+
+
+def _report(host: str, *, free: int = 4096, arches: tuple[str, ...] = ("x86_64",),
+            templates: dict[str, int] | None = None) -> HostReport:
+    return HostReport(host=host, address=f"http://{host}", arches=arches, backends=("qemu",),
+                      accelerators=("tcg",), cpus=2, free_vcpus=2, memory_mib=8192,
+                      free_memory_mib=free, free_disk_bytes=1 << 30,
+                      templates=templates or {})
+
+
+def test_placement_prefers_the_template_holder_then_the_most_memory_left() -> None:
+    rng = random.Random(1)
+    hosts = [_report("a", free=8000), _report("b", free=2000, templates={"t": 128})]
+    assert choose_host(hosts, Placement(128, 1, template="t"), rng).host == "b"
+    assert choose_host(hosts, Placement(128, 1), rng).host == "a"
+    # what was placed since the last report counts against the host
+    assert choose_host(hosts, Placement(128, 1), rng,
+                       pending_mib={"a": 7000}).host == "b"
+
+
+def test_placement_names_why_each_host_was_passed_over() -> None:
+    hosts = [_report("a", free=300), _report("b", arches=("aarch64",))]
+    with pytest.raises(PlacementError) as caught:
+        choose_host(hosts, Placement(512, 1, arch="x86_64"), random.Random(1))
+    message = str(caught.value)
+    assert "a: 44 MiB free" in message
+    assert "b: runs aarch64 guests, not x86_64" in message
+
+
+def _simulated(make: Callable[[FleetCoordinator, dict[str, SimFleetHost]], Awaitable[T]],
+               hosts: int = 2) -> T:
+    clock = VirtualClock()
+    rng = SimRng(7)
+    sims = {f"h{i}": SimFleetHost(f"h{i}", rng.fork(f"h{i}")) for i in range(hosts)}
+    for sim in sims.values():
+        sim.peers = sims
+    coordinator = FleetCoordinator(clock=clock.monotonic, rng=rng.fork("placement"),
+                                   lost_after=30.0, call_timeout=5.0, create_timeout=5.0)
+    for sim in sims.values():
+        coordinator.add_host(sim)
+
+    async def main() -> T:
+        await coordinator.refresh()
+        return await make(coordinator, sims)
+
+    return run_simulated(main(), clock=clock)
+
+
+def test_create_records_where_the_sandbox_is_and_labels_its_generation() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        placed = await fleet.create(SandboxCreate(name="box", memory_mib=256))
+        copy = sims[placed.host].copies["box"]
+        assert (placed.status, placed.generation, copy.generation) == (
+            SandboxStatus.RUNNING, 1, 1)
+        assert fleet.get(copy.id).name == "box"
+        with pytest.raises(FleetError, match="already has a sandbox named 'box'"):
+            await fleet.create(SandboxCreate(name="box"))
+
+    _simulated(scenario)
+
+
+def test_a_silent_host_is_declared_dead_and_its_sandboxes_come_back_when_it_does() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        placed = await fleet.create(SandboxCreate(name="box", memory_mib=256))
+        sims[placed.host].mode = "partitioned"
+        await fleet.refresh()
+        assert fleet.get("box").status is SandboxStatus.RUNNING  # silent, not yet too long
+        for _ in range(8):
+            await fleet.refresh()
+        lost = fleet.get("box")
+        assert lost.status is SandboxStatus.LOST
+        assert lost.reason is not None and "no report from host" in lost.reason
+        assert [h.status for h in fleet.hosts() if h.host == placed.host] == [HostStatus.DEAD]
+        sims[placed.host].mode = "up"
+        await fleet.refresh()
+        back = fleet.get("box")
+        assert back.status is SandboxStatus.RUNNING and back.host == placed.host
+        assert "box" in sims[placed.host].copies  # reported back, not destroyed
+        assert [e.kind for e in fleet.events()][-2:] == ["host-up", "returned"]
+
+    _simulated(scenario)
+
+
+def test_ray_declaring_a_node_dead_loses_its_sandboxes_at_once() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        placed = await fleet.create(SandboxCreate(name="box", memory_mib=256))
+        fleet.host_died(placed.host, "Ray declared node n1 dead")
+        assert fleet.get("box").status is SandboxStatus.LOST
+        assert fleet.get("box").reason == "its host died: Ray declared node n1 dead"
+
+    _simulated(scenario)
+
+
+def test_a_create_whose_answer_was_lost_is_removed_once_the_host_reports() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        fleet.host_died("h1", "gone for this test")  # only h0 can take it
+        real_reach = sims["h0"]._reach
+        calls = 0
+
+        async def reply_lost() -> None:
+            nonlocal calls
+            calls += 1
+            await real_reach()
+            if calls == 2:  # the host made the sandbox; its answer never arrives
+                raise ConnectionError("connection reset")
+
+        sims["h0"]._reach = reply_lost  # type: ignore[method-assign]
+        with pytest.raises(FleetError, match="the fleet removes it when the host next "):
+            await fleet.create(SandboxCreate(name="box", memory_mib=256))
+        assert "box" in sims["h0"].copies and fleet.sandboxes() == []
+        await fleet.refresh()
+        await fleet.refresh()
+        assert "box" not in sims["h0"].copies
+        assert [e.kind for e in fleet.events() if e.name == "box"] == ["abandoned", "removed"]
+
+    _simulated(scenario)
+
+
+def test_a_host_refusing_the_request_leaves_nothing_to_clean_up() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        from kelpie.vm import ConfigError
+
+        async def refuse(request: SandboxCreate) -> HostedSandbox:
+            raise ConfigError(["image 'nope' is not stored here"], what="sandbox")
+
+        for sim in sims.values():
+            sim.create = refuse  # type: ignore[method-assign]
+        with pytest.raises(FleetError, match=r"(?s)refused sandbox 'box'.*nope"):
+            await fleet.create(SandboxCreate(name="box", image="nope"))
+        assert fleet.sandboxes() == []
+        assert [e.kind for e in fleet.events()] == []  # nothing abandoned to clean up
+
+    _simulated(scenario)
+
+
+def test_drain_moves_everything_and_places_nothing_more_there() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        for i in range(4):
+            await fleet.create(SandboxCreate(name=f"b{i}", memory_mib=128))
+        sims["h0"].rng = SimRng(3)  # (a drain's teleport in the sim fails 1 in 10)
+        moved = await fleet.drain("h0")
+        stayed = [s.name for s in moved if s.host == "h0"]
+        assert {s.name for s in fleet.sandboxes() if s.host == "h0"} == set(stayed)
+        assert set(sims["h0"].copies) == set(stayed)
+        placed = await fleet.create(SandboxCreate(name="after", memory_mib=128))
+        assert placed.host == "h1"
+        fleet.undrain("h0")
+        assert [h.status for h in fleet.hosts()] == [HostStatus.UP, HostStatus.UP]
+
+    _simulated(scenario)
+
+
+def test_a_restarted_coordinator_adopts_what_the_hosts_report() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        sims["h0"].copies["old"] = HostedSandbox(id="h0-9", name="old", generation=3,
+                                                 state="running", memory_mib=128)
+        await fleet.refresh()
+        adopted = fleet.get("old")
+        assert (adopted.host, adopted.generation, adopted.status) == (
+            "h0", 3, SandboxStatus.RUNNING)
+
+    _simulated(scenario)
+
+
+def test_fleet_simulation_is_reproducible_and_holds_its_invariants() -> None:
+    first = [run_fleet_seed(seed, 120, faults=[object()]) for seed in range(1, 9)]  # type: ignore[list-item]
+    again = run_fleet_seed(3, 120, faults=FAULTS)
+    assert [r.violations for r in first] == [[]] * 8
+    assert again.trace_digest == first[2].trace_digest
+    kinds = {k for r in first for k in r.outcomes if k.startswith("event:")}
+    assert {"event:lost", "event:returned", "event:moved", "event:abandoned"} <= kinds
+
+
+def test_fleet_simulation_catches_a_coordinator_that_leaves_orphans(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def forget(self: FleetCoordinator) -> None:
+        pass
+
+    monkeypatch.setattr(FleetCoordinator, "_clean_doomed", forget)
+    found = {v.invariant for seed in range(1, 21)
+             for v in run_fleet_seed(seed, 100, faults=FAULTS).violations}
+    assert "no-orphan" in found
+
+
+def test_fleet_scenario_runs_from_the_dst_command_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "kelpie.dst", "--scenario", "fleet",
+                           "--seeds", "3", "--faults", "all"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "3 passed, 0 failed" in done.stdout
+
+
+def test_fleet_cli_says_when_no_ray_cluster_answers() -> None:
+    if importlib.util.find_spec("ray") is None:
+        real_part_missing("the fleet needs Ray (pip install -e '.[fleet]')")
+    done = subprocess.run([sys.executable, "-m", "kelpie", "fleet", "ls", "--address",
+                           "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode != 0
+    assert "no Ray cluster answers at 127.0.0.1:1" in done.stderr
