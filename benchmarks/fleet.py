@@ -53,7 +53,8 @@ def clear():
     for s in fleet.list():
         fleet.remove(s.name)
 
-ray.get([through_fleet.remote(f"warm{{i}}") for i in range(len(hosts))])  # workers up
+# as many Ray workers up as tasks run at once (a cold worker costs seconds), for both
+ray.get([through_fleet.remote(f"warm{{i}}") for i in range({count})])
 clear()
 started = time.monotonic()
 ray.get([through_fleet.remote(f"f{{i}}") for i in range({count})])

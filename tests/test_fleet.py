@@ -231,3 +231,47 @@ def test_fleet_cli_says_when_no_ray_cluster_answers() -> None:
                           check=False)
     assert done.returncode != 0
     assert "no Ray cluster answers at 127.0.0.1:1" in done.stderr
+
+
+def test_create_on_a_named_host_and_a_clear_error_for_an_unknown_one() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        for i in range(3):
+            placed = await fleet.create(SandboxCreate(name=f"b{i}", memory_mib=128), host="h1")
+            assert placed.host == "h1"
+        with pytest.raises(FleetError, match="host 'h9' is not up in the fleet"):
+            await fleet.create(SandboxCreate(name="x"), host="h9")
+
+    _simulated(scenario)
+
+
+def test_share_template_pushes_from_a_holder_and_pulls_onto_the_others() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        with pytest.raises(FleetError, match="no host that is up holds template 't'"):
+            await fleet.share_template("t")
+        calls: list[tuple[str, str]] = []
+        for sim in sims.values():
+            async def push(name: str, host: str = sim.name) -> object:
+                calls.append(("push", host))
+                return name
+
+            async def pull(name: str, host: str = sim.name) -> object:
+                calls.append(("pull", host))
+                if host == "h2":
+                    raise ConnectionError("store unreachable")
+                return name
+
+            sim.push_template = push  # type: ignore[method-assign]
+            sim.pull_template = pull  # type: ignore[method-assign]
+        real_report = sims["h0"].report
+
+        async def with_template() -> HostReport:
+            report = await real_report()
+            return HostReport(**{**report.__dict__, "templates": {"t": 128}})
+
+        sims["h0"].report = with_template  # type: ignore[method-assign]
+        await fleet.refresh()
+        shared = await fleet.share_template("t")
+        assert calls == [("push", "h0"), ("pull", "h1"), ("pull", "h2")]
+        assert shared == {"h0": None, "h1": None, "h2": "store unreachable"}
+
+    _simulated(scenario, hosts=3)

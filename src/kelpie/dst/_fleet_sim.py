@@ -122,6 +122,14 @@ class SimFleetHost:
     async def create_template(self, request: TemplateCreate) -> None:
         await self._reach()
 
+    async def push_template(self, name: str) -> object:
+        await self._reach()
+        return name
+
+    async def pull_template(self, name: str) -> object:
+        await self._reach()
+        return name
+
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
         await self._reach()
         copy = self.copies.get(name)

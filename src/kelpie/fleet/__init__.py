@@ -30,6 +30,7 @@ from kelpie.fleet._model import (
     SandboxStatus,
 )
 from kelpie.fleet._placement import RESERVE_MIB, PlacementError, choose_host
+from kelpie.fleet._store import StoreConfig, StoredTemplate, StoreError, TemplateStore
 
 if TYPE_CHECKING:
     from kelpie.fleet._agent import HostAgent
@@ -71,6 +72,10 @@ __all__ = [
     "Placement",
     "PlacementError",
     "SandboxStatus",
+    "StoreConfig",
+    "StoreError",
+    "StoredTemplate",
+    "TemplateStore",
     "UnknownSandbox",
     "choose_host",
 ]

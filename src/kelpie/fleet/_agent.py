@@ -8,6 +8,8 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kelpie._exceptions import TeleportAborted
@@ -16,6 +18,7 @@ from kelpie.api import Sandbox, SandboxCreate, TemplateCreate
 from kelpie.client import DaemonClient, DaemonUnreachable
 from kelpie.fleet._coordinator import FleetError
 from kelpie.fleet._model import FLEET_LABEL, GENERATION_LABEL, HostedSandbox, HostReport
+from kelpie.fleet._store import CHUNK, StoreConfig, StoredTemplate, StoreError, TemplateStore
 from kelpie.runtime import SandboxNotFound
 from kelpie.vm import LiveMigrationFailed
 
@@ -32,13 +35,14 @@ class HostAgent:
     """
 
     def __init__(self, host: str, ip: str, port: int, token: str, *,
-                 memory_mib: int | None = None) -> None:
+                 memory_mib: int | None = None, store: StoreConfig | None = None) -> None:
         self.host = host
         self.address = f"http://{ip}:{port}"
         self._listen = f"{ip}:{port}"
         self._token = token
         self._memory_mib = memory_mib
         self._client = DaemonClient(self.address, token=token)
+        self._store_config = store
 
     async def start(self) -> str:
         """Make sure the daemon answers at :attr:`address` (start it if none runs here);
@@ -100,6 +104,31 @@ class HostAgent:
     async def create_template(self, request: TemplateCreate) -> None:
         await self._client.create_template(request)
 
+    async def push_template(self, name: str) -> StoredTemplate:
+        """Export template ``name`` from this host's daemon into the shared store."""
+        store = self._store()
+        with tempfile.TemporaryDirectory(dir=_scratch(), prefix="push-") as scratch:
+            archive = Path(scratch) / "template.tar"
+            with archive.open("wb") as out:
+                async for chunk in self._client.export_snapshot(name):
+                    out.write(chunk)
+            return await store.put(name, archive)
+
+    async def pull_template(self, name: str) -> StoredTemplate:
+        """Fetch template ``name`` from the shared store (verified) into this host's daemon."""
+        store = self._store()
+        with tempfile.TemporaryDirectory(dir=_scratch(), prefix="pull-") as scratch:
+            archive = Path(scratch) / "template.tar"
+            stored = await store.get(name, archive)
+            await self._client.import_snapshot(_read(archive), name=name)
+            return stored
+
+    def _store(self) -> TemplateStore:
+        if self._store_config is None:
+            raise StoreError("the fleet has no shared store: start it with one "
+                             "(kelpie fleet up --store-endpoint URL --store-bucket NAME)")
+        return TemplateStore(self._store_config)
+
     async def remove(self, name: str) -> None:
         with contextlib.suppress(SandboxNotFound):
             await self._client.remove(name, force=True)
@@ -123,6 +152,20 @@ def _hosted(sandbox: Sandbox) -> HostedSandbox:
                          generation=int(generation) if generation.isdigit() else 1,
                          state=sandbox.state, memory_mib=sandbox.memory_mib,
                          cpus=sandbox.cpus)
+
+
+def _scratch() -> Path:
+    """Where archives to and from the store are kept meanwhile: next to the daemon's state
+    (they are big; /tmp may be a small tmpfs)."""
+    base = state_dir() / "fleet"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return base
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK):
+            yield chunk
 
 
 def _write_token(token: str) -> Path:

@@ -21,6 +21,7 @@ from kelpie.fleet._ray import (
     get,
     start_controller,
 )
+from kelpie.fleet._store import StoreConfig
 from kelpie.sdk import AsyncSandbox, Sandbox
 
 CONTROLLER_NAME = "the fleet's controller"
@@ -46,19 +47,22 @@ class AsyncFleet:
     @classmethod
     async def up(cls, address: str | None = None, *, port: int = DEFAULT_PORT,
                  interval: float = DEFAULT_INTERVAL, lost_after: float = DEFAULT_LOST_AFTER,
-                 memory_mib: int | None = None) -> Self:
+                 memory_mib: int | None = None, store: StoreConfig | None = None) -> Self:
         """Start the fleet (a no-op if it runs): its controller, and a host agent and
-        daemon (TCP ``port``) on every node with the ``kelpie_host`` resource."""
+        daemon (TCP ``port``) on every node with the ``kelpie_host`` resource. ``store``:
+        the S3-compatible store templates are shared through (:meth:`share_template`)."""
         connect_ray(address)
         handle = start_controller(port=port, interval=interval, lost_after=lost_after,
-                                  memory_mib=memory_mib)
+                                  memory_mib=memory_mib, store=store)
         await answer(handle.start.remote(), CONTROLLER_NAME)
         return cls(handle, await answer(handle.token.remote(), CONTROLLER_NAME))
 
-    async def create(self, image: str | None = None, **options: Any) -> AsyncSandbox:
-        """Place a sandbox on a host and create it there; ``options`` are
-        :class:`~kelpie.api.SandboxCreate`'s fields (template, name, memory_mib, cpus...)."""
-        placed: FleetSandbox = await self._ask("create", SandboxCreate(image=image, **options))
+    async def create(self, image: str | None = None, *, host: str | None = None,
+                     **options: Any) -> AsyncSandbox:
+        """Place a sandbox on a host (``host``: that one) and create it there; ``options``
+        are :class:`~kelpie.api.SandboxCreate`'s fields (template, name, memory_mib...)."""
+        placed: FleetSandbox = await self._ask("create", SandboxCreate(image=image, **options),
+                                               host)
         return await self._attach(placed)
 
     async def create_template(self, name: str, image: str | None = None, *,
@@ -69,6 +73,11 @@ class AsyncFleet:
         request = TemplateCreate(name=name, image=image,
                                  memory_mib=optional_mib(memory, "memory"), **options)
         return _made(await self._ask("create_template", request), name)
+
+    async def share_template(self, name: str) -> builtins.list[str]:
+        """Push template ``name`` from a host holding it to the shared store and pull it
+        (sha256-verified) onto every other host; the hosts that have it."""
+        return _made(await self._ask("share_template", name), name)
 
     async def get(self, ref: str) -> AsyncSandbox:
         """A sandbox of the fleet by name or id, on whichever host it is now."""
@@ -129,17 +138,18 @@ class Fleet:
     @classmethod
     def up(cls, address: str | None = None, *, port: int = DEFAULT_PORT,
            interval: float = DEFAULT_INTERVAL, lost_after: float = DEFAULT_LOST_AFTER,
-           memory_mib: int | None = None) -> Fleet:
+           memory_mib: int | None = None, store: StoreConfig | None = None) -> Fleet:
         """Start the fleet (see :meth:`AsyncFleet.up`)."""
         connect_ray(address)
         handle = start_controller(port=port, interval=interval, lost_after=lost_after,
-                                  memory_mib=memory_mib)
+                                  memory_mib=memory_mib, store=store)
         get(handle.start.remote())
         return cls(address)
 
-    def create(self, image: str | None = None, **options: Any) -> Sandbox:
+    def create(self, image: str | None = None, *, host: str | None = None,
+               **options: Any) -> Sandbox:
         """Place and create a sandbox (see :meth:`AsyncFleet.create`)."""
-        placed = self._ask("create", SandboxCreate(image=image, **options))
+        placed = self._ask("create", SandboxCreate(image=image, **options), host)
         return self._attach(placed)
 
     def create_template(self, name: str, image: str | None = None, *,
@@ -148,6 +158,10 @@ class Fleet:
         request = TemplateCreate(name=name, image=image,
                                  memory_mib=optional_mib(memory, "memory"), **options)
         return _made(self._ask("create_template", request), name)
+
+    def share_template(self, name: str) -> builtins.list[str]:
+        """Share template ``name`` with every host (see :meth:`AsyncFleet.share_template`)."""
+        return _made(self._ask("share_template", name), name)
 
     def get(self, ref: str) -> Sandbox:
         """A sandbox of the fleet by name or id, on whichever host it is now."""

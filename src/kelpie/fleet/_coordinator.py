@@ -81,6 +81,14 @@ class HostLink(Protocol):
         """Make the template ``request.name`` on this host."""
         ...
 
+    async def push_template(self, name: str) -> object:
+        """Put this host's template ``name`` into the shared store."""
+        ...
+
+    async def pull_template(self, name: str) -> object:
+        """Take template ``name`` from the shared store (verified) onto this host."""
+        ...
+
 
 @dataclasses.dataclass
 class _Record:
@@ -304,8 +312,10 @@ class FleetCoordinator:
 
     # --- sandboxes -------------------------------------------------------------------------
 
-    async def create(self, request: SandboxCreate) -> FleetSandbox:
-        """Place and create a sandbox (its name given or made here, unique in the fleet).
+    async def create(self, request: SandboxCreate, *, host: str | None = None,
+                     ) -> FleetSandbox:
+        """Place and create a sandbox (its name given or made here, unique in the fleet);
+        ``host``: only there.
 
         If the host fails to answer, the sandbox is not the fleet's: should the host have
         made it after all, the fleet removes it once the host reports it.
@@ -322,8 +332,11 @@ class FleetCoordinator:
                          cpus=request.cpus or DEFAULT_VCPUS, arch=request.arch,
                          backend=request.backend, image=request.image,
                          template=request.template)
-        target = choose_host(self._placeable(), want, self._rng,
-                             pending_mib=self._pending_mib())
+        candidates = [r for r in self._placeable() if host is None or r.host == host]
+        if host is not None and not candidates:
+            raise FleetError(f"host {host!r} is not up in the fleet (or is draining); "
+                             "`kelpie fleet status` lists the hosts")
+        target = choose_host(candidates, want, self._rng, pending_mib=self._pending_mib())
         labels = {**request.labels, FLEET_LABEL: "1", GENERATION_LABEL: "1"}
         record = _Record(name=name, host=target.host, generation=1,
                          status=SandboxStatus.PLACING, memory_mib=want.memory_mib,
@@ -394,6 +407,31 @@ class FleetCoordinator:
 
         outcomes = await asyncio.gather(*(one(host) for _, host in hosts))
         return {name: outcome for (name, _), outcome in zip(hosts, outcomes, strict=True)}
+
+    async def share_template(self, name: str) -> dict[str, str | None]:
+        """Push template ``name`` from a host that holds it to the shared store, then pull
+        it onto every other up host: host -> None (it has it), or why not."""
+        holders = [host for host in self._hosts.values() if host.status is not HostStatus.DEAD
+                   and host.report is not None and name in host.report.templates]
+        if not holders:
+            raise FleetError(f"no host that is up holds template {name!r}; make it on one "
+                             "(or on all: create_template)")
+        source = holders[0]
+        await asyncio.wait_for(source.link.push_template(name), self.move_timeout)
+        others = [(key, host) for key, host in sorted(self._hosts.items())
+                  if host.status is not HostStatus.DEAD and host not in holders]
+
+        async def pull(host: _Host) -> str | None:
+            try:
+                await asyncio.wait_for(host.link.pull_template(name), self.move_timeout)
+            except (Exception, TimeoutError) as exc:
+                return _describe(exc)
+            return None
+
+        outcomes = await asyncio.gather(*(pull(host) for _, host in others))
+        shared: dict[str, str | None] = {host.link.host: None for host in holders}
+        shared.update({key: outcome for (key, _), outcome in zip(others, outcomes, strict=True)})
+        return shared
 
     # --- drain -----------------------------------------------------------------------------
 

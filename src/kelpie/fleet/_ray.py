@@ -33,6 +33,7 @@ from kelpie.fleet._coordinator import (
     HostUnreachable,
 )
 from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox, HostedSandbox, HostReport
+from kelpie.fleet._store import StoreConfig, StoredTemplate
 
 NAMESPACE = "kelpie"
 CONTROLLER = "kelpie-fleet"
@@ -49,8 +50,8 @@ class HostAgentActor:
     """A :class:`HostAgent` as a Ray actor pinned to its node."""
 
     def __init__(self, host: str, ip: str, port: int, token: str,
-                 memory_mib: int | None) -> None:
-        self._agent = HostAgent(host, ip, port, token, memory_mib=memory_mib)
+                 memory_mib: int | None, store: StoreConfig | None) -> None:
+        self._agent = HostAgent(host, ip, port, token, memory_mib=memory_mib, store=store)
 
     async def start(self) -> str:
         return await self._agent.start()
@@ -69,6 +70,12 @@ class HostAgentActor:
 
     async def create_template(self, request: TemplateCreate) -> None:
         await self._agent.create_template(request)
+
+    async def push_template(self, name: str) -> StoredTemplate:
+        return await self._agent.push_template(name)
+
+    async def pull_template(self, name: str) -> StoredTemplate:
+        return await self._agent.pull_template(name)
 
 
 async def answer(ref: Any, what: str) -> Any:
@@ -128,14 +135,21 @@ class RayHostLink:
     async def create_template(self, request: TemplateCreate) -> None:
         await answer(self._actor.create_template.remote(request), self._what)
 
+    async def push_template(self, name: str) -> object:
+        return await answer(self._actor.push_template.remote(name), self._what)
+
+    async def pull_template(self, name: str) -> object:
+        return await answer(self._actor.pull_template.remote(name), self._what)
+
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class FleetController:
     """The coordinator as a detached actor, with the loop that finds hosts and refreshes."""
 
     def __init__(self, token: str, port: int, interval: float, lost_after: float,
-                 memory_mib: int | None) -> None:
+                 memory_mib: int | None, store: StoreConfig | None) -> None:
         self._token = token
+        self._store = store
         self._port = port
         self._interval = interval
         self._memory_mib = memory_mib
@@ -189,7 +203,7 @@ class FleetController:
             name=f"kelpie-host-{node_id[:16]}", namespace=NAMESPACE, lifetime="detached",
             get_if_exists=True, resources={HOST_RESOURCE: 1},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(ip, ip, self._port, self._token, self._memory_mib)
+        ).remote(ip, ip, self._port, self._token, self._memory_mib, self._store)
         try:
             await asyncio.wait_for(answer(actor.start.remote(), f"the host agent of {ip}"),
                                    AGENT_START_TIMEOUT)
@@ -221,8 +235,8 @@ class FleetController:
     def events(self) -> list[FleetEvent]:
         return self._coordinator.events()
 
-    async def create(self, request: SandboxCreate) -> FleetSandbox:
-        return await self._coordinator.create(request)
+    async def create(self, request: SandboxCreate, host: str | None = None) -> FleetSandbox:
+        return await self._coordinator.create(request, host=host)
 
     async def remove(self, ref: str) -> None:
         await self._coordinator.remove(ref)
@@ -230,6 +244,11 @@ class FleetController:
     async def create_template(self, request: TemplateCreate) -> dict[str, str | None]:
         outcomes = await self._coordinator.create_template(request)
         await self._coordinator.refresh()  # so placement sees the template at once
+        return outcomes
+
+    async def share_template(self, name: str) -> dict[str, str | None]:
+        outcomes = await self._coordinator.share_template(name)
+        await self._coordinator.refresh()
         return outcomes
 
     async def drain(self, host: str) -> list[FleetSandbox]:
@@ -283,9 +302,9 @@ def controller() -> Any:
 
 def start_controller(*, port: int = DEFAULT_PORT, interval: float = DEFAULT_INTERVAL,
                      lost_after: float = DEFAULT_LOST_AFTER,
-                     memory_mib: int | None = None) -> Any:
+                     memory_mib: int | None = None, store: StoreConfig | None = None) -> Any:
     """The fleet's controller, started (detached, on the head node) if it is not running."""
     return FleetController.options(  # type: ignore[attr-defined]
         name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         resources={"node:__internal_head__": 0.001},
-    ).remote(secrets.token_urlsafe(32), port, interval, lost_after, memory_mib)
+    ).remote(secrets.token_urlsafe(32), port, interval, lost_after, memory_mib, store)

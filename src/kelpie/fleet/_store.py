@@ -1,0 +1,120 @@
+"""The fleet's shared store: templates pushed once to an S3-compatible object store and
+pulled by every host, each verified by its sha256 before the host imports it.
+
+Layout in the bucket: ``templates/NAME.json`` (the manifest: name, sha256 digest, size)
+and ``templates/NAME/sha256-HEX.tar`` (the snapshot archive a daemon exports). A manifest is
+written only after its archive is complete, so a reader never sees a manifest whose archive
+is missing or partial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from kelpie.fleet._coordinator import FleetError
+
+CHUNK = 1 << 20
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class StoreError(FleetError):
+    """The shared store failed or held something that does not verify."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Where the shared store is: an S3 endpoint, a bucket and its credentials."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"StoreConfig(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTemplate:
+    """A template in the shared store."""
+
+    name: str
+    digest: str
+    size: int
+
+
+class TemplateStore:
+    """Templates in the shared store (boto3's S3 client, called in a worker thread)."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        import boto3
+
+        self._config = config
+        self._s3: Any = boto3.client(
+            "s3", endpoint_url=config.endpoint, aws_access_key_id=config.access_key,
+            aws_secret_access_key=config.secret_key, region_name=config.region)
+
+    async def put(self, name: str, archive: Path) -> StoredTemplate:
+        """Upload ``archive`` as template ``name``; its manifest last."""
+        _check_name(name)
+        digest, size = await asyncio.to_thread(_sha256, archive)
+        key = f"templates/{name}/{digest.replace(':', '-')}.tar"
+        try:
+            await asyncio.to_thread(self._s3.upload_file, str(archive), self._config.bucket, key)
+            manifest = json.dumps({"name": name, "digest": digest, "size": size}).encode()
+            await asyncio.to_thread(self._s3.put_object, Bucket=self._config.bucket,
+                                    Key=f"templates/{name}.json", Body=manifest)
+        except Exception as exc:  # botocore's errors: one clear error with the cause
+            raise StoreError(f"uploading template {name!r} to {self._where()} failed: "
+                             f"{exc}") from exc
+        return StoredTemplate(name, digest, size)
+
+    async def get(self, name: str, into: Path) -> StoredTemplate:
+        """Download template ``name`` to ``into``, checked against its manifest's size and
+        sha256 (a mismatch deletes the download and raises)."""
+        _check_name(name)
+        try:
+            body = await asyncio.to_thread(self._s3.get_object, Bucket=self._config.bucket,
+                                           Key=f"templates/{name}.json")
+            manifest = json.loads(await asyncio.to_thread(body["Body"].read))
+            stored = StoredTemplate(str(manifest["name"]), str(manifest["digest"]),
+                                    int(manifest["size"]))
+            key = f"templates/{name}/{stored.digest.replace(':', '-')}.tar"
+            await asyncio.to_thread(self._s3.download_file, self._config.bucket, key,
+                                    str(into))
+        except Exception as exc:
+            raise StoreError(f"fetching template {name!r} from {self._where()} failed: "
+                             f"{exc}") from exc
+        digest, size = await asyncio.to_thread(_sha256, into)
+        if (digest, size) != (stored.digest, stored.size):
+            await asyncio.to_thread(into.unlink, missing_ok=True)
+            raise StoreError(f"template {name!r} from {self._where()} does not verify: its "
+                             f"manifest says {stored.digest} ({stored.size} bytes), the "
+                             f"archive is {digest} ({size} bytes); push it again")
+        return stored
+
+    def _where(self) -> str:
+        return f"s3 bucket {self._config.bucket!r} at {self._config.endpoint}"
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise StoreError(f"template name {name!r}: expected letters, digits, '_', '.', '-' "
+                         "(at most 128, starting with a letter or digit)")
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return f"sha256:{digest.hexdigest()}", size
