@@ -71,7 +71,7 @@ def _start_store(cluster: RayCluster) -> subprocess.Popen[bytes]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        print(json.dumps("ready"))
+        print(json.dumps({{"ready": True}}))
     """)
     return server
 
@@ -153,7 +153,7 @@ def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(
         archive[len(archive) // 2] ^= 0xFF
         s3.put_object(Bucket="kelpie", Key=key, Body=bytes(archive))
         last = fleet.hosts()[-1]
-        # the last host loses its copy; sharing again pulls the damaged one there
+        # the last host loses its copy; pulling again brings the damaged one there
         import asyncio
         from kelpie.client import DaemonClient
         async def drop():
@@ -162,7 +162,7 @@ def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(
         asyncio.run(drop())
         fleet.refresh()
         try:
-            fleet.share_template("solo")
+            fleet.pull_template("solo")
             refused = None
         except FleetError as exc:
             refused = str(exc)

@@ -103,11 +103,14 @@ def ls(address: str | None, as_json: bool) -> int:
 
 @fleet.command("share")
 @_ADDRESS
+@click.option("--no-push", is_flag=True,
+              help="Only pull what the store holds onto the hosts lacking it.")
 @click.argument("template")
-def share(address: str | None, template: str) -> int:
+def share(address: str | None, no_push: bool, template: str) -> int:
     """Push TEMPLATE from a host that holds it to the shared store and pull it (sha256
     verified) onto every other host."""
-    hosts = _fleet(address).share_template(template)
+    current = _fleet(address)
+    hosts = current.pull_template(template) if no_push else current.share_template(template)
     click.echo(f"template {template} is on {len(hosts)} hosts: {', '.join(hosts)}")
     return 0
 

@@ -79,6 +79,10 @@ class AsyncFleet:
         (sha256-verified) onto every other host; the hosts that have it."""
         return _made(await self._ask("share_template", name), name)
 
+    async def pull_template(self, name: str) -> builtins.list[str]:
+        """Pull template ``name`` as the shared store has it onto every host lacking it."""
+        return _made(await self._ask("pull_template", name), name)
+
     async def get(self, ref: str) -> AsyncSandbox:
         """A sandbox of the fleet by name or id, on whichever host it is now."""
         return await self._attach(await self.info(ref))
@@ -162,6 +166,10 @@ class Fleet:
     def share_template(self, name: str) -> builtins.list[str]:
         """Share template ``name`` with every host (see :meth:`AsyncFleet.share_template`)."""
         return _made(self._ask("share_template", name), name)
+
+    def pull_template(self, name: str) -> builtins.list[str]:
+        """Pull template ``name`` as the store has it (see :meth:`AsyncFleet.pull_template`)."""
+        return _made(self._ask("pull_template", name), name)
 
     def get(self, ref: str) -> Sandbox:
         """A sandbox of the fleet by name or id, on whichever host it is now."""

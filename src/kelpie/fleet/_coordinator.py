@@ -411,13 +411,17 @@ class FleetCoordinator:
     async def share_template(self, name: str) -> dict[str, str | None]:
         """Push template ``name`` from a host that holds it to the shared store, then pull
         it onto every other up host: host -> None (it has it), or why not."""
-        holders = [host for host in self._hosts.values() if host.status is not HostStatus.DEAD
-                   and host.report is not None and name in host.report.templates]
+        holders = self._holders(name)
         if not holders:
             raise FleetError(f"no host that is up holds template {name!r}; make it on one "
                              "(or on all: create_template)")
-        source = holders[0]
-        await asyncio.wait_for(source.link.push_template(name), self.move_timeout)
+        await asyncio.wait_for(holders[0].link.push_template(name), self.move_timeout)
+        return await self.pull_template(name)
+
+    async def pull_template(self, name: str) -> dict[str, str | None]:
+        """Pull template ``name`` as the shared store has it onto every up host that lacks
+        it: host -> None (it has it), or why not."""
+        holders = self._holders(name)
         others = [(key, host) for key, host in sorted(self._hosts.items())
                   if host.status is not HostStatus.DEAD and host not in holders]
 
@@ -432,6 +436,10 @@ class FleetCoordinator:
         shared: dict[str, str | None] = {host.link.host: None for host in holders}
         shared.update({key: outcome for (key, _), outcome in zip(others, outcomes, strict=True)})
         return shared
+
+    def _holders(self, template: str) -> list[_Host]:
+        return [host for host in self._hosts.values() if host.status is not HostStatus.DEAD
+                and host.report is not None and template in host.report.templates]
 
     # --- drain -----------------------------------------------------------------------------
 

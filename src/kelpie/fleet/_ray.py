@@ -251,6 +251,11 @@ class FleetController:
         await self._coordinator.refresh()
         return outcomes
 
+    async def pull_template(self, name: str) -> dict[str, str | None]:
+        outcomes = await self._coordinator.pull_template(name)
+        await self._coordinator.refresh()
+        return outcomes
+
     async def drain(self, host: str) -> list[FleetSandbox]:
         return await self._coordinator.drain(host)
 
