@@ -179,6 +179,10 @@ def test_drain_moves_everything_and_places_nothing_more_there() -> None:
         assert placed.host == "h1"
         fleet.undrain("h0")
         assert [h.status for h in fleet.hosts()] == [HostStatus.UP, HostStatus.UP]
+        with pytest.raises(FleetError, match="no host 'h9' in the fleet; known: h0, h1"):
+            await fleet.drain("h9")
+        with pytest.raises(FleetError, match="no host 'h9' in the fleet; known: h0, h1"):
+            fleet.undrain("h9")
 
     _simulated(scenario)
 

@@ -449,10 +449,7 @@ class FleetCoordinator:
         Returns the sandboxes as they stand after; one that could not move stays where it
         is with the reason in ``reason`` (drain again to retry).
         """
-        state = self._hosts.get(host)
-        if state is None:
-            raise FleetError(f"no host {host!r} in the fleet; known: "
-                             f"{', '.join(sorted(self._hosts)) or 'none'}")
+        state = self._host(host)
         state.draining = True
         if state.status is HostStatus.UP:
             state.status = HostStatus.DRAINING
@@ -467,7 +464,7 @@ class FleetCoordinator:
 
     def undrain(self, host: str) -> None:
         """Place on ``host`` again."""
-        state = self._hosts[host]
+        state = self._host(host)
         state.draining = False
         if state.status is HostStatus.DRAINING:
             state.status = HostStatus.UP
@@ -500,6 +497,13 @@ class FleetCoordinator:
         record.changed = self._clock()
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _host(self, host: str) -> _Host:
+        state = self._hosts.get(host)
+        if state is None:
+            raise FleetError(f"no host {host!r} in the fleet; known: "
+                             f"{', '.join(sorted(self._hosts)) or 'none'}")
+        return state
 
     def _placeable(self) -> list[HostReport]:
         return [host.report for host in self._hosts.values()
