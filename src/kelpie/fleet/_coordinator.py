@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from kelpie._exceptions import ConfigError, KelpieError
@@ -398,14 +398,9 @@ class FleetCoordinator:
         hosts = [(name, host) for name, host in sorted(self._hosts.items())
                  if host.status is not HostStatus.DEAD]
 
-        async def one(host: _Host) -> str | None:
-            try:
-                await asyncio.wait_for(host.link.create_template(request), self.create_timeout)
-            except (Exception, TimeoutError) as exc:
-                return _describe(exc)
-            return None
-
-        outcomes = await asyncio.gather(*(one(host) for _, host in hosts))
+        outcomes = await asyncio.gather(*(
+            _outcome(host.link.create_template(request), self.create_timeout)
+            for _, host in hosts))
         return {name: outcome for (name, _), outcome in zip(hosts, outcomes, strict=True)}
 
     async def share_template(self, name: str) -> dict[str, str | None]:
@@ -425,14 +420,8 @@ class FleetCoordinator:
         others = [(key, host) for key, host in sorted(self._hosts.items())
                   if host.status is not HostStatus.DEAD and host not in holders]
 
-        async def pull(host: _Host) -> str | None:
-            try:
-                await asyncio.wait_for(host.link.pull_template(name), self.move_timeout)
-            except (Exception, TimeoutError) as exc:
-                return _describe(exc)
-            return None
-
-        outcomes = await asyncio.gather(*(pull(host) for _, host in others))
+        outcomes = await asyncio.gather(*(
+            _outcome(host.link.pull_template(name), self.move_timeout) for _, host in others))
         shared: dict[str, str | None] = {host.link.host: None for host in holders}
         shared.update({key: outcome for (key, _), outcome in zip(others, outcomes, strict=True)})
         return shared
@@ -563,6 +552,15 @@ class FleetCoordinator:
                                        detail=detail))
         if len(self._events) > MAX_EVENTS:
             del self._events[: len(self._events) - MAX_EVENTS]
+
+
+async def _outcome(call: Awaitable[object], timeout: float) -> str | None:
+    """None when ``call`` succeeds within ``timeout``, else why it did not."""
+    try:
+        await asyncio.wait_for(call, timeout)
+    except (Exception, TimeoutError) as exc:
+        return _describe(exc)
+    return None
 
 
 def _describe(exc: BaseException) -> str:
