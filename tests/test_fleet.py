@@ -3,6 +3,7 @@ cluster is in test_fleet_ray.py), and the fleet DST scenario."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import random
 import subprocess
@@ -24,10 +25,12 @@ from kelpie.fleet import (
     HostStatus,
     Placement,
     PlacementError,
+    Recovery,
     SandboxStatus,
     choose_host,
 )
 from kelpie.sim import SimRng, VirtualClock, run_simulated
+from kelpie.vm import ConfigError
 
 T = TypeVar("T")
 FAULTS = parse_faults("all")
@@ -64,7 +67,9 @@ def _simulated(make: Callable[[FleetCoordinator, dict[str, SimFleetHost]], Await
                hosts: int = 2) -> T:
     clock = VirtualClock()
     rng = SimRng(7)
-    sims = {f"h{i}": SimFleetHost(f"h{i}", rng.fork(f"h{i}")) for i in range(hosts)}
+    store: dict[str, HostedSandbox] = {}
+    sims = {f"h{i}": SimFleetHost(f"h{i}", rng.fork(f"h{i}"), store, lambda *_: None)
+            for i in range(hosts)}
     for sim in sims.values():
         sim.peers = sims
     coordinator = FleetCoordinator(clock=clock.monotonic, rng=rng.fork("placement"),
@@ -151,8 +156,6 @@ def test_a_create_whose_answer_was_lost_is_removed_once_the_host_reports() -> No
 
 def test_a_host_refusing_the_request_leaves_nothing_to_clean_up() -> None:
     async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
-        from kelpie.vm import ConfigError
-
         async def refuse(request: SandboxCreate) -> HostedSandbox:
             raise ConfigError(["image 'nope' is not stored here"], what="sandbox")
 
@@ -205,7 +208,8 @@ def test_fleet_simulation_is_reproducible_and_holds_its_invariants() -> None:
     assert [r.violations for r in first] == [[]] * 8
     assert again.trace_digest == first[2].trace_digest
     kinds = {k for r in first for k in r.outcomes if k.startswith("event:")}
-    assert {"event:lost", "event:returned", "event:moved", "event:abandoned"} <= kinds
+    assert {"event:lost", "event:returned", "event:moved", "event:abandoned", "event:saved",
+            "event:recovered", "event:fenced"} <= kinds
 
 
 def test_fleet_simulation_catches_a_coordinator_that_leaves_orphans(
@@ -217,6 +221,17 @@ def test_fleet_simulation_catches_a_coordinator_that_leaves_orphans(
     found = {v.invariant for seed in range(1, 21)
              for v in run_fleet_seed(seed, 100, faults=FAULTS).violations}
     assert "no-orphan" in found
+
+
+def test_fleet_simulation_catches_a_coordinator_that_never_recovers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never(self: FleetCoordinator, record: object, saved: object) -> None:
+        pass
+
+    monkeypatch.setattr(FleetCoordinator, "_recover", never)
+    found = {v.invariant for seed in range(1, 21)
+             for v in run_fleet_seed(seed, 100, faults=FAULTS).violations}
+    assert "recoverable-is-recovered" in found
 
 
 def test_fleet_scenario_runs_from_the_dst_command_line() -> None:
@@ -279,3 +294,59 @@ def test_share_template_pushes_from_a_holder_and_pulls_onto_the_others() -> None
         assert shared == {"h0": None, "h1": None, "h2": "store unreachable"}
 
     _simulated(scenario, hosts=3)
+
+
+def test_a_lost_sandbox_comes_back_elsewhere_from_its_latest_save_and_the_old_copy_is_fenced(
+        ) -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        placed = await fleet.create(SandboxCreate(name="box", memory_mib=256), host="h0",
+                                    recover=Recovery("checkpoint", 10.0))
+        assert sims["h0"].copies["box"].recover == Recovery("checkpoint", 10.0)  # label
+        for _ in range(3):  # two saves, 10 s apart: the store keeps only the latest
+            await asyncio.sleep(6.0)
+            await fleet.refresh()
+        saved = fleet.get("box").saved
+        assert saved is not None and saved.generation == 1
+        assert sorted(sims["h0"].store) == [saved.key]
+        sims["h0"].mode = "dead"
+        fleet.host_died(placed.host, "Ray declared node n0 dead")
+        await fleet.refresh()  # starts the recovery in the background
+        await asyncio.sleep(1.0)
+        back = fleet.get("box")
+        assert (back.host, back.generation, back.status) == ("h1", 2, SandboxStatus.RUNNING)
+        assert back.reason is not None and "lost on h0: its host died" in back.reason
+        assert sims["h1"].copies["box"].generation == 2
+        sims["h0"].mode = "up"  # the old host returns with generation 1: fenced, not kept
+        await fleet.refresh()
+        await fleet.refresh()
+        assert "box" not in sims["h0"].copies and "box" in sims["h1"].copies
+        kinds = [e.kind for e in fleet.events() if e.name == "box"]
+        assert kinds[-3:] == ["lost", "recovered", "fenced"]
+        await fleet.remove("box")  # its saved states go with it
+        assert sims["h1"].store == {}
+
+    _simulated(scenario)
+
+
+def test_a_lost_sandbox_without_a_saved_state_stays_lost_with_its_reason() -> None:
+    async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
+        await fleet.create(SandboxCreate(name="box", memory_mib=256), host="h0",
+                           recover=Recovery("snapshot", 60.0))
+        fleet.host_died("h0", "Ray declared node n0 dead")
+        await fleet.refresh()
+        await asyncio.sleep(1.0)
+        lost = fleet.get("box")
+        assert (lost.status, lost.saved) == (SandboxStatus.LOST, None)
+        assert "box" not in sims["h1"].copies
+
+    _simulated(scenario)
+
+
+def test_a_recovery_policy_names_what_is_wrong_with_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Recovery("zip", 0.5)  # type: ignore[arg-type]
+    assert caught.value.problems == (
+        "recover='zip': expected 'checkpoint' or 'snapshot'",
+        "recover_interval=0.5: expected seconds, at least 5")
+    assert Recovery.from_label("snapshot/30") == Recovery("snapshot", 30.0)
+    assert Recovery.from_label("nonsense") is None

@@ -93,11 +93,13 @@ def ls(address: str | None, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps([_plain(s) for s in sandboxes], indent=2))
         return 0
-    click.echo(f"{'NAME':<24} {'ID':<12} {'HOST':<16} {'STATUS':<8} {'STATE':<9} "
-               f"{'MEMORY':>7}  REASON")
+    click.echo(f"{'NAME':<24} {'ID':<12} {'HOST':<16} {'STATUS':<10} {'STATE':<9} "
+               f"{'MEMORY':>7}  {'RECOVER':<16} REASON")
     for s in sandboxes:
-        click.echo(f"{s.name:<24} {(s.id or '-')[:12]:<12} {s.host:<16} {s.status.value:<8} "
-                   f"{s.state or '-':<9} {s.memory_mib:>4} MiB  {s.reason or ''}")
+        recover = "-" if s.recover is None else s.recover.label() + (
+            f" (saved g{s.saved.generation})" if s.saved else " (none saved)")
+        click.echo(f"{s.name:<24} {(s.id or '-')[:12]:<12} {s.host:<16} {s.status.value:<10} "
+                   f"{s.state or '-':<9} {s.memory_mib:>4} MiB  {recover:<16} {s.reason or ''}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """A fleet: many hosts as one pool of sandboxes, on Ray.
 
 :class:`FleetCoordinator` places sandboxes, keeps the directory of where each one is,
-declares silent hosts dead and reports what they lost, and drains hosts by teleport. It
+declares silent hosts dead and reports what they lost, recovers lost sandboxes from their
+states saved in the shared store, and drains hosts by teleport. It
 takes its clock, randomness and host links as parameters, so the DST drives the same code
 over simulated hosts (:mod:`kelpie.dst`). Under Ray, each VM host runs a host agent actor
 and one controller actor runs the coordinator; :class:`Fleet` is the client.
@@ -20,6 +21,7 @@ from kelpie.fleet._coordinator import (
 from kelpie.fleet._model import (
     FLEET_LABEL,
     GENERATION_LABEL,
+    RECOVER_LABEL,
     FleetEvent,
     FleetHost,
     FleetSandbox,
@@ -27,10 +29,12 @@ from kelpie.fleet._model import (
     HostReport,
     HostStatus,
     Placement,
+    Recovery,
     SandboxStatus,
+    SavedState,
 )
 from kelpie.fleet._placement import RESERVE_MIB, PlacementError, choose_host
-from kelpie.fleet._store import StoreConfig, StoredTemplate, StoreError, TemplateStore
+from kelpie.fleet._store import SharedStore, StoreConfig, StoredTemplate, StoreError
 
 if TYPE_CHECKING:
     from kelpie.fleet._agent import HostAgent
@@ -56,6 +60,7 @@ __all__ = [
     "DEFAULT_LOST_AFTER",
     "FLEET_LABEL",
     "GENERATION_LABEL",
+    "RECOVER_LABEL",
     "RESERVE_MIB",
     "AsyncFleet",
     "Fleet",
@@ -71,11 +76,13 @@ __all__ = [
     "HostedSandbox",
     "Placement",
     "PlacementError",
+    "Recovery",
     "SandboxStatus",
+    "SavedState",
+    "SharedStore",
     "StoreConfig",
     "StoreError",
     "StoredTemplate",
-    "TemplateStore",
     "UnknownSandbox",
     "choose_host",
 ]

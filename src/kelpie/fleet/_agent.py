@@ -17,8 +17,16 @@ from kelpie._paths import state_dir
 from kelpie.api import Sandbox, SandboxCreate, TemplateCreate
 from kelpie.client import DaemonClient, DaemonUnreachable
 from kelpie.fleet._coordinator import FleetError
-from kelpie.fleet._model import FLEET_LABEL, GENERATION_LABEL, HostedSandbox, HostReport
-from kelpie.fleet._store import CHUNK, StoreConfig, StoredTemplate, StoreError, TemplateStore
+from kelpie.fleet._model import (
+    FLEET_LABEL,
+    GENERATION_LABEL,
+    RECOVER_LABEL,
+    HostedSandbox,
+    HostReport,
+    Recovery,
+    SavedState,
+)
+from kelpie.fleet._store import CHUNK, SharedStore, StoreConfig, StoredTemplate, StoreError
 from kelpie.runtime import SandboxNotFound
 from kelpie.vm import LiveMigrationFailed
 
@@ -123,15 +131,66 @@ class HostAgent:
             await self._client.import_snapshot(_read(archive), name=name)
             return stored
 
-    def _store(self) -> TemplateStore:
+    async def save(self, name: str, kind: str, generation: int, keep: SavedState | None,
+                   ) -> SavedState:
+        """Snapshot sandbox ``name`` (checkpoint or full) into the shared store; delete its
+        other saved states there but ``keep`` (the one the coordinator would recover from
+        until it takes this one in)."""
+        store = self._store()
+        snapshot = await self._client.snapshot(name, name=_scratch_name("save"),
+                                               kind=kind)
+        try:
+            with tempfile.TemporaryDirectory(dir=_scratch(), prefix="save-") as scratch:
+                archive = Path(scratch) / "state.tar"
+                with archive.open("wb") as out:
+                    async for chunk in self._client.export_snapshot(snapshot.id):
+                        out.write(chunk)
+                key, digest, size = await store.put_saved(name, generation, archive)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._client.delete_snapshot(snapshot.id)
+        kept = frozenset({key} | ({keep.key} if keep is not None else set()))
+        try:
+            await store.forget_saved(name, keep=kept)
+        except StoreError as exc:  # old states left behind; the new one is good
+            log.warning("%s", exc)
+        arch = None
+        if kind == "full":  # a memory state restores only on the arch it ran on
+            arch = (await self._client.host_facts()).arch
+        return SavedState(name=name, generation=generation, kind=kind, key=key,
+                          digest=digest, size=size, image_digest=snapshot.image_digest,
+                          backend=snapshot.backend, arch=arch)
+
+    async def recover(self, saved: SavedState, labels: dict[str, str]) -> HostedSandbox:
+        """Restore sandbox ``saved.name`` here from ``saved`` (its archive verified first),
+        labelled ``labels``."""
+        store = self._store()
+        with tempfile.TemporaryDirectory(dir=_scratch(), prefix="recover-") as scratch:
+            archive = Path(scratch) / "state.tar"
+            await store.get_saved(saved.key, saved.digest, saved.size, archive)
+            snapshot = await self._client.import_snapshot(
+                _read(archive), name=_scratch_name("recover"))
+        try:
+            sandbox = await self._client.restore(snapshot.id, name=saved.name, labels=labels)
+        finally:
+            # the restored VM no longer needs it (a full restore's RAM mapping outlives it)
+            with contextlib.suppress(Exception):
+                await self._client.delete_snapshot(snapshot.id)
+        return _hosted(sandbox)
+
+    def _store(self) -> SharedStore:
         if self._store_config is None:
             raise StoreError("the fleet has no shared store: start it with one "
                              "(kelpie fleet up --store-endpoint URL --store-bucket NAME)")
-        return TemplateStore(self._store_config)
+        return SharedStore(self._store_config)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, *, forget_saved: bool = False,
+                     upto: int | None = None) -> None:
         with contextlib.suppress(SandboxNotFound):
-            await self._client.remove(name, force=True)
+            if upto is None or _hosted(await self._client.inspect(name)).generation <= upto:
+                await self._client.remove(name, force=True)
+        if forget_saved:
+            await self._store().forget_saved(name)
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
         """Move ``name`` to ``to``: live where the pair can, else (or when a live migration
@@ -151,7 +210,14 @@ def _hosted(sandbox: Sandbox) -> HostedSandbox:
     return HostedSandbox(id=sandbox.id, name=sandbox.name,
                          generation=int(generation) if generation.isdigit() else 1,
                          state=sandbox.state, memory_mib=sandbox.memory_mib,
-                         cpus=sandbox.cpus)
+                         cpus=sandbox.cpus,
+                         recover=Recovery.from_label(sandbox.labels.get(RECOVER_LABEL)))
+
+
+def _scratch_name(what: str) -> str:
+    """A name for the snapshot a save or recovery makes on the way (unique on a daemon;
+    the sandbox's own name may be too long to go in it)."""
+    return f"fleet-{what}-{os.urandom(6).hex()}"
 
 
 def _scratch() -> Path:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, Self
 from kelpie._units import optional_mib
 from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.fleet._coordinator import DEFAULT_LOST_AFTER, FleetError
-from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox
+from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox, Recovery
 from kelpie.fleet._ray import (
     DEFAULT_INTERVAL,
     DEFAULT_PORT,
@@ -58,11 +58,17 @@ class AsyncFleet:
         return cls(handle, await answer(handle.token.remote(), CONTROLLER_NAME))
 
     async def create(self, image: str | None = None, *, host: str | None = None,
+                     recover: str | None = None, recover_interval: float = 60.0,
                      **options: Any) -> AsyncSandbox:
         """Place a sandbox on a host (``host``: that one) and create it there; ``options``
-        are :class:`~kelpie.api.SandboxCreate`'s fields (template, name, memory_mib...)."""
-        placed: FleetSandbox = await self._ask("create", SandboxCreate(image=image, **options),
-                                               host)
+        are :class:`~kelpie.api.SandboxCreate`'s fields (template, name, memory_mib...).
+
+        ``recover``: ``"checkpoint"`` (its workspace and env) or ``"snapshot"`` (its whole
+        running state) saved to the shared store every ``recover_interval`` seconds; when
+        its host is lost, it comes back on another host from the latest one."""
+        placed: FleetSandbox = await self._ask(
+            "create", SandboxCreate(image=image, **options), host,
+            _recovery(recover, recover_interval))
         return await self._attach(placed)
 
     async def create_template(self, name: str, image: str | None = None, *,
@@ -151,9 +157,11 @@ class Fleet:
         return cls(address)
 
     def create(self, image: str | None = None, *, host: str | None = None,
+               recover: str | None = None, recover_interval: float = 60.0,
                **options: Any) -> Sandbox:
         """Place and create a sandbox (see :meth:`AsyncFleet.create`)."""
-        placed = self._ask("create", SandboxCreate(image=image, **options), host)
+        placed = self._ask("create", SandboxCreate(image=image, **options), host,
+                           _recovery(recover, recover_interval))
         return self._attach(placed)
 
     def create_template(self, name: str, image: str | None = None, *,
@@ -222,6 +230,10 @@ class Fleet:
         if placed.id is None or placed.address is None:
             raise_not_ready(placed)
         return Sandbox.attach(placed.id, daemon=placed.address, token=self._token)
+
+
+def _recovery(kind: str | None, interval: float) -> Recovery | None:
+    return None if kind is None else Recovery(kind, interval)  # type: ignore[arg-type]
 
 
 def _made(outcomes: dict[str, str | None], name: str) -> list[str]:

@@ -20,6 +20,7 @@ from kelpie.api import SandboxCreate, TemplateCreate
 from kelpie.fleet._model import (
     FLEET_LABEL,
     GENERATION_LABEL,
+    RECOVER_LABEL,
     FleetEvent,
     FleetHost,
     FleetSandbox,
@@ -27,7 +28,9 @@ from kelpie.fleet._model import (
     HostReport,
     HostStatus,
     Placement,
+    Recovery,
     SandboxStatus,
+    SavedState,
 )
 from kelpie.fleet._placement import Random, choose_host
 from kelpie.vm import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
@@ -69,8 +72,11 @@ class HostLink(Protocol):
         """Create (and start) the sandbox named ``request.name``, labels included."""
         ...
 
-    async def remove(self, name: str) -> None:
-        """Remove the sandbox ``name`` (stopping it first); nothing to do if it is gone."""
+    async def remove(self, name: str, *, forget_saved: bool = False,
+                     upto: int | None = None) -> None:
+        """Remove the sandbox ``name`` (stopping it first); nothing to do if it is gone.
+        ``forget_saved``: also delete its saved states from the shared store; ``upto``:
+        only if its copy here is of that generation or older."""
         ...
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
@@ -89,6 +95,17 @@ class HostLink(Protocol):
         """Take template ``name`` from the shared store (verified) onto this host."""
         ...
 
+    async def save(self, name: str, kind: str, generation: int, keep: SavedState | None,
+                   ) -> SavedState:
+        """Snapshot sandbox ``name`` (``kind``: checkpoint or full) into the shared store
+        as generation ``generation``'s; its other saved states there, but ``keep``, are
+        deleted."""
+        ...
+
+    async def recover(self, saved: SavedState, labels: dict[str, str]) -> HostedSandbox:
+        """Restore sandbox ``saved.name`` here from ``saved`` (verified), with ``labels``."""
+        ...
+
 
 @dataclasses.dataclass
 class _Record:
@@ -102,6 +119,18 @@ class _Record:
     id: str | None = None
     state: str | None = None
     reason: str | None = None
+    recover: Recovery | None = None
+    saved: SavedState | None = None
+    next_save: float = 0.0
+    """When to save it next (with ``recover``)."""
+    saving: bool = False
+    retry_at: float = 0.0
+    """When to try recovering it again after a failed attempt."""
+    target: str | None = None
+    """The host it is being moved to or recovered on."""
+    issued: int = 1
+    """The highest generation given to a copy of it: each recovery attempt takes the next,
+    so a copy made by an attempt that seemed to fail is never taken for another."""
 
 
 @dataclasses.dataclass
@@ -123,6 +152,10 @@ class _Doomed:
     host: str
     since: float
     memory_mib: int = 0
+    forget_saved: bool = False
+    """Removed by request: its saved states go too."""
+    upto: int | None = None
+    """Only a copy of this generation or older (a fenced one: a newer copy may arrive)."""
 
 
 class FleetCoordinator:
@@ -141,8 +174,10 @@ class FleetCoordinator:
         self.move_timeout = move_timeout
         self._hosts: dict[str, _Host] = {}
         self._records: dict[str, _Record] = {}
-        self._doomed: dict[str, _Doomed] = {}
+        self._doomed: dict[tuple[str, str], _Doomed] = {}
+        """(name, host) -> a copy to remove there."""
         self._events: list[FleetEvent] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- hosts ---------------------------------------------------------------------------
 
@@ -193,12 +228,19 @@ class FleetCoordinator:
                 self._declare_dead(name, f"no report from host {name} for {now - seen:.0f} s "
                                          f"(the bound is {self.lost_after:.0f} s)")
         await self._clean_doomed()
+        self._start_saves_and_recoveries()
 
     async def watch(self, interval: float) -> None:
         """Refresh every ``interval`` seconds, forever (run it as a task)."""
         while True:
             await self.refresh()
             await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        """Stop the saves and recoveries under way (they are retried by a new coordinator)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _ask_report(self, host: _Host) -> HostReport | None:
         try:
@@ -228,20 +270,36 @@ class FleetCoordinator:
 
     def _reconcile_hosted(self, host: str, sandbox: HostedSandbox, asked: float) -> None:
         record = self._records.get(sandbox.name)
-        doomed = self._doomed.get(sandbox.name)
         if record is None:
-            if doomed is None:
+            if (sandbox.name, host) not in self._doomed:
                 # the fleet's label but no record: the coordinator restarted; take it back
+                recover = sandbox.recover
                 self._records[sandbox.name] = _Record(
                     name=sandbox.name, host=host, generation=sandbox.generation,
                     status=SandboxStatus.RUNNING, memory_mib=sandbox.memory_mib,
-                    cpus=sandbox.cpus, changed=asked, id=sandbox.id, state=sandbox.state)
+                    cpus=sandbox.cpus, changed=asked, id=sandbox.id, state=sandbox.state,
+                    recover=recover, next_save=asked + (recover.interval if recover else 0))
                 self._event("adopted", host, sandbox.name, "reported by its host, not in "
                                                            "the directory")
             return
         if record.host != host:
-            if record.changed < asked and sandbox.generation < record.generation:
-                self._doomed.setdefault(sandbox.name, _Doomed(host, asked))
+            if record.changed >= asked or (sandbox.name, host) in self._doomed:
+                return
+            if sandbox.generation < record.generation:
+                # recovered elsewhere since this copy was lost: fence it
+                self._doomed[sandbox.name, host] = _Doomed(host, asked,
+                                                           upto=sandbox.generation)
+            elif (sandbox.generation > record.generation
+                  and record.status in (SandboxStatus.RUNNING, SandboxStatus.LOST)):
+                # a newer copy than the directory knows (it adopted the older one after a
+                # restart): follow it; the older one is fenced when next reported
+                self._event("moved", host, sandbox.name, f"generation {sandbox.generation} "
+                            f"found on {host}; generation {record.generation} on "
+                            f"{record.host} is older")
+                record.host, record.generation, record.id = host, sandbox.generation, sandbox.id
+                record.issued = max(record.issued, sandbox.generation)
+                record.status, record.state = SandboxStatus.RUNNING, sandbox.state
+                record.changed = asked
             return
         if record.changed >= asked:
             return
@@ -278,7 +336,8 @@ class FleetCoordinator:
         state.reason = reason
         self._event("host-dead", host, None, reason)
         for record in self._records.values():
-            if record.host == host and record.status is not SandboxStatus.LOST:
+            if record.host == host and record.status not in (SandboxStatus.LOST,
+                                                             SandboxStatus.RECOVERING):
                 self._lose(record, f"its host died: {reason}")
 
     def _lose(self, record: _Record, reason: str) -> None:
@@ -289,21 +348,24 @@ class FleetCoordinator:
 
     async def _clean_doomed(self) -> None:
         """Remove the doomed copies that up hosts still report; forget the ones gone."""
-        for name, doomed in list(self._doomed.items()):
+        for key, doomed in list(self._doomed.items()):
+            name = key[0]
             host = self._hosts.get(doomed.host)
             if host is None or host.status is HostStatus.DEAD or host.report is None:
                 continue
             if host.last_seen is None or host.last_seen <= doomed.since:
                 continue
-            if not any(s.name == name for s in host.report.sandboxes):
-                del self._doomed[name]
+            if not any(s.name == name and (doomed.upto is None or s.generation <= doomed.upto)
+                       for s in host.report.sandboxes):
+                del self._doomed[key]
                 continue
             record = self._records.get(name)
             if record is not None and record.host == doomed.host:
-                del self._doomed[name]  # it is the directory's copy again (a new create)
+                del self._doomed[key]  # it is the directory's copy again (a new create)
                 continue
             try:
-                await asyncio.wait_for(host.link.remove(name), self.call_timeout)
+                await asyncio.wait_for(host.link.remove(name, forget_saved=doomed.forget_saved,
+                                                        upto=doomed.upto), self.call_timeout)
             except (Exception, TimeoutError) as exc:
                 host.reason = f"removing {name} failed: {_describe(exc)}"
                 continue
@@ -313,9 +375,10 @@ class FleetCoordinator:
     # --- sandboxes -------------------------------------------------------------------------
 
     async def create(self, request: SandboxCreate, *, host: str | None = None,
-                     ) -> FleetSandbox:
+                     recover: Recovery | None = None) -> FleetSandbox:
         """Place and create a sandbox (its name given or made here, unique in the fleet);
-        ``host``: only there.
+        ``host``: only there; ``recover``: save it to the shared store at that interval and
+        bring it back on another host from its latest saved state when it is lost.
 
         If the host fails to answer, the sandbox is not the fleet's: should the host have
         made it after all, the fleet removes it once the host reports it.
@@ -324,9 +387,11 @@ class FleetCoordinator:
         if name in self._records:
             raise FleetError(f"the fleet already has a sandbox named {name!r}; choose "
                              "another name or remove that one first")
-        if name in self._doomed:
+        doomed = [host for (other, host) in self._doomed if other == name
+                  and self._hosts[host].status is not HostStatus.DEAD]
+        if doomed:
             raise FleetError(f"a sandbox named {name!r} is still being removed from host "
-                             f"{self._doomed[name].host}; try again after the next refresh")
+                             f"{doomed[0]}; try again after the next refresh")
         memory = request.memory_mib or self._template_memory(request.template)
         want = Placement(memory_mib=memory or DEFAULT_MEMORY_MIB,
                          cpus=request.cpus or DEFAULT_VCPUS, arch=request.arch,
@@ -338,9 +403,11 @@ class FleetCoordinator:
                              "`kelpie fleet status` lists the hosts")
         target = choose_host(candidates, want, self._rng, pending_mib=self._pending_mib())
         labels = {**request.labels, FLEET_LABEL: "1", GENERATION_LABEL: "1"}
+        if recover is not None:
+            labels[RECOVER_LABEL] = recover.label()
         record = _Record(name=name, host=target.host, generation=1,
                          status=SandboxStatus.PLACING, memory_mib=want.memory_mib,
-                         cpus=want.cpus, changed=self._clock())
+                         cpus=want.cpus, changed=self._clock(), recover=recover)
         self._records[name] = record
         link = self._hosts[target.host].link
         try:
@@ -354,7 +421,8 @@ class FleetCoordinator:
         except (Exception, TimeoutError) as exc:
             if self._records.get(name) is record:
                 del self._records[name]
-            self._doomed[name] = _Doomed(target.host, self._clock(), want.memory_mib)
+            self._doomed[name, target.host] = _Doomed(target.host, self._clock(),
+                                                      want.memory_mib)
             self._event("abandoned", target.host, name, _describe(exc))
             raise FleetError(f"creating sandbox {name!r} on host {target.host} failed: "
                              f"{_describe(exc)}. If the host made it anyway, the fleet removes "
@@ -363,6 +431,8 @@ class FleetCoordinator:
             record.status = SandboxStatus.RUNNING
             record.id, record.state = hosted.id, hosted.state
             record.changed = self._clock()
+            if recover is not None:
+                record.next_save = record.changed + recover.interval
         self._event("placed", target.host, name, f"{want.memory_mib} MiB")
         return self._view(self._records.get(name, record))
 
@@ -370,12 +440,18 @@ class FleetCoordinator:
         """Remove a sandbox; if its host is unreachable, it is removed when it reports."""
         record = self._find(ref)
         del self._records[record.name]
-        self._doomed[record.name] = _Doomed(record.host, self._clock(), record.memory_mib)
+        forget = record.recover is not None
+        now = self._clock()
+        for other in self._hosts:  # an older copy, or one a failed move left, may be there
+            self._doomed.setdefault((record.name, other), _Doomed(other, now))
+        self._doomed[record.name, record.host] = _Doomed(record.host, now, record.memory_mib,
+                                                         forget)
         host = self._hosts[record.host]
         if host.status is HostStatus.DEAD:
             return
         try:
-            await asyncio.wait_for(host.link.remove(record.name), self.call_timeout)
+            await asyncio.wait_for(host.link.remove(record.name, forget_saved=forget),
+                                   self.call_timeout)
         except (Exception, TimeoutError) as exc:
             host.reason = f"removing {record.name} failed: {_describe(exc)}"
             return
@@ -461,17 +537,20 @@ class FleetCoordinator:
     async def _move(self, record: _Record, source: _Host) -> None:
         want = Placement(memory_mib=record.memory_mib, cpus=record.cpus)
         try:
-            target = choose_host([r for r in self._placeable() if r.host != record.host], want,
-                                 self._rng, pending_mib=self._pending_mib())
+            target = choose_host([r for r in self._placeable() if r.host != record.host
+                                  and (record.name, r.host) not in self._doomed],
+                                 want, self._rng, pending_mib=self._pending_mib())
         except KelpieError as exc:
             record.reason = f"drain: {exc}"
             return
-        record.status = SandboxStatus.MOVING
+        record.status, record.target = SandboxStatus.MOVING, target.host
         record.changed = self._clock()
+        generation = record.generation
         try:
             hosted = await asyncio.wait_for(source.link.teleport(record.name, target),
                                             self.move_timeout)
         except (Exception, TimeoutError) as exc:
+            record.target = None
             if record.status is SandboxStatus.MOVING:
                 # the teleport's own protocol leaves it on exactly one side; the next
                 # reports say which (see _found_elsewhere)
@@ -479,11 +558,119 @@ class FleetCoordinator:
                 record.changed = self._clock()
             record.reason = f"move to {target.host} failed: {_describe(exc)}"
             return
+        if (self._records.get(record.name) is not record or record.generation != generation
+                or record.status is SandboxStatus.RECOVERING):
+            # recovered (or removed) while it moved: the moved copy is an older one
+            self._doomed.setdefault((record.name, target.host),
+                                    _Doomed(target.host, self._clock(), upto=generation))
+            return
         self._event("moved", target.host, record.name, f"from {record.host} (drain)")
         record.host, record.id, record.state = target.host, hosted.id, hosted.state
-        record.status = SandboxStatus.RUNNING
+        record.status, record.target = SandboxStatus.RUNNING, None
         record.reason = f"moved from {source.link.host} by a drain"
         record.changed = self._clock()
+
+    # --- saves and recovery ----------------------------------------------------------------
+
+    def _start_saves_and_recoveries(self) -> None:
+        """Start (in the background, so reports go on meanwhile) the saves that are due and
+        the recoveries of lost sandboxes that have a saved state."""
+        now = self._clock()
+        for record in list(self._records.values()):
+            if record.recover is None:
+                continue
+            host = self._hosts[record.host]
+            if (record.status is SandboxStatus.RUNNING and host.status is not HostStatus.DEAD
+                    and not record.saving and now >= record.next_save):
+                self._spawn(self._save(record, host))
+            elif (record.status is SandboxStatus.LOST and record.saved is not None
+                  and record.target is None and now >= record.retry_at):
+                # even with a save still under way (a save of the lost copy), but not with a
+                # move (its outcome says whether it is lost)
+                self._spawn(self._recover(record, record.saved))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _save(self, record: _Record, host: _Host) -> None:
+        assert record.recover is not None
+        record.saving = True
+        generation = record.generation
+        try:
+            saved = await asyncio.wait_for(
+                host.link.save(record.name, record.recover.snapshot_kind, generation,
+                               record.saved), self.move_timeout)
+        except (Exception, TimeoutError) as exc:
+            self._event("save-failed", host.link.host, record.name, _describe(exc))
+            return
+        finally:
+            record.saving = False
+            record.next_save = self._clock() + record.recover.interval
+        if (self._records.get(record.name) is record and record.generation == generation
+                and record.status is not SandboxStatus.RECOVERING):
+            # of the directory's copy (taken before any move or loss): its latest state; a
+            # save of a copy since recovered elsewhere is not (that copy is being fenced)
+            record.saved = dataclasses.replace(saved, at=self._clock())
+            self._event("saved", host.link.host, record.name, f"{saved.kind}, "
+                                                              f"{saved.size} bytes")
+
+    async def _recover(self, record: _Record, saved: SavedState) -> None:
+        """Restore a lost sandbox on another host from ``saved``, as the next generation.
+        Only once that copy runs does the directory point at it; the lost copy, should its
+        host come back, is then fenced (destroyed) on its first report."""
+        assert record.recover is not None
+        want = Placement(memory_mib=record.memory_mib, cpus=record.cpus, arch=saved.arch,
+                         backend=saved.backend if saved.arch else None,
+                         image=saved.image_digest)
+        blocked = {host for (name, host) in self._doomed if name == record.name}
+        candidates = [r for r in self._placeable() if r.host != record.host
+                      and r.host not in blocked
+                      and (saved.image_digest is None or saved.image_digest in r.images)]
+        try:
+            target = choose_host(candidates, want, self._rng, pending_mib=self._pending_mib())
+        except KelpieError as exc:
+            record.retry_at = self._clock() + record.recover.interval
+            self._event("recovery-failed", record.host, record.name, f"no host for it: {exc}")
+            return
+        record.issued = max(record.issued, record.generation) + 1
+        lost_reason, generation = record.reason, record.issued
+        record.status, record.target = SandboxStatus.RECOVERING, target.host
+        record.changed = self._clock()
+        labels = {FLEET_LABEL: "1", GENERATION_LABEL: str(generation),
+                  RECOVER_LABEL: record.recover.label()}
+        try:
+            hosted = await asyncio.wait_for(
+                self._hosts[target.host].link.recover(saved, labels), self.create_timeout)
+        except (Exception, TimeoutError) as exc:
+            # the target may have made it after all: removed when it reports it
+            self._doomed[record.name, target.host] = _Doomed(target.host, self._clock(),
+                                                             record.memory_mib, upto=generation)
+            self._event("recovery-failed", target.host, record.name, _describe(exc))
+            if self._records.get(record.name) is record:
+                record.status, record.target = SandboxStatus.LOST, None
+                record.reason = lost_reason
+                record.changed = self._clock()
+                record.retry_at = record.changed + record.recover.interval
+            return
+        if self._records.get(record.name) is not record:  # removed meanwhile
+            self._doomed[record.name, target.host] = _Doomed(target.host, self._clock(),
+                                                             record.memory_mib, True)
+            return
+        old = record.host
+        record.host, record.generation, record.id, record.state = \
+            target.host, generation, hosted.id, hosted.state
+        record.status, record.target = SandboxStatus.RUNNING, None
+        record.changed = self._clock()
+        record.next_save = record.changed + record.recover.interval
+        record.reason = (f"recovered on {target.host} from its {saved.kind} of "
+                         f"generation {saved.generation}; lost on {old}: {lost_reason}")
+        self._event("recovered", target.host, record.name,
+                    f"generation {generation}, from its {saved.kind} (lost on {old})")
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -499,16 +686,23 @@ class FleetCoordinator:
                 if host.status is HostStatus.UP and host.report is not None]
 
     def _pending_mib(self) -> dict[str, int]:
-        """Memory of sandboxes placed on (or moved to) each host since its last report was
-        asked for, which that report cannot show yet."""
+        """Memory each host's last report cannot show yet: sandboxes being placed, moved or
+        recovered there that it did not report, and those placed there since it was asked."""
         pending: dict[str, int] = {}
+        in_flight = (SandboxStatus.PLACING, SandboxStatus.MOVING, SandboxStatus.RECOVERING)
         for record in self._records.values():
-            host = self._hosts.get(record.host)
-            if host is None or record.status is SandboxStatus.LOST:
+            # a move or recovery under way counts on its target (a move even once the
+            # sandbox is lost: it may yet arrive)
+            host = self._hosts.get(record.target or record.host)
+            if host is None or (record.status is SandboxStatus.LOST and record.target is None):
                 continue
-            seen = host.last_seen if host.last_seen is not None else float("-inf")
-            if record.changed >= seen:
-                pending[record.host] = pending.get(record.host, 0) + record.memory_mib
+            if record.status in in_flight or record.target is not None:
+                counted = host.report is not None and any(
+                    s.name == record.name for s in host.report.sandboxes)
+            else:
+                counted = host.last_seen is not None and record.changed < host.last_seen
+            if not counted:
+                pending[host.link.host] = pending.get(host.link.host, 0) + record.memory_mib
         for doomed in self._doomed.values():
             # an abandoned create the host may have made after all, not yet in its report
             host = self._hosts.get(doomed.host)
@@ -539,12 +733,13 @@ class FleetCoordinator:
         return FleetSandbox(name=record.name, id=record.id, host=record.host,
                             generation=record.generation, status=record.status,
                             state=record.state, reason=record.reason,
-                            memory_mib=record.memory_mib, cpus=record.cpus, address=address)
+                            memory_mib=record.memory_mib, cpus=record.cpus, address=address,
+                            recover=record.recover, saved=record.saved)
 
     def _new_name(self) -> str:
         while True:
             name = "fleet-" + "".join(f"{int(self._rng.random() * 16):x}" for _ in range(8))
-            if name not in self._records and name not in self._doomed:
+            if name not in self._records and all(other != name for other, _ in self._doomed):
                 return name
 
     def _event(self, kind: str, host: str, name: str | None, detail: str) -> None:

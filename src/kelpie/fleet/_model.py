@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+from typing import Literal
+
+from kelpie._exceptions import ConfigError
 
 FLEET_LABEL = "kelpie.fleet"
 """Label on every sandbox the fleet made: a host reports only these."""
 GENERATION_LABEL = "kelpie.fleet.generation"
 """Label holding a sandbox copy's generation. A copy made by recovery gets the next one, so
 a host that comes back with an older copy is fenced: that copy is destroyed."""
+RECOVER_LABEL = "kelpie.fleet.recover"
+"""Label holding a sandbox's recovery policy (``checkpoint/30``), so a restarted coordinator
+that adopts the sandbox keeps saving it."""
+MIN_RECOVER_INTERVAL = 5.0
 
 
 class SandboxStatus(enum.StrEnum):
@@ -23,6 +31,8 @@ class SandboxStatus(enum.StrEnum):
     """A drain is teleporting it to another host."""
     LOST = "lost"
     """Its host was declared dead, or no longer reports it; ``reason`` says which."""
+    RECOVERING = "recovering"
+    """Lost, and being restored on another host from its latest saved state."""
 
 
 class HostStatus(enum.StrEnum):
@@ -36,6 +46,66 @@ class HostStatus(enum.StrEnum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Recovery:
+    """How a lost sandbox comes back: from its latest ``checkpoint`` (its workspace
+    directory and env: a fresh boot of its image, on any host holding the image) or
+    ``snapshot`` (memory, devices and disk: as it ran, on a host of the same arch and
+    backend), saved to the shared store every ``interval`` seconds."""
+
+    kind: Literal["checkpoint", "snapshot"]
+    interval: float
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in ("checkpoint", "snapshot"):
+            problems.append(f"recover={self.kind!r}: expected 'checkpoint' or 'snapshot'")
+        if not (math.isfinite(self.interval) and self.interval >= MIN_RECOVER_INTERVAL):
+            problems.append(f"recover_interval={self.interval!r}: expected seconds, at "
+                            f"least {MIN_RECOVER_INTERVAL:g}")
+        if problems:
+            raise ConfigError(problems, what="recovery policy")
+
+    @property
+    def snapshot_kind(self) -> str:
+        """The kind of snapshot the host takes (the daemon's name for it)."""
+        return "checkpoint" if self.kind == "checkpoint" else "full"
+
+    def label(self) -> str:
+        return f"{self.kind}/{self.interval:g}"
+
+    @classmethod
+    def from_label(cls, value: str | None) -> Recovery | None:
+        """The policy a label holds; None for none (or one this version cannot read)."""
+        kind, _, interval = (value or "").partition("/")
+        try:
+            return cls(kind, float(interval))  # type: ignore[arg-type]
+        except (ValueError, ConfigError):
+            return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedState:
+    """A sandbox's state saved in the shared store, to recover it from."""
+
+    name: str
+    generation: int
+    """The generation of the copy it was taken from."""
+    kind: str
+    """The daemon's snapshot kind: checkpoint or full."""
+    key: str
+    """Its object's key in the store."""
+    digest: str
+    size: int
+    image_digest: str | None
+    """The image a host needs to restore it (None: none)."""
+    backend: str
+    arch: str | None = None
+    """Set for a full snapshot: only a host of that arch restores it."""
+    at: float = 0.0
+    """The coordinator's clock when it took the save in."""
+
+
+@dataclasses.dataclass(frozen=True)
 class HostedSandbox:
     """One of the fleet's sandboxes as its host reports it."""
 
@@ -45,6 +115,7 @@ class HostedSandbox:
     state: str
     memory_mib: int = 0
     cpus: int = 0
+    recover: Recovery | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +171,9 @@ class FleetSandbox:
     cpus: int
     address: str | None = None
     """Its host's daemon URL."""
+    recover: Recovery | None = None
+    saved: SavedState | None = None
+    """Its latest saved state (with ``recover``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +193,8 @@ class FleetHost:
 @dataclasses.dataclass(frozen=True)
 class FleetEvent:
     """Something the fleet did or saw: ``kind`` is placed, lost, returned, fenced, moved,
-    removed, abandoned, adopted, host-dead or host-up."""
+    removed, abandoned, adopted, saved, save-failed, recovered, recovery-failed, host-dead
+    or host-up."""
 
     at: float
     kind: str

@@ -32,7 +32,15 @@ from kelpie.fleet._coordinator import (
     FleetError,
     HostUnreachable,
 )
-from kelpie.fleet._model import FleetEvent, FleetHost, FleetSandbox, HostedSandbox, HostReport
+from kelpie.fleet._model import (
+    FleetEvent,
+    FleetHost,
+    FleetSandbox,
+    HostedSandbox,
+    HostReport,
+    Recovery,
+    SavedState,
+)
 from kelpie.fleet._store import StoreConfig, StoredTemplate
 
 NAMESPACE = "kelpie"
@@ -62,8 +70,8 @@ class HostAgentActor:
     async def create(self, request: SandboxCreate) -> HostedSandbox:
         return await self._agent.create(request)
 
-    async def remove(self, name: str) -> None:
-        await self._agent.remove(name)
+    async def remove(self, name: str, forget_saved: bool, upto: int | None) -> None:
+        await self._agent.remove(name, forget_saved=forget_saved, upto=upto)
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
         return await self._agent.teleport(name, to)
@@ -76,6 +84,13 @@ class HostAgentActor:
 
     async def pull_template(self, name: str) -> StoredTemplate:
         return await self._agent.pull_template(name)
+
+    async def save(self, name: str, kind: str, generation: int, keep: SavedState | None,
+                   ) -> SavedState:
+        return await self._agent.save(name, kind, generation, keep)
+
+    async def recover(self, saved: SavedState, labels: dict[str, str]) -> HostedSandbox:
+        return await self._agent.recover(saved, labels)
 
 
 async def answer(ref: Any, what: str) -> Any:
@@ -124,8 +139,9 @@ class RayHostLink:
         hosted: HostedSandbox = await answer(self._actor.create.remote(request), self._what)
         return hosted
 
-    async def remove(self, name: str) -> None:
-        await answer(self._actor.remove.remote(name), self._what)
+    async def remove(self, name: str, *, forget_saved: bool = False,
+                     upto: int | None = None) -> None:
+        await answer(self._actor.remove.remote(name, forget_saved, upto), self._what)
 
     async def teleport(self, name: str, to: HostReport) -> HostedSandbox:
         hosted: HostedSandbox = await answer(self._actor.teleport.remote(name, to),
@@ -140,6 +156,17 @@ class RayHostLink:
 
     async def pull_template(self, name: str) -> object:
         return await answer(self._actor.pull_template.remote(name), self._what)
+
+    async def save(self, name: str, kind: str, generation: int, keep: SavedState | None,
+                   ) -> SavedState:
+        saved: SavedState = await answer(
+            self._actor.save.remote(name, kind, generation, keep), self._what)
+        return saved
+
+    async def recover(self, saved: SavedState, labels: dict[str, str]) -> HostedSandbox:
+        hosted: HostedSandbox = await answer(self._actor.recover.remote(saved, labels),
+                                             self._what)
+        return hosted
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -235,8 +262,13 @@ class FleetController:
     def events(self) -> list[FleetEvent]:
         return self._coordinator.events()
 
-    async def create(self, request: SandboxCreate, host: str | None = None) -> FleetSandbox:
-        return await self._coordinator.create(request, host=host)
+    async def create(self, request: SandboxCreate, host: str | None = None,
+                     recover: Recovery | None = None) -> FleetSandbox:
+        if recover is not None and self._store is None:
+            raise FleetError(f"recover={recover.kind!r} saves to the shared store, and this "
+                             "fleet has none: start it with one (kelpie fleet up "
+                             "--store-endpoint URL --store-bucket NAME)")
+        return await self._coordinator.create(request, host=host, recover=recover)
 
     async def remove(self, ref: str) -> None:
         await self._coordinator.remove(ref)

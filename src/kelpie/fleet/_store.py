@@ -1,10 +1,12 @@
-"""The fleet's shared store: templates pushed once to an S3-compatible object store and
-pulled by every host, each verified by its sha256 before the host imports it.
+"""The fleet's shared store, an S3-compatible object store: templates pushed once and
+pulled by every host, and the saved states lost sandboxes are recovered from. Every archive
+is verified by its sha256 before a host imports it.
 
 Layout in the bucket: ``templates/NAME.json`` (the manifest: name, sha256 digest, size)
 and ``templates/NAME/sha256-HEX.tar`` (the snapshot archive a daemon exports). A manifest is
 written only after its archive is complete, so a reader never sees a manifest whose archive
-is missing or partial.
+is missing or partial. Saved states are ``sandboxes/NAME/gGENERATION-sha256-HEX.tar``; the
+coordinator keeps their digests (no manifest: it says which one to recover from).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class StoredTemplate:
     size: int
 
 
-class TemplateStore:
-    """Templates in the shared store (boto3's S3 client, called in a worker thread)."""
+class SharedStore:
+    """Templates and saved states in the shared store (boto3's S3 client, called in a
+    worker thread)."""
 
     def __init__(self, config: StoreConfig) -> None:
         import boto3
@@ -86,19 +89,65 @@ class TemplateStore:
             manifest = json.loads(await asyncio.to_thread(body["Body"].read))
             stored = StoredTemplate(str(manifest["name"]), str(manifest["digest"]),
                                     int(manifest["size"]))
-            key = f"templates/{name}/{stored.digest.replace(':', '-')}.tar"
-            await asyncio.to_thread(self._s3.download_file, self._config.bucket, key,
-                                    str(into))
         except Exception as exc:
             raise StoreError(f"fetching template {name!r} from {self._where()} failed: "
                              f"{exc}") from exc
-        digest, size = await asyncio.to_thread(_sha256, into)
-        if (digest, size) != (stored.digest, stored.size):
-            await asyncio.to_thread(into.unlink, missing_ok=True)
-            raise StoreError(f"template {name!r} from {self._where()} does not verify: its "
-                             f"manifest says {stored.digest} ({stored.size} bytes), the "
-                             f"archive is {digest} ({size} bytes); push it again")
+        key = f"templates/{name}/{stored.digest.replace(':', '-')}.tar"
+        await self._download(key, stored.digest, stored.size, into,
+                             f"template {name!r}", "push it again")
         return stored
+
+    async def put_saved(self, name: str, generation: int, archive: Path,
+                        ) -> tuple[str, str, int]:
+        """Upload ``archive`` as a saved state of sandbox ``name``: its key, digest, size."""
+        _check_name(name)
+        digest, size = await asyncio.to_thread(_sha256, archive)
+        key = f"sandboxes/{name}/g{generation}-{digest.replace(':', '-')}.tar"
+        try:
+            await asyncio.to_thread(self._s3.upload_file, str(archive), self._config.bucket, key)
+        except Exception as exc:
+            raise StoreError(f"uploading a saved state of sandbox {name!r} to "
+                             f"{self._where()} failed: {exc}") from exc
+        return key, digest, size
+
+    async def get_saved(self, key: str, digest: str, size: int, into: Path) -> None:
+        """Download the saved state at ``key`` to ``into``, checked against ``digest`` and
+        ``size``."""
+        await self._download(key, digest, size, into, f"saved state {key}",
+                             "it cannot be recovered from")
+
+    async def forget_saved(self, name: str, *, keep: frozenset[str] = frozenset()) -> None:
+        """Delete the saved states of sandbox ``name`` whose keys are not in ``keep``."""
+        _check_name(name)
+        try:
+            pages = await asyncio.to_thread(self._list, f"sandboxes/{name}/")
+            for key in pages:
+                if key not in keep:
+                    await asyncio.to_thread(self._s3.delete_object,
+                                            Bucket=self._config.bucket, Key=key)
+        except Exception as exc:
+            raise StoreError(f"deleting saved states of sandbox {name!r} from "
+                             f"{self._where()} failed: {exc}") from exc
+
+    def _list(self, prefix: str) -> list[str]:
+        paginator = self._s3.get_paginator("list_objects_v2")
+        return [item["Key"] for page in paginator.paginate(Bucket=self._config.bucket,
+                                                           Prefix=prefix)
+                for item in page.get("Contents", [])]
+
+    async def _download(self, key: str, digest: str, size: int, into: Path, what: str,
+                        advice: str) -> None:
+        try:
+            await asyncio.to_thread(self._s3.download_file, self._config.bucket, key,
+                                    str(into))
+        except Exception as exc:
+            raise StoreError(f"fetching {what} from {self._where()} failed: {exc}") from exc
+        found, length = await asyncio.to_thread(_sha256, into)
+        if (found, length) != (digest, size):
+            await asyncio.to_thread(into.unlink, missing_ok=True)
+            raise StoreError(f"{what} from {self._where()} does not verify: expected "
+                             f"{digest} ({size} bytes), the archive is {found} ({length} "
+                             f"bytes); {advice}")
 
     def _where(self) -> str:
         return f"s3 bucket {self._config.bucket!r} at {self._config.endpoint}"
