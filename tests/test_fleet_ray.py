@@ -8,7 +8,9 @@ each running a command); a template made on one host, pushed to the store and pu
 the others, starting sandboxes on every node (and a damaged copy in the store refused); a
 drain that teleports a running sandbox whose counter goes on; guests that cannot open the
 cluster's own ports; and a raylet killed with SIGKILL, whose sandboxes are reported lost
-within the bound, then reported back (not destroyed) when the node rejoins.
+within the bound: those saved with recover=checkpoint come back on other hosts with their
+files; when the node rejoins, the one only lost is reported back (not destroyed) and the old
+copies of the recovered ones are fenced.
 """
 
 from __future__ import annotations
@@ -253,61 +255,102 @@ def test_a_guest_cannot_open_the_cluster_ports(cluster: RayCluster) -> None:
     assert f"{head}:6379 open" in result["allowed"], json.dumps(result)
 
 
-def test_a_killed_raylet_marks_its_sandboxes_lost_then_reports_them_back(
+def test_a_killed_raylet_loses_its_sandboxes_recovers_the_saved_ones_elsewhere(
         cluster: RayCluster) -> None:
     victim = cluster.nodes[2]
     placed = cluster.driver(f"""
+        import time
         from kelpie.fleet import Fleet
 
         fleet = Fleet()
-        names = []
-        for i in range(6):
-            box = fleet.create(template={TEMPLATE!r}, name=f"keep{{i}}")
-            box.files.write("/root/mark", f"kept {{i}}")
-            names.append(box.name)
-        print(json.dumps({{s.name: s.host for s in fleet.list()}}))
+        boxes = [fleet.create(template={TEMPLATE!r}, name="keep", host={victim.ip!r})]
+        for i in range(2):
+            boxes.append(fleet.create(template={TEMPLATE!r}, name=f"saved{{i}}",
+                                      host={victim.ip!r}, recover="checkpoint",
+                                      recover_interval=5))
+        for box in boxes:  # a checkpoint carries /workspace (this guest has no image workdir)
+            box.exec(["mkdir", "-p", "/workspace"])
+            box.files.write("/workspace/mark", f"mark of {{box.name}}")
+        written = time.monotonic()  # CLOCK_MONOTONIC: the same in every namespace
+        deadline = written + 120
+        while time.monotonic() < deadline:
+            saved = {{e.name for e in fleet.events() if e.kind == "saved" and e.at > written}}
+            if {{"saved0", "saved1"}} <= saved:
+                break
+            time.sleep(0.5)
+        print(json.dumps({{"placed": {{s.name: [s.host, s.saved is not None]
+                                      for s in fleet.list()}},
+                          "events": [(e.kind, e.name, e.detail) for e in fleet.events()
+                                     if e.name in ("saved0", "saved1")]}}))
     """)
-    on_victim = sorted(name for name, host in placed.items() if host == victim.ip)
-    assert on_victim, f"nothing was placed on {victim.ip}: {placed}"
+    assert placed["placed"] == {"keep": [victim.ip, False], "saved0": [victim.ip, True],
+                                "saved1": [victim.ip, True]}, placed
     cluster.kill_raylet(victim)
-    lost = cluster.driver(f"""
+    after = cluster.driver(f"""
         import time
         from kelpie.fleet import Fleet
 
         fleet = Fleet()
         started = time.monotonic()
+        lost_at = None
         while time.monotonic() - started < {LOST_BOUND}:
-            lost = {{s.name: s.reason for s in fleet.list() if s.status.value == "lost"}}
-            if lost:
+            if any(s.status.value != "running" for s in fleet.list()):
+                lost_at = time.monotonic() - started
                 break
             time.sleep(0.5)
+        while time.monotonic() - started < 300:
+            now = {{s.name: s for s in fleet.list()}}
+            if all(now[n].status.value == "running" for n in ("saved0", "saved1")):
+                break
+            time.sleep(1)
+        marks = {{n: fleet.get(n).files.read("/workspace/mark").decode()
+                 for n in ("saved0", "saved1")}}
         host = [h for h in fleet.hosts() if h.host == {victim.ip!r}][0]
-        print(json.dumps({{"after": time.monotonic() - started, "lost": lost,
-                          "host": host.status.value}}))
-    """)
-    assert sorted(lost["lost"]) == on_victim, lost
-    assert lost["host"] == "dead", lost
-    assert all("died" in reason for reason in lost["lost"].values()), lost
+        print(json.dumps({{
+            "lost_at": lost_at, "host": host.status.value, "marks": marks,
+            "now": {{n: [s.host, s.status.value, s.generation, s.reason]
+                    for n, s in now.items()}},
+            "events": [(e.kind, e.name) for e in fleet.events()
+                       if e.name in ("keep", "saved0", "saved1")]}}))
+    """, timeout=600)
+    assert after["lost_at"] is not None, after
+    assert after["host"] == "dead", after
+    now = after["now"]
+    assert now["keep"][1] == "lost" and "died" in now["keep"][3], after  # nothing saved
+    for name in ("saved0", "saved1"):
+        host, status, generation, reason = now[name]
+        assert (status, generation) == ("running", 2), after
+        assert host != victim.ip and f"lost on {victim.ip}" in reason, after
+        assert ["lost", name] in after["events"] and ["recovered", name] in after["events"]
+        assert after["marks"][name] == f"mark of {name}", after  # its files came back
     cluster.start(victim)  # the raylet rejoins (a new Ray node id, the same host)
     back = cluster.driver(f"""
-        import time
+        import time, asyncio
+        from kelpie.client import DaemonClient
         from kelpie.fleet import Fleet
 
         fleet = Fleet()
         started = time.monotonic()
         while time.monotonic() - started < 120:
-            mine = [s for s in fleet.list() if s.host == {victim.ip!r}]
-            if mine and all(s.status.value == "running" for s in mine):
+            fenced = {{e.name for e in fleet.events() if e.kind == "fenced"}}
+            if fleet.info("keep").status.value == "running" and len(fenced) == 2:
                 break
             time.sleep(0.5)
-        marks = {{name: Fleet().get(name).files.read("/root/mark").decode()
-                 for name in {on_victim!r}}}
+        async def on_victim():
+            async with DaemonClient("http://{victim.ip}:7075", token=fleet._token) as client:
+                return sorted(s.name for s in await client.list_sandboxes(all=True))
+        left = asyncio.run(on_victim())
+        mark = fleet.get("keep").files.read("/workspace/mark").decode()
         events = [(e.kind, e.name) for e in fleet.events() if e.host == {victim.ip!r}]
+        where = {{s.name: s.host for s in fleet.list()}}
         for s in fleet.list():
             fleet.remove(s.name)
-        print(json.dumps({{"statuses": {{s.name: s.status.value for s in mine}},
-                          "marks": marks, "events": events}}))
+        print(json.dumps({{"left": left, "mark": mark, "events": events, "where": where}}))
     """)
-    assert back["statuses"] == {name: "running" for name in on_victim}, back
-    assert back["marks"] == {name: f"kept {name[-1]}" for name in on_victim}, back
-    assert ["returned", on_victim[0]] in back["events"], back
+    # the copy that was only lost is reported back; the recovered ones' old copies are fenced
+    assert back["left"] == ["keep"], back
+    assert back["mark"] == "mark of keep", back
+    assert ["returned", "keep"] in back["events"], back
+    assert ["fenced", "saved0"] in back["events"] and ["fenced", "saved1"] in back["events"]
+    assert back["where"]["keep"] == victim.ip and victim.ip not in (
+        back["where"]["saved0"], back["where"]["saved1"]), back
