@@ -1,8 +1,9 @@
 """A real multi-node Ray cluster on one machine: each node in its own network namespace,
 joined to a bridge by veth (10.99.N.0/24), each with its own Kelpie home, started with the
 ``kelpie_host`` resource. Drivers run inside the head's namespace (a Ray driver must be on
-a node). Closing kills every process of every namespace (raylets, host agents, daemons,
-QEMU) and removes them."""
+a node); programs outside reach the cluster through the Ray client (port 10001 on the head,
+which ``ray start --head`` serves when ``ray[client]`` is installed). Closing kills every
+process of every namespace (raylets, host agents, daemons, QEMU) and removes them."""
 
 from __future__ import annotations
 
@@ -118,6 +119,21 @@ class RayCluster:
         lines = [line for line in result.stdout.splitlines() if line.startswith(("{", "["))]
         if not lines:
             raise AssertionError(f"the driver printed nothing:\n{result.stderr}")
+        return json.loads(lines[-1])
+
+    def outside(self, code: str, *, timeout: float = 600) -> Any:
+        """Run ``code`` on this machine's own network (outside every node, reaching them
+        over the bridge), where it can only join the cluster through the Ray client; it
+        must print one JSON line last, which is returned."""
+        script = "import json\n" + textwrap.dedent(code)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        result = subprocess.run([sys.executable, "-c", script], env=env, text=True,
+                                capture_output=True, timeout=timeout, check=False)
+        lines = [line for line in result.stdout.splitlines() if line.startswith(("{", "["))]
+        if result.returncode != 0 or not lines:
+            raise AssertionError(f"the program outside failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
         return json.loads(lines[-1])
 
     def kill_raylet(self, node: RayNode) -> None:

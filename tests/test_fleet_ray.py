@@ -4,7 +4,8 @@ a 128 MiB template. Drivers run in the head's namespace, as Ray wants.
 
 One cluster for the module (and a SeaweedFS server in the head's namespace as the shared
 store), in this order: 32 sandboxes created at once from Ray tasks (spread over the hosts,
-each running a command); a template made on one host, pushed to the store and pulled onto
+each running a command); a program outside the cluster using it through the Ray client; a
+template made on one host, pushed to the store and pulled onto
 the others, starting sandboxes on every node (and a damaged copy in the store refused); a
 drain that teleports a running sandbox whose counter goes on; guests that cannot open the
 cluster's own ports; and a raylet killed with SIGKILL, whose sandboxes are reported lost
@@ -124,6 +125,25 @@ def test_32_sandboxes_from_ray_tasks_spread_over_the_hosts(cluster: RayCluster) 
     assert sorted(per_host) == sorted(node.ip for node in cluster.nodes), per_host
     assert min(per_host.values()) >= 6, f"not spread by capacity: {per_host}"
     assert result["left"] == 0
+
+
+def test_a_program_outside_the_cluster_uses_the_fleet_through_the_ray_client(
+        cluster: RayCluster) -> None:
+    result = cluster.outside(f"""
+        from kelpie.fleet import Fleet
+
+        fleet = Fleet("ray://{cluster.head.ip}:10001")
+        box = fleet.create(template={TEMPLATE!r}, name="outside")
+        done = box.exec(["sh", "-c", "echo 6x7=$((6 * 7))"])
+        where = fleet.info("outside").host
+        fleet.remove("outside")
+        print(json.dumps({{"out": done.stdout.decode().strip(), "where": where,
+                          "hosts": sorted(h.host for h in fleet.hosts()),
+                          "left": [s.name for s in fleet.list()]}}))
+    """)
+    assert result["out"] == "6x7=42", result
+    assert result["hosts"] == sorted(node.ip for node in cluster.nodes), result
+    assert result["where"] in result["hosts"] and result["left"] == [], result
 
 
 def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(
