@@ -164,6 +164,25 @@ def test_live_teleport_keeps_the_guest_and_its_disk_writes(
         a.kelpie("rm", "-f", "lively")
 
 
+def test_a_sandbox_restored_from_a_template_teleports_live(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    # its QEMU loaded the template's state with x-ignore-shared on, which a live stream
+    # must not claim (the target refused it: "Capability x-ignore-shared is off")
+    a, b = pair
+    ok(a.kelpie("template", "create", "--name", "tpl128", "--memory", "128m"))
+    try:
+        ok(a.kelpie("run", "-d", "--name", "fromtpl", "--template", "tpl128"))
+        ok(a.kelpie("exec", "fromtpl", "--", "sh", "-c", "echo 42 > /root/answer"))
+        out = ok(_teleport(a, b, "fromtpl", "--mode", "live"))
+        assert "mode: live" in out, out
+        assert ok(b.kelpie("exec", "fromtpl", "--", "cat", "/root/answer")).strip() == "42"
+    finally:
+        b.kelpie("rm", "-f", "fromtpl")
+        a.kelpie("rm", "-f", "fromtpl")
+        a.kelpie("template", "rm", "tpl128")
+
+
 def test_live_that_does_not_converge_falls_back_to_full(pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
     ok(a.kelpie("run", "-d", "--name", "sluggish", "--memory", "256", DEMO, "--", "sh", "-c",

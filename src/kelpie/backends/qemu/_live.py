@@ -395,9 +395,12 @@ async def _has_job(qmp: QMPClient, job_id: str) -> bool:
 
 
 async def _set_capabilities(qmp: QMPClient, *, switchover_pause: bool) -> None:
+    # x-ignore-shared off, always: a VM restored from a snapshot (a template's sandbox)
+    # loaded its state with it on, and the target refuses a stream that claims it
     await qmp.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "events", "state": True},
         {"capability": "pause-before-switchover", "state": switchover_pause},
+        {"capability": "x-ignore-shared", "state": False},
     ]})
 
 
