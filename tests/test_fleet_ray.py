@@ -5,6 +5,7 @@ a 128 MiB template. Drivers run in the head's namespace, as Ray wants.
 One cluster for the module (and a SeaweedFS server in the head's namespace as the shared
 store), in this order: 32 sandboxes created at once from Ray tasks (spread over the hosts,
 each running a command); a program outside the cluster using it through the Ray client; a
+host agent killed on a live node and started again; a
 template made on one host, pushed to the store and pulled onto
 the others, starting sandboxes on every node (and a damaged copy in the store refused); a
 drain that teleports a running sandbox whose counter goes on; guests that cannot open the
@@ -144,6 +145,40 @@ def test_a_program_outside_the_cluster_uses_the_fleet_through_the_ray_client(
     assert result["out"] == "6x7=42", result
     assert result["hosts"] == sorted(node.ip for node in cluster.nodes), result
     assert result["where"] in result["hosts"] and result["left"] == [], result
+
+
+def test_a_host_agent_that_dies_on_a_live_node_is_started_again(
+        cluster: RayCluster) -> None:
+    node = cluster.nodes[1]
+    result = cluster.driver(f"""
+        import time
+        from kelpie.fleet import Fleet
+
+        fleet = Fleet()
+        box = fleet.create(template={TEMPLATE!r}, name="steady", host={node.ip!r})
+        node_id = [n["NodeID"] for n in ray.nodes()
+                   if n["Alive"] and n["NodeManagerAddress"] == {node.ip!r}][0]
+        ray.kill(ray.get_actor("kelpie-host-" + node_id[:16], namespace="kelpie"))
+        killed = time.monotonic()
+        failed = back = None
+        while time.monotonic() - killed < 90:
+            host = [h for h in fleet.hosts() if h.host == {node.ip!r}][0]
+            if host.reason and "last report failed" in host.reason:
+                failed = host.reason
+            if failed and host.reason is None and host.last_seen > killed:
+                back = time.monotonic() - killed
+                break
+            time.sleep(0.5)
+        out = box.exec(["echo", "still here"]).stdout.decode().strip()
+        info = fleet.info("steady")
+        fleet.remove("steady")
+        print(json.dumps({{"failed": failed, "back": back, "out": out,
+                          "status": info.status.value, "host": host.status.value}}))
+    """)
+    assert result["failed"] is not None, result  # the dead agent was noticed
+    assert result["back"] is not None, result  # and a new one reports
+    assert (result["status"], result["host"]) == ("running", "up"), result
+    assert result["out"] == "still here", result
 
 
 def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(

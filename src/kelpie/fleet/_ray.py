@@ -126,13 +126,19 @@ class RayHostLink:
         self._host = host
         self._actor = actor
         self._what = f"the host agent of {host}"
+        self.gone = False
+        """Its actor died (its node may live on): the controller starts another."""
 
     @property
     def host(self) -> str:
         return self._host
 
     async def report(self) -> HostReport:
-        report: HostReport = await answer(self._actor.report.remote(), self._what)
+        try:
+            report: HostReport = await answer(self._actor.report.remote(), self._what)
+        except HostUnreachable:
+            self.gone = True
+            raise
         return report
 
     async def create(self, request: SandboxCreate) -> HostedSandbox:
@@ -182,8 +188,8 @@ class FleetController:
         self._memory_mib = memory_mib
         self._coordinator = FleetCoordinator(clock=time.monotonic, rng=random.Random(),
                                              lost_after=lost_after)
-        self._agents: dict[str, tuple[str, Any]] = {}
-        """host -> (Ray node id, its agent actor)."""
+        self._agents: dict[str, tuple[str, RayHostLink]] = {}
+        """host -> (Ray node id, the link to its agent actor)."""
         self._problems: dict[str, str] = {}
         self._loop: asyncio.Task[None] | None = None
         self._found = asyncio.Event()
@@ -221,7 +227,8 @@ class FleetController:
                 self._coordinator.host_died(ip, f"Ray declared node {node['NodeID'][:12]} "
                                                 f"({ip}) dead")
         starts = [self._start_agent(ip, node) for ip, node in alive.items()
-                  if self._agents.get(ip, ("",))[0] != node["NodeID"]]
+                  if ip not in self._agents or self._agents[ip][0] != node["NodeID"]
+                  or self._agents[ip][1].gone]  # a new node, or an agent that died on its own
         await asyncio.gather(*starts)
 
     async def _start_agent(self, ip: str, node: dict[str, Any]) -> None:
@@ -239,8 +246,9 @@ class FleetController:
             log.warning("host %s: %s", ip, self._problems[ip])
             return
         self._problems.pop(ip, None)
-        self._agents[ip] = (node_id, actor)
-        self._coordinator.add_host(RayHostLink(ip, actor))
+        link = RayHostLink(ip, actor)
+        self._agents[ip] = (node_id, link)
+        self._coordinator.add_host(link)
 
     # --- the fleet's API (called by Fleet / AsyncFleet) ------------------------------------
 
