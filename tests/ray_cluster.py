@@ -70,6 +70,8 @@ class RayCluster:
         self.prefix = f"kf{os.getpid() % 10000}"
         self.subnet = f"10.{subnet_index}.0"
         self.bridge = f"{self.prefix}br"
+        self.registry = ""
+        """HOST:PORT of a registry a test started for the nodes, if any."""
         self.nodes: list[RayNode] = []
         try:
             _ip("link", "add", self.bridge, "type", "bridge")

@@ -27,7 +27,7 @@ from waiting import wait_for
 REGISTRY_BINARY = "docker-registry"
 SKOPEO = "skopeo"
 HTPASSWD = "htpasswd"
-_LISTENING = re.compile(rb"listening on (127\.0\.0\.1:\d+)")
+_LISTENING = re.compile(rb"listening on ((?:\d+\.){3}\d+:\d+)")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -79,9 +79,11 @@ class RunningRegistry:
 
 
 def start_registry(
-    workdir: Path, *, credentials: tuple[str, str] | None = None, timeout: float = 20.0
+    workdir: Path, *, credentials: tuple[str, str] | None = None, timeout: float = 20.0,
+    host: str = "127.0.0.1",
 ) -> RunningRegistry:
-    """Start ``docker-registry`` under ``workdir``; with ``credentials``, behind htpasswd."""
+    """Start ``docker-registry`` under ``workdir`` on ``host`` (an address of this
+    machine); with ``credentials``, behind htpasswd."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = workdir / "storage"
     config = [
@@ -92,7 +94,7 @@ def start_registry(
         "  filesystem:",
         f"    rootdirectory: {storage}",
         "http:",
-        "  addr: 127.0.0.1:0",
+        f"  addr: {host}:0",
         "  secret: kelpie-tests",
     ]
     if credentials is not None:

@@ -350,3 +350,15 @@ def test_a_recovery_policy_names_what_is_wrong_with_it() -> None:
         "recover_interval=0.5: expected seconds, at least 5")
     assert Recovery.from_label("snapshot/30") == Recovery("snapshot", 30.0)
     assert Recovery.from_label("nonsense") is None
+
+
+def test_a_shared_templates_image_is_pulled_pinned_to_its_digest() -> None:
+    from kelpie.fleet._agent import pinned
+
+    digest = "sha256:" + "ab" * 32
+    assert pinned("docker.io/library/alpine:3.19", digest) == \
+        f"docker.io/library/alpine@{digest}"
+    # a colon before the last slash is a registry's port, not a tag
+    assert pinned("10.0.0.1:5000/team/app", digest) == f"10.0.0.1:5000/team/app@{digest}"
+    assert pinned("10.0.0.1:5000/team/app:v2@sha256:00", digest) == \
+        f"10.0.0.1:5000/team/app@{digest}"

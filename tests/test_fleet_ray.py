@@ -2,17 +2,17 @@
 by veth, each a Kelpie host (host agent + daemon) running real QEMU sandboxes restored from
 a 128 MiB template. Drivers run in the head's namespace, as Ray wants.
 
-One cluster for the module (and a SeaweedFS server in the head's namespace as the shared
-store), in this order: 32 sandboxes created at once from Ray tasks (spread over the hosts,
-each running a command); a program outside the cluster using it through the Ray client; a
-host agent killed on a live node and started again; a
-template made on one host, pushed to the store and pulled onto
-the others, starting sandboxes on every node (and a damaged copy in the store refused); a
-drain that teleports a running sandbox whose counter goes on; guests that cannot open the
-cluster's own ports; and a raylet killed with SIGKILL, whose sandboxes are reported lost
-within the bound: those saved with recover=checkpoint come back on other hosts with their
-files; when the node rejoins, the one only lost is reported back (not destroyed) and the old
-copies of the recovered ones are fenced.
+One cluster for the module (with a SeaweedFS server in the head's namespace as the shared
+store, and a registry on the bridge), in this order: 32 sandboxes created at once from Ray
+tasks (spread over the hosts, each running a command); a program outside the cluster using
+it through the Ray client; a host agent killed on a live node and started again; a template
+made on one host from the registry's image, pushed to the store and pulled onto the others
+(which pull the image by digest), starting sandboxes on every node (and a damaged copy in
+the store refused); a drain that teleports a running sandbox whose counter goes on; guests
+that cannot open the cluster's own ports; and a raylet killed with SIGKILL, whose sandboxes
+are reported lost within the bound: those saved with recover=checkpoint come back on other
+hosts with their files; when the node rejoins, the one only lost is reported back (not
+destroyed) and the old copies of the recovered ones are fenced.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import pytest
 
 from conftest import real_part_missing
 from ray_cluster import RayCluster
+from registry_server import RunningRegistry, missing_tools, start_registry
+from test_cli_e2e import DEMO_IMAGE_SCRIPT
 
 pytestmark = [pytest.mark.vm]
 
@@ -80,6 +82,19 @@ def _start_store(cluster: RayCluster) -> subprocess.Popen[bytes]:
     return server
 
 
+def _start_registry(cluster: RayCluster) -> RunningRegistry:
+    """A registry on the bridge's own address (every node reaches it) holding the demo
+    image as ``kelpie/demo:latest``."""
+    if missing_tools():
+        real_part_missing(f"an OCI registry and skopeo ({', '.join(missing_tools())})")
+    workdir = Path(tempfile.mkdtemp(prefix="reg", dir=cluster.head.home.root))
+    registry = start_registry(workdir, host=f"{cluster.subnet}.1")
+    subprocess.run([sys.executable, str(DEMO_IMAGE_SCRIPT), str(workdir / "layout")],
+                   check=True, capture_output=True)
+    registry.push(workdir / "layout", "latest", "kelpie/demo")
+    return registry
+
+
 @pytest.fixture(scope="module")
 def cluster(guestkit: object) -> Iterator[RayCluster]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -87,12 +102,16 @@ def cluster(guestkit: object) -> Iterator[RayCluster]:
     if importlib.util.find_spec("ray") is None:
         real_part_missing("the fleet needs Ray (pip install -e '.[fleet]')")
     nodes = RayCluster(3)
+    registry = None
     try:
         _start_store(nodes)
+        registry = _start_registry(nodes)
+        nodes.registry = registry.address
         hosts = nodes.driver(f"""
             from kelpie.fleet import Fleet, StoreConfig
             store = StoreConfig("http://{nodes.head.ip}:{STORE_PORT}", "kelpie", *{STORE_KEYS!r})
-            fleet = Fleet.up(interval={INTERVAL}, lost_after={LOST_AFTER}, store=store)
+            fleet = Fleet.up(interval={INTERVAL}, lost_after={LOST_AFTER}, store=store,
+                             insecure_registries=[{registry.address!r}])
             made = fleet.create_template({TEMPLATE!r}, memory="128m")
             print(json.dumps({{"hosts": [h.host for h in fleet.hosts()], "made": made,
                               "problems": fleet.problems()}}))
@@ -101,6 +120,8 @@ def cluster(guestkit: object) -> Iterator[RayCluster]:
         assert sorted(hosts["made"]) == sorted(hosts["hosts"]), hosts
         yield nodes
     finally:
+        if registry is not None:
+            registry.stop()
         nodes.close()
 
 
@@ -183,19 +204,28 @@ def test_a_host_agent_that_dies_on_a_live_node_is_started_again(
 
 def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(
         cluster: RayCluster) -> None:
+    image = f"{cluster.registry}/kelpie/demo:latest"
     result = cluster.driver(f"""
+        import asyncio
         import boto3
+        from kelpie.client import DaemonClient
         from kelpie.fleet import Fleet, FleetError
         from kelpie.sdk import Sandbox
 
         fleet = Fleet()
         first = fleet.hosts()[0].report.address
-        Sandbox.create_template("solo", memory="128m", daemon=first, token=fleet._token)
+        async def pull():  # only the first host has the image; the others pull it by digest
+            async with DaemonClient(first, token=fleet._token) as client:
+                return (await client.pull_image({image!r}, insecure=True)).digest
+        digest = asyncio.run(pull())
+        Sandbox.create_template("solo", {image!r}, memory="128m", daemon=first,
+                                token=fleet._token)
         fleet.refresh()
         shared = fleet.share_template("solo")
+        holders = sorted(h.host for h in fleet.hosts() if digest in h.report.images)
         boxes = [fleet.create(template="solo", name=f"solo{{i}}", host=h.host)
                  for i, h in enumerate(fleet.hosts())]
-        ran = [b.exec(["sh", "-c", "echo from $(hostname)"]).exit_code for b in boxes]
+        ran = [b.exec(["sh", "-c", "seq 3 | wc -l"]).stdout.decode().strip() for b in boxes]
         where = sorted(fleet.info(b.name).host for b in boxes)
         for b in boxes:
             fleet.remove(b.name)
@@ -224,11 +254,12 @@ def test_a_template_in_the_shared_store_starts_sandboxes_on_every_node(
         except FleetError as exc:
             refused = str(exc)
         print(json.dumps({{"shared": shared, "ran": ran, "where": where, "refused": refused,
-                          "last": last.host, "size": manifest["size"]}}))
+                          "last": last.host, "size": manifest["size"], "holders": holders}}))
     """)
     ips = sorted(node.ip for node in cluster.nodes)
     assert sorted(result["shared"]) == ips, json.dumps(result)
-    assert result["ran"] == [0, 0, 0], json.dumps(result)
+    assert result["ran"] == ["3", "3", "3"], json.dumps(result)  # the image's own seq
+    assert result["holders"] == ips, json.dumps(result)  # pulled where it was missing
     assert result["where"] == ips, json.dumps(result)
     assert result["size"] > 0
     assert result["refused"] is not None, json.dumps(result)

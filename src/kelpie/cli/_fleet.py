@@ -54,8 +54,12 @@ def fleet() -> None:
                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).")
 @click.option("--store-bucket", metavar="NAME", default="kelpie", show_default=True,
               help="Its bucket (it must exist).")
+@click.option("--insecure-registry", "insecure_registries", multiple=True, metavar="HOST:PORT",
+              help="A registry hosts may pull a shared template's image from over plain "
+                   "HTTP (repeatable).")
 def up(address: str | None, port: int, lost_after: float, interval: float,
-       memory_mib: int | None, store_endpoint: str | None, store_bucket: str) -> int:
+       memory_mib: int | None, store_endpoint: str | None, store_bucket: str,
+       insecure_registries: tuple[str, ...]) -> int:
     """Start the fleet's controller and a host agent on every kelpie_host node (a no-op
     for what already runs)."""
     import os
@@ -70,7 +74,8 @@ def up(address: str | None, port: int, lost_after: float, interval: float,
                                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         store = StoreConfig(store_endpoint, store_bucket, str(keys[0]), str(keys[1]))
     started = Fleet.up(address, port=port, lost_after=lost_after, interval=interval,
-                       memory_mib=memory_mib, store=store)
+                       memory_mib=memory_mib, store=store,
+                       insecure_registries=insecure_registries)
     _show_hosts(started, as_json=False)
     return 0
 

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from kelpie._exceptions import TeleportAborted
+from kelpie._exceptions import KelpieError, TeleportAborted
 from kelpie._paths import state_dir
 from kelpie.api import Sandbox, SandboxCreate, TemplateCreate
 from kelpie.client import DaemonClient, DaemonUnreachable
@@ -39,11 +39,13 @@ class HostAgent:
     """The fleet's side of one host: the daemon listening on ``ip:port`` with the fleet's
     token, reported on and driven for the coordinator.
 
-    ``memory_mib`` caps what the fleet places here (default: what the host has free).
+    ``memory_mib`` caps what the fleet places here (default: what the host has free);
+    ``insecure_registries``: registries (HOST:PORT) pulled from over plain HTTP.
     """
 
     def __init__(self, host: str, ip: str, port: int, token: str, *,
-                 memory_mib: int | None = None, store: StoreConfig | None = None) -> None:
+                 memory_mib: int | None = None, store: StoreConfig | None = None,
+                 insecure_registries: tuple[str, ...] = ()) -> None:
         self.host = host
         self.address = f"http://{ip}:{port}"
         self._listen = f"{ip}:{port}"
@@ -51,6 +53,7 @@ class HostAgent:
         self._memory_mib = memory_mib
         self._client = DaemonClient(self.address, token=token)
         self._store_config = store
+        self._insecure = frozenset(insecure_registries)
 
     async def start(self) -> str:
         """Make sure the daemon answers at :attr:`address` (start it if none runs here);
@@ -115,21 +118,43 @@ class HostAgent:
     async def push_template(self, name: str) -> StoredTemplate:
         """Export template ``name`` from this host's daemon into the shared store."""
         store = self._store()
+        template = await self._client.inspect_snapshot(name)
         with tempfile.TemporaryDirectory(dir=_scratch(), prefix="push-") as scratch:
             archive = Path(scratch) / "template.tar"
             with archive.open("wb") as out:
-                async for chunk in self._client.export_snapshot(name):
+                async for chunk in self._client.export_snapshot(template.id):
                     out.write(chunk)
-            return await store.put(name, archive)
+            return await store.put(name, archive, image=template.image,
+                                   image_digest=template.image_digest)
 
     async def pull_template(self, name: str) -> StoredTemplate:
-        """Fetch template ``name`` from the shared store (verified) into this host's daemon."""
+        """Fetch template ``name`` from the shared store (verified) into this host's daemon,
+        and the image it was made from (by digest, from its registry) if this host lacks
+        it."""
         store = self._store()
         with tempfile.TemporaryDirectory(dir=_scratch(), prefix="pull-") as scratch:
             archive = Path(scratch) / "template.tar"
             stored = await store.get(name, archive)
+            await self._ensure_image(stored)
             await self._client.import_snapshot(_read(archive), name=name)
-            return stored
+        return stored
+
+    async def _ensure_image(self, template: StoredTemplate) -> None:
+        """Pull the exact image (manifest digest) ``template`` was made from, if missing."""
+        digest = template.image_digest
+        if digest is None or any(i.digest == digest for i in await self._client.list_images()):
+            return
+        if template.image is None:
+            raise StoreError(f"template {template.name!r} needs image {digest}, which host "
+                             f"{self.host} lacks; import that image there")
+        reference = pinned(template.image, digest)
+        registry = reference.split("/", 1)[0]
+        try:
+            await self._client.pull_image(reference, insecure=registry in self._insecure)
+        except KelpieError as exc:
+            raise StoreError(f"template {template.name!r} needs image {reference}, which host "
+                             f"{self.host} lacks, and pulling it failed: {exc}; import or "
+                             "pull that image there, then share the template again") from exc
 
     async def save(self, name: str, kind: str, generation: int, keep: SavedState | None,
                    ) -> SavedState:
@@ -203,6 +228,15 @@ class HostAgent:
             report = await self._client.teleport(name, to.address, token=self._token,
                                                  mode="full")
         return _hosted(report.sandbox)
+
+
+def pinned(reference: str, digest: str) -> str:
+    """``reference`` (``registry/repo:tag`` or ``...@sha256:...``) pinned to ``digest``."""
+    name = reference.split("@", 1)[0]
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:  # a tag (a colon before the last slash is the registry's port)
+        name = name[:colon]
+    return f"{name}@{digest}"
 
 
 def _hosted(sandbox: Sandbox) -> HostedSandbox:

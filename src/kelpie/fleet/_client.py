@@ -6,6 +6,7 @@ the host the sandbox is on."""
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from typing import Any, NoReturn, Self
 
 from kelpie._units import optional_mib
@@ -47,13 +48,17 @@ class AsyncFleet:
     @classmethod
     async def up(cls, address: str | None = None, *, port: int = DEFAULT_PORT,
                  interval: float = DEFAULT_INTERVAL, lost_after: float = DEFAULT_LOST_AFTER,
-                 memory_mib: int | None = None, store: StoreConfig | None = None) -> Self:
+                 memory_mib: int | None = None, store: StoreConfig | None = None,
+                 insecure_registries: Sequence[str] = ()) -> Self:
         """Start the fleet (a no-op if it runs): its controller, and a host agent and
         daemon (TCP ``port``) on every node with the ``kelpie_host`` resource. ``store``:
-        the S3-compatible store templates are shared through (:meth:`share_template`)."""
+        the S3-compatible store templates (:meth:`share_template`) and saved states go
+        through; ``insecure_registries``: registries (HOST:PORT) a host may pull a
+        template's image from over plain HTTP."""
         connect_ray(address)
         handle = start_controller(port=port, interval=interval, lost_after=lost_after,
-                                  memory_mib=memory_mib, store=store)
+                                  memory_mib=memory_mib, store=store,
+                                  insecure_registries=insecure_registries)
         await answer(handle.start.remote(), CONTROLLER_NAME)
         return cls(handle, await answer(handle.token.remote(), CONTROLLER_NAME))
 
@@ -148,11 +153,13 @@ class Fleet:
     @classmethod
     def up(cls, address: str | None = None, *, port: int = DEFAULT_PORT,
            interval: float = DEFAULT_INTERVAL, lost_after: float = DEFAULT_LOST_AFTER,
-           memory_mib: int | None = None, store: StoreConfig | None = None) -> Fleet:
+           memory_mib: int | None = None, store: StoreConfig | None = None,
+           insecure_registries: Sequence[str] = ()) -> Fleet:
         """Start the fleet (see :meth:`AsyncFleet.up`)."""
         connect_ray(address)
         handle = start_controller(port=port, interval=interval, lost_after=lost_after,
-                                  memory_mib=memory_mib, store=store)
+                                  memory_mib=memory_mib, store=store,
+                                  insecure_registries=insecure_registries)
         get(handle.start.remote())
         return cls(address)
 

@@ -19,6 +19,7 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -58,8 +59,10 @@ class HostAgentActor:
     """A :class:`HostAgent` as a Ray actor pinned to its node."""
 
     def __init__(self, host: str, ip: str, port: int, token: str,
-                 memory_mib: int | None, store: StoreConfig | None) -> None:
-        self._agent = HostAgent(host, ip, port, token, memory_mib=memory_mib, store=store)
+                 memory_mib: int | None, store: StoreConfig | None,
+                 insecure_registries: tuple[str, ...]) -> None:
+        self._agent = HostAgent(host, ip, port, token, memory_mib=memory_mib, store=store,
+                                insecure_registries=insecure_registries)
 
     async def start(self) -> str:
         return await self._agent.start()
@@ -180,9 +183,11 @@ class FleetController:
     """The coordinator as a detached actor, with the loop that finds hosts and refreshes."""
 
     def __init__(self, token: str, port: int, interval: float, lost_after: float,
-                 memory_mib: int | None, store: StoreConfig | None) -> None:
+                 memory_mib: int | None, store: StoreConfig | None,
+                 insecure_registries: tuple[str, ...]) -> None:
         self._token = token
         self._store = store
+        self._insecure_registries = insecure_registries
         self._port = port
         self._interval = interval
         self._memory_mib = memory_mib
@@ -237,7 +242,8 @@ class FleetController:
             name=f"kelpie-host-{node_id[:16]}", namespace=NAMESPACE, lifetime="detached",
             get_if_exists=True, resources={HOST_RESOURCE: 1},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(ip, ip, self._port, self._token, self._memory_mib, self._store)
+        ).remote(ip, ip, self._port, self._token, self._memory_mib, self._store,
+                 self._insecure_registries)
         try:
             await asyncio.wait_for(answer(actor.start.remote(), f"the host agent of {ip}"),
                                    AGENT_START_TIMEOUT)
@@ -347,9 +353,11 @@ def controller() -> Any:
 
 def start_controller(*, port: int = DEFAULT_PORT, interval: float = DEFAULT_INTERVAL,
                      lost_after: float = DEFAULT_LOST_AFTER,
-                     memory_mib: int | None = None, store: StoreConfig | None = None) -> Any:
+                     memory_mib: int | None = None, store: StoreConfig | None = None,
+                     insecure_registries: Sequence[str] = ()) -> Any:
     """The fleet's controller, started (detached, on the head node) if it is not running."""
     return FleetController.options(  # type: ignore[attr-defined]
         name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         resources={"node:__internal_head__": 0.001},
-    ).remote(secrets.token_urlsafe(32), port, interval, lost_after, memory_mib, store)
+    ).remote(secrets.token_urlsafe(32), port, interval, lost_after, memory_mib, store,
+             tuple(insecure_registries))

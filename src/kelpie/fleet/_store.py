@@ -2,7 +2,8 @@
 pulled by every host, and the saved states lost sandboxes are recovered from. Every archive
 is verified by its sha256 before a host imports it.
 
-Layout in the bucket: ``templates/NAME.json`` (the manifest: name, sha256 digest, size)
+Layout in the bucket: ``templates/NAME.json`` (the manifest: name, sha256 digest, size,
+and the image it was made from: reference and manifest digest)
 and ``templates/NAME/sha256-HEX.tar`` (the snapshot archive a daemon exports). A manifest is
 written only after its archive is complete, so a reader never sees a manifest whose archive
 is missing or partial. Saved states are ``sandboxes/NAME/gGENERATION-sha256-HEX.tar``; the
@@ -50,6 +51,9 @@ class StoredTemplate:
     name: str
     digest: str
     size: int
+    image: str | None = None
+    """The reference of the image it was made from (None: the guest kit's own)."""
+    image_digest: str | None = None
 
 
 class SharedStore:
@@ -64,20 +68,23 @@ class SharedStore:
             "s3", endpoint_url=config.endpoint, aws_access_key_id=config.access_key,
             aws_secret_access_key=config.secret_key, region_name=config.region)
 
-    async def put(self, name: str, archive: Path) -> StoredTemplate:
-        """Upload ``archive`` as template ``name``; its manifest last."""
+    async def put(self, name: str, archive: Path, *, image: str | None = None,
+                  image_digest: str | None = None) -> StoredTemplate:
+        """Upload ``archive`` as template ``name`` (made from ``image``); its manifest
+        last."""
         _check_name(name)
         digest, size = await asyncio.to_thread(_sha256, archive)
         key = f"templates/{name}/{digest.replace(':', '-')}.tar"
+        stored = StoredTemplate(name, digest, size, image, image_digest)
         try:
             await asyncio.to_thread(self._s3.upload_file, str(archive), self._config.bucket, key)
-            manifest = json.dumps({"name": name, "digest": digest, "size": size}).encode()
+            manifest = json.dumps(dataclasses.asdict(stored)).encode()
             await asyncio.to_thread(self._s3.put_object, Bucket=self._config.bucket,
                                     Key=f"templates/{name}.json", Body=manifest)
         except Exception as exc:  # botocore's errors: one clear error with the cause
             raise StoreError(f"uploading template {name!r} to {self._where()} failed: "
                              f"{exc}") from exc
-        return StoredTemplate(name, digest, size)
+        return stored
 
     async def get(self, name: str, into: Path) -> StoredTemplate:
         """Download template ``name`` to ``into``, checked against its manifest's size and
@@ -88,7 +95,8 @@ class SharedStore:
                                            Key=f"templates/{name}.json")
             manifest = json.loads(await asyncio.to_thread(body["Body"].read))
             stored = StoredTemplate(str(manifest["name"]), str(manifest["digest"]),
-                                    int(manifest["size"]))
+                                    int(manifest["size"]), _optional(manifest.get("image")),
+                                    _optional(manifest.get("image_digest")))
         except Exception as exc:
             raise StoreError(f"fetching template {name!r} from {self._where()} failed: "
                              f"{exc}") from exc
@@ -151,6 +159,10 @@ class SharedStore:
 
     def _where(self) -> str:
         return f"s3 bucket {self._config.bucket!r} at {self._config.endpoint}"
+
+
+def _optional(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _check_name(name: str) -> None:
