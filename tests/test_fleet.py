@@ -20,6 +20,7 @@ from kelpie.dst._fleet_sim import SimFleetHost, run_fleet_seed
 from kelpie.fleet import (
     FleetCoordinator,
     FleetError,
+    FleetTemplates,
     HostedSandbox,
     HostReport,
     HostStatus,
@@ -266,7 +267,7 @@ def test_create_on_a_named_host_and_a_clear_error_for_an_unknown_one() -> None:
 def test_share_template_pushes_from_a_holder_and_pulls_onto_the_others() -> None:
     async def scenario(fleet: FleetCoordinator, sims: dict[str, SimFleetHost]) -> None:
         with pytest.raises(FleetError, match="no host that is up holds template 't'"):
-            await fleet.share_template("t")
+            await FleetTemplates(fleet).share("t")
         calls: list[tuple[str, str]] = []
         for sim in sims.values():
             async def push(name: str, host: str = sim.name) -> object:
@@ -289,7 +290,7 @@ def test_share_template_pushes_from_a_holder_and_pulls_onto_the_others() -> None
 
         sims["h0"].report = with_template  # type: ignore[method-assign]
         await fleet.refresh()
-        shared = await fleet.share_template("t")
+        shared = await FleetTemplates(fleet).share("t")
         assert calls == [("push", "h0"), ("pull", "h1"), ("pull", "h2")]
         assert shared == {"h0": None, "h1": None, "h2": "store unreachable"}
 

@@ -35,6 +35,7 @@ from kelpie.fleet._model import (
 )
 from kelpie.fleet._placement import RESERVE_MIB, PlacementError, choose_host
 from kelpie.fleet._store import SharedStore, StoreConfig, StoredTemplate, StoreError
+from kelpie.fleet._templates import FleetTemplates
 
 if TYPE_CHECKING:
     from kelpie.fleet._agent import HostAgent
@@ -69,6 +70,7 @@ __all__ = [
     "FleetEvent",
     "FleetHost",
     "FleetSandbox",
+    "FleetTemplates",
     "HostAgent",
     "HostLink",
     "HostReport",

@@ -1,5 +1,7 @@
 """The fleet's coordinator: places sandboxes, keeps the directory of where each one is,
-declares hosts dead, reports what they lost, and drains hosts by teleport.
+declares hosts dead, reports what they lost, saves the sandboxes that ask for it and
+recovers them elsewhere when lost (fencing older copies by generation), and drains hosts by
+teleport. Templates across its hosts are :mod:`kelpie.fleet._templates`'.
 
 It takes its clock, randomness and the links to the hosts as parameters: under Ray the
 links are host agent actors; under the DST they are simulated hosts on virtual time, with
@@ -246,7 +248,7 @@ class FleetCoordinator:
         try:
             return await asyncio.wait_for(host.link.report(), self.call_timeout)
         except (Exception, TimeoutError) as exc:  # any failure is "no report this round"
-            host.reason = f"last report failed: {_describe(exc)}"
+            host.reason = f"last report failed: {describe(exc)}"
             return None
 
     def _take_report(self, host: _Host, report: HostReport, asked: float) -> None:
@@ -367,7 +369,7 @@ class FleetCoordinator:
                 await asyncio.wait_for(host.link.remove(name, forget_saved=doomed.forget_saved,
                                                         upto=doomed.upto), self.call_timeout)
             except (Exception, TimeoutError) as exc:
-                host.reason = f"removing {name} failed: {_describe(exc)}"
+                host.reason = f"removing {name} failed: {describe(exc)}"
                 continue
             self._event("fenced" if record is not None else "removed", doomed.host, name,
                         "an older copy" if record is not None else "no longer the fleet's")
@@ -423,9 +425,9 @@ class FleetCoordinator:
                 del self._records[name]
             self._doomed[name, target.host] = _Doomed(target.host, self._clock(),
                                                       want.memory_mib)
-            self._event("abandoned", target.host, name, _describe(exc))
+            self._event("abandoned", target.host, name, describe(exc))
             raise FleetError(f"creating sandbox {name!r} on host {target.host} failed: "
-                             f"{_describe(exc)}. If the host made it anyway, the fleet removes "
+                             f"{describe(exc)}. If the host made it anyway, the fleet removes "
                              "it when the host next reports") from exc
         if self._records.get(name) is record:
             record.status = SandboxStatus.RUNNING
@@ -453,7 +455,7 @@ class FleetCoordinator:
             await asyncio.wait_for(host.link.remove(record.name, forget_saved=forget),
                                    self.call_timeout)
         except (Exception, TimeoutError) as exc:
-            host.reason = f"removing {record.name} failed: {_describe(exc)}"
+            host.reason = f"removing {record.name} failed: {describe(exc)}"
             return
         self._event("removed", record.host, record.name, "on request")
 
@@ -469,42 +471,10 @@ class FleetCoordinator:
         """What the fleet did and saw, oldest first (the last :data:`MAX_EVENTS`)."""
         return list(self._events)
 
-    async def create_template(self, request: TemplateCreate) -> dict[str, str | None]:
-        """Make a template on every up host at once: host -> None, or why it failed there."""
-        hosts = [(name, host) for name, host in sorted(self._hosts.items())
-                 if host.status is not HostStatus.DEAD]
-
-        outcomes = await asyncio.gather(*(
-            _outcome(host.link.create_template(request), self.create_timeout)
-            for _, host in hosts))
-        return {name: outcome for (name, _), outcome in zip(hosts, outcomes, strict=True)}
-
-    async def share_template(self, name: str) -> dict[str, str | None]:
-        """Push template ``name`` from a host that holds it to the shared store, then pull
-        it onto every other up host: host -> None (it has it), or why not."""
-        holders = self._holders(name)
-        if not holders:
-            raise FleetError(f"no host that is up holds template {name!r}; make it on one "
-                             "(or on all: create_template)")
-        await asyncio.wait_for(holders[0].link.push_template(name), self.move_timeout)
-        return await self.pull_template(name)
-
-    async def pull_template(self, name: str) -> dict[str, str | None]:
-        """Pull template ``name`` as the shared store has it onto every up host that lacks
-        it: host -> None (it has it), or why not."""
-        holders = self._holders(name)
-        others = [(key, host) for key, host in sorted(self._hosts.items())
-                  if host.status is not HostStatus.DEAD and host not in holders]
-
-        outcomes = await asyncio.gather(*(
-            _outcome(host.link.pull_template(name), self.move_timeout) for _, host in others))
-        shared: dict[str, str | None] = {host.link.host: None for host in holders}
-        shared.update({key: outcome for (key, _), outcome in zip(others, outcomes, strict=True)})
-        return shared
-
-    def _holders(self, template: str) -> list[_Host]:
-        return [host for host in self._hosts.values() if host.status is not HostStatus.DEAD
-                and host.report is not None and template in host.report.templates]
+    def reachable(self) -> list[tuple[HostLink, HostReport | None]]:
+        """The links of the hosts not declared dead, by name, with their last reports."""
+        return [(host.link, host.report) for _, host in sorted(self._hosts.items())
+                if host.status is not HostStatus.DEAD]
 
     # --- drain -----------------------------------------------------------------------------
 
@@ -556,7 +526,7 @@ class FleetCoordinator:
                 # reports say which (see _found_elsewhere)
                 record.status = SandboxStatus.RUNNING
                 record.changed = self._clock()
-            record.reason = f"move to {target.host} failed: {_describe(exc)}"
+            record.reason = f"move to {target.host} failed: {describe(exc)}"
             return
         if (self._records.get(record.name) is not record or record.generation != generation
                 or record.status is SandboxStatus.RECOVERING):
@@ -606,7 +576,7 @@ class FleetCoordinator:
                 host.link.save(record.name, record.recover.snapshot_kind, generation,
                                record.saved), self.move_timeout)
         except (Exception, TimeoutError) as exc:
-            self._event("save-failed", host.link.host, record.name, _describe(exc))
+            self._event("save-failed", host.link.host, record.name, describe(exc))
             return
         finally:
             record.saving = False
@@ -650,7 +620,7 @@ class FleetCoordinator:
             # the target may have made it after all: removed when it reports it
             self._doomed[record.name, target.host] = _Doomed(target.host, self._clock(),
                                                              record.memory_mib, upto=generation)
-            self._event("recovery-failed", target.host, record.name, _describe(exc))
+            self._event("recovery-failed", target.host, record.name, describe(exc))
             if self._records.get(record.name) is record:
                 record.status, record.target = SandboxStatus.LOST, None
                 record.reason = lost_reason
@@ -749,16 +719,8 @@ class FleetCoordinator:
             del self._events[: len(self._events) - MAX_EVENTS]
 
 
-async def _outcome(call: Awaitable[object], timeout: float) -> str | None:
-    """None when ``call`` succeeds within ``timeout``, else why it did not."""
-    try:
-        await asyncio.wait_for(call, timeout)
-    except (Exception, TimeoutError) as exc:
-        return _describe(exc)
-    return None
-
-
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """What went wrong, in words (a timeout says so)."""
     if isinstance(exc, TimeoutError):
         return "no answer within the time limit"
     return str(exc) or type(exc).__name__

@@ -43,6 +43,7 @@ from kelpie.fleet._model import (
     SavedState,
 )
 from kelpie.fleet._store import StoreConfig, StoredTemplate
+from kelpie.fleet._templates import FleetTemplates
 
 NAMESPACE = "kelpie"
 CONTROLLER = "kelpie-fleet"
@@ -193,6 +194,7 @@ class FleetController:
         self._memory_mib = memory_mib
         self._coordinator = FleetCoordinator(clock=time.monotonic, rng=random.Random(),
                                              lost_after=lost_after)
+        self._templates = FleetTemplates(self._coordinator)
         self._agents: dict[str, tuple[str, RayHostLink]] = {}
         """host -> (Ray node id, the link to its agent actor)."""
         self._problems: dict[str, str] = {}
@@ -288,17 +290,17 @@ class FleetController:
         await self._coordinator.remove(ref)
 
     async def create_template(self, request: TemplateCreate) -> dict[str, str | None]:
-        outcomes = await self._coordinator.create_template(request)
+        outcomes = await self._templates.create(request)
         await self._coordinator.refresh()  # so placement sees the template at once
         return outcomes
 
     async def share_template(self, name: str) -> dict[str, str | None]:
-        outcomes = await self._coordinator.share_template(name)
+        outcomes = await self._templates.share(name)
         await self._coordinator.refresh()
         return outcomes
 
     async def pull_template(self, name: str) -> dict[str, str | None]:
-        outcomes = await self._coordinator.pull_template(name)
+        outcomes = await self._templates.pull(name)
         await self._coordinator.refresh()
         return outcomes
 
