@@ -1,7 +1,7 @@
 """The fleet's coordinator: places sandboxes, keeps the directory of where each one is,
 declares hosts dead, reports what they lost, saves the sandboxes that ask for it and
 recovers them elsewhere when lost (fencing older copies by generation), and drains hosts by
-teleport. Templates across its hosts are :mod:`kelpie.fleet._templates`'.
+teleport. Templates across its hosts are :mod:`kelpie.fleet._templates`.
 
 It takes its clock, randomness and the links to the hosts as parameters: under Ray the
 links are host agent actors; under the DST they are simulated hosts on virtual time, with
