@@ -84,6 +84,8 @@ class ErrorResponse(_Model):
 
 ERROR_STATUS: tuple[tuple[str, int], ...] = (
     # most specific first: the first class name in an error's ``types`` that is listed wins
+    ("LoginRefused", 401),
+    ("NotAllowed", 403),
     ("SandboxNotFound", 404),
     ("ExecNotFound", 404),
     ("SnapshotNotFound", 404),
@@ -423,6 +425,27 @@ class GuestUsageStats(_Model):
     net_tx_bytes: int
     processes: int
     uptime_seconds: float
+
+
+# ---- the dashboard's login -----------------------------------------------------------
+class LoginBody(_Model):
+    """A dashboard login: a one-time token from ``kelpie dashboard`` (or the daemon's own
+    token on a TCP daemon)."""
+
+    token: str = Field(min_length=1, max_length=512)
+
+
+class DashboardSession(_Model):
+    """A dashboard session: send ``csrf`` as ``X-CSRF-Token`` on state-changing requests."""
+
+    csrf: str
+
+
+class DashboardLogin(_Model):
+    """Where to open the dashboard: ``url`` holds a one-time token in its fragment."""
+
+    url: str
+    expires_in: float
 
 
 class SandboxStats(_Model):

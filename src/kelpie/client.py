@@ -40,6 +40,7 @@ from kelpie.api import (
     BuildEvent,
     BuildOptions,
     CommitBody,
+    DashboardLogin,
     ErrorBody,
     Event,
     ExecBody,
@@ -525,6 +526,11 @@ class DaemonClient:
                         "check the token")) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+
+    async def dashboard_login(self) -> DashboardLogin:
+        """A one-time link to the dashboard (see ``kelpie dashboard``)."""
+        reply = await self._request("POST", "/dashboard/logins")
+        return DashboardLogin.model_validate(reply.json())
 
     # ---- images -------------------------------------------------------------------------
     async def list_images(self) -> builtins.list[Image]:

@@ -49,7 +49,7 @@ COMMANDS = {
     "wait": "_sandbox:wait", "rename": "_sandbox:rename", "port": "_sandbox:port",
     "events": "_monitor:events", "stats": "_monitor:stats", "top": "_monitor:top",
     "attach": "_monitor:attach", "commit": "_sandbox:commit", "build": "_build:build",
-    "mcp": "_mcp:mcp", "fleet": "_fleet:fleet",
+    "mcp": "_mcp:mcp", "fleet": "_fleet:fleet", "dashboard": "_dashboard:dashboard",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from starlette.routing import Match
 from kelpie._version import __version__
 from kelpie.api import ErrorResponse, error_body, error_status, model_json
 from kelpie.daemon import (
+    _dashboard,
     _routes_builds,
     _routes_exec,
     _routes_files,
@@ -34,6 +36,7 @@ from kelpie.daemon import (
     _routes_system,
     _routes_teleport,
 )
+from kelpie.daemon._dashboard import NO_SESSION, DashboardSessions, NotAllowed, is_public
 from kelpie.runtime import Runtime
 from kelpie.teleport import TeleportHost
 from kelpie.vm import ConfigError, GuestFileError, KelpieError
@@ -51,12 +54,17 @@ GUEST_ERRNO_STATUS = {"ENOENT": 404, "EACCES": 403, "EPERM": 403, "EEXIST": 409,
 
 
 def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None = None,
-               teleports: TeleportHost | None = None) -> FastAPI:
-    """The REST API over ``runtime`` (already open while the app serves requests).
+               teleports: TeleportHost | None = None,
+               dashboard: DashboardSessions | None = None,
+               dashboard_address: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
+    """The REST API over ``runtime`` (already open while the app serves requests), and the
+    dashboard page.
 
     ``on_shutdown(stop_sandboxes)`` is called by ``POST /v1/shutdown``; ``teleports`` moves
     sandboxes to and from other daemons (default: one over ``runtime``, its journal opened
-    on first use).
+    on first use); ``dashboard`` holds the dashboard's logins and sessions, and
+    ``dashboard_address()`` gives (listening first if need be) the base URL browsers reach
+    it at (default: the URL the request came to).
     """
     app = FastAPI(
         title="Kelpie daemon",
@@ -69,10 +77,13 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.background = set()
     app.state.exec_streams = {}  # exec_id -> the streamed exec (_routes_exec)
     app.state.teleports = teleports or TeleportHost(runtime)
+    app.state.dashboard = dashboard or DashboardSessions(time.time)
+    app.state.dashboard_address = dashboard_address
     for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
                    _routes_snapshots, _routes_images, _routes_builds, _routes_teleport,
-                   _routes_monitor):
+                   _routes_monitor, _dashboard):
         app.include_router(module.router, prefix="/v1")
+    app.include_router(_dashboard.page_router)
     app.add_exception_handler(KelpieError, _kelpie_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
@@ -159,28 +170,41 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class TokenAuth:
-    """Requires ``Authorization: Bearer <token>`` on every connection not on the unix socket.
+    """Requires ``Authorization: Bearer <token>``, or a dashboard session (see
+    :mod:`kelpie.daemon._dashboard`), on every connection not on the unix socket.
 
     Fails closed: only a connection the server positively reports as coming through
-    ``unix_path`` skips the check; with no token configured, every other connection is
-    refused.
+    ``unix_path`` skips the check; with no token configured, every other connection needs a
+    dashboard session. The dashboard page, its assets and its login exchange are public
+    (they hold no data).
     """
 
-    def __init__(self, app: ASGIApp, *, token: str | None, unix_path: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, token: str | None, unix_path: str | None,
+                 sessions: DashboardSessions | None = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
         self.unix_path = unix_path
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             await self.app(scope, receive, send)
             return
+        refused = NO_SESSION if self.sessions is None else self.sessions.check(scope)
+        if refused is None or (scope["type"] == "http" and is_public(scope["method"],
+                                                                      scope["path"])):
+            await self.app(scope, receive, send)
+            return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
             return
+        if refused != NO_SESSION:  # a session, but not this page's request
+            body = ErrorResponse(error=error_body(NotAllowed(f"refused {refused}")))
+            await JSONResponse(model_json(body), status_code=403)(scope, receive, send)
+            return
         body = ErrorResponse(error=error_body(KelpieError(
             "unauthorized: this daemon needs 'Authorization: Bearer <token>' "
-            "(kelpie --token-file FILE, or KELPIE_TOKEN)"
+            "(kelpie --token-file FILE, or KELPIE_TOKEN), or a dashboard session"
         )))
         response = JSONResponse(model_json(body), status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})

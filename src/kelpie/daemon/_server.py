@@ -12,12 +12,15 @@ leaves every sandbox running, unless asked to stop them; a later daemon re-attac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
 import stat
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -26,6 +29,7 @@ import uvicorn
 
 from kelpie._paths import SOCKET_NAME, runtime_dir
 from kelpie.daemon._app import TokenAuth, create_app
+from kelpie.daemon._dashboard import DashboardSessions
 from kelpie.runtime import Runtime
 from kelpie.teleport import TeleportHost
 from kelpie.vm import ConfigError, KelpieError
@@ -137,12 +141,16 @@ async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
         sockets.append(unix_listener(options.socket_path))
         if options.tcp is not None:
             sockets.append(tcp_listener(*options.tcp))
-        server = _server(options, runtime, teleports)
+        dashboard = _DashboardListener(sockets[1] if options.tcp is not None else None)
+        server = _server(options, runtime, teleports, dashboard)
         pid_file.write_text(f"{os.getpid()}\n")
         _signal_ready(options.ready_fd)
         log.info("listening on %s%s", options.socket_path,
                  f" and tcp {options.tcp[0]}:{options.tcp[1]}" if options.tcp else "")
-        await server.serve(sockets=sockets)
+        try:
+            await server.serve(sockets=sockets)
+        finally:
+            await dashboard.close()
     finally:
         for sock in sockets:
             sock.close()
@@ -172,22 +180,66 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def _server(options: DaemonOptions, runtime: Runtime,
-            teleports: TeleportHost) -> uvicorn.Server:
+class _SecondServer(uvicorn.Server):
+    """A server beside the main one: signals are the main server's to handle (a second
+    ``capture_signals`` would take them over)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _DashboardListener:
+    """Where browsers reach the dashboard: the daemon's TCP listener if it has one, else a
+    loopback listener opened on first use (a second server over the same app, where only a
+    dashboard session gets in)."""
+
+    def __init__(self, tcp: socket.socket | None) -> None:
+        self._socket = tcp
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.config: uvicorn.Config | None = None
+
+    async def address(self) -> str:
+        if self._socket is None:
+            assert self.config is not None
+            self._socket = tcp_listener("127.0.0.1", 0)
+            self._server = _SecondServer(self.config)
+            self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+            log.info("dashboard listening on 127.0.0.1:%d", self._socket.getsockname()[1])
+        host, port = self._socket.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+            assert self._socket is not None
+            self._socket.close()
+
+
+def _server(options: DaemonOptions, runtime: Runtime, teleports: TeleportHost,
+            dashboard: _DashboardListener) -> uvicorn.Server:
     holder: list[uvicorn.Server] = []
 
     def shutdown(stop_sandboxes: bool) -> None:
         holder[0].should_exit = True
 
-    app = TokenAuth(create_app(runtime, on_shutdown=shutdown, teleports=teleports),
-                    token=options.token,
-                    unix_path=str(options.socket_path))
+    sessions = DashboardSessions(time.time, token=options.token)
+    app = TokenAuth(create_app(runtime, on_shutdown=shutdown, teleports=teleports,
+                               dashboard=sessions, dashboard_address=dashboard.address),
+                    token=options.token, unix_path=str(options.socket_path),
+                    sessions=sessions)
     # Idle keep-alive connections outlive the client's (httpx drops its own after 5 s): a
     # server that closed first races a client reusing the connection, which then sees a
     # reset (httpx.ReadError) on a request the daemon never read.
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             ws="websockets-sansio", timeout_graceful_shutdown=5,
                             timeout_keep_alive=KEEP_ALIVE_S)
+    dashboard.config = config
     server = _Server(config)
     holder.append(server)
     return server
