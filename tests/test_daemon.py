@@ -1190,6 +1190,8 @@ def test_fuzz_every_operation(case: Any) -> None:
         case.query = {**(case.query or {}), "until": 1.0}
         # ``until`` replaced may have been the one bad part of a negative case
         excluded.append(schemathesis.checks.negative_data_rejection)
+    if case.operation.path == "/v1/dashboard/session":  # a well-formed token may be wrong
+        excluded.append(schemathesis.checks.positive_data_acceptance)
     case.call_and_validate(timeout=30, excluded_checks=excluded)
     _heal(case.operation.app)
 
