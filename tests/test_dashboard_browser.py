@@ -92,6 +92,7 @@ def test_log_in_watch_a_sandbox_pause_resume_snapshot_and_remove_it(
         page.get_by_role("button", name="Snapshot").click()
         expect(page.locator("#status")).to_contain_text("snapshot")
         expect(page.locator("#status")).to_contain_text("taken")
+        expect(page.locator("#snapshot-rows")).to_contain_text("web")  # of web, listed
         _no_serious_accessibility_violations(page)  # with the detail open too
         page.once("dialog", lambda dialog: dialog.accept())  # "Remove web?"
         page.get_by_role("button", name="Remove").click()

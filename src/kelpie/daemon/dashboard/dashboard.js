@@ -74,6 +74,7 @@ async function login(token) {
 function showLogin(message) {
   $("login").hidden = false;
   $("sandboxes").hidden = true;
+  $("stores").hidden = true;
   $("detail").hidden = true;
   $("logout").hidden = true;
   $("login-error").textContent = message;
@@ -88,6 +89,7 @@ async function logout() {
 async function enter() {
   $("login").hidden = true;
   $("sandboxes").hidden = false;
+  $("stores").hidden = false;
   $("logout").hidden = false;
   try {
     const version = await api("GET", "/v1/version");
@@ -110,6 +112,34 @@ async function refresh() {
   }
   render();
   if (selected) showDetail(sandboxes.find((s) => s.id === selected) ?? null);
+  await refreshStores();
+}
+
+async function refreshStores() {
+  let snapshots, images;
+  try {
+    [snapshots, images] = await Promise.all([
+      api("GET", "/v1/snapshots"), api("GET", "/v1/images")]);
+  } catch (error) {
+    setStatus(error.message);
+    return;
+  }
+  $("snapshot-rows").replaceChildren(...snapshots.map((s) => tableRow([
+    s.name, s.kind, s.template ? "(template)" : (s.sandbox_name ?? "-"), s.backend,
+    s.image ?? "(guest kit)", `${s.memory_mib} MiB`, bytes(s.size),
+    new Date(s.created_at * 1000).toLocaleString()])));
+  $("image-rows").replaceChildren(...images.map((i) => tableRow([
+    i.id, i.tags.join(", ") || "(untagged)", bytes(i.size)])));
+}
+
+function tableRow(values) {
+  const row = document.createElement("tr");
+  for (const value of values) {
+    const cell = document.createElement("td");
+    cell.textContent = value;
+    row.append(cell);
+  }
+  return row;
 }
 
 function scheduleRefresh() {
