@@ -52,6 +52,10 @@ def test_a_one_time_link_logs_in_once_and_the_cookie_is_strict(home: KelpieHome)
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
         assert browser.get("/v1/sandboxes").status_code == 200
         assert browser.get("/v1/dashboard/session").json() == login.json()
+        # the cookie names this host: a page reaching the listener by another name (DNS
+        # rebinding) is not the session's
+        rebound = browser.get("/v1/sandboxes", headers={"Host": "rebound.test"})
+        assert rebound.status_code == 401
     with httpx.Client(base_url=base) as other:  # the same token again: refused
         again = other.post("/v1/dashboard/session", json={"token": token})
         assert again.status_code == 401

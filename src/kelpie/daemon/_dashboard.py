@@ -53,6 +53,8 @@ class NotAllowed(KelpieError):
 class _Session:
     csrf: str
     expires: float
+    host: str
+    """The Host it logged in at: a request naming another (DNS rebinding) is not its."""
 
 
 class DashboardSessions:
@@ -75,9 +77,9 @@ class DashboardSessions:
         self._logins[token] = now + LOGIN_TOKEN_TTL
         return token
 
-    def login(self, token: str) -> tuple[str, str]:
-        """Exchange a one-time token (or the daemon's own token) for a new session: its
-        id (the cookie) and CSRF token."""
+    def login(self, token: str, *, host: str = "") -> tuple[str, str]:
+        """Exchange a one-time token (or the daemon's own token) for a new session at
+        ``host`` (the request's Host): its id (the cookie) and CSRF token."""
         now = self._clock()
         expires = self._logins.pop(token, None)
         daemon_token = self._token is not None and hmac.compare_digest(
@@ -87,16 +89,18 @@ class DashboardSessions:
                                "or expired; run `kelpie dashboard` for a new link")
         session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         self._sessions = {s: v for s, v in self._sessions.items() if v.expires > now}
-        self._sessions[session] = _Session(csrf, now + SESSION_TTL)
+        self._sessions[session] = _Session(csrf, now + SESSION_TTL, host)
         return session, csrf
 
     def logout(self, session: str) -> None:
         self._sessions.pop(session, None)
 
-    def csrf(self, session: str | None) -> str | None:
-        """The CSRF token of a live session, None for no session."""
+    def csrf(self, session: str | None, *, host: str | None = None) -> str | None:
+        """The CSRF token of a live session (at ``host``, if given), None for none."""
         found = self._sessions.get(session or "")
         if found is None or found.expires <= self._clock():
+            return None
+        if host is not None and not hmac.compare_digest(host.encode(), found.host.encode()):
             return None
         return found.csrf
 
@@ -106,7 +110,8 @@ class DashboardSessions:
         else what is missing: ``no session``, or why a session's request is refused."""
         headers = {bytes(name).decode("latin-1").lower(): bytes(value).decode("latin-1")
                    for name, value in scope.get("headers", ())}
-        expected = self.csrf(_cookie(headers.get("cookie", ""), COOKIE))
+        expected = self.csrf(_cookie(headers.get("cookie", ""), COOKIE),
+                             host=headers.get("host", ""))
         if expected is None:
             return NO_SESSION
         origin = headers.get("origin")
@@ -152,7 +157,8 @@ async def new_login(request: Request) -> DashboardLogin:
 @router.post("/dashboard/session")
 async def login(request: Request, body: LoginBody, response: Response) -> DashboardSession:
     """Exchange a one-time token for a session cookie (HttpOnly, SameSite=Strict)."""
-    session, csrf = sessions_of(request).login(body.token)
+    session, csrf = sessions_of(request).login(body.token,
+                                               host=request.headers.get("host", ""))
     response.set_cookie(COOKIE, session, max_age=int(SESSION_TTL), httponly=True,
                         samesite="strict", secure=request.url.scheme == "https", path="/")
     return DashboardSession(csrf=csrf)
