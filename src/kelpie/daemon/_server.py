@@ -198,15 +198,18 @@ class _DashboardListener:
         self._socket = tcp
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
         self.config: uvicorn.Config | None = None
 
     async def address(self) -> str:
-        if self._socket is None:
-            assert self.config is not None
-            self._socket = tcp_listener("127.0.0.1", 0)
-            self._server = _SecondServer(self.config)
-            self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
-            log.info("dashboard listening on 127.0.0.1:%d", self._socket.getsockname()[1])
+        async with self._opening:  # two first callers open one listener
+            if self._socket is None:
+                assert self.config is not None
+                self._socket = tcp_listener("127.0.0.1", 0)
+                self._server = _SecondServer(self.config)
+                self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+                log.info("dashboard listening on 127.0.0.1:%d",
+                         self._socket.getsockname()[1])
         host, port = self._socket.getsockname()[:2]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
