@@ -13,6 +13,7 @@ let selected = null;
 let logFollow = null;
 let refreshing = null;
 let shell = null;
+let watching = false;
 
 class ApiError extends Error {}
 
@@ -46,9 +47,13 @@ async function start() {
   for (const button of document.querySelectorAll("[data-action]")) {
     button.addEventListener("click", () => act(button.dataset.action));
   }
-  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  // a new link opened in this tab changes only the fragment: no reload, so listen
+  window.addEventListener("hashchange", () => {
+    const token = takeToken();
+    if (token) login(token);
+  });
+  const token = takeToken();
   if (token) {
-    history.replaceState(null, "", location.pathname);  // the token works once anyway
     await login(token);
     return;
   }
@@ -59,6 +64,12 @@ async function start() {
     return;
   }
   await enter();
+}
+
+function takeToken() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token) history.replaceState(null, "", location.pathname);  // it works once anyway
+  return token;
 }
 
 async function login(token) {
@@ -88,6 +99,7 @@ async function logout() {
 
 async function enter() {
   $("login").hidden = true;
+  $("login-error").textContent = "";
   $("sandboxes").hidden = false;
   $("stores").hidden = false;
   $("logout").hidden = false;
@@ -96,7 +108,10 @@ async function enter() {
     $("daemon").textContent = `daemon ${version.version ?? ""}`;
   } catch { /* the list says what is wrong */ }
   await refresh();
-  watchEvents();
+  if (!watching) {
+    watching = true;
+    watchEvents();
+  }
 }
 
 // ---- the list ----------------------------------------------------------------------------
@@ -126,7 +141,7 @@ async function refreshStores() {
   }
   $("snapshot-rows").replaceChildren(...snapshots.map((s) => tableRow([
     s.name, s.kind, s.template ? "(template)" : (s.sandbox_name ?? "-"), s.backend,
-    s.image ?? "(guest kit)", `${s.memory_mib} MiB`, bytes(s.size),
+    shortImage(s.image), `${s.memory_mib} MiB`, bytes(s.size),
     new Date(s.created_at * 1000).toLocaleString()])));
   $("image-rows").replaceChildren(...images.map((i) => tableRow([
     i.id, i.tags.join(", ") || "(untagged)", bytes(i.size)])));
@@ -192,7 +207,7 @@ function render() {
     name.textContent = s.name;
     name.addEventListener("click", () => select(s.id));
     const sample = stats.get(s.id);
-    const cells = [name, state(s.state), s.image ?? "(guest kit)", s.backend, s.arch,
+    const cells = [name, state(s.state), shortImage(s.image), s.backend, s.arch,
       `${s.cpus}`, memory(s, sample), disk(sample), since(s),
       s.ports.map((p) => `${p.host_port}→${p.guest_port}/${p.protocol}`).join(", ")];
     for (const value of cells) {
@@ -204,6 +219,11 @@ function render() {
   });
   $("rows").replaceChildren(...rows);
   $("empty").hidden = shown.length > 0;
+}
+
+function shortImage(reference) {
+  if (!reference) return "(guest kit)";
+  return reference.replace(/@sha256:([0-9a-f]{12})[0-9a-f]+/, "@sha256:$1…");
 }
 
 function state(name) {
@@ -261,7 +281,7 @@ function showDetail(sandbox) {
   $("detail").hidden = false;
   $("detail-title").textContent = sandbox.name;
   const facts = [["Id", sandbox.id], ["State", sandbox.state],
-    ["Image", sandbox.image ?? "(guest kit)"], ["Backend", `${sandbox.backend} (${sandbox.arch})`],
+    ["Image", sandbox.image ?? "(guest kit)"], ["Image digest", sandbox.image_digest ?? "-"], ["Backend", `${sandbox.backend} (${sandbox.arch})`],
     ["CPUs", `${sandbox.cpus}`], ["Memory", `${sandbox.memory_mib} MiB`],
     ["Network", sandbox.network], ["Command", (sandbox.command ?? []).join(" ") || "-"],
     ["Last error", sandbox.last_error ?? "-"]];
