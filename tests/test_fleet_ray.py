@@ -114,10 +114,12 @@ def cluster(guestkit: object) -> Iterator[RayCluster]:
                              insecure_registries=[{registry.address!r}])
             made = fleet.create_template({TEMPLATE!r}, memory="128m")
             print(json.dumps({{"hosts": [h.host for h in fleet.hosts()], "made": made,
-                              "problems": fleet.problems()}}))
+                              "problems": fleet.problems(),
+                              "kits": [len(h.report.guestkits) for h in fleet.hosts()]}}))
         """)
         assert sorted(hosts["hosts"]) == sorted(node.ip for node in nodes.nodes), hosts
         assert sorted(hosts["made"]) == sorted(hosts["hosts"]), hosts
+        assert all(kits >= 1 for kits in hosts["kits"]), hosts  # each reports its kit
         yield nodes
     finally:
         if registry is not None:

@@ -107,6 +107,7 @@ class HostAgent:
             free_disk_bytes=facts.free_disk_bytes,
             images=frozenset(facts.images) | {tag for i in images for tag in i.tags},
             templates={key: t.memory_mib for t in templates for key in (t.name, t.id)},
+            guestkits=frozenset(facts.guestkits),
             sandboxes=hosted)
 
     async def create(self, request: SandboxCreate) -> HostedSandbox:

@@ -138,6 +138,8 @@ class HostReport:
     templates: dict[str, int] = dataclasses.field(default_factory=dict)
     """The templates it holds, by name and by id: the memory (MiB) each one's sandboxes
     have (a template fixes it)."""
+    guestkits: frozenset[str] = frozenset()
+    """Digests of the guest kits it holds."""
     sandboxes: tuple[HostedSandbox, ...] = ()
 
 
