@@ -357,9 +357,11 @@ def test_a_shared_templates_image_is_pulled_pinned_to_its_digest() -> None:
     from kelpie.fleet._agent import pinned
 
     digest = "sha256:" + "ab" * 32
-    assert pinned("docker.io/library/alpine:3.19", digest) == \
+    assert str(pinned("docker.io/library/alpine:3.19", digest)) == \
         f"docker.io/library/alpine@{digest}"
     # a colon before the last slash is a registry's port, not a tag
-    assert pinned("10.0.0.1:5000/team/app", digest) == f"10.0.0.1:5000/team/app@{digest}"
-    assert pinned("10.0.0.1:5000/team/app:v2@sha256:00", digest) == \
+    local = pinned("10.0.0.1:5000/team/app", digest)
+    assert (str(local), local.registry) == (f"10.0.0.1:5000/team/app@{digest}",
+                                            "10.0.0.1:5000")
+    assert str(pinned("10.0.0.1:5000/team/app:v2@sha256:" + "00" * 32, digest)) == \
         f"10.0.0.1:5000/team/app@{digest}"

@@ -199,15 +199,12 @@ class TokenAuth:
             await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
             return
         if refused != NO_SESSION:  # a session, but not this page's request
-            body = ErrorResponse(error=error_body(NotAllowed(f"refused {refused}")))
-            await JSONResponse(model_json(body), status_code=403)(scope, receive, send)
+            await error_response(NotAllowed(f"refused {refused}"))(scope, receive, send)
             return
-        body = ErrorResponse(error=error_body(KelpieError(
+        response = error_response(KelpieError(
             "unauthorized: this daemon needs 'Authorization: Bearer <token>' "
             "(kelpie --token-file FILE, or KELPIE_TOKEN), or a dashboard session"
-        )))
-        response = JSONResponse(model_json(body), status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+        ), status=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
     def _allowed(self, scope: Scope) -> bool:

@@ -144,8 +144,7 @@ def sessions_of(request: Request) -> DashboardSessions:
 async def new_login(request: Request) -> DashboardLogin:
     """A one-time dashboard URL (for the socket's user or a bearer-token client only: a
     dashboard session cannot mint more)."""
-    if _cookie(request.headers.get("cookie", ""), COOKIE) and \
-            "authorization" not in request.headers:
+    if COOKIE in request.cookies and "authorization" not in request.headers:
         raise NotAllowed("a dashboard session cannot make login links; use `kelpie "
                          "dashboard`")
     listen: Callable[[], Awaitable[str]] | None = request.app.state.dashboard_address

@@ -27,6 +27,7 @@ from kelpie.fleet._model import (
     SavedState,
 )
 from kelpie.fleet._store import CHUNK, SharedStore, StoreConfig, StoredTemplate, StoreError
+from kelpie.images import ImageReference, InvalidReference
 from kelpie.runtime import SandboxNotFound
 from kelpie.vm import LiveMigrationFailed
 
@@ -122,9 +123,7 @@ class HostAgent:
         template = await self._client.inspect_snapshot(name)
         with tempfile.TemporaryDirectory(dir=_scratch(), prefix="push-") as scratch:
             archive = Path(scratch) / "template.tar"
-            with archive.open("wb") as out:
-                async for chunk in self._client.export_snapshot(template.id):
-                    out.write(chunk)
+            await self._export(template.id, archive)
             return await store.put(name, archive, image=template.image,
                                    image_digest=template.image_digest)
 
@@ -148,10 +147,15 @@ class HostAgent:
         if template.image is None:
             raise StoreError(f"template {template.name!r} needs image {digest}, which host "
                              f"{self.host} lacks; import that image there")
-        reference = pinned(template.image, digest)
-        registry = reference.split("/", 1)[0]
         try:
-            await self._client.pull_image(reference, insecure=registry in self._insecure)
+            reference = pinned(template.image, digest)
+        except InvalidReference as exc:
+            raise StoreError(f"template {template.name!r} needs image {digest}, which host "
+                             f"{self.host} lacks and no registry serves by its name "
+                             f"({exc}); import that image there") from exc
+        try:
+            await self._client.pull_image(str(reference),
+                                          insecure=reference.registry in self._insecure)
         except KelpieError as exc:
             raise StoreError(f"template {template.name!r} needs image {reference}, which host "
                              f"{self.host} lacks, and pulling it failed: {exc}; import or "
@@ -168,9 +172,7 @@ class HostAgent:
         try:
             with tempfile.TemporaryDirectory(dir=_scratch(), prefix="save-") as scratch:
                 archive = Path(scratch) / "state.tar"
-                with archive.open("wb") as out:
-                    async for chunk in self._client.export_snapshot(snapshot.id):
-                        out.write(chunk)
+                await self._export(snapshot.id, archive)
                 key, digest, size = await store.put_saved(name, generation, archive)
         finally:
             with contextlib.suppress(Exception):
@@ -204,6 +206,12 @@ class HostAgent:
                 await self._client.delete_snapshot(snapshot.id)
         return _hosted(sandbox)
 
+    async def _export(self, snapshot: str, archive: Path) -> None:
+        """The daemon's archive of ``snapshot`` into the file ``archive``."""
+        with archive.open("wb") as out:
+            async for chunk in self._client.export_snapshot(snapshot):
+                out.write(chunk)
+
     def _store(self) -> SharedStore:
         if self._store_config is None:
             raise StoreError("the fleet has no shared store: start it with one "
@@ -231,13 +239,10 @@ class HostAgent:
         return _hosted(report.sandbox)
 
 
-def pinned(reference: str, digest: str) -> str:
-    """``reference`` (``registry/repo:tag`` or ``...@sha256:...``) pinned to ``digest``."""
-    name = reference.split("@", 1)[0]
-    slash, colon = name.rfind("/"), name.rfind(":")
-    if colon > slash:  # a tag (a colon before the last slash is the registry's port)
-        name = name[:colon]
-    return f"{name}@{digest}"
+def pinned(reference: str, digest: str) -> ImageReference:
+    """``reference`` (any tag or digest it has dropped) pinned to ``digest``."""
+    parsed = ImageReference.parse(reference)
+    return ImageReference(parsed.registry, parsed.repository, None, digest)
 
 
 def _hosted(sandbox: Sandbox) -> HostedSandbox:

@@ -72,7 +72,7 @@ class SharedStore:
                   image_digest: str | None = None) -> StoredTemplate:
         """Upload ``archive`` as template ``name`` (made from ``image``); its manifest
         last."""
-        _check_name(name)
+        _check_name(name, "template")
         digest, size = await asyncio.to_thread(_sha256, archive)
         key = f"templates/{name}/{digest.replace(':', '-')}.tar"
         stored = StoredTemplate(name, digest, size, image, image_digest)
@@ -89,7 +89,7 @@ class SharedStore:
     async def get(self, name: str, into: Path) -> StoredTemplate:
         """Download template ``name`` to ``into``, checked against its manifest's size and
         sha256 (a mismatch deletes the download and raises)."""
-        _check_name(name)
+        _check_name(name, "template")
         try:
             body = await asyncio.to_thread(self._s3.get_object, Bucket=self._config.bucket,
                                            Key=f"templates/{name}.json")
@@ -108,7 +108,7 @@ class SharedStore:
     async def put_saved(self, name: str, generation: int, archive: Path,
                         ) -> tuple[str, str, int]:
         """Upload ``archive`` as a saved state of sandbox ``name``: its key, digest, size."""
-        _check_name(name)
+        _check_name(name, "sandbox")
         digest, size = await asyncio.to_thread(_sha256, archive)
         key = f"sandboxes/{name}/g{generation}-{digest.replace(':', '-')}.tar"
         try:
@@ -126,7 +126,7 @@ class SharedStore:
 
     async def forget_saved(self, name: str, *, keep: frozenset[str] = frozenset()) -> None:
         """Delete the saved states of sandbox ``name`` whose keys are not in ``keep``."""
-        _check_name(name)
+        _check_name(name, "sandbox")
         try:
             pages = await asyncio.to_thread(self._list, f"sandboxes/{name}/")
             for key in pages:
@@ -165,9 +165,9 @@ def _optional(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, what: str) -> None:
     if not _NAME.fullmatch(name):
-        raise StoreError(f"template name {name!r}: expected letters, digits, '_', '.', '-' "
+        raise StoreError(f"{what} name {name!r}: expected letters, digits, '_', '.', '-' "
                          "(at most 128, starting with a letter or digit)")
 
 

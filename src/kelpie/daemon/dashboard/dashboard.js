@@ -178,20 +178,26 @@ async function watchEvents() {
   }
 }
 
-async function readLines(reply, onLine) {
+async function readText(reply, onText) {
   const reader = reply.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
-    buffer += value;
+    onText(value);
+  }
+}
+
+async function readLines(reply, onLine) {
+  let buffer = "";
+  await readText(reply, (text) => {
+    buffer += text;
     let end;
     while ((end = buffer.indexOf("\n")) >= 0) {
       const line = buffer.slice(0, end);
       buffer = buffer.slice(end + 1);
       if (line.trim()) onLine(JSON.parse(line));
     }
-  }
+  });
 }
 
 function render() {
@@ -370,13 +376,10 @@ async function followLog(id) {
     const reply = await fetch(`/v1/sandboxes/${id}/logs?follow=true&tail=500`, {
       credentials: "same-origin", signal: logFollow.signal });
     if (!reply.ok) throw new ApiError(`the log failed (HTTP ${reply.status})`);
-    const reader = reply.body.pipeThrough(new TextDecoderStream()).getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      log.textContent += value;
+    await readText(reply, (text) => {
+      log.textContent += text;
       log.scrollTop = log.scrollHeight;
-    }
+    });
   } catch (error) {
     if (error.name !== "AbortError") setStatus(error.message);
   }
