@@ -51,6 +51,7 @@ HOST_RESOURCE = "kelpie_host"
 DEFAULT_PORT = 7075
 DEFAULT_INTERVAL = 5.0
 AGENT_START_TIMEOUT = 240.0
+CLIENT_ATTEMPTS = 3
 
 log = logging.getLogger("kelpie.fleet")
 
@@ -323,13 +324,21 @@ def connect_ray(address: str | None) -> None:
         return
     if address and address != "auto" and "://" not in address:
         _check_reachable(address)  # ray.init retries an unreachable GCS for minutes
-    try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING)
-    except ConnectionError as exc:
-        raise FleetError(f"no Ray cluster answers at {address or 'auto'} ({exc}); start one "
-                         "(`ray start --head --resources '{\"kelpie_host\": 1}'`) or give "
-                         "its address (--address HOST:PORT, or RAY_ADDRESS)") from None
+    # The head's Ray client proxy starts a server per client and, on a loaded head, can
+    # fail to ("Starting Ray client server failed"): a client connection tries again.
+    attempts = CLIENT_ATTEMPTS if address and address.startswith("ray://") else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            return
+        except ConnectionError as exc:
+            failure = exc
+            if attempt == attempts or "Starting Ray client server failed" not in str(exc):
+                break
+    raise FleetError(f"no Ray cluster answers at {address or 'auto'} ({failure}); start "
+                     "one (`ray start --head --resources '{\"kelpie_host\": 1}'`) or give "
+                     "its address (--address HOST:PORT, or RAY_ADDRESS)") from None
 
 
 def _check_reachable(address: str) -> None:
