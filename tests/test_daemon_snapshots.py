@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,8 +12,12 @@ import pytest
 
 from daemon_env import KelpieHome
 from kelpie import Sandbox as SdkSandbox
-from kelpie.api import ErrorResponse, Sandbox, Snapshot
+from kelpie.api import ErrorResponse, Sandbox, Snapshot, SnapshotCompatibility
+from kelpie.backends import MOCK
 from kelpie.daemon import create_app
+from kelpie.images import ImageStore
+from kelpie.runtime import Runtime
+from kelpie.vm import BackendRegistry, HostInfo, ProbeResult, VmFactory
 from test_daemon import Ids, mock_runtime
 
 
@@ -138,3 +143,35 @@ def test_sdk_snapshot_and_template(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert template.template
     with SdkSandbox.create(template="sdk-tpl") as clone:
         assert b"T=1" in clone.exec(["env"]).stdout
+
+
+async def test_compatibility_says_what_a_snapshot_needs_and_why_it_would_not_restore(
+        tmp_path: Path) -> None:
+    registry = BackendRegistry()
+    registry.register(MOCK)
+    runtime = Runtime(data_dir=tmp_path / "data", images=ImageStore(tmp_path / "images"),
+                      factory=VmFactory(registry, environ={"KELPIE_BACKEND": "mock"}),
+                      new_id=Ids())
+    async with runtime:
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://kelpie/v1") as api:
+            assert (await api.post("/sandboxes", json={"name": "src"})).status_code == 201
+            assert (await api.post("/snapshots", json={"sandbox": "src", "name": "s1"})
+                    ).status_code == 201
+            reply = await api.get("/snapshots/s1/compatibility")
+            assert reply.status_code == 200, reply.text
+            compat = SnapshotCompatibility.model_validate(reply.json())
+            assert (compat.name, compat.kind, compat.backend) == ("s1", "full", "mock")
+            assert compat.arch == HostInfo.current_arch()
+            assert (compat.restorable_here, compat.reasons) == (True, [])
+
+            # the same snapshot on a host whose mock backend is switched off
+            registry.register(dataclasses.replace(
+                MOCK, probe=lambda: ProbeResult(False, "switched off for the test")))
+            compat = SnapshotCompatibility.model_validate(
+                (await api.get("/snapshots/s1/compatibility")).json())
+            assert compat.restorable_here is False
+            assert compat.reasons == ["backend: mock is not available on this host "
+                                      "(switched off for the test)"]
+            missing = await api.get("/snapshots/nope/compatibility")
+            assert missing.status_code == 404

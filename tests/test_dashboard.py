@@ -15,7 +15,16 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon_env import KelpieHome
+from kelpie.api import FleetView, model_json
 from kelpie.daemon._dashboard import LOGIN_TOKEN_TTL, DashboardSessions, LoginRefused
+from kelpie.fleet._model import (
+    FleetHost,
+    FleetSandbox,
+    HostReport,
+    HostStatus,
+    SandboxStatus,
+    view_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +131,38 @@ def test_login_tokens_expire_and_sessions_end() -> None:
     assert sessions.csrf(session) == csrf
     sessions.logout(session)
     assert sessions.csrf(session) is None
+
+
+def _fleet_view(hosts: int, sandboxes: list[str]) -> FleetView:
+    made = [FleetHost(host=f"10.0.0.{i}", status=HostStatus.UP, last_seen=1.0, reason=None,
+                      sandboxes=len(sandboxes) if i == 1 else 0,
+                      report=HostReport(host=f"10.0.0.{i}", address=f"http://10.0.0.{i}:7075",
+                                        arches=("x86_64",), backends=("qemu",),
+                                        accelerators=("tcg",), cpus=2, free_vcpus=2,
+                                        memory_mib=4096, free_memory_mib=3000,
+                                        free_disk_bytes=1 << 30))
+            for i in range(1, hosts + 1)]
+    placed = [FleetSandbox(name=name, id=None, host="10.0.0.1", generation=1,
+                           status=SandboxStatus.RUNNING, state="running", reason=None,
+                           memory_mib=256, cpus=1) for name in sandboxes]
+    return view_of(made, placed, at=1000.0)
+
+
+def test_the_fleet_view_a_controller_sends_is_shown_and_followed(home: KelpieHome) -> None:
+    base, token = _link(home)
+    with httpx.Client(base_url=base) as browser:
+        csrf = browser.post("/v1/dashboard/session", json={"token": token}).json()["csrf"]
+        missing = browser.get("/v1/fleet")
+        assert missing.status_code == 404 and "in no fleet" in missing.text, missing.text
+        first = _fleet_view(2, ["a"])
+        shown = browser.put("/v1/fleet", json=model_json(first), headers={"X-CSRF-Token": csrf})
+        assert shown.status_code == 204, shown.text
+        assert FleetView.model_validate(browser.get("/v1/fleet").json()) == first
+        with browser.stream("GET", "/v1/fleet", params={"follow": "true"}) as stream:
+            lines = stream.iter_lines()
+            assert FleetView.model_validate_json(next(lines)) == first
+            second = _fleet_view(3, ["a", "b"])
+            browser.put("/v1/fleet", json=model_json(second), headers={"X-CSRF-Token": csrf})
+            assert FleetView.model_validate_json(next(lines)) == second
+        assert [s.name for s in second.hosts[0].sandboxes] == ["a", "b"]
+        assert second.hosts[0].free_memory_mib == 3000

@@ -156,18 +156,33 @@ def test_a_program_outside_the_cluster_uses_the_fleet_through_the_ray_client(
     result = cluster.outside(f"""
         from kelpie.fleet import Fleet
 
+        import httpx
+
         fleet = Fleet("ray://{cluster.head.ip}:10001")
         box = fleet.create(template={TEMPLATE!r}, name="outside")
         done = box.exec(["sh", "-c", "echo 6x7=$((6 * 7))"])
         where = fleet.info("outside").host
+        # any host's daemon shows the whole fleet (its dashboard's view), followed
+        with httpx.stream("GET", "http://{cluster.nodes[-1].ip}:7075/v1/fleet",
+                          params={{"follow": "true"}}, timeout=120,
+                          headers={{"Authorization": f"Bearer {{fleet._token}}"}}) as views:
+            for line in views.iter_lines():
+                view = json.loads(line)
+                shown = {{h["host"]: [s["name"] for s in h["sandboxes"]] for h in view["hosts"]}}
+                if "outside" in shown.get(where, []):
+                    break
         fleet.remove("outside")
         print(json.dumps({{"out": done.stdout.decode().strip(), "where": where,
                           "hosts": sorted(h.host for h in fleet.hosts()),
-                          "left": [s.name for s in fleet.list()]}}))
+                          "left": [s.name for s in fleet.list()], "view": view}}))
     """)
     assert result["out"] == "6x7=42", result
     assert result["hosts"] == sorted(node.ip for node in cluster.nodes), result
     assert result["where"] in result["hosts"] and result["left"] == [], result
+    view = result["view"]
+    assert sorted(h["host"] for h in view["hosts"]) == result["hosts"], view
+    assert all(h["status"] == "up" and h["free_memory_mib"] > 0 and h["cpus"] > 0
+               for h in view["hosts"]), view
 
 
 def test_a_host_agent_that_dies_on_a_live_node_is_started_again(

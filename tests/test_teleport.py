@@ -22,7 +22,7 @@ from kelpie import (
     TeleportInDoubt,
     TeleportRefused,
 )
-from kelpie.api import TeleportMode, TeleportProgress
+from kelpie.api import TeleportInFlight, TeleportMode, TeleportProgress
 from kelpie.backends import MOCK
 from kelpie.runtime import Runtime, SandboxMoving, SandboxNotFound
 from kelpie.teleport import (
@@ -392,3 +392,40 @@ async def test_the_upkeep_settles_a_roll_back_that_failed_part_way(
     assert host.teleporter.stuck() == []
     assert (await source.runtime.inspect(sandbox_id)).state is VmState.RUNNING
     await source.runtime.pause(sandbox_id)  # released
+
+
+async def test_a_teleport_in_flight_is_listed_with_its_phase_bytes_and_downtime(
+        pair: tuple[Host, Host, Link]) -> None:
+    source, target, link = pair
+    await _sandbox(source)
+    teleporter = source.teleporter(_connect(target, link))
+    flights = teleporter.flights
+    seen: list[tuple[TeleportProgress, list[TeleportInFlight], float]] = []
+
+    def step(progress: TeleportProgress) -> None:
+        seen.append((progress, flights.now(), source.clock.now))
+        source.clock.now += 1.0  # each step takes a (virtual) second
+
+    woken = asyncio.ensure_future(flights.changes.wait(flights.changes.version))
+    started = source.clock.now
+    await teleporter.teleport("box", to="b", mode="full", progress=step)
+
+    assert woken.done() and woken.result() > 0
+    listed = [(p, now[0]) for p, now, _ in seen if now]
+    assert {p.phase for p, _ in listed} >= {"capture", "transfer", "switch", "commit"}
+    for progress, now, at in seen:
+        if not now:
+            continue
+        flight = now[0]
+        assert (flight.sandbox_name, flight.target, flight.mode) == ("box", "b", "full")
+        assert (flight.phase, flight.message) == (progress.phase, progress.message)
+        assert flight.rate_bytes_per_s == pytest.approx(
+            flight.bytes_sent / max(at - started, 1e-9))
+    # the guest runs until the capture (which says so first), then the downtime grows
+    capture = [p.phase for p, _ in listed].index("capture")
+    assert all(f.paused_s is None for _, f in listed[:capture + 1])
+    paused = [f.paused_s for _, f in listed[capture + 1:]]
+    assert paused == sorted(p for p in paused if p is not None) and paused[-1]
+    sent = [f.bytes_sent for p, f in listed if p.phase == "transfer"]
+    assert sent == sorted(sent) and sent[-1] > 0
+    assert flights.now() == []

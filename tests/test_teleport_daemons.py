@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 import waiting
@@ -106,6 +107,29 @@ def _teleport(source: Daemon, target: Daemon, name: str, *extra: str,
                          str(target.token_file), *extra)
 
 
+class _InFlight(threading.Thread):
+    """Follows a daemon's teleports in flight (``GET /v1/teleports?follow=true``) until one
+    has come and gone."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{daemon.url}/v1/teleports"
+        self.token = daemon.token_file.read_text().strip()
+        self.lines: list[list[dict[str, Any]]] = []
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        with httpx.stream("GET", self.url, params={"follow": "true"}, timeout=None,
+                          headers={"Authorization": f"Bearer {self.token}"}) as reply:
+            for line in reply.iter_lines():
+                if not line:
+                    continue
+                self.lines.append(json.loads(line))
+                self.connected.set()
+                if self.lines[-1] == [] and any(self.lines):
+                    return
+
+
 def test_full_then_checkpoint_teleport_and_back(pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
     ok(a.kelpie("run", "-d", "--name", "tp", "--memory", "256", "-e", "COLOUR=teal", DEMO,
@@ -113,8 +137,23 @@ def test_full_then_checkpoint_teleport_and_back(pair: tuple[Daemon, Daemon]) -> 
     waiting.wait_for(lambda: _counting_past(a, "tp", 3), WAIT, "the counter on A")
     sandbox_id = a.listing()["tp"]["id"]
 
+    watcher = _InFlight(a)
+    watcher.start()
+    assert watcher.connected.wait(WAIT)
     out = ok(_teleport(a, b, "tp", "--mode", "full"))
     assert "mode: full" in out, out
+    # the source's dashboard saw it go: its phases, bytes and the downtime growing
+    watcher.join(WAIT)
+    assert watcher.lines[0] == [] and watcher.lines[-1] == [], watcher.lines
+    seen = [t for line in watcher.lines for t in line]
+    assert {t["sandbox_name"] for t in seen} == {"tp"}
+    assert {t["target"] for t in seen} == {b.url} and {t["mode"] for t in seen} == {"full"}
+    phases = [t["phase"] for t in seen]
+    assert set(phases) <= {"prepare", "capture", "transfer", "switch", "commit"}, phases
+    assert {"capture", "transfer"} & set(phases), phases
+    paused = [t["paused_s"] for t in seen if t["paused_s"] is not None]
+    assert paused and paused == sorted(paused), "the downtime so far only grows"
+    assert max(t["bytes_sent"] for t in seen) > 0
     assert "tp" not in a.listing()
     moved = b.listing()["tp"]
     assert moved["id"] == sandbox_id and moved["state"] == "running"

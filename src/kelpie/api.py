@@ -57,6 +57,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _StrictModel(_Model):
+    """A body another program sends as it is (no coercion: ``false`` is not a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 # ---- errors -----------------------------------------------------------------------------
 class ErrorBody(_Model):
     """What went wrong: the error's class, its ancestors up to KelpieError, the message."""
@@ -90,6 +96,7 @@ ERROR_STATUS: tuple[tuple[str, int], ...] = (
     ("ExecNotFound", 404),
     ("SnapshotNotFound", 404),
     ("ImageNotFound", 404),
+    ("NotInFleet", 404),
     ("GuestFileError", 400),
     ("AmbiguousSandbox", 409),
     ("AmbiguousImage", 409),
@@ -563,6 +570,27 @@ class Snapshot(_Model):
     created_at: float
 
 
+class SnapshotCompatibility(_Model):
+    """What restoring a snapshot needs of a host, and whether this host has it."""
+
+    id: str
+    name: str
+    kind: str
+    backend: str
+    backend_version: str
+    arch: str
+    cpu_model: str
+    machine: str
+    vcpus: int
+    memory_mib: int
+    guestkit_digest: str | None
+    base_image_digest: str | None
+    restorable_here: bool
+    reasons: list[str] = Field(description="Every mismatch with this host (none: it restores "
+                                           "here). A checkpoint restores on any arch and "
+                                           "backend.")
+
+
 # ---- exec -------------------------------------------------------------------------------
 Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_ARGV)]
 
@@ -803,6 +831,40 @@ class HostFacts(_Model):
     guestkits: list[str] = Field(description="Digests of the guest kits this host holds.")
 
 
+class FleetViewSandbox(_StrictModel):
+    """One of a fleet's sandboxes as its controller last saw it."""
+
+    name: str
+    status: str = Field(description="placing, running, lost, moving, recovering...")
+    state: str | None = Field(description="Its state on its host at the last report.")
+    generation: int
+
+
+class FleetViewHost(_StrictModel):
+    """One host of a fleet as its controller last saw it: status, capacity, sandboxes."""
+
+    host: str
+    status: str = Field(description="up, draining or dead.")
+    reason: str | None
+    address: str | None = Field(description="Its daemon's URL.")
+    arches: list[str]
+    backends: list[str]
+    cpus: int
+    free_vcpus: int
+    memory_mib: int
+    free_memory_mib: int
+    free_disk_bytes: int
+    sandboxes: list[FleetViewSandbox]
+
+
+class FleetView(_StrictModel):
+    """What the fleet this daemon's host belongs to looks like: its controller sends it to
+    every host's daemon each round (``PUT /v1/fleet``), so any daemon can show it."""
+
+    at: float = Field(description="Unix time of the controller's round.")
+    hosts: list[FleetViewHost]
+
+
 class TeleportMode(enum.StrEnum):
     """How a teleport moves a sandbox (see :class:`TeleportBody`)."""
 
@@ -860,6 +922,27 @@ class TeleportReport(_Model):
     total_s: float
     bytes_sent: int
     sandbox: Sandbox = Field(description="The sandbox as the target now runs it.")
+
+
+class TeleportInFlight(_Model):
+    """A teleport this daemon is running now (its source's view)."""
+
+    id: str
+    sandbox_id: str
+    sandbox_name: str
+    target: str
+    mode: TeleportMode = Field(description="The mode running now (a live attempt that does "
+                                           "not converge goes on as full).")
+    phase: str = Field(description="prepare, transfer, capture, live, switch or commit.")
+    message: str
+    done: int = Field(description="Progress of the phase (bytes of a blob or of RAM).")
+    total: int
+    bytes_sent: int
+    started_at: float = Field(description="Unix time.")
+    rate_bytes_per_s: float = Field(description="Bytes sent per second since the start.")
+    paused_s: float | None = Field(
+        description="Seconds the guest has been paused so far (the downtime, growing until "
+                    "it runs on the target); none while it runs here.")
 
 
 class TeleportDone(_Model):

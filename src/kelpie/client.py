@@ -48,6 +48,7 @@ from kelpie.api import (
     ExecExitMessage,
     ExecStart,
     FileEntry,
+    FleetView,
     ForkBody,
     HostFacts,
     Image,
@@ -526,6 +527,15 @@ class DaemonClient:
                         "check the token")) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no Kelpie daemon answers at {self.url}: {exc}") from None
+
+    async def show_fleet(self, view: FleetView) -> None:
+        """Tell the daemon what its fleet looks like (what a fleet controller does)."""
+        await self._request("PUT", "/fleet", json=_wire(view))
+
+    async def fleet_view(self) -> FleetView:
+        """The fleet this daemon's host belongs to, as its controller last sent it
+        (an error naming why when it is in none: HTTP 404)."""
+        return FleetView.model_validate((await self._request("GET", "/fleet")).json())
 
     async def dashboard_login(self) -> DashboardLogin:
         """A one-time link to the dashboard (see ``kelpie dashboard``)."""

@@ -29,6 +29,7 @@ from kelpie.daemon import (
     _routes_builds,
     _routes_exec,
     _routes_files,
+    _routes_fleet,
     _routes_images,
     _routes_monitor,
     _routes_sandboxes,
@@ -79,9 +80,10 @@ def create_app(runtime: Runtime, *, on_shutdown: Callable[[bool], None] | None =
     app.state.teleports = teleports or TeleportHost(runtime)
     app.state.dashboard = dashboard or DashboardSessions(time.time)
     app.state.dashboard_address = dashboard_address
+    app.state.fleet = _routes_fleet.FleetViews()  # what a fleet controller last sent
     for module in (_routes_system, _routes_sandboxes, _routes_exec, _routes_files,
                    _routes_snapshots, _routes_images, _routes_builds, _routes_teleport,
-                   _routes_monitor, _dashboard):
+                   _routes_monitor, _routes_fleet, _dashboard):
         app.include_router(module.router, prefix="/v1")
     app.include_router(_dashboard.page_router)
     app.add_exception_handler(KelpieError, _kelpie_error)

@@ -17,6 +17,7 @@ from kelpie.api import (
     RestoreBody,
     Sandbox,
     Snapshot,
+    SnapshotCompatibility,
     SnapshotCreate,
     TemplateCreate,
 )
@@ -49,6 +50,20 @@ async def create_snapshot(request: Request, body: SnapshotCreate) -> Snapshot:
 async def inspect_snapshot(request: Request, ref: str) -> Snapshot:
     """One snapshot by name, id or unique id prefix."""
     return snapshot_record(await runtime_of(request).inspect_snapshot(ref))
+
+
+@router.get("/snapshots/{ref}/compatibility")
+async def snapshot_compatibility(request: Request, ref: str) -> SnapshotCompatibility:
+    """What restoring the snapshot needs of a host, and why it would not restore on this
+    one (if it would not)."""
+    snap, manifest, reasons = await runtime_of(request).snapshot_compatibility(ref)
+    return SnapshotCompatibility(
+        id=snap.id, name=snap.name, kind=manifest.kind.value, backend=manifest.backend,
+        backend_version=manifest.backend_version, arch=manifest.arch,
+        cpu_model=manifest.cpu_model, machine=manifest.machine, vcpus=manifest.vcpus,
+        memory_mib=manifest.memory_mib, guestkit_digest=manifest.guestkit_digest,
+        base_image_digest=manifest.base_image_digest, restorable_here=not reasons,
+        reasons=reasons)
 
 
 @router.delete("/snapshots/{ref}", status_code=204)

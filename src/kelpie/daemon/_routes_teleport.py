@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi import Path as PathParam
@@ -23,6 +23,7 @@ from kelpie.api import (
     TeleportAccepted,
     TeleportBody,
     TeleportDone,
+    TeleportInFlight,
     TeleportLive,
     TeleportOffer,
     TeleportReport,
@@ -31,7 +32,7 @@ from kelpie.api import (
     model_json,
 )
 from kelpie.daemon._routes_system import runtime_of
-from kelpie.daemon._streaming import Emit, in_background, streamed
+from kelpie.daemon._streaming import Emit, followed, in_background, streamed
 from kelpie.teleport import TeleportHost, pipe, unix_channel
 from kelpie.vm import ConfigError, KelpieError
 
@@ -80,6 +81,28 @@ async def teleport(request: Request, ref: str, body: TeleportBody) -> Response:
         done = await asyncio.shield(in_background(request, move(lambda _: None)))
         return JSONResponse(model_json(done.report))
     return StreamingResponse(streamed(request, move), media_type=NDJSON)
+
+
+@router.get(
+    "/teleports", response_model=list[TeleportInFlight],
+    responses={200: {"content": {NDJSON: {}}, "description":
+                     "The teleports; with follow, one JSON array per line: the list now, "
+                     "then again at every step of any of them."}},
+)
+async def teleports_in_flight(
+    request: Request,
+    follow: Annotated[bool, Query(description="Stream the list again at every change.")
+                      ] = False,
+) -> Response:
+    """The teleports this daemon is sending now: phase, bytes, rate and the downtime so far."""
+    flights = teleports_of(request).flights
+
+    def now() -> list[dict[str, Any]]:
+        return [model_json(f) for f in flights.now()]
+
+    if not follow:
+        return JSONResponse(now())
+    return StreamingResponse(followed(flights.changes, now), media_type=NDJSON)
 
 
 # ---- the target: another daemon moves a sandbox here ------------------------------------

@@ -1,5 +1,5 @@
-"""Long operations answered as NDJSON: progress lines while the work runs, then its result
-or its error as the last line."""
+"""NDJSON answers: a long operation's progress lines then its result or error; and a
+followed value, sent again at every change."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
+from kelpie._changes import Changes
 from kelpie.api import StreamError, error_body, model_json
 
 Emit = Callable[[Any], None]
 T = TypeVar("T")
+
+FOLLOW_INTERVAL = 0.25
+"""Seconds between two lines of a followed value at least: a burst of changes, one line."""
 
 
 async def streamed(request: Request,
@@ -48,3 +52,13 @@ def in_background(request: Request, work: Coroutine[Any, Any, T]) -> asyncio.Tas
 
 def _line(model: BaseModel) -> bytes:
     return json.dumps(model_json(model)).encode() + b"\n"
+
+
+async def followed(changes: Changes, now: Callable[[], Any]) -> AsyncIterator[bytes]:
+    """``now()`` (JSON-ready) as a line, then again after every change, at most four lines
+    a second; until the client goes away."""
+    version = changes.version
+    while True:
+        yield json.dumps(now()).encode() + b"\n"
+        version = await changes.wait(version)
+        await asyncio.sleep(FOLLOW_INTERVAL)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kelpie._exceptions import KelpieError, TeleportAborted
 from kelpie._paths import state_dir
-from kelpie.api import Sandbox, SandboxCreate, TemplateCreate
+from kelpie.api import FleetView, Sandbox, SandboxCreate, TemplateCreate
 from kelpie.client import DaemonClient, DaemonUnreachable
 from kelpie.fleet._coordinator import FleetError
 from kelpie.fleet._model import (
@@ -110,6 +110,10 @@ class HostAgent:
             templates={key: t.memory_mib for t in templates for key in (t.name, t.id)},
             guestkits=frozenset(facts.guestkits),
             sandboxes=hosted)
+
+    async def show(self, view: FleetView) -> None:
+        """Tell this host's daemon what the fleet looks like (for its dashboard)."""
+        await self._client.show_fleet(view)
 
     async def create(self, request: SandboxCreate) -> HostedSandbox:
         return _hosted(await self._client.create(request))

@@ -8,6 +8,7 @@ import math
 from typing import Literal
 
 from kelpie._exceptions import ConfigError
+from kelpie.api import FleetView, FleetViewHost, FleetViewSandbox
 
 FLEET_LABEL = "kelpie.fleet"
 """Label on every sandbox the fleet made: a host reports only these."""
@@ -203,3 +204,25 @@ class FleetEvent:
     host: str
     name: str | None
     detail: str
+
+
+def view_of(hosts: list[FleetHost], sandboxes: list[FleetSandbox], at: float) -> FleetView:
+    """The fleet as its controller tells each host's daemon (what dashboards show)."""
+    by_host: dict[str, list[FleetViewSandbox]] = {}
+    for s in sandboxes:
+        by_host.setdefault(s.host, []).append(FleetViewSandbox(
+            name=s.name, status=s.status.value, state=s.state, generation=s.generation))
+    return FleetView(at=at, hosts=[_host_view(h, by_host.get(h.host, [])) for h in hosts])
+
+
+def _host_view(host: FleetHost, sandboxes: list[FleetViewSandbox]) -> FleetViewHost:
+    report = host.report
+    return FleetViewHost(
+        host=host.host, status=host.status.value, reason=host.reason,
+        address=report.address if report else None,
+        arches=list(report.arches) if report else [],
+        backends=list(report.backends) if report else [],
+        cpus=report.cpus if report else 0, free_vcpus=report.free_vcpus if report else 0,
+        memory_mib=report.memory_mib if report else 0,
+        free_memory_mib=report.free_memory_mib if report else 0,
+        free_disk_bytes=report.free_disk_bytes if report else 0, sandboxes=sandboxes)

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kelpie.api import SandboxCreate, TemplateCreate
+from kelpie.api import FleetView, SandboxCreate, TemplateCreate
 from kelpie.fleet._agent import HostAgent
 from kelpie.fleet._coordinator import (
     DEFAULT_LOST_AFTER,
@@ -41,6 +41,7 @@ from kelpie.fleet._model import (
     HostReport,
     Recovery,
     SavedState,
+    view_of,
 )
 from kelpie.fleet._store import StoreConfig, StoredTemplate
 from kelpie.fleet._templates import FleetTemplates
@@ -71,6 +72,9 @@ class HostAgentActor:
 
     async def report(self) -> HostReport:
         return await self._agent.report()
+
+    async def show(self, view: FleetView) -> None:
+        await self._agent.show(view)
 
     async def create(self, request: SandboxCreate) -> HostedSandbox:
         return await self._agent.create(request)
@@ -146,6 +150,9 @@ class RayHostLink:
             raise
         return report
 
+    async def show(self, view: FleetView) -> None:
+        await answer(self._actor.show.remote(view), self._what)
+
     async def create(self, request: SandboxCreate) -> HostedSandbox:
         hosted: HostedSandbox = await answer(self._actor.create.remote(request), self._what)
         return hosted
@@ -214,10 +221,25 @@ class FleetController:
             try:
                 await self._discover()
                 await self._coordinator.refresh()
+                await self._show()
             except Exception:  # the loop must outlive any one bad round
                 log.exception("fleet refresh failed")
             self._found.set()
             await asyncio.sleep(self._interval)
+
+    async def _show(self) -> None:
+        """Tell every live host's daemon what the fleet looks like now (its dashboard shows
+        it); a host that does not take it is not this round's concern."""
+        view = view_of(self._coordinator.hosts(), self._coordinator.sandboxes(), time.time())
+
+        async def show(link: RayHostLink) -> None:
+            try:
+                await asyncio.wait_for(link.show(view), self._interval)
+            except (Exception, TimeoutError) as exc:
+                log.info("host %s did not take the fleet's view: %s", link.host, exc)
+
+        await asyncio.gather(*(show(link) for _, link in self._agents.values()
+                               if not link.gone))
 
     async def _discover(self) -> None:
         nodes = await asyncio.to_thread(ray.nodes)

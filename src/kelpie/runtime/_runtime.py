@@ -84,6 +84,7 @@ from kelpie.vm import (
     FileInfo,
     LocalStorage,
     SnapshotKind,
+    SnapshotManifest,
     Storage,
     VmFactory,
     VmInstance,
@@ -605,6 +606,14 @@ class Runtime:
         """The snapshot (or template) with this name, id, or unique id prefix (>= 3);
         ``template`` True or False looks only among templates or plain snapshots."""
         return self._snapshots.get(ref, template=template)
+
+    async def snapshot_compatibility(
+        self, ref: str,
+    ) -> tuple[SnapshotInfo, SnapshotManifest, builtins.list[str]]:
+        """Snapshot ``ref``, what its manifest needs of a host (arch, backend and its
+        version, CPU model, machine, guest kit) and every reason it would not restore on
+        this one (none: it would)."""
+        return self._snapshots.incompatibilities(ref)
 
     async def delete_snapshot(self, ref: str, *, template: bool = False) -> None:
         """Delete a snapshot or template (``template``: only a template). Its directory goes

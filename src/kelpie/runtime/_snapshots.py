@@ -39,6 +39,7 @@ from kelpie.vm import (
     SnapshotKind,
     SnapshotManifest,
     Storage,
+    UnknownBackend,
     VmSnapshot,
     VmState,
 )
@@ -116,6 +117,23 @@ class Snapshots:
         """The snapshot's directory, its manifest checked (its blobs when restored)."""
         assert info.path is not None
         return VmSnapshot.open(info.path, storage=self._ctx.storage)
+
+    def incompatibilities(self, ref: str) -> tuple[SnapshotInfo, SnapshotManifest,
+                                                    builtins.list[str]]:
+        """Snapshot ``ref``, its manifest, and every reason it would not restore here."""
+        ctx = self._ctx
+        snap = self.get(ref)
+        manifest = self.open(snap).manifest
+        try:
+            probe = ctx.factory.registry.probe(snap.backend)
+        except UnknownBackend:
+            return snap, manifest, [f"backend: {snap.backend} is not known to this Kelpie"]
+        if not probe.available:
+            return snap, manifest, [f"backend: {snap.backend} is not available on this host "
+                                    f"({probe.reason})"]
+        spec = ctx.factory.registry.get(snap.backend)
+        vm = spec.create(snap.sandbox.config, vm_id=snap.id, **ctx.options(spec.name))
+        return snap, manifest, manifest.incompatibilities(vm.host_info())
 
     # ---- taking and removing ------------------------------------------------------------
     async def take(

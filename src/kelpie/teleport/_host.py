@@ -20,6 +20,7 @@ from typing import Any
 
 from kelpie._exceptions import KelpieError
 from kelpie.runtime import Runtime
+from kelpie.teleport._flights import Flights
 from kelpie.teleport._journal import TeleportJournal
 from kelpie.teleport._peer import DaemonPeer, TeleportPeer
 from kelpie.teleport._source import Teleporter
@@ -61,9 +62,11 @@ class TeleportHost:
         self._upkeep_seconds = upkeep_seconds
         self._sleep = sleep
         self._journal = journal
+        self.flights = Flights(clock)
+        """The teleports this daemon is sending now (read without opening the journal)."""
         self._make_teleporter: Callable[[], Teleporter] = lambda: Teleporter(
             runtime, self.journal, connect=connect, clock=clock, new_id=new_id, sleep=sleep,
-            offload=offload, chunk_size=chunk_size, attempts=attempts)
+            offload=offload, chunk_size=chunk_size, attempts=attempts, flights=self.flights)
         self._make_receiver: Callable[[], TeleportReceiver] = lambda: TeleportReceiver(
             runtime, self.journal, clock=clock, offload=offload, check_ports=check_ports)
         self._upkeep: asyncio.Task[None] | None = None

@@ -40,6 +40,7 @@ from kelpie.api import (
 )
 from kelpie.runtime import Runtime, SandboxInfo
 from kelpie.teleport import _basedisk as basedisk
+from kelpie.teleport._flights import Flight, Flights
 from kelpie.teleport._journal import Outgoing, SourcePhase, TeleportJournal
 from kelpie.teleport._modes import ModeChoice, choose_mode
 from kelpie.teleport._peer import TeleportPeer
@@ -69,7 +70,8 @@ class Teleporter:
 
     ``connect(url, token)`` opens the peer of a target; ``clock`` gives Unix seconds (journal
     and downtime); ``new_id`` gives teleport ids; ``sleep`` waits between retries;
-    ``offload`` runs blocking work (hashing) off the event loop.
+    ``offload`` runs blocking work (hashing) off the event loop; ``flights`` hears of each
+    step (what watchers of the teleports in flight read).
     """
 
     def __init__(
@@ -77,7 +79,7 @@ class Teleporter:
         clock: Callable[[], float], new_id: Callable[[], str],
         sleep: Callable[[float], Any] = asyncio.sleep, offload: Offload[Any] = _to_thread,
         chunk_size: int = CHUNK_SIZE, attempts: int = ATTEMPTS,
-        converge_timeout: float = CONVERGE_TIMEOUT,
+        converge_timeout: float = CONVERGE_TIMEOUT, flights: Flights | None = None,
     ) -> None:
         self._runtime = runtime
         self._journal = journal
@@ -88,7 +90,7 @@ class Teleporter:
         self._chunk_size = chunk_size
         self._retry = Retry(attempts, sleep)
         self._converge_timeout = converge_timeout
-        self._active: set[str] = set()
+        self.flights = flights or Flights(clock)
         """Teleports this process is running now (the others unfinished are stuck)."""
 
     @property
@@ -172,10 +174,15 @@ class Teleporter:
         except BaseException:
             self._runtime.moves.unhold(info.id)
             raise
+        def tracked(step: TeleportProgress) -> None:
+            self.flights.step(teleport_id, step)
+            say(step)
+
         sender = BlobSender(self._storage, peer, teleport_id, retry=self._retry,
-                            chunk_size=self._chunk_size, progress=say)
-        run = _Run(record, peer, choice, say, converge, sender)
-        self._active.add(teleport_id)
+                            chunk_size=self._chunk_size, progress=tracked)
+        run = _Run(record, peer, choice, tracked, converge, sender)
+        self.flights.start(Flight(teleport_id, info.id, info.name, to, choice.mode, started,
+                                  lambda: sender.bytes_sent))
         try:
             return await self._run(run, info, started)
         except TeleportInDoubt:
@@ -187,13 +194,13 @@ class Teleporter:
                 raise  # past the commit point: the target owns it; recovery tidies up
             await self._roll_back(run, exc)
             if isinstance(exc, LiveMigrationDidNotConverge) or \
-                    (isinstance(exc, KelpieError) and not run.paused):
+                    (isinstance(exc, KelpieError) and run.paused_at is None):
                 raise  # nothing was paused: the error as it is
             raise TeleportAborted(
                 f"teleport of {info.name} to {to} was rolled back ({type(exc).__name__}: "
                 f"{exc}); the sandbox runs here as before") from exc
         finally:
-            self._active.discard(teleport_id)
+            self.flights.end(teleport_id)
 
     async def _run(self, run: _Run, info: SandboxInfo, started: float) -> TeleportReport:
         runtime = self._runtime
@@ -247,8 +254,8 @@ class Teleporter:
             else SnapshotKind.FULL
         snapshot_dir = self.dir(tid) / "snapshot"
         self._storage.mkdir(snapshot_dir.parent)
-        run.paused = True
         paused_at = self._clock()
+        run.pause(paused_at, self.flights)
         capture = await runtime.moves.capture(info.id, snapshot_dir, kind)
         journal.set_outgoing(tid, SourcePhase.SENDING, self._clock())
         vouched = capture.snapshot.manifest.blobs  # their sha256 was taken as written
@@ -299,8 +306,8 @@ class Teleporter:
             stats = await runtime.moves.send_live(info.id, endpoints,
                                             converge_timeout=run.converge_timeout,
                                             progress=progress)
-        run.paused = True
         paused_at = self._clock() - stats.switchover_ms / 1000
+        run.pause(paused_at, self.flights)
         run.sender.bytes_sent += stats.ram_transferred + stats.disk_mirrored
         log = runtime.output_log(info.id)  # complete now: the guest is paused
         logs = [await self._blob("log-output.log", log)] if self._storage.exists(log) else []
@@ -432,7 +439,7 @@ class Teleporter:
     def stuck(self) -> list[Outgoing]:
         """Teleports not finished and not in progress here: in doubt, or whose roll-back
         failed part-way (their sandboxes stay held until :meth:`settle` ends them)."""
-        return [r for r in self._journal.unfinished_outgoing() if r.id not in self._active]
+        return [r for r in self._journal.unfinished_outgoing() if r.id not in self.flights]
 
     # ---- what is sent ---------------------------------------------------------------------
     async def _blob(self, name: str, path: Path) -> Blob:
@@ -493,7 +500,12 @@ class _Run:
     say: Progress
     converge_timeout: float
     sender: BlobSender
-    paused: bool = False
+    paused_at: float | None = None
+
+    def pause(self, at: float, flights: Flights) -> None:
+        """The guest stopped running here at ``at`` (the downtime starts)."""
+        self.paused_at = at
+        flights.paused(self.record.id, at)
 
 
 async def _close(peer: TeleportPeer) -> None:
