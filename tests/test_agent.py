@@ -32,6 +32,7 @@ from kelpie.agent import (
     ExecHandle,
     ExitStatus,
 )
+from kelpie.guest._exec import Exec
 from kelpie.protocol import FrameType
 from waiting import wait_for, wait_until
 
@@ -672,6 +673,65 @@ async def test_disconnect_fails_pending_and_reconnect_attaches(agent: AgentProce
         await second.attach(handle.exec_id)
     assert exc_info.value.code == "ESRCH"
     await second.close()
+
+
+async def test_attach_replays_the_output_a_lost_host_had_not_got(agent: AgentProcess) -> None:
+    # output the old host never wrote down (in flight when it went: a daemon restarted, a
+    # VM moved live) comes again on attach, from the offset the new host says it has
+    first = await AgentClient.connect_unix(str(agent.sock))
+    await first.hello()
+    handle = await first.exec(sh("echo one; read x; echo two >&2; read x; echo three"),
+                              stdin_open=True, replay=1024)
+    assert handle.offset == 0
+    assert await asyncio.wait_for(handle.__anext__(), 5) == ("stdout", b"one\n")
+    await handle.write_stdin(b"\n")
+    assert await asyncio.wait_for(handle.__anext__(), 5) == ("stderr", b"two\n")
+    await first.close()
+
+    async with await AgentClient.connect_unix(str(agent.sock)) as second:
+        await second.hello()
+        again = await second.attach(handle.exec_id, stdin_open=True, offset=4)  # has "one\n"
+        assert again.offset == 4
+        await again.write_stdin(b"\n")
+        out = await asyncio.wait_for(collect(again), 5)
+        assert (out.stdout, out.stderr) == (b"three\n", b"two\n")
+
+
+async def test_attach_says_where_output_restarts_when_less_was_kept(agent: AgentProcess) -> None:
+    async with await AgentClient.connect_unix(str(agent.sock)) as first:
+        await first.hello()
+        handle = await first.exec(sh("printf 0123456789; read x; printf end"),
+                                  stdin_open=True, replay=4)
+        assert await asyncio.wait_for(handle.__anext__(), 5) == ("stdout", b"0123456789")
+    async with await AgentClient.connect_unix(str(agent.sock)) as second:
+        await second.hello()
+        again = await second.attach(handle.exec_id, stdin_open=True, offset=0)
+        assert again.offset == 0  # one read of 10 bytes: kept whole, so all of it
+        await again.write_stdin(b"\n")
+        assert (await asyncio.wait_for(collect(again), 5)).stdout == b"0123456789end"
+    unkept = await AgentClient.connect_unix(str(agent.sock))
+    await unkept.hello()
+    plain = await unkept.exec(sh("printf abc; read x"), stdin_open=True)  # replay=0
+    assert await asyncio.wait_for(plain.__anext__(), 5) == ("stdout", b"abc")
+    await unkept.close()
+    async with await AgentClient.connect_unix(str(agent.sock)) as third:
+        await third.hello()
+        again = await third.attach(plain.exec_id, stdin_open=True, offset=1)
+        assert again.offset == 3  # nothing kept: it goes on after all 3 bytes
+        await again.write_stdin(b"\n")
+        assert (await asyncio.wait_for(collect(again), 5)).stdout == b""
+
+
+def test_an_exec_keeps_its_latest_output_within_its_budget() -> None:
+    ex = Exec(1, 1, ["x"], pty=False)
+    ex.keep = 5
+    for chunk in (b"abc", b"def", b"gh"):
+        ex.forwarded(FrameType.STDOUT, chunk)
+    assert ex.produced == 8
+    assert ex.since(3) == (3, [(FrameType.STDOUT, b"def"), (FrameType.STDOUT, b"gh")])
+    assert ex.since(4) == (4, [(FrameType.STDOUT, b"ef"), (FrameType.STDOUT, b"gh")])
+    assert ex.since(0) == (3, [(FrameType.STDOUT, b"def"), (FrameType.STDOUT, b"gh")])
+    assert ex.since(8) == (8, []) and ex.since(99) == (8, [])
 
 
 async def test_exit_while_detached_is_collected_later(agent: AgentProcess) -> None:

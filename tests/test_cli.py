@@ -195,6 +195,26 @@ def test_network_rules_are_shown_checked_and_refused_where_unenforced(
         main(["rm", "-f", "netbox"])
 
 
+def test_a_sandbox_timeout_is_set_shown_and_cleared(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-d", "--name", "ttl", "--backend", "mock", "--sandbox-timeout",
+                 "3600", "--on-timeout", "pause"]) == 0
+    capfd.readouterr()
+    try:
+        assert main(["timeout", "ttl"]) == 0
+        out = capfd.readouterr().out
+        assert out.startswith("ttl: pause in ") and int(out.split()[3]) > 3500, out
+        assert main(["timeout", "ttl", "120", "--on-timeout", "stop"]) == 0
+        out = capfd.readouterr().out
+        assert out.startswith("ttl: stop in ") and int(out.split()[3]) <= 120, out
+        assert main(["timeout", "ttl", "none"]) == 0
+        assert capfd.readouterr().out == "ttl: no timeout\n"
+        assert main(["timeout", "ttl", "soon"]) == 2
+        assert "'soon' is not a number of seconds" in capfd.readouterr().err
+        assert main(["timeout", "ttl", "-5"]) != 0
+    finally:
+        main(["rm", "-f", "ttl"])
+
+
 def test_exec_streams_output_exit_codes_and_errors(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "-d", "--name", "lines", "--backend", "mock"]) == 0
     capfd.readouterr()

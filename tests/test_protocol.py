@@ -149,6 +149,7 @@ def test_parse_request_fills_defaults() -> None:
         "pty": False,
         "rows": 24,
         "cols": 80,
+        "replay": 0,
     }
     # Mutable defaults are copies.
     fields["env"]["X"] = "1"

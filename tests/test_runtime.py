@@ -44,6 +44,7 @@ from kelpie.vm import (
     ConfigError,
     KelpieError,
     LocalStorage,
+    SnapshotKind,
     StorageError,
     VmConfig,
     VmFactory,
@@ -583,6 +584,85 @@ async def test_main_command_output_is_the_log(make_runtime: Callable[..., Runtim
         assert (await rt.read_logs("svc")) == b"up\noops\nup\noops\n"
         await rt.remove("svc", force=True)
         assert not rt.output_log(info.id).parent.exists()
+
+
+async def test_a_capture_holds_the_main_log_and_records_how_much_output_it_has(
+    make_runtime: Callable[..., Runtime], tmp_path: Path,
+) -> None:
+    # the host the sandbox moves to follows the command on from there (the guest replays
+    # what was in flight); a move undone lets the log grow again
+    async with make_runtime() as rt:
+        info = await rt.create(name="svc", backend="mock",
+                               command=["sh", "-c", "echo up; sleep 1000"])
+        log = rt.output_log(info.id)
+        await wait_until(lambda: log.exists() and log.read_bytes() == b"up\n", 5, "its output")
+        rt.moves.hold(info.id, "test move")
+        capture = await rt.moves.capture(info.id, tmp_path / "snap", SnapshotKind.FULL)
+        assert capture.info.main_output_offset == 3
+        assert rt.moves.record(info.id)["main_output_offset"] == 3
+        await rt.moves.give_back(info.id, was_running=True)
+        assert (await rt.inspect("svc")).state is VmState.RUNNING
+        await rt.remove("svc", force=True)
+
+
+class VirtualTime:
+    """A clock that a sleep moves on at once (the runtime's timeouts, on virtual time)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_a_sandbox_timeout_removes_pauses_or_stops_it(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    time = VirtualTime()
+    async with make_runtime(clock=time.clock, sleep=time.sleep) as rt:
+        gone = await rt.create(name="gone", backend="mock", timeout=60)
+        assert (gone.expires_at, gone.on_timeout) == (1_060.0, "remove")
+        napping = await rt.create(name="napping", backend="mock", timeout=120,
+                                  on_timeout="pause")
+        halted = await rt.create(name="halted", backend="mock")
+        await rt.set_timeout("halted", 90, on_timeout="stop")
+        await rt.create(name="kept", backend="mock", timeout=30)
+        assert (await rt.set_timeout("kept", None)).expires_at is None
+
+        def settled() -> bool:
+            nap, halt = rt.db.get(napping.id), rt.db.get(halted.id)
+            return rt.db.get(gone.id) is None and nap is not None \
+                and nap.state is VmState.PAUSED and halt is not None \
+                and halt.state is VmState.STOPPED
+        await wait_until(settled, 5, "the timeouts to pass")
+        assert (await rt.inspect("napping")).expires_at is None  # it happened: gone
+        assert (await rt.inspect("halted")).expires_at is None
+        assert (await rt.inspect("kept")).state is VmState.RUNNING
+        with pytest.raises(ConfigError, match="timeout"):
+            await rt.set_timeout("kept", 0)
+        with pytest.raises(ConfigError, match="on_timeout"):
+            await rt.set_timeout("kept", 5, on_timeout="explode")
+
+
+async def test_a_timeout_that_passed_while_no_runtime_ran_acts_at_open(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    time = VirtualTime()
+
+    async def never(seconds: float) -> None:
+        await asyncio.Event().wait()
+
+    async with make_runtime(clock=time.clock, sleep=never) as rt:  # time stands still
+        info = await rt.create(name="late", backend="mock", start=False)
+        await rt.set_timeout("late", 10)
+        assert rt.moves.record(info.id)["expires_at"] == 1_010.0  # it moves with a teleport
+    time.now += 11
+    async with make_runtime(clock=time.clock, sleep=never) as rt:
+        await wait_until(lambda: rt.db.get(info.id) is None, 5, "the late sandbox to go")
 
 
 async def test_main_command_that_cannot_start(make_runtime: Callable[..., Runtime]) -> None:

@@ -37,7 +37,8 @@ def test_both_sides_offer_every_call(implementation: type, call: str) -> None:
 
 def test_the_service_covers_the_sandbox_api() -> None:
     assert {"create", "list_sandboxes", "inspect", "start", "stop", "kill", "pause", "resume",
-            "set_network", "remove", "events", "read_logs", "follow_logs", "exec", "exec_stream",
+            "set_network", "set_timeout", "remove", "events", "read_logs", "follow_logs",
+            "exec", "exec_stream",
             "read_file", "read_file_stream", "write_file", "list_dir", "mkdir", "remove_path",
             "snapshot", "list_snapshots", "inspect_snapshot", "delete_snapshot", "restore",
             "restore_into", "create_template", "fork", "rename", "wait_main", "exec_detached",

@@ -230,7 +230,24 @@ class SandboxCreate(_Request):
         None, ge=0, le=3600,
         description="Seconds a stop waits for the guest to shut down before the VM is "
                     "killed; None: the backend's default.")
+    timeout: Annotated[float, Field(strict=True)] | None = Field(
+        None, gt=0, le=30 * 24 * 3600,
+        description="Seconds from its creation after which on_timeout happens to the "
+                    "sandbox (E2B's timeout); None: it lives until removed.")
+    on_timeout: Literal["remove", "pause", "stop"] = Field(
+        "remove", description="What happens when its timeout passes: remove it (E2B's "
+                              "kill), pause it (E2B's auto-pause) or stop it.")
 
+
+
+class TimeoutChange(_Request):
+    """A new timeout for a sandbox, counted from now (E2B's set_timeout)."""
+
+    timeout: Annotated[float, Field(strict=True)] | None = Field(
+        ..., gt=0, le=30 * 24 * 3600,
+        description="Seconds from now; None: no timeout any more.")
+    on_timeout: Literal["remove", "pause", "stop"] | None = Field(
+        None, description="What happens when it passes; None: as before.")
 
 
 class NetworkChange(_Request):
@@ -284,6 +301,10 @@ class Sandbox(_Model):
     restart: str = Field("no", description="The main command's restart policy.")
     restart_count: int = Field(0, description="Restarts by the policy since the last start.")
     stop_timeout: float | None = None
+    expires_at: float | None = Field(None, description="When its timeout passes (Unix "
+                                     "seconds); None: it has none.")
+    on_timeout: str = Field("remove", description="What then happens: remove, pause or "
+                                                  "stop.")
     crash_reason: str | None
     last_error: str | None
     labels: dict[str, str]

@@ -76,6 +76,7 @@ from kelpie.api import (
     TeleportState,
     TeleportSwitch,
     TemplateCreate,
+    TimeoutChange,
     VersionInfo,
     b64,
     error_attributes,
@@ -437,6 +438,14 @@ class DaemonClient:
         body = NetworkChange(network=network, allow=list(allow),
                              deny=list(deny))
         reply = await self._request("PUT", f"{_sb(ref)}/network",
+                                    json=body.model_dump(mode="json"))
+        return Sandbox.model_validate(reply.json())
+
+    async def set_timeout(self, ref: str, seconds: float | None, *,
+                          on_timeout: str | None = None) -> Sandbox:
+        """Give a sandbox a timeout ``seconds`` from now (see :class:`TimeoutChange`)."""
+        body = TimeoutChange(timeout=seconds, on_timeout=on_timeout)
+        reply = await self._request("POST", f"{_sb(ref)}/timeout",
                                     json=body.model_dump(mode="json"))
         return Sandbox.model_validate(reply.json())
 

@@ -92,16 +92,23 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
 ``exec``        argv, env?={}, cwd?="/", user?=null (name or uid),
                 stdin?=false (true: host streams STDIN frames, else
                 /dev/null), timeout?=null (seconds; SIGKILL to the whole
-                process group), pty?=false, rows?=24, cols?=80
-                -> EVENT {event: "started", exec_id, pid}
+                process group), pty?=false, rows?=24, cols?=80,
+                replay?=0 (bytes of its latest output to keep, up to 1 MiB,
+                for an attach to replay: output in flight when the host
+                changes is lost otherwise)
+                -> EVENT {event: "started", exec_id, pid, offset}
                 -> STDOUT/STDERR frames
                 -> REPLY {exec_id, exit_code, signal, timed_out}
                    (exit_code is null when killed by a signal)
                    An exec ends when its process has exited and its output
                    pipes are drained (EOF, or a short grace when background
                    processes keep them open).
-``attach``      exec_id  -> like exec, for an exec started on an earlier
-                connection: EVENT started, remaining output, REPLY.
+``attach``      exec_id, offset?=null -> like exec, for an exec started on an
+                earlier connection: EVENT started, remaining output, REPLY.
+                ``offset``: the output bytes the host has already; what the
+                exec kept after it (see replay) comes first. The started
+                event's ``offset`` says where the output that follows starts
+                (above the one asked for when some was not kept).
 ``signal``      target (request id of an exec), signum, group?=false
                 -> REPLY {}
 ``resize``      target, rows, cols -> REPLY {}
@@ -539,8 +546,9 @@ REQUEST_FIELDS: Final[dict[str, dict[str, tuple[Callable[[object], bool], object
         "pty": (_is_bool, False),
         "rows": (_is_winsize, 24),
         "cols": (_is_winsize, 80),
+        "replay": (_is_uint, 0),
     },
-    "attach": {"exec_id": (_is_uint, REQUIRED)},
+    "attach": {"exec_id": (_is_uint, REQUIRED), "offset": (_is_uint_or_none, None)},
     "signal": {
         "target": (_is_uint, REQUIRED),
         "signum": (_is_uint, REQUIRED),

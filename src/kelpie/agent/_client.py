@@ -251,16 +251,21 @@ class AgentClient(AgentConnection):
         timeout: float | None = None,
         pty: bool = False,
         term_size: tuple[int, int] | None = None,
+        replay: int = 0,
     ) -> ExecHandle:
         """Start a command in the guest; returns once it is running.
 
         ``stdin`` bytes are sent, then EOF unless ``stdin_open``; with neither,
         stdin is /dev/null. ``timeout`` seconds after the start the agent
         SIGKILLs the command's whole process group. ``pty`` runs it on a
-        terminal of ``term_size`` (rows, cols). Raises AgentRemoteError when
-        the command cannot start (e.g. code ENOENT for a missing program).
+        terminal of ``term_size`` (rows, cols). ``replay``: bytes of its latest
+        output the agent keeps for :meth:`attach` to replay. Raises
+        AgentRemoteError when the command cannot start (e.g. code ENOENT for a
+        missing program).
         """
         fields: dict[str, Any] = {"argv": list(argv), "pty": pty}
+        if replay:
+            fields["replay"] = replay
         if env is not None:
             fields["env"] = dict(env)
         if cwd is not None:
@@ -286,9 +291,15 @@ class AgentClient(AgentConnection):
             self._abandon(pending, cancel=True)
             raise
 
-    async def attach(self, exec_id: int, *, stdin_open: bool = False) -> ExecHandle:
-        """Take over an exec started on an earlier connection (see AgentInfo.execs)."""
-        pending = await self._open("attach", {"exec_id": exec_id})
+    async def attach(self, exec_id: int, *, stdin_open: bool = False,
+                     offset: int | None = None) -> ExecHandle:
+        """Take over an exec started on an earlier connection (see AgentInfo.execs);
+        ``offset``: the bytes of its output the caller has already, to replay what the
+        exec kept after them (see :attr:`ExecHandle.offset`)."""
+        fields: dict[str, Any] = {"exec_id": exec_id}
+        if offset is not None:
+            fields["offset"] = offset
+        pending = await self._open("attach", fields)
         try:
             return await self._started(pending, stdin_open=stdin_open)
         except BaseException:
@@ -303,8 +314,10 @@ class AgentClient(AgentConnection):
         body = decode(frame)
         if frame.ftype != FrameType.EVENT or body.get("event") != "started":
             raise AgentProtocolError(f"{pending.op}: expected a 'started' event, got {body!r}")
+        offset = body.get("offset")  # (agents before replay do not say)
         return ExecHandle(
-            self, pending, exec_id=body["exec_id"], pid=body["pid"], stdin_open=stdin_open
+            self, pending, exec_id=body["exec_id"], pid=body["pid"], stdin_open=stdin_open,
+            offset=offset if isinstance(offset, int) and offset >= 0 else None,
         )
 
     # -- files -------------------------------------------------------------------------

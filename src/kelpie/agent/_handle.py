@@ -87,11 +87,15 @@ class ExecHandle:
         exec_id: int,
         pid: int,
         stdin_open: bool,
+        offset: int | None = None,
     ) -> None:
         self._client = client
         self._pending = pending
         self.exec_id = exec_id
         self.pid = pid
+        self.offset = offset
+        """Bytes of output the command had produced before the first one this handle
+        yields (None: the agent does not say)."""
         self._stdin_open = stdin_open
         self.result: ExitStatus | None = None
 

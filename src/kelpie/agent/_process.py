@@ -34,6 +34,7 @@ class AgentProcess(ExecProcess):
         self._started = time.monotonic()
         self._interrupted: str | None = None
         self.exec_id = str(handle.exec_id)
+        self.pid = handle.pid
 
     def interrupt(self, reason: str) -> None:
         """End this command's stream with ``reason`` (its VM was restored under it)."""

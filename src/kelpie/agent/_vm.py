@@ -63,10 +63,13 @@ T = TypeVar("T")
 RESTORE_ENTROPY_BYTES = 64
 """Fresh random bytes a restored guest mixes into its RNG (clones must not share a state)."""
 REPLAY_LIMIT = 4 * 1024 * 1024
-GROW_FS_TIMEOUT = 10.0
-"""How long the guest may take to see its disk's new size (a config interrupt)."""
 """Bytes of an upload kept to send it again if a new agent refuses it (a larger upload
 refused that way fails with an AgentError; the next call then goes to the new agent)."""
+GROW_FS_TIMEOUT = 10.0
+"""How long the guest may take to see its disk's new size (a config interrupt)."""
+REPLAY_KEEP = 256 * 1024
+"""Bytes of the latest output the guest keeps for a command that keeps running, so that a
+re-attach gets again what was in flight when the host changed (e.g. a live teleport)."""
 
 
 class _Replayable:
@@ -225,7 +228,7 @@ class AgentVm(VmInstance):
                 handle = await client.exec(
                     list(request.argv), env=dict(request.env) or None, cwd=request.cwd,
                     user=request.user, stdin_open=True, timeout=request.timeout,
-                    pty=request.pty,
+                    pty=request.pty, replay=REPLAY_KEEP if request.keep_running else 0,
                 )
             except AgentRemoteError as exc:
                 name = request.argv[0]
@@ -241,7 +244,7 @@ class AgentVm(VmInstance):
 
         return await self._call(start)
 
-    async def _do_reattach_exec(self, exec_id: str) -> ExecProcess:
+    async def _do_reattach_exec(self, exec_id: str, offset: int | None) -> ExecProcess:
         try:
             number = int(exec_id)
         except ValueError:
@@ -252,13 +255,14 @@ class AgentVm(VmInstance):
             held = {e.exec_id: e for e in (client.info.execs if client.info else ())}
             argv = held[number].argv if number in held and held[number].argv else ("?",)
             try:
-                handle = await client.attach(number)
+                handle = await client.attach(number, offset=offset)
                 await handle.close_stdin()
             except AgentRemoteError as exc:
                 raise ExecError(f"cannot re-attach to command {exec_id}: {exc.message} "
                                 f"({exc.code})") from exc
             process = AgentProcess(ExecRequest(tuple(argv)), handle, self._agent_errors)
             process.exec_id = exec_id
+            process.output_offset = handle.offset
             self._processes.add(process)
             return process
 

@@ -50,6 +50,7 @@ COMMANDS = {
     "events": "_monitor:events", "stats": "_monitor:stats", "top": "_monitor:top",
     "attach": "_monitor:attach", "commit": "_sandbox:commit", "build": "_build:build",
     "mcp": "_mcp:mcp", "fleet": "_fleet:fleet", "dashboard": "_dashboard:dashboard",
+    "timeout": "_network:timeout",
 }
 
 

@@ -71,6 +71,15 @@ def _shape_options(command: F) -> F:
                      metavar="SECONDS",
                      help="How long a stop waits for the guest to shut down before the "
                           "VM is killed (default: the backend's)."),
+        click.option("--sandbox-timeout", type=click.FloatRange(0, 30 * 24 * 3600,
+                                                                min_open=True),
+                     default=None, metavar="SECONDS",
+                     help="Remove the sandbox (or as --on-timeout says) SECONDS after its "
+                          "creation, like E2B's sandbox timeout (`kelpie timeout` changes "
+                          "it later)."),
+        click.option("--on-timeout", type=click.Choice(["remove", "pause", "stop"]),
+                     default="remove", show_default=True,
+                     help="What happens to the sandbox when --sandbox-timeout passes."),
         click.option("--backend",
                      help="Backend (default: KELPIE_BACKEND or the best for this host)."),
         click.option("--arch", type=click.Choice(list(GUEST_ARCHES)), default=None,
@@ -102,7 +111,8 @@ def _body(image: str | None, command: list[str] | None, shape: dict[str, Any], *
         workdir=shape["workdir"],
         entrypoint=None if entrypoint is None else [entrypoint] if entrypoint else [],
         command=command, template=template, start=start, restart=shape["restart"],
-        stop_timeout=shape["stop_timeout"],
+        stop_timeout=shape["stop_timeout"], timeout=shape["sandbox_timeout"],
+        on_timeout=shape["on_timeout"],
     )
 
 

@@ -26,6 +26,7 @@ from kelpie.api import (
     Sandbox,
     SandboxCreate,
     StreamError,
+    TimeoutChange,
     error_body,
     model_json,
 )
@@ -161,6 +162,14 @@ async def set_sandbox_network(request: Request, ref: Ref, body: NetworkChange) -
     sandbox obeys them from its next packet."""
     return sandbox_record(await runtime_of(request).set_network(
         ref, allow=body.allow, deny=body.deny, network=body.network))
+
+
+@router.post("/sandboxes/{ref}/timeout")
+async def set_sandbox_timeout(request: Request, ref: Ref, body: TimeoutChange) -> Sandbox:
+    """Give the sandbox a timeout counted from now, replacing any it had (null: none);
+    when it passes, on_timeout happens to it (remove, pause or stop)."""
+    return sandbox_record(await runtime_of(request).set_timeout(
+        ref, body.timeout, on_timeout=body.on_timeout))
 
 
 @router.post("/sandboxes/{ref}/pause")

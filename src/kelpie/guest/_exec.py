@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import termios
+from collections import deque
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,6 +33,36 @@ class Exec:
         self.drain_deadline: float | None = None
         self.request_id: int | None = None
         self.exited_at = 0.0
+        self.produced = 0  # bytes of output forwarded so far (stdout and stderr)
+        self.keep = 0  # bytes of recent output kept for an attach to replay
+        self.kept: deque[tuple[int, bytes]] = deque()  # (frame type, data), oldest first
+        self.kept_bytes = 0
+
+    def forwarded(self, ftype: int, data: bytes) -> None:
+        """Count output on its way to the host; keep the last ``keep`` bytes of it, since
+        frames in flight are lost when the host changes (a restarted daemon, a VM moved
+        live to another host)."""
+        self.produced += len(data)
+        if not self.keep:
+            return
+        self.kept.append((ftype, data))
+        self.kept_bytes += len(data)
+        while self.kept_bytes - len(self.kept[0][1]) >= self.keep:
+            self.kept_bytes -= len(self.kept.popleft()[1])
+
+    def since(self, offset: int) -> tuple[int, list[tuple[int, bytes]]]:
+        """The output after the first ``offset`` bytes, as far as it is kept: where it
+        starts (above ``offset`` if some was not kept) and its chunks."""
+        start = self.produced - self.kept_bytes
+        if offset >= self.produced:
+            return self.produced, []
+        chunks, position = [], start
+        for ftype, data in self.kept:
+            end = position + len(data)
+            if end > offset:
+                chunks.append((ftype, data[max(0, offset - position):]))
+            position = end
+        return max(offset, start), chunks
 
     def info(self) -> dict[str, Any]:
         """Summary listed in the hello reply."""

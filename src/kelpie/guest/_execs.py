@@ -29,6 +29,8 @@ FINAL_DRAIN_LIMIT: Final = 1024 * 1024
 #: Finished execs kept for a host to collect, beyond which the oldest go.
 KEEP_FINISHED_DETACHED: Final = 64
 READ_CHUNK: Final = protocol.DATA_CHUNK
+#: The most recent output an exec may keep for an attach to replay (``replay``).
+REPLAY_LIMIT: Final = 1024 * 1024
 
 
 class ExecManager:
@@ -80,6 +82,7 @@ class ExecManager:
         )
         ex = spawn(plan, self.next_exec_id, f["stdin"], f["rows"], f["cols"])
         self.next_exec_id += 1
+        ex.keep = min(f["replay"], REPLAY_LIMIT)
         if f["timeout"] is not None:
             ex.deadline = time.monotonic() + max(0.0, float(f["timeout"]))
         self.execs[ex.exec_id] = ex
@@ -93,15 +96,18 @@ class ExecManager:
             raise OpError("ESRCH", f"no exec {f['exec_id']} (finished and collected, or never)")
         if ex.request_id is not None:
             raise OpError("EBUSY", f"exec {ex.exec_id} is attached to request {ex.request_id}")
-        self.attach(ex, rid)
+        self.attach(ex, rid, f["offset"])
 
-    def attach(self, ex: Exec, rid: int) -> None:
-        """Bind an exec's output and exit status to request ``rid``."""
+    def attach(self, ex: Exec, rid: int, offset: int | None = None) -> None:
+        """Bind an exec's output and exit status to request ``rid``; replay what it kept
+        after ``offset`` (the output bytes the host already has)."""
         ex.request_id = rid
         self.requests[rid] = ex
-        self.link.send_json(
-            FT.EVENT, rid, {"event": "started", "exec_id": ex.exec_id, "pid": ex.pid}
-        )
+        start, replay = ex.since(ex.produced if offset is None else offset)
+        self.link.send_json(FT.EVENT, rid, {
+            "event": "started", "exec_id": ex.exec_id, "pid": ex.pid, "offset": start})
+        for ftype, data in replay:  # each no bigger than the read it came from
+            self.link.send(protocol.encode_frame(ftype, rid, data))
         if ex.status is not None:
             ex.drain_deadline = time.monotonic() + DRAIN_GRACE
 
@@ -197,6 +203,7 @@ class ExecManager:
         except OSError:  # EIO: every PTY slave is closed
             data = b""
         if data:
+            ex.forwarded(ftype, data)
             self.link.send(protocol.encode_frame(ftype, ex.request_id, data))
             return
         os.close(fd)

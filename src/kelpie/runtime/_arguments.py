@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from kelpie.images import NoDefaultCommand, StoredImage
 from kelpie.images._rootfs_build import BuildProgress
-from kelpie.runtime._info import SandboxInfo
+from kelpie.runtime._info import ON_TIMEOUT_ACTIONS, SandboxInfo
 from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import ConfigError, Mount, NetworkMode, PortMapping, SnapshotKind
 
@@ -125,6 +125,29 @@ def stop_timeout(seconds: object) -> float | None:
         raise ConfigError([f"stop timeout {seconds!r} must be a number of seconds from 0 to "
                            f"{MAX_STOP_TIMEOUT_SECONDS:g}"], what="sandbox")
     return float(seconds)
+
+
+MAX_TIMEOUT_SECONDS = 30 * 24 * 3600.0
+
+
+def timeout_seconds(seconds: object) -> float | None:
+    """A checked timeout: None (none) or more than 0, up to 30 days, in seconds."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+            or not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        raise ConfigError([f"timeout {seconds!r} must be a number of seconds above 0 and at "
+                           f"most {MAX_TIMEOUT_SECONDS:g} (30 days), or none"], what="sandbox")
+    return float(seconds)
+
+
+def on_timeout_action(action: object) -> str:
+    """A checked ``on_timeout``: what happens to a sandbox when its timeout passes."""
+    if action not in ON_TIMEOUT_ACTIONS:
+        raise ConfigError([f"on_timeout {action!r} must be one of: "
+                           f"{', '.join(ON_TIMEOUT_ACTIONS)}"], what="sandbox")
+    assert isinstance(action, str)
+    return action
 
 
 def restart_policy(policy: RestartPolicy | str | None) -> RestartPolicy:

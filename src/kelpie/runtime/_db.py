@@ -113,6 +113,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE sandbox_events",
         "CREATE INDEX events_by_sandbox ON events (sandbox_id, seq)",
     ),
+    # 7: how much of the running main command's output its log holds, so that following
+    # it again (after a restart, or on the host it moved to) replays what was in flight
+    (
+        "ALTER TABLE sandboxes ADD COLUMN main_output_offset INTEGER",
+    ),
 )
 """Schema migrations, in order; append new ones, never edit a released one."""
 
@@ -120,7 +125,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, name, backend, image, image_digest, config, state, crash_reason, last_error, "
-    "vm_dir, labels, created_at, updated_at, main_exit_code, main_exec_id, restart_count"
+    "vm_dir, labels, created_at, updated_at, main_exit_code, main_exec_id, restart_count, "
+    "main_output_offset"
 )
 
 _EVENT_COLUMNS = "seq, sandbox_id, name, at, kind, state, reason"
@@ -218,7 +224,7 @@ class StateDb:
             with _transaction(self._conn):
                 self._conn.execute(
                     f"INSERT INTO sandboxes ({_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _row_values(info),
                 )
                 self._event(info.id, info.created_at, EventKind.STATE, info.state, None)
@@ -285,10 +291,20 @@ class StateDb:
             )
 
     def set_main_exec(self, sandbox_id: str, exec_id: str | None) -> None:
-        """Remember the backend's id of the running main command."""
+        """Remember the backend's id of the running main command (none of its output
+        is in the log yet)."""
         with _transaction(self._conn):
             self._conn.execute(
-                "UPDATE sandboxes SET main_exec_id = ? WHERE id = ?", (exec_id, sandbox_id),
+                "UPDATE sandboxes SET main_exec_id = ?, main_output_offset = 0 WHERE id = ?",
+                (exec_id, sandbox_id),
+            )
+
+    def set_main_output_offset(self, sandbox_id: str, offset: int | None) -> None:
+        """Remember how many bytes of the running main command's output its log holds
+        (None: unknown)."""
+        with _transaction(self._conn):
+            self._conn.execute(
+                "UPDATE sandboxes SET main_output_offset = ? WHERE id = ?", (offset, sandbox_id),
             )
 
     def main_started(self, sandbox_id: str, at: float, *, restart: str | None = None) -> None:
@@ -296,7 +312,8 @@ class StateDb:
         0), or by the restart policy (``restart`` says why; counted, and an event)."""
         with _transaction(self._conn):
             row = self._conn.execute(
-                "UPDATE sandboxes SET main_exit_code = NULL, main_exec_id = NULL, updated_at = ?,"
+                "UPDATE sandboxes SET main_exit_code = NULL, main_exec_id = NULL,"
+                " main_output_offset = NULL, updated_at = ?,"
                 " restart_count = CASE WHEN ? THEN restart_count + 1 ELSE 0 END"
                 " WHERE id = ? RETURNING state", (at, restart is not None, sandbox_id),
             ).fetchone()
@@ -307,7 +324,8 @@ class StateDb:
         """Record how the main command ended, as its exit code and as an event."""
         with _transaction(self._conn):
             row = self._conn.execute(
-                "UPDATE sandboxes SET main_exit_code = ?, main_exec_id = NULL, updated_at = ?"
+                "UPDATE sandboxes SET main_exit_code = ?, main_exec_id = NULL,"
+                " main_output_offset = NULL, updated_at = ?"
                 " WHERE id = ? RETURNING state", (exit_code, at, sandbox_id),
             ).fetchone()
             if row is not None:
@@ -488,7 +506,8 @@ def _config_json(info: SandboxInfo) -> str:
     config = {"vm": info.config.to_dict(), "workdir": info.workdir, "user": info.user,
               "command": None if info.command is None else list(info.command),
               "image_command": None if info.image_command is None else list(info.image_command),
-              "image_entrypoint": list(info.image_entrypoint), **_main_settings(info)}
+              "image_entrypoint": list(info.image_entrypoint), **_main_settings(info),
+              "expires_at": info.expires_at, "on_timeout": info.on_timeout}
     return json.dumps(config, sort_keys=True)
 
 
@@ -503,14 +522,14 @@ def _row_values(info: SandboxInfo) -> tuple[Any, ...]:
         _config_json(info), info.state.value, info.crash_reason,
         info.last_error, None if info.vm_dir is None else str(info.vm_dir),
         json.dumps(dict(info.labels), sort_keys=True), info.created_at, info.updated_at,
-        info.main_exit_code, info.main_exec_id, info.restart_count,
+        info.main_exit_code, info.main_exec_id, info.restart_count, info.main_output_offset,
     )
 
 
 def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
     (sid, name, backend, image, digest, config_json, state, crash_reason, last_error,
      vm_dir, labels_json, created_at, updated_at, main_exit_code, main_exec_id,
-     restart_count) = row
+     restart_count, main_output_offset) = row
     try:
         config = json.loads(config_json)
         vm_config = VmConfig.from_dict(config["vm"])
@@ -524,6 +543,10 @@ def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
         stop_timeout = config.get("stop_timeout")
         if stop_timeout is not None:
             stop_timeout = float(stop_timeout)
+        expires_at = config.get("expires_at")
+        if expires_at is not None:
+            expires_at = float(expires_at)
+        on_timeout = str(config.get("on_timeout") or "remove")
     except (ValueError, KeyError, TypeError, ConfigError) as exc:
         raise StateDatabaseError(
             f"sandbox {sid} ({name}) has an unreadable record in {path}: {exc}"
@@ -537,4 +560,5 @@ def _from_row(row: Sequence[Any], path: Path) -> SandboxInfo:
         main_exit_code=main_exit_code, image_command=image_command,
         image_entrypoint=image_entrypoint, main_exec_id=main_exec_id,
         restart=restart, restart_count=restart_count, stop_timeout=stop_timeout,
+        main_output_offset=main_output_offset, expires_at=expires_at, on_timeout=on_timeout,
     )

@@ -11,6 +11,8 @@ from kelpie.runtime._restart import RestartPolicy
 from kelpie.vm import SnapshotKind, VmConfig, VmState
 
 SHORT_ID_LENGTH = 12
+ON_TIMEOUT_ACTIONS = ("remove", "pause", "stop")
+"""What may happen to a sandbox when its timeout passes (``on_timeout``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,12 @@ class SandboxInfo:
     image_command: tuple[str, ...] | None = None
     image_entrypoint: tuple[str, ...] = ()
     main_exec_id: str | None = None
+    main_output_offset: int | None = None
+    """Bytes of the running main command's output that its log holds (None: unknown)."""
+    expires_at: float | None = None
+    """When its timeout passes (None: it has none); then ``on_timeout`` happens to it."""
+    on_timeout: str = "remove"
+    """``remove``, ``pause`` or ``stop`` it when its timeout passes."""
     restart: RestartPolicy = dataclasses.field(default_factory=RestartPolicy)
     restart_count: int = 0
     stop_timeout: float | None = None

@@ -26,6 +26,12 @@ from kelpie.vm import (
 EXIT_CANNOT_RUN = 127
 
 
+def _opened() -> asyncio.Event:
+    gate = asyncio.Event()
+    gate.set()
+    return gate
+
+
 class MainCommands:
     """Runs each sandbox's main command in the background and records how it ended."""
 
@@ -34,6 +40,10 @@ class MainCommands:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, ExecProcess] = {}
         """The main command running now in each sandbox (to signal it)."""
+        self._positions: dict[str, int | None] = {}
+        """How much of each main command's output its log holds (None: unknown)."""
+        self._open: dict[str, asyncio.Event] = {}
+        """Set while a sandbox's log may grow; cleared by :meth:`hold_output`."""
 
     def start(self, info: SandboxInfo, vm: VmInstance, *, follow: bool = False,
               restart: str | None = None) -> None:
@@ -105,27 +115,59 @@ class MainCommands:
                     log: IO[bytes]) -> int | None:
         """Copy the command's output into ``log``; its exit code (None: unknown)."""
         exit_code: int | None = EXIT_CANNOT_RUN
+        gate = self._open.setdefault(info.id, _opened())
         try:
             async with self._process(info, vm, follow) as process:
-                if process.exec_id is not None:
+                if process.exec_id is not None and not follow:
                     self._ctx.db.set_main_exec(info.id, process.exec_id)
                 await process.close_stdin()
                 self._running[info.id] = process
+                position = process.output_offset
+                if follow and position is not None and info.main_output_offset is not None \
+                        and position > info.main_output_offset:
+                    log.write(f"kelpie: {position - info.main_output_offset} bytes of the main "
+                              "command's output were lost (more than the guest keeps "
+                              "to replay)\n".encode())
+                self._positions[info.id] = position
                 try:
                     async for event in process:
                         if isinstance(event, ExecOutput):
+                            await gate.wait()
                             log.write(event.data)
+                            if position is not None:
+                                position += len(event.data)
+                                self._positions[info.id] = position
                         elif isinstance(event, ExecExit):
                             exit_code = event.exit_code
                 finally:
                     if self._running.get(info.id) is process:
                         del self._running[info.id]
+                        self._save_position(info.id)
         except KelpieError as exc:
             what = "following" if follow else "the main command"
             log.write(f"kelpie: {what} failed: {exc}\n".encode())
             if follow:
                 exit_code = None  # unknown: its output could not be taken over
         return exit_code
+
+    def _save_position(self, sandbox_id: str) -> None:
+        """Record how much output the log holds, for whoever follows the command next."""
+        if sandbox_id in self._positions and self._ctx.open_db is not None:
+            self._ctx.db.set_main_output_offset(sandbox_id, self._positions[sandbox_id])
+
+    def hold_output(self, sandbox_id: str) -> None:
+        """Stop writing the sandbox's main command output to its log (its guest is paused
+        to move): the log is complete, and how much output it holds is recorded, so that
+        the host the sandbox moves to follows on from there. :meth:`release_output` undoes
+        it."""
+        self._open.setdefault(sandbox_id, _opened()).clear()
+        self._save_position(sandbox_id)
+
+    def release_output(self, sandbox_id: str) -> None:
+        """Let the log grow again after :meth:`hold_output` (a move was undone)."""
+        gate = self._open.get(sandbox_id)
+        if gate is not None:
+            gate.set()
 
     @contextlib.asynccontextmanager
     async def _process(
@@ -134,7 +176,7 @@ class MainCommands:
         assert info.command is not None
         if follow:
             assert info.main_exec_id is not None
-            yield await vm.reattach_exec(info.main_exec_id)
+            yield await vm.reattach_exec(info.main_exec_id, offset=info.main_output_offset)
             return
         async with vm.exec_stream(info.command, cwd=info.workdir, user=info.user,
                                   keep_running=True) as process:
@@ -160,6 +202,8 @@ class MainCommands:
 
     def stop(self, sandbox_id: str) -> None:
         """Stop following the main command (it keeps running in the guest, if it does)."""
+        self._open.pop(sandbox_id, None)
+        self._positions.pop(sandbox_id, None)
         task = self._tasks.pop(sandbox_id, None)
         if task is not None:
             task.cancel()

@@ -55,8 +55,10 @@ def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
         "image_command": None if info.image_command is None else list(info.image_command),
         "image_entrypoint": list(info.image_entrypoint),
         "main_exit_code": info.main_exit_code, "main_exec_id": info.main_exec_id,
+        "main_output_offset": info.main_output_offset,
         "restart": str(info.restart), "restart_count": info.restart_count,
         "stop_timeout": info.stop_timeout, "base_disk_mib": _base_disk_mib(info),
+        "expires_at": info.expires_at, "on_timeout": info.on_timeout,
     }
 
 
@@ -99,11 +101,14 @@ def sandbox_from_record(data: dict[str, Any]) -> SandboxInfo:
             image_command=None if image_command is None else tuple(str(a) for a in image_command),
             image_entrypoint=tuple(str(a) for a in data.get("image_entrypoint") or ()),
             main_exit_code=data.get("main_exit_code"), main_exec_id=data.get("main_exec_id"),
+            main_output_offset=_offset(data.get("main_output_offset")),
             restart=args.restart_policy(data.get("restart")),
             restart_count=max(0, int(data.get("restart_count") or 0)),
             stop_timeout=args.stop_timeout(data.get("stop_timeout")),
+            expires_at=None if data.get("expires_at") is None else float(data["expires_at"]),
+            on_timeout=args.on_timeout_action(data.get("on_timeout") or "remove"),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise ConfigError([f"the sandbox record is malformed: {exc!r}"],
                           what="teleported sandbox") from None
 
@@ -156,7 +161,8 @@ class Moves:
     # ---- leaving ------------------------------------------------------------------------
     async def capture(self, sandbox_id: str, dest: Path, kind: SnapshotKind, *,
                       workspace: str | None = None) -> Capture:
-        """Snapshot the held sandbox into ``dest`` and leave it paused.
+        """Snapshot the held sandbox into ``dest`` and leave it paused, its main command's
+        log complete (no more is written to it until :meth:`give_back`).
 
         A full snapshot pauses the guest first (and leaves it paused); a checkpoint is taken
         from the running guest through its agent, then the guest is paused.
@@ -176,6 +182,7 @@ class Moves:
             snapshot = await vm.snapshot(dest, kind=kind, leave_paused=True)
             if vm.state is VmState.RUNNING:
                 await vm.pause()
+            self._mains.hold_output(sandbox_id)
         return Capture(ctx.info(sandbox_id), snapshot, was_running)
 
     def live_ready(self, sandbox_id: str) -> bool:
@@ -200,11 +207,14 @@ class Moves:
                         converge_timeout: float,
                         progress: LiveProgressCallback | None = None) -> LiveStats:
         """Move the held sandbox's VM live to the target behind ``endpoints``; it ends paused
-        here (or running as before, if the migration fails)."""
+        here, its main command's log complete as in :meth:`capture` (or running as before,
+        if the migration fails)."""
         vm = self._live_vm(sandbox_id)
         async with self._ctx.lock_for(sandbox_id):
-            return await vm.send_live(endpoints.nbd_socket, endpoints.migration_socket,
-                                      converge_timeout=converge_timeout, progress=progress)
+            stats = await vm.send_live(endpoints.nbd_socket, endpoints.migration_socket,
+                                       converge_timeout=converge_timeout, progress=progress)
+            self._mains.hold_output(sandbox_id)
+        return stats
 
     async def arrive_live(self, record: dict[str, Any],
                           plan: dict[str, Any]) -> tuple[SandboxInfo, LiveEndpoints]:
@@ -226,11 +236,16 @@ class Moves:
         return ctx.info(info.id), endpoints
 
     async def finish_live_arrival(self, sandbox_id: str, timeout: float, *,
-                                  main_log: Path | None = None) -> SandboxInfo:
+                                  main_log: Path | None = None,
+                                  record: Mapping[str, Any] | None = None) -> SandboxInfo:
         """Run the sandbox whose VM came live, once the migration completed, with its main
-        command's log so far (moved from ``main_log``)."""
+        command's log so far (moved from ``main_log``) and how much output that log holds
+        (from the source's ``record`` at the switch; the one it arrived with was taken
+        before the migration)."""
         ctx = self._ctx
         vm = self._live_vm(sandbox_id)
+        offset = None if record is None else sandbox_from_record(dict(record)).main_output_offset
+        ctx.db.set_main_output_offset(sandbox_id, offset)
         if main_log is not None:
             ctx.storage.mkdir(ctx.sandbox_dir(sandbox_id))
             ctx.storage.rename(main_log, ctx.output_log(sandbox_id))
@@ -258,6 +273,7 @@ class Moves:
             if was_running and vm is not None and vm.state is VmState.PAUSED:
                 await vm.resume()
                 self._mains.follow(sandbox_id, vm)
+            self._mains.release_output(sandbox_id)
         self.unhold(sandbox_id)
         return ctx.info(sandbox_id)
 
@@ -328,6 +344,14 @@ class Moves:
             raise ConfigError([f"a sandbox with id {info.id} already exists here"],
                               what="teleported sandbox") from None
         return info, spec, stored
+
+
+def _offset(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"main_output_offset {value!r} is not a byte count")
+    return value
 
 
 def _live(vm: object) -> LiveMigratable | None:

@@ -66,6 +66,7 @@ from kelpie.runtime._context import RuntimeContext
 from kelpie.runtime._crashes import CrashRestarts
 from kelpie.runtime._db import DB_FILENAME, StateDb
 from kelpie.runtime._events import EventFeed, EventFilter
+from kelpie.runtime._expiry import Expiries
 from kelpie.runtime._facts import host_facts
 from kelpie.runtime._fork import Forks
 from kelpie.runtime._info import SandboxEvent, SandboxInfo, SnapshotInfo
@@ -145,6 +146,7 @@ class Runtime:
         self._ctx.on_crash = self._crashes.crashed
         self._feed = EventFeed(lambda: self._ctx.db, clock)
         self._usage = Usage(self._ctx)
+        self._expiries = Expiries(self._ctx, self._sandboxes)
 
     # ---- lifecycle of the runtime itself ------------------------------------------------
     async def open(self) -> None:
@@ -160,6 +162,7 @@ class Runtime:
             self._snapshots.recover()
             await self._sandboxes.recover()
             self._crashes.resume()
+            self._expiries.resume()
         except BaseException:
             self._release()
             raise
@@ -172,6 +175,7 @@ class Runtime:
         (and restarts, as their restart policy says, those whose VMs died meanwhile).
         """
         self._crashes.cancel_all()
+        self._expiries.cancel()
         await self._mains.stop_all()
         for vm in list(self._ctx.vms.values()):
             with contextlib.suppress(Exception):
@@ -180,6 +184,7 @@ class Runtime:
 
     def _release(self) -> None:
         self._crashes.cancel_all()
+        self._expiries.cancel()
         self._mains.cancel_all()
         self._ctx.vms.clear()
         self._ctx.locks.clear()
@@ -249,8 +254,20 @@ class Runtime:
         """
         req = SandboxCreate.of(request, fields, "sandbox")
         if req.template is not None:
-            return await self._snapshots.create_from_template(req)
-        return await self._sandboxes.create(req, progress)
+            info = await self._snapshots.create_from_template(req)
+        else:
+            info = await self._sandboxes.create(req, progress)
+        if req.timeout is not None:
+            info = self._expiries.set(info, req.timeout, req.on_timeout)
+        return info
+
+    async def set_timeout(self, ref: str, seconds: float | None, *,
+                          on_timeout: str | None = None) -> SandboxInfo:
+        """Give the sandbox a timeout ``seconds`` from now, replacing any it had (None: no
+        timeout). When it passes, ``on_timeout`` happens to the sandbox: ``remove`` (the
+        default), ``pause`` or ``stop`` (None: as set before). A runtime that was closed
+        meanwhile acts on the timeouts that passed as soon as it opens."""
+        return self._expiries.set(self._ctx.find(ref), seconds, on_timeout)
 
     # ---- the main command ---------------------------------------------------------------
     async def wait_main(self, ref: str) -> int | None:

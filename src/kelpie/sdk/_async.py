@@ -116,6 +116,8 @@ class AsyncSandbox:
         user: str | None = None,
         restart: str | None = None,
         stop_timeout: float | None = None,
+        timeout: float | None = None,
+        on_timeout: str = "remove",
         daemon: str | None = None,
         token: str | None = None,
     ) -> AsyncSandbox:
@@ -131,7 +133,9 @@ class AsyncSandbox:
         ``aarch64``; default the host's, another one is emulated); ``command``: a
         main command whose output becomes the logs, started again when it ends as
         ``restart`` says (``no``, ``on-failure[:N]``, ``always``); ``stop_timeout``: seconds
-        a stop waits for the guest before the VM is killed; ``hostname``, ``labels``,
+        a stop waits for the guest before the VM is killed; ``timeout``: seconds after
+        which ``on_timeout`` happens to the sandbox (``remove``, ``pause`` or ``stop``;
+        see :meth:`set_timeout`); ``hostname``, ``labels``,
         ``workdir``, ``user``: as Docker's flags. ``template``: start by restoring this
         template (then only ``name``, ``env`` and ``labels`` may be given). ``daemon``: the
         daemon's URL (``unix:///PATH`` or ``http(s)://HOST:PORT``, ``token`` for TCP); None
@@ -146,6 +150,7 @@ class AsyncSandbox:
             "command": None if command is None else list(command), "template": template,
             "hostname": hostname, "labels": dict(labels or {}), "workdir": workdir,
             "user": user, "restart": restart, "stop_timeout": stop_timeout,
+            "timeout": timeout, "on_timeout": on_timeout,
         }, "sandbox")
         connection = await connect(daemon, token)
         async with _closed_on_error(connection):
@@ -356,6 +361,14 @@ class AsyncSandbox:
         """Stop the sandbox at once (its VM is killed); with ``signal`` (``"TERM"``, 15...),
         send that to its main command instead."""
         self._record = sandbox_record(await self._service.kill(self.id, signal=signal))
+
+    async def set_timeout(self, seconds: float | None, *,
+                          on_timeout: str | None = None) -> None:
+        """Give the sandbox a timeout ``seconds`` from now, replacing any it had (None: no
+        timeout); when it passes, ``on_timeout`` happens to it: ``remove`` (the default),
+        ``pause`` or ``stop`` (None: as set before); ``info().expires_at`` says when."""
+        self._record = sandbox_record(await self._service.set_timeout(
+            self.id, seconds, on_timeout=on_timeout))
 
     async def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
                           network: str | None = None) -> None:

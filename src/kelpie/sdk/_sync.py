@@ -191,6 +191,8 @@ class Sandbox:
         user: str | None = None,
         restart: str | None = None,
         stop_timeout: float | None = None,
+        timeout: float | None = None,
+        on_timeout: str = "remove",
         daemon: str | None = None,
         token: str | None = None,
     ) -> Sandbox:
@@ -202,7 +204,7 @@ class Sandbox:
             network=network, allow=allow, deny=deny, backend=backend, arch=arch,
             command=command, template=template, hostname=hostname, labels=labels,
             workdir=workdir, user=user, restart=restart, stop_timeout=stop_timeout,
-            daemon=daemon, token=token))
+            timeout=timeout, on_timeout=on_timeout, daemon=daemon, token=token))
         return cls(sandbox, loop)
 
     @classmethod
@@ -346,6 +348,10 @@ class Sandbox:
     def kill(self, *, signal: int | str | None = None) -> None:
         """Stop the sandbox at once; with ``signal``, send that to its main command."""
         self._loop.run(self._async.kill(signal=signal))
+
+    def set_timeout(self, seconds: float | None, *, on_timeout: str | None = None) -> None:
+        """Give the sandbox a timeout from now (see :meth:`AsyncSandbox.set_timeout`)."""
+        self._loop.run(self._async.set_timeout(seconds, on_timeout=on_timeout))
 
     def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
                     network: str | None = None) -> None:

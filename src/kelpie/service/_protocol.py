@@ -188,6 +188,12 @@ class SandboxService(Protocol):
         """Freeze a running sandbox."""
         ...
 
+    async def set_timeout(self, ref: str, seconds: float | None, *,
+                          on_timeout: str | None = None) -> SandboxView:
+        """Give a sandbox a timeout ``seconds`` from now (None: none); when it passes,
+        ``on_timeout`` (remove, pause or stop; None: as before) happens to it."""
+        ...
+
     async def rename(self, ref: str, name: str) -> SandboxView:
         """Give a sandbox another name (its id stays)."""
         ...

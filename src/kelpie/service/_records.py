@@ -41,6 +41,7 @@ def sandbox_record(view: SandboxView) -> Sandbox:
         image_entrypoint=list(info.image_entrypoint),
         main_exit_code=info.main_exit_code, restart=str(info.restart),
         restart_count=info.restart_count, stop_timeout=info.stop_timeout,
+        expires_at=info.expires_at, on_timeout=info.on_timeout,
         crash_reason=info.crash_reason,
         last_error=info.last_error, labels=dict(info.labels),
         created_at=info.created_at, updated_at=info.updated_at,

@@ -313,7 +313,8 @@ class TeleportReceiver:
         logs = [self.dir(teleport_id) / b.name for b in body.blobs if b.name.startswith("log-")]
         # finish_live ends with the guest's agent answering the resync: proof it runs
         await self._runtime.moves.finish_live_arrival(
-            incoming.sandbox_id, LIVE_FINISH_TIMEOUT, main_log=logs[0] if logs else None)
+            incoming.sandbox_id, LIVE_FINISH_TIMEOUT, main_log=logs[0] if logs else None,
+            record=body.sandbox)
         self._live.pop(teleport_id, None)
 
     def _check_blobs(self, teleport_id: str, body: TeleportSwitch) -> None:

@@ -154,6 +154,8 @@ class ExecRequest:
     user: str | None = None
     timeout: float | None = None
     pty: bool = False
+    keep_running: bool = False
+    """It outlives this request's stream, for :meth:`VmInstance.reattach_exec`."""
 
     def __post_init__(self) -> None:
         problems = _request_problems(self)
@@ -220,6 +222,11 @@ class ExecProcess(abc.ABC):
         self.exec_id: str | None = None
         """The backend's name for this command, for :meth:`VmInstance.reattach_exec`
         (None when the backend cannot re-attach to commands)."""
+        self.pid: int | None = None
+        """The command's process id in the guest (None: the backend does not say)."""
+        self.output_offset: int | None = 0
+        """Bytes of output the command had produced before the first this object yields
+        (for a re-attached one; None: the backend cannot say)."""
 
     @abc.abstractmethod
     async def write_stdin(self, data: bytes) -> None:
@@ -481,7 +488,7 @@ class VmInstance(abc.ABC):
         if pty:
             self._require_capability(self.capabilities.pty, "exec with a terminal", "pty")
         merged_env = {**self._config.env, **(env or {})}  # the call's env wins over the VM's
-        request = ExecRequest(tuple(argv), merged_env, cwd, user, timeout, pty)
+        request = ExecRequest(tuple(argv), merged_env, cwd, user, timeout, pty, keep_running)
         with self._crash_guard():
             process = await self._do_exec(request)
         try:
@@ -500,15 +507,19 @@ class VmInstance(abc.ABC):
         """
         await self._do_detach()
 
-    async def reattach_exec(self, exec_id: str) -> ExecProcess:
+    async def reattach_exec(self, exec_id: str, *, offset: int | None = None) -> ExecProcess:
         """Take over a command started through an earlier VM object (e.g. by a daemon that
         was restarted since), by its :attr:`ExecProcess.exec_id`: its output not read yet,
         then its exit. Its stdin is closed. :class:`UnsupportedOperation` on backends whose
         commands do not outlive the host process.
+
+        ``offset``: the bytes of its output the caller has; the output after them that
+        the backend kept comes first (output in flight when the VM's host process changed
+        is otherwise lost), from :attr:`ExecProcess.output_offset` on.
         """
         self._require(Operation.EXEC)
         with self._crash_guard():
-            return await self._do_reattach_exec(exec_id)
+            return await self._do_reattach_exec(exec_id, offset)
 
     # ---- its disk -----------------------------------------------------------------------
     async def grow_disk(self, disk_mib: int) -> None:
@@ -796,7 +807,7 @@ class VmInstance(abc.ABC):
     async def _do_detach(self) -> None:
         return None
 
-    async def _do_reattach_exec(self, exec_id: str) -> ExecProcess:
+    async def _do_reattach_exec(self, exec_id: str, offset: int | None) -> ExecProcess:
         raise UnsupportedOperation(self.backend_name, "re-attach to a running command")
 
     async def _do_snapshot(self, dest: Path, kind: SnapshotKind) -> VmSnapshot:
