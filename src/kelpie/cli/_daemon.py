@@ -20,14 +20,35 @@ from kelpie.vm import ConfigError
 STOP_TIMEOUT = 60.0
 
 
-def _tcp(text: str | None) -> tuple[str, int] | None:
+def _tcp(text: str | None, option: str = "--tcp") -> tuple[str, int] | None:
     if text is None:
         return None
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError([f"--tcp {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7070"],
+        raise ConfigError([f"{option} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7070"],
                           what="daemon listener")
     return host.strip("[]"), int(port)
+
+
+def _e2b_options(command: click.decorators.FC) -> click.decorators.FC:
+    options = [
+        click.option("--e2b", metavar="HOST:PORT",
+                     help="Also serve E2B's API there, for programs using E2B's SDK (needs "
+                          "--token-file: its token is their E2B_API_KEY)."),
+        click.option("--e2b-template", metavar="TEMPLATE|IMAGE",
+                     help="What E2B's default template 'base' starts: a Kelpie template or "
+                          "an image (it needs bash and a user named 'user')."),
+        click.option("--e2b-domain", metavar="DOMAIN",
+                     help="Serve sandboxes as PORT-ID.DOMAIN and the API as api.DOMAIN "
+                          "(E2B_DOMAIN); give a wildcard certificate with --e2b-tls-*."),
+        click.option("--e2b-tls-cert", type=click.Path(exists=True, dir_okay=False),
+                     help="PEM certificate (chain) for the E2B listener: it speaks HTTPS."),
+        click.option("--e2b-tls-key", type=click.Path(exists=True, dir_okay=False),
+                     help="PEM private key of --e2b-tls-cert."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group()
@@ -39,16 +60,27 @@ def daemon() -> None:
 @click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (needs --token-file).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the bearer token TCP clients must send.")
+@_e2b_options
 @click.option("--ready-fd", type=int, default=None, hidden=True)
-def run(tcp: str | None, token_file: Path | None, ready_fd: int | None) -> int:
+def run(tcp: str | None, token_file: Path | None, ready_fd: int | None, e2b: str | None,
+        e2b_template: str | None, e2b_domain: str | None, e2b_tls_cert: str | None,
+        e2b_tls_key: str | None) -> int:
     """Serve in the foreground until SIGTERM/SIGINT (sandboxes keep running)."""
     from kelpie._address import read_token_file
-    from kelpie.daemon import DaemonOptions, serve
+    from kelpie.daemon import DaemonOptions, E2bOptions, serve
 
     logging.getLogger("kelpie").setLevel(logging.INFO)
     token = read_token_file(token_file) if token_file else None
+    listener = _tcp(e2b, "--e2b")
+    if listener is None and (e2b_template or e2b_domain or e2b_tls_cert or e2b_tls_key):
+        raise click.UsageError("the --e2b-* options need --e2b HOST:PORT")
+    if bool(e2b_tls_cert) != bool(e2b_tls_key):
+        raise click.UsageError("give --e2b-tls-cert and --e2b-tls-key together")
+    e2b_options = None if listener is None else E2bOptions(
+        listener=listener, template=e2b_template, domain=e2b_domain,
+        tls=(Path(e2b_tls_cert), Path(e2b_tls_key)) if e2b_tls_cert and e2b_tls_key else None)
     options = DaemonOptions(run_dir=runtime_dir(), tcp=_tcp(tcp), token=token,
-                            ready_fd=ready_fd)
+                            ready_fd=ready_fd, e2b=e2b_options)
     asyncio.run(serve(options))
     return 0
 
@@ -57,7 +89,9 @@ def run(tcp: str | None, token_file: Path | None, ready_fd: int | None) -> int:
 @click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (needs --token-file).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the bearer token TCP clients must send.")
-def start(tcp: str | None, token_file: Path | None) -> int:
+@_e2b_options
+def start(tcp: str | None, token_file: Path | None, e2b: str | None, e2b_template: str | None,
+          e2b_domain: str | None, e2b_tls_cert: str | None, e2b_tls_key: str | None) -> int:
     """Start the daemon in the background (a no-op when it already runs)."""
     from kelpie.daemon import start_daemon
 
@@ -71,6 +105,12 @@ def start(tcp: str | None, token_file: Path | None) -> int:
         extra += ["--tcp", tcp]
     if token_file:
         extra += ["--token-file", str(token_file.resolve())]
+    for flag, value in (("--e2b", e2b), ("--e2b-template", e2b_template),
+                        ("--e2b-domain", e2b_domain), ("--e2b-tls-cert", e2b_tls_cert),
+                        ("--e2b-tls-key", e2b_tls_key)):
+        if value:
+            path = Path(value)
+            extra += [flag, str(path.resolve()) if flag.startswith("--e2b-tls") else value]
     pid = start_daemon(runtime_dir(), extra_args=extra)
     click.echo(f"kelpie daemon started (pid {pid})")
     return 0

@@ -11,6 +11,7 @@ from kelpie.daemon._server import (
     PID_FILE,
     DaemonError,
     DaemonOptions,
+    E2bOptions,
     default_options,
     serve,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "PID_FILE",
     "DaemonError",
     "DaemonOptions",
+    "E2bOptions",
     "TokenAuth",
     "create_app",
     "default_options",

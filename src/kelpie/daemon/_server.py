@@ -47,6 +47,18 @@ class DaemonError(KelpieError):
 
 
 @dataclass(frozen=True)
+class E2bOptions:
+    """E2B's API on its own listener (see :mod:`kelpie.e2b`): ``template`` is what E2B's
+    default template ``base`` starts, ``domain`` the one sandboxes are addressed under
+    (``PORT-ID.DOMAIN``), ``tls`` a certificate and key to speak HTTPS with."""
+
+    listener: tuple[str, int]
+    template: str | None = None
+    domain: str | None = None
+    tls: tuple[Path, Path] | None = None
+
+
+@dataclass(frozen=True)
 class DaemonOptions:
     """Where the daemon listens and keeps its state.
 
@@ -59,6 +71,7 @@ class DaemonOptions:
     tcp: tuple[str, int] | None = None
     token: str | None = None
     ready_fd: int | None = None
+    e2b: E2bOptions | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -131,6 +144,9 @@ async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
     if options.tcp is not None and not options.token:
         raise ConfigError(["a TCP listener needs a token (--token-file); without one the "
                            "daemon listens on its unix socket only"], what="daemon listener")
+    if options.e2b is not None and not options.token:
+        raise ConfigError(["the E2B listener needs a token (--token-file): E2B's SDK sends "
+                           "it as its API key"], what="daemon listener")
     runtime = runtime or Runtime(data_dir=options.data_dir)
     await runtime.open()
     teleports = TeleportHost(runtime)
@@ -143,14 +159,20 @@ async def serve(options: DaemonOptions, runtime: Runtime | None = None) -> None:
             sockets.append(tcp_listener(*options.tcp))
         dashboard = _DashboardListener(sockets[1] if options.tcp is not None else None)
         server = _server(options, runtime, teleports, dashboard)
+        e2b = None if options.e2b is None else _E2bListener(options.e2b, runtime,
+                                                             options.token or "")
         pid_file.write_text(f"{os.getpid()}\n")
         _signal_ready(options.ready_fd)
         log.info("listening on %s%s", options.socket_path,
                  f" and tcp {options.tcp[0]}:{options.tcp[1]}" if options.tcp else "")
         try:
+            if e2b is not None:
+                await e2b.open()
             await server.serve(sockets=sockets)
         finally:
             await dashboard.close()
+            if e2b is not None:
+                await e2b.close()
     finally:
         for sock in sockets:
             sock.close()
@@ -221,6 +243,39 @@ class _DashboardListener:
             with contextlib.suppress(Exception):
                 await self._task
             assert self._socket is not None
+            self._socket.close()
+
+
+class _E2bListener:
+    """E2B's API (:mod:`kelpie.e2b`) served on a listener of its own beside the daemon's."""
+
+    def __init__(self, options: E2bOptions, runtime: Runtime, token: str) -> None:
+        from kelpie.e2b import E2bApi  # only daemons that serve it need its libraries
+
+        self._options = options
+        app = E2bApi(runtime, api_key=token, base=options.template, domain=options.domain)
+        cert, key = options.tls if options.tls is not None else (None, None)
+        self._server = _SecondServer(uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off",
+            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
+            ssl_certfile=cert, ssl_keyfile=key))
+        self._socket: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        self._socket = tcp_listener(*self._options.listener)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]),
+                                         name="kelpie-e2b-listener")
+        host, port = self._socket.getsockname()[:2]
+        log.info("E2B API listening on %s:%d%s", host, port,
+                 " (TLS)" if self._options.tls else "")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        if self._socket is not None:
             self._socket.close()
 
 
