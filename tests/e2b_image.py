@@ -13,7 +13,7 @@ from fixtures.images.tarbuild import Entry, directory, file, symlink, write_oci_
 
 APPLETS = ("sh", "echo", "cat", "ls", "id", "env", "pwd", "head", "true", "false", "sleep",
            "mkdir", "rm", "touch", "printf", "grep", "mv", "cp", "test", "dirname", "whoami",
-           "kill", "ps", "chmod", "stat", "wc", "seq")
+           "kill", "ps", "chmod", "stat", "wc", "seq", "stty")
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
           "user:x:1000:1000:E2B's default user:/home/user:/bin/bash\n")
 GROUP = "root:x:0:\nuser:x:1000:\n"

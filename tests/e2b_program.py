@@ -6,6 +6,7 @@ E2B_DOMAIN); it prints one line per step and exits non-zero at the first wrong r
 from __future__ import annotations
 
 import asyncio
+import io
 import sys
 import time
 
@@ -14,6 +15,7 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     NotFoundException,
+    PtySize,
     Sandbox,
     SandboxException,
 )
@@ -67,6 +69,13 @@ def commands(sbx: Sandbox) -> None:
         step("killed command ends", exc.exit_code != 0, exc.exit_code)
     step("a killed command is gone", handle.pid not in [p.pid for p in sbx.commands.list()])
     step("kill of an unknown pid", sbx.commands.kill(999_999) is False)
+    terminal = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(terminal.pid, b"echo pty-$((6*7)) $(stty size)\nexit\n")
+    screen: list[bytes] = []
+    terminal.wait(on_pty=screen.append)
+    text = b"".join(screen).decode(errors="replace")
+    step("a terminal (pty)", "pty-42 30 100" in text, text[-200:])
 
 
 def files(sbx: Sandbox) -> None:
@@ -75,6 +84,9 @@ def files(sbx: Sandbox) -> None:
     step("read", sbx.files.read("/home/user/notes/hello.txt") == "hello kelpie")
     owner = sbx.commands.run("stat -c %U /home/user/notes/hello.txt").stdout.strip()
     step("a written file is the user's", owner == "user", owner)
+    sbx.files.write("/tmp/stream.bin", io.BytesIO(b"streamed\x00bytes"))  # octet-stream
+    step("upload a stream", bytes(sbx.files.read("/tmp/stream.bin", format="bytes"))
+         == b"streamed\x00bytes")
     blob = bytes(range(256)) * 64
     sbx.files.write_files([{"path": "/tmp/a.bin", "data": blob},
                            {"path": "/tmp/b.txt", "data": "bee"}])
@@ -124,12 +136,18 @@ def pause_and_resume(sbx: Sandbox) -> None:
     step("resumed with its processes (memory intact)", alive == "alive\n", alive)
 
 
-def timeout_and_kill() -> None:
+def timeouts() -> None:
     short = Sandbox.create(timeout=300)
+    napper = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause"})
     short.set_timeout(2)
+    napper.set_timeout(2)
     eventually("the timed-out sandbox goes",
                lambda: short.sandbox_id not in listed())
     step("a sandbox past its timeout is gone", not short.is_running())
+    eventually("the auto-pausing sandbox pauses",
+               lambda: Sandbox.get_info(napper.sandbox_id).state.value == "paused")
+    step("a sandbox with on_timeout pause is paused at its timeout", True)
+    step("kill a paused sandbox", napper.kill() is True)
 
 
 async def async_sdk(sandbox_id: str) -> None:
@@ -178,7 +196,7 @@ def main() -> None:
     files(sbx)
     asyncio.run(async_sdk(sbx.sandbox_id))
     pause_and_resume(sbx)
-    timeout_and_kill()
+    timeouts()
     step("kill", sbx.kill() is True)
     try:
         Sandbox.get_info(sbx.sandbox_id)

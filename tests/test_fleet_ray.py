@@ -127,6 +127,7 @@ def cluster(guestkit: object) -> Iterator[RayCluster]:
         nodes.close()
 
 
+@pytest.mark.timeout(1200)  # its driver allows 900 s; on a loaded 2-core host it takes ~10 min
 def test_32_sandboxes_from_ray_tasks_spread_over_the_hosts(cluster: RayCluster) -> None:
     result = cluster.driver(f"""
         from kelpie.fleet import Fleet

@@ -53,9 +53,14 @@ def user_of(authorization: str | None) -> str | None:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
         raise ValueError("Authorization Basic is not base64 of 'user:'") from None
-    user = decoded.partition(":")[0]
-    if not user or "\0" in user or "/" in user or len(user) > 64:
-        raise ValueError(f"user {user!r} is not a user name")
+    return check_user(decoded.partition(":")[0])
+
+
+def check_user(user: str) -> str:
+    """``user`` if it can name a user (a name or uid); ValueError saying why not."""
+    if not user or "\0" in user or "/" in user or user in (".", "..") or len(user) > 64:
+        raise ValueError(f"user {user!r} is not a user name (letters, digits, '_', '-'; at "
+                         "most 64)")
     return user
 
 

@@ -20,7 +20,13 @@ from starlette.exceptions import HTTPException
 
 from kelpie.api import error_body, error_status
 from kelpie.e2b._caller import access_token
-from kelpie.runtime import Runtime, SandboxInfo, SandboxNotFound, SnapshotNotFound
+from kelpie.runtime import (
+    Runtime,
+    SandboxInfo,
+    SandboxNotFound,
+    SnapshotInfo,
+    SnapshotNotFound,
+)
 from kelpie.vm import KelpieError, VmState
 
 ENVD_VERSION = "0.5.7"
@@ -118,6 +124,22 @@ class ControlPlane:
                           "autoResume": False},
         }
 
+    def template(self, snapshot: SnapshotInfo) -> dict[str, Any]:
+        """A Kelpie template as E2B's ``Template`` (``base`` among its aliases when it is
+        what E2B's default template starts)."""
+        config = snapshot.sandbox.config
+        aliases = [snapshot.name, *(["base"] if self.base in (snapshot.name, snapshot.id)
+                                    else [])]
+        created = _time(snapshot.created_at)
+        return {
+            "templateID": snapshot.name, "buildID": snapshot.id, "cpuCount": config.vcpus,
+            "memoryMB": config.memory_mib, "diskSizeMB": config.disk_mib or 0,
+            "public": False, "aliases": aliases, "names": aliases, "createdAt": created,
+            "updatedAt": created, "createdBy": None, "lastSpawnedAt": None,
+            "spawnCount": 0, "buildCount": 1, "envdVersion": ENVD_VERSION,
+            "buildStatus": "ready",
+        }
+
     async def _e2b_sandbox(self, sandbox_id: str) -> SandboxInfo:
         """A sandbox E2B can see (running or paused), by its id; 404 otherwise."""
         try:
@@ -183,6 +205,10 @@ class ControlPlane:
             if ends is None or ends.expires_at is None or ends.expires_at < now + seconds:
                 info = await self.runtime.set_timeout(info.id, seconds)  # only ever extended
             return JSONResponse(self.created(info), status_code=201 if resumed else 200)
+
+        @app.get("/templates")
+        async def templates() -> list[dict[str, Any]]:
+            return [self.template(t) for t in await self.runtime.list_snapshots(templates=True)]
 
         @app.get("/templates/aliases/{alias:path}")
         async def template_alias(alias: str) -> dict[str, Any]:

@@ -18,7 +18,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kelpie.e2b._caller import SANDBOX_HEADER, Caller, access_token, caller_of, user_of
+from kelpie.e2b._caller import (
+    SANDBOX_HEADER,
+    Caller,
+    access_token,
+    caller_of,
+    check_user,
+    user_of,
+)
 from kelpie.e2b._filesystem import Files, FilesystemService
 from kelpie.e2b._processes import Commands, ProcessService
 from kelpie.e2b._proto.filesystem.filesystem_connect import FilesystemASGIApplication
@@ -112,12 +119,16 @@ class Envd:
         return Response(status_code=204)
 
     def _http_caller(self, request: Request) -> Caller:
+        """The caller of a /files request: ``username`` names the user (as envd)."""
         caller = caller_of(request.headers)
         user = request.query_params.get("username")
-        return Caller(caller.sandbox_id, user) if user else caller
+        return Caller(caller.sandbox_id, check_user(user)) if user else caller
 
     async def _download(self, request: Request) -> Response:
-        caller = self._http_caller(request)
+        try:
+            caller = self._http_caller(request)
+        except ValueError as exc:
+            return envd_error(400, str(exc))
         path = caller.path(request.query_params.get("path", ""))
         chunks = aiter(self.runtime.read_file_stream(caller.sandbox_id, path))
         assert isinstance(chunks, AsyncGenerator)
@@ -139,7 +150,10 @@ class Envd:
         return StreamingResponse(body(), media_type="application/octet-stream")
 
     async def _upload(self, request: Request) -> Response:
-        caller = self._http_caller(request)
+        try:
+            caller = self._http_caller(request)
+        except ValueError as exc:
+            return envd_error(400, str(exc))
         written = []
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form(max_files=1000)

@@ -253,6 +253,10 @@ class FilesystemService(Filesystem):
         ctx: RequestContext[pb.CreateWatcherRequest, pb.CreateWatcherResponse], /,
     ) -> pb.CreateWatcherResponse:
         caller = self._caller(ctx)
+        for watcher_id, gone in [(i, w) for i, w in self._watchers.items()
+                                 if w.failed is not None]:  # its directory or sandbox went
+            gone.stop()
+            del self._watchers[watcher_id]
         mine = [w for w in self._watchers.values() if w.caller.sandbox_id == caller.sandbox_id]
         if len(mine) >= WATCHERS_LIMIT:
             raise ConnectError(Code.RESOURCE_EXHAUSTED,

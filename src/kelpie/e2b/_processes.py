@@ -104,8 +104,8 @@ class Commands:
                 command.process = process
                 command.pid = process.pid if process.pid is not None else self._fresh_pid()
                 self._by_sandbox.setdefault(sandbox, {})[command.pid] = command
-                if not (request.has_field("stdin") and request.stdin) and not command.pty:
-                    await process.close_stdin()
+                if request.has_field("stdin") and not request.stdin and not command.pty:
+                    await process.close_stdin()  # unset: kept open, as envd does
                 if command.pty and request.pty is not None and request.pty.size is not None:
                     with contextlib.suppress(KelpieError):
                         await process.resize(request.pty.size.rows or 24,
@@ -141,6 +141,15 @@ class Commands:
         return self._next_pid
 
     def _forget_ended(self, sandbox_id: str) -> None:
+        """Keep the latest ended commands of a sandbox; none once the sandbox is gone."""
+        try:
+            gone = self._runtime.db.get(sandbox_id) is None
+        except KelpieError:  # the runtime closed: the daemon is going
+            gone = True
+        if gone:
+            if not self.running(sandbox_id):
+                self._by_sandbox.pop(sandbox_id, None)
+            return
         commands = self._by_sandbox.get(sandbox_id, {})
         ended = [pid for pid, c in commands.items() if c.end is not None]
         for pid in ended[:max(0, len(ended) - ENDED_KEPT)]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import IO
 
@@ -24,6 +25,8 @@ from kelpie.vm import (
 )
 
 EXIT_CANNOT_RUN = 127
+SAVE_EVERY = 0.5
+"""Seconds between records of how much of a main command's output its log holds."""
 
 
 def _opened() -> asyncio.Event:
@@ -44,6 +47,9 @@ class MainCommands:
         """How much of each main command's output its log holds (None: unknown)."""
         self._open: dict[str, asyncio.Event] = {}
         """Set while a sandbox's log may grow; cleared by :meth:`hold_output`."""
+        self._unsaved: dict[str, asyncio.TimerHandle] = {}
+        """The record of a log's growth that waits for SAVE_EVERY to pass."""
+        self._saved_at: dict[str, float] = {}
 
     def start(self, info: SandboxInfo, vm: VmInstance, *, follow: bool = False,
               restart: str | None = None) -> None:
@@ -137,6 +143,7 @@ class MainCommands:
                             if position is not None:
                                 position += len(event.data)
                                 self._positions[info.id] = position
+                                self._position_moved(info.id)
                         elif isinstance(event, ExecExit):
                             exit_code = event.exit_code
                 finally:
@@ -150,10 +157,30 @@ class MainCommands:
                 exit_code = None  # unknown: its output could not be taken over
         return exit_code
 
+    def _position_moved(self, sandbox_id: str) -> None:
+        """The log grew: record how much it holds now, or (after a recent record) soon.
+
+        A daemon killed in between leaves an older offset: the next one gets the output
+        since then again (at most SAVE_EVERY seconds of it), never less.
+        """
+        if sandbox_id in self._unsaved:
+            return
+        now = asyncio.get_running_loop().time()
+        wait = self._saved_at.get(sandbox_id, -math.inf) + SAVE_EVERY - now
+        if wait <= 0:
+            self._save_position(sandbox_id)
+        else:
+            self._unsaved[sandbox_id] = asyncio.get_running_loop().call_later(
+                wait, self._save_position, sandbox_id)
+
     def _save_position(self, sandbox_id: str) -> None:
         """Record how much output the log holds, for whoever follows the command next."""
+        pending = self._unsaved.pop(sandbox_id, None)
+        if pending is not None:
+            pending.cancel()
         if sandbox_id in self._positions and self._ctx.open_db is not None:
             self._ctx.db.set_main_output_offset(sandbox_id, self._positions[sandbox_id])
+            self._saved_at[sandbox_id] = asyncio.get_running_loop().time()
 
     def hold_output(self, sandbox_id: str) -> None:
         """Stop writing the sandbox's main command output to its log (its guest is paused
@@ -204,6 +231,10 @@ class MainCommands:
         """Stop following the main command (it keeps running in the guest, if it does)."""
         self._open.pop(sandbox_id, None)
         self._positions.pop(sandbox_id, None)
+        self._saved_at.pop(sandbox_id, None)
+        pending = self._unsaved.pop(sandbox_id, None)
+        if pending is not None:
+            pending.cancel()
         task = self._tasks.pop(sandbox_id, None)
         if task is not None:
             task.cancel()
@@ -219,3 +250,6 @@ class MainCommands:
         for task in self._tasks.values():
             task.cancel()  # the command keeps running in the guest (see _run)
         self._tasks.clear()
+        for pending in self._unsaved.values():
+            pending.cancel()
+        self._unsaved.clear()
