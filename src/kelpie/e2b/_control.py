@@ -23,7 +23,6 @@ from kelpie.e2b._caller import access_token
 from kelpie.runtime import (
     Runtime,
     SandboxInfo,
-    SandboxNotFound,
     SnapshotInfo,
     SnapshotNotFound,
 )
@@ -144,7 +143,7 @@ class ControlPlane:
         """A sandbox E2B can see (running or paused), by its id; 404 otherwise."""
         try:
             info = await self.runtime.inspect(sandbox_id)
-        except SandboxNotFound:
+        except LookupError:  # none, or a prefix of several: E2B ids are whole ids
             raise E2bError(404, f"sandbox {sandbox_id} not found") from None
         if info.id != sandbox_id or info.state not in STATES:
             raise E2bError(404, f"sandbox {sandbox_id} not found")

@@ -30,7 +30,7 @@ from kelpie.e2b._filesystem import Files, FilesystemService
 from kelpie.e2b._processes import Commands, ProcessService
 from kelpie.e2b._proto.filesystem.filesystem_connect import FilesystemASGIApplication
 from kelpie.e2b._proto.process.process_connect import ProcessASGIApplication
-from kelpie.runtime import Runtime, SandboxNotFound
+from kelpie.runtime import Runtime
 from kelpie.vm import ExecExit, GuestFileError, KelpieError, VmState
 
 ENVD_PORT = 49983
@@ -93,7 +93,7 @@ class Envd:
         """Why the request may not go on (E2B's proxy and envd errors), or None."""
         try:
             info = await self.runtime.inspect(sandbox_id)
-        except SandboxNotFound:
+        except LookupError:  # none, or a prefix of several: E2B ids are whole ids
             info = None
         if info is None or info.id != sandbox_id:
             return envd_error(502, f"The sandbox {sandbox_id} was not found")
