@@ -36,7 +36,7 @@ class E2bApi:
                 await envd_error(404, f"host {host} names no sandbox: expected "
                                       f"PORT-SANDBOX.{self.domain}")(scope, receive, send)
                 return
-            await self.envd.route(scope, receive, send, sandbox, int(port))
+            await self.envd.route(scope, receive, send, headers, sandbox, int(port))
             return
         sandbox = headers.get("e2b-sandbox-id")
         if sandbox:
@@ -45,6 +45,6 @@ class E2bApi:
                 await envd_error(400, f"E2b-Sandbox-Port {port!r} is not a port")(
                     scope, receive, send)
                 return
-            await self.envd.route(scope, receive, send, sandbox, int(port))
+            await self.envd.route(scope, receive, send, headers, sandbox, int(port))
             return
         await self.control.app(scope, receive, send)

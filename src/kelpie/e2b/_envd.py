@@ -68,11 +68,10 @@ class Envd:
         self.commands.forget_sandbox(sandbox_id)
         self.filesystem.forget_sandbox(sandbox_id)
 
-    async def route(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str,
-                    port: int) -> None:
-        """Serve one request to ``port`` of sandbox ``sandbox_id``."""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
+    async def route(self, scope: Scope, receive: Receive, send: Send,
+                    headers: dict[str, str], sandbox_id: str, port: int) -> None:
+        """Serve one request (``headers``: its headers, names in lower case) to ``port``
+        of sandbox ``sandbox_id``."""
         refusal = await self._refusal(headers, sandbox_id, port)
         if refusal is not None:
             await refusal(scope, receive, send)

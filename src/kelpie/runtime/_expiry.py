@@ -47,10 +47,6 @@ class Expiries:
         if self._task is None:
             self._task = asyncio.create_task(self._watch(), name="kelpie-expiries")
 
-    def changed(self) -> None:
-        """A sandbox's timeout may have changed (or one was created with one)."""
-        self._changed.set()
-
     def cancel(self) -> None:
         task, self._task = self._task, None
         if task is not None:
