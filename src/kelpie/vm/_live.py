@@ -41,7 +41,8 @@ class LiveProgress:
     """One report of a running live migration."""
 
     phase: str
-    """``disk`` (the mirror's first copy), ``memory`` (RAM passes) or ``switchover``."""
+    """``disk`` (the mirror's first copy), ``memory`` (RAM passes; one, with the guest
+    paused, where the dirty-page log misses writes) or ``switchover``."""
     done: int
     """Bytes copied so far in this phase."""
     remaining: int
@@ -58,8 +59,9 @@ class LiveStats:
     """The source's pause as the hypervisor reports it (may be missing or 0 on QEMU 7.2
     after a ``pause-before-switchover``: :attr:`switchover_ms` is measured)."""
     switchover_ms: float
-    """Measured: from the guest's pause for the switchover to the migration's end on the
-    source; the target then still has to resume the guest."""
+    """Measured: from the guest's pause (for the switchover; on a backend whose dirty-page
+    log misses writes, such as QEMU under TCG, before its RAM is copied) to the migration's
+    end on the source; the target then still has to resume the guest."""
     ram_transferred: int
     """Bytes of RAM sent, zero pages counted small."""
     disk_mirrored: int

@@ -99,6 +99,7 @@ class QemuVm(QemuAttach):
     async def send_live(
         self, nbd_socket: Path | None, migration_socket: Path, *, converge_timeout: float,
         progress: LiveProgressCallback | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
+        disk_bandwidth: int = UNLIMITED_BANDWIDTH,
         downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
     ) -> LiveStats:
         """Move this running VM live to the target listening behind the two unix sockets
@@ -107,7 +108,13 @@ class QemuVm(QemuAttach):
         :meth:`resume` runs it here again (the coordinator's abort), :meth:`stop` ends it
         (once the target committed). A failure, or no switchover within
         ``converge_timeout`` seconds (:class:`LiveMigrationDidNotConverge`), leaves it
-        RUNNING as before. ``bandwidth`` is in bytes per second.
+        RUNNING as before. ``bandwidth`` (the RAM's stream) and ``disk_bandwidth`` (the
+        disk mirror's) are in bytes per second.
+
+        Under KVM the guest runs until the switchover; under TCG it is paused from the end
+        of the disk mirror's first copy, while its RAM is copied (QEMU's dirty-page log
+        misses TCG's writes through cached TLB entries: a guest copied while it runs would
+        arrive corrupted).
         """
         async with self._lifecycle:
             if self._state is not VmState.RUNNING:
@@ -116,7 +123,8 @@ class QemuVm(QemuAttach):
             with self._crash_guard():
                 stats = await self._unless_gone(LiveSender(self).send(
                     nbd_socket, migration_socket, converge_timeout=converge_timeout,
-                    progress=progress, bandwidth=bandwidth, downtime_limit_ms=downtime_limit_ms,
+                    progress=progress, bandwidth=bandwidth, disk_bandwidth=disk_bandwidth,
+                    downtime_limit_ms=downtime_limit_ms,
                 ), "live migration")
             self._set_state(VmState.PAUSED)
             return stats
