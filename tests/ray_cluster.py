@@ -1,5 +1,6 @@
 """A real multi-node Ray cluster on one machine: each node in its own network namespace,
-joined to a bridge by veth (10.99.N.0/24), each with its own Kelpie home, started with the
+joined to a bridge by veth (10.S.0.0/24, the first S from 99 down that no address or route
+of this machine uses), each with its own Kelpie home, started with the
 ``kelpie_host`` resource. Drivers run inside the head's namespace (a Ray driver must be on
 a node); programs outside reach the cluster through the Ray client (port 10001 on the head,
 which ``ray start --head`` serves when ``ray[client]`` is installed). Closing kills every
@@ -25,6 +26,19 @@ RAY = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def free_subnet_index(start: int = 99, stop: int = 60) -> int:
+    """The first S from ``start`` down whose 10.S.0.0/24 no route of this machine covers
+    (a bridge left behind by a killed run would otherwise take the cluster's traffic from
+    this namespace: its route comes first, and ARP on it finds nobody)."""
+    routes = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], check=True,
+                            capture_output=True, text=True).stdout
+    words = set(routes.split())
+    for index in range(start, stop, -1):
+        if not any(word.startswith(f"10.{index}.") for word in words):
+            return index
+    raise AssertionError(f"every subnet 10.{stop + 1}-{start}.0.0/24 is in use here")
 
 
 class RayNode:
@@ -66,9 +80,9 @@ class RayNode:
 class RayCluster:
     """``nodes`` Ray nodes in namespaces; node 0 is the head."""
 
-    def __init__(self, nodes: int = 3, *, subnet_index: int = 99) -> None:
+    def __init__(self, nodes: int = 3, *, subnet_index: int | None = None) -> None:
         self.prefix = f"kf{os.getpid() % 10000}"
-        self.subnet = f"10.{subnet_index}.0"
+        self.subnet = f"10.{subnet_index or free_subnet_index()}.0"
         self.bridge = f"{self.prefix}br"
         self.registry = ""
         """HOST:PORT of a registry a test started for the nodes, if any."""
