@@ -631,7 +631,10 @@ async def test_a_sandbox_timeout_removes_pauses_or_stops_it(
         halted = await rt.create(name="halted", backend="mock")
         await rt.set_timeout("halted", 90, on_timeout="stop")
         await rt.create(name="kept", backend="mock", timeout=30)
+        assert (await rt.set_timeout("kept", 10, extend_only=True)).expires_at == 1_030.0
+        assert (await rt.set_timeout("kept", 40, extend_only=True)).expires_at == 1_040.0
         assert (await rt.set_timeout("kept", None)).expires_at is None
+        assert (await rt.set_timeout("kept", 40, extend_only=True)).expires_at is None
 
         def settled() -> bool:
             nap, halt = rt.db.get(napping.id), rt.db.get(halted.id)

@@ -199,10 +199,7 @@ class ControlPlane:
             if resumed:
                 info = await self.runtime.resume(info.id)
             seconds = (body.timeout if body and body.timeout else None) or DEFAULT_TIMEOUT_S
-            ends = self.runtime.db.get(info.id)
-            now = datetime.datetime.now(datetime.UTC).timestamp()
-            if ends is None or ends.expires_at is None or ends.expires_at < now + seconds:
-                info = await self.runtime.set_timeout(info.id, seconds)  # only ever extended
+            info = await self.runtime.set_timeout(info.id, seconds, extend_only=True)
             return JSONResponse(self.created(info), status_code=201 if resumed else 200)
 
         @app.get("/templates")

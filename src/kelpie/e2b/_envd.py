@@ -26,7 +26,7 @@ from kelpie.e2b._caller import (
     check_user,
     user_of,
 )
-from kelpie.e2b._filesystem import Files, FilesystemService
+from kelpie.e2b._filesystem import Files, FilesystemService, complaint
 from kelpie.e2b._processes import Commands, ProcessService
 from kelpie.e2b._proto.filesystem.filesystem_connect import FilesystemASGIApplication
 from kelpie.e2b._proto.process.process_connect import ProcessASGIApplication
@@ -35,6 +35,8 @@ from kelpie.vm import ExecExit, GuestFileError, KelpieError, VmState
 
 ENVD_PORT = 49983
 UPLOAD_SCRIPT = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+_HTTP_STATUSES = {"permission": 403, "missing": 400, "no-space": 507, "other": 400}
+"""An upload's status by what the guest's ``mkdir``/``cat`` complained of (envd's)."""
 """Writes stdin to ``$1`` as the calling user (so that the file is theirs, as with envd)."""
 
 
@@ -200,11 +202,8 @@ class Envd:
             return envd_error(500, f"cannot write {path}: {exc}")
         if code == 0:
             return None
-        message = errors.decode(errors="replace").strip() or f"exit code {code}"
-        if "No space left" in message:
-            return envd_error(507, f"cannot write {shlex.quote(path)}: {message}")
-        status = 403 if "ermission denied" in message else 400
-        return envd_error(status, f"cannot write {shlex.quote(path)}: {message}")
+        kind, message = complaint(errors, code)
+        return envd_error(_HTTP_STATUSES[kind], f"cannot write {shlex.quote(path)}: {message}")
 
 
 async def _upload_chunks(part: UploadFile) -> AsyncIterator[bytes]:

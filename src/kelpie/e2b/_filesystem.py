@@ -38,6 +38,21 @@ WATCHERS_LIMIT = 64
 KEEPALIVE_S = 50.0
 
 
+def complaint(stderr: bytes, exit_code: int) -> tuple[str, str]:
+    """What a failed guest file command (``mkdir``, ``mv``, ``cat >``) complained of: one of
+    ``permission``, ``missing``, ``no-space`` or ``other``, and its message (envd's errors
+    carry the OS's reason, and so do ours)."""
+    message = stderr.decode(errors="replace").strip() or f"exit code {exit_code}"
+    kind = ("permission" if "ermission denied" in message else
+            "missing" if "No such file" in message else
+            "no-space" if "No space left" in message else "other")
+    return kind, message
+
+
+_CONNECT_CODES = {"permission": Code.PERMISSION_DENIED, "missing": Code.NOT_FOUND,
+                  "no-space": Code.RESOURCE_EXHAUSTED, "other": Code.INVALID_ARGUMENT}
+
+
 def entry(caller: Caller, path: str, info: FileInfo) -> pb.EntryInfo:
     """envd's description of one entry (owner and times are not known host-side)."""
     perm = stat.S_IMODE(info.mode)
@@ -110,10 +125,8 @@ class Files:
         except KelpieError as exc:
             raise ConnectError(Code.INTERNAL, f"{what}: {exc}") from exc
         if result.exit_code != 0:
-            message = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
-            code = Code.PERMISSION_DENIED if "ermission denied" in message else \
-                Code.NOT_FOUND if "No such file" in message else Code.INVALID_ARGUMENT
-            raise ConnectError(code, f"{what}: {message}")
+            kind, message = complaint(result.stderr, result.exit_code)
+            raise ConnectError(_CONNECT_CODES[kind], f"{what}: {message}")
 
 
 @dataclasses.dataclass(eq=False)

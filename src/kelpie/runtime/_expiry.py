@@ -28,12 +28,16 @@ class Expiries:
         self._task: asyncio.Task[None] | None = None
 
     def set(self, info: SandboxInfo, seconds: float | None,
-            on_timeout: str | None = None) -> SandboxInfo:
+            on_timeout: str | None = None, *, extend_only: bool = False) -> SandboxInfo:
         """Give the sandbox a timeout ``seconds`` from now (None: none), replacing any it
-        had; ``on_timeout`` (default: as before) says what then happens to it."""
+        had; ``on_timeout`` (default: as before) says what then happens to it. With
+        ``extend_only`` a timeout is only ever moved later (none stays none)."""
         ctx = self._ctx
         seconds = timeout_seconds(seconds)
         info = ctx.info(info.id)  # the latest record: its config is written back whole
+        if extend_only and (info.expires_at is None or seconds is None or
+                            info.expires_at >= ctx.clock() + seconds):
+            return info
         action = info.on_timeout if on_timeout is None else on_timeout_action(on_timeout)
         changed = dataclasses.replace(
             info, expires_at=None if seconds is None else ctx.clock() + seconds,

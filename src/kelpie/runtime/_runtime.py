@@ -262,12 +262,15 @@ class Runtime:
         return info
 
     async def set_timeout(self, ref: str, seconds: float | None, *,
-                          on_timeout: str | None = None) -> SandboxInfo:
+                          on_timeout: str | None = None,
+                          extend_only: bool = False) -> SandboxInfo:
         """Give the sandbox a timeout ``seconds`` from now, replacing any it had (None: no
         timeout). When it passes, ``on_timeout`` happens to the sandbox: ``remove`` (the
         default), ``pause`` or ``stop`` (None: as set before). A runtime that was closed
-        meanwhile acts on the timeouts that passed as soon as it opens."""
-        return self._expiries.set(self._ctx.find(ref), seconds, on_timeout)
+        meanwhile acts on the timeouts that passed as soon as it opens. ``extend_only``:
+        change it only if that makes it later (a sandbox without one keeps none)."""
+        return self._expiries.set(self._ctx.find(ref), seconds, on_timeout,
+                                  extend_only=extend_only)
 
     # ---- the main command ---------------------------------------------------------------
     async def wait_main(self, ref: str) -> int | None:
