@@ -250,6 +250,34 @@ async def test_changed_devices_are_refused_before_qemu_starts(
     assert_no_qemu_started(vm)
 
 
+async def test_a_guest_booted_before_arat_restores_with_the_cpu_it_booted_with(
+    guestkit: GuestKit, state_dir: Path, source: QemuVm, taken: Taken
+) -> None:
+    """x86_64 TCG guests boot with ``-cpu qemu64,+arat`` (tickless idle); a snapshot taken
+    by a Kelpie before that recorded no ``-cpu``, and restores on the plain qemu64."""
+    record = dict(taken.snapshot.manifest.extra["qemu"])
+    signature = list(record["signature"])
+    if source.accel is None or source.accel.accel != "tcg":
+        pytest.skip("the -cpu of an x86_64 guest under KVM is the host's")  # not on CI hosts
+    assert "arat" in (await source.read_file("/proc/cpuinfo")).decode()
+    at = signature.index("-cpu")
+    assert signature[at + 1] == "qemu64,+arat"
+    record["signature"] = signature[:at] + signature[at + 2:]  # as an older Kelpie wrote it
+    copy = broken_copy(taken.snapshot, state_dir / "before-arat")
+    manifest = dataclasses.replace(taken.snapshot.manifest, extra={"qemu": record})
+    (copy / "manifest.json").unlink()
+    (copy / "manifest.json").write_bytes(manifest.to_json())
+    vm = new_vm(guestkit, state_dir)
+    await vm.restore(VmSnapshot.open(copy))
+    try:
+        assert vm.pid is not None
+        argv = Path(f"/proc/{vm.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"-cpu" not in argv
+        assert await count(vm) >= taken.count
+    finally:
+        await vm.stop(force=True)
+
+
 async def test_missing_base_image_is_refused_before_qemu_starts(
     guestkit: GuestKit, state_dir: Path, taken: Taken, root_disk: Path
 ) -> None:

@@ -225,9 +225,12 @@ class AgentVm(VmInstance):
     async def _do_exec(self, request: ExecRequest) -> ExecProcess:
         async def start(client: AgentClient) -> ExecProcess:
             try:
+                # Up-front stdin goes with the command (none: /dev/null), so the agent
+                # needs no second message to end it.
                 handle = await client.exec(
                     list(request.argv), env=dict(request.env) or None, cwd=request.cwd,
-                    user=request.user, stdin_open=True, timeout=request.timeout,
+                    user=request.user, stdin=request.stdin or None,
+                    stdin_open=request.stdin is None, timeout=request.timeout,
                     pty=request.pty, replay=REPLAY_KEEP if request.keep_running else 0,
                 )
             except AgentRemoteError as exc:
@@ -239,6 +242,7 @@ class AgentVm(VmInstance):
                     return FinishedProcess(request, 126, f"{name}: {exc.message}")
                 raise ExecError(f"cannot run {name!r}: {exc.message} ({exc.code})") from exc
             process = AgentProcess(request, handle, self._agent_errors)
+            process.stdin_taken = request.stdin is not None
             self._processes.add(process)
             return process
 

@@ -129,14 +129,12 @@ class _ExecStream:
         try:
             self.sandbox_id = (await runtime.inspect(ref)).id
             async with runtime.exec_stream(ref, body.argv, env=body.env, cwd=body.cwd,
-                                           user=body.user, timeout=body.timeout) as process:
+                                           user=body.user, timeout=body.timeout,
+                                           stdin=stdin) as process:
                 self.process = process
                 streams[self.exec_id] = self
                 self._up.set_result(None)
                 self._put(ExecStarted(exec_id=self.exec_id))
-                if stdin:
-                    await process.write_stdin(stdin)
-                await process.close_stdin()
                 await _until_disconnect(self._request, self._pump(runtime, process))
         except Exception as exc:
             if not self._up.done():

@@ -329,12 +329,14 @@ class Runtime:
         user: str | None = None,
         timeout: float | None = None,
         pty: bool = False,
+        stdin: bytes | None = None,
     ) -> AsyncIterator[ExecProcess]:
-        """Start a command and yield its process; leaving the block early kills it."""
+        """Start a command and yield its process; leaving the block early kills it.
+        ``stdin``: its whole stdin, given up front (see :meth:`VmInstance.exec_stream`)."""
         info = self._ctx.find(ref)
         vm = self._ctx.live_vm(info, "exec in")
         async with vm.exec_stream(argv, env=env, cwd=cwd or info.workdir, timeout=timeout,
-                                  user=user or info.user, pty=pty) as process:
+                                  user=user or info.user, pty=pty, stdin=stdin) as process:
             yield process
 
     async def read_file(self, ref: str, path: str) -> bytes:

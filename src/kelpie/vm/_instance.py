@@ -156,6 +156,9 @@ class ExecRequest:
     pty: bool = False
     keep_running: bool = False
     """It outlives this request's stream, for :meth:`VmInstance.reattach_exec`."""
+    stdin: bytes | None = None
+    """The command's whole stdin, given up front (``b""``: none), then end of file; None:
+    stdin stays open for :meth:`ExecProcess.write_stdin` until ``close_stdin``."""
 
     def __post_init__(self) -> None:
         problems = _request_problems(self)
@@ -227,6 +230,9 @@ class ExecProcess(abc.ABC):
         self.output_offset: int | None = 0
         """Bytes of output the command had produced before the first this object yields
         (for a re-attached one; None: the backend cannot say)."""
+        self.stdin_taken = False
+        """The backend started the command with the request's up-front stdin (so nothing
+        is left to write; else :meth:`VmInstance.exec_stream` writes and closes it)."""
 
     @abc.abstractmethod
     async def write_stdin(self, data: bytes) -> None:
@@ -460,11 +466,8 @@ class VmInstance(abc.ABC):
         and :class:`ExecTimeout` is raised, carrying the output produced so far.
         """
         async with self.exec_stream(
-            argv, env=env, cwd=cwd, timeout=timeout, user=user
+            argv, env=env, cwd=cwd, timeout=timeout, user=user, stdin=stdin or b""
         ) as process:
-            if stdin:
-                await process.write_stdin(stdin)
-            await process.close_stdin()
             return await process.wait()
 
     @contextlib.asynccontextmanager
@@ -478,20 +481,29 @@ class VmInstance(abc.ABC):
         user: str | None = None,
         pty: bool = False,
         keep_running: bool = False,
+        stdin: bytes | None = None,
     ) -> AsyncIterator[ExecProcess]:
         """Start a command and stream it: write stdin, send signals, iterate its events.
 
         Leaving the ``async with`` block before the command ended kills it, unless
-        ``keep_running``: then it goes on in the guest, unobserved.
+        ``keep_running``: then it goes on in the guest, unobserved. ``stdin``: the
+        command's whole stdin given up front (``b""``: none), sent with it where the
+        backend can (one message to the guest less), its end of file after it; None keeps
+        stdin open for :meth:`ExecProcess.write_stdin`.
         """
         self._require(Operation.EXEC)
         if pty:
             self._require_capability(self.capabilities.pty, "exec with a terminal", "pty")
         merged_env = {**self._config.env, **(env or {})}  # the call's env wins over the VM's
-        request = ExecRequest(tuple(argv), merged_env, cwd, user, timeout, pty, keep_running)
+        request = ExecRequest(tuple(argv), merged_env, cwd, user, timeout, pty, keep_running,
+                              stdin)
         with self._crash_guard():
             process = await self._do_exec(request)
         try:
+            if stdin is not None and not process.stdin_taken:
+                if stdin:
+                    await process.write_stdin(stdin)
+                await process.close_stdin()
             yield process
         finally:
             if process.exit is None and self._state is VmState.RUNNING and not keep_running:

@@ -45,7 +45,7 @@ from kelpie.backends.qemu._cmdline import (
 )
 from kelpie.backends.qemu._liveplan import LivePlan
 from kelpie.backends.qemu._machine import OVERLAY, PENDING_RESYNC, QemuMachine
-from kelpie.backends.qemu._restore import QemuRestorer, _signature_mismatch
+from kelpie.backends.qemu._restore import QemuRestorer, _cpu_of, _signature_mismatch
 from kelpie.backends.qemu._snapshot import SnapshotRecord
 from kelpie.vm import (
     ConfigError,
@@ -456,7 +456,7 @@ class LiveReceiver:
         config = _snapshot.restored_config(record.config, vm.config, SnapshotKind.FULL, base)
         if config.hostname is None:  # the guest moves, so its name goes with it
             config = config.evolve(hostname=record.hostname)
-        launch = await vm._prepare_launch(config, incoming=True)
+        launch = _cpu_of(await vm._prepare_launch(config, incoming=True), record)
         plan.manifest().check_restorable(vm.host_info())
         signature = tuple(device_signature(dataclasses.replace(
             launch, overlay=None if base is None else vm.workdir / OVERLAY,

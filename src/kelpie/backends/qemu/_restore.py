@@ -66,7 +66,7 @@ class QemuRestorer:
         launch = await self._vm._prepare_launch(config, incoming=kind is SnapshotKind.FULL)
         manifest.check_restorable(self._vm.host_info())
         if kind is SnapshotKind.FULL:
-            launch = _memory_of(launch, record, snapshot)
+            launch = _cpu_of(_memory_of(launch, record, snapshot), record)
             signature = tuple(device_signature(dataclasses.replace(
                 launch, overlay=None if base is None else self._vm.workdir / OVERLAY,
             )))
@@ -179,6 +179,15 @@ def _memory_of(launch: QemuLaunch, record: SnapshotRecord, snapshot: VmSnapshot)
         return dataclasses.replace(launch, ram=snapshot.blob_path(RAM_BLOB), ram_shared=False)
     if not any("memory-backend" in arg for arg in record.signature):
         return dataclasses.replace(launch, ram=None)
+    return launch
+
+
+def _cpu_of(launch: QemuLaunch, record: SnapshotRecord) -> QemuLaunch:
+    """The CPU a full restore (or live migration) gives the guest: the one it booted with.
+    A guest booted before x86_64 TCG VMs got ``+arat`` (no ``-cpu`` in its signature)
+    chose its timers then; it gets the same CPU again, so its signature still matches."""
+    if "-cpu" not in record.signature:
+        return dataclasses.replace(launch, arat=False)
     return launch
 
 
