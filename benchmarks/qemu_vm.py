@@ -7,6 +7,8 @@
   inside the guest). Goal <= 1.3x.
 - files: 64 MiB written then read back through the agent (MB/s each way).
 - rss: host RSS of one idle VM's QEMU process (MiB).
+- idle CPU: the host CPU one idle VM's QEMU process uses (% of one core, over 10 s): what
+  packing many sandboxes on a host costs before they do anything.
 - phases: where boot time goes, host steps timed on the host, guest steps from init's
   marks in /run/kelpie/init.log (guest uptime, put on the host's clock).
 
@@ -144,6 +146,18 @@ async def file_figures(vm: QemuVm) -> dict[str, float]:
     return {"write_mb_s": mb / write_s, "read_mb_s": mb / read_s}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def idle_cpu_percent(pid: int, seconds: float = 10.0) -> float:
+    before, started = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.monotonic() - started) * 100
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -166,6 +180,7 @@ async def main_async(runs: int, arch: str | None = None) -> dict[str, Any]:
         await asyncio.sleep(2)  # let the guest settle before measuring idle memory
         assert vm.pid is not None
         rss = rss_mib(vm.pid)
+        idle_cpu = await idle_cpu_percent(vm.pid)
         exec_result = await exec_figures(vm, runs)
         files = await file_figures(vm)
         await vm.stop()
@@ -185,6 +200,7 @@ async def main_async(runs: int, arch: str | None = None) -> dict[str, Any]:
         "exec": exec_result,
         "files": files,
         "idle_rss_mib": rss,
+        "idle_cpu_percent": idle_cpu,
     }
 
 
@@ -198,6 +214,7 @@ def table(results: dict[str, Any]) -> str:
          f"{e['ratio']:.2f}x (goal <= 1.3x)"),
         ("64 MiB write / read", f"{f['write_mb_s']:.0f} / {f['read_mb_s']:.0f} MB/s", "", ""),
         ("idle VM host RSS", f"{results['idle_rss_mib']:.0f} MiB", "", ""),
+        ("idle VM host CPU", f"{results['idle_cpu_percent']:.1f}% of a core", "", ""),
     ]
     lines = ["| figure | Kelpie | baseline (same run) | ratio |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
