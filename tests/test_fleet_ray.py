@@ -127,7 +127,6 @@ def cluster(guestkit: object) -> Iterator[RayCluster]:
         nodes.close()
 
 
-@pytest.mark.timeout(1200)  # its driver allows 900 s; on a loaded 2-core host it takes ~10 min
 def test_32_sandboxes_from_ray_tasks_spread_over_the_hosts(cluster: RayCluster) -> None:
     result = cluster.driver(f"""
         from kelpie.fleet import Fleet
@@ -144,7 +143,7 @@ def test_32_sandboxes_from_ray_tasks_spread_over_the_hosts(cluster: RayCluster) 
         ray.get([ray.remote(num_cpus=0)(lambda n: Fleet().remove(n)).remote(name)
                  for name, _, _ in ran])
         print(json.dumps({{"ran": ran, "placed": placed, "left": len(fleet.list())}}))
-    """, timeout=900)
+    """, timeout=500)  # ~70 s on 2 cores (it took 10-15 min while idle guests ticked at 250 Hz)
     assert sorted(result["ran"]) == [[f"r{i:02d}", 0, str(i * i)] for i in range(32)]
     per_host = Counter(result["placed"].values())
     assert sorted(per_host) == sorted(node.ip for node in cluster.nodes), per_host
