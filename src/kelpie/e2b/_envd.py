@@ -35,9 +35,9 @@ from kelpie.vm import ExecExit, GuestFileError, KelpieError, VmState
 
 ENVD_PORT = 49983
 UPLOAD_SCRIPT = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+"""Writes stdin to ``$1`` as the calling user (so that the file is theirs, as with envd)."""
 _HTTP_STATUSES = {"permission": 403, "missing": 400, "no-space": 507, "other": 400}
 """An upload's status by what the guest's ``mkdir``/``cat`` complained of (envd's)."""
-"""Writes stdin to ``$1`` as the calling user (so that the file is theirs, as with envd)."""
 
 
 def _caller(ctx: RequestContext[Any, Any]) -> Caller:
