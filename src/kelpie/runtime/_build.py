@@ -534,8 +534,8 @@ class _Build:
         try:
             async with asyncio.timeout(self.options.step_timeout + EXEC_GRACE):
                 async with vm.exec_stream(argv, env=env, cwd=workdir, user=user,
-                                          timeout=self.options.step_timeout) as process:
-                    await process.close_stdin()
+                                          timeout=self.options.step_timeout,
+                                          stdin=b"") as process:
                     async for event in process:
                         if isinstance(event, ExecOutput):
                             tail.extend(event.data)

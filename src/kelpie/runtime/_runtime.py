@@ -314,8 +314,8 @@ class Runtime:
         info = self._ctx.find(ref)
         vm = self._ctx.live_vm(info, "exec in")
         async with vm.exec_stream(argv, env=env, cwd=cwd or info.workdir,
-                                  user=user or info.user, keep_running=True) as process:
-            await process.close_stdin()
+                                  user=user or info.user, keep_running=True,
+                                  stdin=b"") as process:
             return process.exec_id
 
     @contextlib.asynccontextmanager
