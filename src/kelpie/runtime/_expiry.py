@@ -35,14 +35,14 @@ class Expiries:
         ctx = self._ctx
         seconds = timeout_seconds(seconds)
         info = ctx.info(info.id)  # the latest record: its config is written back whole
-        if extend_only and (info.expires_at is None or seconds is None or
-                            info.expires_at >= ctx.clock() + seconds):
+        now = ctx.clock()
+        expires_at = None if seconds is None else now + seconds
+        if extend_only and (info.expires_at is None or expires_at is None or
+                            info.expires_at >= expires_at):
             return info
         action = info.on_timeout if on_timeout is None else on_timeout_action(on_timeout)
-        changed = dataclasses.replace(
-            info, expires_at=None if seconds is None else ctx.clock() + seconds,
-            on_timeout=action)
-        ctx.db.set_config(changed, ctx.clock())
+        changed = dataclasses.replace(info, expires_at=expires_at, on_timeout=action)
+        ctx.db.set_config(changed, now)
         self._changed.set()
         return ctx.info(info.id)
 
