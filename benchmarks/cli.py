@@ -5,7 +5,10 @@ Same run, alternating, each a fresh process (as an agent shelling out pays it):
 - ``kelpie exec BOX -- true`` (the installed ``kelpie`` script, not a pyenv shim);
 - the same REST call made by ``curl`` on the daemon's unix socket (``POST .../exec``);
 - ``kelpie --version`` (the CLI's start-up: interpreter, click, our entry point);
-- ``python3 -c pass`` (the interpreter alone).
+- ``python3 -c pass`` (the interpreter alone);
+- ``--version`` run in-process with and without the interpreter's teardown at exit, which
+  ``kelpie exec`` skips (``os._exit`` once its output is flushed) and ``--version`` pays:
+  the table also gives exec's ratio to a ``--version`` without it.
 
 Goals: exec within 1.3x of ``--version``; ``--version`` within 2x of ``python3 -c pass``.
 Also printed: what ``kelpie exec`` imports (``-X importtime``). The sandbox is a real QEMU
@@ -31,6 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "kelpie/demo:latest"
 BOX = "bench"
+
+
+VERSION = "from kelpie.cli import main; code = main(['--version'])"
+NO_TEARDOWN = "; import os, sys; sys.stdout.flush(); os._exit(code)"
 
 
 def kelpie_script() -> list[str]:
@@ -70,6 +77,9 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="kelpie-bench-"))
     run_dir = Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
     env = dict(os.environ, KELPIE_STATE_DIR=str(home / "state"), KELPIE_RUNTIME_DIR=str(run_dir))
+    # As installed: modules load from their cached bytecode (written by the warm-up runs
+    # below), not compiled from source on every start.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     kelpie = kelpie_script()
     socket_path = run_dir / "kelpie.sock"
     curl = ["curl", "-sf", "--unix-socket", str(socket_path), "-H",
@@ -80,6 +90,9 @@ def main() -> None:
         "REST call (curl)": curl,
         "kelpie --version": [*kelpie, "--version"],
         "python3 -c pass": [sys.executable, "-c", "pass"],
+        # what the interpreter's teardown costs --version: exec's fast path skips it
+        "--version in-process": [sys.executable, "-c", VERSION],
+        "--version in-process, no teardown": [sys.executable, "-c", VERSION + NO_TEARDOWN],
     }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     try:
@@ -109,6 +122,8 @@ def main() -> None:
         "median_s": median,
         "exec_over_version": median["kelpie exec"] / median["kelpie --version"],
         "version_over_python": median["kelpie --version"] / median["python3 -c pass"],
+        "teardown_s": median["--version in-process"]
+        - median["--version in-process, no teardown"],
         "exec_imports_ms": imports,
         "samples": samples,
     }
@@ -128,6 +143,10 @@ def table(results: dict[str, Any]) -> str:
          f"`python3 -c pass` {m['python3 -c pass'] * 1e3:.0f} ms",
          f"{results['version_over_python']:.2f}x (goal <= 2x)"),
         ("the same exec as a REST call (curl)", f"{m['REST call (curl)'] * 1e3:.0f} ms", "", ""),
+        ("interpreter teardown, which `kelpie exec` skips and `--version` pays",
+         f"{results['teardown_s'] * 1e3:.0f} ms", "",
+         f"exec {m['kelpie exec'] / (m['kelpie --version'] - results['teardown_s']):.2f}x "
+         "of --version without it"),
     ]
     lines = ["| figure | Kelpie | baseline (same run) | ratio |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]

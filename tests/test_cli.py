@@ -227,6 +227,19 @@ def test_exec_streams_output_exit_codes_and_errors(capfd: pytest.CaptureFixture[
     assert "no sandbox 'nope'" in capfd.readouterr().err
 
 
+def test_exec_as_a_command_delivers_all_output_before_it_exits(tmp_path: Path) -> None:
+    """The console script's exec ends its process without the interpreter's teardown:
+    everything the command wrote still arrives, and its exit code is ours."""
+    lines = "".join(f"{n}\n" for n in range(100_000))
+    (tmp_path / "big").write_text(lines)
+    assert main(["run", "-d", "--name", "piped", "--backend", "mock"]) == 0
+    assert main(["cp", str(tmp_path / "big"), "piped:/tmp/big"]) == 0
+    proc = kelpie("exec", "piped", "--", "sh", "-c", "cat /tmp/big; echo done >&2; exit 5")
+    assert proc.returncode == 5
+    assert proc.stdout == lines
+    assert proc.stderr == "done\n"
+
+
 def test_exec_forwards_sigterm_to_the_command() -> None:
     assert main(["run", "-d", "--name", "signals", "--backend", "mock"]) == 0
     child = subprocess.Popen([sys.executable, "-m", "kelpie", "exec", "signals", "--", "sh",

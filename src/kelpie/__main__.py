@@ -1,5 +1,5 @@
 """``python -m kelpie``: the same as the ``kelpie`` command."""
 
-from kelpie.cli import main
+from kelpie.cli import run
 
-raise SystemExit(main())
+run()

@@ -4,6 +4,6 @@ The core never imports this package. Exceptions become exit codes in exactly one
 (:func:`main`), with one clear line on stderr (a traceback only with ``--debug``).
 """
 
-from kelpie.cli._main import main
+from kelpie.cli._main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -47,18 +47,24 @@ def exec_(interactive: bool, tty: bool, detach: bool, env: tuple[str, ...], work
     if not argv:
         raise click.UsageError("no command given: kelpie exec SANDBOX [--] CMD...")
     variables = parse_env(env)
-    if detach:
-        if interactive or tty or timeout is not None:
-            raise click.UsageError("-d cannot be combined with -i, -t or --timeout")
-        return _detached(sandbox, argv, variables, workdir, user)
-    if not interactive and not tty:
-        from kelpie.cli._exec_lines import exec_lines
+    options = click.get_current_context().find_root().obj
+    if not detach and not interactive and not tty:
+        from kelpie.cli._exec_lines import end_process, exec_lines
 
         code = exec_lines(current_target(), sandbox, argv, env=variables, cwd=workdir,
                           user=user, timeout=timeout)
         if code is not None:
+            if options.get("end_process"):
+                end_process(code)
             return code
         # no daemon yet: the client below starts one
+    from kelpie.cli._main import log_to_stderr
+
+    log_to_stderr(options["debug"])  # the group leaves it to exec, for its fast path's sake
+    if detach:
+        if interactive or tty or timeout is not None:
+            raise click.UsageError("-d cannot be combined with -i, -t or --timeout")
+        return _detached(sandbox, argv, variables, workdir, user)
     from kelpie.cli._sandbox import _client_call, _exec_attached
 
     return _client_call(lambda client: _exec_attached(

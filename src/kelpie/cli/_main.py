@@ -6,6 +6,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -85,9 +86,16 @@ def cli(ctx: click.Context, debug: bool, host: str | None, token_file: Path | No
     Sandbox commands talk to the Kelpie daemon, starting a local one in the background
     when none runs (see `kelpie daemon`).
     """
-    import logging  # here, not at the top: `kelpie --version` never gets this far
+    ctx.ensure_object(dict).update(debug=debug,
+                                   target=target_from(host, token_file, not no_autostart))
+    if ctx.invoked_subcommand != "exec":  # exec does it off its fast path, which logs nothing
+        log_to_stderr(debug)
 
-    ctx.obj = {"debug": debug, "target": target_from(host, token_file, not no_autostart)}
+
+def log_to_stderr(debug: bool) -> None:
+    """Kelpie's log records go to stderr as ``kelpie: MESSAGE`` (debug ones with --debug)."""
+    import logging  # here, not at the top: 6 ms that `--version` and `exec` do without
+
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("kelpie: %(message)s"))
     logger = logging.getLogger("kelpie")
@@ -111,12 +119,23 @@ def _is_validation_error(exc: BaseException) -> bool:
     return pydantic is not None and isinstance(exc, pydantic.ValidationError)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+def run() -> NoReturn:
+    """The ``kelpie`` console script (and ``python -m kelpie``): :func:`main` on our
+    arguments, then exit with its code."""
+    sys.exit(main(end_process=True))
+
+
+def main(argv: Sequence[str] | None = None, *, end_process: bool = False) -> int:
+    """Run the CLI; returns the process exit code.
+
+    ``end_process``: a command that is done may end the process itself, skipping the
+    interpreter's teardown (see :func:`kelpie.cli._exec_lines.end_process`); for the
+    console script only, never for a caller that goes on."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
     try:
-        result = cli.main(args=args, prog_name="kelpie", standalone_mode=False)
+        result = cli.main(args=args, prog_name="kelpie", standalone_mode=False,
+                          obj={"end_process": end_process})
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
