@@ -15,6 +15,7 @@ Also printed: what ``kelpie exec`` imports (``-X importtime``). The sandbox is a
 VM (TCG) from the demo image.
 
     python benchmarks/cli.py [--runs 15] [--json benchmarks/results/cli_exec.json]
+        [--python VENV/bin/python]
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ VERSION = "from kelpie.cli import main; code = main(['--version'])"
 NO_TEARDOWN = "; import os, sys; sys.stdout.flush(); os._exit(code)"
 
 
-def kelpie_script() -> list[str]:
-    """The console script next to this interpreter (a shim would add its own start-up)."""
-    script = Path(sys.executable).parent / "kelpie"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "kelpie"]
+def kelpie_script(python: str) -> list[str]:
+    """The console script next to ``python`` (a shim would add its own start-up)."""
+    script = Path(python).parent / "kelpie"
+    return [str(script)] if script.exists() else [python, "-m", "kelpie"]
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -52,9 +53,9 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def import_ms(argv: list[str], env: dict[str, str]) -> dict[str, float]:
+def import_ms(python: str, argv: list[str], env: dict[str, str]) -> dict[str, float]:
     """Cumulative import time (ms) of the top-level modules ``argv`` imports."""
-    done = subprocess.run([sys.executable, "-X", "importtime", *argv], env=env, check=True,
+    done = subprocess.run([python, "-X", "importtime", *argv], env=env, check=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     top: dict[str, float] = {}
     for line in done.stderr.splitlines():
@@ -70,6 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/cli_exec.json")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose CLI is measured, e.g. a clean venv's with "
+                             "kelpie, click and h11 (default: this one, which runs the daemon)")
     args = parser.parse_args()
     if shutil.which("curl") is None:
         sys.exit("benchmarks/cli.py needs curl (apt-get install curl)")
@@ -80,7 +84,9 @@ def main() -> None:
     # As installed: modules load from their cached bytecode (written by the warm-up runs
     # below), not compiled from source on every start.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    kelpie = kelpie_script()
+    python = args.python
+    kelpie = kelpie_script(python)
+    setup = [sys.executable, "-m", "kelpie"]  # the daemon's side needs everything installed
     socket_path = run_dir / "kelpie.sock"
     curl = ["curl", "-sf", "--unix-socket", str(socket_path), "-H",
             "Content-Type: application/json", "-d", '{"argv": ["true"]}',
@@ -89,29 +95,29 @@ def main() -> None:
         "kelpie exec": [*kelpie, "exec", BOX, "--", "true"],
         "REST call (curl)": curl,
         "kelpie --version": [*kelpie, "--version"],
-        "python3 -c pass": [sys.executable, "-c", "pass"],
+        "python3 -c pass": [python, "-c", "pass"],
         # what the interpreter's teardown costs --version: exec's fast path skips it
-        "--version in-process": [sys.executable, "-c", VERSION],
-        "--version in-process, no teardown": [sys.executable, "-c", VERSION + NO_TEARDOWN],
+        "--version in-process": [python, "-c", VERSION],
+        "--version in-process, no teardown": [python, "-c", VERSION + NO_TEARDOWN],
     }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     try:
         layout = home / "layout"
         subprocess.run([sys.executable, str(ROOT / "scripts/demo-image.py"), str(layout)],
                        check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([*kelpie, "image", "import", str(layout), "--reference", IMAGE],
+        subprocess.run([*setup, "image", "import", str(layout), "--reference", IMAGE],
                        env=env, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([*kelpie, "run", "-d", "--name", BOX, IMAGE, "--", "sleep", "86400"],
+        subprocess.run([*setup, "run", "-d", "--name", BOX, IMAGE, "--", "sleep", "86400"],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         for argv in cases.values():  # warm the page cache and the daemon's paths
             timed(argv, env)
         for _ in range(args.runs):
             for name, argv in cases.items():
                 samples[name].append(timed(argv, env))
-        entry = kelpie[1:] if kelpie[0] == sys.executable else kelpie
-        imports = import_ms([*entry, "exec", BOX, "--", "true"], env)
+        entry = kelpie[1:] if kelpie[0] == python else kelpie
+        imports = import_ms(python, [*entry, "exec", BOX, "--", "true"], env)
     finally:
-        subprocess.run([*kelpie, "--no-autostart", "daemon", "stop", "--stop-sandboxes"],
+        subprocess.run([*setup, "--no-autostart", "daemon", "stop", "--stop-sandboxes"],
                        env=env, check=False, stdout=subprocess.DEVNULL)
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -119,6 +125,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in samples.items()}
     results: dict[str, Any] = {
         "runs": args.runs,
+        "python": python,
         "median_s": median,
         "exec_over_version": median["kelpie exec"] / median["kelpie --version"],
         "version_over_python": median["kelpie --version"] / median["python3 -c pass"],

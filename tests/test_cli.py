@@ -240,6 +240,18 @@ def test_exec_as_a_command_delivers_all_output_before_it_exits(tmp_path: Path) -
     assert proc.stderr == "done\n"
 
 
+def test_exec_runs_from_a_thread_that_cannot_take_signals() -> None:
+    """Only the main thread may set signal handlers: called from another, exec runs without
+    forwarding them."""
+    assert main(["run", "-d", "--name", "threaded", "--backend", "mock"]) == 0
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(
+        main(["exec", "threaded", "--", "sh", "-c", "exit 4"])))
+    thread.start()
+    thread.join(timeout=60)
+    assert codes == [4]
+
+
 def test_exec_forwards_sigterm_to_the_command() -> None:
     assert main(["run", "-d", "--name", "signals", "--backend", "mock"]) == 0
     child = subprocess.Popen([sys.executable, "-m", "kelpie", "exec", "signals", "--", "sh",

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any, NoReturn
@@ -187,11 +186,10 @@ def _forwarding(send: Callable[[int], None]) -> Iterator[None]:
         with contextlib.suppress(OSError, KelpieError, h11.ProtocolError):
             send(signum)  # the command may have ended meanwhile: nothing to forward to
 
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers (the CLI called from a library)
-        return
-    saved = {signum: signal.signal(signum, handler)
-             for signum in (signal.SIGINT, signal.SIGTERM)}
+    saved: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers (the CLI
+        for signum in (signal.SIGINT, signal.SIGTERM):  # called from a library's thread)
+            saved[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
