@@ -11,7 +11,7 @@ it comes; SIGINT and SIGTERM are forwarded to the command, as on the WebSocket p
 
 from __future__ import annotations
 
-import base64
+import binascii  # base64's own import is 2 ms more here, for nothing this path uses
 import contextlib
 import json
 import os
@@ -138,7 +138,7 @@ def exec_lines(target: Target, ref: str, argv: Sequence[str], *, env: Mapping[st
                 kind = message.get("type")
                 if kind == "output":
                     out = sys.stdout if message["stream"] == "stdout" else sys.stderr
-                    out.buffer.write(base64.b64decode(message["data"]))
+                    out.buffer.write(binascii.a2b_base64(message["data"]))
                     out.flush()
                 elif kind == "exit":
                     if message.get("warning"):
@@ -186,15 +186,15 @@ def _forwarding(send: Callable[[int], None]) -> Iterator[None]:
         with contextlib.suppress(OSError, KelpieError, h11.ProtocolError):
             send(signum)  # the command may have ended meanwhile: nothing to forward to
 
-    saved: dict[int, Any] = {}
+    saved: dict[signal.Signals, Any] = {}
     with contextlib.suppress(ValueError):  # only the main thread may set handlers (the CLI
         for signum in (signal.SIGINT, signal.SIGTERM):  # called from a library's thread)
             saved[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, previous in saved.items():
-            signal.signal(signum, previous)
+        for forwarded, previous in saved.items():
+            signal.signal(forwarded, previous)
 
 
 def _error(status: int | None, raw: bytes) -> Exception:
