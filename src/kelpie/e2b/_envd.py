@@ -26,7 +26,7 @@ from kelpie.e2b._caller import (
     check_user,
     user_of,
 )
-from kelpie.e2b._filesystem import Files, FilesystemService, complaint
+from kelpie.e2b._filesystem import Complaint, Files, FilesystemService, complaint
 from kelpie.e2b._processes import Commands, ProcessService
 from kelpie.e2b._proto.filesystem.filesystem_connect import FilesystemASGIApplication
 from kelpie.e2b._proto.process.process_connect import ProcessASGIApplication
@@ -36,7 +36,8 @@ from kelpie.vm import ExecExit, GuestFileError, KelpieError, VmState
 ENVD_PORT = 49983
 UPLOAD_SCRIPT = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
 """Writes stdin to ``$1`` as the calling user (so that the file is theirs, as with envd)."""
-_HTTP_STATUSES = {"permission": 403, "missing": 400, "no-space": 507, "other": 400}
+_HTTP_STATUSES: dict[Complaint, int] = {"permission": 403, "missing": 400, "no-space": 507,
+                                         "other": 400}
 """An upload's status by what the guest's ``mkdir``/``cat`` complained of (envd's)."""
 
 

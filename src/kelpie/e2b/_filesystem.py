@@ -38,19 +38,23 @@ WATCHERS_LIMIT = 64
 KEEPALIVE_S = 50.0
 
 
-def complaint(stderr: bytes, exit_code: int) -> tuple[str, str]:
+Complaint = Literal["permission", "missing", "no-space", "other"]
+
+
+def complaint(stderr: bytes, exit_code: int) -> tuple[Complaint, str]:
     """What a failed guest file command (``mkdir``, ``mv``, ``cat >``) complained of: one of
     ``permission``, ``missing``, ``no-space`` or ``other``, and its message (envd's errors
     carry the OS's reason, and so do ours)."""
     message = stderr.decode(errors="replace").strip() or f"exit code {exit_code}"
-    kind = ("permission" if "ermission denied" in message else
-            "missing" if "No such file" in message else
-            "no-space" if "No space left" in message else "other")
+    kind: Complaint = ("permission" if "ermission denied" in message else
+                       "missing" if "No such file" in message else
+                       "no-space" if "No space left" in message else "other")
     return kind, message
 
 
-_CONNECT_CODES = {"permission": Code.PERMISSION_DENIED, "missing": Code.NOT_FOUND,
-                  "no-space": Code.RESOURCE_EXHAUSTED, "other": Code.INVALID_ARGUMENT}
+_CONNECT_CODES: dict[Complaint, Code] = {
+    "permission": Code.PERMISSION_DENIED, "missing": Code.NOT_FOUND,
+    "no-space": Code.RESOURCE_EXHAUSTED, "other": Code.INVALID_ARGUMENT}
 
 
 def entry(caller: Caller, path: str, info: FileInfo) -> pb.EntryInfo:
