@@ -203,3 +203,22 @@ def test_a_stream_left_early_is_closed() -> None:
         assert next(chunks)
         chunks.close()  # the async stream on the loop is closed, the sandbox serves on
         assert box.exec(["true"]).exit_code == 0
+
+
+def test_a_program_using_the_sdk_exits_quietly(tmp_path: Path) -> None:
+    """At exit the SDK closes its in-process runtime on its loop: nothing of it is destroyed
+    pending (asyncio says so on stderr), even with a sandbox left running."""
+    import os
+    import subprocess
+    import sys
+
+    program = ("from kelpie import Sandbox\n"
+               "with Sandbox.create(backend='mock') as box:\n"
+               "    print(box.exec(['echo', 'hi']).stdout.decode(), end='')\n"
+               "left = Sandbox.create(backend='mock', name='left')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120, check=False,
+                          env={**os.environ, "PYTHONASYNCIODEBUG": "1"})
+    assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+    assert "destroyed but it is pending" not in done.stderr, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr

@@ -52,9 +52,18 @@ class Expiries:
             self._task = asyncio.create_task(self._watch(), name="kelpie-expiries")
 
     def cancel(self) -> None:
+        """Stop watching (the watcher ends on the loop's next turns)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+
+    async def stop(self) -> None:
+        """Stop watching, and return once the watcher has ended: a closed runtime leaves
+        no task of its own behind on the loop."""
+        task = self._task
+        self.cancel()
+        if task is not None:
+            await asyncio.wait([task])
 
     async def _watch(self) -> None:
         ctx = self._ctx
@@ -86,6 +95,7 @@ class Expiries:
         finally:
             for waiting in waits:
                 waiting.cancel()
+            await asyncio.wait(waits)  # ended, not merely told to
 
     async def _expire(self, info: SandboxInfo) -> None:
         """End one sandbox whose timeout passed; its timeout is then gone (a failure is

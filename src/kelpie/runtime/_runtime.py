@@ -175,7 +175,7 @@ class Runtime:
         (and restarts, as their restart policy says, those whose VMs died meanwhile).
         """
         self._crashes.cancel_all()
-        self._expiries.cancel()
+        await self._expiries.stop()
         await self._mains.stop_all()
         for vm in list(self._ctx.vms.values()):
             with contextlib.suppress(Exception):

@@ -69,6 +69,16 @@ async def _local_runtime() -> Runtime:
     return runtime
 
 
+async def close_local_runtimes() -> None:
+    """Close this loop's in-process runtimes (their sandboxes keep running; see
+    :meth:`Runtime.close`): for a process on its way out, so that their watchers end on
+    the loop rather than being destroyed pending, and their data dirs are let go."""
+    with _runtime_lock:
+        runtimes = list(_runtimes.pop(asyncio.get_running_loop(), {}).values())
+    for runtime in runtimes:
+        await runtime.close()
+
+
 def prune_dead(sdk_dir: Path) -> None:
     """Delete the data dirs of in-process runtimes whose process is gone and that kept no
     sandbox (a process that exited without removing its sandboxes leaves them listed)."""

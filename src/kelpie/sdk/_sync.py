@@ -5,6 +5,7 @@ calls on one shared event loop thread. Every method forwards; the logic is the a
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
 import contextlib
 import os
@@ -26,9 +27,12 @@ from kelpie.api import BuildEvent, ProcessList, SandboxStats, TeleportProgress, 
 from kelpie.api import Sandbox as SandboxRecord
 from kelpie.api import Snapshot as SnapshotRecord
 from kelpie.sdk._async import AsyncFiles, AsyncSandbox, BytesLike
+from kelpie.sdk._connect import close_local_runtimes
 from kelpie.vm import ExecEvent, ExecProcess, ExecResult, FileInfo
 
 T = TypeVar("T")
+AT_EXIT_TIMEOUT = 10.0
+"""Seconds the exiting process gives the SDK's loop to close its in-process runtimes."""
 
 
 class _LoopThread:
@@ -43,6 +47,14 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name="kelpie-sdk",
                                        daemon=True)
         self.thread.start()
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """The process is exiting (this daemon thread's loop still runs, for now): close
+        the loop's in-process runtimes on it, or their tasks would die pending."""
+        future = asyncio.run_coroutine_threadsafe(close_local_runtimes(), self.loop)
+        with contextlib.suppress(Exception):  # a hung loop must not hold up the exit
+            future.result(timeout=AT_EXIT_TIMEOUT)
 
     @classmethod
     def get(cls) -> _LoopThread:
