@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import stat
 import time
 
@@ -12,6 +11,7 @@ from ._common import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from typing import Final
 
 #: While no host is connected to the virtio-serial port, check this often.
@@ -116,6 +116,8 @@ class ListenChannel(Channel):
                 os.unlink(path)
         except FileNotFoundError:
             pass
+        import socket  # here: its import is ~40 ms of a guest agent's start under TCG
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(path)
         os.chmod(path, 0o600)
@@ -125,6 +127,8 @@ class ListenChannel(Channel):
     @classmethod
     def vsock(cls, port: int) -> ListenChannel:
         """Listen on a vsock port for connections from the host."""
+        import socket
+
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.bind((socket.VMADDR_CID_ANY, port))
         sock.listen(4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 from ._common import FT, OpError, ProtocolError, log, protocol
@@ -121,7 +120,7 @@ class Session:
             "version": protocol.PROTOCOL_VERSION,
             "agent_pid": os.getpid(),
             "boot_id": read_boot_id(),
-            "hostname": socket.gethostname(),
+            "hostname": os.uname().nodename,
             "root": self.root,
             "time_ns": time.time_ns(),
             "execs": self.execs.infos(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import struct
 import time
 
@@ -42,8 +41,9 @@ def op_resync(rid: int, f: dict[str, Any], *, set_clock: bool = True) -> dict[st
         reply["entropy_bytes"] = len(data)
         reply["rng_reseeded"] = reseed_rng()
     if f["hostname"] is not None:
-        try:
-            socket.sethostname(f["hostname"])
+        try:  # sethostname(2) through /proc: no socket module (see _channel)
+            with open("/proc/sys/kernel/hostname", "w") as hostname:
+                hostname.write(f["hostname"])
         except OSError as exc:
             raise OpError.from_os(exc, "cannot set the hostname") from None
         reply["hostname"] = f["hostname"]
