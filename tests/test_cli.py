@@ -240,6 +240,22 @@ def test_exec_as_a_command_delivers_all_output_before_it_exits(tmp_path: Path) -
     assert proc.stderr == "done\n"
 
 
+def test_exec_as_a_command_still_runs_what_was_registered_to_run_at_exit(
+        tmp_path: Path) -> None:
+    """Ending the process early skips the interpreter's teardown, not the exit handlers
+    that something else registered (here a sitecustomize, as coverage's would be)."""
+    mark = tmp_path / "ran"
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import atexit, pathlib\natexit.register(pathlib.Path({str(mark)!r}).touch)\n")
+    assert main(["run", "-d", "--name", "atexit", "--backend", "mock"]) == 0
+    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-m", "kelpie", "exec", "atexit", "--", "true"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr
+    assert mark.exists()
+
+
 def test_exec_runs_from_a_thread_that_cannot_take_signals() -> None:
     """Only the main thread may set signal handlers: called from another, exec runs without
     forwarding them."""
