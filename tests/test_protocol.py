@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies
 
 from kelpie import protocol
 from kelpie.protocol import FrameDecoder, FrameType, Garbage, ProtocolError
@@ -124,6 +131,67 @@ def test_partial_frame_waits_and_reset_forgets() -> None:
     decoder.reset()
     decoder.feed(valid)
     assert list(decoder.frames()) == [protocol.Frame(FrameType.STDIN, 4, b"hello")]
+
+
+JSON_VALUES = strategies.recursive(
+    strategies.none()
+    | strategies.booleans()
+    | strategies.integers()
+    | strategies.floats(allow_nan=False)
+    | strategies.text(),
+    lambda inner: strategies.lists(inner, max_size=4)
+    | strategies.dictionaries(strategies.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@hypothesis.given(strategies.dictionaries(strategies.text(), JSON_VALUES, max_size=6))
+def test_json_messages_are_what_json_makes_and_reads(message: dict[str, Any]) -> None:
+    """The codec on json's C half gives json's own text and values, both ways."""
+    frame = protocol.encode_json(FrameType.REPLY, 7, message)
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    assert frame == protocol.encode_frame(FrameType.REPLY, 7, text.encode())
+    assert protocol.decode_json(text.encode()) == json.loads(text) == message
+    spaced = json.dumps(message, indent=1)
+    assert protocol.decode_json(f" \n{spaced}\t ".encode()) == message
+
+
+@hypothesis.given(strategies.text(alphabet='{}[]",:0123456789.-+eEtrufalsnNI \\\n', max_size=24))
+def test_malformed_json_is_refused_with_json_s_own_message(text: str) -> None:
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(ProtocolError, match="not valid UTF-8 JSON") as info:
+            protocol.decode_json(text.encode())
+        assert info.value.message.endswith(str(exc))
+    else:
+        if isinstance(expected, dict):
+            assert protocol.decode_json(text.encode()) == expected
+
+
+def test_json_codec_needs_no_json_module_until_the_input_is_malformed() -> None:
+    """The guest agent imports the protocol at boot: json (and re) stay out until needed."""
+    code = (
+        "import sys\n"
+        "import protocol as p\n"  # as the guest imports it: no kelpie package around it
+        "p.decode_json(p.encode_json(3, 1, {'a': [1.5, None, 'x']})[13:])\n"
+        "print('json' in sys.modules, 're' in sys.modules)\n"
+        "try:\n"
+        "    p.decode_json(b'[1, 2')\n"
+        "except p.ProtocolError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(Path(protocol.__file__).parent)},
+    )
+    assert done.stdout.splitlines() == [
+        "False False",
+        "payload is not valid UTF-8 JSON: Expecting ',' delimiter: line 1 column 6 (char 5)",
+    ]
 
 
 @pytest.mark.parametrize(

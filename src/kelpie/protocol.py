@@ -4,7 +4,7 @@ This module is shared by the host (``kelpie.agent``) and the guest agent (the
 ``kelpie/guest/`` package, started by ``kelpie/guest/agent.py``). It is copied verbatim
 into the guest, where it is imported as the top-level module ``protocol`` by an
 interpreter started with ``python3 -S``. It must therefore use the standard library only,
-and only its cheap corners (``json`` and ``struct``; ``typing`` is imported
+and only its cheap corners (``struct``, and ``json``'s C half; ``typing`` is imported
 for type checkers only).
 
 Transport
@@ -175,8 +175,14 @@ ENOTDIR, ENOTEMPTY, EEXIST, EINVAL, ...) plus EPROTO for protocol misuse.
 
 from __future__ import annotations
 
-import json
 import struct
+
+# CPython's C half of ``json``, which ``json.dumps`` and ``json.loads`` use themselves. The
+# guest agent's start is on every boot's path, and importing ``json`` costs ~150 ms of it
+# under TCG (it imports ``re`` and compiles its patterns); this needs nothing.
+from _json import encode_basestring as _json_str
+from _json import make_encoder as _json_encoder
+from _json import make_scanner as _json_scanner
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -315,6 +321,54 @@ class Garbage:
         return f"Garbage({self.skipped} bytes: {self.reason})"
 
 
+def _not_serializable(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_JSON_CONSTANTS: Final = {"-Infinity": -float("inf"), "Infinity": float("inf"), "NaN": float("nan")}
+
+
+class _JsonDefaults:
+    """What ``_json``'s scanner reads from a ``json.JSONDecoder``: its default settings."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    array_hook = None  # read from Python 3.15 on
+    parse_float = float
+    parse_int = int
+    parse_constant = _JSON_CONSTANTS.__getitem__
+
+
+_JSON_SPACE: Final = " \t\n\r"
+# typeshed asks for a scanner as the context; any object with the settings above is one.
+_JSON_SCAN: Final = _json_scanner(_JsonDefaults)  # type: ignore[arg-type]
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    """``json.dumps(message, separators=(",", ":"), ensure_ascii=False)``."""
+    # A new encoder each time, as json makes: its circular-reference marks are per call.
+    encode = _json_encoder({}, _not_serializable, _json_str, None, ":", ",", False, False, True)
+    return "".join(encode(message, 0))
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``."""
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        value, end = _JSON_SCAN(text, start)
+    except (StopIteration, SystemError):
+        pass
+    else:
+        if not text[end:].strip(_JSON_SPACE):
+            return value
+    # Not one JSON value: json itself says what is wrong. (_json raises json.decoder's
+    # exception, and until that module is loaded a SystemError instead.)
+    import json
+
+    return json.loads(text)
+
+
 def encode_frame(ftype: int, request_id: int, payload: bytes = b"") -> bytes:
     """Encode one frame. Raises ValueError for an oversized payload or bad id."""
     if len(payload) > MAX_FRAME_PAYLOAD:
@@ -333,14 +387,13 @@ def encode_json(ftype: int, request_id: int, message: dict[str, Any]) -> bytes:
     """Encode a JSON message frame (REQUEST, EVENT, REPLY or ERROR)."""
     if ftype not in FrameType.JSON:
         raise ValueError(f"{FrameType.name(ftype)} frames do not carry JSON")
-    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
-    return encode_frame(ftype, request_id, payload)
+    return encode_frame(ftype, request_id, _dumps(message).encode())
 
 
 def decode_json(payload: bytes) -> dict[str, Any]:
     """Decode a JSON object payload; raise ProtocolError if it is not one."""
     try:
-        message = json.loads(payload.decode("utf-8"))
+        message = _loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"payload is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(message, dict):

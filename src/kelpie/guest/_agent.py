@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import select
-import signal
 import time
 
 from ._common import HIGH_WATER, log
 from ._execs import ExecManager
 from ._files import FileService
 from ._grow import op_grow_fs
+from ._lean import partial, signal
 from ._link import HostLink
 from ._rootfs import RootFS
 from ._session import Session
@@ -55,12 +54,12 @@ class Agent:
         handlers: dict[str, Callable[[int, dict[str, Any]], dict[str, Any] | None]] = {
             **self.execs.handlers(),
             **self.files.handlers(),
-            "resync": functools.partial(op_resync, set_clock=in_guest),
-            "usage": functools.partial(op_usage, self.rootfs.root),
+            "resync": partial(op_resync, set_clock=in_guest),
+            "usage": partial(op_usage, self.rootfs.root),
             "processes": op_processes,
-            "grow_fs": functools.partial(op_grow_fs, self.rootfs.root),
-            "walk": functools.partial(op_walk, self.rootfs, self.link),
-            "sweep": functools.partial(op_sweep, allowed=in_guest),
+            "grow_fs": partial(op_grow_fs, self.rootfs.root),
+            "walk": partial(op_walk, self.rootfs, self.link),
+            "sweep": partial(op_sweep, allowed=in_guest),
             "shutdown": self.op_shutdown,
         }
         self.session = Session(

@@ -5,9 +5,9 @@ from __future__ import annotations
 # contextlib is outside the guest's import budget: keep try/except/pass.
 # ruff: noqa: SIM105
 import os
-import signal
 import termios
-from collections import deque
+
+from ._lean import deque, signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import select
 import time
-from functools import partial
 
 from ._common import DEFAULT_PATH, FT, HIGH_WATER, OpError, protocol
 from ._exec import Exec
+from ._lean import partial
 from ._rootfs import lookup_user
 from ._spawn import SpawnPlan, set_winsize, spawn
 

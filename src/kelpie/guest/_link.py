@@ -7,10 +7,8 @@ import select
 import time
 
 # Not in the guest's import budget on its own, but free: json imports it already.
-from collections import deque
-from functools import partial
-
 from ._common import FT, HIGH_WATER, log, protocol
+from ._lean import deque, partial
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

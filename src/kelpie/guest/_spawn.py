@@ -7,12 +7,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
 import struct
 import termios
 
 from ._common import DEFAULT_PATH, OpError, log
 from ._exec import Exec
+from ._lean import signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

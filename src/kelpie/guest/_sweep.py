@@ -6,9 +6,9 @@ from __future__ import annotations
 # contextlib is outside the guest's import budget: keep try/except/pass.
 # ruff: noqa: SIM105
 import os
-import signal
 
 from ._common import OpError
+from ._lean import signal
 from ._usage import guest_pids
 
 TYPE_CHECKING = False

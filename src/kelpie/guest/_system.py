@@ -53,7 +53,8 @@ def op_resync(rid: int, f: dict[str, Any], *, set_clock: bool = True) -> dict[st
 def read_boot_id() -> str:
     """The kernel's boot id (changes on every boot, not on snapshot restore)."""
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        # UTF-8: its codec is loaded at start-up; ASCII's would be one more import at boot.
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as f:
             return f.read().strip()
     except OSError:
         return ""
