@@ -228,10 +228,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--arch", choices=["x86_64", "aarch64"], default=None,
                         help="guest architecture (default: the host's)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the figures (default: benchmarks/results/"
+                             "latest.json, qemu_vm_ARCH.json for another guest architecture)")
     args = parser.parse_args()
     results = asyncio.run(main_async(args.runs, args.arch))
     print(table(results))
+    if args.json is None:
+        other = results["guest_arch"] != platform.machine()
+        name = f"qemu_vm_{results['guest_arch']}.json" if other else "latest.json"
+        args.json = Path("benchmarks/results") / name
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.json} (guest {results['guest_arch']}, accel "
