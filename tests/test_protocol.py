@@ -196,7 +196,7 @@ def test_json_codec_needs_no_json_module_until_the_input_is_malformed() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\xff\xfe", b"not json", b"[1, 2]", b'"text"'],
+    [b"\xff\xfe", b"not json", b"[1, 2]", b'"text"', b'{"a":' + b"[" * 100_000],
 )
 def test_decode_json_rejects_non_objects(payload: bytes) -> None:
     with pytest.raises(ProtocolError) as info:

@@ -394,7 +394,7 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     """Decode a JSON object payload; raise ProtocolError if it is not one."""
     try:
         message = _loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # the last: nested deep
         raise ProtocolError(f"payload is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"JSON payload must be an object, got {type(message).__name__}")

@@ -6,7 +6,6 @@ import os
 import select
 import time
 
-# Not in the guest's import budget on its own, but free: json imports it already.
 from ._common import FT, HIGH_WATER, log, protocol
 from ._lean import deque, partial
 
