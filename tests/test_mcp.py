@@ -121,6 +121,9 @@ async def test_an_agent_uses_sandboxes_over_stdio(home: KelpieHome) -> None:
                             "echo oops >&2; exit 3"}, progress_callback=progress))
         assert (ran["exit_code"], ran["stdout"], ran["stderr"]) == (3, "one\ntwo\n", "oops\n")
         assert "".join(streamed).count("one") == 1 and "two" in "".join(streamed)
+        piped = _data(await mcp.call_tool("run_command", {
+            "sandbox": "agent", "command": ["tr", "a-z", "A-Z"], "stdin": "quiet, then é\n"}))
+        assert (piped["exit_code"], piped["stdout"]) == (0, "QUIET, THEN é\n")
 
         await mcp.call_tool("write_file", {"sandbox": "agent", "path": "/root/notes.txt",
                                            "content": "from the agent\n", "mode": "600"})

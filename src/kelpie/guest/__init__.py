@@ -26,7 +26,8 @@ Modules, each one job: ``_main`` (command line), ``_agent`` (the loop), ``_chann
 (where hosts connect), ``_link`` (frames in and out), ``_session`` (hello, routing,
 errors, cancel), ``_execs`` and ``_exec`` (commands), ``_spawn`` (starting them),
 ``_files`` (file ops), ``_rootfs`` (paths and users), ``_system`` (resync, power-off),
-``_common`` (the protocol, OpError, limits).
+``_common`` (the protocol, OpError, limits), ``_lean`` (signal, partial and deque from
+their C modules: the agent's imports are on every boot's path).
 """
 
 from ._agent import Agent

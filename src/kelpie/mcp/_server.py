@@ -117,9 +117,11 @@ class _Tools:
 
     async def run_command(self, sandbox: str, command: str | list[str], ctx: Context,
                           cwd: str | None = None, env: dict[str, str] | None = None,
-                          timeout: float = 600) -> CommandResult:
+                          timeout: float = 600, stdin: str | None = None) -> CommandResult:
         """Run a command in a sandbox and wait for it: a string runs under /bin/sh -c, a
-        list runs as it is. Its output streams as progress messages while it runs."""
+        list runs as it is. ``stdin`` is text for its standard input, which then ends
+        (without it, the command reads end-of-file at once). Its output streams as
+        progress messages while it runs."""
         await self._check_owned(sandbox)
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         if not argv:
@@ -130,6 +132,8 @@ class _Tools:
         try:
             async with self._service.exec_stream(sandbox, argv, cwd=cwd, env=env,
                                                  timeout=timeout) as process:
+                if stdin:  # the daemon takes it whole, whenever the command reads it
+                    await process.write_stdin(stdin.encode())
                 await process.close_stdin()
                 async for event in process:
                     if isinstance(event, ExecOutput):
