@@ -222,6 +222,9 @@ def test_parse_request_fills_defaults() -> None:
     # Mutable defaults are copies.
     fields["env"]["X"] = "1"
     assert protocol.parse_request({"op": "exec", "argv": ["true"]})[1]["env"] == {}
+    keep = protocol.parse_request({"op": "sweep"})[1]["keep"]
+    keep.append(1)
+    assert protocol.parse_request({"op": "sweep"})[1]["keep"] == []
 
 
 @pytest.mark.parametrize(

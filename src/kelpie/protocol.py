@@ -639,6 +639,20 @@ REQUEST_FIELDS: Final[dict[str, dict[str, tuple[Callable[[object], bool], object
 }
 
 
+def _defaults(schema: dict[str, tuple[Callable[[object], bool], object]]) -> dict[str, object]:
+    return {name: default for name, (_, default) in schema.items() if default is not REQUIRED}
+
+
+#: Per op: its optional fields' defaults, the names of those that are mutable (copied for
+#: each request, so handlers may modify them) and its required fields; parse_request
+#: runs for every request, the agent's exec included.
+_DEFAULTS: Final = {op: _defaults(schema) for op, schema in REQUEST_FIELDS.items()}
+_MUTABLE: Final = {op: [name for name, value in defaults.items() if isinstance(value, dict | list)]
+                   for op, defaults in _DEFAULTS.items()}
+_REQUIRED: Final = {op: [name for name in schema if name not in _DEFAULTS[op]]
+                    for op, schema in REQUEST_FIELDS.items()}
+
+
 def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Validate a REQUEST message; return ``(op, fields with defaults filled)``.
 
@@ -653,16 +667,18 @@ def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise ProtocolError(
             "unknown op {!r}; this agent supports: {}".format(op, ", ".join(sorted(REQUEST_FIELDS)))
         )
-    fields: dict[str, Any] = {}
-    for name, (check, default) in schema.items():
+    given = [name for name in schema if name in message]
+    for name in given:
+        check = schema[name][0]
+        if not check(message[name]):
+            raise ProtocolError(
+                f"{op}: field {name!r} must be {_EXPECTED[check]}, got {message[name]!r}")
+    for name in _REQUIRED[op]:
         if name not in message:
-            if default is REQUIRED:
-                raise ProtocolError(f"{op}: missing required field {name!r}")
-            # Copy mutable defaults so handlers may modify them.
-            fields[name] = dict(default) if isinstance(default, dict) else default
-            continue
-        value = message[name]
-        if not check(value):
-            raise ProtocolError(f"{op}: field {name!r} must be {_EXPECTED[check]}, got {value!r}")
-        fields[name] = value
+            raise ProtocolError(f"{op}: missing required field {name!r}")
+    fields: dict[str, Any] = dict(_DEFAULTS[op])
+    for name in _MUTABLE[op]:
+        fields[name] = fields[name].copy()
+    for name in given:
+        fields[name] = message[name]
     return op, fields

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from typing import Any, Final
 
     from ._channel import Channel
-    from ._common import protocol
+    from ._common import Watches, protocol
     from ._exec import Exec
     from ._files import Download, Upload
 
@@ -118,22 +118,21 @@ class Agent:
         self.execs.expire_timeouts(now)
         self.execs.finish_exited(now)
         self.files.pump_downloads()
-        self.link.flush()
+        if self.link.out:
+            self.link.flush()
+        watches: Watches = [(self.wakeup_r, select.POLLIN, self.drain_wakeup)]
+        self.link.register(watches, accept_input=self.execs.stdin_backlog() < STDIN_HIGH_WATER)
+        self.execs.register(watches)
         poller = select.poll()
         dispatch: dict[int, Callable[[int], None]] = {}
-
-        def add(fd: int, events: int, callback: Callable[[int], None]) -> None:
+        for fd, events, callback in watches:
             poller.register(fd, events)
             dispatch[fd] = callback
-
-        add(self.wakeup_r, select.POLLIN, self.drain_wakeup)
-        self.link.register(add, accept_input=self.execs.stdin_backlog() < STDIN_HIGH_WATER)
-        self.execs.register(add)
         timeout = self.poll_timeout(time.monotonic())
         for fd, events in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
-            callback = dispatch.get(fd)
-            if callback is not None:
-                callback(events)
+            ready = dispatch.get(fd)
+            if ready is not None:
+                ready(events)
 
     def poll_timeout(self, now: float) -> float | None:
         """Seconds until the next timer, 0 if work is pending, None for none."""
@@ -144,12 +143,13 @@ class Agent:
         return max(0.0, min(timers)) if timers else None
 
     def drain_wakeup(self, events: int = 0) -> None:
-        """Empty the signal wakeup pipe (reaping happens every turn)."""
+        """Empty the signal wakeup pipe; the next turn reaps (a SIGCHLD wrote to it)."""
         try:
-            while os.read(self.wakeup_r, 512):
+            while len(os.read(self.wakeup_r, 512)) == 512:  # a short read emptied the pipe
                 pass
         except BlockingIOError:
             pass
+        self.execs.reap_due = True
 
     # -- the host ------------------------------------------------------------
 

@@ -17,26 +17,29 @@ if TYPE_CHECKING:
 class Exec:
     """A command started by the agent, attached to a request or detached."""
 
+    # Immutable starting values live on the class: an exec starts for every request, and
+    # under TCG each assignment in __init__ costs.
+    stdin_fd: int | None = None
+    out_fd: int | None = None  # stdout, or the PTY master
+    err_fd: int | None = None
+    stdin_eof = False
+    status: int | None = None  # raw wait status once reaped
+    timed_out = False
+    deadline: float | None = None
+    drain_deadline: float | None = None
+    request_id: int | None = None
+    exited_at = 0.0
+    produced = 0  # bytes of output forwarded so far (stdout and stderr)
+    keep = 0  # bytes of recent output kept for an attach to replay
+    kept_bytes = 0
+
     def __init__(self, exec_id: int, pid: int, argv: list[str], pty: bool) -> None:
         self.exec_id = exec_id
         self.pid = pid
         self.argv = argv
         self.pty = pty
-        self.stdin_fd: int | None = None
-        self.out_fd: int | None = None  # stdout, or the PTY master
-        self.err_fd: int | None = None
         self.stdin_buf = bytearray()
-        self.stdin_eof = False
-        self.status: int | None = None  # raw wait status once reaped
-        self.timed_out = False
-        self.deadline: float | None = None
-        self.drain_deadline: float | None = None
-        self.request_id: int | None = None
-        self.exited_at = 0.0
-        self.produced = 0  # bytes of output forwarded so far (stdout and stderr)
-        self.keep = 0  # bytes of recent output kept for an attach to replay
         self.kept: deque[tuple[int, bytes]] = deque()  # (frame type, data), oldest first
-        self.kept_bytes = 0
 
     def forwarded(self, ftype: int, data: bytes) -> None:
         """Count output on its way to the host; keep the last ``keep`` bytes of it, since

@@ -9,14 +9,14 @@ import time
 from ._common import DEFAULT_PATH, FT, HIGH_WATER, OpError, protocol
 from ._exec import Exec
 from ._lean import partial
-from ._rootfs import lookup_user
+from ._rootfs import AGENT_UID, lookup_user
 from ._spawn import SpawnPlan, set_winsize, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Final
 
-    from ._common import AddFd, Handler
+    from ._common import Handler, Watches
     from ._files import Download, Upload
     from ._link import HostLink
     from ._rootfs import RootFS
@@ -52,6 +52,9 @@ class ExecManager:
         self.execs: dict[int, Exec] = {}
         self.by_pid: dict[int, Exec] = {}
         self.next_exec_id = 1
+        #: A signal arrived since the last reap: a child may have exited (waitpid on every
+        #: loop turn would cost a call and, with no children, an exception each time).
+        self.reap_due = True
 
     def handlers(self) -> dict[str, Handler]:
         """The ops this manager serves."""
@@ -66,12 +69,13 @@ class ExecManager:
 
     def op_exec(self, rid: int, f: dict[str, Any]) -> None:
         """Start a command; output and the exit status follow on ``rid``."""
-        user = lookup_user(self.rootfs, f["user"])
+        # The groups matter only to a command that runs as another user.
+        user = lookup_user(self.rootfs, f["user"], groups=f["user"] is not None)
         env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, "LOGNAME": user.name}
         if f["pty"]:
             env["TERM"] = "xterm-256color"
         env.update(f["env"])
-        switch = f["user"] is not None and user.uid != os.getuid()
+        switch = f["user"] is not None and user.uid != AGENT_UID
         plan = SpawnPlan(
             argv=f["argv"],
             env=env,
@@ -158,16 +162,17 @@ class ExecManager:
         """Bytes received from the host still waiting for children to read."""
         return sum(len(ex.stdin_buf) for ex in self.execs.values())
 
-    def register(self, add: AddFd) -> None:
+    def register(self, watches: Watches) -> None:
         """Poll stdin pipes with data waiting and, unless the host is behind, outputs."""
         reading = self.link.queued < HIGH_WATER
         for ex in self.execs.values():
             if ex.stdin_fd is not None and ex.stdin_buf:
-                add(ex.stdin_fd, select.POLLOUT, partial(self.on_stdin_writable, ex))
+                watches.append((ex.stdin_fd, select.POLLOUT, partial(self.on_stdin_writable, ex)))
             if reading and ex.request_id is not None:
                 for out_fd, ftype in ((ex.out_fd, FT.STDOUT), (ex.err_fd, FT.STDERR)):
                     if out_fd is not None:
-                        add(out_fd, select.POLLIN, partial(self.on_output_readable, ex, ftype))
+                        watches.append(
+                            (out_fd, select.POLLIN, partial(self.on_output_readable, ex, ftype)))
 
     def on_stdin_writable(self, ex: Exec, events: int) -> None:
         """An exec's stdin pipe has room (or the child closed it)."""
@@ -215,7 +220,11 @@ class ExecManager:
     # -- exit, timeouts and eviction -----------------------------------------------
 
     def reap(self) -> None:
-        """Collect exit statuses of every exited child (and orphans, as PID 1)."""
+        """Collect exit statuses of every exited child (and orphans, as PID 1), if a
+        signal came since the last time."""
+        if not self.reap_due:
+            return
+        self.reap_due = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

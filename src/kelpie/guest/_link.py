@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, Final
 
     from ._channel import Channel
-    from ._common import AddFd
+    from ._common import Watches
 
 #: Stop reading the host channel while this many bytes wait to go out.
 OUT_HARD_LIMIT: Final = 8 * HIGH_WATER
@@ -103,7 +103,7 @@ class HostLink:
 
     # -- polling -------------------------------------------------------------
 
-    def register(self, add: AddFd, accept_input: bool) -> None:
+    def register(self, watches: Watches, accept_input: bool) -> None:
         """Put the connection (readable unless throttled, writable while frames wait)
         and the channel's listener into the poll set."""
         conn = self.channel.conn_fd
@@ -113,9 +113,9 @@ class HostLink:
                 events |= select.POLLIN
             if self.out:
                 events |= select.POLLOUT
-            add(conn, events, partial(self.on_conn_event, conn))
+            watches.append((conn, events, partial(self.on_conn_event, conn)))
         for fd in self.channel.poll_fds():
-            add(fd, select.POLLIN, partial(self.on_channel_ready, fd))
+            watches.append((fd, select.POLLIN, partial(self.on_channel_ready, fd)))
 
     def on_conn_event(self, fd: int, events: int) -> None:
         """Readable, writable or hung-up host connection."""

@@ -8,7 +8,10 @@ from ._common import OpError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Final
+    from collections.abc import Callable
+    from typing import Any, Final, TypeVar
+
+    T = TypeVar("T")
 
 MAX_SYMLINKS: Final = 40
 
@@ -73,55 +76,93 @@ class User:
         self.home = home
 
 
-#: Parsed user databases by agent path, with the stat identity they were read at.
-_DB_CACHE: dict[str, tuple[tuple[int, int, int, int], list[list[str]]]] = {}
+class _Passwd:
+    """/etc/passwd by name and by uid (the first valid row of each wins, as in libc)."""
+
+    def __init__(self, rows: list[list[str]]) -> None:
+        self.by_name: dict[str, tuple[str, int, int, str]] = {}
+        self.by_uid: dict[int, tuple[str, int, int, str]] = {}
+        for row in rows:
+            if len(row) < 7 or not row[2].isdigit() or not row[3].isdigit():
+                continue
+            entry = (row[0], int(row[2]), int(row[3]), row[5] or "/")
+            self.by_name.setdefault(entry[0], entry)
+            self.by_uid.setdefault(entry[1], entry)
 
 
-def _read_db(rootfs: RootFS, path: str) -> list[list[str]]:
-    """Read a colon-separated database (/etc/passwd, /etc/group) of the image.
+class _Groups:
+    """/etc/group: each group's gid by name, and the gids each user is listed in."""
 
-    Every exec looks its user up: the parsed rows are reused while the file's
-    identity (inode, size, mtime, ctime) is unchanged, which costs one stat
-    instead of an open, a read and a parse.
+    def __init__(self, rows: list[list[str]]) -> None:
+        self.gid_by_name: dict[str, int] = {}
+        self.member_of: dict[str, list[int]] = {}
+        for row in rows:
+            if len(row) < 3 or not row[2].isdigit():
+                continue
+            gid = int(row[2])
+            self.gid_by_name.setdefault(row[0], gid)
+            if len(row) >= 4:
+                for member in dict.fromkeys(row[3].split(",")):  # once per group
+                    self.member_of.setdefault(member, []).append(gid)
+
+
+#: The image's user databases by agent path, indexed, with the stat identity they were
+#: read at.
+_DB_CACHE: dict[str, tuple[tuple[int, int, int, int], Any]] = {}
+
+
+def _read_db(rootfs: RootFS, path: str, index: Callable[[list[list[str]]], T]) -> T:
+    """The index of a colon-separated database (/etc/passwd, /etc/group) of the image.
+
+    Every exec looks its user up: the index is reused while the file's identity
+    (inode, size, mtime, ctime) is unchanged, which costs one stat instead of an
+    open, a read, a parse and a scan.
     """
     # Below "/" the kernel's own lookup resolves exactly as RootFS.resolve would.
     host = path if rootfs.root == "/" else rootfs.resolve(path)
     try:
         st = os.stat(host)
     except OSError:
-        return []
+        return index([])
     key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     cached = _DB_CACHE.get(host)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        known: T = cached[1]  # built by this same index (one per database path)
+        return known
     try:
         with open(host, encoding="utf-8", errors="replace") as db:
             rows = [line.rstrip("\n").split(":") for line in db if not line.startswith("#")]
     except OSError:
-        return []
-    _DB_CACHE[host] = (key, rows)
-    return rows
+        return index([])
+    built = index(rows)
+    _DB_CACHE[host] = (key, built)
+    return built
 
 
-def lookup_user(rootfs: RootFS, user: str | int | None) -> User:
+#: The agent's own uid (it never changes; commands run as it unless told otherwise).
+AGENT_UID: Final = os.getuid()
+
+
+def lookup_user(rootfs: RootFS, user: str | int | None, *, groups: bool = True) -> User:
     """Resolve a user name or uid, with Docker's ``USER user:group`` form too (the group a
     name or gid; then that is the user's only group), against the image's /etc/passwd and
-    /etc/group."""
+    /etc/group (None: the agent's own user). Without ``groups`` the user's groups are
+    only its primary group (for a command that runs as the agent: /etc/group unread)."""
     if isinstance(user, str) and ":" in user:
         name, _, group = user.partition(":")
-        found = lookup_user(rootfs, name)
+        found = lookup_user(rootfs, name, groups=False)
         gid = _lookup_group(rootfs, group)
         return User(found.name, found.uid, gid, [gid], found.home)
     if user is None:
-        user = os.getuid()
+        user = AGENT_UID
     if isinstance(user, str) and user.isdigit():
         user = int(user)
-    for row in _read_db(rootfs, "/etc/passwd"):
-        if len(row) < 7 or not row[2].isdigit() or not row[3].isdigit():
-            continue
-        if row[0] == user or (isinstance(user, int) and int(row[2]) == user):
-            name, uid, gid, home = row[0], int(row[2]), int(row[3]), row[5] or "/"
-            return User(name, uid, gid, _groups_of(rootfs, name, gid), home)
+    passwd = _read_db(rootfs, "/etc/passwd", _Passwd)
+    entry = passwd.by_uid.get(user) if isinstance(user, int) else passwd.by_name.get(user)
+    if entry is not None:
+        name, uid, gid, home = entry
+        listed = _read_db(rootfs, "/etc/group", _Groups).member_of.get(name, []) if groups else []
+        return User(name, uid, gid, [gid, *listed], home)
     if isinstance(user, int):
         return User(str(user), user, user, [user], "/")
     raise OpError("EINVAL", f"no user named {user!r} in the sandbox's /etc/passwd")
@@ -130,15 +171,7 @@ def lookup_user(rootfs: RootFS, user: str | int | None) -> User:
 def _lookup_group(rootfs: RootFS, group: str) -> int:
     if group.isdigit():
         return int(group)
-    for row in _read_db(rootfs, "/etc/group"):
-        if len(row) >= 3 and row[0] == group and row[2].isdigit():
-            return int(row[2])
-    raise OpError("EINVAL", f"no group named {group!r} in the sandbox's /etc/group")
-
-
-def _groups_of(rootfs: RootFS, name: str, gid: int) -> list[int]:
-    groups = [gid]
-    for row in _read_db(rootfs, "/etc/group"):
-        if len(row) >= 4 and row[2].isdigit() and name in row[3].split(","):
-            groups.append(int(row[2]))
-    return groups
+    gid = _read_db(rootfs, "/etc/group", _Groups).gid_by_name.get(group)
+    if gid is None:
+        raise OpError("EINVAL", f"no group named {group!r} in the sandbox's /etc/group")
+    return gid

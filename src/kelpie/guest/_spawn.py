@@ -16,6 +16,7 @@ from ._lean import signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Final, NoReturn
 
     from ._rootfs import User
@@ -42,18 +43,40 @@ class SpawnPlan:
         self.pty = pty
 
 
+class _DevNull:
+    """/dev/null, opened once for the stdin of every command that has none (an open and a
+    close less per exec). Close-on-exec: a command gets it only as its stdin."""
+
+    fd: int | None = None
+
+    @classmethod
+    def get(cls) -> int:
+        if cls.fd is None:
+            cls.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        return cls.fd
+
+
 def _open_stdio(plan: SpawnPlan, want_stdin: bool) -> tuple[list[int], list[int | None]]:
-    """Create the child's stdio; return (child fds 0-2, parent fds stdin/out/err)."""
+    """Create the child's stdio; return (child fds 0-2, parent fds stdin/out/err). Close
+    the child's with _close_child_fds."""
     if plan.pty:
         master, slave = os.openpty()
         return [slave, slave, slave], [os.dup(master) if want_stdin else None, master, None]
     if want_stdin:
         stdin_r, stdin_w = os.pipe()
     else:
-        stdin_r, stdin_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+        stdin_r, stdin_w = _DevNull.get(), None
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     return [stdin_r, out_w, err_w], [stdin_w, out_r, err_r]
+
+
+def _close_fds(fds: Iterable[int | None]) -> None:
+    """Close the agent's copies of a command's descriptors (each once; the shared
+    /dev/null stays open)."""
+    for fd in set(fds):
+        if fd is not None and fd != _DevNull.fd:
+            os.close(fd)
 
 
 def _child_main(plan: SpawnPlan, child_fds: list[int], errpipe: int) -> NoReturn:
@@ -186,9 +209,7 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
     single-threaded: it takes them for the spawn and then takes its own back)."""
     child_fds, parent_fds = _open_stdio(plan, want_stdin)
     if min(child_fds) <= 2:  # the agent's own stdio was closed: dup2 order would matter
-        for fd in {*child_fds, *parent_fds}:
-            if fd is not None:
-                os.close(fd)
+        _close_fds([*child_fds, *parent_fds])
         return _fork_spawn(plan, exec_id, want_stdin, 24, 80)
     try:
         _AgentPlace.take(plan)
@@ -197,12 +218,9 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
         finally:
             _AgentPlace.give_back(plan)
     except BaseException:
-        for fd in {*child_fds, *parent_fds}:
-            if fd is not None:
-                os.close(fd)
+        _close_fds([*child_fds, *parent_fds])
         raise
-    for fd in set(child_fds):
-        os.close(fd)
+    _close_fds(child_fds)
     ex = Exec(exec_id, pid, plan.argv, plan.pty)
     ex.stdin_fd, ex.out_fd, ex.err_fd = parent_fds
     for fd in parent_fds:
@@ -271,15 +289,12 @@ def _fork_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols
     try:
         pid = os.fork()
     except OSError as exc:
-        for fd in {*child_fds, *parent_fds, err_r, err_w}:
-            if fd is not None:
-                os.close(fd)
+        _close_fds([*child_fds, *parent_fds, err_r, err_w])
         raise OpError.from_os(exc, "fork failed") from None
     if pid == 0:
         _child_main(plan, child_fds, err_w)
     os.close(err_w)
-    for fd in set(child_fds):
-        os.close(fd)
+    _close_fds(child_fds)
     report = _read_to_eof(err_r)
     os.close(err_r)
     ex = Exec(exec_id, pid, plan.argv, plan.pty)
