@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kelpie.agent import AgentClient
+from kelpie.guest._common import DEFAULT_PATH
 
 AGENT = Path(__file__).resolve().parents[1] / "src" / "kelpie" / "guest" / "agent.py"
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "agent_cost.json"
@@ -43,6 +44,7 @@ class CountedAgent:
         self.proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p",
              sys.executable, "-S", str(AGENT), "--listen-unix", str(self.sock)],
+            env={"PATH": DEFAULT_PATH},  # as the guest's init starts it
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.dumps = 0
 

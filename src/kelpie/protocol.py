@@ -667,7 +667,7 @@ def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise ProtocolError(
             "unknown op {!r}; this agent supports: {}".format(op, ", ".join(sorted(REQUEST_FIELDS)))
         )
-    given = [name for name in schema if name in message]
+    given = [name for name in message if name in schema]  # a request carries few
     for name in given:
         check = schema[name][0]
         if not check(message[name]):
@@ -679,6 +679,5 @@ def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     fields: dict[str, Any] = dict(_DEFAULTS[op])
     for name in _MUTABLE[op]:
         fields[name] = fields[name].copy()
-    for name in given:
-        fields[name] = message[name]
+    fields.update({name: message[name] for name in given})
     return op, fields

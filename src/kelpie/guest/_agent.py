@@ -117,29 +117,29 @@ class Agent:
         self.execs.reap()
         self.execs.expire_timeouts(now)
         self.execs.finish_exited(now)
-        self.files.pump_downloads()
+        downloading = self.files.pump_downloads()
         if self.link.out:
             self.link.flush()
-        watches: Watches = [(self.wakeup_r, select.POLLIN, self.drain_wakeup)]
+        watches: Watches = {self.wakeup_r: (select.POLLIN, self.drain_wakeup)}
         self.link.register(watches, accept_input=self.execs.stdin_backlog() < STDIN_HIGH_WATER)
         self.execs.register(watches)
         poller = select.poll()
-        dispatch: dict[int, Callable[[int], None]] = {}
-        for fd, events, callback in watches:
+        for fd, (events, _) in watches.items():
             poller.register(fd, events)
-            dispatch[fd] = callback
-        timeout = self.poll_timeout(time.monotonic())
+        timeout = self.poll_timeout(time.monotonic(), downloading)
         for fd, events in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
-            ready = dispatch.get(fd)
-            if ready is not None:
-                ready(events)
+            watch = watches.get(fd)
+            if watch is not None:
+                watch[1](events)
 
-    def poll_timeout(self, now: float) -> float | None:
+    def poll_timeout(self, now: float, downloading: bool) -> float | None:
         """Seconds until the next timer, 0 if work is pending, None for none."""
-        if self.stopping or (self.files.downloads() and self.link.queued < HIGH_WATER):
+        if self.stopping or (downloading and self.link.queued < HIGH_WATER):
             return 0.0
-        timers = [t for t in (self.link.timeout(now),) if t is not None]
-        timers += self.execs.timers(now)
+        timers = self.execs.timers(now)
+        link_timer = self.link.timeout(now)
+        if link_timer is not None:
+            timers.append(link_timer)
         return max(0.0, min(timers)) if timers else None
 
     def drain_wakeup(self, events: int = 0) -> None:

@@ -36,8 +36,8 @@ HIGH_WATER: Final = 1024 * 1024
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 if TYPE_CHECKING:
-    #: This loop turn's poll set, as ``(fd, events, callback)``.
-    Watches: TypeAlias = list[tuple[int, int, Callable[[int], None]]]
+    #: This loop turn's poll set: ``{fd: (events, callback)}``.
+    Watches: TypeAlias = dict[int, tuple[int, Callable[[int], None]]]
     #: An op handler: ``handler(request_id, fields)`` returns the REPLY, or None if
     #: the reply follows later (execs, file transfers).
     Handler: TypeAlias = Callable[[int, dict[str, Any]], dict[str, Any] | None]

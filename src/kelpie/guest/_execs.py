@@ -167,12 +167,12 @@ class ExecManager:
         reading = self.link.queued < HIGH_WATER
         for ex in self.execs.values():
             if ex.stdin_fd is not None and ex.stdin_buf:
-                watches.append((ex.stdin_fd, select.POLLOUT, partial(self.on_stdin_writable, ex)))
+                watches[ex.stdin_fd] = (select.POLLOUT, partial(self.on_stdin_writable, ex))
             if reading and ex.request_id is not None:
                 for out_fd, ftype in ((ex.out_fd, FT.STDOUT), (ex.err_fd, FT.STDERR)):
                     if out_fd is not None:
-                        watches.append(
-                            (out_fd, select.POLLIN, partial(self.on_output_readable, ex, ftype)))
+                        watches[out_fd] = (select.POLLIN,
+                                           partial(self.on_output_readable, ex, ftype))
 
     def on_stdin_writable(self, ex: Exec, events: int) -> None:
         """An exec's stdin pipe has room (or the child closed it)."""

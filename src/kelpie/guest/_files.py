@@ -159,9 +159,12 @@ class FileService:
         """read_file transfers in progress."""
         return [r for r in self.requests.values() if isinstance(r, Download)]
 
-    def pump_downloads(self) -> None:
-        """Send file chunks while the outgoing queue has room."""
-        for dl in self.downloads():
+    def pump_downloads(self) -> bool:
+        """Send file chunks while the outgoing queue has room; True if transfers remain."""
+        downloads = self.downloads()
+        if not downloads:
+            return False
+        for dl in downloads:
             while self.link.queued < HIGH_WATER and self.link.connected:
                 try:
                     chunk = dl.read(FILE_CHUNK)
@@ -176,6 +179,7 @@ class FileService:
                     break
                 dl.size += len(chunk)
                 self.link.send(protocol.encode_frame(FT.FILE_DATA, dl.request_id, chunk))
+        return bool(self.downloads())
 
     def end_download(self, dl: Download) -> None:
         """Close a finished or failed download."""

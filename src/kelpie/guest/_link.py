@@ -113,9 +113,9 @@ class HostLink:
                 events |= select.POLLIN
             if self.out:
                 events |= select.POLLOUT
-            watches.append((conn, events, partial(self.on_conn_event, conn)))
+            watches[conn] = (events, partial(self.on_conn_event, conn))
         for fd in self.channel.poll_fds():
-            watches.append((fd, select.POLLIN, partial(self.on_channel_ready, fd)))
+            watches[fd] = (select.POLLIN, partial(self.on_channel_ready, fd))
 
     def on_conn_event(self, fd: int, events: int) -> None:
         """Readable, writable or hung-up host connection."""

@@ -229,11 +229,24 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
     return ex
 
 
+#: The agent's own PATH (init sets DEFAULT_PATH), which posix_spawnp searches.
+_OWN_PATH: Final = os.environ.get("PATH")
+
+
 def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
-    """posix_spawn ``plan.argv`` searched in the PATH of ``plan.env`` (as exec_search
-    does; glibc's posix_spawnp would search the agent's own PATH)."""
+    """posix_spawn ``plan.argv`` searched in the PATH of ``plan.env``, as exec_search
+    does."""
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
     argv, env = plan.argv, plan.env
+    if "/" not in argv[0] and env.get("PATH", DEFAULT_PATH) == _OWN_PATH:
+        # The usual case: the command's PATH is the agent's, which is the one glibc's
+        # posix_spawnp searches (in the child: one spawn, no access() per directory).
+        # If it fails, the search below finds the reason.
+        try:
+            return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
+                                   setsigmask=(), setsigdef=CHILD_DEFAULT_SIGNALS)
+        except OSError:
+            pass
     if "/" in argv[0]:
         candidates = [argv[0]]
     else:
