@@ -52,8 +52,9 @@ class ExecManager:
         self.execs: dict[int, Exec] = {}
         self.by_pid: dict[int, Exec] = {}
         self.next_exec_id = 1
-        #: A signal arrived since the last reap: a child may have exited (waitpid on every
-        #: loop turn would cost a call and, with no children, an exception each time).
+        #: A signal arrived, or an exec's output ended, since the last reap: a child may
+        #: have exited (waitpid on every loop turn would cost a call and, with no
+        #: children, an exception each time).
         self.reap_due = True
 
     def handlers(self) -> dict[str, Handler]:
@@ -216,6 +217,8 @@ class ExecManager:
             ex.out_fd = None
         else:
             ex.err_fd = None
+        if ex.out_fd is None and ex.err_fd is None:
+            self.reap_due = True  # it has most likely exited: reply without the SIGCHLD's turn
 
     # -- exit, timeouts and eviction -----------------------------------------------
 
