@@ -58,7 +58,7 @@ class _DevNull:
 
 def _open_stdio(plan: SpawnPlan, want_stdin: bool) -> tuple[list[int], list[int | None]]:
     """Create the child's stdio; return (child fds 0-2, parent fds stdin/out/err). Close
-    the child's with _close_child_fds."""
+    the child's with _close_fds."""
     if plan.pty:
         master, slave = os.openpty()
         return [slave, slave, slave], [os.dup(master) if want_stdin else None, master, None]
