@@ -17,7 +17,7 @@ from ._lean import signal
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from typing import Final, NoReturn
+    from typing import Any, Final, NoReturn
 
     from ._rootfs import User
 
@@ -236,22 +236,28 @@ _OWN_PATH: Final = os.environ.get("PATH")
 def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
     """posix_spawn ``plan.argv`` searched in the PATH of ``plan.env``, as exec_search
     does."""
-    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
     argv, env = plan.argv, plan.env
-    if "/" not in argv[0] and env.get("PATH", DEFAULT_PATH) == _OWN_PATH:
+    # The child's set-up, the same however its program is found.
+    setup: dict[str, Any] = {
+        "file_actions": [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)],
+        "setsid": True,
+        "setsigmask": (),
+        "setsigdef": CHILD_DEFAULT_SIGNALS,
+    }
+    path = env.get("PATH", DEFAULT_PATH)
+    if "/" not in argv[0] and path == _OWN_PATH:
         # The usual case: the command's PATH is the agent's, which is the one glibc's
         # posix_spawnp searches (in the child: one spawn, no access() per directory).
         # If it fails, the search below finds the reason.
         try:
-            return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
-                                   setsigmask=(), setsigdef=CHILD_DEFAULT_SIGNALS)
+            return os.posix_spawnp(argv[0], argv, env, **setup)
         except OSError:
             pass
     if "/" in argv[0]:
         candidates = [argv[0]]
     else:
-        path = env.get("PATH", DEFAULT_PATH).split(":")
-        candidates = [f"{(directory or '.').rstrip('/')}/{argv[0]}" for directory in path]
+        candidates = [f"{(directory or '.').rstrip('/')}/{argv[0]}"
+                      for directory in path.split(":")]
     failed: dict[str, OSError] = {}
     for candidate in candidates:
         # access() is a cheap way past missing files (no failed spawn, no exception);
@@ -259,15 +265,7 @@ def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
         if len(candidates) > 1 and not os.access(candidate, os.F_OK):
             continue
         try:
-            return os.posix_spawn(
-                candidate,
-                argv,
-                env,
-                file_actions=actions,
-                setsid=True,
-                setsigmask=(),
-                setsigdef=CHILD_DEFAULT_SIGNALS,
-            )
+            return os.posix_spawn(candidate, argv, env, **setup)
         except OSError as exc:
             failed[candidate] = exc
     errors = [failed.get(candidate) or _missing_reason(candidate) for candidate in candidates]
