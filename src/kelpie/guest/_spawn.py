@@ -229,15 +229,16 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
     return ex
 
 
-#: The agent's own PATH (init sets DEFAULT_PATH), which posix_spawnp searches.
-_OWN_PATH: Final = os.environ.get("PATH")
-
-
 def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
     """posix_spawn ``plan.argv`` searched in the PATH of ``plan.env``, as exec_search
-    does."""
+    does.
+
+    The search is ours, not glibc's posix_spawnp: that one tries execve in every PATH
+    directory until one works, and each failed execve sets up a new address space and
+    copies the arguments and environment into it first (~0.7 ms more per spawn under
+    TCG for a command in /bin, against ~0.1 ms for an access() per directory here).
+    """
     argv, env = plan.argv, plan.env
-    # The child's set-up, the same however its program is found.
     setup: dict[str, Any] = {
         "file_actions": [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)],
         "setsid": True,
@@ -245,14 +246,6 @@ def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
         "setsigdef": CHILD_DEFAULT_SIGNALS,
     }
     path = env.get("PATH", DEFAULT_PATH)
-    if "/" not in argv[0] and path == _OWN_PATH:
-        # The usual case: the command's PATH is the agent's, which is the one glibc's
-        # posix_spawnp searches (in the child: one spawn, no access() per directory).
-        # If it fails, the search below finds the reason.
-        try:
-            return os.posix_spawnp(argv[0], argv, env, **setup)
-        except OSError:
-            pass
     if "/" in argv[0]:
         candidates = [argv[0]]
     else:
