@@ -48,12 +48,18 @@ IS_ROOT = os.geteuid() == 0
 class AgentProcess:
     """The agent as a subprocess listening on a unix socket."""
 
-    def __init__(self, sock: Path, *extra: str) -> None:
+    def __init__(self, sock: Path, *extra: str, prelude: str = "") -> None:
+        """``prelude``: Python run before the agent, in its process."""
         self.sock = sock
         self.log = sock.with_suffix(".log")
+        start = [str(AGENT)]
+        if prelude:
+            run = f"import runpy, sys; sys.argv[0] = {str(AGENT)!r}; sys.path[0] = " \
+                  f"{str(AGENT.parent)!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+            start = ["-c", f"{prelude}\n{run}"]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-S", str(AGENT), "--listen-unix", str(sock), *extra],
+                [sys.executable, "-S", *start, "--listen-unix", str(sock), *extra],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -318,6 +324,38 @@ async def test_32_concurrent_execs(client: AgentClient) -> None:
         assert out.stdout == f"{i}\n".encode()
         assert out.stderr == f"e{i}\n".encode()
         assert out.result.exit_code == i % 7
+
+
+NO_PIDFD = """
+import os
+def pidfd_open(pid, flags=0):
+    raise OSError(38, "Function not implemented")
+os.pidfd_open = pidfd_open
+"""
+
+
+@pytest.mark.parametrize("prelude", [
+    "import signal; signal.signal(signal.SIGCHLD, signal.SIG_IGN)",  # as a careless init might
+    NO_PIDFD,  # a kernel before 5.3: exits are polled
+], ids=["inherited-sigchld-ignored", "no-pidfd"])
+async def test_exit_statuses_whatever_the_start(tmp_path: Path, prelude: str) -> None:
+    """Exit statuses, output and timeouts arrive with SIGCHLD ignored by whoever started
+    the agent (the kernel would discard them: the agent resets it) and without pidfds."""
+    agent = AgentProcess(tmp_path / "agent.sock", prelude=prelude)
+    try:
+        c = await AgentClient.connect_unix(str(agent.sock), timeout=5)
+        await c.hello(timeout=5)
+        async with asyncio.timeout(30):  # a deadline, not a measurement: exits must come
+            outs = await asyncio.gather(*(run(c, sh(f"sleep 0.{i}; echo {i}; exit {i}"))
+                                          for i in range(4)))
+            out = await run(c, ["sleep", "30"], timeout=0.2)
+        assert [(o.stdout, o.result.exit_code) for o in outs] == [
+            (f"{i}\n".encode(), i) for i in range(4)]
+        assert (out.result.timed_out, out.result.signal) == (True, signal.SIGKILL)
+        await c.close()
+    finally:
+        agent.stop()
+    assert "internal error" not in agent.log.read_text()
 
 
 async def test_send_signal(client: AgentClient) -> None:

@@ -72,11 +72,13 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------
 
     def install_signals(self) -> None:
-        """Wake the poll loop on SIGCHLD; ignore hang-ups of the console."""
+        """Wake the poll loop on SIGTERM; ignore hang-ups of the console. Exits are
+        watched through pidfds: SIGCHLD keeps its default (not ignored, whatever the
+        agent inherited: an ignored SIGCHLD would have the kernel discard exit statuses)."""
         for fd in (self.wakeup_r, self.wakeup_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self.on_sigterm)
@@ -114,7 +116,8 @@ class Agent:
         """One loop iteration: timers, pumps, then poll and dispatch."""
         now = time.monotonic()
         self.link.check(now)
-        self.execs.reap()
+        if self.execs.unwatched:
+            self.execs.reap_unwatched()
         self.execs.expire_timeouts(now)
         self.execs.finish_exited(now)
         downloading = self.files.pump_downloads()
@@ -143,13 +146,12 @@ class Agent:
         return max(0.0, min(timers)) if timers else None
 
     def drain_wakeup(self, events: int = 0) -> None:
-        """Empty the signal wakeup pipe; the next turn reaps (a SIGCHLD wrote to it)."""
+        """Empty the signal wakeup pipe (a signal's handler runs in the loop's next turn)."""
         try:
             while len(os.read(self.wakeup_r, 512)) == 512:  # a short read emptied the pipe
                 pass
         except BlockingIOError:
             pass
-        self.execs.reap_due = True
 
     # -- the host ------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class Exec:
     stdin_fd: int | None = None
     out_fd: int | None = None  # stdout, or the PTY master
     err_fd: int | None = None
+    exit_fd: int | None = None  # a pidfd, readable once the process has exited
     stdin_eof = False
     status: int | None = None  # raw wait status once reaped
     timed_out = False
@@ -115,9 +116,16 @@ class Exec:
                 pass
         os.close(fd)
 
+    def close_exit_fd(self) -> None:
+        """Stop watching for the exit (it has been collected, or nobody waits for it)."""
+        fd, self.exit_fd = self.exit_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def close_fds(self) -> None:
         """Release every descriptor the agent holds for this exec."""
         self.close_stdin_fd()
+        self.close_exit_fd()
         for name in ("out_fd", "err_fd"):
             fd = getattr(self, name)
             if fd is not None:
