@@ -48,8 +48,9 @@ IS_ROOT = os.geteuid() == 0
 class AgentProcess:
     """The agent as a subprocess listening on a unix socket."""
 
-    def __init__(self, sock: Path, *extra: str, prelude: str = "") -> None:
-        """``prelude``: Python run before the agent, in its process."""
+    def __init__(self, sock: Path, *extra: str, prelude: str = "",
+                 cwd: Path | None = None) -> None:
+        """``prelude``: Python run before the agent, in its process; ``cwd``: its directory."""
         self.sock = sock
         self.log = sock.with_suffix(".log")
         start = [str(AGENT)]
@@ -64,6 +65,7 @@ class AgentProcess:
                 stdout=log,
                 stderr=log,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},  # no PYTHONPATH needed
+                cwd=cwd,
             )
         wait_for(lambda: sock.exists() or self.proc.poll() is not None, 10, "the agent to listen")
         assert self.proc.poll() is None, self.log.read_text()
@@ -803,7 +805,8 @@ async def test_shutdown_stops_agent_and_commands(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="chroot needs root")
-async def test_root_chroots_commands_and_confines_paths(tmp_path: Path) -> None:
+@pytest.mark.parametrize("agent_cwd", ["/", "tmp"])
+async def test_root_chroots_commands_and_confines_paths(tmp_path: Path, agent_cwd: str) -> None:
     busybox = shutil.which("busybox")
     if busybox is None:
         pytest.skip("needs a static busybox")
@@ -816,13 +819,20 @@ async def test_root_chroots_commands_and_confines_paths(tmp_path: Path) -> None:
         "root:x:0:0:root:/root:/bin/sh\nbob:x:1234:1234::/home/bob:/bin/sh\n"
     )
     os.symlink("/", root / "escape")
-    proc = AgentProcess(tmp_path / "r.sock", "--root", str(root))
+    own_cwd = Path("/") if agent_cwd == "/" else tmp_path
+    proc = AgentProcess(tmp_path / "r.sock", "--root", str(root), cwd=own_cwd)
     try:
         async with await AgentClient.connect_unix(str(proc.sock)) as c:
             info = await c.hello()
             assert info.root == str(root)
             out = await run(c, ["sh", "-c", "pwd; ls /; echo $HOME"], cwd="/bin", user="bob")
             assert out.stdout.decode().split() == ["/bin", "bin", "escape", "etc", "/home/bob"]
+            for cwd in ("/", "/bin", "/"):  # as the agent's user: chroot around posix_spawn
+                out = await run(c, ["sh", "-c", "pwd; ls /"], cwd=cwd)
+                assert out.stdout.decode().split() == [cwd, "bin", "escape", "etc"]
+                # and the agent has its own root and directory back
+                assert os.readlink(f"/proc/{info.agent_pid}/root") == "/"
+                assert os.readlink(f"/proc/{info.agent_pid}/cwd") == str(own_cwd)
             await c.write_file("/escape/hello.txt", b"inside")
             assert (root / "hello.txt").read_bytes() == b"inside"
             assert (await c.stat("/escape/../../hello.txt")).size == 6
