@@ -360,6 +360,33 @@ async def test_exit_statuses_whatever_the_start(tmp_path: Path, prelude: str) ->
     assert "internal error" not in agent.log.read_text()
 
 
+#: Signals 32 and 33, which glibc keeps for itself: its posix_spawn leaves them ignored in
+#: the child (a program's glibc takes them over when it needs them).
+GLIBC_INTERNAL_SIGNALS = (1 << 31) | (1 << 32)
+
+
+async def test_commands_start_with_default_signals(tmp_path: Path) -> None:
+    """An agent started with signals ignored (init runs it in the background, where the
+    shell ignores SIGINT and SIGQUIT) starts commands with none ignored, blocked or
+    handled, through posix_spawn and through fork (a PTY)."""
+    ignore = "import signal\nfor s in ('SIGINT', 'SIGQUIT', 'SIGTERM', 'SIGUSR1'):\n" \
+             "    signal.signal(getattr(signal, s), signal.SIG_IGN)"
+    agent = AgentProcess(tmp_path / "agent.sock", prelude=ignore)
+    try:
+        c = await AgentClient.connect_unix(str(agent.sock), timeout=5)
+        await c.hello(timeout=5)
+        for pty in (False, True):
+            out = await run(c, ["cat", "/proc/self/status"], pty=pty)
+            masks = dict(line.split(":\t") for line in out.stdout.decode().splitlines()
+                         if line.startswith(("SigIgn", "SigBlk")))
+            ignored = int(masks["SigIgn"], 16) & ~GLIBC_INTERNAL_SIGNALS
+            # SIGUSR1 stays ignored: nothing in the agent ignores it, so it is not reset
+            assert (int(masks["SigBlk"], 16), ignored) == (0, 1 << (signal.SIGUSR1 - 1)), pty
+        await c.close()
+    finally:
+        agent.stop()
+
+
 async def test_send_signal(client: AgentClient) -> None:
     handle = await client.exec(["sleep", "30"])
     await handle.send_signal(signal.SIGTERM)

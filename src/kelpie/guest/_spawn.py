@@ -146,10 +146,12 @@ def _spawn_error(plan: SpawnPlan, report: bytes) -> OpError:
     return OpError(code, f"{what}: {detail}")
 
 
-#: Signals the agent ignores or handles that a command must start with at default; SIGINT
-#: and SIGQUIT too: init starts the agent in the background, where the shell ignores them.
-CHILD_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGCHLD,
-                                signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+#: Signals the agent ignores, which a command must start with at default (an ignored
+#: signal stays ignored across exec; a handled one, like the agent's SIGTERM, does not).
+#: SIGXFSZ: Python ignores it; SIGINT and SIGQUIT: init starts the agent in the
+#: background, where the shell ignores them. Each costs the child a sigaction.
+CHILD_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP,
+                                signal.SIGINT, signal.SIGQUIT)
 
 
 def spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols: int) -> Exec:
