@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from ._common import OpError
 
@@ -51,9 +52,18 @@ class RootFS:
             if not pending and not follow_last:
                 resolved.append(name)
                 continue
+            # lstat first: readlink of what is not a symlink (nearly every component)
+            # raises, and an exception costs far more than a stat under TCG.
+            try:
+                is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+            except OSError:  # missing
+                is_link = False
+            if not is_link:
+                resolved.append(name)
+                continue
             try:
                 target = os.readlink(candidate)
-            except OSError:  # not a symlink, or missing
+            except OSError:  # replaced meanwhile
                 resolved.append(name)
                 continue
             links += 1
