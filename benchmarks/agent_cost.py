@@ -1,18 +1,24 @@
 """The guest agent's work per request, counted rather than timed.
 
-The agent runs on this host (``--listen-unix``) under valgrind's callgrind, which counts the
-instructions its process executes; counters are zeroed after a warm-up and dumped after
-each batch. Figures: instructions per exec of ``true`` (the request, the spawn's parent
-side, the output and exit frames) and per ping (the least a request costs: one frame in,
-one out), in alternating batches, medians. Under TCG the guest runs the same code, so these
-counts are what an exec costs the agent's CPU there, without this machine's timing noise:
-two runs agree to within a fraction of a percent, where timings of the same build move by
-tens of percent between minutes. Only user space is counted (the kernel's work for the
-agent's system calls is not).
+The agent runs on this host (``--listen-unix``, with the PATH init gives it), and two
+counts are taken per exec of ``true`` (the request, the spawn, the output and exit frames)
+and per ping (the least a request costs: one frame in, one out):
+
+- instructions its process executes in user space, under valgrind's callgrind (counters
+  zeroed after a warm-up and dumped after each batch; alternating batches, medians);
+- system calls, under ``strace -f``: the agent's own, and those of the command's process
+  until its program starts (a failed execve counts: each sets up an address space first),
+  from two agents serving the same warm-up and then none or ``--batch`` requests.
+
+Both repeat to within a fraction of a percent, where timings of the same build move by
+tens of percent between minutes. Neither is the time under TCG: a system call costs ~15 us
+there, and Python runs slower right after each switch of address space (QEMU flushes its
+whole TLB), which no count shows. Instructions alone missed a change that moved work into
+the kernel (posix_spawnp's PATH search: fewer instructions, 5 failed execve per exec).
 
     python benchmarks/agent_cost.py --batch 200 --rounds 3
 
-Needs valgrind (``apt-get install valgrind``).
+Needs valgrind and strace (``apt-get install valgrind strace``).
 """
 
 from __future__ import annotations
@@ -20,11 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +54,7 @@ class CountedAgent:
         self.proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p",
              sys.executable, "-S", str(AGENT), "--listen-unix", str(self.sock)],
-            env={"PATH": DEFAULT_PATH},  # as the guest's init starts it
+            env={"PATH": DEFAULT_PATH}, cwd="/",  # as the guest's init starts it
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.dumps = 0
 
@@ -111,12 +121,84 @@ async def measure(batch: int, rounds: int) -> dict[str, Any]:
             "samples": {"exec": per_exec, "ping": per_ping}}
 
 
+async def serve(sock: Path, kind: str, count: int) -> int:
+    """Connect, warm up, make ``count`` requests of ``kind``; the agent's pid."""
+    client = await AgentClient.connect_unix(str(sock), timeout=60)
+    info = await client.hello(timeout=60)
+    request = exec_true if kind == "exec" else AgentClient.ping
+    for _ in range(20 + count):
+        await request(client)
+    await client.close()
+    return info.agent_pid
+
+
+#: A system call's first line in ``strace -f`` output: "PID name(" (not "<... resumed>").
+SYSCALL_LINE = re.compile(r"^(\d+) +([a-z_0-9]+)\(")
+EXECVE_RESUMED = re.compile(r"^(\d+) +<\.\.\. execve resumed>")
+
+
+def traced_calls(kind: str, count: int, workdir: Path) -> tuple[int, int]:
+    """System calls of an agent serving the warm-up and ``count`` requests of ``kind``:
+    (the agent's, its children's before their program starts)."""
+    sock, trace = workdir / f"{kind}{count}.sock", workdir / f"{kind}{count}.trace"
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", str(trace), sys.executable, "-S", str(AGENT),
+         "--listen-unix", str(sock)],
+        env={"PATH": DEFAULT_PATH}, cwd="/", stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # Python starts slowly under strace
+            if sock.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        agent_pid = asyncio.run(serve(sock, kind, count))
+        os.kill(agent_pid, signal.SIGTERM)  # strace ends with it (a signal to strace detaches)
+        proc.wait(60)
+    finally:
+        proc.kill()
+        proc.wait(60)
+    agent = children = 0
+    started: set[str] = set()  # children whose program has started (a successful execve)
+    lines = trace.read_text().splitlines()
+    for line in lines:
+        match = SYSCALL_LINE.match(line)
+        if match is None:
+            resumed = EXECVE_RESUMED.match(line)  # an execve strace showed in two parts
+            if resumed is not None and line.rstrip().endswith("= 0"):
+                started.add(resumed.group(1))
+            continue
+        pid, name = match.groups()
+        if int(pid) == agent_pid:
+            agent += 1
+        elif pid not in started:
+            children += 1
+            if name == "execve" and line.rstrip().endswith("= 0"):
+                started.add(pid)
+    return agent, children
+
+
+def measure_calls(batch: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="kelpie-calls-") as tmp:
+        per: dict[str, float] = {}
+        for kind in ("exec", "ping"):
+            base = traced_calls(kind, 0, Path(tmp))
+            full = traced_calls(kind, batch, Path(tmp))
+            per[f"{kind}_agent_calls"] = (full[0] - base[0]) / batch
+            per[f"{kind}_child_calls"] = (full[1] - base[1]) / batch
+    return per
+
+
 def table(results: dict[str, Any]) -> str:
     return "\n".join([
         "| figure | agent instructions | baseline (same run) | ratio |",
         "|---|---|---|---|",
         f"| exec `true` | {results['exec_true_instructions'] / 1e3:.0f}k | ping "
         f"{results['ping_instructions'] / 1e3:.1f}k | {results['exec_per_ping']:.1f}x |",
+        "",
+        "| system calls per request | the agent | the command before its program starts |",
+        "|---|---|---|",
+        f"| exec `true` | {results['exec_agent_calls']:.1f} | {results['exec_child_calls']:.1f} |",
+        f"| ping | {results['ping_agent_calls']:.1f} | {results['ping_child_calls']:.1f} |",
     ])
 
 
@@ -126,12 +208,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating batches of each")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     options = parser.parse_args()
-    missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
+    missing = [tool for tool in ("valgrind", "callgrind_control", "strace")
+               if not shutil.which(tool)]
     if missing:
-        print(f"agent_cost.py needs {' and '.join(missing)}: apt-get install valgrind",
+        print(f"agent_cost.py needs {' and '.join(missing)}: apt-get install valgrind strace",
               file=sys.stderr)
         return 2
     results = asyncio.run(measure(options.batch, options.rounds))
+    results.update(measure_calls(options.batch))
     print(table(results))
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(results, indent=2) + "\n")
