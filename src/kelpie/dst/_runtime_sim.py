@@ -71,6 +71,9 @@ from kelpie.vm import (
     VmState,
 )
 
+Option = tuple[str, Callable[[], Awaitable[str]]]
+"""An operation the workload may take next: its name and what runs it."""
+
 MAX_SANDBOXES = 4
 STEER = 4
 """Extra weight (copies) of the options that lead to the seed's armed crash point."""
@@ -333,7 +336,8 @@ class RuntimeSimulation:
     async def _choose(self) -> tuple[str, Callable[[], Awaitable[str]]]:
         infos = await self.runtime.list_sandboxes(all=True)
         snaps = sorted(await self._snapshot_ids())
-        options: list[tuple[str, Callable[[], Awaitable[str]]]] = []
+        options: list[Option] = []
+        resuming: list[Option] = []  # snapshots that resume
         if len(infos) < MAX_SANDBOXES:
             options += [("create", self._create)] * 2
             if snaps:
@@ -345,7 +349,9 @@ class RuntimeSimulation:
                             ("pause", partial(self._pause, info)),
                             ("stop", partial(self._stop, info))]
                 if len(snaps) < MAX_SNAPSHOTS:
-                    options += [("snapshot", partial(self._snapshot, info))] * 2
+                    snapshot = [("snapshot", partial(self._snapshot, info))] * 2
+                    resuming += snapshot
+                    options += snapshot
             elif info.state is VmState.PAUSED:
                 options += [("resume", partial(self._resume, info))]
                 if len(snaps) < MAX_SNAPSHOTS:
@@ -356,13 +362,23 @@ class RuntimeSimulation:
         if snaps:
             options += [("delete_snapshot", lambda: self._delete_snapshot(snaps))]
         options += [("restart", self._restart)]
-        # Lean toward the operation the armed crash point is in, so that every seed reaches
-        # its point within its steps (the runtime opens again only through a restart).
         if self._armed:
-            target = {"open": "restart"}.get(self._armed[0].operation,
-                                             self._armed[0].operation)
-            options += [o for o in options if o[0] == target] * STEER
+            options += self._steer(self._armed[0], options, resuming) * STEER
         return self._choices.choice(options)
+
+    @staticmethod
+    def _steer(point: CrashPoint, options: list[Option], resuming: list[Option]) -> list[Option]:
+        """The options to lean toward, so that every seed reaches its crash point within
+        its steps: those of the point's operation (the runtime opens again only through a
+        restart). A point on the failure path of a resume needs a snapshot of a running
+        sandbox (a paused one's is not resumed): lean toward one, or toward what makes one
+        possible (a seed whose sandboxes were all paused, with the snapshots full, missed
+        its point)."""
+        if point.fault is not None and point.fault[1] == "resume":
+            return resuming or [o for o in options
+                                if o[0] in ("create", "start", "resume", "delete_snapshot")]
+        target = {RECOVERY: "restart"}.get(point.operation, point.operation)
+        return [o for o in options if o[0] == target]
 
     async def _ids_now(self) -> set[str]:
         return {info.id for info in await self.runtime.list_sandboxes(all=True)}
