@@ -10,7 +10,9 @@
 - idle CPU: the host CPU one idle VM's QEMU process uses (% of one core, over 10 s): what
   packing many sandboxes on a host costs before they do anything.
 - phases: where boot time goes, host steps timed on the host, guest steps from init's
-  marks in /run/kelpie/init.log (guest uptime, put on the host's clock).
+  marks in /run/kelpie/init.log (guest uptime, put on the host's clock); where exec time
+  goes, from the same exec through the agent client, split at the guest's ``started``
+  event, and the VM layer's share.
 
 ``--arch aarch64`` measures an emulated guest (QEMU ``virt`` under TCG on an x86_64 host),
 its baseline a raw ``qemu-system-aarch64`` boot of the same kernel and initramfs.
@@ -114,22 +116,42 @@ async def boot_phases(vm: PhasedQemuVm) -> dict[str, float]:
     return {name: b[1] - a[1] for name, a, b in zip(names, points[:-1], points[1:], strict=True)}
 
 
-async def exec_figures(vm: QemuVm, runs: int) -> dict[str, float]:
+async def exec_figures(vm: QemuVm, runs: int) -> dict[str, Any]:
     assert vm.agent.client is not None
     for _ in range(5):  # warm up caches and the page cache of /bin/true
         await vm.exec(["true"])
-    exec_times, ping_times = [], []
+    exec_times, ping_times, to_started, to_exit, client_times = [], [], [], [], []
     for _ in range(runs * 10):
         started = time.perf_counter()
         await vm.exec(["true"])
         exec_times.append(time.perf_counter() - started)
         ping_times.append(await vm.agent.client.ping())
+        # The same exec through the agent client, split where the guest reports the
+        # command started (its request read and parsed, the command spawned).
+        started = time.perf_counter()
+        handle = await vm.agent.client.exec(["true"])
+        running = time.perf_counter()
+        await handle.wait()
+        to_started.append(running - started)
+        to_exit.append(time.perf_counter() - running)
+        client_times.append(time.perf_counter() - started)
     spawn = await vm.exec(["python3", "-S", "-c", SPAWN_PROBE])
     spawn_s = int(spawn.stdout.strip()) / 1e9
     exec_s = statistics.median(exec_times)
     floor = statistics.median(ping_times) + spawn_s
+    client_s = statistics.median(client_times)
+    phases = {
+        "request to the `started` event (both ways over the channel, parse, spawn)":
+            statistics.median(to_started),
+        "`started` to the exit status (the command runs and exits; the reply)":
+            statistics.median(to_exit),
+        "the VM layer over the agent client (`QemuVm.exec` against `client.exec`)":
+            exec_s - client_s,
+    }
     return {"exec_true_ms": exec_s * 1e3, "ping_ms": statistics.median(ping_times) * 1e3,
-            "guest_spawn_ms": spawn_s * 1e3, "floor_ms": floor * 1e3, "ratio": exec_s / floor}
+            "guest_spawn_ms": spawn_s * 1e3, "floor_ms": floor * 1e3, "ratio": exec_s / floor,
+            "client_exec_ms": client_s * 1e3,
+            "phases_ms": {name: seconds * 1e3 for name, seconds in phases.items()}}
 
 
 async def file_figures(vm: QemuVm) -> dict[str, float]:
@@ -220,6 +242,11 @@ def table(results: dict[str, Any]) -> str:
     lines += [f"| {' | '.join(row)} |" for row in rows]
     lines += ["", "| boot phase (medians) | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in b["phases_s"].items()]
+    lines += ["", "| exec phase (medians) | ms |", "|---|---|"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in e["phases_ms"].items()]
+    lines += [f"| baseline: ping (both ways over the channel) | {e['ping_ms']:.2f} |",
+              f"| baseline: in-guest posix_spawn + waitpid of /bin/true | "
+              f"{e['guest_spawn_ms']:.2f} |"]
     return "\n".join(lines)
 
 
