@@ -333,7 +333,7 @@ class RuntimeSimulation:
             self._frozen = None
 
     # ---- the workload -------------------------------------------------------------------
-    async def _choose(self) -> tuple[str, Callable[[], Awaitable[str]]]:
+    async def _choose(self) -> Option:
         infos = await self.runtime.list_sandboxes(all=True)
         snaps = sorted(await self._snapshot_ids())
         options: list[Option] = []
@@ -371,9 +371,9 @@ class RuntimeSimulation:
         """The options to lean toward, so that every seed reaches its crash point within
         its steps: those of the point's operation (the runtime opens again only through a
         restart). A point on the failure path of a resume needs a snapshot of a running
-        sandbox (a paused one's is not resumed): lean toward one, or toward what makes one
-        possible (a seed whose sandboxes were all paused, with the snapshots full, missed
-        its point)."""
+        sandbox (a paused one's is not resumed, so its planned fault never fires): lean
+        toward one, or toward what makes one possible. Leaning toward any snapshot let a
+        CI seed miss that point (its seed was not kept; this is the one way the code allows)."""
         if point.fault is not None and point.fault[1] == "resume":
             return resuming or [o for o in options
                                 if o[0] in ("create", "start", "resume", "delete_snapshot")]
