@@ -164,11 +164,14 @@ class ExecManager:
 
     def register(self, watches: Watches) -> None:
         """Poll the pidfds of running commands, stdin pipes with data waiting and, unless
-        the host is behind, outputs."""
+        the host is behind, outputs.
+
+        Outputs before the pidfd: poll reports events in the order registered, so a
+        command's end of output is handled before its exit in the same turn, and the exit
+        can be answered there and then (see collect).
+        """
         reading = self.link.queued < HIGH_WATER
         for ex in self.execs.values():
-            if ex.exit_fd is not None:
-                watches[ex.exit_fd] = (select.POLLIN, partial(self.on_exit, ex))
             if ex.stdin_fd is not None and ex.stdin_buf:
                 watches[ex.stdin_fd] = (select.POLLOUT, partial(self.on_stdin_writable, ex))
             if reading and ex.request_id is not None:
@@ -176,6 +179,8 @@ class ExecManager:
                     if out_fd is not None:
                         watches[out_fd] = (select.POLLIN,
                                            partial(self.on_output_readable, ex, ftype))
+            if ex.exit_fd is not None:
+                watches[ex.exit_fd] = (select.POLLIN, partial(self.on_exit, ex))
 
     def on_stdin_writable(self, ex: Exec, events: int) -> None:
         """An exec's stdin pipe has room (or the child closed it)."""
@@ -183,7 +188,12 @@ class ExecManager:
 
     def on_output_readable(self, ex: Exec, ftype: int, events: int) -> None:
         """An exec's stdout/stderr has data or reached its end."""
-        self.read_output(ex, ftype)
+        if events == select.POLLHUP and not ex.pty:
+            # A pipe with no writer left and nothing in it (else POLLIN too): its end,
+            # without a read to learn it.
+            self.close_output(ex, ftype)
+        else:
+            self.read_output(ex, ftype)
 
     def flush_stdin(self, ex: Exec) -> None:
         """Write queued stdin without blocking; close it after EOF."""
@@ -214,11 +224,17 @@ class ExecManager:
             ex.forwarded(ftype, data)
             self.link.send(protocol.encode_frame(ftype, ex.request_id, data))
             return
-        os.close(fd)
+        self.close_output(ex, ftype)
+
+    @staticmethod
+    def close_output(ex: Exec, ftype: int) -> None:
+        """Stop reading an exec's stdout or stderr: it has ended."""
         if ftype == FT.STDOUT:
-            ex.out_fd = None
+            fd, ex.out_fd = ex.out_fd, None
         else:
-            ex.err_fd = None
+            fd, ex.err_fd = ex.err_fd, None
+        if fd is not None:
+            os.close(fd)
 
     # -- exit, timeouts and eviction -----------------------------------------------
 
@@ -246,7 +262,8 @@ class ExecManager:
             self.collect(ex)
 
     def collect(self, ex: Exec) -> None:
-        """Take the command's exit status if it has exited; start the drain of its output."""
+        """Take the command's exit status if it has exited; answer at once if its output
+        has ended and the host keeps up, else start the drain of its output."""
         try:
             pid, status = os.waitpid(ex.pid, os.WNOHANG)
         except ChildProcessError:  # collected by someone else: it exited, status unknown
@@ -256,12 +273,15 @@ class ExecManager:
             return
         ex.status = status
         ex.exited_at = time.monotonic()
-        ex.close_exit_fd()
         self.unwatched.pop(ex.exec_id, None)
-        if ex.request_id is not None:
-            ex.drain_deadline = ex.exited_at + DRAIN_GRACE
-        else:
+        if ex.request_id is None:
+            ex.close_exit_fd()
             self.evict_finished()
+        elif ex.out_fd is None and ex.err_fd is None and self.link.queued < HIGH_WATER:
+            self.finish(ex)
+        else:
+            ex.close_exit_fd()
+            ex.drain_deadline = ex.exited_at + DRAIN_GRACE
 
     def expire_timeouts(self, now: float) -> None:
         """Kill the process group of every exec past its deadline."""
@@ -294,10 +314,17 @@ class ExecManager:
                 self.final_drain(ex)
                 drained = True
             if drained:
-                rid = ex.request_id
-                self.link.send_json(FT.REPLY, rid, ex.result())
-                if ex.request_id == rid:  # else the host vanished meanwhile: keep it
-                    self.forget(ex)
+                self.finish(ex)
+
+    def finish(self, ex: Exec) -> None:
+        """Send an exited, drained exec's status to its request; then let it go (the
+        reply first: the descriptors' closing need not delay it)."""
+        rid = ex.request_id
+        assert rid is not None
+        self.link.send_json(FT.REPLY, rid, ex.result())
+        ex.close_exit_fd()
+        if ex.request_id == rid:  # else the host vanished meanwhile: keep it
+            self.forget(ex)
 
     def final_drain(self, ex: Exec) -> None:
         """Forward what the exited command left in its pipes, then stop reading.
