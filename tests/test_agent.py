@@ -689,6 +689,33 @@ def test_malformed_requests_get_errors(agent: AgentProcess, payload: bytes, frag
     raw.close()
 
 
+def test_started_event_comes_first_and_is_not_held_long(agent: AgentProcess) -> None:
+    """The started event, held for a command's first output or exit (one write for
+    both), leads its request's frames, and a silent command still gets it while it runs."""
+    raw = RawConn(agent.sock)
+    raw.hello()
+    raw.request(2, {"op": "exec", "argv": ["true"]})
+    raw.request(3, {"op": "exec", "argv": sh("echo out; echo err >&2")})
+    frames: dict[int, list[tuple[int, bytes]]] = {2: [], 3: []}
+    while sum(ftype == FrameType.REPLY for kinds in frames.values() for ftype, _ in kinds) < 2:
+        frame = raw.recv()
+        frames[frame.request_id].append((frame.ftype, frame.payload))
+    assert [ftype for ftype, _ in frames[2]] == [FrameType.EVENT, FrameType.REPLY]
+    kinds = [ftype for ftype, _ in frames[3]]
+    assert kinds[0] == FrameType.EVENT and kinds[-1] == FrameType.REPLY
+    assert sorted(kinds[1:-1]) == [FrameType.STDOUT, FrameType.STDERR]
+    raw.request(4, {"op": "exec", "argv": ["sleep", "60"]})
+    ftype, rid, body = raw.recv_json()  # within the socket's 10 s timeout, long before exit
+    assert (ftype, rid, body["event"]) == (FrameType.EVENT, 4, "started")
+    pid = body["pid"]
+    assert isinstance(pid, int) and not pid_gone(pid)
+    raw.request(5, {"op": "signal", "target": 4, "signum": signal.SIGKILL})
+    replies = {rid: (ftype, body) for ftype, rid, body in (raw.recv_json() for _ in range(2))}
+    assert replies[5] == (FrameType.REPLY, {})
+    assert replies[4][0] == FrameType.REPLY and replies[4][1]["signal"] == signal.SIGKILL
+    raw.close()
+
+
 def test_output_backpressure_pauses_the_command(agent: AgentProcess) -> None:
     """While the host reads nothing, the agent stops reading the command's pipe."""
     total = 32 * 1024 * 1024

@@ -97,6 +97,8 @@ See REQUEST_FIELDS for the machine-readable version used by both sides.
                 for an attach to replay: output in flight when the host
                 changes is lost otherwise)
                 -> EVENT {event: "started", exec_id, pid, offset}
+                   (held up to 10 ms: a command that writes output or ends
+                   sooner has it sent in the same write as that)
                 -> STDOUT/STDERR frames
                 -> REPLY {exec_id, exit_code, signal, timed_out}
                    (exit_code is null when killed by a signal)

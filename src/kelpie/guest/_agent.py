@@ -118,7 +118,7 @@ class Agent:
         self.link.check(now)
         if self.execs.unwatched:
             self.execs.reap_unwatched()
-        self.execs.expire_timeouts(now)
+        self.execs.run_timers(now)
         self.execs.finish_exited(now)
         downloading = self.files.pump_downloads()
         if self.link.out:

@@ -29,6 +29,8 @@ class Exec:
     deadline: float | None = None
     drain_deadline: float | None = None
     request_id: int | None = None
+    started = b""  # its request's ``started`` event while held back (see attach)
+    started_until = 0.0
     exited_at = 0.0
     produced = 0  # bytes of output forwarded so far (stdout and stderr)
     keep = 0  # bytes of recent output kept for an attach to replay
@@ -67,6 +69,12 @@ class Exec:
                 chunks.append((ftype, data[max(0, offset - position):]))
             position = end
         return max(offset, start), chunks
+
+    def take_started(self) -> bytes:
+        """The held ``started`` event, to go out before anything else of its request
+        (empty once sent)."""
+        frame, self.started = self.started, b""
+        return frame
 
     def info(self) -> dict[str, Any]:
         """Summary listed in the hello reply."""

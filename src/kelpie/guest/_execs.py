@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from ._link import HostLink
     from ._rootfs import RootFS
 
+#: How long an exec's ``started`` event may wait to go out with its first output or its
+#: exit: a command that ends or writes sooner costs the channel one write and the host one
+#: wakeup less (a write is ~0.2 ms of agent time under TCG).
+STARTED_HOLD: Final = 0.01
 #: After the main process exits, how long to wait for its pipes to reach EOF
 #: (background processes may hold them open) before finishing the exec.
 DRAIN_GRACE: Final = 0.2
@@ -104,16 +108,19 @@ class ExecManager:
 
     def attach(self, ex: Exec, rid: int, offset: int | None = None) -> None:
         """Bind an exec's output and exit status to request ``rid``; replay what it kept
-        after ``offset`` (the output bytes the host already has)."""
+        after ``offset`` (the output bytes the host already has). The ``started`` event
+        is held (see STARTED_HOLD) unless output is replayed at once."""
         ex.request_id = rid
         self.requests[rid] = ex
         start, replay = ex.since(ex.produced if offset is None else offset)
-        self.link.send_json(FT.EVENT, rid, {
+        ex.started = protocol.encode_json(FT.EVENT, rid, {
             "event": "started", "exec_id": ex.exec_id, "pid": ex.pid, "offset": start})
+        now = time.monotonic()
+        ex.started_until = now + STARTED_HOLD
         for ftype, data in replay:  # each no bigger than the read it came from
-            self.link.send(protocol.encode_frame(ftype, rid, data))
+            self.link.send(ex.take_started() + protocol.encode_frame(ftype, rid, data))
         if ex.status is not None:
-            ex.drain_deadline = time.monotonic() + DRAIN_GRACE
+            ex.drain_deadline = now + DRAIN_GRACE
 
     def op_signal(self, rid: int, f: dict[str, Any]) -> dict[str, Any]:
         """Send a signal to an exec's process (or its whole process group)."""
@@ -222,7 +229,7 @@ class ExecManager:
             data = b""
         if data:
             ex.forwarded(ftype, data)
-            self.link.send(protocol.encode_frame(ftype, ex.request_id, data))
+            self.link.send(ex.take_started() + protocol.encode_frame(ftype, ex.request_id, data))
             return
         self.close_output(ex, ftype)
 
@@ -283,21 +290,27 @@ class ExecManager:
             ex.close_exit_fd()
             ex.drain_deadline = ex.exited_at + DRAIN_GRACE
 
-    def expire_timeouts(self, now: float) -> None:
-        """Kill the process group of every exec past its deadline."""
+    def run_timers(self, now: float) -> None:
+        """Kill the process group of every exec past its deadline; send the ``started``
+        events held for long enough."""
         for ex in self.execs.values():
             expired = ex.deadline is not None and now >= ex.deadline
             if expired and ex.status is None and not ex.timed_out:
                 ex.timed_out = True
                 ex.kill_group()
+            if ex.started and now >= ex.started_until:
+                self.link.send(ex.take_started())
 
     def timers(self, now: float) -> list[float]:
-        """Seconds until each exec deadline and drain deadline the loop must wake for."""
+        """Seconds until each exec deadline, drain deadline and held started event the loop
+        must wake for."""
         timers = [UNWATCHED_POLL] if self.unwatched else []
         draining = self.link.queued < HIGH_WATER  # else POLLOUT wakes the loop first
         for ex in self.execs.values():
             if ex.deadline is not None and ex.status is None and not ex.timed_out:
                 timers.append(ex.deadline - now)
+            if ex.started:
+                timers.append(ex.started_until - now)
             if ex.drain_deadline is not None and draining:
                 timers.append(ex.drain_deadline - now)
         return timers
@@ -321,7 +334,8 @@ class ExecManager:
         reply first: the descriptors' closing need not delay it)."""
         rid = ex.request_id
         assert rid is not None
-        self.link.send_json(FT.REPLY, rid, ex.result())
+        # One write for both when the started event is still held.
+        self.link.send(ex.take_started() + protocol.encode_json(FT.REPLY, rid, ex.result()))
         ex.close_exit_fd()
         if ex.request_id == rid:  # else the host vanished meanwhile: keep it
             self.forget(ex)
@@ -347,6 +361,7 @@ class ExecManager:
         """The session of the exec's request ended: the exec runs on, unattached."""
         ex.request_id = None
         ex.drain_deadline = None
+        ex.started = b""
 
     def evict_finished(self) -> None:
         """Forget the oldest finished detached execs beyond the keep limit."""
