@@ -261,8 +261,10 @@ def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
     failed: dict[str, OSError] = {}
     for candidate in candidates:
         # access() is a cheap way past missing files (no failed spawn, no exception);
-        # a candidate it skips is examined again below if nothing can be started.
-        if len(candidates) > 1 and not os.access(candidate, os.F_OK):
+        # a candidate it skips is examined again below if nothing can be started. With
+        # the effective ids, as execve checks (the real ones cost the kernel a copy of
+        # the process's credentials per call).
+        if len(candidates) > 1 and not os.access(candidate, os.F_OK, effective_ids=True):
             continue
         try:
             return os.posix_spawn(candidate, argv, env, file_actions=actions, setsid=True,
