@@ -262,6 +262,36 @@ async def test_children_inherit_only_stdio(client: AgentClient) -> None:
     assert out.stdout == b"[0, 1, 2, 3]\n"  # 3 is listdir's own directory handle
 
 
+async def test_execs_leave_no_descriptors_behind(agent: AgentProcess,
+                                                 client: AgentClient) -> None:
+    """Whatever way an exec ends, the agent keeps no descriptor of it (the pipes it makes
+    ahead for the next command are the same few throughout)."""
+    def agent_fds() -> int:
+        return len(os.listdir(f"/proc/{agent.proc.pid}/fd"))
+
+    holders: list[int] = []
+
+    async def execs() -> None:
+        await run(client, ["true"])
+        await run(client, sh("echo out; echo err >&2; exit 3"))
+        await run(client, ["cat"], stdin=b"in")
+        held = await run(client, sh("sleep 60 & echo $!"))  # a background holder of the pipes
+        holders.append(int(held.stdout))
+        with pytest.raises(AgentRemoteError):
+            await client.exec(["/nonexistent"])
+        await client.ping()  # a turn of the agent's loop after the last exec's reply
+
+    try:
+        await execs()
+        before = agent_fds()
+        for _ in range(5):
+            await execs()
+        assert agent_fds() == before
+    finally:
+        for pid in holders:
+            os.kill(pid, signal.SIGKILL)
+
+
 async def test_stdin_is_devnull_by_default(client: AgentClient) -> None:
     out = await run(client, ["cat"])
     assert out.stdout == b""

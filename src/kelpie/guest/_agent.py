@@ -123,6 +123,7 @@ class Agent:
         downloading = self.files.pump_downloads()
         if self.link.out:
             self.link.flush()
+        self.execs.tidy()
         watches: Watches = {self.wakeup_r: (select.POLLIN, self.drain_wakeup)}
         self.link.register(watches, accept_input=self.execs.stdin_backlog() < STDIN_HIGH_WATER)
         self.execs.register(watches)

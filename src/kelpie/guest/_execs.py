@@ -10,7 +10,7 @@ from ._common import DEFAULT_PATH, FT, HIGH_WATER, OpError, log, protocol
 from ._exec import Exec
 from ._lean import partial
 from ._rootfs import AGENT_UID, lookup_user
-from ._spawn import SpawnPlan, set_winsize, spawn
+from ._spawn import OutputPipes, SpawnPlan, set_winsize, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class ExecManager:
         self.execs: dict[int, Exec] = {}
         #: Running commands with no pidfd: their exits are polled (see watch_exit).
         self.unwatched: dict[int, Exec] = {}
+        #: Ended outputs, closed by ``tidy`` once the replies that were waiting are out.
+        self.ended: list[int] = []
         self.next_exec_id = 1
 
     def handlers(self) -> dict[str, Handler]:
@@ -197,8 +199,13 @@ class ExecManager:
         """An exec's stdout/stderr has data or reached its end."""
         if events == select.POLLHUP and not ex.pty:
             # A pipe with no writer left and nothing in it (else POLLIN too): its end,
-            # without a read to learn it.
-            self.close_output(ex, ftype)
+            # without a read to learn it; closed after the exit status may have gone out.
+            if ftype == FT.STDOUT:
+                fd, ex.out_fd = ex.out_fd, None
+            else:
+                fd, ex.err_fd = ex.err_fd, None
+            if fd is not None:
+                self.ended.append(fd)
         else:
             self.read_output(ex, ftype)
 
@@ -289,6 +296,13 @@ class ExecManager:
         else:
             ex.close_exit_fd()
             ex.drain_deadline = ex.exited_at + DRAIN_GRACE
+
+    def tidy(self) -> None:
+        """Work that can wait until the agent has nothing more urgent: close ended
+        outputs, make the pipes of the next command."""
+        while self.ended:
+            os.close(self.ended.pop())
+        OutputPipes.prepare()
 
     def run_timers(self, now: float) -> None:
         """Kill the process group of every exec past its deadline; send the ``started``
