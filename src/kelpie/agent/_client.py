@@ -253,7 +253,8 @@ class AgentClient(AgentConnection):
         term_size: tuple[int, int] | None = None,
         replay: int = 0,
     ) -> ExecHandle:
-        """Start a command in the guest; returns once it is running.
+        """Start a command in the guest; returns once it is running (the agent holds that
+        news up to 10 ms to send it with the command's first output or its exit).
 
         ``stdin`` bytes are sent, then EOF unless ``stdin_open``; with neither,
         stdin is /dev/null. ``timeout`` seconds after the start the agent
