@@ -200,10 +200,7 @@ class ExecManager:
         if events == select.POLLHUP and not ex.pty:
             # A pipe with no writer left and nothing in it (else POLLIN too): its end,
             # without a read to learn it; closed after the exit status may have gone out.
-            if ftype == FT.STDOUT:
-                fd, ex.out_fd = ex.out_fd, None
-            else:
-                fd, ex.err_fd = ex.err_fd, None
+            fd = self.end_output(ex, ftype)
             if fd is not None:
                 self.ended.append(fd)
         else:
@@ -238,17 +235,18 @@ class ExecManager:
             ex.forwarded(ftype, data)
             self.link.send(ex.take_started() + protocol.encode_frame(ftype, ex.request_id, data))
             return
-        self.close_output(ex, ftype)
+        self.end_output(ex, ftype)
+        os.close(fd)
 
     @staticmethod
-    def close_output(ex: Exec, ftype: int) -> None:
-        """Stop reading an exec's stdout or stderr: it has ended."""
+    def end_output(ex: Exec, ftype: int) -> int | None:
+        """Stop reading an exec's stdout or stderr, which has ended; its descriptor (for
+        the caller to close)."""
         if ftype == FT.STDOUT:
             fd, ex.out_fd = ex.out_fd, None
         else:
             fd, ex.err_fd = ex.err_fd, None
-        if fd is not None:
-            os.close(fd)
+        return fd
 
     # -- exit, timeouts and eviction -----------------------------------------------
 
