@@ -262,14 +262,17 @@ async def test_children_inherit_only_stdio(client: AgentClient) -> None:
     assert out.stdout == b"[0, 1, 2, 3]\n"  # 3 is listdir's own directory handle
 
 
-async def test_execs_leave_no_descriptors_behind(agent: AgentProcess,
-                                                 client: AgentClient) -> None:
+async def test_execs_leave_no_descriptors_behind(tmp_path: Path) -> None:
     """Whatever way an exec ends, the agent keeps no descriptor of it (the pipes it makes
-    ahead for the next command are the same few throughout)."""
+    ahead for the next command are the same few throughout). An agent of its own: no
+    other test's commands end while it counts."""
+    agent = AgentProcess(tmp_path / "agent.sock")
+    client = await AgentClient.connect_unix(str(agent.sock), timeout=5)
+    await client.hello(timeout=5)
+    holders: list[int] = []
+
     def agent_fds() -> int:
         return len(os.listdir(f"/proc/{agent.proc.pid}/fd"))
-
-    holders: list[int] = []
 
     async def execs() -> None:
         await run(client, ["true"])
@@ -290,6 +293,8 @@ async def test_execs_leave_no_descriptors_behind(agent: AgentProcess,
     finally:
         for pid in holders:
             os.kill(pid, signal.SIGKILL)
+        await client.close()
+        agent.stop()
 
 
 async def test_stdin_is_devnull_by_default(client: AgentClient) -> None:
