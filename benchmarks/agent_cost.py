@@ -11,10 +11,11 @@ and per ping (the least a request costs: one frame in, one out):
   from two agents serving the same warm-up and then none or ``--batch`` requests.
 
 Both repeat to within a fraction of a percent, where timings of the same build move by
-tens of percent between minutes. Neither is the time under TCG: a system call costs ~15 us
-there, and Python runs slower right after each switch of address space (QEMU flushes its
-whole TLB), which no count shows. Instructions alone missed a change that moved work into
-the kernel (posix_spawnp's PATH search: fewer instructions, 5 failed execve per exec).
+tens of percent between minutes. Neither is the time under TCG: a system call there costs
+~1-12 us in a warm loop and 2-4x that between spawns, and Python runs slowest right after
+a wakeup or a switch of address space (QEMU flushes its whole TLB), which no count shows.
+Instructions alone missed a change that moved work into the kernel (posix_spawnp's PATH
+search: fewer instructions, 5 failed execve per exec).
 
     python benchmarks/agent_cost.py --batch 200 --rounds 3
 
