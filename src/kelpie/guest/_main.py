@@ -58,22 +58,25 @@ def device_from(fifo: str) -> str:
     return device
 
 
-def ensure_std_fds() -> None:
-    """Make sure fds 0-2 are open, so pipes never land on them."""
-    for fd in (0, 1, 2):
+def set_up_std_fds() -> None:
+    """Make stdin /dev/null (the agent never reads it; commands started without stdin
+    inherit it: see _spawn.NULL_STDIN) and make sure stdout and stderr are open, so that
+    pipes never land on fds 0-2."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    if null != 0:
+        os.dup2(null, 0)
+        os.close(null)
+    for fd in (1, 2):
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            os.open(os.devnull, os.O_RDWR)  # lands on fd: every lower one is open
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python3 -S agent.py ...``."""
     options = parse_args(sys.argv[1:] if argv is None else argv)
-    ensure_std_fds()
+    set_up_std_fds()
     os.umask(0o022)
     channel: Channel
     if "device-from" in options:

@@ -43,19 +43,6 @@ class SpawnPlan:
         self.pty = pty
 
 
-class _DevNull:
-    """/dev/null, opened once for the stdin of every command that has none (an open and a
-    close less per exec). Close-on-exec: a command gets it only as its stdin."""
-
-    fd: int | None = None
-
-    @classmethod
-    def get(cls) -> int:
-        if cls.fd is None:
-            cls.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        return cls.fd
-
-
 class OutputPipes:
     """Pipes for commands' stdout and stderr, made ahead: the agent makes the next
     command's while it has nothing else to do (``prepare``), so that an exec request finds
@@ -66,8 +53,8 @@ class OutputPipes:
 
     @classmethod
     def take(cls) -> tuple[int, int]:
-        """A pipe: (read end, write end)."""
-        return cls.spare.pop() if cls.spare else os.pipe()
+        """A pipe: (read end, non-blocking; write end)."""
+        return cls.spare.pop() if cls.spare else cls.make()
 
     @classmethod
     def prepare(cls) -> None:
@@ -75,31 +62,59 @@ class OutputPipes:
         request will say so)."""
         try:
             while len(cls.spare) < 2:
-                cls.spare.append(os.pipe())
+                cls.spare.append(cls.make())
         except OSError:
             pass
 
+    @staticmethod
+    def make() -> tuple[int, int]:
+        """A new pipe, its read end (the agent's) non-blocking."""
+        read_end, write_end = os.pipe()
+        try:
+            _set_nonblocking(read_end)
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
+        return read_end, write_end
+
+
+#: The stdin of a command that has none: the agent's own, /dev/null (``_main`` makes it so;
+#: the agent never reads it). Inherited, it needs no descriptor moved into place: a dup2
+#: less in the child and two resource-limit queries less in glibc's posix_spawn, which
+#: checks every descriptor it is given to move.
+NULL_STDIN: Final = 0
+
 
 def _open_stdio(plan: SpawnPlan, want_stdin: bool) -> tuple[list[int], list[int | None]]:
-    """Create the child's stdio; return (child fds 0-2, parent fds stdin/out/err). Close
-    the child's with _close_fds."""
-    if plan.pty:
-        master, slave = os.openpty()
-        return [slave, slave, slave], [os.dup(master) if want_stdin else None, master, None]
-    if want_stdin:
-        stdin_r, stdin_w = os.pipe()
-    else:
-        stdin_r, stdin_w = _DevNull.get(), None
-    out_r, out_w = OutputPipes.take()
-    err_r, err_w = OutputPipes.take()
+    """Create the child's stdio; return (child fds 0-2, parent fds stdin/out/err: the
+    agent's ends, non-blocking). Close the child's with _close_fds."""
+    made: list[int] = []
+    try:
+        if plan.pty:
+            made += os.openpty()
+            master, slave = made
+            _set_nonblocking(master)  # and its dup: they share the flags
+            return [slave, slave, slave], [os.dup(master) if want_stdin else None, master, None]
+        stdin_r, stdin_w = NULL_STDIN, None
+        if want_stdin:
+            made += os.pipe()
+            stdin_r, stdin_w = made
+            _set_nonblocking(stdin_w)
+        made += OutputPipes.take()
+        made += OutputPipes.take()
+    except OSError:
+        _close_fds(made)
+        raise
+    out_r, out_w, err_r, err_w = made[-4:]
     return [stdin_r, out_w, err_w], [stdin_w, out_r, err_r]
 
 
 def _close_fds(fds: Iterable[int | None]) -> None:
-    """Close the agent's copies of a command's descriptors (each once; the shared
-    /dev/null stays open)."""
+    """Close the agent's copies of a command's descriptors (each once; the agent's own
+    stdin stays open)."""
     for fd in set(fds):
-        if fd is not None and fd != _DevNull.fd:
+        if fd is not None and fd != NULL_STDIN:
             os.close(fd)
 
 
@@ -114,7 +129,8 @@ def _child_main(plan: SpawnPlan, child_fds: list[int], errpipe: int) -> NoReturn
         if plan.pty:
             fcntl.ioctl(child_fds[0], termios.TIOCSCTTY, 0)
         for target, fd in enumerate(child_fds):
-            os.dup2(fd, target)
+            if fd != target:
+                os.dup2(fd, target)
         if plan.root != "/":
             stage = "chroot"
             os.chroot(plan.root)
@@ -247,7 +263,8 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
     """Start a command with posix_spawn in ``plan.root`` and ``plan.cwd`` (the agent is
     single-threaded: it takes them for the spawn and then takes its own back)."""
     child_fds, parent_fds = _open_stdio(plan, want_stdin)
-    if min(child_fds) <= 2:  # the agent's own stdio was closed: dup2 order would matter
+    if any(fd <= 2 and fd != target for target, fd in enumerate(child_fds)):
+        # the agent's own stdio was closed and a pipe took its place: dup2 order matters
         _close_fds([*child_fds, *parent_fds])
         return _fork_spawn(plan, exec_id, want_stdin, 24, 80)
     try:
@@ -262,7 +279,6 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
     _close_fds(child_fds)
     ex = Exec(exec_id, pid, plan.argv, plan.pty)
     ex.stdin_fd, ex.out_fd, ex.err_fd = parent_fds
-    _set_nonblocking(parent_fds)
     return ex
 
 
@@ -275,7 +291,8 @@ def _posix_spawn_search(plan: SpawnPlan, child_fds: list[int]) -> int:
     copies the arguments and environment into it first (~0.7 ms more per spawn under
     TCG for a command in /bin, against ~0.1 ms for an access() per directory here).
     """
-    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target)
+               for target, fd in enumerate(child_fds) if fd != target]
     argv, env = plan.argv, plan.env
     if "/" in argv[0]:
         candidates = [argv[0]]
@@ -344,16 +361,13 @@ def _fork_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool, rows: int, cols
             pass
         ex.close_fds()
         raise _spawn_error(plan, report)
-    _set_nonblocking(parent_fds)
     return ex
 
 
-def _set_nonblocking(fds: list[int | None]) -> None:
-    """O_NONBLOCK on the agent's ends of a command's stdio: set outright, where
+def _set_nonblocking(fd: int) -> None:
+    """O_NONBLOCK on one of the agent's ends of a command's stdio: set outright, where
     os.set_blocking reads the flags first (a new pipe or PTY has none that F_SETFL keeps)."""
-    for fd in fds:
-        if fd is not None:
-            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
+    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
 
 
 def _read_to_eof(fd: int) -> bytes:
