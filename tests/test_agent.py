@@ -61,7 +61,8 @@ class AgentProcess:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-S", *start, "--listen-unix", str(sock), *extra],
-                stdin=subprocess.DEVNULL,
+                # a pipe that never ends: the agent must not hand it on to commands
+                stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},  # no PYTHONPATH needed
@@ -71,6 +72,8 @@ class AgentProcess:
         assert self.proc.poll() is None, self.log.read_text()
 
     def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -301,6 +304,10 @@ async def test_stdin_is_devnull_by_default(client: AgentClient) -> None:
     out = await run(client, ["cat"])
     assert out.stdout == b""
     assert out.result.exit_code == 0
+    # the agent's own stdin, inherited: /dev/null, whatever the agent was started with (a
+    # pipe here, see AgentProcess)
+    out = await run(client, ["readlink", "/proc/self/fd/0"])
+    assert out.stdout == b"/dev/null\n"
 
 
 async def test_stdin_streaming(client: AgentClient) -> None:
