@@ -4,7 +4,8 @@
   same kernel and initramfs to a busybox shell prompt (``rdinit=/bin/sh``). Goal <= 1.3x.
 - exec: round trip of ``true`` through Kelpie, vs its floor: a raw ping over the same
   virtio-serial channel plus the guest's own time to spawn and reap ``true`` (measured
-  inside the guest). Goal <= 1.3x.
+  inside the guest). Goal <= 1.3x. Sampled in rounds, the in-guest spawns between the
+  timed execs: a change of the machine's speed during the run moves both sides alike.
 - files: 64 MiB written then read back through the agent (MB/s each way).
 - rss: host RSS of one idle VM's QEMU process (MiB).
 - idle CPU: the host CPU one idle VM's QEMU process uses (% of one core, over 10 s): what
@@ -42,40 +43,36 @@ from kelpie.backends.qemu._vm import QemuVm
 from kelpie.guestkit import GuestKit, build_guestkit, guest_arch, kernel_cmdline
 from kelpie.guestkit._bootcheck import boot, qemu_command
 
+#: The in-guest floor and its agent-style twin, alternated in one process: a plain
+#: posix_spawn + waitpid of /bin/true, and the same command started by the agent's own spawn
+#: code as it starts `true` for an exec (the PATH search, pipes for stdout and stderr made
+#: ahead as the agent does, the agent's stdin, its own session and signals at their
+#: defaults). The guest holds the agent's package as /kelpie/guest. Prints the nanoseconds
+#: of each, one line per kind.
 SPAWN_PROBE = """
-import os, time
-times = []
-for _ in range(50):
-    t = time.perf_counter_ns()
-    pid = os.posix_spawn("/bin/true", ["true"], {})
-    os.waitpid(pid, 0)
-    times.append(time.perf_counter_ns() - t)
-times.sort()
-print(times[len(times) // 2])
-"""
-
-#: The same, by the agent's own spawn code, as it starts `true` for an exec: the PATH
-#: search, pipes for stdout and stderr (made ahead, as the agent does), /dev/null for
-#: stdin, its own session and signals at their defaults. (The guest holds the agent's
-#: package as /kelpie/guest.)
-AGENT_SPAWN_PROBE = """
 import os, sys, time
 sys.path.append("/kelpie")
 from guest._common import DEFAULT_PATH
 from guest._spawn import OutputPipes, SpawnPlan, spawn
 env = {"PATH": DEFAULT_PATH, "HOME": "/root", "USER": "root", "LOGNAME": "root"}
 plan = SpawnPlan(argv=["true"], env=env, cwd="/", root="/", user=None, pty=False)
-times = []
-for i in range(50):
+plain, agent = [], []
+for i in range(%d):
+    t = time.perf_counter_ns()
+    pid = os.posix_spawn("/bin/true", ["true"], {})
+    os.waitpid(pid, 0)
+    plain.append(time.perf_counter_ns() - t)
     OutputPipes.prepare()
     t = time.perf_counter_ns()
     ex = spawn(plan, i, False, 24, 80)
     os.waitpid(ex.pid, 0)
-    times.append(time.perf_counter_ns() - t)
+    agent.append(time.perf_counter_ns() - t)
     ex.close_fds()
-times.sort()
-print(times[len(times) // 2])
+print(*plain)
+print(*agent)
 """
+#: Spawns of each kind per round of the exec figures.
+SPAWNS_PER_ROUND = 20
 
 
 def raw_shell_boot(kit: GuestKit) -> float:
@@ -142,26 +139,32 @@ async def boot_phases(vm: PhasedQemuVm) -> dict[str, float]:
 
 
 async def exec_figures(vm: QemuVm, runs: int) -> dict[str, Any]:
+    """The exec round trip against its floor, in ``runs`` rounds: each times ten execs
+    (through the VM layer and through the agent client) and pings, then the in-guest
+    spawns (SPAWN_PROBE)."""
     client = vm.agent.client
     assert client is not None
     for _ in range(5):  # warm up caches and the page cache of /bin/true
         await vm.exec(["true"])
-    exec_times, ping_times, client_times = [], [], []
-    for _ in range(runs * 10):
-        await client.ping()  # not counted: the guest's work for the last request ends
-        started = time.perf_counter()
-        await vm.exec(["true"])
-        exec_times.append(time.perf_counter() - started)
-        await client.ping()
-        ping_times.append(await client.ping())
-        started = time.perf_counter()  # the same exec through the agent client
-        handle = await client.exec(["true"])
-        await handle.wait()
-        client_times.append(time.perf_counter() - started)
-    spawn_s, agent_spawn_s = [
-        int((await vm.exec(["python3", "-S", "-c", probe])).stdout.strip()) / 1e9
-        for probe in (SPAWN_PROBE, AGENT_SPAWN_PROBE)]
+    exec_times, ping_times, client_times, spawn_times, agent_spawn_times = [], [], [], [], []
+    for _ in range(runs):
+        for _ in range(10):
+            await client.ping()  # not counted: the guest's work for the last request ends
+            started = time.perf_counter()
+            await vm.exec(["true"])
+            exec_times.append(time.perf_counter() - started)
+            await client.ping()
+            ping_times.append(await client.ping())
+            started = time.perf_counter()  # the same exec through the agent client
+            handle = await client.exec(["true"])
+            await handle.wait()
+            client_times.append(time.perf_counter() - started)
+        probe = await vm.exec(["python3", "-S", "-c", SPAWN_PROBE % SPAWNS_PER_ROUND])
+        plain, agent = probe.stdout.decode().splitlines()
+        spawn_times += [int(ns) / 1e9 for ns in plain.split()]
+        agent_spawn_times += [int(ns) / 1e9 for ns in agent.split()]
     exec_s, ping_s = statistics.median(exec_times), statistics.median(ping_times)
+    spawn_s, agent_spawn_s = statistics.median(spawn_times), statistics.median(agent_spawn_times)
     floor = ping_s + spawn_s
     client_s = statistics.median(client_times)
     phases = {
