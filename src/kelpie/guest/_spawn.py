@@ -263,7 +263,8 @@ def _posix_spawn(plan: SpawnPlan, exec_id: int, want_stdin: bool) -> Exec:
     """Start a command with posix_spawn in ``plan.root`` and ``plan.cwd`` (the agent is
     single-threaded: it takes them for the spawn and then takes its own back)."""
     child_fds, parent_fds = _open_stdio(plan, want_stdin)
-    if any(fd <= 2 and fd != target for target, fd in enumerate(child_fds)):
+    stdin_r, out_w, err_w = child_fds
+    if min(out_w, err_w) <= 2 or 0 < stdin_r <= 2:
         # the agent's own stdio was closed and a pipe took its place: dup2 order matters
         _close_fds([*child_fds, *parent_fds])
         return _fork_spawn(plan, exec_id, want_stdin, 24, 80)
