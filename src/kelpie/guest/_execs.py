@@ -199,10 +199,8 @@ class ExecManager:
         """An exec's stdout/stderr has data or reached its end."""
         if events == select.POLLHUP and not ex.pty:
             # A pipe with no writer left and nothing in it (else POLLIN too): its end,
-            # without a read to learn it; closed after the exit status may have gone out.
-            fd = self.end_output(ex, ftype)
-            if fd is not None:
-                self.ended.append(fd)
+            # without a read to learn it.
+            self.end_output(ex, ftype)
         else:
             self.read_output(ex, ftype)
 
@@ -236,17 +234,16 @@ class ExecManager:
             self.link.send(ex.take_started() + protocol.encode_frame(ftype, ex.request_id, data))
             return
         self.end_output(ex, ftype)
-        os.close(fd)
 
-    @staticmethod
-    def end_output(ex: Exec, ftype: int) -> int | None:
-        """Stop reading an exec's stdout or stderr, which has ended; its descriptor (for
-        the caller to close)."""
+    def end_output(self, ex: Exec, ftype: int) -> None:
+        """Stop reading an exec's stdout or stderr, which has ended; its descriptor is
+        closed by ``tidy``, after the exit status may have gone out."""
         if ftype == FT.STDOUT:
             fd, ex.out_fd = ex.out_fd, None
         else:
             fd, ex.err_fd = ex.err_fd, None
-        return fd
+        if fd is not None:
+            self.ended.append(fd)
 
     # -- exit, timeouts and eviction -----------------------------------------------
 

@@ -73,8 +73,7 @@ class OutputPipes:
         try:
             _set_nonblocking(read_end)
         except OSError:
-            os.close(read_end)
-            os.close(write_end)
+            _close_fds((read_end, write_end))
             raise
         return read_end, write_end
 
