@@ -4,8 +4,10 @@ Debian packages (needs apt), and a real boot under QEMU (marked ``vm``)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import lzma
+import marshal
 import os
 import shutil
 import socket
@@ -449,7 +451,15 @@ def test_initramfs_has_init_agent_python_and_busybox(initramfs: dict[str, CpioMe
     for module in (source / "guest").glob("*.py"):
         assert initramfs[f"kelpie/guest/{module.name}"].data == module.read_bytes()
         pyc = f"kelpie/guest/__pycache__/{module.stem}.cpython-311.pyc"
-        assert (pyc in initramfs) == (module.name != "agent.py"), pyc  # a script runs from source
+        assert (pyc in initramfs) == (module.name != "agent.py"), pyc  # a script is not imported
+    # init runs the agent's script from its bytecode, compiled from the script as shipped
+    assert b'AGENT=/kelpie/guest/agent.pyc\n' in initramfs["init"].data
+    script_pyc = initramfs["kelpie/guest/agent.pyc"].data
+    assert script_pyc[:4] == importlib.util.MAGIC_NUMBER
+    code = marshal.loads(script_pyc[16:])
+    assert code.co_filename == "/kelpie/guest/agent.py"
+    shipped = compile((source / "guest/agent.py").read_text(), "x", "exec")
+    assert (code.co_consts, code.co_names) == (shipped.co_consts, shipped.co_names)
     for applet in ("sh", "echo", "cat", "sleep", "tty", "stty", "insmod", "mount"):
         assert initramfs[f"bin/{applet}"].data == b"busybox", applet
     assert initramfs["usr/bin/python3"].data == b"python3.11"

@@ -109,7 +109,7 @@ async def test_start_exec_files_and_stop(vms: Vms, image: Path) -> None:
     assert calls["krun_set_console_output"] == [1, str(vm.workdir / "console.log")]
     shell, (flag, script), env = calls["krun_set_exec"][1:]
     assert (shell, flag) == ("/bin/sh", "-c")
-    assert f"agent.py --listen-vsock 1024 --root {GUEST_ROOT}" in script
+    assert f"agent.pyc --listen-vsock 1024 --root {GUEST_ROOT}" in script
     assert "GREETING=hi" in env
     shares = [c["args"][1:] for c in vms.calls() if c["fn"] == "krun_add_virtiofs3"]
     assert shares == [["/dev/root", str(vms.where), 0, 1],  # the kit's tree, read-only

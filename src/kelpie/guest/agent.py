@@ -2,7 +2,7 @@
 
 Run it as::
 
-    python3 -E -S /kelpie/guest/agent.py --device /dev/vport0p1 [--root /newroot]
+    python3 -E -S /kelpie/guest/agent.pyc --device /dev/vport0p1 [--root /newroot]
     python3 -S src/kelpie/guest/agent.py --listen-unix /tmp/agent.sock    # host test mode
     python3 -S agent.py --listen-vsock 1024                               # vsock (Firecracker...)
 
@@ -10,7 +10,10 @@ The guest holds a copy of the source tree's layout: this package as ``/kelpie/gu
 beside ``/kelpie/protocol.py``. Run as a script, this file imports its directory as the
 top-level package ``guest`` and the protocol as ``protocol``, so neither Kelpie's host
 package nor anything outside the standard library is needed; the package's modules are
-the same files the host imports as ``kelpie.guest``. See the package docstring for the design.
+the same files the host imports as ``kelpie.guest``. In the guest, init runs this script's
+bytecode, ``agent.pyc`` beside it (compiled when the kit is built): no parsing or compiling
+at boot, where TCG would translate Python's parser and compiler for that one use. See the
+package docstring for the design.
 """
 
 import os

@@ -46,6 +46,9 @@ BUILDER_VERSION = 1
 AGENT_PROTOCOL = "protocol.py"
 AGENT_PACKAGE = "guest"
 AGENT_SCRIPT = f"{AGENT_PACKAGE}/agent.py"
+#: The script's bytecode, which init runs: no parsing or compiling at boot, where the code
+#: of Python's parser and compiler would be translated by TCG for this one use.
+AGENT_SCRIPT_PYC = f"{AGENT_PACKAGE}/agent.pyc"
 AGENT_DIR = PurePosixPath("kelpie")
 
 #: The modules whose code decides what a kit contains (hashed into every digest).
@@ -502,9 +505,9 @@ def _stage_python(unpacked: Path, stage: Path, agent_paths: list[Path],
     (stage / "usr/bin/python3").symlink_to("python3.11")
     sources = {stage / f: f for f in selection.files if f.suffix == ".py"}
     for path in agent_paths:
-        if path != stage / AGENT_DIR / AGENT_SCRIPT:  # the script itself is never imported
-            sources[path] = PurePosixPath(path.relative_to(stage).as_posix())
-    interpreter.compile(sources)
+        sources[path] = PurePosixPath(path.relative_to(stage).as_posix())
+    script = stage / AGENT_DIR / AGENT_SCRIPT
+    interpreter.compile(sources, scripts={script: stage / AGENT_DIR / AGENT_SCRIPT_PYC})
     _python.GuestPython(stage, arch).verify(required)
     return selection.version
 

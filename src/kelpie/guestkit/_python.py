@@ -79,9 +79,9 @@ print(repr({"files": files, "failed": failed, "version": sys.version.split()[0]}
 
 _COMPILE = """
 import sys, py_compile, importlib.util
-for source, shown in eval(sys.argv[1]):
+for source, shown, compiled in eval(sys.argv[1]):
     py_compile.compile(
-        source, importlib.util.cache_from_source(source), shown, doraise=True,
+        source, compiled or importlib.util.cache_from_source(source), shown, doraise=True,
         invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
     )
 """
@@ -282,13 +282,18 @@ class GuestPython:
                 files.append(PurePosixPath(path.relative_to(self.root).as_posix()))
         return StdlibSelection(tuple(files), str(result["version"]))
 
-    def compile(self, sources: Mapping[Path, PurePosixPath]) -> None:
-        """Write unchecked-hash `.pyc` files next to each host source file.
+    def compile(self, sources: Mapping[Path, PurePosixPath],
+                scripts: Mapping[Path, Path] | None = None) -> None:
+        """Write unchecked-hash `.pyc` files for each host source file: a module's in its
+        `__pycache__`, where imports look, and a script's (a key of `scripts`) where its
+        value says, for the interpreter to run directly (`python3 agent.pyc`).
 
-        Each value is the path the file has in the guest, shown in tracebacks.
+        Each value of `sources` is the path the file has in the guest, shown in tracebacks.
         """
-        pairs = [(str(host), f"/{guest}") for host, guest in sorted(sources.items())]
-        self.run(_COMPILE, repr(pairs))
+        scripts = scripts or {}
+        triples = [(str(host), f"/{guest}", str(scripts[host]) if host in scripts else None)
+                   for host, guest in sorted(sources.items())]
+        self.run(_COMPILE, repr(triples))
 
     def verify(self, modules: Sequence[str]) -> None:
         """Check that this tree alone imports `modules` (run on the staged tree)."""

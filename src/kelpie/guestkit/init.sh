@@ -25,6 +25,8 @@ export HOME=/root
 umask 022
 
 AGENT_PORT=kelpie.agent
+# The agent's script, compiled when the kit was built: Python runs it without parsing.
+AGENT=/kelpie/guest/agent.pyc
 NEWROOT=/newroot
 MODULE_LISTS=/etc/kelpie
 INIT_LOG=/run/kelpie/init.log
@@ -251,7 +253,7 @@ start_agent_early() {
     [ -z "$vsock_arg" ] || return 0
     mkfifo "$AGENT_FIFO" || return 0
     # shellcheck disable=SC2046  # one word per argument
-    python3 -E -S /kelpie/guest/agent.py --device-from "$AGENT_FIFO" $(agent_args) </dev/null &
+    python3 -E -S "$AGENT" --device-from "$AGENT_FIFO" $(agent_args) </dev/null &
     early_agent=$!
 }
 
@@ -282,7 +284,7 @@ run_agent_forever() {
             exec 3>&-
             early_agent=
         else
-            python3 -E -S /kelpie/guest/agent.py "$@" </dev/null
+            python3 -E -S "$AGENT" "$@" </dev/null
             status=$?
         fi
         # Restart at once after a long run, but do not spin if the agent cannot start.

@@ -128,6 +128,6 @@ def guest_init_script(shares: Sequence[Share]) -> str:
         options = "-o ro " if share.read_only else ""
         lines.append(f"mkdir -p {where} && mount -t virtiofs {options}{shlex.quote(share.tag)} "
                      f"{where} || fail 'volume {share.tag} at {share.guest_path}'")
-    lines.append(f"exec python3 -E -S /kelpie/guest/agent.py --listen-vsock {AGENT_PORT} "
+    lines.append(f"exec python3 -E -S /kelpie/guest/agent.pyc --listen-vsock {AGENT_PORT} "
                  f"--root {root}")
     return "\n".join(lines) + "\n"
