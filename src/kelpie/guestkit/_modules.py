@@ -16,8 +16,11 @@ from kelpie.guestkit._elf import modinfo
 
 #: Modules the guest may need, by group. `core` is always loaded; the others are loaded by
 #: init when a device of that kind exists (see init.sh). Dependencies are added automatically.
+#: virtio_rng comes before virtio_console: the agent's Python, started as init begins,
+#: waits at start for the kernel's RNG to be seeded (its hash seed, read from /dev/urandom),
+#: and under TCG the virtio RNG is what seeds it.
 MODULE_GROUPS: Mapping[str, tuple[str, ...]] = {
-    "core": ("virtio_mmio", "virtio_console", "virtio_rng"),
+    "core": ("virtio_mmio", "virtio_rng", "virtio_console"),
     "blk": ("virtio_blk", "ext4", "crc32c_generic"),
     "9p": ("9pnet_virtio", "9p"),
     "net": ("virtio_net",),
