@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
 FIND_AGENT = (
     "for p in /proc/[0-9]*; do "
-    "tr '\\000' ' ' < $p/cmdline 2>/dev/null | grep -q '^python3 .*/agent.py --device' "
+    "tr '\\000' ' ' < $p/cmdline 2>/dev/null | grep -q '^python3 .*/agent.pyc --device' "
     "&& echo ${p#/proc/}; done"
 )
 """Prints the pid of every guest process running the agent (init starts it with
