@@ -42,7 +42,8 @@ from kelpie.guestkit._modules import MODULE_GROUPS, ModuleError, ModuleTree, pla
 BUILDER_VERSION = 1
 
 #: The agent's files keep their paths below the `kelpie` package in the guest's /kelpie:
-#: the wire protocol and every module of the guest package, started as AGENT_SCRIPT.
+#: the wire protocol and every module of the guest package, whose script AGENT_SCRIPT
+#: starts the agent (from its bytecode, AGENT_SCRIPT_PYC).
 AGENT_PROTOCOL = "protocol.py"
 AGENT_PACKAGE = "guest"
 AGENT_SCRIPT = f"{AGENT_PACKAGE}/agent.py"
